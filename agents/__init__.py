@@ -1,0 +1,16 @@
+"""contlearn's agents: the Agent Protocol, the built-in agents, and plug-in agent loading.
+
+Built-in agents are registered by name; a user's own class is named ``module:Class`` (or
+``path/to/file.py:Class``) and needs no base class, only ``act`` and ``observe``.
+"""
+
+from __future__ import annotations
+
+from contlearn.agents.protocol import Agent, Metrics, check_agent
+from contlearn.registry import Registry
+
+agents = Registry("agent")
+agents.register("online", "contlearn.agents.online:OnlineAgent",
+                "online supervised MLP (replica-batched) trained by a learner")
+
+__all__ = ["Agent", "Metrics", "agents", "check_agent"]

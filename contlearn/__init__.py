@@ -1,0 +1,27 @@
+"""contlearn: a continual-learning simulation environment for studying loss of plasticity.
+
+The top-level names are imported lazily so that ``import contlearn.envs`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["ContlearnError", "RunResult", "load_runs", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("run", "RunResult"):
+        from contlearn import api
+
+        return getattr(api, name)
+    if name == "load_runs":
+        from contlearn.store import load_runs
+
+        return load_runs
+    if name == "ContlearnError":
+        from contlearn.errors import ContlearnError
+
+        return ContlearnError
+    raise AttributeError(f"module 'contlearn' has no attribute {name!r}")

@@ -1,0 +1,236 @@
+"""Resolving a run's configuration from defaults, a TOML/JSON file and ``--set`` overrides.
+
+Keys are flat and the same everywhere (CLI ``--set``, config files, ``config.json``):
+
+- identity: ``stream``, ``agent``, ``learner``;
+- run: ``seed``, ``seeds``, ``tasks``, ``steps``, ``flush_rows``, ``flush_seconds``;
+- every option of the chosen stream (``examples_per_task``, ``batch_size``, ...);
+- every option of the chosen agent (``hidden``, ``activation``, ``lr``, ``optimizer``, ...);
+- ``learner.<param>`` for the chosen learner's options.
+
+Precedence, lowest first: option defaults < the stream's suggested agent defaults < the
+learner's agent defaults (``proper-adam`` sets Adam) < config file < ``--set``. Unknown keys
+and bad values are :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from contlearn.errors import ConfigError
+from contlearn.spec import FieldInfo, build_spec, param, parse_value, spec_fields
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+IDENTITY_KEYS = ("stream", "agent", "learner")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Options of the run itself."""
+
+    seed: int = param(0, "first seed; replicas use seed, seed+1, ...", low=0)
+    seeds: int = param(1, "number of seeds (replicas)", low=1)
+    tasks: int = param(0, "tasks to run (0: use steps, or 100 tasks if neither is set)", low=0)
+    steps: int = param(0, "steps to run instead of tasks (0: use tasks)", low=0)
+    flush_rows: int = param(50_000, "metric rows buffered before a parquet part is written", low=1)
+    flush_seconds: float = param(60.0, "longest time metric rows stay only in memory (s)",
+                                 low=0.0)
+
+    def validate(self) -> None:
+        """Tasks and steps are alternatives."""
+        if self.tasks and self.steps:
+            raise ConfigError(f"give tasks ({self.tasks}) or steps ({self.steps}), not both")
+
+
+DEFAULT_TASKS = 100
+
+
+@dataclass
+class RunConfig:
+    """A fully resolved run configuration.
+
+    Attributes:
+        stream: registered stream id.
+        agent: registered agent name or ``module:Class`` of a plug-in agent.
+        learner: a :class:`contlearn.learners.Learner` (name + options).
+        run: the :class:`RunSpec`.
+        stream_spec: the stream's Spec instance.
+        agent_spec: the agent's Spec instance (built-in) or option dict (plug-in).
+        agent_cls: the agent class.
+    """
+
+    stream: str
+    agent: str
+    learner: Any
+    run: RunSpec
+    stream_spec: Any
+    agent_spec: Any
+    agent_cls: type
+
+    @property
+    def seeds(self) -> list[int]:
+        """The replicas' root seeds."""
+        return list(range(self.run.seed, self.run.seed + self.run.seeds))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``key -> value`` with every resolved option (what ``config.json`` holds)."""
+        out: dict[str, Any] = {"stream": self.stream, "agent": self.agent,
+                               "learner": self.learner.name}
+        out.update(asdict(self.run))
+        out.update(asdict(self.stream_spec))
+        agent = self.agent_spec if isinstance(self.agent_spec, dict) else asdict(self.agent_spec)
+        out.update(agent)
+        out.update({f"learner.{k}": v for k, v in asdict(self.learner.spec).items()})
+        return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables to dotted keys; a ``[learner]`` table's ``name`` is the learner id."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} is not a string")
+        full = prefix + key
+        if isinstance(value, Mapping):
+            for k, v in flatten(value, full + ".").items():
+                out[full if k == f"{full}.name" and full in IDENTITY_KEYS else k] = v
+        else:
+            out[full] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (or JSON, e.g. a run's ``config.json``) config file into flat keys.
+
+    Raises:
+        ConfigError: the file is missing or malformed.
+    """
+    file = Path(path)
+    try:
+        text = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file} ({exc.strerror}); check the path") from None
+    try:
+        data = json.loads(text) if file.suffix == ".json" else tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file} is malformed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {file} must hold a table of keys")
+    return flatten(data)
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["k=v", ...]`` from ``--set`` into a dict (later items win)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE; e.g. --set lr=0.01")
+        out[key.strip()] = value
+    return out
+
+
+def _unknown(key: str, known: list[str], context: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} for {context}{hint}; "
+                       "see `contlearn list` for the options")
+
+
+def _agent_fields(agent_cls: type) -> list[FieldInfo]:
+    spec_cls = getattr(agent_cls, "Spec", None)
+    if spec_cls is None:
+        from contlearn.plugins import agent_options
+
+        return agent_options(agent_cls)
+    return spec_fields(spec_cls)
+
+
+def resolve(values: Mapping[str, Any]) -> RunConfig:
+    """Resolve a run's config from user values (file values updated by ``--set`` values).
+
+    Args:
+        values: flat keys as described in the module docstring; must include ``stream``.
+
+    Raises:
+        ConfigError: missing stream, unknown names or keys, bad values.
+    """
+    from contlearn.agents import agents
+    from contlearn.envs import streams
+    from contlearn.learners import Learner, learner_def
+    from contlearn.plugins import agent_ref, load_agent_class
+
+    values = dict(values)
+    stream = values.pop("stream", None)
+    if not isinstance(stream, str) or not stream:
+        raise ConfigError("no stream given; name one, e.g. `contlearn run permuted-mnist`")
+    stream_cls = streams.get(stream)
+    agent = values.pop("agent", "online")
+    if isinstance(agent, type):
+        agent_cls, agent = agent, agent_ref(agent)
+    elif not isinstance(agent, str):
+        raise ConfigError(f"agent={agent!r} must be a registered name or module:Class")
+    elif ":" in agent:
+        agent_cls = load_agent_class(agent)
+    else:
+        agent_cls = agents.get(agent)
+    learner_name = values.pop("learner", "bp")
+    if not isinstance(learner_name, str):
+        raise ConfigError(f"learner={learner_name!r} must be a learner name")
+    ldef = learner_def(learner_name)
+
+    run_fields = [f.name for f in spec_fields(RunSpec)]
+    stream_fields = [f.name for f in spec_fields(stream_cls.Spec)]
+    agent_fields = {f.name: f for f in _agent_fields(agent_cls)}
+    learner_fields = [f"learner.{f.name}" for f in spec_fields(ldef.Spec)]
+
+    groups: dict[str, dict[str, Any]] = {"run": {}, "stream": {}, "agent": {}, "learner": {}}
+    for key, value in values.items():
+        if key in run_fields:
+            groups["run"][key] = value
+        elif key in stream_fields:
+            groups["stream"][key] = value
+        elif key in agent_fields:
+            groups["agent"][key] = value
+        elif key in learner_fields:
+            groups["learner"][key.removeprefix("learner.")] = value
+        else:
+            known = run_fields + stream_fields + list(agent_fields) + learner_fields
+            raise _unknown(key, known, f"stream {stream!r}, agent {agent!r}, "
+                           f"learner {learner_name!r}")
+
+    suggested = {**getattr(stream_cls, "agent_defaults", {}), **ldef.agent_defaults}
+    agent_values = {k: v for k, v in suggested.items() if k in agent_fields}
+    agent_values.update(groups["agent"])
+    spec_cls = getattr(agent_cls, "Spec", None)
+    if spec_cls is not None:
+        agent_spec: Any = build_spec(spec_cls, agent_values)
+    else:
+        agent_spec = {f.name: f.default for f in agent_fields.values()}
+        agent_spec.update({k: parse_value(agent_fields[k], v, k) for k, v in agent_values.items()})
+    return RunConfig(
+        stream=stream,
+        agent=agent,
+        learner=Learner(learner_name, build_spec(ldef.Spec, groups["learner"], "learner.")),
+        run=build_spec(RunSpec, groups["run"]),
+        stream_spec=build_spec(stream_cls.Spec, groups["stream"]),
+        agent_spec=agent_spec,
+        agent_cls=agent_cls,
+    )
+
+
+def total_steps(config: RunConfig, steps_per_task: int) -> int:
+    """Steps the run takes: ``steps``, or ``tasks`` × steps per task (100 tasks by default)."""
+    if config.run.steps:
+        return config.run.steps
+    return (config.run.tasks or DEFAULT_TASKS) * steps_per_task

@@ -1,0 +1,136 @@
+"""The one loop: a stream shows inputs, the agent answers, the stream's feedback teaches it.
+
+The engine counts steps and tasks and emits records (values, not hooks)::
+
+    Record("task_start", step, task, {})
+    Record("task_end", step, task, {"accuracy": (R,), "loss": (R,), ...})
+
+``task_end`` carries the task's online score (scored on the answer given *before* each update)
+and the mean of every per-step metric the agent returned; agents with a ``diagnostics()`` method
+(learner bookkeeping such as CBP's replacement count) add one ``task_end`` record per layer. A run that stops mid-task emits a
+``task_end`` for the partial task. Consumers (the run store's writer, probes) never write back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from contlearn.progress import Progress
+
+
+class Record(NamedTuple):
+    """One event of a run.
+
+    Attributes:
+        kind: ``task_start``, ``task_end``, ``step`` or ``probe``.
+        step: global steps completed when the record was made.
+        task: task index.
+        values: metric name -> per-replica values ``(R,)``.
+        layer: layer name for per-layer metrics, ``""`` for whole-network ones.
+    """
+
+    kind: str
+    step: int
+    task: int
+    values: dict[str, torch.Tensor]
+    layer: str = ""
+
+
+class _TaskTotals:
+    """Per-replica sums over the current task (kept as tensors: no sync per step)."""
+
+    def __init__(self, num_replicas: int) -> None:
+        self.R = num_replicas
+        self.reset()
+
+    def reset(self) -> None:
+        self.score = torch.zeros(self.R, dtype=torch.float64)
+        self.examples = 0
+        self.steps = 0
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def add(self, score: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        self.score += score.sum(1, dtype=torch.float64)  # (R,)
+        self.examples += score.shape[1]
+        self.steps += 1
+        for name, value in metrics.items():
+            v = value.detach().to(torch.float64).reshape(self.R)
+            if name in self.metrics:
+                self.metrics[name] += v
+            else:
+                self.metrics[name] = v.clone()
+
+    def running(self) -> float:
+        """The current task's score so far, averaged over replicas."""
+        return float(self.score.mean()) / max(self.examples, 1)
+
+    def means(self, score_name: str) -> dict[str, torch.Tensor]:
+        out = {score_name: self.score / max(self.examples, 1)}
+        out.update({k: v / max(self.steps, 1) for k, v in self.metrics.items()})
+        return out
+
+
+def run_loop(stream: Any, agent: Any, steps: int, emit: Callable[[Record], None],
+             progress: Progress | None = None) -> None:
+    """Run ``steps`` steps of a supervised stream with an agent.
+
+    Args:
+        stream: a supervised stream (``next``, ``score``, ``info``; see ``contlearn.envs.base``).
+        agent: an agent over all of the stream's replicas (``act``, ``observe``).
+        steps: the step count to stop at (global, so a resumed stream continues to it).
+        emit: called with every :class:`Record`.
+        progress: optional progress display.
+    """
+    info = stream.info
+    totals = _TaskTotals(info.num_replicas)
+    diagnostics = getattr(agent, "diagnostics", None)
+
+    def end_task(step: int, task: int) -> None:
+        emit(Record("task_end", step, task, totals.means(info.metric)))
+        totals.reset()
+        for layer, values in (diagnostics() if diagnostics is not None else {}).items():
+            emit(Record("task_end", step, task, values, layer))
+
+    on_task_start = getattr(agent, "on_task_start", None) if info.boundaries_visible else None
+    task = stream.task
+    while stream.step < steps:
+        batch = stream.next()
+        if batch.new_task:
+            if totals.steps:
+                end_task(stream.step - 1, task)
+            task = batch.task
+            emit(Record("task_start", stream.step - 1, task, {}))
+            if on_task_start is not None:
+                on_task_start(task)
+        pred = agent.act(batch.obs)
+        metrics = agent.observe(batch.obs, pred, batch.target) or {}
+        totals.add(stream.score(pred, batch.target), metrics)
+        if progress is not None:
+            progress.update(stream.step, task, totals.running)
+    if totals.steps:
+        end_task(stream.step, task)
+
+
+class SingleReplicaAdapter:
+    """Presents an agent without replica support as an R = 1 replica-batched agent.
+
+    The wrapped agent sees ``(B, ...)`` tensors; its scalar metrics become ``(1,)``.
+    """
+
+    supports_replicas = True
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        if hasattr(agent, "on_task_start"):
+            self.on_task_start = agent.on_task_start
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.agent.act(obs[0]).unsqueeze(0)
+
+    def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        metrics = self.agent.observe(obs[0], action[0], feedback[0]) or {}
+        return {k: torch.as_tensor(v, dtype=torch.float64).reshape(1) for k, v in metrics.items()}

@@ -1,0 +1,77 @@
+"""Learners: composable gradient transformations, selectable by name.
+
+A learner *definition* (:class:`LearnerDef`) has a Spec dataclass of options (the
+``learner.<param>`` keys), an optional set of defaults it imposes on the agent's base optimizer
+(e.g. ``proper-adam`` sets ``optimizer=adam, beta1=beta2=0.99``), and a ``build`` function that
+wraps the agent's base optimizer transform into the learner's chain. Definitions are registered
+by name with string entry points; see ``contlearn list learners``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from contlearn.learners.base import GradientTransformation, chain
+from contlearn.learners.optim import adam, scale, scale_by_adam, sgd, trace
+from contlearn.registry import Registry
+
+
+@dataclass(frozen=True)
+class LearnerDef:
+    """A named learner recipe.
+
+    Attributes:
+        Spec: frozen dataclass of the learner's options.
+        build: ``build(spec, base, network, seeds) -> GradientTransformation``; ``base`` is the
+            agent's optimizer transform, ``network`` exposes ``layers``/``sample_init`` (for
+            resets), ``seeds`` the replicas' root seeds.
+        summary: one line for ``contlearn list learners``.
+        agent_defaults: defaults this learner sets on agent options (users may still override).
+        diagnostics: optional ``diagnostics(state) -> {layer: {metric: (R,) tensor}}`` with the
+            learner's bookkeeping (``replacements``, ``eligible_units``, ``mean_age``, ...);
+            layer ``""`` for whole-network values. Recorded at every task end.
+    """
+
+    Spec: type
+    build: Callable[..., GradientTransformation]
+    summary: str = ""
+    agent_defaults: Mapping[str, Any] = field(default_factory=dict)
+    diagnostics: Callable[[Any], dict[str, dict[str, Any]]] | None = None
+
+
+@dataclass(frozen=True)
+class Learner:
+    """A learner chosen for a run: its registered name and validated options."""
+
+    name: str
+    spec: Any
+
+
+learners = Registry("learner")
+learners.register("bp", "contlearn.learners.presets:BP", "plain backprop with the base optimizer")
+learners.register("adam", "contlearn.learners.presets:ADAM", "backprop with Adam (torch defaults)")
+learners.register("proper-adam", "contlearn.learners.presets:PROPER_ADAM",
+                  "backprop with Adam, β1 = β2 = 0.99 (Dohare et al. 2024)")
+
+
+def learner_def(name: str) -> LearnerDef:
+    """The registered definition of learner ``name`` (ConfigError if unknown)."""
+    return learners.get(name)
+
+
+def learner_diagnostics(learner: Learner, state: Any) -> dict[str, dict[str, Any]]:
+    """The learner's bookkeeping for ``state`` (empty if it keeps none)."""
+    fn = learner_def(learner.name).diagnostics
+    return fn(state) if fn is not None else {}
+
+
+def build_learner(learner: Learner, base: GradientTransformation, network: Any,
+                  seeds: Sequence[int]) -> GradientTransformation:
+    """Wrap ``base`` into the chain of ``learner`` for ``network`` and replicas ``seeds``."""
+    return learner_def(learner.name).build(learner.spec, base, network, list(seeds))
+
+
+__all__ = ["GradientTransformation", "Learner", "LearnerDef", "adam", "build_learner", "chain",
+           "learner_def", "learner_diagnostics", "learners", "scale", "scale_by_adam", "sgd", "trace"]

@@ -1,0 +1,100 @@
+"""Gradient transformations: the optax shape, in torch.
+
+A transform is a pair of functions::
+
+    state = t.init(params)
+    updates, state = t.update(grads, state, params, **extra)
+
+``params``, ``grads`` and ``updates`` are dicts of named tensors with a leading replica dim
+``(R, ...)``; layers are addressed by name. State is a NamedTuple whose leaves are tensors (or
+dicts/tuples of them), so it checkpoints with ``torch.save`` and loads with
+``weights_only=True``. Extras (activations for utilities, the step's loss) are keyword-only and
+every transform ignores those it does not use. :func:`chain` composes transforms left to right.
+
+For speed the state tensors are updated in place and the same NamedTuple is returned; callers
+must treat the state they passed in as consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+class InitFn(Protocol):
+    def __call__(self, params: Params) -> Any: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(self, grads: Params, state: Any, params: Params, **extra: Any
+                 ) -> tuple[Params, Any]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """An ``init``/``update`` pair (see the module docstring)."""
+
+    init: Callable[[Params], Any]
+    update: Callable[..., tuple[Params, Any]]
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transform."""
+
+
+def stateless(fn: Callable[..., Params]) -> GradientTransformation:
+    """A transform with no state from ``fn(grads, params, **extra) -> updates``."""
+
+    def init(params: Params) -> EmptyState:
+        return EmptyState()
+
+    def update(grads: Params, state: EmptyState, params: Params, **extra: Any):
+        return fn(grads, params, **extra), state
+
+    return GradientTransformation(init, update)
+
+
+class ChainState(NamedTuple):
+    """The states of a chain's transforms, in order."""
+
+    inner: tuple
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Compose transforms: each one's updates are the next one's gradients."""
+
+    def init(params: Params) -> ChainState:
+        return ChainState(tuple(t.init(params) for t in transforms))
+
+    def update(grads: Params, state: ChainState, params: Params, **extra: Any):
+        states = []
+        for t, s in zip(transforms, state.inner, strict=True):
+            grads, s = t.update(grads, s, params, **extra)
+            states.append(s)
+        return grads, ChainState(tuple(states))
+
+    return GradientTransformation(init, update)
+
+
+def per_param_state(state: Any, params: Params) -> list[Params]:
+    """Every dict in ``state`` that holds one tensor per parameter (same names, same shapes).
+
+    Reset transforms use this to find optimizer moments, momentum buffers and per-element step
+    counts without knowing which optimizer produced them.
+    """
+    found: list[Params] = []
+    if isinstance(state, dict):
+        if state and set(state) == set(params) and all(
+            isinstance(v, torch.Tensor) and v.shape == params[k].shape for k, v in state.items()
+        ):
+            found.append(state)
+        else:
+            for v in state.values():
+                found.extend(per_param_state(v, params))
+    elif isinstance(state, (tuple, list)):
+        for v in state:
+            found.extend(per_param_state(v, params))
+    return found

@@ -1,0 +1,86 @@
+"""Loading a user's own agent class and turning its constructor into config options.
+
+A plug-in agent's constructor is ``Class(info, seed, **options)`` (or ``Class(info, seeds,
+**options)`` when the class sets ``supports_replicas = True``). Each keyword option with a
+default becomes a config key (``--set name=value``), typed by its default. A parameter named
+``learner`` receives the run's :class:`contlearn.learners.Learner` instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+from contlearn.errors import ConfigError
+from contlearn.registry import load_entry_point
+from contlearn.spec import FieldInfo
+
+_SIMPLE = (bool, int, float, str)
+
+
+def load_agent_class(ref: str) -> type:
+    """Import ``module:Class`` or ``path/to/file.py:Class``.
+
+    The current directory is put on ``sys.path`` so scripts next to the user resolve.
+    """
+    path_part, sep, attr = ref.rpartition(":")
+    if not sep or not path_part or not attr:
+        raise ConfigError(f"agent {ref!r} is not of the form module:Class or file.py:Class")
+    if path_part.endswith(".py"):
+        file = Path(path_part)
+        if not file.is_file():
+            raise ConfigError(f"agent file {file} does not exist; check the path")
+        name = f"contlearn_user_{file.stem}"
+        spec = importlib.util.spec_from_file_location(name, file)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        if not hasattr(module, attr):
+            raise ConfigError(f"{file} has no class {attr!r}; check the name")
+        obj = getattr(module, attr)
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        obj = load_entry_point(ref)
+    if not inspect.isclass(obj):
+        raise ConfigError(f"agent {ref!r} is not a class")
+    missing = [m for m in ("act", "observe") if not callable(getattr(obj, m, None))]
+    if missing:
+        raise ConfigError(
+            f"agent {ref!r} lacks {', '.join(missing)}(); see the Agent Protocol in the README"
+        )
+    return obj
+
+
+def agent_options(cls: type) -> list[FieldInfo]:
+    """The config options of a plug-in agent: its constructor's keyword parameters."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
+    out = []
+    for p in params[2:]:  # drop info, seed(s)
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "learner":
+            continue
+        if p.default is p.empty or not isinstance(p.default, _SIMPLE):
+            raise ConfigError(
+                f"{cls.__name__}.__init__ parameter {p.name!r} needs a default of type bool, "
+                "int, float or str to be a config option"
+            )
+        out.append(FieldInfo(p.name, type(p.default), p.default, "", None, None, None, False))
+    return out
+
+
+def build_plugin_agent(cls: type, info: Any, seeds: Any, options: dict[str, Any],
+                       learner: Any) -> Any:
+    """Instantiate a plug-in agent with its options (and the learner if it asks for one)."""
+    kwargs = dict(options)
+    if "learner" in inspect.signature(cls.__init__).parameters:
+        kwargs["learner"] = learner
+    return cls(info, seeds, **kwargs)
+
+
+def agent_ref(cls: type) -> str:
+    """``module:Class`` for a class (what config.json records for a plug-in agent)."""
+    return f"{cls.__module__}:{cls.__qualname__}"

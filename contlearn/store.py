@@ -1,0 +1,281 @@
+"""The run store: one directory per run, readable with pandas without contlearn.
+
+Layout (DESIGN.md §6)::
+
+    runs/<name>/config.json        fully resolved config (the same keys as ``--set``)
+    runs/<name>/meta.json          package versions, git commit, start time, seeds, device
+    runs/<name>/metrics/part-00000.parquet, part-00001.parquet, ...   appended in chunks
+    runs/<name>/checkpoints/
+
+Every metrics part holds the columns ``run, stream, learner, seed, step, task, metric, layer,
+value`` (``layer`` empty for whole-network metrics). Parts are written to a temporary name,
+fsynced and renamed, so a crash loses at most the rows not yet flushed and never leaves a
+half-written part under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from contlearn.errors import DataError, RunDirError
+
+COLUMNS = ("run", "stream", "learner", "seed", "step", "task", "metric", "layer", "value")
+SCHEMA = pa.schema([
+    ("run", pa.string()), ("stream", pa.string()), ("learner", pa.string()),
+    ("seed", pa.int64()), ("step", pa.int64()), ("task", pa.int64()),
+    ("metric", pa.string()), ("layer", pa.string()), ("value", pa.float64()),
+])
+CONFIG_FILE = "config.json"
+META_FILE = "meta.json"
+METRICS_DIR = "metrics"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a contlearn run (has a ``config.json``)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def prepare_run_dir(path: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Make sure ``path`` can take a new run.
+
+    An existing run is refused unless ``overwrite`` (its files are removed) or ``resume``
+    (kept). A non-empty folder that is not a run is never touched.
+
+    Raises:
+        RunDirError: the folder holds a run (and neither flag is set) or other files.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} is a file, not a run directory; choose another --out")
+    if is_run_dir(path):
+        if resume:
+            return
+        if not overwrite:
+            raise RunDirError(
+                f"{path} already holds a run; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --out"
+            )
+        shutil.rmtree(path)
+    elif path.is_dir() and any(path.iterdir()):
+        raise RunDirError(f"{path} is not empty and holds no run; choose an empty or new --out")
+    elif resume:
+        raise RunDirError(f"{path} holds no run to resume; drop --resume to start a new one")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a run's numbers depend on."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("contlearn", "torch", "numpy", "pandas", "pyarrow", "gymnasium", "mujoco"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the contlearn checkout, if it is one (None otherwise)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def write_config(path: Path, config: Mapping[str, Any], seeds: Sequence[int],
+                 device: str = "cpu") -> None:
+    """Write ``config.json`` and ``meta.json`` of a new run."""
+    path = Path(path)
+    write_atomic(path / CONFIG_FILE, json.dumps(dict(config), indent=2).encode())
+    meta = {
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seeds": list(seeds),
+        "device": device,
+        "host": platform.node(),
+    }
+    write_atomic(path / META_FILE, json.dumps(meta, indent=2).encode())
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The ``config.json`` of a run.
+
+    Raises:
+        DataError: missing or not valid JSON.
+    """
+    file = Path(path) / CONFIG_FILE
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} is not a run directory (no {CONFIG_FILE})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{file} is not valid JSON ({exc}); restore it or start a new run") from exc
+
+
+class MetricWriter:
+    """Buffers metric rows and appends them to the run as parquet parts.
+
+    Rows are flushed when ``flush_rows`` are buffered, when ``flush_seconds`` have passed since
+    the last flush (checked on each append), and on :meth:`close`.
+
+    Args:
+        path: the run directory.
+        run, stream, learner: constant columns of every row.
+        flush_rows: rows per part at most.
+        flush_seconds: longest time rows stay only in memory.
+    """
+
+    def __init__(self, path: Path, run: str, stream: str, learner: str,
+                 flush_rows: int = 50_000, flush_seconds: float = 60.0) -> None:
+        self.dir = Path(path) / METRICS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.constants = {"run": run, "stream": stream, "learner": learner}
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self._cols: dict[str, list] = {c: [] for c in ("seed", "step", "task", "metric",
+                                                       "layer", "value")}
+        self._last_flush = time.monotonic()
+        self._next_part = self._first_free_part()
+
+    def _first_free_part(self) -> int:
+        parts = sorted(self.dir.glob("part-*.parquet"))
+        return int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+
+    def append(self, seeds: Sequence[int], step: int, task: int, metric: str,
+               values: Iterable[float], layer: str = "") -> None:
+        """Add one row per replica: ``values[r]`` is replica r's (seed ``seeds[r]``) value."""
+        cols = self._cols
+        for seed, value in zip(seeds, values, strict=True):
+            cols["seed"].append(int(seed))
+            cols["step"].append(int(step))
+            cols["task"].append(int(task))
+            cols["metric"].append(metric)
+            cols["layer"].append(layer)
+            cols["value"].append(float(value))
+        if (len(cols["seed"]) >= self.flush_rows
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    @property
+    def pending(self) -> int:
+        """Rows buffered and not yet on disk."""
+        return len(self._cols["seed"])
+
+    def flush(self) -> None:
+        """Write buffered rows as the next parquet part (atomically)."""
+        self._last_flush = time.monotonic()
+        n = self.pending
+        if not n:
+            return
+        arrays = {k: [v] * n for k, v in self.constants.items()}
+        arrays.update(self._cols)
+        table = pa.table({c: arrays[c] for c in COLUMNS}, schema=SCHEMA)
+        final = self.dir / f"part-{self._next_part:05d}.parquet"
+        tmp = self.dir / f".{final.name}.tmp"
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        self._next_part += 1
+        for col in self._cols.values():
+            col.clear()
+
+    def close(self) -> None:
+        """Flush what is left."""
+        self.flush()
+
+
+def find_runs(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Run directories named by ``paths``: each a run directory or a folder holding runs.
+
+    Raises:
+        DataError: a path does not exist or holds no run.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DataError(f"{p} does not exist; give a run directory or a folder of runs")
+        if is_run_dir(p):
+            found.append(p)
+            continue
+        runs = sorted(c.parent for c in p.rglob(CONFIG_FILE))
+        if not runs:
+            raise DataError(f"{p} holds no contlearn run (no {CONFIG_FILE} below it)")
+        found.extend(runs)
+    return found
+
+
+def read_metrics(run_dir: Path) -> pa.Table:
+    """All metric parts of one run as one Arrow table (empty if none yet).
+
+    Raises:
+        DataError: a part is unreadable; the message names it.
+    """
+    tables = []
+    for part in sorted((Path(run_dir) / METRICS_DIR).glob("part-*.parquet")):
+        try:
+            tables.append(pq.read_table(part, schema=SCHEMA))
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(
+                f"metrics part {part} is unreadable ({exc}); move it aside to load the rest"
+            ) from exc
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def load_runs(paths: str | Path | Sequence[str | Path], config: bool | Sequence[str] = False):
+    """Load the metrics of runs as one long pandas DataFrame.
+
+    Args:
+        paths: run directories and/or folders holding runs (searched recursively).
+        config: add config keys as columns: ``True`` for every key that varies between the
+            runs loaded, or a list of keys.
+
+    Returns:
+        A DataFrame with at least the columns ``run, stream, learner, seed, step, task, metric,
+        layer, value``, one row per (run, seed, step, metric, layer).
+    """
+    import pandas as pd
+
+    runs = find_runs(paths)
+    frames = [read_metrics(r).to_pandas() for r in runs]
+    df = pd.concat(frames, ignore_index=True) if frames else SCHEMA.empty_table().to_pandas()
+    if config:
+        configs = {str(r.name): read_config(r) for r in runs}
+        if config is True:
+            keys = sorted({k for c in configs.values() for k in c
+                           if len({json.dumps(cc.get(k)) for cc in configs.values()}) > 1}
+                          - set(COLUMNS))
+        else:
+            keys = list(config)
+        for key in keys:
+            df[key] = df["run"].map({name: c.get(key) for name, c in configs.items()})
+    return df

@@ -1,0 +1,150 @@
+"""The shape every supervised stream shares: replicas, tasks, seeded randomness, state.
+
+A stream carries a leading replica dimension R (DESIGN.md §2): replica r draws everything
+(sample order, permutations, fast bits) from its own generator seeded by its own seed, so a
+replica's data is the same whether it runs alone or in a batch. All replicas switch task at the
+same step; ``task`` counts tasks from 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from contlearn.seeding import numpy_rng
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What an agent may know of a stream before it starts.
+
+    Attributes:
+        name: the registered stream id.
+        kind: ``"classification"`` or ``"regression"``.
+        input_shape: shape of one example (without replica and batch dims).
+        num_outputs: number of classes, or of regression targets.
+        boundaries_visible: whether agents are told when a task starts.
+        num_replicas: R, the leading dimension of every tensor the stream yields.
+        metric: the per-task score the engine records (``accuracy`` or ``squared_error``).
+    """
+
+    name: str
+    kind: str
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    boundaries_visible: bool
+    num_replicas: int
+    metric: str
+
+
+class Batch(NamedTuple):
+    """One step of a supervised stream.
+
+    Attributes:
+        obs: inputs, ``(R, B, *input_shape)`` float32.
+        target: labels ``(R, B)`` int64, or regression targets ``(R, B, num_outputs)`` float32.
+        task: index of the task this batch belongs to.
+        new_task: True on the first batch of a task.
+    """
+
+    obs: torch.Tensor
+    target: torch.Tensor
+    task: int
+    new_task: bool
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """What the engine needs of a supervised stream."""
+
+    info: StreamInfo
+    steps_per_task: int
+
+    def next(self) -> Batch: ...
+
+    def score(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class SupervisedStream:
+    """Base class: task counting, per-replica generators and checkpointable state.
+
+    Subclasses define ``kind``, ``metric``, ``_begin_task(r, rng)`` (draw replica r's task from
+    its generator) and ``_draw(batch_size)`` (the next batch for all replicas).
+    """
+
+    kind: ClassVar[str] = "classification"
+    metric: ClassVar[str] = "accuracy"
+    name: ClassVar[str] = ""
+
+    def __init__(self, seeds: Sequence[int], examples_per_task: int, batch_size: int,
+                 boundaries_visible: bool) -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.batch_size = batch_size
+        self.steps_per_task = examples_per_task // batch_size
+        self.boundaries_visible = boundaries_visible
+        self.rngs = [numpy_rng(s, "stream") for s in self.seeds]
+        self.step = 0  # steps taken so far
+        self.task = -1  # becomes 0 on the first batch
+
+    @property
+    def num_replicas(self) -> int:
+        """R, the number of replicas."""
+        return len(self.seeds)
+
+    def next(self) -> Batch:
+        """The next batch; starts a new task every ``steps_per_task`` steps."""
+        new_task = self.step % self.steps_per_task == 0
+        if new_task:
+            self.task += 1
+            for r, rng in enumerate(self.rngs):
+                self._begin_task(r, rng)
+        obs, target = self._draw(self.batch_size)
+        self.step += 1
+        return Batch(obs, target, self.task, new_task)
+
+    def score(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-example score of predictions made before the update: ``(R, B)``.
+
+        Classification: 1.0 where the arg-max class equals the label. Regression: squared
+        error summed over outputs.
+        """
+        if self.kind == "classification":
+            return (pred.argmax(-1) == target).to(torch.float32)
+        return (pred - target).pow(2).sum(-1)
+
+    def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
+        raise NotImplementedError
+
+    def _draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, every generator's state and the subclass's task state (plain types)."""
+        return {
+            "step": self.step,
+            "task": self.task,
+            "rngs": [rng.bit_generator.state for rng in self.rngs],
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.step = int(state["step"])
+        self.task = int(state["task"])
+        for rng, rng_state in zip(self.rngs, state["rngs"], strict=True):
+            rng.bit_generator.state = rng_state
+        self._load_extra_state(state["extra"])
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass

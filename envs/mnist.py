@@ -1,0 +1,143 @@
+"""Permuted-input and label-shuffled MNIST streams.
+
+Both show MNIST examples one batch at a time, sampled without replacement within a pass over
+the data (each replica in its own order, reshuffled at each new pass). A task lasts
+``examples_per_task`` examples; at each task start every replica draws, from its own generator,
+
+- ``permuted-mnist``: a new fixed random permutation of the 784 pixels (Goodfellow et al. 2013;
+  the online protocol of Dohare et al. 2024);
+- ``label-shuffled-mnist``: a new random permutation of the 10 labels.
+
+Pixels are scaled to [0, 1]. The offline default data is the MNIST test set shipped in the
+package; ``dataset=full`` uses the 70k set from ``contlearn data download mnist``.
+
+Version History:
+    * v0: initial version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from contlearn.datasets import load_mnist
+from contlearn.errors import ConfigError
+from contlearn.envs.base import StreamInfo, SupervisedStream
+from contlearn.spec import param
+
+_PIXELS = 784
+
+
+@dataclass(frozen=True)
+class MNISTStreamSpec:
+    """Options shared by the MNIST streams."""
+
+    examples_per_task: int = param(10_000, "examples shown per task", low=1)
+    batch_size: int = param(1, "examples per step (1 = the online protocol)", low=1)
+    dataset: str = param("test", "MNIST split: test (10k, shipped), train (60k) or full (70k)",
+                         choices=("test", "train", "full"))
+    data_dir: str = param("", "folder with the MNIST gzip files (empty: shipped / cache dir)")
+    boundaries_visible: bool = param(False, "tell the agent when a task starts")
+
+    def validate(self) -> None:
+        """Check cross-option constraints."""
+        if self.examples_per_task % self.batch_size:
+            raise ConfigError(
+                f"examples_per_task={self.examples_per_task} is not a multiple of "
+                f"batch_size={self.batch_size}; make it one"
+            )
+
+
+class _MNISTStream(SupervisedStream):
+    Spec: ClassVar[type] = MNISTStreamSpec
+
+    def __init__(self, spec: MNISTStreamSpec, seeds) -> None:
+        super().__init__(seeds, spec.examples_per_task, spec.batch_size, spec.boundaries_visible)
+        self.spec = spec
+        images, labels = load_mnist(spec.dataset, spec.data_dir or None)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).reshape(-1)  # (N*784,) u8
+        self.labels = torch.from_numpy(labels)  # (N,)
+        self.num_examples = len(labels)
+        R = self.num_replicas
+        self.order = torch.empty(R, self.num_examples, dtype=torch.int64)  # (R, N)
+        self.pos = self.num_examples  # forces a shuffle on the first draw
+        self.info = StreamInfo(self.name, "classification", (_PIXELS,), 10,
+                               spec.boundaries_visible, R, "accuracy")
+
+    def _indices(self, batch_size: int) -> torch.Tensor:
+        """Next ``batch_size`` example indices per replica: ``(R, B)``."""
+        chunks, need = [], batch_size
+        while need:
+            if self.pos == self.num_examples:
+                for r, rng in enumerate(self.rngs):
+                    self.order[r] = torch.from_numpy(rng.permutation(self.num_examples))
+                self.pos = 0
+            take = min(need, self.num_examples - self.pos)
+            chunks.append(self.order[:, self.pos : self.pos + take])
+            self.pos += take
+            need -= take
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"order": self.order.clone(), "pos": self.pos}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.order.copy_(state["order"])
+        self.pos = int(state["pos"])
+
+
+class PermutedMNISTStream(_MNISTStream):
+    """MNIST with a new random pixel permutation per task and replica."""
+
+    name = "permuted-mnist"
+
+    def __init__(self, spec: MNISTStreamSpec, seeds) -> None:
+        super().__init__(spec, seeds)
+        self.perm = torch.zeros(self.num_replicas, _PIXELS, dtype=torch.int64)  # (R, 784)
+
+    def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
+        self.perm[replica] = torch.from_numpy(rng.permutation(_PIXELS))
+
+    def _draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._indices(batch_size)  # (R, B)
+        # pixel j of a permuted example is pixel perm[j] of the original: one flat gather.
+        flat = idx.unsqueeze(-1) * _PIXELS + self.perm.unsqueeze(1)  # (R, B, 784)
+        obs = self.images[flat].to(torch.float32).div_(255.0)
+        return obs, self.labels[idx]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "perm": self.perm.clone()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        super()._load_extra_state(state)
+        self.perm.copy_(state["perm"])
+
+
+class LabelShuffledMNISTStream(_MNISTStream):
+    """MNIST with a new random permutation of the 10 labels per task and replica."""
+
+    name = "label-shuffled-mnist"
+
+    def __init__(self, spec: MNISTStreamSpec, seeds) -> None:
+        super().__init__(spec, seeds)
+        self.label_map = torch.arange(10).repeat(self.num_replicas, 1)  # (R, 10)
+
+    def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
+        self.label_map[replica] = torch.from_numpy(rng.permutation(10))
+
+    def _draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._indices(batch_size)  # (R, B)
+        flat = idx.unsqueeze(-1) * _PIXELS + torch.arange(_PIXELS)  # (R, B, 784)
+        obs = self.images[flat].to(torch.float32).div_(255.0)
+        target = torch.gather(self.label_map, 1, self.labels[idx])  # (R, B)
+        return obs, target
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "label_map": self.label_map.clone()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        super()._load_extra_state(state)
+        self.label_map.copy_(state["label_map"])
