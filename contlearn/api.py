@@ -12,6 +12,7 @@ from typing import Any
 from contlearn.config import RunConfig, read_config_file, resolve, total_steps
 from contlearn.engine import Record, SingleReplicaAdapter, run_loop
 from contlearn.errors import ConfigError
+from contlearn.plugins import takes_learner
 from contlearn.progress import Progress, want_progress
 from contlearn.store import MetricWriter, load_runs, prepare_run_dir, write_config
 
@@ -86,12 +87,18 @@ def run(
                 "seed": seed, "tasks": tasks, "steps": steps}
     values.update({k: v for k, v in explicit.items() if v is not None})
     cfg = resolve(values)
-    path = Path(out) if out is not None else default_run_dir(cfg.stream, cfg.learner.name)
+    if "learner" in values and not takes_learner(cfg.agent_cls):
+        raise ConfigError(f"agent {cfg.agent} takes no learner; drop --learner or add a "
+                          "`learner` parameter to its __init__")
+    label = learner_label(cfg)
+    path = Path(out) if out is not None else default_run_dir(cfg.stream, label)
     streams = _make_streams(cfg)  # build first: bad data files fail before anything is written
     prepare_run_dir(path, overwrite=overwrite)
     flat = cfg.to_dict()
+    if not takes_learner(cfg.agent_cls):  # the learner keys would mean nothing for this agent
+        flat = {k: v for k, v in flat.items() if k != "learner" and not k.startswith("learner.")}
     write_config(path, flat, cfg.seeds)
-    writer = MetricWriter(path, path.name, cfg.stream, cfg.learner.name,
+    writer = MetricWriter(path, path.name, cfg.stream, label,
                           cfg.run.flush_rows, cfg.run.flush_seconds)
     try:
         for stream_obj in streams:
@@ -99,6 +106,14 @@ def run(
     finally:
         writer.close()
     return RunResult(path, flat)
+
+
+def learner_label(cfg: RunConfig) -> str:
+    """The ``learner`` column: the learner's name, or a plug-in agent's class name when that
+    agent takes no learner."""
+    if getattr(cfg.agent_cls, "Spec", None) is None and not takes_learner(cfg.agent_cls):
+        return cfg.agent_cls.__name__
+    return cfg.learner.name
 
 
 def _make_streams(cfg: RunConfig) -> list[Any]:

@@ -119,7 +119,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = file.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {file} ({exc.strerror}); check the path") from None
+        raise ConfigError(
+            f"cannot read config file {file} ({exc.strerror}); check the path"
+        ) from None
     try:
         data = json.loads(text) if file.suffix == ".json" else tomllib.loads(text.decode())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -135,12 +135,12 @@ def load_mnist(dataset: str = "test", data_dir: str | Path | None = None):
     raise DataError(f"unknown MNIST dataset {dataset!r}; use one of test, train, full")
 
 
-def _fetch(url: str, dest: Path, timeout: float) -> None:
+def _fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             shutil.copyfileobj(resp, out)
-        if md5_of(Path(tmp)) != MNIST_FILES[dest.name]:
+        if md5_of(Path(tmp)) != md5:
             raise DataError(f"{url} served a file that fails its md5 check")
         os.replace(tmp, dest)
     finally:
@@ -153,6 +153,7 @@ def download_mnist(
     mirrors: Sequence[str] = MNIST_MIRRORS,
     timeout: float = 30.0,
     log=print,
+    files: Mapping[str, str] | None = None,
 ) -> Path:
     """Download the four MNIST files into ``directory``, md5-verified, with mirror fallback.
 
@@ -165,6 +166,7 @@ def download_mnist(
         mirrors: base URLs tried in order for each file.
         timeout: seconds per HTTP request.
         log: called with one line per file.
+        files: file name -> md5 to fetch (default: the four MNIST files).
 
     Returns:
         The directory holding the verified files.
@@ -174,7 +176,7 @@ def download_mnist(
     """
     target = Path(directory) if directory is not None else default_cache_dir() / "mnist"
     target.mkdir(parents=True, exist_ok=True)
-    for name, md5 in MNIST_FILES.items():
+    for name, md5 in (MNIST_FILES if files is None else files).items():
         dest = target / name
         if dest.is_file() and md5_of(dest) == md5:
             log(f"{name}: present, md5 ok")
@@ -183,7 +185,7 @@ def download_mnist(
         for base in mirrors:
             url = base.rstrip("/") + "/" + name
             try:
-                _fetch(url, dest, timeout)
+                _fetch(url, dest, md5, timeout)
             except (OSError, urllib.error.URLError, DataError) as exc:
                 errors.append(f"{url}: {exc}")
                 continue

@@ -7,8 +7,9 @@ The engine counts steps and tasks and emits records (values, not hooks)::
 
 ``task_end`` carries the task's online score (scored on the answer given *before* each update)
 and the mean of every per-step metric the agent returned; agents with a ``diagnostics()`` method
-(learner bookkeeping such as CBP's replacement count) add one ``task_end`` record per layer. A run that stops mid-task emits a
-``task_end`` for the partial task. Consumers (the run store's writer, probes) never write back.
+(learner bookkeeping such as CBP's replacement count) add one ``task_end`` record per layer.
+A run that stops mid-task emits a ``task_end`` for the partial task. Consumers (the run
+store's writer, probes) never write back.
 """
 
 from __future__ import annotations

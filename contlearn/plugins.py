@@ -72,11 +72,18 @@ def agent_options(cls: type) -> list[FieldInfo]:
     return out
 
 
+def takes_learner(cls: type) -> bool:
+    """Whether an agent class uses a learner (built-in agents do; plug-ins if they ask)."""
+    if getattr(cls, "Spec", None) is not None:
+        return True
+    return "learner" in inspect.signature(cls.__init__).parameters
+
+
 def build_plugin_agent(cls: type, info: Any, seeds: Any, options: dict[str, Any],
                        learner: Any) -> Any:
     """Instantiate a plug-in agent with its options (and the learner if it asks for one)."""
     kwargs = dict(options)
-    if "learner" in inspect.signature(cls.__init__).parameters:
+    if takes_learner(cls):
         kwargs["learner"] = learner
     return cls(info, seeds, **kwargs)
 

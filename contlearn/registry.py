@@ -67,7 +67,9 @@ class Registry:
         """Add an entry; re-registering an existing name with a different target is an error."""
         existing = self._entries.get(name)
         if existing is not None and existing.entry_point != entry_point:
-            raise ValueError(f"{self.kind} {name!r} is already registered to {existing.entry_point}")
+            raise ValueError(
+                f"{self.kind} {name!r} is already registered to {existing.entry_point}"
+            )
         self._entries[name] = Entry(name, entry_point, summary)
 
     def names(self) -> list[str]:

@@ -34,5 +34,7 @@ def load_tree(tree: Any, leaves: list[torch.Tensor]) -> None:
         raise ValueError(f"state has {len(targets)} tensors, checkpoint has {len(leaves)}")
     for dst, src in zip(targets, leaves, strict=True):
         if dst.shape != src.shape:
-            raise ValueError(f"state tensor shape {tuple(dst.shape)} != checkpoint {tuple(src.shape)}")
+            raise ValueError(
+                f"state tensor shape {tuple(dst.shape)} != checkpoint {tuple(src.shape)}"
+            )
         dst.copy_(src)

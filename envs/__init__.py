@@ -26,3 +26,7 @@ def make_stream(name: str, spec: Any, seeds: Sequence[int]) -> Any:
 
 
 __all__ = ["make_stream", "streams"]
+
+from contlearn.envs.gym_registration import register_envs as _register_envs  # noqa: E402
+
+_register_envs()

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-
 from contlearn.envs.base import StreamInfo, SupervisedStream
+
 from contlearn.errors import ConfigError
 from contlearn.spec import param
 
@@ -77,6 +77,8 @@ class BitFlippingStream(SupervisedStream):
     """Bit-Flipping regression stream (see the module docstring)."""
 
     Spec: ClassVar[type] = BitFlippingSpec
+    #: the CBP paper's learner: one hidden layer of 5 units.
+    agent_defaults: ClassVar[dict] = {"hidden": "5"}
     name = "bit-flipping"
     kind = "regression"
     metric = "squared_error"

@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from contlearn.envs.base import StreamInfo, SupervisedStream
 
 from contlearn.datasets import load_mnist
 from contlearn.errors import ConfigError
-from contlearn.envs.base import StreamInfo, SupervisedStream
 from contlearn.spec import param
 
 _PIXELS = 784
@@ -76,7 +76,8 @@ class _MNISTStream(SupervisedStream):
                     self.order[r] = torch.from_numpy(rng.permutation(self.num_examples))
                 self.pos = 0
             take = min(need, self.num_examples - self.pos)
-            chunks.append(self.order[:, self.pos : self.pos + take])
+            # clone: a reshuffle later in this loop rewrites ``order`` in place
+            chunks.append(self.order[:, self.pos : self.pos + take].clone())
             self.pos += take
             need -= take
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)

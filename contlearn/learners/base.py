@@ -79,13 +79,27 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+class AnchorState(NamedTuple):
+    """Reference parameters a transform pulls toward (θ₀ of L2-Init, shrink-toward-init).
+
+    Not optimizer state: :func:`per_param_state` skips it, so a reset does not zero θ₀;
+    instead a reset sets the anchor of the re-initialised weights to their new values (see
+    :func:`contlearn.learners.resets.reset_units`).
+    """
+
+    anchor: Params
+
+
 def per_param_state(state: Any, params: Params) -> list[Params]:
     """Every dict in ``state`` that holds one tensor per parameter (same names, same shapes).
 
     Reset transforms use this to find optimizer moments, momentum buffers and per-element step
-    counts without knowing which optimizer produced them.
+    counts without knowing which optimizer produced them. Anchors (:class:`AnchorState`) are
+    not optimizer state and are skipped.
     """
     found: list[Params] = []
+    if isinstance(state, AnchorState):
+        return found
     if isinstance(state, dict):
         if state and set(state) == set(params) and all(
             isinstance(v, torch.Tensor) and v.shape == params[k].shape for k, v in state.items()
@@ -98,3 +112,18 @@ def per_param_state(state: Any, params: Params) -> list[Params]:
         for v in state:
             found.extend(per_param_state(v, params))
     return found
+
+
+def find_states(state: Any, kind: type) -> list[Any]:
+    """Every node of the state tree that is an instance of ``kind``, depth first.
+
+    Used to find anchors (:class:`AnchorState`) and the bookkeeping of reset transforms
+    wherever they sit in a composed learner.
+    """
+    if isinstance(state, kind):
+        return [state]
+    if isinstance(state, dict):
+        return [s for v in state.values() for s in find_states(v, kind)]
+    if isinstance(state, (tuple, list)):
+        return [s for v in state for s in find_states(v, kind)]
+    return []

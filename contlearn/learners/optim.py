@@ -96,6 +96,7 @@ def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> GradientTra
     return scale(-lr)
 
 
-def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+         ) -> GradientTransformation:
     """``torch.optim.Adam``; "proper Adam" of Dohare et al. is ``b1 == b2``."""
     return chain(scale_by_adam(b1, b2, eps), scale(-lr))

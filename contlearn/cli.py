@@ -1,0 +1,162 @@
+"""The ``contlearn`` command line (also ``python -m contlearn``).
+
+Every user error (unknown name, bad value, unusable run directory, missing data) is printed as
+one line ``contlearn: error: ...`` and exits with code 2; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from contlearn.errors import ContlearnError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(EXIT_USAGE, f"contlearn: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog="contlearn", description="Continual-learning streams and "
+                     "plasticity learners: run, plot, summarise.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a stream with an agent and learner")
+    run.add_argument("stream", nargs="?", help="stream id (see `contlearn list streams`)")
+    run.add_argument("--learner", help="learner name (default bp)")
+    run.add_argument("--agent", help="agent name or module:Class / file.py:Class")
+    run.add_argument("--seeds", type=str, help="number of seeds, run as one batched model")
+    run.add_argument("--seed", type=str, help="first seed (default 0)")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--tasks", type=str, help="tasks to run")
+    length.add_argument("--steps", type=str, help="steps to run")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="set any option, e.g. --set hidden=2000,2000,2000 "
+                     "--set learner.replacement_rate=1e-5")
+    run.add_argument("--config", help="TOML config file (the same keys as --set)")
+    run.add_argument("--out", help="run directory (default runs/<stream>__<learner>__<time>)")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    bar = run.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="always show the progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="never show the progress bar")
+
+    plot = sub.add_parser("plot", help="plot per-task scores of runs")
+    plot.add_argument("runs", nargs="+", help="run directories or folders of runs")
+    plot.add_argument("--metric", help="metric to plot (default: the stream's score)")
+    plot.add_argument("--by", default="learner", help="group lines by this column/config key")
+    plot.add_argument("--layer", help="layer for per-layer metrics (default: aggregate)")
+    plot.add_argument("--bin", type=int, default=1, help="tasks per plotted point")
+    plot.add_argument("--probes", action="store_true", help="draw the probe panel instead")
+    plot.add_argument("--out", help="output file; .png, .svg or .pdf (default RUN/plot.png)")
+
+    summary = sub.add_parser("summary", help="print first/peak/final scores per group")
+    summary.add_argument("runs", nargs="+", help="run directories or folders of runs")
+    summary.add_argument("--by", default="learner", help="group by this column/config key")
+
+    lst = sub.add_parser("list", help="list streams, learners and agents with their options")
+    lst.add_argument("what", nargs="?", choices=("streams", "learners", "agents"))
+
+    data = sub.add_parser("data", help="manage datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    dl = data_sub.add_parser("download", help="download a dataset into the cache")
+    dl.add_argument("dataset", choices=("mnist",))
+    dl.add_argument("--dir", help="target folder (default $CONTLEARN_DATA or ~/.cache/contlearn)")
+    dl.add_argument("--mirror", action="append", help="base URL to try first (repeatable)")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``contlearn run``."""
+    from contlearn.api import run
+    from contlearn.config import parse_set
+
+    config = parse_set(args.set)
+    result = run(args.stream, learner=args.learner, agent=args.agent, seeds=args.seeds,
+                 seed=args.seed, tasks=args.tasks, steps=args.steps, config=config,
+                 config_file=args.config, out=args.out, overwrite=args.overwrite,
+                 progress=args.progress)
+    print(result.path)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``contlearn plot``."""
+    from contlearn.store import load_runs
+
+    df = load_runs(args.runs, config=True)
+    from contlearn import plots
+
+    if df.empty:
+        raise ContlearnError(f"no metrics recorded yet in {' '.join(args.runs)}")
+    if args.by not in df.columns:
+        df = load_runs(args.runs, config=[args.by])
+    plots.check_comparable(df)
+    if args.probes:
+        fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin)
+    else:
+        fig = plots.plot_decay(df, metric=args.metric, by=args.by, bin=args.bin,
+                               layer=args.layer)
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "plot.png"
+    plots.save_figure(fig, out)
+    print(out)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """``contlearn summary``."""
+    from contlearn.store import load_runs
+    from contlearn.summary import format_summary, summary_table
+
+    df = load_runs(args.runs, config=True)
+    if args.by not in df.columns:
+        df = load_runs(args.runs, config=[args.by])
+    print(format_summary(summary_table(df, by=args.by)))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``contlearn list``."""
+    from contlearn.listing import describe
+
+    print(describe(args.what))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``contlearn data download mnist``."""
+    from contlearn.datasets import MNIST_MIRRORS, download_mnist
+
+    mirrors = [*(args.mirror or []), *MNIST_MIRRORS]
+    path = download_mnist(args.dir and Path(args.dir) / "mnist", mirrors=mirrors)
+    print(f"MNIST ready in {path}; use it with --set dataset=full --set data_dir={path}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list,
+            "data": cmd_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for user errors, 130 on Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ContlearnError as exc:
+        message = " ".join(str(exc).split())
+        print(f"contlearn: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("contlearn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Shared fixtures: small, fast configs and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from contlearn.cli import main
+
+# Small thread counts keep the suite fast and deterministic on 2 cores.
+torch.set_num_threads(1)
+os.environ.setdefault("CI", "true")  # no progress bars in tests
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``contlearn ARGS`` in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file below ``path`` with its bytes (to check nothing was touched)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*"))
+            if p.is_file()}
