@@ -7,7 +7,6 @@ Built-in agents are registered by name; a user's own class is named ``module:Cla
 from __future__ import annotations
 
 from contlearn.agents.protocol import Agent, Metrics, check_agent
-
 from contlearn.registry import Registry
 
 agents = Registry("agent")

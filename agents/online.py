@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.envs.base import StreamInfo
-
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.base import GradientTransformation
 from contlearn.learners.optim import adam, sgd

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from contlearn.envs.base import StreamInfo, SupervisedStream
 
+from contlearn.envs.base import StreamInfo, SupervisedStream
 from contlearn.errors import ConfigError
 from contlearn.spec import param
 

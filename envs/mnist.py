@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from contlearn.envs.base import StreamInfo, SupervisedStream
 
 from contlearn.datasets import load_mnist
+from contlearn.envs.base import StreamInfo, SupervisedStream
 from contlearn.errors import ConfigError
 from contlearn.spec import param
 

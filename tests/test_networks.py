@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP, init_bounds
 
+from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP, init_bounds
 from contlearn.seeding import torch_generator
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from contlearn.envs import make_stream, streams
-from contlearn.envs.bit_flipping import ltu_target
 
 from contlearn.config import resolve
+from contlearn.envs import make_stream, streams
+from contlearn.envs.bit_flipping import ltu_target
 
 STREAMS = ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"]
 

@@ -1,0 +1,446 @@
+"""Figures of loss of plasticity, drawn from the long DataFrame of :func:`contlearn.load_runs`.
+
+Every function here is a pure function of a DataFrame with the columns ``run, stream, learner,
+seed, step, task, metric, layer, value`` (plus config columns from ``load_runs(config=...)``);
+nothing touches a live network. Figures are :class:`matplotlib.figure.Figure` objects built
+without pyplot, so no global figure state is created (the Agg canvas renders them).
+
+How a curve is computed (the same for :func:`plot_decay` and :func:`plot_probes`):
+
+1. rows of one metric; layer ``None`` takes the whole-network rows (``layer == ""``), or, for
+   a metric recorded only per layer, the mean over layers;
+2. one *replicate* is one (run, seed): its values are averaged within each x-bin
+   (``bin`` consecutive tasks, or ``bin`` consecutive recorded steps);
+3. across the replicates of a group: the mean, and a percentile bootstrap CI that resamples
+   replicates (seeds), vectorised in numpy with a fixed seed. One replicate: no band.
+
+Groups are the values of ``by`` (a column such as ``learner`` or a config key, or a list of
+them). Runs in one group that differ in a loaded config column are split by that column too, so
+different hyper-parameters are never averaged together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from contlearn.errors import ContlearnError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+SCORE_METRICS = ("accuracy", "squared_error", "episode_return")
+"""Per-task online scores, in the order :func:`default_metric` prefers them."""
+NON_PROBE_METRICS = (*SCORE_METRICS, "loss")
+BASE_COLUMNS = ("run", "stream", "learner", "seed", "step", "task", "metric", "layer", "value")
+# Config keys that never make runs incomparable (bookkeeping, not hyper-parameters).
+IGNORED_CONFIG = frozenset({"seeds", "tasks", "steps", "flush_rows", "flush_seconds", "data_dir",
+                            "out", "overwrite", "progress"})
+METRIC_LABELS = {
+    "accuracy": "online accuracy (fraction correct)",
+    "squared_error": "mean squared error",
+    "episode_return": "episode return",
+    "loss": "online loss",
+    "dead_fraction": "dead units (fraction)",
+    "dormant_fraction": "dormant units (fraction)",
+    "effective_rank": "effective rank",
+    "approx_rank": "approximate rank (99% energy)",
+    "stable_rank": "stable rank",
+    "weight_magnitude": "mean |weight|",
+    "grad_magnitude": "mean |gradient|",
+    "plasticity": "plasticity (1 - L_after / L_before)",
+    "saturation": "saturated units (fraction)",
+    "replacements": "replacements (cumulative)",
+    "eligible_units": "eligible units",
+    "mean_age": "mean unit age (steps)",
+    "utility_q50": "median utility",
+}
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def metric_label(metric: str) -> str:
+    """Axis label (with units) of a metric; unknown metrics get their name, spaced."""
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def x_label(x: str, metric: str = "", bin: int = 1) -> str:
+    """Axis label of the x column ``task`` or ``step`` (the task of RL runs is a friction)."""
+    if x == "step":
+        label = "steps"
+    else:
+        label = "friction index" if metric == "episode_return" else "task index"
+    if bin > 1:
+        unit = "tasks" if x == "task" else "records"
+        label += f" (means over {bin} {unit})"
+    return label
+
+
+def check_comparable(df: pd.DataFrame) -> None:
+    """Refuse a frame whose runs come from different streams.
+
+    Raises:
+        ContlearnError: the runs mix streams, or the frame holds no rows.
+    """
+    if df.empty:
+        raise ContlearnError("no metric rows to plot; check the run directories (runs still "
+                             "starting have no metrics yet)")
+    streams = sorted(df["stream"].dropna().unique())
+    if len(streams) > 1:
+        names = ", ".join(streams[:-1]) + f" and {streams[-1]}"
+        raise ContlearnError(f"runs mix streams {names}; plot them separately")
+
+
+def default_metric(df: pd.DataFrame) -> str:
+    """The score to plot: ``accuracy``, else ``squared_error``, else ``episode_return``.
+
+    Raises:
+        ContlearnError: none of them is present.
+    """
+    present = set(df["metric"].unique())
+    for metric in SCORE_METRICS:
+        if metric in present:
+            return metric
+    raise ContlearnError(f"no score metric ({', '.join(SCORE_METRICS)}) in the runs; pass "
+                         f"metric= one of: {', '.join(sorted(present)) or 'none'}")
+
+
+def probe_metrics(df: pd.DataFrame) -> list[str]:
+    """Every metric present that is not a per-task score or the loss, sorted."""
+    return sorted(set(df["metric"].unique()) - set(NON_PROBE_METRICS))
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def group_keys(df: pd.DataFrame, by: str | Sequence[str]) -> list[str]:
+    """The columns that define groups: ``by`` plus config columns that vary inside a group.
+
+    Raises:
+        ContlearnError: a ``by`` key is not a column.
+    """
+    keys = [by] if isinstance(by, str) else list(by)
+    for key in keys:
+        if key not in df.columns:
+            extra = [c for c in df.columns if c not in BASE_COLUMNS]
+            hint = f"config columns loaded: {', '.join(extra)}" if extra else (
+                "load the runs with load_runs(..., config=True) to group by config keys")
+            raise ContlearnError(f"cannot group by {key!r}: no such column; {hint}")
+    config_cols = [c for c in df.columns
+                   if c not in BASE_COLUMNS and c not in keys and c not in IGNORED_CONFIG]
+    grouped = df.groupby(keys, dropna=False, sort=False) if keys else None
+    for col in config_cols:
+        values = df[col].map(_format_value)
+        varies = values.nunique() > 1 if grouped is None else (
+            values.groupby([df[k] for k in keys], dropna=False).nunique().max() > 1)
+        if varies:
+            keys.append(col)
+    return keys
+
+
+def group_labels(df: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
+    """A label per row: the value for ``learner``/``run``/``stream``, else ``"k1=v1, k2=v2"``."""
+    if len(keys) == 1 and keys[0] in ("learner", "run", "stream"):
+        return df[keys[0]].map(_format_value)
+    parts = [df[k].map(lambda v, k=k: f"{k}={_format_value(v)}") for k in keys]
+    label = parts[0]
+    for part in parts[1:]:
+        label = label + ", " + part
+    return label
+
+
+def _select(df: pd.DataFrame, metric: str, layer: str | None) -> pd.DataFrame:
+    """Rows of ``metric`` for ``layer``: None (whole network / mean of layers), a name, "all"."""
+    rows = df[df["metric"] == metric]
+    if rows.empty:
+        raise ContlearnError(f"no rows of metric {metric!r}; metrics present: "
+                             f"{', '.join(sorted(df['metric'].unique()))}")
+    layers = sorted(rows["layer"].unique())
+    if layer is None:
+        if "" in layers:
+            return rows[rows["layer"] == ""]
+        keys = ["run", "seed", "step", "task"]
+        agg = {c: "first" for c in rows.columns if c not in (*keys, "layer", "value")}
+        means = rows.groupby(keys, sort=False).agg({**agg, "value": "mean"})
+        return means.reset_index().assign(layer="")
+    if layer == "all":
+        return rows
+    if layer not in layers:
+        raise ContlearnError(f"metric {metric!r} has no rows for layer {layer!r}; layers: "
+                             f"{', '.join(repr(n) for n in layers)}")
+    return rows[rows["layer"] == layer]
+
+
+def _bin_x(rows: pd.DataFrame, x: str, bin: int) -> pd.DataFrame:
+    """Add ``xbin`` (bin id) and ``xpos`` (mean of the distinct x values in the bin)."""
+    if x not in ("task", "step"):
+        raise ContlearnError(f"x must be 'task' or 'step', not {x!r}")
+    if not isinstance(bin, (int, np.integer)) or bin < 1:
+        raise ContlearnError(f"bin must be a whole number of tasks >= 1, not {bin!r}")
+    values = rows[x].to_numpy()
+    if x == "task":
+        xbin = values // bin
+    else:
+        distinct = np.unique(values)
+        xbin = np.searchsorted(distinct, values) // bin
+    distinct_pairs = pd.DataFrame({"xbin": xbin, "x": values}).drop_duplicates()
+    xpos = distinct_pairs.groupby("xbin")["x"].mean()
+    return rows.assign(xbin=xbin, xpos=pd.Series(xbin).map(xpos).to_numpy())
+
+
+def replicate_curves(df: pd.DataFrame, metric: str, by: str | Sequence[str] = "learner",
+                     x: str = "task", bin: int = 1, layer: str | None = None) -> pd.DataFrame:
+    """Per (group, layer, replicate, x-bin) mean of ``metric``.
+
+    Args:
+        df: a frame from :func:`contlearn.load_runs`.
+        metric: the metric name.
+        by: column(s) to group by (see :func:`group_keys`).
+        x: ``"task"`` or ``"step"``.
+        bin: tasks (or recorded steps) per point.
+        layer: ``None`` (whole network, or mean over layers), a layer name, or ``"all"``.
+
+    Returns:
+        Columns: the group keys, ``group`` (label), ``layer``, ``run``, ``seed``, ``xbin``, ``x``
+        (bin position), ``value``.
+    """
+    rows = _select(df, metric, layer)
+    keys = group_keys(rows, by)
+    rows = _bin_x(rows.assign(group=group_labels(rows, keys)), x, bin)
+    cols = ["group", "layer", "run", "seed", "xbin"]
+    firsts = {k: (k, "first") for k in keys if k not in cols}
+    out = rows.groupby(cols, sort=True).agg(**firsts, x=("xpos", "first"),
+                                            value=("value", "mean"))
+    return out.reset_index()
+
+
+def bootstrap_ci(values: np.ndarray, ci: float = 0.95, n_boot: int = 1000,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of the mean over replicates, for every column at once.
+
+    Resampling replicates with replacement is drawn as multinomial counts ``W`` (n_boot, n),
+    so each bootstrap mean is ``(W @ v) / (W @ observed)`` and missing values (NaN) are skipped
+    without materialising an (n_boot, n, x) array.
+
+    Args:
+        values: (n_replicates, n_x) array; NaN where a replicate has no value.
+        ci: the coverage, e.g. 0.95.
+        n_boot: bootstrap resamples.
+        seed: seed of the numpy generator (deterministic results).
+
+    Returns:
+        ``(lo, hi)`` arrays of shape (n_x,); NaN where fewer than two replicates have a value.
+    """
+    values = np.asarray(values, dtype=float)
+    n = values.shape[0]
+    observed = ~np.isnan(values)
+    lo = np.full(values.shape[1], np.nan)
+    hi = lo.copy()
+    if n < 2:
+        return lo, hi
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)  # (B, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = (weights @ np.where(observed, values, 0.0)) / (weights @ observed)  # (B, n_x)
+    enough = observed.sum(axis=0) >= 2
+    if enough.any():
+        q = np.nanquantile(boots[:, enough], [(1 - ci) / 2, (1 + ci) / 2], axis=0)
+        lo[enough], hi[enough] = q[0], q[1]
+    return lo, hi
+
+
+def curve_stats(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[str] = "learner",
+                x: str = "task", bin: int = 1, layer: str | None = None, ci: float = 0.95,
+                n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The numbers behind a curve: per (group, layer, x) mean over replicates and its CI.
+
+    Args are those of :func:`replicate_curves` and :func:`bootstrap_ci`; ``metric`` defaults to
+    :func:`default_metric`.
+
+    Returns:
+        Columns ``group, layer, x, mean, lo, hi, seeds`` (``seeds``: replicates with a value),
+        sorted by group, layer and x.
+    """
+    metric = metric or default_metric(df)
+    reps = replicate_curves(df, metric, by, x, bin, layer)
+    parts = []
+    for (group, lay), frame in reps.groupby(["group", "layer"], sort=True):
+        wide = frame.pivot_table(index=["run", "seed"], columns="x", values="value",
+                                 aggfunc="mean", dropna=False)
+        matrix = wide.to_numpy()  # (replicates, n_x)
+        lo, hi = bootstrap_ci(matrix, ci, n_boot, seed)
+        parts.append(pd.DataFrame({
+            "group": group, "layer": lay, "x": wide.columns.to_numpy(dtype=float),
+            "mean": np.nanmean(matrix, axis=0), "lo": lo, "hi": hi,
+            "seeds": (~np.isnan(matrix)).sum(axis=0),
+        }))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _colors(groups: Sequence[str]) -> dict[str, object]:
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["tab10" if len(groups) <= 10 else "tab20"]
+    return {g: cmap(i % cmap.N) for i, g in enumerate(groups)}
+
+
+def _draw(ax: Axes, stats: pd.DataFrame, colors: dict[str, object], x: str,
+          label_layers: bool) -> None:
+    """One line (and CI band when there are >= 2 replicates) per (group, layer)."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    layer_style = {lay: LINESTYLES[i % len(LINESTYLES)]
+                   for i, lay in enumerate(sorted(stats["layer"].unique()))}
+    for (group, lay), curve in stats.groupby(["group", "layer"], sort=True):
+        color, style = colors[group], layer_style[lay] if label_layers else "-"
+        label = f"{group} · {lay or 'network'}" if label_layers else group
+        marker = "o" if len(curve) <= 40 else None
+        ax.plot(curve["x"], curve["mean"], color=color, linestyle=style, marker=marker,
+                markersize=3, linewidth=1.6, label=label)
+        if curve["lo"].notna().any():
+            ax.fill_between(curve["x"], curve["lo"], curve["hi"], color=color, alpha=0.2,
+                            linewidth=0)
+    ax.grid(True, color="0.9", linewidth=0.8)
+    ax.set_axisbelow(True)
+    if x == "task":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _band_note(stats: pd.DataFrame, ci: float) -> str:
+    seeds = sorted(set(stats.groupby(["group", "layer"])["seeds"].max()))
+    n = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    if stats["lo"].notna().any():
+        return f"mean of {n} seeds, band: {ci:.0%} bootstrap CI"
+    return f"mean of {n} seed{'s' if n != '1' else ''}"
+
+
+def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[str] = "learner",
+               bin: int = 1, x: str = "task", ax: Axes | None = None, ci: float = 0.95,
+               n_boot: int = 1000, seed: int = 0, layer: str | None = None) -> Figure:
+    """The plasticity-decay curve: a per-task score against task index, one line per group.
+
+    Args:
+        df: a frame from :func:`contlearn.load_runs` (one stream).
+        metric: default ``accuracy``, else ``squared_error``, else ``episode_return``.
+        by: column or config key (or a list of them) whose values make the lines.
+        bin: tasks per point (x at the bin centre).
+        x: ``"task"`` or ``"step"``.
+        ax: draw into these axes instead of a new figure.
+        ci: coverage of the bootstrap band over seeds (no band with one seed).
+        n_boot: bootstrap resamples. seed: seed of the bootstrap.
+        layer: ``None`` for whole-network rows, or a layer name / ``"all"`` for layer metrics.
+
+    Returns:
+        The figure (``ax.figure`` when ``ax`` is given).
+
+    Raises:
+        ContlearnError: mixed streams, unknown metric / column / layer, bad ``x`` or ``bin``.
+    """
+    check_comparable(df)
+    metric = metric or default_metric(df)
+    stats = curve_stats(df, metric, by, x, bin, layer, ci, n_boot, seed)
+    fig = _new_figure(7.5, 4.2) if ax is None else ax.figure
+    ax = ax if ax is not None else fig.add_subplot()
+    groups = sorted(stats["group"].unique())
+    _draw(ax, stats, _colors(groups), x, label_layers=layer == "all")
+    ax.set_xlabel(x_label(x, metric, bin))
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(f"{df['stream'].iloc[0]}: {metric_label(metric).split(' (')[0]} per task\n"
+                 f"{_band_note(stats, ci)}", fontsize=11)
+    title = by if isinstance(by, str) else ", ".join(by)
+    ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+              fontsize=9, title_fontsize=9)
+    return fig
+
+
+def plot_probes(df: pd.DataFrame, probes: Sequence[str] | None = None,
+                by: str | Sequence[str] = "learner", layer: str | None = None, x: str = "task",
+                bin: int = 1, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> Figure:
+    """A panel of probe metrics against task (or step): one subplot per probe.
+
+    Args:
+        df: a frame from :func:`contlearn.load_runs` (one stream).
+        probes: metric names; default every metric that is not a score or the loss.
+        by: column or config key (or a list of them) whose values make the lines.
+        layer: ``None``: mean over layers; a layer name: that layer; ``"all"``: one line style
+            per layer.
+        x: ``"task"`` or ``"step"``. bin: tasks (or recorded steps) per point.
+        ci, n_boot, seed: the bootstrap band, as in :func:`plot_decay`.
+
+    Returns:
+        The figure; subplots share the x axis and are titled by probe.
+
+    Raises:
+        ContlearnError: mixed streams, no probe metrics, unknown probe / layer.
+    """
+    check_comparable(df)
+    probes = list(probes) if probes is not None else probe_metrics(df)
+    if not probes:
+        raise ContlearnError("no probe metrics in the runs (only scores: "
+                             f"{', '.join(sorted(df['metric'].unique()))}); enable probes")
+    stats = {p: curve_stats(df, p, by, x, bin, layer, ci, n_boot, seed) for p in probes}
+    groups = sorted(set().union(*(s["group"] for s in stats.values())))
+    colors = _colors(groups)
+    ncols = min(3, len(probes))
+    nrows = math.ceil(len(probes) / ncols)
+    fig = _new_figure(3.6 * ncols + 1.8, 2.6 * nrows + 0.6)
+    axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel()
+    for ax, probe in zip(axes, probes, strict=False):
+        _draw(ax, stats[probe], colors, x, label_layers=layer == "all")
+        ax.set_title(metric_label(probe), fontsize=10)
+        ax.tick_params(labelbottom=True, labelsize=8)
+    for ax in axes[len(probes):]:
+        ax.set_visible(False)
+    for ax in axes[(nrows - 1) * ncols:]:
+        ax.set_xlabel(x_label(x, bin=bin))
+    where = {None: "mean over layers", "all": "per layer"}.get(layer, f"layer {layer}")
+    note = _band_note(pd.concat(stats.values()), ci)
+    fig.suptitle(f"{df['stream'].iloc[0]}: probes ({where}); {note}", fontsize=11)
+    handles, labels = _unique_legend(axes)
+    title = by if isinstance(by, str) else ", ".join(by)
+    fig.legend(handles, labels, title=title, loc="outside right upper", frameon=False,
+               fontsize=9, title_fontsize=9)
+    return fig
+
+
+def _unique_legend(axes: Sequence[Axes]) -> tuple[list, list[str]]:
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Save ``fig`` as PNG, SVG or PDF (by the extension), creating parent folders.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ContlearnError: the extension is not ``.png``, ``.svg`` or ``.pdf``.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in (".png", ".svg", ".pdf"):
+        raise ContlearnError(f"cannot save a figure as {path}: unknown format "
+                             f"{ext or '(no extension)'!r}; use .png, .svg or .pdf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format=ext[1:], dpi=dpi)
+    return path
