@@ -135,6 +135,30 @@ class OnlineAgent:
         with torch.no_grad():
             return self.net.forward(obs.reshape(obs.shape[0], obs.shape[1], -1))[1]
 
+    def probe_gradients(self, obs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gradients of each replica's mean loss on ``(obs, target)``; nothing is updated."""
+        flat = obs.reshape(obs.shape[0], obs.shape[1], -1)
+        with torch.enable_grad():
+            out, _ = self.net.forward(flat)
+            loss = self.loss(out, target)
+            grads = torch.autograd.grad(loss.sum(), [self.net.params[k] for k in self._keys])
+        return dict(zip(self._keys, grads, strict=True))
+
+    def probe_plasticity(self, obs: torch.Tensor, target: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss ``(R,)`` on a batch before and after one learning step on it; the step (and
+        every learner state change, random draws included) is undone afterwards."""
+        saved, flag = self.state_dict(), self._task_started
+        self._task_started = False
+        try:
+            before = self.observe(obs, self.act(obs), target)["loss"]
+            with torch.no_grad():
+                after = self.loss(self.net.forward(obs.reshape(*obs.shape[:2], -1))[0], target)
+        finally:
+            self.load_state_dict(saved)
+            self._task_started = flag
+        return before, after
+
     def state_dict(self) -> dict[str, Any]:
         """Parameters and learner state as plain tensors (``weights_only``-loadable)."""
         return {"params": {k: v.clone() for k, v in self._views.items()},

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from contlearn.config import RunConfig, read_config_file, resolve, total_steps
-from contlearn.engine import Record, SingleReplicaAdapter, run_loop
+from contlearn.engine import ProbeSchedule, Record, SingleReplicaAdapter, run_loop
 from contlearn.errors import ConfigError
 from contlearn.plugins import takes_learner
 from contlearn.progress import Progress, want_progress
@@ -143,6 +143,14 @@ def _make_agent(cfg: RunConfig, stream: Any) -> Any:
     return agent
 
 
+def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
+    """The run's probe schedule from its ``probes``, ``probe_every``, ``probe_size`` keys."""
+    from contlearn.probes import parse_probes
+
+    return ProbeSchedule(tuple(parse_probes(cfg.run.probes)), cfg.run.probe_every,
+                         cfg.run.probe_size)
+
+
 def _run_one(cfg: RunConfig, stream: Any, writer: MetricWriter, show: bool) -> None:
     agent = _make_agent(cfg, stream)
     steps = total_steps(cfg, stream.steps_per_task)
@@ -155,7 +163,7 @@ def _run_one(cfg: RunConfig, stream: Any, writer: MetricWriter, show: bool) -> N
             writer.append(seeds, record.step, record.task, name, values.tolist(), record.layer)
 
     try:
-        run_loop(stream, agent, steps, emit, bar)
+        run_loop(stream, agent, steps, emit, bar, probe_schedule(cfg))
     finally:
         bar.close(stream.step)
 

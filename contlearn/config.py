@@ -42,6 +42,9 @@ class RunSpec:
     seeds: int = param(1, "number of seeds (replicas)", low=1)
     tasks: int = param(0, "tasks to run (0: use steps, or 100 tasks if neither is set)", low=0)
     steps: int = param(0, "steps to run instead of tasks (0: use tasks)", low=0)
+    probes: str = param("default", "probes to record: default, none, or a comma-separated list")
+    probe_every: int = param(0, "probe every N steps (0: at the start of every task)", low=0)
+    probe_size: int = param(2000, "inputs per probe batch (per seed)", low=1)
     flush_rows: int = param(50_000, "metric rows buffered before a parquet part is written", low=1)
     flush_seconds: float = param(60.0, "longest time metric rows stay only in memory (s)",
                                  low=0.0)
@@ -50,6 +53,9 @@ class RunSpec:
         """Tasks and steps are alternatives."""
         if self.tasks and self.steps:
             raise ConfigError(f"give tasks ({self.tasks}) or steps ({self.steps}), not both")
+        from contlearn.probes import parse_probes
+
+        parse_probes(self.probes)
 
 
 DEFAULT_TASKS = 100

@@ -15,6 +15,7 @@ store's writer, probes) never write back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -74,8 +75,41 @@ class _TaskTotals:
         return out
 
 
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """Which probes run when, on how many inputs.
+
+    Attributes:
+        names: probe names (empty: no probes).
+        every: 0 to probe at the start of every task, on the new task's inputs before any
+            update on them (Dohare et al.); N > 0 to probe every N steps instead.
+        size: probe batch size P per replica.
+    """
+
+    names: tuple[str, ...] = ()
+    every: int = 0
+    size: int = 2000
+
+    def due(self, step: int, new_task: bool) -> bool:
+        """Whether to probe before the update of a batch after ``step`` completed steps."""
+        if not self.names:
+            return False
+        return new_task if self.every == 0 else step % self.every == 0
+
+
+def probe_records(schedule: ProbeSchedule, stream: Any, agent: Any, step: int, task: int
+                  ) -> list[Record]:
+    """Run the scheduled probes on a fresh probe batch of the current task."""
+    from contlearn.probes import run_probes
+
+    obs, target = stream.probe_batch(schedule.size)
+    results = run_probes(schedule.names, agent, obs, target)
+    return [Record("probe", step, task, {metric: values}, layer)
+            for metric, by_layer in results.items() for layer, values in by_layer.items()]
+
+
 def run_loop(stream: Any, agent: Any, steps: int, emit: Callable[[Record], None],
-             progress: Progress | None = None) -> None:
+             progress: Progress | None = None, probes: ProbeSchedule | None = None) -> None:
     """Run ``steps`` steps of a supervised stream with an agent.
 
     Args:
@@ -84,6 +118,7 @@ def run_loop(stream: Any, agent: Any, steps: int, emit: Callable[[Record], None]
         steps: the step count to stop at (global, so a resumed stream continues to it).
         emit: called with every :class:`Record`.
         progress: optional progress display.
+        probes: when to run which probes (default: none).
     """
     info = stream.info
     totals = _TaskTotals(info.num_replicas)
@@ -106,6 +141,9 @@ def run_loop(stream: Any, agent: Any, steps: int, emit: Callable[[Record], None]
             emit(Record("task_start", stream.step - 1, task, {}))
             if on_task_start is not None:
                 on_task_start(task)
+        if probes is not None and probes.due(stream.step - 1, batch.new_task):
+            for record in probe_records(probes, stream, agent, stream.step - 1, task):
+                emit(record)
         pred = agent.act(batch.obs)
         metrics = agent.observe(batch.obs, pred, batch.target) or {}
         totals.add(stream.score(pred, batch.target), metrics)

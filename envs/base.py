@@ -91,6 +91,9 @@ class SupervisedStream:
         self.steps_per_task = examples_per_task // batch_size
         self.boundaries_visible = boundaries_visible
         self.rngs = [numpy_rng(s, "stream") for s in self.seeds]
+        # probes draw their inputs from generators of their own, so probing never moves the
+        # stream: a run with probes sees exactly the examples of a run without.
+        self.probe_rngs = [numpy_rng(s, "probe") for s in self.seeds]
         self.step = 0  # steps taken so far
         self.task = -1  # becomes 0 on the first batch
 
@@ -120,6 +123,19 @@ class SupervisedStream:
             return (pred.argmax(-1) == target).to(torch.float32)
         return (pred - target).pow(2).sum(-1)
 
+    def probe_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` examples of the current task per replica, drawn with the probe generators.
+
+        Returns:
+            ``(obs (R, P, *input_shape), target)``; the stream's own position is untouched.
+        """
+        if self.task < 0:
+            raise RuntimeError("probe_batch needs a current task; call next() first")
+        return self._probe_draw(size)
+
+    def _probe_draw(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
         raise NotImplementedError
 
@@ -132,6 +148,7 @@ class SupervisedStream:
             "step": self.step,
             "task": self.task,
             "rngs": [rng.bit_generator.state for rng in self.rngs],
+            "probe_rngs": [rng.bit_generator.state for rng in self.probe_rngs],
             "extra": self._extra_state(),
         }
 
@@ -140,6 +157,8 @@ class SupervisedStream:
         self.step = int(state["step"])
         self.task = int(state["task"])
         for rng, rng_state in zip(self.rngs, state["rngs"], strict=True):
+            rng.bit_generator.state = rng_state
+        for rng, rng_state in zip(self.probe_rngs, state["probe_rngs"], strict=True):
             rng.bit_generator.state = rng_state
         self._load_extra_state(state["extra"])
 

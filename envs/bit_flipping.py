@@ -118,6 +118,13 @@ class BitFlippingStream(SupervisedStream):
         bits = torch.cat([slow, fast], -1)  # (R, B, m)
         return bits, ltu_target(bits, self.w, self.theta, self.v)
 
+    def _probe_draw(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width = self.spec.num_bits - self.spec.slow_bits
+        fast = torch.tensor(np.stack([rng.integers(0, 2, size=(size, width))
+                                      for rng in self.probe_rngs]), dtype=torch.float32)
+        bits = torch.cat([self.slow.unsqueeze(1).expand(-1, size, -1), fast], -1)  # (R, P, m)
+        return bits, ltu_target(bits, self.w, self.theta, self.v)
+
     def _extra_state(self) -> dict[str, Any]:
         return {"slow": self.slow.clone(), "fast": self.fast.clone()}
 

@@ -82,6 +82,21 @@ class _MNISTStream(SupervisedStream):
             need -= take
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
+    def _probe_indices(self, size: int) -> torch.Tensor:
+        """Distinct random example indices per replica from the probe generators: ``(R, P)``."""
+        size = min(size, self.num_examples)
+        return torch.from_numpy(np.stack([
+            rng.choice(self.num_examples, size, replace=False) for rng in self.probe_rngs]))
+
+    def _probe_draw(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._examples(self._probe_indices(size))
+
+    def _draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._examples(self._indices(batch_size))
+
+    def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
     def _extra_state(self) -> dict[str, Any]:
         return {"order": self.order.clone(), "pos": self.pos}
 
@@ -102,9 +117,9 @@ class PermutedMNISTStream(_MNISTStream):
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
         self.perm[replica] = torch.from_numpy(rng.permutation(_PIXELS))
 
-    def _draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self._indices(batch_size)  # (R, B)
-        # pixel j of a permuted example is pixel perm[j] of the original: one flat gather.
+    def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # idx: (R, B); pixel j of a permuted example is pixel perm[j] of the original:
+        # one flat gather.
         flat = idx.unsqueeze(-1) * _PIXELS + self.perm.unsqueeze(1)  # (R, B, 784)
         obs = self.images[flat].to(torch.float32).div_(255.0)
         return obs, self.labels[idx]
@@ -129,8 +144,7 @@ class LabelShuffledMNISTStream(_MNISTStream):
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
         self.label_map[replica] = torch.from_numpy(rng.permutation(10))
 
-    def _draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self._indices(batch_size)  # (R, B)
+    def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = idx.unsqueeze(-1) * _PIXELS + torch.arange(_PIXELS)  # (R, B, 784)
         obs = self.images[flat].to(torch.float32).div_(255.0)
         target = torch.gather(self.label_map, 1, self.labels[idx])  # (R, B)

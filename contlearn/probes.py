@@ -1,0 +1,268 @@
+"""Probes: pure functions of (network, probe batch) -> numbers, per layer and per replica.
+
+Each probe takes a :class:`ProbeContext` and returns ``{layer: values (R,)}`` where layer ``""``
+is a whole-network value. Definitions (DESIGN.md §5; Dohare et al. 2024, Methods):
+
+- ``dead_fraction``: share of units that are dead on *every* probe input: ReLU output exactly 0;
+  tanh |h| > 0.99; sigmoid outside [0.01, 0.99]; leaky_relu / elu / swish: negative
+  pre-activation region (h < 0).
+- ``dormant_fraction``: share of units with ReDo score s_i = E|h_i| / mean_j E|h_j| ≤ τ (0.01).
+- ``saturation`` (tanh, sigmoid only): share of (input, unit) activations in the saturated range.
+- ``effective_rank``: exp(−Σ p_k log p_k), p_k = σ_k / Σσ (Roy & Vetterli 2007).
+- ``approx_rank``: smallest k with Σ_{j≤k} σ_j² ≥ 0.99 Σ σ².
+- ``stable_rank``: ‖A‖_F² / ‖A‖_2².
+  (σ: singular values of the P × units feature matrix, float64 on CPU.)
+- ``weight_magnitude``: mean |w| per layer (weights and biases); whole network over all params.
+- ``grad_magnitude``: mean |g| per layer of the loss gradient on the probe batch.
+- ``plasticity``: 1 − L_after / L_before for one learner update on the probe batch, undone after.
+
+Users add their own with :func:`register_probe`. Probes read the network; the engine gives them
+inputs drawn with the probe generators and restores the agent after ``plasticity``, so a run
+with probes has exactly the trajectory of a run without.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from contlearn.errors import ConfigError
+
+ProbeFn = Callable[["ProbeContext"], dict[str, torch.Tensor]]
+
+DORMANT_TAU = 0.01
+_BOUNDED = {"tanh": (-0.99, 0.99), "sigmoid": (0.01, 0.99)}
+
+
+@dataclass
+class ProbeContext:
+    """What a probe may read.
+
+    Attributes:
+        features: hidden activations on the probe batch, ``{layer: (R, P, H)}``.
+        params: the network's parameters ``{"<layer>.weight": (R, out, in), ...}``.
+        activation: the hidden nonlinearity's name.
+        agent: the agent (for probes that need to evaluate losses or gradients).
+        obs, target: the probe batch.
+        cache: scratch space shared by the probes of one call (e.g. singular values).
+    """
+
+    features: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    activation: str
+    agent: Any = None
+    obs: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+PROBES: dict[str, ProbeFn] = {}
+#: Probes run by default (``--set probes=default``).
+DEFAULT_PROBES = ("dead_fraction", "dormant_fraction", "saturation", "effective_rank",
+                  "approx_rank", "stable_rank", "weight_magnitude", "grad_magnitude",
+                  "plasticity")
+
+
+def register_probe(name: str, fn: ProbeFn) -> None:
+    """Make ``fn`` available as probe ``name`` (selectable with ``--set probes=...``)."""
+    PROBES[name] = fn
+
+
+def parse_probes(text: str) -> list[str]:
+    """``"default"``, ``"none"`` or a comma-separated list of probe names.
+
+    Raises:
+        ConfigError: an unknown probe name.
+    """
+    text = text.strip()
+    if text in ("", "none"):
+        return []
+    names = list(DEFAULT_PROBES) if text == "default" else [
+        n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        raise ConfigError(f"unknown probe {unknown[0]!r}; choose from {', '.join(PROBES)}, "
+                          "default or none")
+    return names
+
+
+def _with_aggregate(per_layer: dict[str, torch.Tensor], weights: dict[str, float]
+                    ) -> dict[str, torch.Tensor]:
+    total = sum(weights.values())
+    agg = sum(per_layer[k] * (weights[k] / total) for k in per_layer)
+    return {**per_layer, "": agg}
+
+
+def dead_fraction(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Share of units dead (or saturated) on every probe input, per layer and overall."""
+    out = {}
+    for layer, h in ctx.features.items():  # (R, P, H)
+        if ctx.activation == "relu":
+            dead = (h == 0).all(1)
+        elif ctx.activation in _BOUNDED:
+            lo, hi = _BOUNDED[ctx.activation]
+            dead = ((h < lo) | (h > hi)).all(1)
+        else:
+            dead = (h < 0).all(1)
+        out[layer] = dead.to(torch.float64).mean(1)
+    return _with_aggregate(out, {k: v.shape[-1] for k, v in ctx.features.items()})
+
+
+def dormant_fraction(ctx: ProbeContext, tau: float = DORMANT_TAU) -> dict[str, torch.Tensor]:
+    """Share of units with ReDo score E|h_i| / mean_j E|h_j| ≤ τ (Sokar et al. 2023)."""
+    out = {}
+    for layer, h in ctx.features.items():
+        act = h.abs().to(torch.float64).mean(1)  # (R, H)
+        score = act / act.mean(1, keepdim=True).clamp_min(1e-12)
+        out[layer] = (score <= tau).to(torch.float64).mean(1)
+    return _with_aggregate(out, {k: v.shape[-1] for k, v in ctx.features.items()})
+
+
+def saturation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Share of activations in the saturated range (tanh, sigmoid; nothing for others)."""
+    if ctx.activation not in _BOUNDED:
+        return {}
+    lo, hi = _BOUNDED[ctx.activation]
+    out = {layer: ((h < lo) | (h > hi)).to(torch.float64).mean((1, 2))
+           for layer, h in ctx.features.items()}
+    return _with_aggregate(out, {k: v.shape[-1] for k, v in ctx.features.items()})
+
+
+def singular_values(a: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``(R, P, H)`` in float64 on the CPU, descending: ``(R, min(P, H))``.
+
+    Falls back to NumPy's LAPACK driver, then to eigenvalues of AᵀA, if the SVD fails to
+    converge.
+    """
+    a64 = a.detach().to("cpu", torch.float64)
+    try:
+        return torch.linalg.svdvals(a64)
+    except RuntimeError:
+        pass
+    try:
+        return torch.from_numpy(np.linalg.svd(a64.numpy(), compute_uv=False))
+    except np.linalg.LinAlgError:
+        gram = a64.transpose(1, 2) @ a64
+        eig = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+        return eig[:, : min(a64.shape[1:])]
+
+
+def _svals(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    if "svals" not in ctx.cache:
+        ctx.cache["svals"] = {k: singular_values(h) for k, h in ctx.features.items()}
+    return ctx.cache["svals"]
+
+
+def effective_rank_of(s: torch.Tensor) -> torch.Tensor:
+    """exp(entropy of σ / Σσ) per row of singular values ``(R, K)``; 0 for a zero matrix."""
+    total = s.sum(-1, keepdim=True)
+    p = s / total.clamp_min(1e-300)
+    ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    return torch.where(total.squeeze(-1) > 0, torch.exp(ent), torch.zeros_like(ent))
+
+
+def approx_rank_of(s: torch.Tensor, threshold: float = 0.99) -> torch.Tensor:
+    """Smallest k whose top-k squared singular values hold ``threshold`` of the total."""
+    sq = s.pow(2)
+    cum = sq.cumsum(-1)
+    need = threshold * sq.sum(-1, keepdim=True)
+    return ((cum < need * (1 - 1e-12)).sum(-1) + 1).to(torch.float64) * (sq.sum(-1) > 0)
+
+
+def stable_rank_of(s: torch.Tensor) -> torch.Tensor:
+    """‖A‖_F² / ‖A‖_2² from singular values; 0 for a zero matrix."""
+    top = s[..., 0].pow(2)
+    return torch.where(top > 0, s.pow(2).sum(-1) / top.clamp_min(1e-300), torch.zeros_like(top))
+
+
+def effective_rank(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Effective rank of each hidden layer's features."""
+    return {k: effective_rank_of(s) for k, s in _svals(ctx).items()}
+
+
+def approx_rank(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """99%-energy rank of each hidden layer's features."""
+    return {k: approx_rank_of(s) for k, s in _svals(ctx).items()}
+
+
+def stable_rank(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Stable rank of each hidden layer's features."""
+    return {k: stable_rank_of(s) for k, s in _svals(ctx).items()}
+
+
+def _layer_means(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean |x| per layer (weight and bias together) and over everything, per replica."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = {}
+    for name, t in tensors.items():
+        layer = name.rsplit(".", 1)[0]
+        flat = t.detach().abs().reshape(t.shape[0], -1).to(torch.float64)
+        sums[layer] = sums.get(layer, 0) + flat.sum(1)
+        counts[layer] = counts.get(layer, 0) + flat.shape[1]
+    out = {k: sums[k] / counts[k] for k in sums}
+    out[""] = sum(sums.values()) / sum(counts.values())
+    return out
+
+
+def weight_magnitude(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Mean absolute parameter value per layer and overall."""
+    return _layer_means(ctx.params)
+
+
+def grad_magnitude(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Mean absolute gradient of the probe batch's loss per layer and overall."""
+    fn = getattr(ctx.agent, "probe_gradients", None)
+    if fn is None or ctx.obs is None:
+        return {}
+    return _layer_means(fn(ctx.obs, ctx.target))
+
+
+def plasticity(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """1 − L_after / L_before of one learning step on the probe batch (then undone)."""
+    fn = getattr(ctx.agent, "probe_plasticity", None)
+    if fn is None or ctx.obs is None:
+        return {}
+    before, after = fn(ctx.obs, ctx.target)
+    return {"": 1.0 - after.to(torch.float64) / before.to(torch.float64).clamp_min(1e-12)}
+
+
+for _name, _fn in [("dead_fraction", dead_fraction), ("dormant_fraction", dormant_fraction),
+                   ("saturation", saturation), ("effective_rank", effective_rank),
+                   ("approx_rank", approx_rank), ("stable_rank", stable_rank),
+                   ("weight_magnitude", weight_magnitude), ("grad_magnitude", grad_magnitude),
+                   ("plasticity", plasticity)]:
+    register_probe(_name, _fn)
+
+
+def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torch.Tensor
+               ) -> dict[str, dict[str, torch.Tensor]]:
+    """Run probes on an agent and a probe batch.
+
+    Args:
+        names: probe names (see :data:`PROBES`).
+        agent: needs ``features(obs)``; ``net.params``/``net.activation`` for weight probes;
+            ``probe_gradients``/``probe_plasticity`` for the gradient and plasticity probes.
+        obs, target: the probe batch ``(R, P, ...)``.
+
+    Returns:
+        ``{metric: {layer: values (R,)}}``; probes the agent cannot support are left out.
+    """
+    features_fn = getattr(agent, "features", None)
+    net = getattr(agent, "net", None)
+    ctx = ProbeContext(
+        features=features_fn(obs) if features_fn is not None else {},
+        params=getattr(net, "params", {}),
+        activation=getattr(net, "activation", ""),
+        agent=agent, obs=obs, target=target)
+    out = {}
+    for name in names:
+        values = PROBES[name](ctx)
+        values = {k: v for k, v in values.items() if not isinstance(v, float) or math.isfinite(v)}
+        if values:
+            out[name] = values
+    return out
