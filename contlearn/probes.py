@@ -23,7 +23,6 @@ with probes has exactly the trajectory of a run without.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +92,8 @@ def parse_probes(text: str) -> list[str]:
 
 def _with_aggregate(per_layer: dict[str, torch.Tensor], weights: dict[str, float]
                     ) -> dict[str, torch.Tensor]:
+    if not per_layer:
+        return {}
     total = sum(weights.values())
     agg = sum(per_layer[k] * (weights[k] / total) for k in per_layer)
     return {**per_layer, "": agg}
@@ -197,6 +198,8 @@ def stable_rank(ctx: ProbeContext) -> dict[str, torch.Tensor]:
 
 def _layer_means(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Mean |x| per layer (weight and bias together) and over everything, per replica."""
+    if not tensors:
+        return {}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, float] = {}
     for name, t in tensors.items():
@@ -262,7 +265,6 @@ def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torc
     out = {}
     for name in names:
         values = PROBES[name](ctx)
-        values = {k: v for k, v in values.items() if not isinstance(v, float) or math.isfinite(v)}
         if values:
             out[name] = values
     return out

@@ -77,7 +77,8 @@ def test_partial_last_task_is_recorded_with_steps(tmp_path):
 
 
 def test_run_dir_holds_config_meta_and_parquet_parts(tmp_path):
-    res = contlearn.run("permuted-mnist", seeds=2, tasks=4, config={**SMALL, "flush_rows": 4},
+    res = contlearn.run("permuted-mnist", seeds=2, tasks=4, config={**SMALL, "flush_rows": 4,
+                                                                 "probes": "none"},
                         out=tmp_path / "r")
     config = json.loads((res.path / "config.json").read_text())
     assert config["stream"] == "permuted-mnist" and config["hidden"] == "16,16"
