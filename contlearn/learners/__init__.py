@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contlearn.learners.base import GradientTransformation, chain
+from contlearn.learners.cbp import continual_backprop
 from contlearn.learners.optim import adam, scale, scale_by_adam, sgd, trace
+from contlearn.learners.redo import redo
+from contlearn.learners.regularizers import (
+    add_decayed_weights,
+    add_l2,
+    add_l2_init,
+    shrink_perturb,
+    shrink_toward_init,
+)
+from contlearn.learners.resets import head_reset, reset_units
 from contlearn.registry import Registry
 
 
@@ -54,6 +64,20 @@ learners.register("bp", "contlearn.learners.presets:BP", "plain backprop with th
 learners.register("adam", "contlearn.learners.presets:ADAM", "backprop with Adam (torch defaults)")
 learners.register("proper-adam", "contlearn.learners.presets:PROPER_ADAM",
                   "backprop with Adam, β1 = β2 = 0.99 (Dohare et al. 2024)")
+learners.register("l2", "contlearn.learners.presets:L2",
+                  "L2 regularisation: coupled g += λθ, optional decoupled decay")
+learners.register("l2-init", "contlearn.learners.presets:L2_INIT",
+                  "L2 toward the initial weights, g += λ(θ − θ₀) (Kumar et al. 2023)")
+learners.register("snp", "contlearn.learners.presets:SNP",
+                  "shrink-and-perturb after every update, θ ← (1−λ)θ + σε")
+learners.register("snp-init", "contlearn.learners.presets:SNP_INIT",
+                  "shrink toward the initial weights, θ ← λθ + (1−λ)θ₀")
+learners.register("cbp", "contlearn.learners.presets:CBP",
+                  "continual backprop: replace low-utility mature units (Dohare et al. 2024)")
+learners.register("redo", "contlearn.learners.presets:REDO",
+                  "ReDo: recycle dormant units every F updates (Sokar et al. 2023)")
+learners.register("head-reset", "contlearn.learners.presets:HEAD_RESET",
+                  "re-initialise the output layer at each visible task start (boundaries_visible)")
 
 
 def learner_def(name: str) -> LearnerDef:
@@ -73,5 +97,7 @@ def build_learner(learner: Learner, base: GradientTransformation, network: Any,
     return learner_def(learner.name).build(learner.spec, base, network, list(seeds))
 
 
-__all__ = ["GradientTransformation", "Learner", "LearnerDef", "adam", "build_learner", "chain",
-           "learner_def", "learner_diagnostics", "learners", "scale", "scale_by_adam", "sgd", "trace"]
+__all__ = ["GradientTransformation", "Learner", "LearnerDef", "adam", "add_decayed_weights",
+           "add_l2", "add_l2_init", "build_learner", "chain", "continual_backprop", "head_reset",
+           "learner_def", "learner_diagnostics", "learners", "redo", "reset_units", "scale",
+           "scale_by_adam", "sgd", "shrink_perturb", "shrink_toward_init", "trace"]

@@ -1,8 +1,10 @@
 """Base optimizers as transforms: SGD (with optional momentum) and Adam.
 
-Both match ``torch.optim.SGD`` / ``torch.optim.Adam`` (without weight decay) to float tolerance
-on the same gradients. Adam keeps a **per-element** step count so that a reset transform can
-restart the bias correction of exactly the weights it re-initialises.
+Both match ``torch.optim.SGD`` / ``torch.optim.Adam`` to float tolerance on the same gradients
+(weight decay: ``chain(add_l2(λ), sgd(lr))`` is torch's ``weight_decay``, ``add_decayed_weights``
+after Adam is AdamW; see :mod:`contlearn.learners.regularizers`). Adam keeps a **per-element**
+step count so that a reset transform can restart the bias correction of exactly the weights it
+re-initialises.
 """
 
 from __future__ import annotations

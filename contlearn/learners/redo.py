@@ -1,0 +1,126 @@
+"""ReDo: recycling dormant neurons (Sokar et al. 2023, "The dormant neuron phenomenon in deep
+reinforcement learning", ICML), as defined in DESIGN.md §4.
+
+Every F updates (updates F, 2F, ...), per hidden layer and replica, after the inner update and
+on the post-update parameters: score each unit by
+
+    s_i = E|h_i| / ((1/H) Σ_j E|h_j|),
+
+E over the activations of the last ``window`` updates before the check (each update's
+activations averaged over its mini-batch first, so with a constant batch size every example
+weighs the same). Units with ``s_i ≤ τ`` get fresh incoming weights from the layer's init,
+zero incoming bias, zero outgoing weights and zeroed optimizer state (:func:`reset_units`, the
+helper continual backprop uses). If every unit of a layer has ``E|h| = 0`` all are dormant
+(s = 0). The score is a plain mean over a window, not an EMA: the state keeps only the running
+sum ``Σ |h|`` of the current window (no activation buffer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from contlearn.errors import ConfigError
+from contlearn.learners.base import GradientTransformation, Params
+from contlearn.learners.resets import UnitStats, reset_units, unit_stats
+from contlearn.learners.rng import replica_rng_states
+
+
+class ReDoState(NamedTuple):
+    """ReDo's state.
+
+    Attributes:
+        inner: the wrapped chain's state.
+        rng: ``(R, S)`` generator states.
+        count: updates so far (0-d int64).
+        act_sum: ``{layer: (R, H)}`` sum of the per-update mean |h| in the current window.
+        stats: ages, last scores s, units scored, cumulative replacements.
+    """
+
+    inner: Any
+    rng: torch.Tensor
+    count: torch.Tensor
+    act_sum: Params
+    stats: UnitStats
+
+
+def redo(inner: GradientTransformation, network: Any, seeds: Sequence[int], *,
+         threshold: float = 0.01, period: int = 1000, window: int = 1000,
+         rng_stream: int = 0) -> GradientTransformation:
+    """Wrap ``inner`` into ReDo (see the module docstring).
+
+    ``update`` needs the keyword extra ``features={layer: (R, B, H)}``.
+
+    Args:
+        inner: the wrapped chain (optimizer and regularisers).
+        network: the network (``hidden_layers``, ``by_name``, ``sample_init``).
+        seeds: the replicas' root seeds.
+        threshold: τ; units with score ≤ τ are recycled.
+        period: F, updates between checks.
+        window: updates (the last ones before each check) whose activations are scored;
+            1 ≤ window ≤ period.
+        rng_stream: which independent learner stream of each seed to draw from.
+
+    Raises:
+        ConfigError: an option is out of range.
+    """
+    if threshold < 0:
+        raise ConfigError(f"threshold={threshold} must be >= 0")
+    if period < 1 or not 1 <= window <= period:
+        raise ConfigError(f"need period >= 1 and 1 <= window <= period; got period={period}, "
+                          f"window={window}")
+    impl = _ReDo(inner, network, list(seeds), threshold, period, window, rng_stream)
+    return GradientTransformation(impl.init, impl.update)
+
+
+class _ReDo:
+    """The transform behind :func:`redo` (options fixed at construction)."""
+
+    def __init__(self, inner: GradientTransformation, network: Any, seeds: list[int],
+                 threshold: float, period: int, window: int, rng_stream: int) -> None:
+        self.inner, self.network, self.seeds = inner, network, seeds
+        self.threshold, self.period, self.window = threshold, period, window
+        self.rng_stream = rng_stream
+        self.layers = [layer.name for layer in network.hidden_layers]
+
+    def init(self, params: Params) -> ReDoState:
+        """Zero statistics, the inner chain's state and the replicas' generators."""
+        return ReDoState(self.inner.init(params), replica_rng_states(self.seeds, self.rng_stream),
+                         torch.zeros((), dtype=torch.int64),
+                         {n: torch.zeros_like(params[f"{n}.bias"]) for n in self.layers},
+                         unit_stats(params, self.layers))
+
+    def update(self, grads: Params, state: ReDoState, params: Params, *,
+               features: dict[str, torch.Tensor] | None = None, **extra: Any
+               ) -> tuple[Params, ReDoState]:
+        """The inner update; accumulate |h| in the window; every F updates, recycle."""
+        if features is None:
+            raise ValueError("redo needs the hidden activations: update(..., features=...)")
+        updates, inner_state = self.inner.update(grads, state.inner, params, features=features,
+                                                 **extra)
+        t = int(state.count.add_(1))
+        in_window = (t - 1) % self.period >= self.period - self.window
+        for name in self.layers:
+            state.stats.age[name].add_(1)
+            if in_window:
+                state.act_sum[name].add_(features[name].abs().mean(1))  # (R, H)
+        if t % self.period == 0:
+            masks = [self._score(state, name) <= self.threshold for name in self.layers]
+            for name, mask in zip(self.layers, masks, strict=True):
+                updates = reset_units(params, updates, inner_state, self.network, name, mask,
+                                      state.rng)
+                state.stats.age[name].masked_fill_(mask, 0)
+                state.stats.replacements[name].add_(mask.sum(1))
+        return updates, state._replace(inner=inner_state)
+
+    def _score(self, state: ReDoState, name: str) -> torch.Tensor:
+        """s ``(R, H)`` from the window's mean |h|; records it and clears the window's sum."""
+        mean_abs = state.act_sum[name] / self.window  # (R, H)
+        layer_mean = mean_abs.mean(1, keepdim=True)  # (R, 1)
+        s = torch.where(layer_mean > 0, mean_abs / layer_mean, torch.zeros_like(mean_abs))
+        state.stats.utility[name].copy_(s)
+        state.stats.eligible[name].fill_(s.shape[1])
+        state.act_sum[name].zero_()
+        return s

@@ -1,0 +1,183 @@
+"""Regularisers as transforms: L2 (coupled and decoupled), L2-Init, shrink-and-perturb.
+
+Two kinds, by where they sit in a chain:
+
+- **gradient terms** (before the optimizer; they change what the optimizer sees):
+  :func:`add_l2` (``g ← g + λθ``, torch's ``weight_decay``) and :func:`add_l2_init`
+  (``g ← g + λ(θ − θ₀)``);
+- **post-update maps** (after the optimizer; they receive its updates ``u``): with
+  ``θ' = θ + u`` the value the optimizer alone would produce, they return ``u'`` such that
+  ``θ + u'`` is the regularised value: :func:`add_decayed_weights` (``θ' − rλθ``),
+  :func:`shrink_perturb` (``(1−λ)θ' + σε``) and :func:`shrink_toward_init`
+  (``λθ' + (1−λ)θ₀``). The agent adds ``u'`` to ``θ``, so results equal the formulas up to
+  float rounding of that one addition.
+
+Example (Dohare et al. 2024, Slippery Ant: L2 with Adam)::
+
+    chain(add_l2(1e-4), adam(1e-4, 0.99, 0.99))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from contlearn.learners.base import AnchorState, GradientTransformation, Params, stateless
+from contlearn.learners.rng import draw, replica_rng_states
+
+
+def add_l2(weight_decay: float) -> GradientTransformation:
+    """Coupled L2 regularisation: ``g ← g + λθ`` (λ = ``weight_decay``).
+
+    Put it before the optimizer: ``chain(add_l2(λ), sgd(lr))`` is ``torch.optim.SGD(lr,
+    weight_decay=λ)`` and ``chain(add_l2(λ), adam(lr))`` is ``torch.optim.Adam(lr,
+    weight_decay=λ)``. It is the gradient of ``λ/2 ‖θ‖²`` (all weights and biases).
+
+    Args:
+        weight_decay: λ ≥ 0.
+    """
+
+    def fn(grads: Params, params: Params, **extra: Any) -> Params:
+        keys = list(grads)
+        out = torch._foreach_add([grads[k] for k in keys], [params[k] for k in keys],
+                                 alpha=weight_decay)
+        return dict(zip(keys, out, strict=True))
+
+    return stateless(fn)
+
+
+def add_decayed_weights(weight_decay: float, lr: float = 1.0) -> GradientTransformation:
+    """Decoupled weight decay, after the optimizer: ``u ← u − lr·λ·θ``.
+
+    ``chain(adam(lr, b1, b2), add_decayed_weights(λ, lr))`` is ``torch.optim.AdamW(lr, (b1, b2),
+    weight_decay=λ)`` (Loshchilov & Hutter 2019): the shrink ``θ ← (1 − lr·λ)θ`` does not pass
+    through Adam's normalisation. With the default ``lr=1``, ``weight_decay`` is the per-step
+    shrink itself.
+
+    Args:
+        weight_decay: λ ≥ 0.
+        lr: the optimizer's learning rate (the decay per update is ``lr·λ``).
+    """
+    rate = weight_decay * lr
+
+    def fn(grads: Params, params: Params, **extra: Any) -> Params:
+        keys = list(grads)
+        out = torch._foreach_add([grads[k] for k in keys], [params[k] for k in keys],
+                                 alpha=-rate)
+        return dict(zip(keys, out, strict=True))
+
+    return stateless(fn)
+
+
+def _anchor(params: Params) -> AnchorState:
+    return AnchorState({k: v.detach().clone() for k, v in params.items()})
+
+
+def add_l2_init(weight_decay: float) -> GradientTransformation:
+    """L2-Init (Kumar et al. 2023, "Maintaining plasticity via regenerative regularization"):
+    ``g ← g + λ(θ − θ₀)``, θ₀ the parameters at ``init``.
+
+    Put it before the optimizer. θ₀ is kept in an :class:`AnchorState`; when a reset transform
+    re-initialises a unit, θ₀ of that unit's weights becomes their new initial values.
+
+    Args:
+        weight_decay: λ ≥ 0.
+    """
+
+    def update(grads: Params, state: AnchorState, params: Params, **extra: Any):
+        keys = list(grads)
+        diff = torch._foreach_sub([params[k] for k in keys], [state.anchor[k] for k in keys])
+        out = torch._foreach_add([grads[k] for k in keys], diff, alpha=weight_decay)
+        return dict(zip(keys, out, strict=True)), state
+
+    return GradientTransformation(_anchor, update)
+
+
+class ShrinkPerturbState(NamedTuple):
+    """Each replica's generator state ``(R, S)`` (see :mod:`contlearn.learners.rng`)."""
+
+    rng: torch.Tensor
+
+
+def _noise(rng: torch.Tensor, params: Params, keys: list[str]) -> list[torch.Tensor]:
+    """Fresh N(0, 1) noise shaped like ``params[k]`` for every key, replica by replica."""
+    sizes = [params[k][0].numel() for k in keys]
+    R = rng.shape[0]
+    flat = torch.empty(R, sum(sizes), dtype=params[keys[0]].dtype)  # (R, total)
+    for r in range(R):
+        flat[r] = draw(rng, r, lambda g: torch.randn(sum(sizes), generator=g))
+    return [c.reshape(params[k].shape) for c, k in
+            zip(torch.split(flat, sizes, dim=1), keys, strict=True)]
+
+
+def shrink_perturb(shrink: float, sigma: float, seeds: Sequence[int],
+                   rng_stream: int = 1) -> GradientTransformation:
+    """Shrink-and-perturb after every update (Ash & Adams 2020, as used by Dohare et al. 2024):
+    ``θ ← (1 − λ)θ' + σε``, ``θ' = θ + u`` the optimizer's result, ``ε ~ N(0, 1)`` fresh on
+    every weight and bias each step.
+
+    Put it after the optimizer; it returns ``u' = u − λθ' + σε``. Replica r's noise comes from
+    its own generator (stream ``rng_stream`` of its seed), one ``randn`` of all its parameters
+    in parameter order per step.
+
+    Args:
+        shrink: λ, the per-step shrink (≥ 0).
+        sigma: σ, the noise standard deviation (≥ 0).
+        seeds: the replicas' root seeds.
+        rng_stream: which independent learner stream to draw from.
+    """
+
+    def init(params: Params) -> ShrinkPerturbState:
+        return ShrinkPerturbState(replica_rng_states(seeds, rng_stream))
+
+    def update(grads: Params, state: ShrinkPerturbState, params: Params, **extra: Any):
+        keys = list(grads)
+        u = [grads[k] for k in keys]
+        post = torch._foreach_add([params[k] for k in keys], u)  # θ'
+        out = torch._foreach_add(u, post, alpha=-shrink)
+        if sigma:
+            torch._foreach_add_(out, _noise(state.rng, params, keys), alpha=sigma)
+        return dict(zip(keys, out, strict=True)), state
+
+    return GradientTransformation(init, update)
+
+
+class ShrinkTowardInitState(NamedTuple):
+    """θ₀ and the number of updates so far (a 0-d int64 tensor)."""
+
+    init: AnchorState
+    count: torch.Tensor
+
+
+def shrink_toward_init(lam: float, period: int = 1) -> GradientTransformation:
+    """Shrink toward the initial parameters: ``θ ← λθ' + (1 − λ)θ₀`` on every ``period``-th
+    update (updates ``period``, ``2·period``, ...), ``θ' = θ + u``; other updates pass through.
+
+    The "toward θ₀" variant of shrink-and-perturb (without noise), a step-wise form of pulling
+    weights back to their initialisation (cf. L2-Init, Kumar et al. 2023). Put it after the
+    optimizer; it returns ``u' = u + (1 − λ)(θ₀ − θ')``.
+
+    Args:
+        lam: λ in [0, 1], the share of the current value kept (1: no-op, 0: full reset).
+        period: apply every this many updates (≥ 1).
+    """
+    if period < 1:
+        raise ValueError(f"period must be >= 1, got {period}")
+
+    def init(params: Params) -> ShrinkTowardInitState:
+        return ShrinkTowardInitState(_anchor(params), torch.zeros((), dtype=torch.int64))
+
+    def update(grads: Params, state: ShrinkTowardInitState, params: Params, **extra: Any):
+        state.count.add_(1)
+        if int(state.count) % period:
+            return grads, state
+        keys = list(grads)
+        u = [grads[k] for k in keys]
+        post = torch._foreach_add([params[k] for k in keys], u)  # θ'
+        pull = torch._foreach_sub([state.init.anchor[k] for k in keys], post)  # θ₀ − θ'
+        out = torch._foreach_add(u, pull, alpha=1.0 - lam)
+        return dict(zip(keys, out, strict=True)), state
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,206 @@
+"""Optimizer-aware unit resets, shared by continual backprop, ReDo and the head reset.
+
+A reset transform wraps an inner chain (the optimizer and any regularisers). Each step it lets
+the inner chain compute its updates ``u`` first, then edits the *post-update* values
+``θ' = θ + u``: for every tensor it touches it writes ``θ'`` into the parameter in place, makes
+its edits there, and returns a zero update for that tensor. Tensors it does not touch keep
+their update, so every final value is exact (no float round trip).
+
+:func:`reset_units` re-initialises a set of units of one layer (per replica, a boolean mask
+``(R, H)``):
+
+- incoming weights ``W_l[i, :]`` redrawn from the layer's own init distribution
+  (``network.sample_init``) with the replica's own generator, replica by replica, the rows in
+  increasing unit order; incoming bias ``b_l[i] = 0`` (or redrawn, for a whole-layer reset);
+- optionally bias folding ``b_{l+1} += W_{l+1}[:, i] · f̂_i`` (continual backprop);
+- outgoing weights ``W_{l+1}[:, i] = 0``;
+- the inner optimizer state of ``W_l[i, :]``, ``b_l[i]`` and ``W_{l+1}[:, i]`` cleared: every
+  per-parameter state tensor (Adam moments and per-element step counts, momentum buffers;
+  found by :func:`~contlearn.learners.base.per_param_state`) is zeroed there;
+- anchors (θ₀ of L2-Init / shrink-toward-init) of those weights set to their new values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from contlearn.learners.base import (
+    AnchorState,
+    GradientTransformation,
+    Params,
+    find_states,
+    per_param_state,
+)
+from contlearn.learners.rng import draw, replica_rng_states
+
+
+def materialize(params: Params, updates: Params, names: Sequence[str]) -> Params:
+    """Write ``θ + u`` into ``params[n]`` for ``names``; return the updates, zero there."""
+    out = dict(updates)
+    for n in names:
+        params[n].add_(updates[n])
+        out[n] = torch.zeros_like(updates[n])
+    return out
+
+
+def _fresh_rows(network: Any, layer: str, mask: torch.Tensor, rng: torch.Tensor,
+                init_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """New incoming weights and biases for the masked units, replica by replica, stacked in
+    ``mask``'s row-major order (replica, then unit): ``((N, fan_in), (N,))``."""
+    ws, bs = [], []
+    for r, k in enumerate(mask.sum(1).tolist()):
+        if k:
+            w, b = draw(rng, r, lambda g, k=k: network.sample_init(layer, k, g))
+            ws.append(w)
+            bs.append(b if init_bias else torch.zeros_like(b))
+    return torch.cat(ws), torch.cat(bs)
+
+
+def reset_units(params: Params, updates: Params, inner_state: Any, network: Any, layer: str,
+                mask: torch.Tensor, rng: torch.Tensor, *, fold: torch.Tensor | None = None,
+                init_bias: bool = False) -> Params:
+    """Re-initialise the units ``mask`` of ``layer`` (see the module docstring).
+
+    Args:
+        params: the parameters (edited in place).
+        updates: the inner chain's updates; returned with zeros where ``params`` was set.
+        inner_state: the inner chain's state (optimizer state and anchors edited in place).
+        network: has ``by_name`` (``Layer`` with ``next``) and ``sample_init``.
+        layer: the layer whose units are reset.
+        mask: ``(R, H)`` bool, the units to reset in each replica.
+        rng: ``(R, S)`` generator states of the replicas (advanced in place).
+        fold: ``(R, H)`` mean activations f̂ to fold into the next layer's bias, or None.
+        init_bias: redraw incoming biases from the init instead of zeroing them.
+
+    Returns:
+        The updates to return to the agent.
+    """
+    if not bool(mask.any()):
+        return updates
+    nxt = network.by_name[layer].next
+    w, b = f"{layer}.weight", f"{layer}.bias"
+    names = [w, b] + ([f"{nxt}.weight", f"{nxt}.bias"] if nxt is not None else [])
+    updates = materialize(params, updates, names)
+    new_w, new_b = _fresh_rows(network, layer, mask, rng, init_bias)
+    params[w][mask] = new_w.to(params[w].dtype)  # (R, H, D)[mask] = (N, D)
+    params[b][mask] = new_b.to(params[b].dtype)
+    if nxt is not None:
+        w_next = params[f"{nxt}.weight"]  # (R, K, H)
+        if fold is not None:
+            chosen = torch.where(mask, fold, torch.zeros_like(fold))  # (R, H), 0 elsewhere
+            folded = torch.bmm(w_next, chosen.unsqueeze(-1)).squeeze(-1)  # (R, K)
+            params[f"{nxt}.bias"].add_(folded)
+        w_next.masked_fill_(mask.unsqueeze(1), 0.0)
+    masks = {w: mask.unsqueeze(-1), b: mask}
+    if nxt is not None:
+        masks[f"{nxt}.weight"] = mask.unsqueeze(1)
+    for s in per_param_state(inner_state, params):
+        for n, m in masks.items():
+            s[n].masked_fill_(m, 0)
+    for anchor in find_states(inner_state, AnchorState):
+        for n, m in masks.items():
+            anchor.anchor[n].copy_(torch.where(m, params[n], anchor.anchor[n]))
+    return updates
+
+
+class UnitStats(NamedTuple):
+    """Bookkeeping a reset transform reports (see :func:`reset_diagnostics`).
+
+    Attributes:
+        age: ``{layer: (R, H) int64}`` updates since each unit was (re)initialised.
+        utility: ``{layer: (R, H)}`` the score units are ranked by (CBP: û; ReDo: s).
+        eligible: ``{layer: (R,) int64}`` units that could be replaced on the last step/check.
+        replacements: ``{layer: (R,) int64}`` cumulative number of units reset.
+    """
+
+    age: Params
+    utility: Params
+    eligible: Params
+    replacements: Params
+
+
+def unit_stats(params: Params, layers: Sequence[str]) -> UnitStats:
+    """Zeroed :class:`UnitStats` for ``layers`` (shapes from ``params``)."""
+    def per_unit(dtype: torch.dtype) -> Params:
+        return {n: torch.zeros(params[f"{n}.bias"].shape, dtype=dtype) for n in layers}
+
+    def per_replica() -> Params:
+        return {n: torch.zeros(params[f"{n}.bias"].shape[0], dtype=torch.int64) for n in layers}
+
+    return UnitStats(per_unit(torch.int64), per_unit(params[f"{layers[0]}.bias"].dtype),
+                     per_replica(), per_replica())
+
+
+def reset_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer: {metric: (R,)}}`` from every :class:`UnitStats` in a learner's state.
+
+    Metrics: ``replacements`` (cumulative), ``eligible_units``, ``mean_age`` and the
+    ``utility_q10``/``utility_q50``/``utility_q90`` quantiles over the layer's units.
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for stats in find_states(state, UnitStats):
+        for layer, age in stats.age.items():
+            util = stats.utility[layer].to(torch.float64)
+            q = torch.quantile(util, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), dim=1)
+            out.setdefault(layer, {}).update({
+                "replacements": stats.replacements[layer].clone(),
+                "eligible_units": stats.eligible[layer].clone(),
+                "mean_age": age.to(torch.float64).mean(1),
+                "utility_q10": q[0], "utility_q50": q[1], "utility_q90": q[2],
+            })
+    return out
+
+
+class HeadResetState(NamedTuple):
+    """The inner chain's state, the generators, and the cumulative head resets ``(R,)``."""
+
+    inner: Any
+    rng: torch.Tensor
+    resets: torch.Tensor
+
+
+def head_reset(inner: GradientTransformation, network: Any, seeds: Sequence[int],
+               layer: str = "output", rng_stream: int = 0) -> GradientTransformation:
+    """Re-initialise the output layer at every visible task start.
+
+    When ``update`` gets ``task_start=True`` (the agent passes it on the first update of a
+    task, only if the stream's boundaries are visible), after the inner update the whole layer
+    is redrawn from its own init distribution (weights and biases, replica by replica from its
+    own generator) and its optimizer state is cleared (:func:`reset_units` on every unit). The
+    first update of the new task therefore trains the hidden layers through the old head and
+    then replaces the head.
+
+    Args:
+        inner: the wrapped chain (optimizer and regularisers).
+        network: the network (``by_name``, ``sample_init``).
+        seeds: the replicas' root seeds.
+        layer: the layer to reset (the output layer).
+        rng_stream: which independent learner stream to draw from.
+    """
+
+    def init(params: Params) -> HeadResetState:
+        R = params[f"{layer}.bias"].shape[0]
+        return HeadResetState(inner.init(params), replica_rng_states(seeds, rng_stream),
+                              torch.zeros(R, dtype=torch.int64))
+
+    def update(grads: Params, state: HeadResetState, params: Params, *,
+               task_start: bool = False, **extra: Any):
+        updates, inner_state = inner.update(grads, state.inner, params, task_start=task_start,
+                                            **extra)
+        if task_start:
+            mask = torch.ones(params[f"{layer}.bias"].shape, dtype=torch.bool)  # (R, C)
+            updates = reset_units(params, updates, inner_state, network, layer, mask, state.rng,
+                                  init_bias=True)
+            state.resets.add_(1)
+        return updates, HeadResetState(inner_state, state.rng, state.resets)
+
+    return GradientTransformation(init, update)
+
+
+def head_reset_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"output": {"head_resets": (R,)}}``: cumulative head resets."""
+    found = find_states(state, HeadResetState)
+    return {"output": {"head_resets": found[0].resets.clone()}} if found else {}

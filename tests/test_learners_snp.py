@@ -1,0 +1,131 @@
+"""Shrink-and-perturb and shrink-toward-init: shrink factor, noise statistics, replicas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contlearn.learners import chain, sgd, shrink_perturb, shrink_toward_init
+from contlearn.learners.base import GradientTransformation
+from contlearn.seeding import torch_generator
+
+
+def _params(R: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"hidden1.weight": torch.randn(R, 50, 40, generator=gen),
+            "hidden1.bias": torch.randn(R, 50, generator=gen),
+            "output.weight": torch.randn(R, 3, 50, generator=gen),
+            "output.bias": torch.randn(R, 3, generator=gen)}
+
+
+def _step(t: GradientTransformation, state, params, grads):
+    updates, state = t.update(grads, state, params)
+    for k in params:
+        params[k] += updates[k]
+    return state
+
+
+def test_shrink_factor_without_noise() -> None:
+    lr, lam = 0.1, 0.01
+    params = _params(2)
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    expected = {k: (1 - lam) * (v - lr * grads[k]) for k, v in params.items()}
+    t = chain(sgd(lr), shrink_perturb(lam, 0.0, [0, 1]))
+    _step(t, t.init(params), params, grads)
+    for k in params:
+        torch.testing.assert_close(params[k], expected[k])
+
+
+def test_noise_statistics() -> None:
+    sigma, steps = 0.1, 4
+    params = _params(2)
+    start = {k: v.clone() for k, v in params.items()}
+    t = shrink_perturb(0.0, sigma, [0, 1])
+    state = t.init(params)
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    deltas = []
+    for _ in range(steps):
+        before = {k: v.clone() for k, v in params.items()}
+        state = _step(t, state, params, zeros)
+        deltas.append(torch.cat([(params[k] - before[k]).reshape(2, -1) for k in params], 1))
+    noise = torch.stack(deltas)  # (steps, R, n)
+    assert (noise != 0).all(), "every weight and bias is perturbed every step"
+    n = noise.numel()
+    assert abs(noise.mean().item()) < 4 * sigma / n**0.5
+    assert abs(noise.std().item() / sigma - 1) < 0.03
+    # fresh each step and independent across replicas
+    assert abs(torch.corrcoef(noise[:2, 0])[0, 1].item()) < 0.05
+    assert abs(torch.corrcoef(noise[0])[0, 1].item()) < 0.05
+    total = torch.cat([(params[k] - start[k]).reshape(2, -1) for k in params], 1)
+    torch.testing.assert_close(total, noise.sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_shrink_and_noise_combined() -> None:
+    lam, sigma = 0.2, 0.05
+    params = _params(1)
+    start = {k: v.clone() for k, v in params.items()}
+    t = shrink_perturb(lam, sigma, [3])
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    _step(t, t.init(params), params, zeros)
+    eps = torch.cat([((params[k] - (1 - lam) * start[k]) / sigma).reshape(-1) for k in params])
+    assert abs(eps.std().item() - 1) < 0.06 and abs(eps.mean().item()) < 0.1
+
+
+def test_noise_per_replica_equals_solo_runs() -> None:
+    batched = _params(3)
+    solo = [{k: v[r : r + 1].clone() for k, v in batched.items()} for r in range(3)]
+    seeds = [5, 9, 11]
+    t = shrink_perturb(0.01, 0.1, seeds)
+    state = t.init(batched)
+    zeros = {k: torch.zeros_like(v) for k, v in batched.items()}
+    for _ in range(3):
+        state = _step(t, state, batched, zeros)
+    for r, p in enumerate(solo):
+        ts = shrink_perturb(0.01, 0.1, [seeds[r]])
+        s = ts.init(p)
+        for _ in range(3):
+            s = _step(ts, s, p, {k: torch.zeros_like(v) for k, v in p.items()})
+        for k in p:
+            torch.testing.assert_close(p[k][0], batched[k][r])
+
+
+def test_noise_stream_differs_from_reset_stream() -> None:
+    """S&P draws from its own stream, not the one CBP/ReDo use for fresh weights."""
+    params = {"w": torch.zeros(1, 100)}
+    t = shrink_perturb(0.0, 1.0, [0])
+    _step(t, t.init(params), params, {"w": torch.zeros(1, 100)})
+    reset_stream = torch.randn(100, generator=torch_generator(0, "learner"))
+    assert not torch.allclose(params["w"][0], reset_stream)
+
+
+def test_shrink_toward_init_every_step() -> None:
+    lam, lr = 0.9, 0.1
+    params = _params(2)
+    theta0 = {k: v.clone() for k, v in params.items()}
+    t = chain(sgd(lr), shrink_toward_init(lam))
+    state = t.init(params)
+    for _ in range(3):
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        expected = {k: lam * (params[k] - lr * grads[k]) + (1 - lam) * theta0[k] for k in params}
+        state = _step(t, state, params, grads)
+        for k in params:
+            torch.testing.assert_close(params[k], expected[k])
+
+
+@pytest.mark.parametrize("period", [2, 3])
+def test_shrink_toward_init_period(period: int) -> None:
+    lam = 0.5
+    params = {"w": torch.ones(1, 4)}
+    t = shrink_toward_init(lam, period)
+    state = t.init(params)  # θ₀ = 1
+    params["w"].fill_(3.0)
+    for step in range(1, 2 * period + 1):
+        state = _step(t, state, params, {"w": torch.zeros(1, 4)})
+        shrinks = step // period
+        expected = 1.0 + 2.0 * lam**shrinks
+        torch.testing.assert_close(params["w"], torch.full((1, 4), expected))
+
+
+def test_shrink_toward_init_rejects_bad_period() -> None:
+    with pytest.raises(ValueError, match="period"):
+        shrink_toward_init(0.5, 0)
