@@ -183,7 +183,7 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     if not isinstance(stream, str) or not stream:
         raise ConfigError("no stream given; name one, e.g. `contlearn run permuted-mnist`")
     stream_cls = streams.get(stream)
-    agent = values.pop("agent", "online")
+    agent = values.pop("agent", getattr(stream_cls, "default_agent", "online"))
     if isinstance(agent, type):
         agent_cls, agent = agent, agent_ref(agent)
     elif not isinstance(agent, str):

@@ -108,49 +108,104 @@ def probe_records(schedule: ProbeSchedule, stream: Any, agent: Any, step: int, t
             for metric, by_layer in results.items() for layer, values in by_layer.items()]
 
 
-def run_loop(stream: Any, agent: Any, steps: int, emit: Callable[[Record], None],
-             progress: Progress | None = None, probes: ProbeSchedule | None = None) -> None:
-    """Run ``steps`` steps of a supervised stream with an agent.
+class SupervisedLoop:
+    """The loop over a supervised stream, resumable between any two steps.
 
     Args:
         stream: a supervised stream (``next``, ``score``, ``info``; see ``contlearn.envs.base``).
         agent: an agent over all of the stream's replicas (``act``, ``observe``).
-        steps: the step count to stop at (global, so a resumed stream continues to it).
         emit: called with every :class:`Record`.
         progress: optional progress display.
         probes: when to run which probes (default: none).
     """
-    info = stream.info
-    totals = _TaskTotals(info.num_replicas)
-    diagnostics = getattr(agent, "diagnostics", None)
 
-    def end_task(step: int, task: int) -> None:
-        emit(Record("task_end", step, task, totals.means(info.metric)))
-        totals.reset()
-        for layer, values in (diagnostics() if diagnostics is not None else {}).items():
-            emit(Record("task_end", step, task, values, layer))
+    def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
+                 progress: Progress | None = None, probes: ProbeSchedule | None = None) -> None:
+        self.stream, self.agent, self.emit = stream, agent, emit
+        self.progress, self.probes = progress, probes
+        self.info = stream.info
+        self.totals = _TaskTotals(self.info.num_replicas)
+        self.task = stream.task
+        self._diagnostics = getattr(agent, "diagnostics", None)
+        self._on_task_start = (getattr(agent, "on_task_start", None)
+                               if self.info.boundaries_visible else None)
 
-    on_task_start = getattr(agent, "on_task_start", None) if info.boundaries_visible else None
-    task = stream.task
-    while stream.step < steps:
+    def _end_task(self, step: int) -> None:
+        self.emit(Record("task_end", step, self.task, self.totals.means(self.info.metric)))
+        self.totals.reset()
+        for layer, values in (self._diagnostics() if self._diagnostics else {}).items():
+            self.emit(Record("task_end", step, self.task, values, layer))
+
+    def step(self) -> None:
+        """One step: maybe a task boundary and probes, then act, observe and score."""
+        stream, agent = self.stream, self.agent
         batch = stream.next()
+        done = stream.step - 1  # steps completed before this batch
         if batch.new_task:
-            if totals.steps:
-                end_task(stream.step - 1, task)
-            task = batch.task
-            emit(Record("task_start", stream.step - 1, task, {}))
-            if on_task_start is not None:
-                on_task_start(task)
-        if probes is not None and probes.due(stream.step - 1, batch.new_task):
-            for record in probe_records(probes, stream, agent, stream.step - 1, task):
-                emit(record)
+            if self.totals.steps:
+                self._end_task(done)
+            self.task = batch.task
+            self.emit(Record("task_start", done, self.task, {}))
+            if self._on_task_start is not None:
+                self._on_task_start(self.task)
+        if self.probes is not None and self.probes.due(done, batch.new_task):
+            for record in probe_records(self.probes, stream, agent, done, self.task):
+                self.emit(record)
         pred = agent.act(batch.obs)
         metrics = agent.observe(batch.obs, pred, batch.target) or {}
-        totals.add(stream.score(pred, batch.target), metrics)
-        if progress is not None:
-            progress.update(stream.step, task, totals.running)
-    if totals.steps:
-        end_task(stream.step, task)
+        self.totals.add(stream.score(pred, batch.target), metrics)
+        if self.progress is not None:
+            self.progress.update(stream.step, self.task, self.totals.running)
+
+    def run(self, steps: int, stop: Callable[[], bool] | None = None,
+            checkpoint: Callable[[], None] | None = None,
+            checkpoint_due: Callable[[int], bool] | None = None) -> bool:
+        """Step until ``steps`` steps are done (global count) or ``stop()`` says so.
+
+        Args:
+            steps: the step count to stop at.
+            stop: polled before every step (e.g. a signal flag).
+            checkpoint: called after a step when ``checkpoint_due(step)`` is true.
+            checkpoint_due: when to checkpoint.
+
+        Returns:
+            True if all steps were done, False if stopped early.
+        """
+        while self.stream.step < steps:
+            if stop is not None and stop():
+                return False
+            self.step()
+            if checkpoint is not None and checkpoint_due is not None and checkpoint_due(
+                    self.stream.step):
+                checkpoint()
+        return True
+
+    def finish(self) -> None:
+        """Emit the ``task_end`` of the current (possibly partial) task."""
+        if self.totals.steps:
+            self._end_task(self.stream.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's own state: current task and the task's running sums."""
+        t = self.totals
+        return {"task": self.task, "score": t.score.clone(), "examples": t.examples,
+                "steps": t.steps, "metrics": {k: v.clone() for k, v in t.metrics.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.task = int(state["task"])
+        self.totals.score = state["score"].clone()
+        self.totals.examples = int(state["examples"])
+        self.totals.steps = int(state["steps"])
+        self.totals.metrics = {k: v.clone() for k, v in state["metrics"].items()}
+
+
+def run_loop(stream: Any, agent: Any, steps: int, emit: Callable[[Record], None],
+             progress: Progress | None = None, probes: ProbeSchedule | None = None) -> None:
+    """Run a supervised stream to ``steps`` steps and emit the last task's end."""
+    loop = SupervisedLoop(stream, agent, emit, progress, probes)
+    loop.run(steps)
+    loop.finish()
 
 
 class SingleReplicaAdapter:
