@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ContlearnError", "RunResult", "load_runs", "run"]
+__all__ = ["ContlearnError", "RunResult", "load_runs", "resume", "run"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("run", "RunResult"):
+    if name in ("run", "resume", "RunResult"):
         from contlearn import api
 
         return getattr(api, name)

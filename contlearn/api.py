@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -9,12 +10,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from contlearn.config import RunConfig, read_config_file, resolve, total_steps
-from contlearn.engine import ProbeSchedule, Record, SingleReplicaAdapter, run_loop
-from contlearn.errors import ConfigError
+from contlearn.config import RunConfig, read_config_file, resolve
+from contlearn.errors import ConfigError, RunDirError
 from contlearn.plugins import takes_learner
-from contlearn.progress import Progress, want_progress
-from contlearn.store import MetricWriter, load_runs, prepare_run_dir, write_config
+from contlearn.progress import want_progress
+from contlearn.runner import execute, make_streams
+from contlearn.store import (
+    MetricWriter,
+    RunLock,
+    is_run_dir,
+    load_runs,
+    prepare_run_dir,
+    read_config,
+    write_atomic,
+    write_config,
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ def run(
     config_file: str | Path | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool | None = None,
 ) -> RunResult:
     """Run a stream with an agent and learner, writing a run directory.
@@ -73,6 +84,8 @@ def run(
         config_file: a TOML (or JSON) config file, applied before ``config``.
         out: the run directory (default ``runs/<stream>__<learner>__<time>``).
         overwrite: replace a run already in ``out``.
+        resume: continue the run already in ``out`` (same config; the length may grow), or
+            start it if there is none.
         progress: show a progress bar (default: only on a TTY, not under CI).
 
     Returns:
@@ -92,20 +105,79 @@ def run(
                           "`learner` parameter to its __init__")
     label = learner_label(cfg)
     path = Path(out) if out is not None else default_run_dir(cfg.stream, label)
-    streams = _make_streams(cfg)  # build first: bad data files fail before anything is written
+    flat = stored_config(cfg)
+    if resume and is_run_dir(path):
+        return _continue(path, flat, progress)
+    make_streams(cfg)  # build first: bad data files fail before anything is written
     prepare_run_dir(path, overwrite=overwrite)
+    with RunLock(path):
+        write_config(path, flat, cfg.seeds)
+        _execute(cfg, path, flat, progress, resuming=False)
+    return RunResult(path, flat)
+
+
+def resume(path: str | Path, *, tasks: int | None = None, steps: int | None = None,
+           progress: bool | None = None) -> RunResult:
+    """Continue a run from its newest checkpoint, optionally to a new length.
+
+    The result equals that of a run that never stopped (bit for bit on CPU).
+
+    Args:
+        path: the run directory.
+        tasks, steps: a new run length (default: the one in its config).
+        progress: show a progress bar.
+
+    Raises:
+        ContlearnError: not a run, or it cannot be resumed.
+    """
+    path = Path(path)
+    flat = read_config(path)
+    if tasks is not None or steps is not None:
+        flat = {**flat, "tasks": tasks or 0, "steps": steps or 0}
+    return _continue(path, flat, progress)
+
+
+#: keys that may change when a run is continued (its length and I/O settings)
+RESUMABLE_KEYS = ("tasks", "steps", "flush_rows", "flush_seconds", "checkpoint_every",
+                  "checkpoint_minutes", "checkpoint_keep")
+
+
+def _continue(path: Path, flat: dict[str, Any], progress: bool | None) -> RunResult:
+    stored = read_config(path)
+    changed = sorted(k for k in set(stored) | set(flat)
+                     if k not in RESUMABLE_KEYS and stored.get(k) != flat.get(k))
+    if changed:
+        k = changed[0]
+        raise RunDirError(f"{path} holds a run with {k}={stored.get(k)!r}, not {flat.get(k)!r}; "
+                          "resume it with its own config or choose another --out")
+    cfg = resolve(flat)
+    length = {k: stored.get(k) for k in ("tasks", "steps")} != {k: flat[k] for k in
+                                                                 ("tasks", "steps")}
+    if length and len(make_streams(cfg)) > 1:
+        raise RunDirError("a run of an agent without replica support cannot be extended; "
+                          "start a new run")
+    with RunLock(path):
+        write_atomic(path / "config.json", json.dumps(flat, indent=2).encode())
+        _execute(cfg, path, flat, progress, resuming=True)
+    return RunResult(path, flat)
+
+
+def stored_config(cfg: RunConfig) -> dict[str, Any]:
+    """What ``config.json`` holds for a resolved config."""
     flat = cfg.to_dict()
     if not takes_learner(cfg.agent_cls):  # the learner keys would mean nothing for this agent
         flat = {k: v for k, v in flat.items() if k != "learner" and not k.startswith("learner.")}
-    write_config(path, flat, cfg.seeds)
-    writer = MetricWriter(path, path.name, cfg.stream, label,
+    return flat
+
+
+def _execute(cfg: RunConfig, path: Path, flat: dict[str, Any], progress: bool | None,
+             resuming: bool) -> None:
+    writer = MetricWriter(path, path.name, cfg.stream, learner_label(cfg),
                           cfg.run.flush_rows, cfg.run.flush_seconds)
     try:
-        for stream_obj in streams:
-            _run_one(cfg, stream_obj, writer, want_progress(progress))
+        execute(cfg, path, writer, want_progress(progress), resuming=resuming)
     finally:
         writer.close()
-    return RunResult(path, flat)
 
 
 def learner_label(cfg: RunConfig) -> str:
@@ -116,56 +188,4 @@ def learner_label(cfg: RunConfig) -> str:
     return cfg.learner.name
 
 
-def _make_streams(cfg: RunConfig) -> list[Any]:
-    """One stream over all replicas, or one per seed for agents without replica support."""
-    from contlearn.envs import make_stream
-
-    if getattr(cfg.agent_cls, "supports_replicas", False):
-        return [make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)]
-    return [make_stream(cfg.stream, cfg.stream_spec, [s]) for s in cfg.seeds]
-
-
-def _make_agent(cfg: RunConfig, stream: Any) -> Any:
-    from contlearn.agents import check_agent
-    from contlearn.plugins import build_plugin_agent
-
-    seeds = stream.seeds
-    if getattr(cfg.agent_cls, "Spec", None) is not None:
-        agent = cfg.agent_cls(stream.info, seeds, cfg.agent_spec, cfg.learner)
-    elif getattr(cfg.agent_cls, "supports_replicas", False):
-        agent = build_plugin_agent(cfg.agent_cls, stream.info, seeds, cfg.agent_spec, cfg.learner)
-    else:
-        agent = build_plugin_agent(cfg.agent_cls, stream.info, seeds[0], cfg.agent_spec,
-                                   cfg.learner)
-    check_agent(agent)
-    if not getattr(cfg.agent_cls, "supports_replicas", False):
-        agent = SingleReplicaAdapter(agent)
-    return agent
-
-
-def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
-    """The run's probe schedule from its ``probes``, ``probe_every``, ``probe_size`` keys."""
-    from contlearn.probes import parse_probes
-
-    return ProbeSchedule(tuple(parse_probes(cfg.run.probes)), cfg.run.probe_every,
-                         cfg.run.probe_size)
-
-
-def _run_one(cfg: RunConfig, stream: Any, writer: MetricWriter, show: bool) -> None:
-    agent = _make_agent(cfg, stream)
-    steps = total_steps(cfg, stream.steps_per_task)
-    seeds = stream.seeds
-    desc = "" if len(cfg.seeds) == len(seeds) else f"seed {seeds[0]}"
-    bar = Progress(steps, stream.info.metric, show, desc=desc)
-
-    def emit(record: Record) -> None:
-        for name, values in record.values.items():
-            writer.append(seeds, record.step, record.task, name, values.tolist(), record.layer)
-
-    try:
-        run_loop(stream, agent, steps, emit, bar, probe_schedule(cfg))
-    finally:
-        bar.close(stream.step)
-
-
-__all__ = ["ConfigError", "RunResult", "default_run_dir", "run"]
+__all__ = ["ConfigError", "RunResult", "default_run_dir", "resume", "run"]

@@ -42,11 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="TOML config file (the same keys as --set)")
     run.add_argument("--out", help="run directory (default runs/<stream>__<learner>__<time>)")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint (or start it)")
     bar = run.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="always show the progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false",
                      help="never show the progress bar")
+
+    res = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    res.add_argument("run_dir", help="the run directory")
+    res_len = res.add_mutually_exclusive_group()
+    res_len.add_argument("--tasks", type=str, help="new total number of tasks")
+    res_len.add_argument("--steps", type=str, help="new total number of steps")
+    res_bar = res.add_mutually_exclusive_group()
+    res_bar.add_argument("--progress", dest="progress", action="store_true", default=None)
+    res_bar.add_argument("--no-progress", dest="progress", action="store_false")
 
     plot = sub.add_parser("plot", help="plot per-task scores of runs")
     plot.add_argument("runs", nargs="+", help="run directories or folders of runs")
@@ -82,8 +93,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run(args.stream, learner=args.learner, agent=args.agent, seeds=args.seeds,
                  seed=args.seed, tasks=args.tasks, steps=args.steps, config=config,
                  config_file=args.config, out=args.out, overwrite=args.overwrite,
-                 progress=args.progress)
+                 resume=args.resume, progress=args.progress)
     print(result.path)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``contlearn resume``."""
+    from contlearn.api import resume
+    from contlearn.config import RunSpec
+    from contlearn.spec import parse_value, spec_fields
+
+    fields = {f.name: f for f in spec_fields(RunSpec)}
+    length = {k: parse_value(fields[k], getattr(args, k), k) for k in ("tasks", "steps")
+              if getattr(args, k) is not None}
+    print(resume(args.run_dir, progress=args.progress, **length).path)
     return 0
 
 
@@ -140,12 +164,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list,
-            "data": cmd_data}
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "plot": cmd_plot, "summary": cmd_summary,
+            "list": cmd_list, "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, 130 on Ctrl-C)."""
+    from contlearn.runner import RunInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -153,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"contlearn: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except RunInterrupted as exc:
+        print(f"contlearn: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("contlearn: interrupted", file=sys.stderr)
         return 130

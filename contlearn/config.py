@@ -45,6 +45,9 @@ class RunSpec:
     probes: str = param("default", "probes to record: default, none, or a comma-separated list")
     probe_every: int = param(0, "probe every N steps (0: at the start of every task)", low=0)
     probe_size: int = param(2000, "inputs per probe batch (per seed)", low=1)
+    checkpoint_every: int = param(0, "checkpoint every N steps (0: by time only)", low=0)
+    checkpoint_minutes: float = param(10.0, "checkpoint every so many minutes (0: never)", low=0.0)
+    checkpoint_keep: int = param(2, "newest checkpoints kept", low=1)
     flush_rows: int = param(50_000, "metric rows buffered before a parquet part is written", low=1)
     flush_seconds: float = param(60.0, "longest time metric rows stay only in memory (s)",
                                  low=0.0)

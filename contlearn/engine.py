@@ -218,8 +218,9 @@ class SingleReplicaAdapter:
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent
-        if hasattr(agent, "on_task_start"):
-            self.on_task_start = agent.on_task_start
+        for name in ("on_task_start", "state_dict", "load_state_dict"):
+            if callable(getattr(agent, name, None)):
+                setattr(self, name, getattr(agent, name))
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         return self.agent.act(obs[0]).unsqueeze(0)

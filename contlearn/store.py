@@ -57,11 +57,11 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def prepare_run_dir(path: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
     """Make sure ``path`` can take a new run.
 
-    An existing run is refused unless ``overwrite`` (its files are removed) or ``resume``
-    (kept). A non-empty folder that is not a run is never touched.
+    An existing run is refused unless ``overwrite`` (its files are removed). A non-empty folder
+    that is not a run is never touched.
 
     Raises:
         RunDirError: the folder holds a run (and neither flag is set) or other files.
@@ -70,8 +70,6 @@ def prepare_run_dir(path: Path, *, overwrite: bool = False, resume: bool = False
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} is a file, not a run directory; choose another --out")
     if is_run_dir(path):
-        if resume:
-            return
         if not overwrite:
             raise RunDirError(
                 f"{path} already holds a run; pass --resume to continue it, --overwrite to "
@@ -80,8 +78,6 @@ def prepare_run_dir(path: Path, *, overwrite: bool = False, resume: bool = False
         shutil.rmtree(path)
     elif path.is_dir() and any(path.iterdir()):
         raise RunDirError(f"{path} is not empty and holds no run; choose an empty or new --out")
-    elif resume:
-        raise RunDirError(f"{path} holds no run to resume; drop --resume to start a new one")
     path.mkdir(parents=True, exist_ok=True)
 
 
@@ -210,6 +206,75 @@ class MetricWriter:
     def close(self) -> None:
         """Flush what is left."""
         self.flush()
+
+    @property
+    def parts_written(self) -> int:
+        """How many parts are on disk (the index the next part gets)."""
+        return self._next_part
+
+    def truncate(self, parts: int) -> None:
+        """Drop buffered rows and every part with index ≥ ``parts`` (rows written after the
+        checkpoint a resumed run continues from; the resumed run writes them again)."""
+        for col in self._cols.values():
+            col.clear()
+        for part in self.dir.glob("part-*.parquet"):
+            if int(part.stem.split("-")[1]) >= parts:
+                part.unlink()
+        for tmp in self.dir.glob(".part-*.tmp"):
+            tmp.unlink()
+        self._next_part = parts
+
+
+class RunLock:
+    """One writer per run: an exclusive ``.lock`` file holding the writer's pid.
+
+    A lock left by a process that no longer exists (killed, crashed) is stale and is cleared.
+
+    Raises:
+        RunDirError: another live process holds the run.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.file = Path(path) / ".lock"
+
+    def __enter__(self) -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._holder_alive():
+                    raise RunDirError(
+                        f"{self.file.parent} is being written by process {self._pid()}; "
+                        "wait for it to finish or stop it"
+                    ) from None
+                self.file.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return self
+        raise RunDirError(f"cannot lock {self.file.parent}; remove {self.file} if no run is active")
+
+    def _pid(self) -> int:
+        try:
+            return int(self.file.read_text().strip() or -1)
+        except (OSError, ValueError):
+            return -1
+
+    def _holder_alive(self) -> bool:
+        pid = self._pid()
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pid() == os.getpid():
+            self.file.unlink(missing_ok=True)
 
 
 def find_runs(paths: str | Path | Sequence[str | Path]) -> list[Path]:

@@ -1,0 +1,123 @@
+"""Checkpoints: atomic, checksummed, loaded with ``torch.load(weights_only=True)`` only.
+
+A checkpoint is ``checkpoints/ckpt-<step>.pt`` plus ``ckpt-<step>.sha256`` (the data file's
+SHA-256). Both are written to temporary names, fsynced and renamed, data first, so a checkpoint
+whose checksum file exists is complete. The newest ``keep`` checkpoints are kept. Loading tries
+the newest first; a truncated, checksum-mismatched or unloadable one (including a file that
+tries to execute code when unpickled: ``weights_only`` refuses it) is reported and the previous
+one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CKPT_DIR = "checkpoints"
+FORMAT = 1
+_NAME = re.compile(r"^ckpt-(\d{12})-(\d{6})\.pt$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """The run's checkpoint data files, oldest first."""
+    folder = Path(run_dir) / CKPT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int = 2) -> Path:
+    """Write ``state`` (tensors and plain Python values only) as a new checkpoint.
+
+    Args:
+        run_dir: the run directory.
+        state: what defines the run's future.
+        step: the global step (part of the file name).
+        keep: how many of the newest checkpoints to keep.
+
+    Returns:
+        The checkpoint's data file.
+    """
+    import io
+
+    folder = Path(run_dir) / CKPT_DIR
+    folder.mkdir(exist_ok=True)
+    existing = checkpoint_files(run_dir)
+    serial = int(_NAME.match(existing[-1].name).group(2)) + 1 if existing else 0
+    path = folder / f"ckpt-{step:012d}-{serial:06d}.pt"
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    data = buffer.getvalue()
+    _write(path, data)
+    _write(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+    _fsync_dir(folder)
+    for old in checkpoint_files(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Verify and load one checkpoint.
+
+    Raises:
+        ValueError: missing checksum, checksum mismatch, or not loadable with
+            ``weights_only=True`` (the message says which).
+    """
+    path = Path(path)
+    digest_file = path.with_suffix(".sha256")
+    if not digest_file.is_file():
+        raise ValueError(f"{path.name} has no checksum file (incomplete write)")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest_file.read_text().strip():
+        raise ValueError(f"{path.name} fails its checksum (truncated or corrupt)")
+    import io
+
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "refuse this file"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path.name} cannot be loaded safely ({first})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path.name} is not a contlearn checkpoint of format {FORMAT}")
+    return state
+
+
+def load_latest(run_dir: Path, warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """The newest checkpoint that verifies and loads; damaged newer ones are reported.
+
+    Returns:
+        The checkpoint's state, or None if the run has no usable checkpoint.
+    """
+    for path in reversed(checkpoint_files(run_dir)):
+        try:
+            return read_checkpoint(path)
+        except ValueError as exc:
+            warn(f"checkpoint {exc}; trying the previous one")
+    return None

@@ -1,0 +1,186 @@
+"""Executing a resolved run: streams, agents, the loop, checkpoints, signals and resume.
+
+A run is one or more *groups*: one group over all replicas for agents that support them, one
+group per seed otherwise. Each group runs its loop to the target step count, checkpointing
+every ``checkpoint_every`` steps and every ``checkpoint_minutes``, at its end, and when a
+SIGINT/SIGTERM arrives (the current step finishes first). A checkpoint records how many metric
+parts were on disk; resuming drops later parts, so rows are never duplicated or skipped.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from contlearn.checkpoint import load_latest, save_checkpoint
+from contlearn.config import RunConfig, total_steps
+from contlearn.engine import ProbeSchedule, Record, SingleReplicaAdapter, SupervisedLoop
+from contlearn.errors import ContlearnError
+from contlearn.progress import Progress
+from contlearn.store import MetricWriter
+
+
+class RunInterrupted(Exception):  # noqa: N818 - an outcome, not an error
+    """A run stopped on a signal after saving a checkpoint; ``code`` is 128 + signal."""
+
+    def __init__(self, path: Path, step: int, signum: int, saved: bool) -> None:
+        self.path, self.step, self.code = path, step, 128 + signum
+        how = f"continue with `contlearn resume {path}`" if saved else "no checkpoint was saved"
+        super().__init__(f"interrupted at step {step}; metrics flushed; {how}")
+
+
+class SignalStop:
+    """While active, SIGINT/SIGTERM ask the loop to stop after the current step.
+
+    A second signal of the same kind interrupts at once (KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """Whether a stop was asked for."""
+        return bool(self.signum)
+
+    def __enter__(self) -> SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class CheckpointDue:
+    """Checkpoint every ``every`` steps (0: never) and every ``minutes`` (0: never)."""
+
+    def __init__(self, every: int, minutes: float) -> None:
+        self.every, self.seconds = every, minutes * 60.0
+        self.last = time.monotonic()
+
+    def __call__(self, step: int) -> bool:
+        now = time.monotonic()
+        if (self.every and step % self.every == 0) or (
+                self.seconds and now - self.last >= self.seconds):
+            self.last = now
+            return True
+        return False
+
+
+def make_streams(cfg: RunConfig) -> list[Any]:
+    """One stream over all replicas, or one per seed for agents without replica support."""
+    from contlearn.envs import make_stream
+
+    if getattr(cfg.agent_cls, "supports_replicas", False):
+        return [make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)]
+    return [make_stream(cfg.stream, cfg.stream_spec, [s]) for s in cfg.seeds]
+
+
+def make_agent(cfg: RunConfig, stream: Any) -> Any:
+    """The run's agent for one stream (plug-in agents wrapped to look replica-batched)."""
+    from contlearn.agents import check_agent
+    from contlearn.plugins import build_plugin_agent
+
+    seeds = stream.seeds
+    if getattr(cfg.agent_cls, "Spec", None) is not None:
+        agent = cfg.agent_cls(stream.info, seeds, cfg.agent_spec, cfg.learner)
+    elif getattr(cfg.agent_cls, "supports_replicas", False):
+        agent = build_plugin_agent(cfg.agent_cls, stream.info, seeds, cfg.agent_spec, cfg.learner)
+    else:
+        agent = build_plugin_agent(cfg.agent_cls, stream.info, seeds[0], cfg.agent_spec,
+                                   cfg.learner)
+    check_agent(agent)
+    if not getattr(cfg.agent_cls, "supports_replicas", False):
+        agent = SingleReplicaAdapter(agent)
+    return agent
+
+
+def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
+    """The run's probe schedule from its ``probes``, ``probe_every``, ``probe_size`` keys."""
+    from contlearn.probes import parse_probes
+
+    return ProbeSchedule(tuple(parse_probes(cfg.run.probes)), cfg.run.probe_every,
+                         cfg.run.probe_size)
+
+
+def make_loop(stream: Any, agent: Any, emit: Any, bar: Progress, probes: ProbeSchedule) -> Any:
+    """The loop for a stream's kind."""
+    return SupervisedLoop(stream, agent, emit, bar, probes)
+
+
+def _warn(message: str) -> None:
+    print(f"contlearn: warning: {message}", file=sys.stderr)
+
+
+def execute(cfg: RunConfig, path: Path, writer: MetricWriter, show: bool,
+            resuming: bool = False) -> None:
+    """Run every group of a run to its end, resuming from the newest checkpoint if asked.
+
+    Raises:
+        RunInterrupted: a signal stopped the run (after a checkpoint).
+        ContlearnError: a run cannot be resumed.
+    """
+    streams = make_streams(cfg)
+    ckpt = load_latest(path, _warn) if resuming else None
+    if resuming:
+        writer.truncate(ckpt["parts"] if ckpt else 0)  # no checkpoint: start over cleanly
+    start = int(ckpt["group"]) if ckpt else 0
+    with SignalStop() as stop:
+        for g, stream in enumerate(streams):
+            if g >= start:
+                _run_group(cfg, g, stream, writer, path, show, ckpt if g == start else None,
+                           stop)
+
+
+def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, path: Path,
+               show: bool, ckpt: dict[str, Any] | None, stop: SignalStop) -> None:
+    agent = make_agent(cfg, stream)
+    steps = total_steps(cfg, stream.steps_per_task)
+    seeds = stream.seeds
+
+    def emit(record: Record) -> None:
+        for name, values in record.values.items():
+            writer.append(seeds, record.step, record.task, name, values.tolist(), record.layer)
+
+    savable = callable(getattr(agent, "state_dict", None))
+    if ckpt is not None:
+        if not savable:
+            raise ContlearnError(f"agent {cfg.agent} has no load_state_dict; cannot resume")
+        stream.load_state_dict(ckpt["stream"])
+        agent.load_state_dict(ckpt["agent"])
+    desc = "" if len(cfg.seeds) == len(seeds) else f"seed {seeds[0]}"
+    bar = Progress(steps, stream.info.metric, show, initial=stream.step, desc=desc)
+    loop = make_loop(stream, agent, emit, bar, probe_schedule(cfg))
+    if ckpt is not None:
+        loop.load_state_dict(ckpt["loop"])
+
+    def checkpoint() -> None:
+        writer.flush()
+        save_checkpoint(path, {"group": group, "step": stream.step,
+                               "parts": writer.parts_written, "stream": stream.state_dict(),
+                               "agent": agent.state_dict(), "loop": loop.state_dict()},
+                        stream.step, keep=cfg.run.checkpoint_keep)
+
+    try:
+        done = loop.run(steps, stop.requested, checkpoint if savable else None,
+                        CheckpointDue(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes))
+        if savable:
+            checkpoint()  # at the end (or the stop), before the partial task's rows
+        loop.finish()
+        writer.flush()
+    finally:
+        bar.close(stream.step)
+    if not done:
+        raise RunInterrupted(path, stream.step, stop.signum, savable)
