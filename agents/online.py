@@ -83,6 +83,11 @@ class OnlineAgent:
         self.learner_state = self.learner.init(self._views)
         self._cache: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._task_started = False
+        self._stopped: torch.Tensor | None = None  # (R,) replicas that no longer learn
+
+    def stop_replicas(self, mask: torch.Tensor) -> None:
+        """Stop learning for the replicas in ``mask`` (R,) (e.g. diverged ones)."""
+        self._stopped = mask.clone() if bool(mask.any()) else None
 
     def on_task_start(self, task: int) -> None:
         """Called at a visible task boundary: the next update gets ``task_start=True``."""
@@ -122,6 +127,9 @@ class OnlineAgent:
                 g, self.learner_state, self._views, features=feats, loss=loss.detach(),
                 task_start=self._task_started)
             self._task_started = False
+            if self._stopped is not None:
+                for u in updates.values():
+                    u[self._stopped] = 0.0
             torch._foreach_add_([self._views[k] for k in self._keys],
                                 [updates[k] for k in self._keys])
         return {"loss": loss.detach()}

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from contlearn.store import write_atomic
+
 CKPT_DIR = "checkpoints"
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{12})-(\d{6})\.pt$")
@@ -33,15 +35,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
@@ -74,8 +67,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int =
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
     data = buffer.getvalue()
-    _write(path, data)
-    _write(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+    write_atomic(path, data)
+    write_atomic(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
     _fsync_dir(folder)
     for old in checkpoint_files(run_dir)[:-keep]:
         old.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ one line ``contlearn: error: ...`` and exits with code 2; nothing already writte
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, 130 on Ctrl-C)."""
     from contlearn.runner import RunInterrupted
 
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit raises OSError instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

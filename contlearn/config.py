@@ -45,6 +45,8 @@ class RunSpec:
     probes: str = param("default", "probes to record: default, none, or a comma-separated list")
     probe_every: int = param(0, "probe every N steps (0: at the start of every task)", low=0)
     probe_size: int = param(2000, "inputs per probe batch (per seed)", low=1)
+    on_divergence: str = param("mark", "a NaN/inf loss marks that seed diverged and stops its "
+                               "learning (mark) or stops the run (stop)", choices=("mark", "stop"))
     checkpoint_every: int = param(0, "checkpoint every N steps (0: by time only)", low=0)
     checkpoint_minutes: float = param(10.0, "checkpoint every so many minutes (0: never)", low=0.0)
     checkpoint_keep: int = param(2, "newest checkpoints kept", low=1)

@@ -20,7 +20,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from contlearn.errors import ContlearnError
 from contlearn.progress import Progress
+
+
+class DivergenceError(ContlearnError):
+    """A replica's loss became NaN or infinite and the run was set to stop on divergence."""
 
 
 class Record(NamedTuple):
@@ -32,6 +37,8 @@ class Record(NamedTuple):
         task: task index.
         values: metric name -> per-replica values ``(R,)``.
         layer: layer name for per-layer metrics, ``""`` for whole-network ones.
+        replica: if set, the values ``(1,)`` are this replica's alone (RL episodes end at
+            different steps in different replicas); None: one value per replica.
     """
 
     kind: str
@@ -39,6 +46,7 @@ class Record(NamedTuple):
     task: int
     values: dict[str, torch.Tensor]
     layer: str = ""
+    replica: int | None = None
 
 
 class _TaskTotals:
@@ -117,11 +125,16 @@ class SupervisedLoop:
         emit: called with every :class:`Record`.
         progress: optional progress display.
         probes: when to run which probes (default: none).
+        on_divergence: what a non-finite loss does: ``mark`` (record ``diverged`` for that
+            replica, stop its learning, go on with the others) or ``stop`` (raise).
     """
 
     def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
-                 progress: Progress | None = None, probes: ProbeSchedule | None = None) -> None:
+                 progress: Progress | None = None, probes: ProbeSchedule | None = None,
+                 on_divergence: str = "mark") -> None:
         self.stream, self.agent, self.emit = stream, agent, emit
+        self.on_divergence = on_divergence
+        self.diverged = torch.zeros(stream.info.num_replicas, dtype=torch.bool)
         self.progress, self.probes = progress, probes
         self.info = stream.info
         self.totals = _TaskTotals(self.info.num_replicas)
@@ -153,9 +166,31 @@ class SupervisedLoop:
                 self.emit(record)
         pred = agent.act(batch.obs)
         metrics = agent.observe(batch.obs, pred, batch.target) or {}
+        if "loss" in metrics:
+            self._check_divergence(metrics["loss"])
         self.totals.add(stream.score(pred, batch.target), metrics)
         if self.progress is not None:
             self.progress.update(stream.step, self.task, self.totals.running)
+
+    def _check_divergence(self, loss: torch.Tensor) -> None:
+        """Detect replicas whose loss just became NaN or infinite."""
+        bad = ~torch.isfinite(loss.detach().reshape(-1)) & ~self.diverged
+        if not bool(bad.any()):
+            return
+        replicas = [int(r) for r in bad.nonzero().flatten()]
+        for r in replicas:
+            self.emit(Record("diverged", self.stream.step, self.task,
+                             {"diverged": torch.ones(1)}, replica=r))
+        if self.on_divergence == "stop":
+            seeds = [self.stream.seeds[r] for r in replicas]
+            raise DivergenceError(
+                f"seed {', '.join(map(str, seeds))} diverged (non-finite loss) at step "
+                f"{self.stream.step}; lower lr, or set on_divergence=mark to let the other "
+                "seeds go on")
+        self.diverged |= bad
+        stop = getattr(self.agent, "stop_replicas", None)
+        if stop is not None:
+            stop(self.diverged.clone())
 
     def run(self, steps: int, stop: Callable[[], bool] | None = None,
             checkpoint: Callable[[], None] | None = None,
@@ -188,12 +223,16 @@ class SupervisedLoop:
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state: current task and the task's running sums."""
         t = self.totals
-        return {"task": self.task, "score": t.score.clone(), "examples": t.examples,
+        return {"task": self.task, "diverged": self.diverged.clone(),
+                "score": t.score.clone(), "examples": t.examples,
                 "steps": t.steps, "metrics": {k: v.clone() for k, v in t.metrics.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.task = int(state["task"])
+        self.diverged = state["diverged"].clone()
+        if bool(self.diverged.any()) and callable(getattr(self.agent, "stop_replicas", None)):
+            self.agent.stop_replicas(self.diverged.clone())
         self.totals.score = state["score"].clone()
         self.totals.examples = int(state["examples"])
         self.totals.steps = int(state["steps"])

@@ -18,5 +18,9 @@ class DataError(ContlearnError, OSError):
     """A data file is missing, truncated or fails its checksum."""
 
 
+class StoreError(ContlearnError, OSError):
+    """Something could not be written to the run directory (disk full, file-size limit, ...)."""
+
+
 class RunDirError(ContlearnError):
     """A run directory cannot be used (already holds a run, is not a run, ...)."""

@@ -115,9 +115,10 @@ def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
                          cfg.run.probe_size)
 
 
-def make_loop(stream: Any, agent: Any, emit: Any, bar: Progress, probes: ProbeSchedule) -> Any:
+def make_loop(stream: Any, agent: Any, emit: Any, bar: Progress, probes: ProbeSchedule,
+              cfg: RunConfig) -> Any:
     """The loop for a stream's kind."""
-    return SupervisedLoop(stream, agent, emit, bar, probes)
+    return SupervisedLoop(stream, agent, emit, bar, probes, cfg.run.on_divergence)
 
 
 def _warn(message: str) -> None:
@@ -151,8 +152,9 @@ def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, pa
     seeds = stream.seeds
 
     def emit(record: Record) -> None:
+        rows = seeds if record.replica is None else [seeds[record.replica]]
         for name, values in record.values.items():
-            writer.append(seeds, record.step, record.task, name, values.tolist(), record.layer)
+            writer.append(rows, record.step, record.task, name, values.tolist(), record.layer)
 
     savable = callable(getattr(agent, "state_dict", None))
     if ckpt is not None:
@@ -162,7 +164,7 @@ def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, pa
         agent.load_state_dict(ckpt["agent"])
     desc = "" if len(cfg.seeds) == len(seeds) else f"seed {seeds[0]}"
     bar = Progress(steps, stream.info.metric, show, initial=stream.step, desc=desc)
-    loop = make_loop(stream, agent, emit, bar, probe_schedule(cfg))
+    loop = make_loop(stream, agent, emit, bar, probe_schedule(cfg), cfg)
     if ckpt is not None:
         loop.load_state_dict(ckpt["loop"])
 

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from contlearn.errors import DataError, RunDirError
+from contlearn.errors import DataError, RunDirError, StoreError
 
 COLUMNS = ("run", "stream", "learner", "seed", "step", "task", "metric", "layer", "value")
 SCHEMA = pa.schema([
@@ -43,13 +43,26 @@ METRICS_DIR = "metrics"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
+
+    Either the whole new file is in place or the old one (if any) is untouched.
+
+    Raises:
+        StoreError: the write failed (disk full, file-size limit); the temporary file is removed.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(
+            f"cannot write {path} ({exc.strerror or exc}); free disk space or raise the "
+            "file-size limit, then `contlearn resume` the run"
+        ) from exc
 
 
 def is_run_dir(path: Path) -> bool:
@@ -193,12 +206,9 @@ class MetricWriter:
         arrays = {k: [v] * n for k, v in self.constants.items()}
         arrays.update(self._cols)
         table = pa.table({c: arrays[c] for c in COLUMNS}, schema=SCHEMA)
-        final = self.dir / f"part-{self._next_part:05d}.parquet"
-        tmp = self.dir / f".{final.name}.tmp"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_atomic(self.dir / f"part-{self._next_part:05d}.parquet", sink.getvalue().to_pybytes())
         self._next_part += 1
         for col in self._cols.values():
             col.clear()
@@ -220,7 +230,7 @@ class MetricWriter:
         for part in self.dir.glob("part-*.parquet"):
             if int(part.stem.split("-")[1]) >= parts:
                 part.unlink()
-        for tmp in self.dir.glob(".part-*.tmp"):
+        for tmp in self.dir.glob(".part-*.parquet.tmp"):
             tmp.unlink()
         self._next_part = parts
 
