@@ -138,9 +138,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     """``contlearn summary``."""
     from contlearn.store import load_runs
-    from contlearn.summary import format_summary, summary_table
 
     df = load_runs(args.runs, config=True)
+    from contlearn.summary import format_summary, summary_table
+
     if args.by not in df.columns:
         df = load_runs(args.runs, config=[args.by])
     print(format_summary(summary_table(df, by=args.by)))

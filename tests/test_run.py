@@ -134,3 +134,14 @@ def test_boundaries_visible_calls_on_task_start(tmp_path):
     contlearn.run("bit-flipping", agent=Agent, tasks=3, config={
         "examples_per_task": 5, "boundaries_visible": True}, out=tmp_path / "b")
     assert calls == [0, 1, 2]
+
+
+def test_unreadable_metrics_part_is_reported_by_name(tmp_path, cli):
+    res = contlearn.run("bit-flipping", steps=50, config={"examples_per_task": 10,
+                        "probes": "none", "flush_rows": 10}, out=tmp_path / "r")
+    part = sorted((res.path / "metrics").glob("part-*.parquet"))[1]
+    part.write_bytes(b"garbage")
+    with pytest.raises(contlearn.ContlearnError, match=part.name):
+        load_runs(res.path)
+    code, _, err = cli("summary", res.path)
+    assert code == 2 and part.name in err and err.count("\n") == 1
