@@ -82,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("dataset", choices=("mnist",))
     dl.add_argument("--dir", help="target folder (default $CONTLEARN_DATA or ~/.cache/contlearn)")
     dl.add_argument("--mirror", action="append", help="base URL to try first (repeatable)")
+
+    swp = sub.add_parser("sweep", help="run a sweep spec: configs × seed groups, locally or on Ray")
+    swp.add_argument("spec", help="sweep spec (TOML): base keys, [grid], [[zip]], [[variant]]")
+    swp.add_argument("--out", required=True, help="sweep root: one run directory per run")
+    swp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a base key of the spec, e.g. --set tasks=10")
+    swp.add_argument("--dry-run", action="store_true", help="list the runs (done/partial/new)")
+    swp.add_argument("--backend", choices=("local", "ray"), default="local")
+    swp.add_argument("--workers", type=int, help="local processes (default: CPU count)")
+    swp.add_argument("--address", help="Ray cluster HOST:PORT (default: RAY_ADDRESS or local)")
+    swp.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs per run on Ray")
+    swp_bar = swp.add_mutually_exclusive_group()
+    swp_bar.add_argument("--progress", dest="progress", action="store_true", default=None)
+    swp_bar.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
 
@@ -166,8 +180,24 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``contlearn sweep``: exit 1 if a run failed, 130 if interrupted."""
+    from contlearn.config import parse_set
+    from contlearn.sweep import plan_sweep, run_sweep
+
+    plan = plan_sweep(args.spec, args.out, parse_set(args.set))
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    result = run_sweep(plan, backend=args.backend, workers=args.workers, address=args.address,
+                       cpus_per_run=args.cpus_per_run, progress=args.progress)
+    print(result.report(), file=sys.stderr)
+    print(result.root)
+    return result.exit_code
+
+
 COMMANDS = {"run": cmd_run, "resume": cmd_resume, "plot": cmd_plot, "summary": cmd_summary,
-            "list": cmd_list, "data": cmd_data}
+            "list": cmd_list, "data": cmd_data, "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
