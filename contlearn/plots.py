@@ -1,14 +1,14 @@
 """Figures of loss of plasticity, drawn from the long DataFrame of :func:`contlearn.load_runs`.
 
-Every function here is a pure function of a DataFrame with the columns ``run, stream, learner,
-seed, step, task, metric, layer, value`` (plus config columns from ``load_runs(config=...)``);
-nothing touches a live network. Figures are :class:`matplotlib.figure.Figure` objects built
-without pyplot, so no global figure state is created (the Agg canvas renders them).
+Pure functions of that frame (plus config columns from ``load_runs(config=...)``); nothing
+touches a live network. Figures are :class:`matplotlib.figure.Figure` objects built without
+pyplot (no global figure state; the Agg canvas renders them).
 
 How a curve is computed (the same for :func:`plot_decay` and :func:`plot_probes`):
 
-1. rows of one metric; layer ``None`` takes the whole-network rows (``layer == ""``), or, for
-   a metric recorded only per layer, the mean over layers;
+1. rows of one metric; layer ``None`` takes the whole-network rows (``layer == ""``; the probes
+   write a unit-weighted aggregate there), or, for a metric recorded only per layer
+   (``effective_rank``, ...), the mean over layers;
 2. one *replicate* is one (run, seed): its values are averaged within each x-bin
    (``bin`` consecutive tasks, or ``bin`` consecutive recorded steps);
 3. across the replicates of a group: the mean, and a percentile bootstrap CI that resamples
@@ -40,25 +40,19 @@ SCORE_METRICS = ("accuracy", "squared_error", "episode_return")
 NON_PROBE_METRICS = (*SCORE_METRICS, "loss")
 BASE_COLUMNS = ("run", "stream", "learner", "seed", "step", "task", "metric", "layer", "value")
 # Config keys that never make runs incomparable (bookkeeping, not hyper-parameters).
-IGNORED_CONFIG = frozenset({"seeds", "tasks", "steps", "flush_rows", "flush_seconds", "data_dir",
-                            "out", "overwrite", "progress"})
-METRIC_LABELS = {
-    "accuracy": "online accuracy (fraction correct)",
-    "squared_error": "mean squared error",
-    "episode_return": "episode return",
-    "loss": "online loss",
-    "dead_fraction": "dead units (fraction)",
-    "dormant_fraction": "dormant units (fraction)",
-    "effective_rank": "effective rank",
-    "approx_rank": "approximate rank (99% energy)",
-    "stable_rank": "stable rank",
-    "weight_magnitude": "mean |weight|",
-    "grad_magnitude": "mean |gradient|",
-    "plasticity": "plasticity (1 - L_after / L_before)",
-    "saturation": "saturated units (fraction)",
-    "replacements": "replacements (cumulative)",
-    "eligible_units": "eligible units",
-    "mean_age": "mean unit age (steps)",
+IGNORED_CONFIG = frozenset({
+    "seeds", "tasks", "steps", "probes", "probe_every", "probe_size", "on_divergence",
+    "checkpoint_every", "checkpoint_minutes", "checkpoint_keep", "flush_rows", "flush_seconds",
+    "data_dir", "device", "out", "overwrite", "progress"})
+METRIC_LABELS = {  # axis labels with units; other metrics get their name, spaced
+    "accuracy": "online accuracy (fraction correct)", "squared_error": "mean squared error",
+    "episode_return": "episode return", "loss": "online loss",
+    "dead_fraction": "dead units (fraction)", "dormant_fraction": "dormant units (fraction)",
+    "effective_rank": "effective rank", "approx_rank": "approximate rank (99% energy)",
+    "stable_rank": "stable rank", "weight_magnitude": "mean |weight|",
+    "grad_magnitude": "mean |gradient|", "plasticity": "plasticity (1 - L_after / L_before)",
+    "saturation": "saturated units (fraction)", "replacements": "replacements (cumulative)",
+    "eligible_units": "eligible units", "mean_age": "mean unit age (steps)",
     "utility_q50": "median utility",
 }
 LINESTYLES = ("-", "--", ":", "-.")
@@ -71,10 +65,8 @@ def metric_label(metric: str) -> str:
 
 def x_label(x: str, metric: str = "", bin: int = 1) -> str:
     """Axis label of the x column ``task`` or ``step`` (the task of RL runs is a friction)."""
-    if x == "step":
-        label = "steps"
-    else:
-        label = "friction index" if metric == "episode_return" else "task index"
+    label = "friction index" if metric == "episode_return" else "task index"
+    label = "steps" if x == "step" else label
     if bin > 1:
         unit = "tasks" if x == "task" else "records"
         label += f" (means over {bin} {unit})"
@@ -90,7 +82,7 @@ def check_comparable(df: pd.DataFrame) -> None:
     if df.empty:
         raise ContlearnError("no metric rows to plot; check the run directories (runs still "
                              "starting have no metrics yet)")
-    streams = sorted(df["stream"].dropna().unique())
+    streams = [str(s) for s in pd.unique(df["stream"].dropna())]
     if len(streams) > 1:
         names = ", ".join(streams[:-1]) + f" and {streams[-1]}"
         raise ContlearnError(f"runs mix streams {names}; plot them separately")
@@ -128,20 +120,21 @@ def group_keys(df: pd.DataFrame, by: str | Sequence[str]) -> list[str]:
         ContlearnError: a ``by`` key is not a column.
     """
     keys = [by] if isinstance(by, str) else list(by)
+    if not keys:
+        raise ContlearnError("by needs at least one column, e.g. by='learner'")
     for key in keys:
         if key not in df.columns:
             extra = [c for c in df.columns if c not in BASE_COLUMNS]
             hint = f"config columns loaded: {', '.join(extra)}" if extra else (
                 "load the runs with load_runs(..., config=True) to group by config keys")
             raise ContlearnError(f"cannot group by {key!r}: no such column; {hint}")
-    config_cols = [c for c in df.columns
-                   if c not in BASE_COLUMNS and c not in keys and c not in IGNORED_CONFIG]
-    grouped = df.groupby(keys, dropna=False, sort=False) if keys else None
-    for col in config_cols:
+    # the learner first: its own options (learner.*) then split a group only when they vary
+    # among runs of one learner, not merely because another learner lacks them
+    candidates = ["learner"] if "learner" in df.columns and "learner" not in keys else []
+    candidates += [c for c in df.columns if c not in (*BASE_COLUMNS, *keys, *IGNORED_CONFIG)]
+    for col in candidates:
         values = df[col].map(_format_value)
-        varies = values.nunique() > 1 if grouped is None else (
-            values.groupby([df[k] for k in keys], dropna=False).nunique().max() > 1)
-        if varies:
+        if values.groupby([df[k].map(_format_value) for k in keys]).nunique().max() > 1:
             keys.append(col)
     return keys
 
@@ -150,11 +143,9 @@ def group_labels(df: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
     """A label per row: the value for ``learner``/``run``/``stream``, else ``"k1=v1, k2=v2"``."""
     if len(keys) == 1 and keys[0] in ("learner", "run", "stream"):
         return df[keys[0]].map(_format_value)
-    parts = [df[k].map(lambda v, k=k: f"{k}={_format_value(v)}") for k in keys]
-    label = parts[0]
-    for part in parts[1:]:
-        label = label + ", " + part
-    return label
+    values = zip(*(df[k].map(_format_value) for k in keys), strict=True)
+    return pd.Series([", ".join(f"{k}={v}" for k, v in zip(keys, row, strict=True))
+                      for row in values], index=df.index, dtype=object)
 
 
 def _select(df: pd.DataFrame, metric: str, layer: str | None) -> pd.DataFrame:
@@ -198,19 +189,14 @@ def _bin_x(rows: pd.DataFrame, x: str, bin: int) -> pd.DataFrame:
 
 def replicate_curves(df: pd.DataFrame, metric: str, by: str | Sequence[str] = "learner",
                      x: str = "task", bin: int = 1, layer: str | None = None) -> pd.DataFrame:
-    """Per (group, layer, replicate, x-bin) mean of ``metric``.
+    """Per (group, layer, replicate, x-bin) mean of ``metric`` (steps 1-2 of the module doc).
 
-    Args:
-        df: a frame from :func:`contlearn.load_runs`.
-        metric: the metric name.
-        by: column(s) to group by (see :func:`group_keys`).
-        x: ``"task"`` or ``"step"``.
-        bin: tasks (or recorded steps) per point.
-        layer: ``None`` (whole network, or mean over layers), a layer name, or ``"all"``.
+    ``by`` as in :func:`group_keys`; ``x`` ``"task"`` or ``"step"``; ``bin`` tasks (or recorded
+    steps) per point; ``layer`` ``None`` (whole network, or mean over layers), a name or "all".
 
     Returns:
-        Columns: the group keys, ``group`` (label), ``layer``, ``run``, ``seed``, ``xbin``, ``x``
-        (bin position), ``value``.
+        Columns: ``group, layer, run, seed, xbin`` and the group keys, ``x`` (bin position),
+        ``value``.
     """
     rows = _select(df, metric, layer)
     keys = group_keys(rows, by)
@@ -226,15 +212,13 @@ def bootstrap_ci(values: np.ndarray, ci: float = 0.95, n_boot: int = 1000,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap CI of the mean over replicates, for every column at once.
 
-    Resampling replicates with replacement is drawn as multinomial counts ``W`` (n_boot, n),
-    so each bootstrap mean is ``(W @ v) / (W @ observed)`` and missing values (NaN) are skipped
-    without materialising an (n_boot, n, x) array.
+    Resampling replicates with replacement is drawn as multinomial counts ``W`` (n_boot, n):
+    each bootstrap mean is ``(W @ v) / (W @ observed)``, so NaNs are skipped and no
+    (n_boot, n, n_x) array is built.
 
     Args:
         values: (n_replicates, n_x) array; NaN where a replicate has no value.
-        ci: the coverage, e.g. 0.95.
-        n_boot: bootstrap resamples.
-        seed: seed of the numpy generator (deterministic results).
+        ci: the coverage, e.g. 0.95. n_boot: resamples. seed: of the numpy generator.
 
     Returns:
         ``(lo, hi)`` arrays of shape (n_x,); NaN where fewer than two replicates have a value.
@@ -302,7 +286,7 @@ def _draw(ax: Axes, stats: pd.DataFrame, colors: dict[str, object], x: str,
     for (group, lay), curve in stats.groupby(["group", "layer"], sort=True):
         color, style = colors[group], layer_style[lay] if label_layers else "-"
         label = f"{group} · {lay or 'network'}" if label_layers else group
-        marker = "o" if len(curve) <= 40 else None
+        marker = "o" if len(curve) <= 40 and not label_layers else None
         ax.plot(curve["x"], curve["mean"], color=color, linestyle=style, marker=marker,
                 markersize=3, linewidth=1.6, label=label)
         if curve["lo"].notna().any():
@@ -363,9 +347,8 @@ def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[s
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{df['stream'].iloc[0]}: {metric_label(metric).split(' (')[0]} per task\n"
                  f"{_band_note(stats, ci)}", fontsize=11)
-    title = by if isinstance(by, str) else ", ".join(by)
-    ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
-              fontsize=9, title_fontsize=9)
+    ax.legend(title=_legend_title(by, layer), loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              frameon=False, fontsize=9, title_fontsize=9)
     return fig
 
 
@@ -378,8 +361,9 @@ def plot_probes(df: pd.DataFrame, probes: Sequence[str] | None = None,
         df: a frame from :func:`contlearn.load_runs` (one stream).
         probes: metric names; default every metric that is not a score or the loss.
         by: column or config key (or a list of them) whose values make the lines.
-        layer: ``None``: mean over layers; a layer name: that layer; ``"all"``: one line style
-            per layer.
+        layer: ``None``: the whole-network value (``layer == ""``) where the probe records
+            one, else the mean over layers; a layer name: that layer; ``"all"``: one line
+            style per layer.
         x: ``"task"`` or ``"step"``. bin: tasks (or recorded steps) per point.
         ci, n_boot, seed: the bootstrap band, as in :func:`plot_decay`.
 
@@ -397,34 +381,45 @@ def plot_probes(df: pd.DataFrame, probes: Sequence[str] | None = None,
     stats = {p: curve_stats(df, p, by, x, bin, layer, ci, n_boot, seed) for p in probes}
     groups = sorted(set().union(*(s["group"] for s in stats.values())))
     colors = _colors(groups)
-    ncols = min(3, len(probes))
-    nrows = math.ceil(len(probes) / ncols)
-    fig = _new_figure(3.6 * ncols + 1.8, 2.6 * nrows + 0.6)
-    axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel()
-    for ax, probe in zip(axes, probes, strict=False):
+    fig, axes, ncols = _panel_grid(len(probes))
+    for i, (ax, probe) in enumerate(zip(axes, probes, strict=False)):
         _draw(ax, stats[probe], colors, x, label_layers=layer == "all")
         ax.set_title(metric_label(probe), fontsize=10)
         ax.tick_params(labelbottom=True, labelsize=8)
-    for ax in axes[len(probes):]:
-        ax.set_visible(False)
-    for ax in axes[(nrows - 1) * ncols:]:
-        ax.set_xlabel(x_label(x, bin=bin))
-    where = {None: "mean over layers", "all": "per layer"}.get(layer, f"layer {layer}")
+        if i + ncols >= len(probes):  # lowest panel of its column
+            ax.set_xlabel(x_label(x, bin=bin))
+    where = {None: "whole network / mean of layers", "all": "per layer"}
+    where = where.get(layer, f"layer {layer}")
     note = _band_note(pd.concat(stats.values()), ci)
-    fig.suptitle(f"{df['stream'].iloc[0]}: probes ({where}); {note}", fontsize=11)
-    handles, labels = _unique_legend(axes)
-    title = by if isinstance(by, str) else ", ".join(by)
-    fig.legend(handles, labels, title=title, loc="outside right upper", frameon=False,
-               fontsize=9, title_fontsize=9)
+    fig.suptitle(f"{df['stream'].iloc[0]}: probes ({where})\n{note}", fontsize=11)
+    _figure_legend(fig, axes, _legend_title(by, layer), len(groups) if layer == "all" else 0)
     return fig
 
 
-def _unique_legend(axes: Sequence[Axes]) -> tuple[list, list[str]]:
+def _legend_title(by: str | Sequence[str], layer: str | None) -> str:
+    return (by if isinstance(by, str) else ", ".join(by)) + (" · layer" if layer == "all" else "")
+
+
+def _panel_grid(n: int) -> tuple[Figure, list[Axes], int]:
+    """A figure with ``n`` visible panels sharing x (2 x 2 for four, else up to 3 a row)."""
+    ncols = 2 if n == 4 else min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig = _new_figure(3.4 * ncols + 1.8, 2.6 * nrows + 0.6)
+    axes = list(fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n], ncols
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Axes], title: str, ncols: int = 0) -> None:
+    """One legend below the panels, each label once (``ncols`` 0: up to four columns)."""
     seen: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
-    return list(seen.values()), list(seen)
+    # with layers, one column per group keeps each group's layers below each other
+    fig.legend(list(seen.values()), list(seen), title=title, loc="outside lower center",
+               frameon=False, fontsize=9, title_fontsize=9, ncols=ncols or min(len(seen), 4))
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:

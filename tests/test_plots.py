@@ -1,0 +1,219 @@
+"""Tests of contlearn.plots on small synthetic frames (and one run store round trip)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+
+from contlearn.errors import ContlearnError
+from contlearn.plots import (
+    bootstrap_ci,
+    check_comparable,
+    curve_stats,
+    plot_decay,
+    plot_probes,
+    probe_metrics,
+    save_figure,
+)
+from contlearn.store import MetricWriter, load_runs, write_config
+
+
+def frame(learners=("bp", "cbp"), seeds=3, tasks=6, stream="permuted-mnist",
+          metric="accuracy", probes=(), layers=("hidden1", "hidden2"), run=None) -> pd.DataFrame:
+    """A long frame as load_runs returns: a score (and loss) per task, probes per layer."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for li, learner in enumerate(learners):
+        for seed in range(seeds):
+            for task in range(tasks):
+                base = dict(run=run or f"run-{learner}", stream=stream, learner=learner,
+                            seed=seed, step=(task + 1) * 100, task=task)
+                score = 0.9 - 0.05 * task * (li + 1) + rng.normal(0, 0.02)
+                rows += [{**base, "metric": metric, "layer": "", "value": score},
+                         {**base, "metric": "loss", "layer": "", "value": 1 - score}]
+                rows += [{**base, "metric": p, "layer": lay, "value": task + li + rng.random()}
+                         for p in probes for lay in layers]
+    return pd.DataFrame(rows)
+
+
+def bands(ax) -> list[PolyCollection]:
+    return [c for c in ax.collections if isinstance(c, PolyCollection)]
+
+
+def data_lines(ax) -> list:
+    return [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+@pytest.mark.parametrize("ext", ["png", "svg", "pdf"])
+def test_save_figure_formats_create_parent_dirs(tmp_path, ext):
+    path = save_figure(plot_decay(frame(seeds=2, tasks=3)), tmp_path / "a" / "b" / f"fig.{ext}")
+    assert path.is_file() and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["fig.jpeg", "fig"])
+def test_save_figure_unknown_extension(tmp_path, name):
+    with pytest.raises(ContlearnError, match=r"\.png, \.svg or \.pdf") as err:
+        save_figure(Figure(), tmp_path / name)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / name).exists()
+
+
+def test_decay_one_line_and_band_per_group():
+    fig = plot_decay(frame(learners=("bp", "cbp", "redo"), seeds=3))
+    ax = fig.axes[0]
+    assert sorted(line.get_label() for line in data_lines(ax)) == ["bp", "cbp", "redo"]
+    assert len(bands(ax)) == 3
+    assert ax.get_xlabel() == "task index"
+    assert ax.get_ylabel() == "online accuracy (fraction correct)"
+    assert "permuted-mnist" in ax.get_title()
+    assert ax.get_legend() is not None
+
+
+def test_decay_one_seed_has_no_band():
+    ax = plot_decay(frame(seeds=1)).axes[0]
+    assert len(data_lines(ax)) == 2
+    assert bands(ax) == []
+
+
+def test_decay_binning_reduces_points_to_bin_centres():
+    df = frame(learners=("bp",), tasks=6)
+    assert len(data_lines(plot_decay(df).axes[0])[0].get_xdata()) == 6
+    line = data_lines(plot_decay(df, bin=3).axes[0])[0]
+    np.testing.assert_allclose(line.get_xdata(), [1.0, 4.0])
+    expected = df[df.metric == "accuracy"].groupby(df.task // 3)["value"].mean()
+    np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
+
+
+def test_decay_x_step_and_error_metric_defaults():
+    ax = plot_decay(frame(stream="bit-flipping", metric="squared_error"), x="step").axes[0]
+    assert ax.get_ylabel() == "mean squared error"
+    assert ax.get_xlabel() == "steps"
+    np.testing.assert_allclose(data_lines(ax)[0].get_xdata(), [100, 200, 300, 400, 500, 600])
+
+
+def test_decay_draws_into_given_axes():
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert plot_decay(frame(), ax=ax) is fig
+    assert len(data_lines(ax)) == 2
+
+
+def test_mixed_streams_refused():
+    df = pd.concat([frame(stream="permuted-mnist"), frame(stream="bit-flipping")])
+    msg = "runs mix streams permuted-mnist and bit-flipping; plot them separately"
+    with pytest.raises(ContlearnError, match=msg):
+        check_comparable(df)
+    with pytest.raises(ContlearnError, match="mix streams"):
+        plot_decay(df)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"metric": "nope"}, "no rows of metric 'nope'"),
+    ({"by": "lr"}, "cannot group by 'lr'"),
+    ({"x": "epoch"}, "x must be"),
+    ({"bin": 0}, "bin must be"),
+])
+def test_decay_bad_arguments(kwargs, match):
+    with pytest.raises(ContlearnError, match=match):
+        plot_decay(frame(), **kwargs)
+
+
+def test_group_by_list_of_keys_labels():
+    df = frame(learners=("bp",)).assign(lr=0.01)
+    df = pd.concat([df, frame(learners=("bp",), run="other").assign(lr=0.1)])
+    labels = {line.get_label() for line in data_lines(plot_decay(df, by=["learner", "lr"]).axes[0])}
+    assert labels == {"learner=bp, lr=0.01", "learner=bp, lr=0.1"}
+
+
+def _write_run(path, learner, lr, seeds=(0, 1)):
+    path.mkdir()
+    write_config(path, {"stream": "permuted-mnist", "learner": learner, "lr": lr,
+                        "seeds": len(seeds)}, seeds)
+    writer = MetricWriter(path, path.name, "permuted-mnist", learner)
+    for task in range(4):
+        writer.append(seeds, (task + 1) * 10, task, "accuracy", [0.5 + lr * task] * len(seeds))
+    writer.close()
+
+
+def test_runs_differing_in_config_are_not_averaged(tmp_path):
+    _write_run(tmp_path / "a", "bp", 0.01)
+    _write_run(tmp_path / "b", "bp", 0.1)
+    _write_run(tmp_path / "c", "adam", 0.01, seeds=(0, 1, 2))
+    df = load_runs(tmp_path, config=True)
+    labels = {line.get_label() for line in data_lines(plot_decay(df).axes[0])}
+    assert labels == {"learner=adam, lr=0.01", "learner=bp, lr=0.01", "learner=bp, lr=0.1"}
+    stats = curve_stats(df, by="lr")  # different learners are never pooled either
+    assert set(stats["group"]) == {"lr=0.01, learner=adam", "lr=0.01, learner=bp",
+                                   "lr=0.1, learner=bp"}
+    assert stats.loc[stats["group"] == "lr=0.01, learner=adam", "seeds"].eq(3).all()
+
+
+def test_bootstrap_ci_contains_mean_and_shrinks_with_seeds():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (3, 12, 48):
+        values = rng.normal(0.5, 0.1, size=(n, 5))
+        lo, hi = bootstrap_ci(values, n_boot=2000, seed=0)
+        mean = values.mean(axis=0)
+        assert np.all(lo <= mean) and np.all(mean <= hi)
+        widths.append(np.mean(hi - lo))
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_bootstrap_ci_deterministic_skips_nan_and_needs_two_seeds():
+    values = np.array([[0.1, 0.2, np.nan], [0.3, 0.4, 0.5], [0.2, np.nan, np.nan]])
+    lo, hi = bootstrap_ci(values, seed=3)
+    lo2, hi2 = bootstrap_ci(values, seed=3)
+    np.testing.assert_array_equal(lo, lo2)
+    assert np.all(lo[:2] >= [0.1 - 1e-12, 0.2 - 1e-12])
+    assert np.all(hi[:2] <= [0.3 + 1e-12, 0.4 + 1e-12])
+    assert np.isnan(lo[2]) and np.isnan(hi[2])
+    assert np.isnan(bootstrap_ci(values[:1])[0]).all()
+
+
+def test_probes_default_panel_and_layer_aggregation():
+    df = frame(probes=("dead_fraction", "effective_rank", "replacements"))
+    assert probe_metrics(df) == ["dead_fraction", "effective_rank", "replacements"]
+    fig = plot_probes(df)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == [
+        "dead units (fraction)", "effective rank", "replacements (cumulative)"]
+    for ax in visible:
+        assert len(data_lines(ax)) == 2 and len(bands(ax)) == 2
+    rows = df[(df.metric == "dead_fraction") & (df.learner == "bp") & (df.task == 0)]
+    np.testing.assert_allclose(data_lines(visible[0])[0].get_ydata()[0], rows["value"].mean())
+
+
+def test_probes_one_layer_and_all_layers():
+    df = frame(probes=("dead_fraction",), layers=("hidden1", "hidden2", "hidden3"))
+    one = data_lines(plot_probes(df, layer="hidden2").axes[0])
+    rows = df[(df.metric == "dead_fraction") & (df.layer == "hidden2") & (df.learner == "bp")]
+    np.testing.assert_allclose(one[0].get_ydata(), rows.groupby("task")["value"].mean())
+    lines = data_lines(plot_probes(df, layer="all").axes[0])
+    assert len(lines) == 6
+    assert len({line.get_linestyle() for line in lines}) == 3
+
+
+def test_probes_errors():
+    with pytest.raises(ContlearnError, match="no probe metrics"):
+        plot_probes(frame())
+    with pytest.raises(ContlearnError, match="no rows for layer 'out'"):
+        plot_probes(frame(probes=("dead_fraction",)), layer="out")
+
+
+def test_probes_binning_and_steps():
+    fig = plot_probes(frame(probes=("dead_fraction", "effective_rank")), x="step", bin=2)
+    ax = fig.axes[0]
+    assert len(data_lines(ax)[0].get_xdata()) == 3
+    assert ax.get_xlabel().startswith("steps")
+
+
+def test_whole_network_row_preferred_over_layer_mean():
+    df = frame(learners=("bp",), probes=("dead_fraction",))
+    whole = df[df.metric == "dead_fraction"].drop_duplicates(["seed", "task"]).assign(
+        layer="", value=0.5)
+    line = data_lines(plot_probes(pd.concat([df, whole])).axes[0])[0]
+    np.testing.assert_allclose(line.get_ydata(), 0.5)

@@ -1,0 +1,37 @@
+"""Every script in scripts/ runs on a tiny budget."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd, timeout=300):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_demo_on_a_tiny_budget(tmp_path):
+    out = tmp_path / "demo"
+    proc = _run([ROOT / "scripts" / "demo.py", "--out", out, "--tasks", "3",
+                 "--examples-per-task", "200", "--seeds", "2", "--hidden", "16,16",
+                 "--probe-size", "64", "--replacement-rate", "0.01"], ROOT)
+    for name in ("decay.png", "probes.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert (out / "bp" / "config.json").is_file() and (out / "cbp" / "config.json").is_file()
+    assert "cbp" in proc.stdout
+    again = _run([ROOT / "scripts" / "demo.py", "--out", out, "--tasks", "3",
+                  "--examples-per-task", "200", "--seeds", "2", "--hidden", "16,16",
+                  "--probe-size", "64", "--replacement-rate", "0.01"], ROOT)
+    assert "bp:" in again.stdout  # re-running resumes the finished runs instead of failing
+
+
+def test_my_agent_script(tmp_path):
+    proc = _run([ROOT / "scripts" / "my_agent.py"], tmp_path)
+    assert "run written to" in proc.stdout
+    assert list((tmp_path / "runs").iterdir())
