@@ -70,6 +70,11 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+def _leftover(entry: Path) -> bool:
+    """A lock or temporary file left by a run killed before it wrote its config."""
+    return entry.name == ".lock" or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+
+
 def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
     """Make sure ``path`` can take a new run.
 
@@ -89,7 +94,7 @@ def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
                 "replace it, or choose another --out"
             )
         shutil.rmtree(path)
-    elif path.is_dir() and any(path.iterdir()):
+    elif path.is_dir() and any(not _leftover(p) for p in path.iterdir()):
         raise RunDirError(f"{path} is not empty and holds no run; choose an empty or new --out")
     path.mkdir(parents=True, exist_ok=True)
 

@@ -199,8 +199,9 @@ def test_kill_9_at_random_points_loses_nothing_and_duplicates_nothing(tmp_path):
         proc.kill()
         proc.wait()
         kills += 1
-        if len(load_runs(out)):  # what was written is always readable
-            assert not load_runs(out).duplicated(["seed", "step", "metric", "layer"]).any()
+        if (out / "config.json").is_file():  # what was written is always readable
+            rows = load_runs(out)
+            assert not rows.duplicated(["seed", "step", "metric", "layer"]).any()
         proc = _cli(*RUN, "--out", out, "--resume")
     proc.communicate(timeout=300)
     if proc.returncode != 0:  # the last kill may have landed after the run finished
@@ -212,3 +213,14 @@ def test_kill_9_at_random_points_loses_nothing_and_duplicates_nothing(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     pd.testing.assert_frame_equal(_frame(out), _frame(tmp_path / "f"))
+
+
+def test_run_killed_before_writing_its_config_can_be_started_again(tmp_path, cli):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("999999999")  # a dead process's lock, nothing else
+    (out / ".config.json.tmp").write_text("{")
+    code, _, err = cli("run", "bit-flipping", "--steps", "20", "--set", "examples_per_task=10",
+                       "--out", out, "--resume")
+    assert code == 0, err
+    assert (out / "config.json").is_file() and not (out / ".lock").exists()
