@@ -68,8 +68,7 @@ def x_label(x: str, metric: str = "", bin: int = 1) -> str:
     label = "friction index" if metric == "episode_return" else "task index"
     label = "steps" if x == "step" else label
     if bin > 1:
-        unit = "tasks" if x == "task" else "records"
-        label += f" (means over {bin} {unit})"
+        label += f" (means over {bin} tasks)" if x == "task" else f" (means over {bin:,}-step bins)"
     return label
 
 
@@ -177,11 +176,7 @@ def _bin_x(rows: pd.DataFrame, x: str, bin: int) -> pd.DataFrame:
     if not isinstance(bin, (int, np.integer)) or bin < 1:
         raise ContlearnError(f"bin must be a whole number of tasks >= 1, not {bin!r}")
     values = rows[x].to_numpy()
-    if x == "task":
-        xbin = values // bin
-    else:
-        distinct = np.unique(values)
-        xbin = np.searchsorted(distinct, values) // bin
+    xbin = values // bin  # tasks per point, or a fixed width in steps
     distinct_pairs = pd.DataFrame({"xbin": xbin, "x": values}).drop_duplicates()
     xpos = distinct_pairs.groupby("xbin")["x"].mean()
     return rows.assign(xbin=xbin, xpos=pd.Series(xbin).map(xpos).to_numpy())
@@ -314,6 +309,22 @@ def _band_note(stats: pd.DataFrame, ci: float) -> str:
     return f"mean of {n} seed{'s' if n != '1' else ''}"
 
 
+def task_change_steps(df: pd.DataFrame) -> list[int]:
+    """Steps at which the first replicate's task index increases (its task changes)."""
+    first = df[["run", "seed"]].drop_duplicates().iloc[0]
+    rows = df[(df["run"] == first["run"]) & (df["seed"] == first["seed"])]
+    starts = rows.groupby("task")["step"].min().sort_index()
+    return [int(s) for s in starts.iloc[1:]]
+
+
+def mark_task_changes(ax: Axes, df: pd.DataFrame, limit: int = 200) -> None:
+    """Faint vertical lines where the task changes (skipped past ``limit`` changes)."""
+    changes = task_change_steps(df)
+    if 0 < len(changes) <= limit:
+        for step in changes:
+            ax.axvline(step, color="0.75", linewidth=0.7, linestyle=":", zorder=0)
+
+
 def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[str] = "learner",
                bin: int = 1, x: str = "task", ax: Axes | None = None, ci: float = 0.95,
                n_boot: int = 1000, seed: int = 0, layer: str | None = None) -> Figure:
@@ -323,8 +334,10 @@ def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[s
         df: a frame from :func:`contlearn.load_runs` (one stream).
         metric: default ``accuracy``, else ``squared_error``, else ``episode_return``.
         by: column or config key (or a list of them) whose values make the lines.
-        bin: tasks per point (x at the bin centre).
-        x: ``"task"`` or ``"step"``.
+        bin: tasks per point, or with ``x="step"`` the width of a point in steps (x at the mean
+            of the recorded steps in it).
+        x: ``"task"`` or ``"step"``; on a step axis the task changes (e.g. friction changes)
+            are marked with faint vertical lines.
         ax: draw into these axes instead of a new figure.
         ci: coverage of the bootstrap band over seeds (no band with one seed).
         n_boot: bootstrap resamples. seed: seed of the bootstrap.
@@ -343,6 +356,8 @@ def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[s
     ax = ax if ax is not None else fig.add_subplot()
     groups = sorted(stats["group"].unique())
     _draw(ax, stats, _colors(groups), x, label_layers=layer == "all")
+    if x == "step":
+        mark_task_changes(ax, df)
     ax.set_xlabel(x_label(x, metric, bin))
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{df['stream'].iloc[0]}: {metric_label(metric).split(' (')[0]} per task\n"

@@ -205,7 +205,7 @@ def test_probes_errors():
 
 
 def test_probes_binning_and_steps():
-    fig = plot_probes(frame(probes=("dead_fraction", "effective_rank")), x="step", bin=2)
+    fig = plot_probes(frame(probes=("dead_fraction", "effective_rank")), x="step", bin=300)
     ax = fig.axes[0]
     assert len(data_lines(ax)[0].get_xdata()) == 3
     assert ax.get_xlabel().startswith("steps")
@@ -217,3 +217,18 @@ def test_whole_network_row_preferred_over_layer_mean():
         layer="", value=0.5)
     line = data_lines(plot_probes(pd.concat([df, whole])).axes[0])[0]
     np.testing.assert_allclose(line.get_ydata(), 0.5)
+
+
+def test_step_axis_uses_fixed_width_bins_and_marks_task_changes():
+    rows = []
+    for seed in (0, 1):
+        for i, step in enumerate([50, 120, 260, 310, 480, 530]):
+            rows.append({"run": "r", "stream": "slippery-ant", "learner": "bp", "seed": seed,
+                         "step": step + seed, "task": i // 2, "metric": "episode_return",
+                         "layer": "", "value": float(i)})
+    df = pd.DataFrame(rows)
+    fig = plot_decay(df, x="step", bin=200)
+    ax = fig.axes[0]
+    assert len(data_lines(ax)[0].get_xdata()) == 3  # steps 0-199, 200-399, 400-599
+    markers = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+    assert sorted(ln.get_xdata()[0] for ln in markers) == [260, 480]
