@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", help="metric to plot (default: the stream's score)")
     plot.add_argument("--by", default="learner", help="group lines by this column/config key")
     plot.add_argument("--layer", help="layer for per-layer metrics (default: aggregate)")
-    plot.add_argument("--bin", type=int, default=1, help="tasks per plotted point")
+    plot.add_argument("--bin", type=int, default=1,
+                      help="tasks per plotted point (with --x step: steps per point)")
+    plot.add_argument("--x", choices=("task", "step"),
+                      help="x axis (default: step for RL returns, task otherwise)")
     plot.add_argument("--probes", action="store_true", help="draw the probe panel instead")
     plot.add_argument("--out", help="output file; .png, .svg or .pdf (default RUN/plot.png)")
 
@@ -138,11 +141,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.by not in df.columns:
         df = load_runs(args.runs, config=[args.by])
     plots.check_comparable(df)
+    metric = args.metric or plots.default_metric(df)
+    x = args.x or ("step" if metric == "episode_return" else "task")
     if args.probes:
-        fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin)
+        fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin, x=x)
     else:
-        fig = plots.plot_decay(df, metric=args.metric, by=args.by, bin=args.bin,
-                               layer=args.layer)
+        fig = plots.plot_decay(df, metric=metric, by=args.by, bin=args.bin, layer=args.layer,
+                               x=x)
     out = Path(args.out) if args.out else Path(args.runs[0]) / "plot.png"
     plots.save_figure(fig, out)
     print(out)
