@@ -360,7 +360,8 @@ def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[s
         mark_task_changes(ax, df)
     ax.set_xlabel(x_label(x, metric, bin))
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(f"{df['stream'].iloc[0]}: {metric_label(metric).split(' (')[0]} per task\n"
+    over = "per task" if x == "task" else "over steps"
+    ax.set_title(f"{df['stream'].iloc[0]}: {metric_label(metric).split(' (')[0]} {over}\n"
                  f"{_band_note(stats, ci)}", fontsize=11)
     ax.legend(title=_legend_title(by, layer), loc="upper left", bbox_to_anchor=(1.02, 1.0),
               frameon=False, fontsize=9, title_fontsize=9)
