@@ -9,6 +9,13 @@ Parameters are a dict of named tensors with a leading replica dim::
 Each replica's initial weights come from its own torch Generator, so replica r of a batch is
 initialised exactly as the same seed run alone. Each layer keeps its init distribution so that
 resets (continual backprop, ReDo) redraw units from it.
+
+Besides the autograd-friendly :meth:`BatchedMLP.forward`, the network has a hand-written
+backward pass (the derivative of every activation is simple) for agents that learn online
+without autograd: :meth:`~BatchedMLP.forward_train` keeps what the backward needs,
+:meth:`~BatchedMLP.backward` returns the gradients, and :meth:`~BatchedMLP.backward_update_`
+applies ``θ ← (1 + β) θ + α g`` in place while back-propagating, without materialising g (see
+:mod:`contlearn.learners.fused`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from contlearn import kernels
 from contlearn.errors import ConfigError
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -35,6 +43,34 @@ GAINS = {"relu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "sigmoid": 1.0,
          "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)), "elu": math.sqrt(2.0),
          "swish": math.sqrt(2.0), "linear": 1.0}
 INITS = ("kaiming_uniform", "lecun_uniform", "xavier_uniform", "torch_default")
+#: activations whose derivative the backward pass takes from the pre-activation z (others: h).
+_NEEDS_PRE = ("elu", "swish")
+#: weight matrices larger than this (bytes, all replicas) are back-propagated and updated in
+#: row blocks of about ``_BLOCK_BYTES`` per replica, so that the update (and the column norms)
+#: read each block while the backward pass has just brought it into cache.
+_BLOCKED_BYTES = 4 << 20
+_BLOCK_BYTES = 1 << 20
+
+
+def activation_backward(activation: str, grad: torch.Tensor, h: torch.Tensor,
+                        z: torch.Tensor | None) -> torch.Tensor:
+    """``grad ⊙ act'(z)`` from the output ``h = act(z)`` (or ``z`` for elu and swish), with the
+    kernels autograd uses."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, h, 0)
+    if activation == "tanh":
+        return torch.ops.aten.tanh_backward(grad, h)
+    if activation == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(grad, h)
+    if activation == "leaky_relu":  # the sign of h is the sign of z
+        return torch.ops.aten.leaky_relu_backward(grad, h, 0.01, True)
+    if z is None:
+        raise ValueError(f"the {activation} backward needs the pre-activations")
+    if activation == "elu":
+        return torch.ops.aten.elu_backward(grad, 1.0, 1, 1, False, z)
+    if activation == "swish":
+        return torch.ops.aten.silu_backward(grad, z)
+    raise ConfigError(f"no backward for activation {activation!r}")
 
 
 @dataclass(frozen=True)
@@ -106,18 +142,32 @@ class BatchedMLP:
             for i in range(len(names))
         ]
         self.by_name = {layer.name: layer for layer in self.layers}
-        self.params: dict[str, torch.Tensor] = {}
+        #: called before :attr:`params` is handed out (an agent that defers an update applies
+        #: it here, so that readers always see current weights)
+        self.on_read: Callable[[], None] | None = None
+        self._params: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             w = torch.empty(self.num_replicas, layer.fan_out, layer.fan_in)
             b = torch.empty(self.num_replicas, layer.fan_out)
-            self.params[f"{layer.name}.weight"] = w
-            self.params[f"{layer.name}.bias"] = b
+            self._params[f"{layer.name}.weight"] = w
+            self._params[f"{layer.name}.bias"] = b
         # Draw replica by replica, layer by layer, so replica r's numbers depend on its seed only.
         for r, gen in enumerate(generators):
             for layer in self.layers:
                 w, b = self.sample_init(layer.name, layer.fan_out, gen)
-                self.params[f"{layer.name}.weight"][r] = w
-                self.params[f"{layer.name}.bias"][r] = b
+                self._params[f"{layer.name}.weight"][r] = w
+                self._params[f"{layer.name}.bias"][r] = b
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """``{"<layer>.weight": (R, out, in), "<layer>.bias": (R, out)}``, current values."""
+        if self.on_read is not None:
+            self.on_read()
+        return self._params
+
+    @params.setter
+    def params(self, value: dict[str, torch.Tensor]) -> None:
+        self._params = value
 
     @property
     def hidden_layers(self) -> list[Layer]:
@@ -158,3 +208,130 @@ class BatchedMLP:
             h = self.act_fn(z)
             features[layer.name] = h
         raise AssertionError("unreachable: the last layer is the output layer")
+
+    def forward_train(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
+                      first: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+        """:meth:`forward` (same kernels, same numbers) keeping what :meth:`backward` needs.
+
+        Args:
+            x, params: as for :meth:`forward`.
+            first: the first layer's pre-activation ``(R, B, H1)`` if computed already.
+
+        Returns:
+            ``(out (R, B, out_dim), hidden activations [(R, B, H)], pre-activations or None)``;
+            pre-activations are kept only for activations whose derivative needs them.
+        """
+        p = self.params if params is None else params
+        keep_pre = self.activation in _NEEDS_PRE
+        hs: list[torch.Tensor] = []
+        zs: list[torch.Tensor] | None = [] if keep_pre else None
+        h = x
+        for i, layer in enumerate(self.layers):
+            z = first if i == 0 and first is not None else torch.baddbmm(
+                p[f"{layer.name}.bias"].unsqueeze(1), h, p[f"{layer.name}.weight"].transpose(1, 2))
+            if layer.next is None:
+                return z, hs, zs
+            if zs is not None:
+                zs.append(z)
+            h = self.act_fn(z)
+            hs.append(h)
+        raise AssertionError("unreachable: the last layer is the output layer")
+
+    def _delta_below(self, i: int, d: torch.Tensor, hs: list[torch.Tensor],
+                     zs: list[torch.Tensor] | None) -> torch.Tensor:
+        """δ of hidden layer ``i - 1`` from ``d = δ_i W_i`` (the input gradient of layer i)."""
+        return activation_backward(self.activation, d, hs[i - 1],
+                                   None if zs is None else zs[i - 1])
+
+    def backward(self, delta: torch.Tensor, x: torch.Tensor, hs: list[torch.Tensor],
+                 zs: list[torch.Tensor] | None, params: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """Gradients of a loss whose gradient with respect to the outputs is ``delta``.
+
+        Args:
+            delta: ``dL/d out``, ``(R, B, out_dim)``.
+            x, hs, zs: the input and what :meth:`forward_train` returned for it.
+            params: the parameters the forward pass used (default: the network's own).
+
+        Returns:
+            ``{name: gradient}`` in the order of :attr:`params` (weights ``(R, out, in)``).
+        """
+        p = self.params if params is None else params
+        grads: dict[str, torch.Tensor] = {}
+        for i in range(len(self.layers) - 1, -1, -1):
+            name = self.layers[i].name
+            h_in = x if i == 0 else hs[i - 1]
+            grads[f"{name}.weight"] = torch.bmm(delta.transpose(1, 2), h_in)  # (R, out, in)
+            grads[f"{name}.bias"] = delta.sum(1)
+            if i > 0:
+                delta = self._delta_below(i, torch.bmm(delta, p[f"{name}.weight"]), hs, zs)
+        return {k: grads[k] for k in p}
+
+    def backward_update_(self, delta: torch.Tensor, x: torch.Tensor, hs: list[torch.Tensor],
+                         zs: list[torch.Tensor] | None, alpha: float, beta: float,
+                         col_l1: tuple[str, ...] = (),
+                         params: dict[str, torch.Tensor] | None = None, defer_first: bool = False
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Back-propagate ``delta`` and apply ``θ ← (1 + β) θ + α g`` to every parameter in
+        place, layer by layer from the output (each layer's δ below is taken with its weights
+        before their update), without materialising the gradients g.
+
+        Args:
+            delta, x, hs, zs: as for :meth:`backward`.
+            alpha, beta: the coefficients (SGD: ``alpha = −lr``, ``beta = 0``).
+            col_l1: weights whose column L1 norms ``Σ_k |W[k, i]|`` after the update to return.
+            params: the tensors to update (default: the network's own; pass detached views if
+                they require grad).
+            defer_first: leave the first layer's weights alone and return their δ instead (the
+                caller applies the update later, e.g. with the next forward pass).
+
+        Returns:
+            ``({weight name: (R, in)} for the names in col_l1, the first layer's δ or None)``.
+        """
+        p = self.params if params is None else params
+        cols = {}
+        for i in range(len(self.layers) - 1, -1, -1):
+            name = self.layers[i].name
+            w, b = p[f"{name}.weight"], p[f"{name}.bias"]
+            want = f"{name}.weight" in col_l1
+            if i > 0 or not defer_first:
+                below, col = _update_weight_(w, delta, x if i == 0 else hs[i - 1], alpha, beta,
+                                             need_below=i > 0, want_col=want)
+                if want:
+                    cols[f"{name}.weight"] = col
+            if beta:
+                b.mul_(1.0 + beta)
+            b.add_(delta[:, 0] if delta.shape[1] == 1 else delta.sum(1), alpha=alpha)
+            if i > 0:
+                delta = self._delta_below(i, below, hs, zs)
+        return cols, (delta if defer_first else None)
+
+
+def _update_weight_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, alpha: float,
+                    beta: float, need_below: bool, want_col: bool
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``w ← (1 + β) w + α δᵀ h_in`` in place for ``w (R, K, H)``; returns ``δ w`` taken before
+    the update ``(R, B, H)`` (if ``need_below``) and ``Σ_k |w[k, :]|`` after it ``(R, H)`` (if
+    ``want_col``). One pass of the compiled kernel (:mod:`contlearn.kernels`) when it
+    applies; else torch ops, large matrices in row blocks that stay in cache between reads."""
+    if kernels.applies(w, delta, h_in):
+        return kernels.layer_update_(w, delta, h_in, alpha, beta, need_below, want_col)
+    R, K, H = w.shape
+    dt = delta.transpose(1, 2)  # (R, K, B)
+    if w.numel() * w.element_size() <= _BLOCKED_BYTES or not (need_below or want_col):
+        below = torch.bmm(delta, w) if need_below else None
+        w.baddbmm_(dt, h_in, beta=1.0 + beta, alpha=alpha)
+        return below, (w.abs().sum(1) if want_col else None)
+    rows = max(8, _BLOCK_BYTES // (H * w.element_size()))  # per replica: independent of R
+    below = delta.new_zeros(R, delta.shape[1], H) if need_below else None
+    col = w.new_zeros(R, H) if want_col else None
+    scratch = w.new_empty(R, min(rows, K), H) if want_col else None
+    for start in range(0, K, rows):
+        wb = w[:, start:start + rows]  # (R, rows, H)
+        if below is not None:
+            below.baddbmm_(delta[:, :, start:start + rows], wb)
+        wb.baddbmm_(dt[:, start:start + rows], h_in, beta=1.0 + beta, alpha=alpha)
+        if col is not None and scratch is not None:
+            col.add_(torch.abs(wb, out=scratch[:, : wb.shape[1]]).sum(1))
+    return below, col

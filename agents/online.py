@@ -2,12 +2,24 @@
 
 Each step, ``act`` runs the forward pass (kept for the update) and ``observe`` takes the loss
 on the same batch (cross-entropy for classification, squared error for regression), computes
-every replica's gradient of its own mean loss in one backward pass, and hands the gradients
-and this step's hidden activations to the learner.
+every replica's gradient of its own mean loss, and hands the gradients and this step's hidden
+activations to the learner.
+
+Two implementations of the step, selected by the ``fast`` option:
+
+- ``fast=false``, the reference: autograd for the gradients, ``learner.update`` for the updates,
+  ``θ += u``.
+- ``fast=true`` (default): the network's hand-written backward (no autograd graph). When the
+  learner has a fused form (:mod:`contlearn.learners.fused`: SGD, L2, shrink-and-perturb,
+  continual backprop over those) the update is applied in place during the backward pass, with
+  no gradient or update tensors at all; otherwise the gradients go through ``learner.update``.
+
+Both give the same results up to float rounding (``tests/test_performance_paths.py``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,14 +27,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from contlearn import kernels
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.base import GradientTransformation
+from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import adam, sgd
 from contlearn.seeding import torch_generator
 from contlearn.spec import param, parse_int_list
 from contlearn.state import load_tree, tree_leaves
+
+#: below this many parameters (all replicas) a step is dominated by per-op overhead, which
+#: extra threads only add to (measured in docs/performance.md).
+SINGLE_THREAD_PARAMS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,8 @@ class OnlineAgentSpec:
     beta1: float = param(0.9, "Adam β1", low=0.0, high=1.0)
     beta2: float = param(0.999, "Adam β2", low=0.0, high=1.0)
     eps: float = param(1e-8, "Adam ε", low=0.0, low_open=True)
+    fast: bool = param(True, "hand-written backward and fused updates (false: the autograd "
+                       "reference path; same results to float rounding)")
 
     def validate(self) -> None:
         """Check the hidden widths parse."""
@@ -76,30 +96,89 @@ class OnlineAgent:
                               [torch_generator(s, "agent") for s in self.seeds])
         self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
+        self.plan = fused_plan(self.learner) if spec.fast else None
+        if self.plan is None and sum(p.numel() for p in self.net.params.values()) >= 1 << 20:
+            kernels.retain_freed_memory()  # unfused learners allocate weight-sized temporaries
+        self.device = torch.device("cpu")
+        self._setup()
+        self._task_started = False
+
+    def _setup(self) -> None:
+        """(Re)build the views, the learner state and the caches for the current device."""
+        self.net.on_read = None
         for p in self.net.params.values():
             p.requires_grad_(True)
         self._keys = list(self.net.params)
         self._views = {k: p.detach() for k, p in self.net.params.items()}
         self.learner_state = self.learner.init(self._views)
-        self._cache: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
-        self._task_started = False
-        self._stopped: torch.Tensor | None = None  # (R,) replicas that no longer learn
+        self._cache: tuple[Any, ...] | None = None
+        self._probe_cache: tuple[Any, ...] | None = None
+        self._minus_one: torch.Tensor | None = None
+        # The input layer's update can wait for the next forward pass, which then reads and
+        # writes those weights once (kernels.input_layer_) instead of three times.
+        first = self._keys[0]
+        self._first = first
+        self._defer = (self.plan is not None and first not in self.plan.col_l1
+                       and kernels.applies(self._views[first], self._views[first][:, :1],
+                                           self._views[first][:, :1]))
+        self._pending: kernels.Pending | None = None
+        self.net.on_read = self._flush
 
-    def stop_replicas(self, mask: torch.Tensor) -> None:
-        """Stop learning for the replicas in ``mask`` (R,) (e.g. diverged ones)."""
-        self._stopped = mask.clone() if bool(mask.any()) else None
+    def _flush(self) -> None:
+        """Apply the deferred update of the input layer, if any."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            kernels.input_layer_(self._views[self._first], pending)
+
+    def to(self, device: str | torch.device) -> OnlineAgent:
+        """Move the network and a fresh learner state to ``device`` (call before the first
+        step). Streams stay on the CPU: inputs are moved here, and predictions and metrics are
+        handed back on the CPU."""
+        self.device = torch.device(device)
+        params = self.net.params  # (applies a deferred update)
+        for k, p in params.items():
+            params[k] = p.detach().to(self.device)
+        self._setup()
+        return self
+
+    def preferred_threads(self) -> int:
+        """Intra-op threads that suit this network (``threads=0``, auto): 1 for small networks,
+        where per-op overhead dominates and more threads only add to it, and on machines with
+        at most 2 cores, where a second thread waits on the other core's other work (measured
+        2-30× slower, docs/performance.md); else 0 (leave torch's setting: every core)."""
+        size = sum(p.numel() for p in self._views.values())
+        return 1 if size < SINGLE_THREAD_PARAMS or (os.cpu_count() or 1) <= 2 else 0
 
     def on_task_start(self, task: int) -> None:
         """Called at a visible task boundary: the next update gets ``task_start=True``."""
         self._task_started = True
 
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """Predictions ``(R, B, C)``; keeps the graph so ``observe`` needs no second forward."""
+    def _flat(self, obs: torch.Tensor) -> torch.Tensor:
         flat = obs.reshape(obs.shape[0], obs.shape[1], -1)
-        with torch.enable_grad():
-            out, features = self.net.forward(flat)
-        self._cache = (obs, out, features)
-        return out.detach()
+        return flat if flat.device == self.device else flat.to(self.device, non_blocking=True)
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device.type == "cpu" else t.to("cpu")
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Predictions ``(R, B, C)``; keeps what ``observe`` needs (no second forward)."""
+        flat = self._flat(obs)
+        if not self.spec.fast:
+            with torch.enable_grad():
+                out, features = self.net.forward(flat)
+            self._cache = (obs, out, features)
+            return self._host(out.detach())
+        with torch.no_grad():
+            first = None
+            if self._defer and flat.shape[1] <= kernels.MAX_BATCH:
+                w, b = self._views[self._first], self._views[self._keys[1]]
+                pending, self._pending = self._pending, None
+                first = kernels.input_layer_(w, pending, flat, b)  # update + forward, one pass
+            else:
+                self._flush()
+            out, hs, zs = self.net.forward_train(flat, self._views, first)
+        self._cache = (obs, flat, out, hs, zs)
+        return self._host(out)
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-replica mean loss ``(R,)``."""
@@ -109,45 +188,115 @@ class OnlineAgent:
             return per.view(R, B).mean(1)
         return (out - target).pow(2).sum(-1).mean(1)
 
+    def _loss_and_delta(self, out: torch.Tensor, target: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss ``(R,)`` and its gradient with respect to ``out`` (summed over replicas)."""
+        B = out.shape[1]
+        if self.info.kind != "classification":
+            diff = out - target
+            return diff.pow(2).sum(-1).mean(1), diff.mul_(2.0 / B)
+        logp = torch.log_softmax(out, -1)  # (R, B, C)
+        idx = target.unsqueeze(-1)  # (R, B, 1)
+        loss = logp.gather(-1, idx).mean((1, 2)).neg_()
+        if self._minus_one is None or self._minus_one.shape != idx.shape:
+            self._minus_one = torch.full(idx.shape, -1.0, dtype=out.dtype, device=out.device)
+        delta = logp.exp_().scatter_add_(-1, idx, self._minus_one)  # softmax − one-hot
+        return loss, (delta if B == 1 else delta.div_(B))
+
     def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         """One learning step on the batch just answered; returns ``{"loss": (R,)}``."""
         if self._cache is None or self._cache[0] is not obs:
             self.act(obs)
         assert self._cache is not None
-        _, out, features = self._cache
-        self._cache = None
+        cache, self._cache = self._cache, None
+        target = feedback if feedback.device == self.device else feedback.to(self.device)
+        flag, self._task_started = self._task_started, False
+        if not self.spec.fast:
+            loss = self._reference_step(cache[1], cache[2], target, flag)
+        else:
+            loss = self._fast_step(*cache[1:], target, flag)
+        return {"loss": self._host(loss)}
+
+    def _reference_step(self, out: torch.Tensor, features: dict[str, torch.Tensor],
+                        target: torch.Tensor, task_start: bool) -> torch.Tensor:
+        """Autograd gradients, ``learner.update``, ``θ += u``."""
         with torch.enable_grad():
-            loss = self.loss(out, feedback)  # (R,)
+            loss = self.loss(out, target)  # (R,)
             grads = torch.autograd.grad(loss.sum(), [self.net.params[k] for k in self._keys])
         with torch.no_grad():
             g = dict(zip(self._keys, grads, strict=True))
             feats = {k: v.detach() for k, v in features.items()}
-            updates, self.learner_state = self.learner.update(
-                g, self.learner_state, self._views, features=feats, loss=loss.detach(),
-                task_start=self._task_started)
-            self._task_started = False
-            if self._stopped is not None:
-                for u in updates.values():
-                    u[self._stopped] = 0.0
-            torch._foreach_add_([self._views[k] for k in self._keys],
-                                [updates[k] for k in self._keys])
-        return {"loss": loss.detach()}
+            self._apply(g, feats, loss.detach(), task_start)
+        return loss.detach()
+
+    def _apply(self, grads: dict[str, torch.Tensor], feats: dict[str, torch.Tensor],
+               loss: torch.Tensor, task_start: bool) -> None:
+        updates, self.learner_state = self.learner.update(
+            grads, self.learner_state, self._views, features=feats, loss=loss,
+            task_start=task_start)
+        torch._foreach_add_([self._views[k] for k in self._keys], [updates[k] for k in self._keys])
+
+    @torch.no_grad()
+    def _fast_step(self, flat: torch.Tensor, out: torch.Tensor, hs: list[torch.Tensor],
+                   zs: list[torch.Tensor] | None, target: torch.Tensor, task_start: bool
+                   ) -> torch.Tensor:
+        """Hand-written backward; the fused in-place update when the learner has one."""
+        loss, delta = self._loss_and_delta(out, target)
+        feats = {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
+        plan = self.plan
+        if plan is None:
+            grads = self.net.backward(delta, flat, hs, zs, self._views)
+            self._apply(grads, feats, loss, task_start)
+            return loss
+        defer = self._defer and flat.shape[1] <= kernels.MAX_BATCH
+        cols, first = self.net.backward_update_(delta, flat, hs, zs, plan.grad_scale,
+                                                plan.param_scale, plan.col_l1, self._views,
+                                                defer_first=defer)
+        if first is not None:
+            self._pending = (first, flat, plan.grad_scale, plan.param_scale)
+        if plan.post is not None:
+            params = _FlushOnRead(self._views, self._first, self._flush) if defer else self._views
+            self.learner_state = plan.post(self.learner_state, params, features=feats,
+                                           loss=loss, task_start=task_start, col_l1=cols)
+        return loss
 
     def diagnostics(self) -> dict[str, dict[str, torch.Tensor]]:
         """The learner's bookkeeping: ``{layer: {metric: (R,)}}`` (see ``LearnerDef``)."""
         return learner_diagnostics(self.learner_spec, self.learner_state)
 
+    def _probe_forward(self, obs: torch.Tensor) -> tuple[Any, ...]:
+        """``(flat, out, hs, zs)`` for a probe batch; reused while ``obs`` and the parameters
+        are unchanged (the probes of one call share one forward pass)."""
+        self._flush()
+        versions = tuple(v._version for v in self._views.values())
+        hit = self._probe_cache
+        if hit is not None and hit[0] is obs and hit[1] == versions:
+            return hit[2:]
+        flat = self._flat(obs)
+        with torch.no_grad():
+            out, hs, zs = self.net.forward_train(flat, self._views)
+        self._probe_cache = (obs, versions, flat, out, hs, zs)
+        return flat, out, hs, zs
+
     def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hidden activations ``{layer: (R, B, H)}`` for ``obs`` (no learning)."""
+        if self.spec.fast:
+            hs = self._probe_forward(obs)[2]
+            return {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
         with torch.no_grad():
-            return self.net.forward(obs.reshape(obs.shape[0], obs.shape[1], -1))[1]
+            return self.net.forward(self._flat(obs))[1]
 
     def probe_gradients(self, obs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gradients of each replica's mean loss on ``(obs, target)``; nothing is updated."""
-        flat = obs.reshape(obs.shape[0], obs.shape[1], -1)
+        target = target.to(self.device)
+        if self.spec.fast:
+            flat, out, hs, zs = self._probe_forward(obs)
+            with torch.no_grad():
+                delta = self._loss_and_delta(out, target)[1]
+                return self.net.backward(delta, flat, hs, zs, self._views)
         with torch.enable_grad():
-            out, _ = self.net.forward(flat)
+            out, _ = self.net.forward(self._flat(obs))
             loss = self.loss(out, target)
             grads = torch.autograd.grad(loss.sum(), [self.net.params[k] for k in self._keys])
         return dict(zip(self._keys, grads, strict=True))
@@ -159,21 +308,50 @@ class OnlineAgent:
         saved, flag = self.state_dict(), self._task_started
         self._task_started = False
         try:
-            before = self.observe(obs, self.act(obs), target)["loss"]
+            if self.spec.fast:
+                self._cache = (obs, *self._probe_forward(obs))
+                self._probe_cache = None
+                before = self.observe(obs, self._cache[2], target)["loss"]
+            else:
+                before = self.observe(obs, self.act(obs), target)["loss"]
             with torch.no_grad():
-                after = self.loss(self.net.forward(obs.reshape(*obs.shape[:2], -1))[0], target)
+                after = self.loss(self.net.forward(self._flat(obs))[0], target.to(self.device))
         finally:
             self.load_state_dict(saved)
             self._task_started = flag
-        return before, after
+        return before, self._host(after)
 
     def state_dict(self) -> dict[str, Any]:
         """Parameters and learner state as plain tensors (``weights_only``-loadable)."""
+        self._flush()
         return {"params": {k: v.clone() for k, v in self._views.items()},
                 "learner": [t.clone() for t in tree_leaves(self.learner_state)]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        self._pending = None  # overwritten anyway
         for k, v in self._views.items():
             v.copy_(state["params"][k])
         load_tree(self.learner_state, state["learner"])
+
+
+class _FlushOnRead(dict):
+    """The parameter dict a learner's post-update step gets while the input layer's update is
+    deferred: reading that layer's weights applies the update first."""
+
+    def __init__(self, params: dict[str, torch.Tensor], key: str, flush: Any) -> None:
+        super().__init__(params)
+        self._key, self._flush_fn = key, flush
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key == self._key:
+            self._flush_fn()
+        return super().__getitem__(key)
+
+    def values(self):  # noqa: D102 - dict's
+        self._flush_fn()
+        return super().values()
+
+    def items(self):  # noqa: D102 - dict's
+        self._flush_fn()
+        return super().items()

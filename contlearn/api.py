@@ -139,13 +139,18 @@ def resume(path: str | Path, *, tasks: int | None = None, steps: int | None = No
 
 #: keys that may change when a run is continued (its length and I/O settings)
 RESUMABLE_KEYS = ("tasks", "steps", "flush_rows", "flush_seconds", "checkpoint_every",
-                  "checkpoint_minutes", "checkpoint_keep")
+                  "checkpoint_minutes", "checkpoint_keep", "threads", "device", "fast")
+
+
+def changed_keys(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Config keys whose values differ, other than those a continued run may change."""
+    return sorted(k for k in set(stored) | set(new)
+                  if k not in RESUMABLE_KEYS and stored.get(k) != new.get(k))
 
 
 def _continue(path: Path, flat: dict[str, Any], progress: bool | None) -> RunResult:
     stored = read_config(path)
-    changed = sorted(k for k in set(stored) | set(flat)
-                     if k not in RESUMABLE_KEYS and stored.get(k) != flat.get(k))
+    changed = changed_keys(stored, flat)
     if changed:
         k = changed[0]
         raise RunDirError(f"{path} holds a run with {k}={stored.get(k)!r}, not {flat.get(k)!r}; "

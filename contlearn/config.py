@@ -53,14 +53,28 @@ class RunSpec:
     flush_rows: int = param(50_000, "metric rows buffered before a parquet part is written", low=1)
     flush_seconds: float = param(60.0, "longest time metric rows stay only in memory (s)",
                                  low=0.0)
+    threads: int = param(0, "intra-op CPU threads (0: auto, 1 for small networks, every core "
+                         "for large ones; see docs/performance.md)", low=0)
+    device: str = param("cpu", "torch device of the network and learner state (cpu, cuda, "
+                        "cuda:1, ...); streams stay on the CPU")
 
     def validate(self) -> None:
-        """Tasks and steps are alternatives."""
+        """Tasks and steps are alternatives; the device exists."""
         if self.tasks and self.steps:
             raise ConfigError(f"give tasks ({self.tasks}) or steps ({self.steps}), not both")
         from contlearn.probes import parse_probes
 
         parse_probes(self.probes)
+        import torch
+
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device={self.device!r} is not a torch device; e.g. cpu or "
+                              "cuda") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={self.device} but torch sees no CUDA device; use "
+                              "device=cpu")
 
 
 DEFAULT_TASKS = 100

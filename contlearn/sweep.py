@@ -302,14 +302,13 @@ def run_status(path: Path, expected: dict[str, Any]) -> str:
     Raises:
         RunDirError: the folder holds a run of another config (not only of another length).
     """
-    from contlearn.api import RESUMABLE_KEYS
+    from contlearn.api import changed_keys
     from contlearn.store import is_run_dir, read_config
 
     if not is_run_dir(path):
         return "new"
     stored = read_config(path)
-    changed = sorted(k for k in set(stored) | set(expected)
-                     if k not in RESUMABLE_KEYS and stored.get(k) != expected.get(k))
+    changed = changed_keys(stored, expected)
     if changed:
         k = changed[0]
         raise RunDirError(f"{path} holds a run with {k}={stored.get(k)!r}, not "

@@ -11,6 +11,10 @@ the data (each replica in its own order, reshuffled at each new pass). A task la
 Pixels are scaled to [0, 1]. The offline default data is the MNIST test set shipped in the
 package; ``dataset=full`` uses the 70k set from ``contlearn data download mnist``.
 
+Speed: examples are gathered for up to a few hundred steps at once (never past the end of the
+task or of the pass over the data, so no random number is drawn early); each step then hands
+out a view. The stream's state (``order``, ``pos``) stays that of the steps actually taken.
+
 Version History:
     * v0: initial version.
 """
@@ -29,6 +33,9 @@ from contlearn.errors import ConfigError
 from contlearn.spec import param
 
 _PIXELS = 784
+#: at most this many steps, and this many bytes of inputs, are gathered at once.
+_AHEAD_STEPS = 256
+_AHEAD_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class _MNISTStream(SupervisedStream):
         self.pos = self.num_examples  # forces a shuffle on the first draw
         self.info = StreamInfo(self.name, "classification", (_PIXELS,), 10,
                                spec.boundaries_visible, R, "accuracy")
+        self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None  # (n, R, B, ...) each
+        self._ahead_at = 0
 
     def _indices(self, batch_size: int) -> torch.Tensor:
         """Next ``batch_size`` example indices per replica: ``(R, B)``."""
@@ -92,7 +101,26 @@ class _MNISTStream(SupervisedStream):
         return self._examples(self._probe_indices(size))
 
     def _draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._examples(self._indices(batch_size))
+        if self._ahead is None or self._ahead_at == self._ahead[0].shape[0]:
+            self._ahead, self._ahead_at = self._gather_ahead(batch_size), 0
+        if self._ahead is None:
+            return self._examples(self._indices(batch_size))
+        i = self._ahead_at
+        self._ahead_at += 1
+        self.pos += batch_size
+        return self._ahead[0][i], self._ahead[1][i]
+
+    def _gather_ahead(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The examples of the next steps of this task and pass, ``((n, R, B, 784), (n, R, B))``
+        gathered at once from ``order`` (no random draws), or None if fewer than 2 steps fit."""
+        left_in_task = self.steps_per_task - self.step % self.steps_per_task
+        per_step = self.num_replicas * batch_size * _PIXELS * 4
+        n = min(_AHEAD_STEPS, left_in_task, (self.num_examples - self.pos) // batch_size,
+                max(1, _AHEAD_BYTES // per_step))
+        if n < 2:
+            return None
+        idx = self.order[:, self.pos : self.pos + n * batch_size]  # (R, n·B)
+        return self._examples(idx.reshape(self.num_replicas, n, batch_size).transpose(0, 1))
 
     def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -103,6 +131,7 @@ class _MNISTStream(SupervisedStream):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.order.copy_(state["order"])
         self.pos = int(state["pos"])
+        self._ahead = None
 
 
 class PermutedMNISTStream(_MNISTStream):
@@ -118,9 +147,9 @@ class PermutedMNISTStream(_MNISTStream):
         self.perm[replica] = torch.from_numpy(rng.permutation(_PIXELS))
 
     def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # idx: (R, B); pixel j of a permuted example is pixel perm[j] of the original:
+        # idx: (..., R, B); pixel j of a permuted example is pixel perm[j] of the original:
         # one flat gather.
-        flat = idx.unsqueeze(-1) * _PIXELS + self.perm.unsqueeze(1)  # (R, B, 784)
+        flat = idx.unsqueeze(-1) * _PIXELS + self.perm.unsqueeze(1)  # (..., R, B, 784)
         obs = self.images[flat].to(torch.float32).div_(255.0)
         return obs, self.labels[idx]
 
@@ -145,9 +174,10 @@ class LabelShuffledMNISTStream(_MNISTStream):
         self.label_map[replica] = torch.from_numpy(rng.permutation(10))
 
     def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = idx.unsqueeze(-1) * _PIXELS + torch.arange(_PIXELS)  # (R, B, 784)
+        flat = idx.unsqueeze(-1) * _PIXELS + torch.arange(_PIXELS)  # (..., R, B, 784)
         obs = self.images[flat].to(torch.float32).div_(255.0)
-        target = torch.gather(self.label_map, 1, self.labels[idx])  # (R, B)
+        rows = torch.arange(self.num_replicas).unsqueeze(1)  # (R, 1)
+        target = self.label_map[rows, self.labels[idx]]  # (..., R, B): map of each replica
         return obs, target
 
     def _extra_state(self) -> dict[str, Any]:

@@ -23,6 +23,12 @@ Steps 1–4 run for every layer first (all utilities see the same post-update we
 reference code), then steps 5–7 layer by layer from the input side. The replica's generator
 draws, per step: the stochastic-rounding uniforms (one per hidden layer, if used), then the
 fresh rows of each layer in layer order.
+
+Speed: steps 1–5 run for all layers at once (``torch._foreach_*``), and resets touch only the
+replaced rows and columns. When the inner chain is fusable (:mod:`contlearn.learners.fused`:
+SGD, L2, ...) the transform is too: the agent applies the inner update in place and calls the
+same steps 1–7 on the updated weights, passing the outgoing-weight magnitudes it computed while
+updating them (``col_l1``).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from contlearn import kernels
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
+from contlearn.learners.fused import FusedPlan, declare_fused, fused_plan
 from contlearn.learners.resets import UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import draw, replica_rng_states
 
@@ -102,7 +110,20 @@ def continual_backprop(inner: GradientTransformation, network: Any, seeds: Seque
     _check(replacement_rate, maturity, decay, utility, rounding)
     cbp = _ContinualBackprop(inner, network, list(seeds), replacement_rate, maturity, decay,
                              utility, bias_folding, rounding, rng_stream)
-    return GradientTransformation(cbp.init, cbp.update)
+    return declare_fused(GradientTransformation(cbp.init, cbp.update), cbp.fused)
+
+
+def _need_features(features: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    if features is None:
+        raise ValueError("continual_backprop needs the hidden activations: "
+                         "update(..., features={layer: (R, B, H)})")
+    return features
+
+
+def _batch_mean(h: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch dim of ``(..., B, H)``; a view when B = 1 (the mean of one
+    value is itself)."""
+    return h.select(-2, 0) if h.shape[-2] == 1 else h.mean(-2)
 
 
 class _ContinualBackprop:
@@ -117,58 +138,197 @@ class _ContinualBackprop:
         self.rng_stream = rng_stream
         self.layers = [(layer.name, layer.next) for layer in network.hidden_layers]
         self.names = [n for n, _ in self.layers]
+        self.nonnegative = getattr(network, "activation", None) == "relu"
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def init(self, params: Params) -> CBPState:
-        """Zero statistics, the inner chain's state and the replicas' generators."""
-        zeros = lambda: {n: torch.zeros_like(params[f"{n}.bias"]) for n in self.names}  # noqa: E731
-        carry = {n: torch.zeros(params[f"{n}.bias"].shape[0], dtype=torch.float64)
-                 for n in self.names}
+        """Zero statistics, the inner chain's state and the replicas' generators. When every
+        hidden layer has the same width, each per-layer dict holds views into one stacked
+        tensor, so that steps 1–5 are a few ops for all layers together."""
+        bias = params[f"{self.names[0]}.bias"]  # (R, H)
+        stacked = len({params[f"{n}.bias"].shape for n in self.names}) == 1
+
+        def per_layer(shape: Sequence[int], dtype: torch.dtype) -> Params:
+            if stacked:
+                buf = torch.zeros(len(self.names), *shape, dtype=dtype, device=bias.device)
+                return {n: buf[i] for i, n in enumerate(self.names)}
+            return {n: torch.zeros(params[f"{n}.bias"].shape[: len(shape)], dtype=dtype,
+                                   device=bias.device) for n in self.names}
+
         return CBPState(self.inner.init(params), replica_rng_states(self.seeds, self.rng_stream),
-                        zeros(), zeros(), carry, unit_stats(params, self.names))
+                        per_layer(bias.shape, bias.dtype), per_layer(bias.shape, bias.dtype),
+                        per_layer(bias.shape[:1], torch.float64),
+                        unit_stats(params, self.names, stacked))
 
     def update(self, grads: Params, state: CBPState, params: Params, *,
                features: dict[str, torch.Tensor] | None = None, **extra: Any
                ) -> tuple[Params, CBPState]:
         """The inner update, then steps 1–7 on the post-update parameters."""
-        if features is None:
-            raise ValueError("continual_backprop needs the hidden activations: "
-                             "update(..., features={layer: (R, B, H)})")
+        features = _need_features(features)
         updates, inner_state = self.inner.update(grads, state.inner, params, features=features,
                                                  **extra)
-        f_hats = [self._test(state, params, updates, n, nxt, features[n])
-                  for n, nxt in self.layers]
-        uniforms = self._uniforms(state.rng) if self.rounding == "stochastic" else None
-        for i, (name, f_hat) in enumerate(zip(self.names, f_hats, strict=True)):
-            mask = self._select(state, name, None if uniforms is None else uniforms[:, i])
-            if bool(mask.any()):
-                updates = reset_units(params, updates, inner_state, self.network, name, mask,
-                                      state.rng, fold=f_hat if self.bias_folding else None)
-                for t in (state.stats.age[name], state.mean_act[name], state.utility[name],
-                          state.stats.utility[name]):
-                    t.masked_fill_(mask, 0)
-                state.stats.replacements[name].add_(mask.sum(1))
-        return updates, state._replace(inner=inner_state)
+        return self._steps(state._replace(inner=inner_state), params, updates, features, None)
 
-    def _test(self, state: CBPState, params: Params, updates: Params, name: str, nxt: str,
-              h: torch.Tensor) -> torch.Tensor:
-        """Steps 1–4 for one layer (``h``: ``(R, B, H)``); returns f̂ ``(R, H)``."""
-        decay = self.decay
-        age, f, u = state.stats.age[name], state.mean_act[name], state.utility[name]
-        age.add_(1)
-        f.mul_(decay).add_(h.mean(1), alpha=1.0 - decay)
-        correction = 1.0 - torch.pow(decay, age.to(f.dtype))  # (R, H)
-        f_hat = f / correction
-        w_next = params[f"{nxt}.weight"] + updates[f"{nxt}.weight"]  # (R, K, H)
-        out_mag = w_next.abs().sum(1)  # (R, H)
-        if self.utility == "contribution":
-            y = h.abs().mean(1) * out_mag
+    def fused(self) -> FusedPlan | None:
+        """The fused form: the inner chain's, with steps 1–7 as the post (None if the inner
+        chain has no fused form)."""
+        inner = fused_plan(self.inner)
+        if inner is None:
+            return None
+        inner_post = inner.post
+
+        def post(state: CBPState, params: Params, *, features: dict | None = None,
+                 col_l1: dict | None = None, **extra: Any) -> CBPState:
+            features = _need_features(features)
+            if inner_post is not None:  # e.g. noise: the magnitudes computed before are stale
+                state = state._replace(inner=inner_post(state.inner, params, features=features,
+                                                        col_l1=col_l1, **extra))
+                col_l1 = None
+            return self._steps(state, params, None, features, col_l1)[1]
+
+        col = () if inner_post is not None else tuple(f"{nxt}.weight" for _, nxt in self.layers)
+        return FusedPlan(inner.grad_scale, inner.param_scale, post, col)
+
+    def _steps(self, state: CBPState, params: Params, updates: Params | None,
+               features: dict[str, torch.Tensor], col_l1: dict | None
+               ) -> tuple[Params, CBPState]:
+        """Steps 1–7 on ``params + updates`` (``updates=None``: params are already updated)."""
+        if self._compiled(state, features):
+            counts = self._compiled_steps(state, params, updates, features, col_l1 or {})
         else:
-            w_in = params[f"{name}.weight"] + updates[f"{name}.weight"]  # (R, H, D)
-            in_mag = w_in.abs().mean(2).clamp_min(torch.finfo(w_in.dtype).tiny)
-            y = (h - f_hat.unsqueeze(1)).abs().mean(1) * out_mag / in_mag
-        u.mul_(decay).add_(y, alpha=1.0 - decay)
-        torch.div(u, correction, out=state.stats.utility[name])
-        return f_hat
+            self._test(state, params, updates, features, col_l1 or {})
+            uniforms = self._uniforms(state.rng) if self.rounding == "stochastic" else None
+            counts = self._counts(state, uniforms)
+        if counts is None:
+            return updates, state
+        for name, k in zip(self.names, counts, strict=True):
+            mask = self._select(state, name, k)
+            if mask is None:
+                continue
+            correction = self._correction(state.stats.age[name], state.mean_act[name].dtype)
+            fold = state.mean_act[name] / correction if self.bias_folding else None  # f̂
+            updates = reset_units(params, updates, state.inner, self.network, name, mask,
+                                  state.rng, fold=fold)
+            for t in (state.stats.age[name], state.mean_act[name], state.utility[name],
+                      state.stats.utility[name]):
+                t.masked_fill_(mask, 0)
+            state.stats.replacements[name].add_(mask.sum(1))
+        return updates, state
+
+    def _compiled(self, state: CBPState, features: dict[str, torch.Tensor]) -> bool:
+        """Whether steps 1–5 can run in the compiled kernel (default utility, carry rounding,
+        CPU float32 contiguous state)."""
+        if self.utility != "contribution" or self.rounding != "carry" or \
+                kernels.library() is None:
+            return False
+        n = self.names[0]
+        f, h = state.mean_act[n], features[n]
+        return (f.device.type == "cpu" and f.dtype == torch.float32 and h.dtype == f.dtype
+                and len(self._correction_table(f.dtype, f.device)) > 0
+                and all(state.mean_act[m].is_contiguous() and state.utility[m].is_contiguous()
+                        and state.stats.utility[m].is_contiguous()
+                        and state.stats.age[m].is_contiguous() for m in self.names))
+
+    def _compiled_steps(self, state: CBPState, params: Params, updates: Params | None,
+                        features: dict[str, torch.Tensor], col_l1: dict
+                        ) -> list[torch.Tensor] | None:
+        """Steps 1–5 with :func:`contlearn.kernels.cbp_stats_`, one call per layer (the same
+        formulas as :meth:`_test` and :meth:`_counts`)."""
+        counts, total = [], 0
+        for name, nxt in self.layers:
+            table = self._correction_table(state.mean_act[name].dtype, state.mean_act[name].device)
+            out = self._out_mag(params, updates, f"{nxt}.weight", col_l1)
+            k, n = kernels.cbp_stats_(
+                state.stats.age[name], state.mean_act[name], state.utility[name],
+                state.stats.utility[name], features[name], out, state.carry[name],
+                state.stats.eligible[name], self.decay, self.maturity, self.rate, table,
+                self.nonnegative)
+            counts.append(k)
+            total += n
+        return counts if total else None
+
+    def _out_mag(self, params: Params, updates: Params | None, key: str, col_l1: dict
+                 ) -> torch.Tensor:
+        """``Σ_k |W[k, i]|`` of the post-update weight ``key`` ``(R, K, H)``: ``(R, H)``."""
+        if key in col_l1:
+            return col_l1[key]
+        w = params[key] if updates is None else torch.add(params[key], updates[key])
+        return w.abs().sum(1)
+
+    def _correction(self, age: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``1 − η^a`` for integer ages, read from a table of its values for a = 0, 1, ... up to
+        the first age where it is exactly 1 in ``dtype`` (it stays 1 after); the same numbers
+        as computing it per unit, without a ``pow`` per unit and step."""
+        table = self._correction_table(dtype, age.device)
+        if not len(table):
+            return torch.rsub(torch.pow(self.decay, age.to(dtype)), 1.0)
+        return torch.take(table, age.clamp(max=len(table) - 1))
+
+    def _correction_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``1 − η^a`` for a = 0, 1, ... up to where it is 1 for good (empty if it never is
+        within 2¹⁶ steps)."""
+        table = self._tables.get((dtype, device))
+        if table is None:
+            n = torch.arange(1 << 16, dtype=dtype, device=device)
+            table = torch.rsub(torch.pow(self.decay, n), 1.0)
+            ones = (table == 1.0).nonzero()
+            if len(ones) and bool((table[int(ones[0]):] == 1.0).all()):
+                table = table[: int(ones[0]) + 1].clone()
+            else:
+                table = torch.empty(0, dtype=dtype, device=device)  # no plateau: use pow
+            self._tables[(dtype, device)] = table
+        return table
+
+    def _group(self, d: Params) -> list[torch.Tensor]:
+        """``d``'s tensors for foreach ops: ``[stacked (L, ...)]`` if there are several layers
+        and they are consecutive views of one tensor (see :meth:`init`), else one per layer."""
+        ts = [d[n] for n in self.names]
+        base = ts[0]._base
+        if len(ts) > 1 and base is not None and base.shape[0] == len(ts) and all(
+                t._base is base and t.storage_offset() == i * base.stride(0)
+                for i, t in enumerate(ts)):
+            return [base]
+        return ts
+
+    def _like(self, group: list[torch.Tensor], ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-layer tensors ``ts`` grouped as ``group`` is (stacked or not)."""
+        return [torch.stack(ts)] if len(group) < len(ts) else ts
+
+    def _split(self, group: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The inverse of :meth:`_like`: one tensor per layer."""
+        return list(group[0].unbind(0)) if len(group) < len(self.names) else group
+
+    def _test(self, state: CBPState, params: Params, updates: Params | None,
+              features: dict[str, torch.Tensor], col_l1: dict) -> list[torch.Tensor]:
+        """Steps 1–4 for every layer; returns the bias corrections ``1 − η^a`` ``(R, H)``."""
+        decay, names = self.decay, self.names
+        ages, f = self._group(state.stats.age), self._group(state.mean_act)
+        u, u_hat = self._group(state.utility), self._group(state.stats.utility)
+        h = self._like(ages, [features[n] for n in names])  # (R, B, H) each, or stacked
+        torch._foreach_add_(ages, 1)
+        torch._foreach_lerp_(f, [_batch_mean(x) for x in h], 1.0 - decay)
+        correction = [self._correction(a, f[0].dtype) for a in ages]  # 1 − η^a
+        out_mag = [self._out_mag(params, updates, f"{nxt}.weight", col_l1)
+                   for _, nxt in self.layers]
+        if self.utility == "contribution":
+            act = h if self.nonnegative else [x.abs() for x in h]  # relu: |h| = h
+            y = torch._foreach_mul([_batch_mean(x) for x in act], self._like(ages, out_mag))
+        else:
+            f_hat = self._split(torch._foreach_div(f, correction))
+            y = self._like(ages, [self._adaptable(params, updates, n, features[n], fh, om)
+                                  for n, fh, om in zip(names, f_hat, out_mag, strict=True)])
+        torch._foreach_lerp_(u, y, 1.0 - decay)
+        for uh, uu, c in zip(u_hat, u, correction, strict=True):
+            torch.div(uu, c, out=uh)
+        return self._split(correction)
+
+    def _adaptable(self, params: Params, updates: Params | None, name: str, h: torch.Tensor,
+                   f_hat: torch.Tensor, out_mag: torch.Tensor) -> torch.Tensor:
+        """``mean_b |h − f̂| · Σ_k |W_{l+1}[k, i]| / mean_j |W_l[i, j]|``: ``(R, H)``."""
+        key = f"{name}.weight"
+        w_in = params[key] if updates is None else params[key] + updates[key]  # (R, H, D)
+        in_mag = w_in.abs().mean(2).clamp_min(torch.finfo(w_in.dtype).tiny)
+        return (h - f_hat.unsqueeze(1)).abs().mean(1) * out_mag / in_mag
 
     def _uniforms(self, rng: torch.Tensor) -> torch.Tensor:
         """One U[0, 1) per hidden layer per replica for stochastic rounding: ``(R, L)``."""
@@ -176,28 +336,38 @@ class _ContinualBackprop:
         return torch.stack([draw(rng, r, lambda g: torch.rand(L, generator=g, dtype=torch.float64))
                             for r in range(rng.shape[0])])
 
-    def _count(self, state: CBPState, name: str, n_eligible: torch.Tensor,
-               uniform: torch.Tensor | None) -> torch.Tensor:
-        """Step 5: how many units each replica replaces, ``(R,)`` int64."""
-        grown = self.rate * n_eligible.to(torch.float64)
-        if uniform is None:
-            carry = state.carry[name]
-            carry.add_(grown)
-            k = carry.floor()
-            carry.sub_(k)
+    def _counts(self, state: CBPState, uniforms: torch.Tensor | None
+                ) -> list[torch.Tensor] | None:
+        """Step 5 for every layer: ``(R,)`` int64 units to replace per layer, or None if no
+        layer of any replica replaces anything this step. (``k ≤ |E|`` always: the carry is
+        below 1 before it grows by ``ρ|E| ≤ |E|``.)"""
+        ages, eligible = self._group(state.stats.age), self._group(state.stats.eligible)
+        for a, e in zip(ages, eligible, strict=True):
+            torch.sum(a > self.maturity, -1, out=e)  # (R,) each, or (L, R)
+        grown = [e.to(torch.float64).mul_(self.rate) for e in eligible]
+        if uniforms is None:
+            carry = self._group(state.carry)
+            torch._foreach_add_(carry, grown)
+            k = torch._foreach_floor(carry)
+            torch._foreach_sub_(carry, k)
         else:
-            k = (grown + uniform).floor()
-        return torch.minimum(k.to(torch.int64), n_eligible)
+            uni = uniforms.to(grown[0].device).T.contiguous()  # (L, R)
+            k = torch._foreach_floor(torch._foreach_add(grown, self._like(ages, list(uni))))
+        if not any(bool(t.any()) for t in k):
+            return None
+        return self._split([t.to(torch.int64) for t in k])
 
-    def _select(self, state: CBPState, name: str, uniform: torch.Tensor | None) -> torch.Tensor:
-        """Steps 5–6 for one layer: the ``(R, H)`` mask of units to replace."""
-        eligible = state.stats.age[name] > self.maturity  # (R, H)
-        n_eligible = eligible.sum(1)
-        state.stats.eligible[name].copy_(n_eligible)
-        k = self._count(state, name, n_eligible, uniform)
-        if not bool(k.any()):
-            return torch.zeros_like(eligible)
-        scores = state.stats.utility[name].masked_fill(~eligible, float("inf"))
+    def _select(self, state: CBPState, name: str, k: torch.Tensor) -> torch.Tensor | None:
+        """Step 6 for one layer: the ``(R, H)`` mask of the k lowest-û eligible units (ties:
+        lowest index), or None if ``k`` is 0 everywhere."""
+        most = int(k.max())
+        if most == 0:
+            return None
+        age = state.stats.age[name]  # (R, H)
+        scores = state.stats.utility[name].masked_fill(age <= self.maturity, float("inf"))
+        mask = torch.zeros(age.shape, dtype=torch.bool, device=age.device)
+        if most == 1:  # the usual case: argmin returns the first (lowest-index) minimum
+            return mask.scatter_(1, scores.argmin(1, keepdim=True), (k > 0).unsqueeze(1))
         order = torch.sort(scores, dim=1, stable=True).indices  # ties: lowest index first
-        ranks = torch.arange(eligible.shape[1]).unsqueeze(0) < k.unsqueeze(1)
-        return torch.zeros_like(eligible).scatter_(1, order, ranks)
+        ranks = torch.arange(age.shape[1], device=k.device).unsqueeze(0) < k.unsqueeze(1)
+        return mask.scatter_(1, order, ranks)

@@ -5,15 +5,26 @@ Both match ``torch.optim.SGD`` / ``torch.optim.Adam`` to float tolerance on the 
 after Adam is AdamW; see :mod:`contlearn.learners.regularizers`). Adam keeps a **per-element**
 step count so that a reset transform can restart the bias correction of exactly the weights it
 re-initialises.
+
+Speed: ``scale`` declares itself fusable (:mod:`contlearn.learners.fused`), so plain SGD can be
+applied in place by the agent. Adam on CPU float32 tensors runs in one pass per tensor in the
+compiled kernel (:mod:`contlearn.kernels`; bias corrections read from tables of ``1 − βᵗ``).
+Otherwise (other devices, no compiler) it takes torch ops, where the per-element bias
+corrections cost several passes; while a tensor's counts are all equal (no reset has touched
+it: checked through the tensor's version counter, or with one min/max pass after someone else
+wrote to it) the corrections are scalars instead. Every form computes the same formula.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, NamedTuple
 
 import torch
 
+from contlearn import kernels
 from contlearn.learners.base import GradientTransformation, Params, chain, stateless
+from contlearn.learners.fused import FusedPlan, declare_fused
 
 
 def scale(factor: float) -> GradientTransformation:
@@ -23,7 +34,7 @@ def scale(factor: float) -> GradientTransformation:
         keys = list(grads)
         return dict(zip(keys, torch._foreach_mul([grads[k] for k in keys], factor), strict=True))
 
-    return stateless(fn)
+    return declare_fused(stateless(fn), lambda: FusedPlan(factor, 0.0))
 
 
 class TraceState(NamedTuple):
@@ -59,12 +70,46 @@ class ScaleByAdamState(NamedTuple):
     nu: Params
 
 
+class _UniformCounts:
+    """Remembers, per count tensor, whether all its elements are equal and to what.
+
+    Valid while the tensor's version counter is the one seen after our own increment; any
+    other in-place write (a reset, ``load_state_dict``) invalidates it and costs one check.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[weakref.ref, int, float | None]] = {}
+
+    def value(self, n: torch.Tensor) -> float | None:
+        """The common value of ``n``'s elements, or None if they differ."""
+        seen = self._seen.get(id(n))
+        if seen is not None and seen[0]() is n and seen[1] == n._version:
+            return seen[2]
+        if n.numel() == 0:
+            return None
+        lo, hi = torch.aminmax(n)
+        return float(lo) if bool(lo == hi) else None
+
+    def record(self, n: torch.Tensor, value: float | None) -> None:
+        """After our increment: ``n`` holds ``value`` everywhere (or mixed values, None)."""
+        if len(self._seen) > 1024:  # forget tensors that no longer exist
+            self._seen = {k: s for k, s in self._seen.items() if s[0]() is not None}
+        self._seen[id(n)] = (weakref.ref(n), n._version, value)
+
+
+def _corrections(b1: float, b2: float, t: float) -> tuple[float, float]:
+    """``1 − β1ᵗ`` and ``√(1 − β2ᵗ)`` in float32, as the per-element form computes them."""
+    n = torch.full((1,), t)
+    return float(1.0 - torch.pow(b1, n)), float((1.0 - torch.pow(b2, n)).sqrt_())
+
+
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Adam's direction ``m̂ / (√v̂ + ε)`` with per-element bias correction.
 
     ``m ← β1 m + (1−β1) g``, ``v ← β2 v + (1−β2) g²``, ``n ← n + 1`` per element;
     ``u = (m / (1−β1ⁿ)) / (√v / √(1−β2ⁿ) + ε)`` (Kingma & Ba 2015, in torch.optim's order).
     """
+    uniform = _UniformCounts()
 
     def init(params: Params) -> ScaleByAdamState:
         zeros = lambda: {k: torch.zeros_like(v) for k, v in params.items()}  # noqa: E731
@@ -76,16 +121,28 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         n = [state.count[k] for k in keys]
         m = [state.mu[k] for k in keys]
         v = [state.nu[k] for k in keys]
+        if all(kernels.adam_applies(*ts) for ts in zip(g, m, v, n, strict=True)):
+            out = [kernels.adam_direction_(*ts, b1, b2, eps) for ts in
+                   zip(g, m, v, n, strict=True)]
+            return dict(zip(keys, out, strict=True)), state
+        before = [uniform.value(ni) for ni in n]
         torch._foreach_add_(n, 1.0)
         torch._foreach_lerp_(m, g, 1.0 - b1)
         torch._foreach_mul_(v, b2)
         torch._foreach_addcmul_(v, g, g, value=1.0 - b2)
+        denom = torch._foreach_sqrt(v)
         out = []
-        for ni, mi, vi in zip(n, m, v, strict=True):
-            bc1 = 1.0 - torch.pow(b1, ni)
-            bc2 = 1.0 - torch.pow(b2, ni)
-            denom = vi.sqrt().div_(bc2.sqrt_()).add_(eps)
-            out.append(mi.div(bc1).div_(denom))
+        for ni, mi, di, t in zip(n, m, denom, before, strict=True):
+            uniform.record(ni, None if t is None else t + 1.0)
+            if t is not None:  # one count for the whole tensor: scalar corrections
+                bc1, bc2 = _corrections(b1, b2, t + 1.0)
+                di.div_(bc2).add_(eps)
+                out.append(mi.div(bc1).div_(di))
+                continue
+            bc1 = torch.pow(b1, ni).neg_().add_(1.0)
+            bc2 = torch.pow(b2, ni).neg_().add_(1.0).sqrt_()
+            di.div_(bc2).add_(eps)
+            out.append(mi.div(bc1).div_(di))
         return dict(zip(keys, out, strict=True)), state
 
     return GradientTransformation(init, update)

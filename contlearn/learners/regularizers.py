@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from contlearn.learners.base import AnchorState, GradientTransformation, Params, stateless
+from contlearn.learners.fused import FusedPlan, declare_fused
 from contlearn.learners.rng import draw, replica_rng_states
 
 
@@ -45,7 +46,7 @@ def add_l2(weight_decay: float) -> GradientTransformation:
                                  alpha=weight_decay)
         return dict(zip(keys, out, strict=True))
 
-    return stateless(fn)
+    return declare_fused(stateless(fn), lambda: FusedPlan(1.0, weight_decay))
 
 
 def add_decayed_weights(weight_decay: float, lr: float = 1.0) -> GradientTransformation:
@@ -68,7 +69,7 @@ def add_decayed_weights(weight_decay: float, lr: float = 1.0) -> GradientTransfo
                                  alpha=-rate)
         return dict(zip(keys, out, strict=True))
 
-    return stateless(fn)
+    return declare_fused(stateless(fn), lambda: FusedPlan(1.0, -rate))
 
 
 def _anchor(params: Params) -> AnchorState:
@@ -95,6 +96,10 @@ def add_l2_init(weight_decay: float) -> GradientTransformation:
     return GradientTransformation(_anchor, update)
 
 
+#: above this many bytes of noise for all replicas, the fused form draws replica by replica.
+_NOISE_BYTES = 64 << 20
+
+
 class ShrinkPerturbState(NamedTuple):
     """Each replica's generator state ``(R, S)`` (see :mod:`contlearn.learners.rng`)."""
 
@@ -102,12 +107,16 @@ class ShrinkPerturbState(NamedTuple):
 
 
 def _noise(rng: torch.Tensor, params: Params, keys: list[str]) -> list[torch.Tensor]:
-    """Fresh N(0, 1) noise shaped like ``params[k]`` for every key, replica by replica."""
+    """Fresh N(0, 1) noise shaped like ``params[k]`` for every key, replica by replica: one
+    ``randn`` of all of replica r's parameters (in ``keys`` order) from its generator, drawn
+    on the CPU (so every device sees the same numbers) and moved to the parameters' device."""
     sizes = [params[k][0].numel() for k in keys]
     R = rng.shape[0]
-    flat = torch.empty(R, sum(sizes), dtype=params[keys[0]].dtype)  # (R, total)
+    flat = torch.empty(R, sum(sizes))  # (R, total), float32 as randn's default
     for r in range(R):
-        flat[r] = draw(rng, r, lambda g: torch.randn(sum(sizes), generator=g))
+        draw(rng, r, lambda g, row=flat[r]: torch.randn(row.shape, generator=g, out=row))
+    first = params[keys[0]]
+    flat = flat.to(device=first.device, dtype=first.dtype)
     return [c.reshape(params[k].shape) for c, k in
             zip(torch.split(flat, sizes, dim=1), keys, strict=True)]
 
@@ -141,7 +150,30 @@ def shrink_perturb(shrink: float, sigma: float, seeds: Sequence[int],
             torch._foreach_add_(out, _noise(state.rng, params, keys), alpha=sigma)
         return dict(zip(keys, out, strict=True)), state
 
-    return GradientTransformation(init, update)
+    def perturb(state: ShrinkPerturbState, params: Params, **extra: Any) -> ShrinkPerturbState:
+        """Fused form: the agent applied the shrink; add ``σε`` to θ in place (the same draws
+        as :func:`_noise`; replica by replica through one reused buffer when all replicas'
+        noise would be large)."""
+        if not sigma:
+            return state
+        keys = list(params)
+        sizes = [params[k][0].numel() for k in keys]
+        R = state.rng.shape[0]
+        if R == 1 or R * sum(sizes) * 4 <= _NOISE_BYTES:
+            torch._foreach_add_([params[k] for k in keys], _noise(state.rng, params, keys),
+                                alpha=sigma)
+            return state
+        buf = torch.empty(sum(sizes))
+        for r in range(R):
+            draw(state.rng, r, lambda g: torch.randn(buf.shape, generator=g, out=buf))
+            noise = buf.to(device=params[keys[0]].device, dtype=params[keys[0]].dtype)
+            torch._foreach_add_([params[k][r] for k in keys],
+                                [c.view(params[k].shape[1:]) for c, k in
+                                 zip(torch.split(noise, sizes), keys, strict=True)], alpha=sigma)
+        return state
+
+    return declare_fused(GradientTransformation(init, update),
+                         lambda: FusedPlan(1.0 - shrink, -shrink, perturb))
 
 
 class ShrinkTowardInitState(NamedTuple):

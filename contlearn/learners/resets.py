@@ -49,7 +49,7 @@ def materialize(params: Params, updates: Params, names: Sequence[str]) -> Params
 def _fresh_rows(network: Any, layer: str, mask: torch.Tensor, rng: torch.Tensor,
                 init_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """New incoming weights and biases for the masked units, replica by replica, stacked in
-    ``mask``'s row-major order (replica, then unit): ``((N, fan_in), (N,))``."""
+    ``mask``'s row-major order (replica, then unit): ``((N, fan_in), (N,))``, on the CPU."""
     ws, bs = [], []
     for r, k in enumerate(mask.sum(1).tolist()):
         if k:
@@ -59,14 +59,17 @@ def _fresh_rows(network: Any, layer: str, mask: torch.Tensor, rng: torch.Tensor,
     return torch.cat(ws), torch.cat(bs)
 
 
-def reset_units(params: Params, updates: Params, inner_state: Any, network: Any, layer: str,
-                mask: torch.Tensor, rng: torch.Tensor, *, fold: torch.Tensor | None = None,
-                init_bias: bool = False) -> Params:
+def reset_units(params: Params, updates: Params | None, inner_state: Any, network: Any,
+                layer: str, mask: torch.Tensor, rng: torch.Tensor, *,
+                fold: torch.Tensor | None = None, init_bias: bool = False) -> Params | None:
     """Re-initialise the units ``mask`` of ``layer`` (see the module docstring).
+
+    Only the replaced rows and columns are read or written (index ops, not whole-tensor masks).
 
     Args:
         params: the parameters (edited in place).
-        updates: the inner chain's updates; returned with zeros where ``params`` was set.
+        updates: the inner chain's updates; returned with zeros where ``params`` was set. None
+            when ``params`` already hold the post-update values (fused updates).
         inner_state: the inner chain's state (optimizer state and anchors edited in place).
         network: has ``by_name`` (``Layer`` with ``next``) and ``sample_init``.
         layer: the layer whose units are reset.
@@ -76,33 +79,33 @@ def reset_units(params: Params, updates: Params, inner_state: Any, network: Any,
         init_bias: redraw incoming biases from the init instead of zeroing them.
 
     Returns:
-        The updates to return to the agent.
+        The updates to return to the agent (None if ``updates`` was None).
     """
     if not bool(mask.any()):
         return updates
     nxt = network.by_name[layer].next
     w, b = f"{layer}.weight", f"{layer}.bias"
-    names = [w, b] + ([f"{nxt}.weight", f"{nxt}.bias"] if nxt is not None else [])
-    updates = materialize(params, updates, names)
+    wn, bn = f"{nxt}.weight", f"{nxt}.bias"
+    if updates is not None:
+        updates = materialize(params, updates, [w, b] + ([wn, bn] if nxt is not None else []))
     new_w, new_b = _fresh_rows(network, layer, mask, rng, init_bias)
-    params[w][mask] = new_w.to(params[w].dtype)  # (R, H, D)[mask] = (N, D)
-    params[b][mask] = new_b.to(params[b].dtype)
+    r, i = mask.nonzero(as_tuple=True)  # (N,) each, row-major as the fresh rows
+    params[w][r, i] = new_w.to(params[w])  # rows W_l[i, :]
+    params[b][r, i] = new_b.to(params[b])
+    rows = {w: (r, i), b: (r, i)}
     if nxt is not None:
-        w_next = params[f"{nxt}.weight"]  # (R, K, H)
+        cols = (r, slice(None), i)  # columns W_{l+1}[:, i] as (N, K)
         if fold is not None:
-            chosen = torch.where(mask, fold, torch.zeros_like(fold))  # (R, H), 0 elsewhere
-            folded = torch.bmm(w_next, chosen.unsqueeze(-1)).squeeze(-1)  # (R, K)
-            params[f"{nxt}.bias"].add_(folded)
-        w_next.masked_fill_(mask.unsqueeze(1), 0.0)
-    masks = {w: mask.unsqueeze(-1), b: mask}
-    if nxt is not None:
-        masks[f"{nxt}.weight"] = mask.unsqueeze(1)
+            contrib = params[wn][cols] * fold[r, i].unsqueeze(1)  # (N, K)
+            params[bn].index_add_(0, r, contrib)
+        params[wn][cols] = 0.0
+        rows[wn] = cols
     for s in per_param_state(inner_state, params):
-        for n, m in masks.items():
-            s[n].masked_fill_(m, 0)
+        for n, index in rows.items():
+            s[n][index] = 0
     for anchor in find_states(inner_state, AnchorState):
-        for n, m in masks.items():
-            anchor.anchor[n].copy_(torch.where(m, params[n], anchor.anchor[n]))
+        for n, index in rows.items():
+            anchor.anchor[n][index] = params[n][index]
     return updates
 
 
@@ -122,16 +125,23 @@ class UnitStats(NamedTuple):
     replacements: Params
 
 
-def unit_stats(params: Params, layers: Sequence[str]) -> UnitStats:
-    """Zeroed :class:`UnitStats` for ``layers`` (shapes from ``params``)."""
-    def per_unit(dtype: torch.dtype) -> Params:
-        return {n: torch.zeros(params[f"{n}.bias"].shape, dtype=dtype) for n in layers}
+def unit_stats(params: Params, layers: Sequence[str], stacked: bool = False) -> UnitStats:
+    """Zeroed :class:`UnitStats` for ``layers`` (shapes from ``params``).
 
-    def per_replica() -> Params:
-        return {n: torch.zeros(params[f"{n}.bias"].shape[0], dtype=torch.int64) for n in layers}
+    With ``stacked`` (all layers the same width), each dict's entries are views into one
+    ``(L, R, H)`` (or ``(L, R)``) tensor, so per-step bookkeeping can be one op for all layers.
+    """
+    bias = params[f"{layers[0]}.bias"]
 
-    return UnitStats(per_unit(torch.int64), per_unit(params[f"{layers[0]}.bias"].dtype),
-                     per_replica(), per_replica())
+    def make(shape: Sequence[int], dtype: torch.dtype) -> Params:
+        if stacked:
+            buf = torch.zeros(len(layers), *shape, dtype=dtype, device=bias.device)
+            return {n: buf[i] for i, n in enumerate(layers)}
+        return {n: torch.zeros(params[f"{n}.bias"].shape[: len(shape)], dtype=dtype,
+                               device=bias.device) for n in layers}
+
+    return UnitStats(make(bias.shape, torch.int64), make(bias.shape, bias.dtype),
+                     make(bias.shape[:1], torch.int64), make(bias.shape[:1], torch.int64))
 
 
 def reset_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
@@ -144,7 +154,8 @@ def reset_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
     for stats in find_states(state, UnitStats):
         for layer, age in stats.age.items():
             util = stats.utility[layer].to(torch.float64)
-            q = torch.quantile(util, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), dim=1)
+            q = torch.quantile(util, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64,
+                                                  device=util.device), dim=1)
             out.setdefault(layer, {}).update({
                 "replacements": stats.replacements[layer].clone(),
                 "eligible_units": stats.eligible[layer].clone(),
@@ -182,16 +193,17 @@ def head_reset(inner: GradientTransformation, network: Any, seeds: Sequence[int]
     """
 
     def init(params: Params) -> HeadResetState:
-        R = params[f"{layer}.bias"].shape[0]
+        bias = params[f"{layer}.bias"]
         return HeadResetState(inner.init(params), replica_rng_states(seeds, rng_stream),
-                              torch.zeros(R, dtype=torch.int64))
+                              torch.zeros(bias.shape[0], dtype=torch.int64, device=bias.device))
 
     def update(grads: Params, state: HeadResetState, params: Params, *,
                task_start: bool = False, **extra: Any):
         updates, inner_state = inner.update(grads, state.inner, params, task_start=task_start,
                                             **extra)
         if task_start:
-            mask = torch.ones(params[f"{layer}.bias"].shape, dtype=torch.bool)  # (R, C)
+            bias = params[f"{layer}.bias"]
+            mask = torch.ones(bias.shape, dtype=torch.bool, device=bias.device)  # (R, C)
             updates = reset_units(params, updates, inner_state, network, layer, mask, state.rng,
                                   init_bias=True)
             state.resets.add_(1)

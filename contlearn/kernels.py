@@ -1,0 +1,475 @@
+"""Optional compiled kernels for the online step: a few C loops that each do in one pass over
+the weights what torch ops do in several.
+
+Online learning at batch size 1 is bound by memory traffic and per-call overhead, not
+arithmetic. The loops (C source below, ``_SOURCE``):
+
+- ``cl_layer_update``: one layer's backward pass, SGD-form update and column norms in one read
+  and one write of each weight (torch: a pass each, two more for ``Σ_k |W[k, i]|``)::
+
+      below[r, b, :] = Σ_k d[r, b, k] · W[r, k, :]           (with W before the update)
+      W[r, k, :]     = (1 + β) · W[r, k, :] + α · Σ_b d[r, b, k] · h[r, b, :]
+      col[r, :]      = Σ_k |W[r, k, :]|                        (after the update)
+
+- ``cl_input_layer``: the input layer's deferred update applied together with the next forward
+  pass's dot products (the input layer needs no backward pass, so its weights are then read and
+  written once per step instead of three times);
+- ``cl_cbp_stats``: continual backprop's steps 1–5 for one layer in one call;
+- ``cl_adam``: Adam's moments, per-element counts and direction in one pass per tensor.
+
+They are compiled on first use with the system C compiler (well under a second) and cached in
+``<contlearn cache>/kernels``; without a compiler, on other devices or dtypes, or with
+``CONTLEARN_KERNELS=0``, callers use torch ops instead (same results up to float rounding; the
+tests compare both with the autograd reference). Arithmetic is explicit (``fmaf`` where fused,
+no other contraction: ``-ffp-contract=off``), an update gives the same bits whichever loop
+applies it, and sums run in fixed chunks and a fixed order, so results depend neither on the
+number of threads nor on the number of replicas.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Row k of a weight matrix: w = scale * w + alpha * Σ_b d[b, k] h[b, :] (the same arithmetic
+   wherever an update is applied, so deferring it does not change a bit). */
+static void update_row(float* row, const float* d, const float* h, int64_t B, int64_t K,
+                       int64_t H, int64_t k, float alpha, float scale) {
+  if (B == 1) {
+    const float ad = alpha * d[k];
+    for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, h[i], scale * row[i]);
+    return;
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < B; ++b) acc += d[b * K + k] * h[b * H + i];
+    row[i] = fmaf(alpha, acc, scale * row[i]);
+  }
+}
+
+/* Σ_i a[i] b[i] in sixteen fixed lanes (vectorisable, and the same order every time). */
+static float dot(const float* a, const float* b, int64_t n) {
+  float lane[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lane[j] += a[i + j] * b[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += lane[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+/* The input layer: apply a deferred update (pB > 0: pending d (R, pB, K), h (R, pB, H)), then
+   z[r, b, k] = bias[r, k] + W[r, k, :] · x[r, b, :] for new inputs (B > 0), reading and writing
+   each weight once. */
+void cl_input_layer(float* w, const float* pd, const float* ph, int64_t pB, float alpha,
+                    float scale, const float* x, const float* bias, float* z, int64_t B,
+                    int64_t R, int64_t K, int64_t H, int threads) {
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t job = 0; job < R * K; ++job) {
+    const int64_t r = job / K, k = job % K;
+    float* row = w + job * H;
+    if (pB) update_row(row, pd + r * pB * K, ph + r * pB * H, pB, K, H, k, alpha, scale);
+    for (int64_t b = 0; b < B; ++b)
+      z[(r * B + b) * K + k] = bias[r * K + k] + dot(row, x + (r * B + b) * H, H);
+  }
+}
+
+/* Batch 1, rows k0..k1 of one replica, four rows per sweep (so the partial sums pb = δ W and
+   pc = Σ|W| are loaded and stored once per four weights); one function per pair of flags. */
+#define ROWS1(NAME, BELOW, COL)                                                                \
+  static void NAME(float* w, const float* d, const float* h, float* pb, float* pc,            \
+                   int64_t H, int64_t k0, int64_t k1, float alpha, float scale) {             \
+    int64_t k = k0;                                                                            \
+    for (; k + 4 <= k1; k += 4) {                                                              \
+      float *r0 = w + k * H, *r1 = r0 + H, *r2 = r1 + H, *r3 = r2 + H;                         \
+      const float d0 = d[k], d1 = d[k + 1], d2 = d[k + 2], d3 = d[k + 3];                      \
+      const float a0 = alpha * d0, a1 = alpha * d1, a2 = alpha * d2, a3 = alpha * d3;          \
+      _Pragma("GCC ivdep")                                                                     \
+      for (int64_t i = 0; i < H; ++i) {                                                        \
+        const float x0 = r0[i], x1 = r1[i], x2 = r2[i], x3 = r3[i], hi = h[i];                 \
+        if (BELOW) pb[i] += ((d0 * x0 + d1 * x1) + d2 * x2) + d3 * x3;                         \
+        const float y0 = fmaf(a0, hi, scale * x0), y1 = fmaf(a1, hi, scale * x1);              \
+        const float y2 = fmaf(a2, hi, scale * x2), y3 = fmaf(a3, hi, scale * x3);              \
+        r0[i] = y0; r1[i] = y1; r2[i] = y2; r3[i] = y3;                                        \
+        if (COL) pc[i] += ((fabsf(y0) + fabsf(y1)) + fabsf(y2)) + fabsf(y3);                   \
+      }                                                                                        \
+    }                                                                                          \
+    for (; k < k1; ++k) {                                                                      \
+      float* row = w + k * H;                                                                  \
+      const float dk = d[k], ak = alpha * dk;                                                  \
+      for (int64_t i = 0; i < H; ++i) {                                                        \
+        const float x = row[i], y = fmaf(ak, h[i], scale * x);                                 \
+        if (BELOW) pb[i] += dk * x;                                                            \
+        row[i] = y;                                                                            \
+        if (COL) pc[i] += fabsf(y);                                                            \
+      }                                                                                        \
+    }                                                                                          \
+  }
+ROWS1(rows_bc, 1, 1)
+ROWS1(rows_b, 1, 0)
+ROWS1(rows_c, 0, 1)
+ROWS1(rows_n, 0, 0)
+
+/* Rows k0..k1 of one replica, any batch B. */
+static void rows(float* w, const float* d, const float* h, float* pb, float* pc, int64_t B,
+                 int64_t K, int64_t H, int64_t k0, int64_t k1, float alpha, float scale,
+                 int want_below, int want_col) {
+  if (B == 1) {
+    (want_below ? (want_col ? rows_bc : rows_b) : (want_col ? rows_c : rows_n))(
+        w, d, h, pb, pc, H, k0, k1, alpha, scale);
+    return;
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    float* row = w + k * H;
+    for (int64_t i = 0; i < H; ++i) {
+      float x = row[i], acc = 0.0f;
+      for (int64_t b = 0; b < B; ++b) {
+        if (want_below) pb[b * H + i] += d[b * K + k] * x;
+        acc += d[b * K + k] * h[b * H + i];
+      }
+      x = fmaf(alpha, acc, scale * x);
+      row[i] = x;
+      if (want_col) pc[i] += fabsf(x);
+    }
+  }
+}
+
+/* Adam's direction for n elements (torch.optim's order): c += 1; m += (1 - b1)(g - m);
+   v = b2 v + (1 - b2) g g; u = (m / bc1) / (sqrt(v) / sbc2 + eps), with bc1 = 1 - b1^c and
+   sbc2 = sqrt(1 - b2^c) read from tables indexed by the (integral) count, whose last entries
+   hold on for larger counts. Blocks of 256 whose counts are all equal (no reset touched them)
+   use one table entry for the block, which vectorises. */
+static float entry(const float* table, int64_t size, float count) {
+  const int64_t t = (int64_t)count;
+  return table[t < size ? t : size - 1];
+}
+
+void cl_adam(const float* g, float* m, float* v, float* c, float* u, int64_t n, float w1,
+             float b2, float w2, float eps, const float* bc1, int64_t n1, const float* sbc2,
+             int64_t n2, int threads) {  /* w1 = 1 - b1, w2 = 1 - b2, rounded from double */
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t s = 0; s < n; s += 256) {
+    const int64_t e = s + 256 < n ? s + 256 : n;
+    const float c0 = c[s];
+    int same = 1;
+    for (int64_t i = s; i < e; ++i) same &= c[i] == c0;
+    if (same) {
+      const float b1c = entry(bc1, n1, c0 + 1.0f), s2c = entry(sbc2, n2, c0 + 1.0f);
+      for (int64_t i = s; i < e; ++i) {
+        const float gi = g[i], mi = m[i] + w1 * (gi - m[i]), vi = v[i] * b2 + w2 * (gi * gi);
+        c[i] = c0 + 1.0f; m[i] = mi; v[i] = vi;
+        u[i] = (mi / b1c) / (sqrtf(vi) / s2c + eps);
+      }
+      continue;
+    }
+    for (int64_t i = s; i < e; ++i) {
+      const float ci = c[i] + 1.0f, gi = g[i];
+      const float mi = m[i] + w1 * (gi - m[i]), vi = v[i] * b2 + w2 * (gi * gi);
+      c[i] = ci; m[i] = mi; v[i] = vi;
+      u[i] = (mi / entry(bc1, n1, ci)) / (sqrtf(vi) / entry(sbc2, n2, ci) + eps);
+    }
+  }
+}
+
+/* Continual backprop's steps 1-5 for one hidden layer, R replicas of H units, batch B:
+   a += 1; f = lerp(f, mean_b h, w); y = mean_b |h| * out; u = lerp(u, y, w); uh = u / corr(a)
+   (corr from a table of 1 - decay^a over a = 0, 1, ..., its last entry holding on); eligible =
+   #{a > maturity}; carry += rate * eligible; k = floor(carry); carry -= k. Returns sum of k.
+   lerp as torch's: x + w (y - x) for w < 0.5, y - (y - x)(1 - w) otherwise. */
+static float lerp(float x, float y, float w) {
+  return w < 0.5f ? x + w * (y - x) : y - (y - x) * (1.0f - w);
+}
+
+int64_t cl_cbp_stats(int64_t* age, float* f, float* u, float* uh, const float* h, int64_t B,
+                     const float* out, double* carry, int64_t* eligible, int64_t* k_out,
+                     int64_t R, int64_t H, float w, int64_t maturity, double rate,
+                     const float* table, int64_t size, int nonneg) {
+  int64_t total = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < H; ++i) {
+      const int64_t j = r * H + i, a = ++age[j];
+      float mean = 0.0f, mag = 0.0f;
+      if (B == 1) {
+        mean = h[j];
+        mag = nonneg ? mean : fabsf(mean);
+      } else {
+        for (int64_t b = 0; b < B; ++b) {
+          const float x = h[(r * B + b) * H + i];
+          mean += x;
+          mag += fabsf(x);
+        }
+        mean /= (float)B;
+        mag /= (float)B;
+      }
+      f[j] = lerp(f[j], mean, w);
+      u[j] = lerp(u[j], mag * out[j], w);
+      uh[j] = u[j] / table[a < size ? a : size - 1];
+      n += a > maturity;
+    }
+    eligible[r] = n;
+    const double grown = (double)n * rate;
+    carry[r] += grown;
+    const double k = floor(carry[r]);
+    carry[r] -= k;
+    k_out[r] = (int64_t)k;
+    total += k_out[r];
+  }
+  return total;
+}
+
+void cl_layer_update(float* w, const float* d, const float* h, float* below, float* col,
+                     float* scratch, int64_t R, int64_t B, int64_t K, int64_t H, float alpha,
+                     float scale, int64_t chunk, int threads) {
+  const int64_t nc = (K + chunk - 1) / chunk, part = B * H + H;
+  const int want_below = below != 0, want_col = col != 0;
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t job = 0; job < R * nc; ++job) {
+    const int64_t r = job / nc, c = job % nc, k0 = c * chunk;
+    const int64_t k1 = k0 + chunk < K ? k0 + chunk : K;
+    float* pb = scratch + job * part;
+    memset(pb, 0, (size_t)part * sizeof(float));
+    rows(w + r * K * H, d + r * B * K, h + r * B * H, pb, pb + B * H, B, K, H, k0, k1, alpha,
+         scale, want_below, want_col);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* pb = scratch + (r * nc + c) * part;
+      if (want_below) {
+        float* out = below + r * B * H;
+        for (int64_t i = 0; i < B * H; ++i) out[i] = c ? out[i] + pb[i] : pb[i];
+      }
+      if (want_col) {
+        float* out = col + r * H;
+        for (int64_t i = 0; i < H; ++i) out[i] = c ? out[i] + pb[B * H + i] : pb[B * H + i];
+      }
+    }
+  }
+}
+"""
+#: rows per chunk (each chunk has its own partial sums); fixed, so results are reproducible.
+CHUNK = 256
+#: the kernel loops over the batch per weight; larger batches go to torch's GEMMs.
+MAX_BATCH = 4
+_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+    if platform.machine().lower() in ("x86_64", "amd64") and \
+            torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    flags = _flags()
+    digest = hashlib.sha256((_SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
+    from contlearn.datasets import default_cache_dir
+
+    for folder in (default_cache_dir() / "kernels", Path(tempfile.gettempdir())):
+        lib = folder / f"contlearn_kernels_{digest}.so"
+        try:
+            if not lib.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                src = folder / f".{digest}.{os.getpid()}.c"
+                src.write_text(_SOURCE)
+                tmp = lib.with_name(f".{lib.name}.{os.getpid()}")
+                subprocess.run([compiler, *flags, str(src), "-o", str(tmp)], check=True,
+                               capture_output=True, timeout=120)
+                src.unlink()
+                os.replace(tmp, lib)
+            found = ctypes.CDLL(str(lib))
+            for name in ("cl_layer_update", "cl_input_layer", "cl_adam", "cl_cbp_stats"):
+                getattr(found, name)  # a stale or foreign file: AttributeError
+            return found
+        except (OSError, subprocess.SubprocessError, AttributeError):
+            continue
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first use; None if unavailable or disabled."""
+    global _lib
+    if _lib is None:
+        _lib = (os.environ.get("CONTLEARN_KERNELS", "1") != "0" and _build()) or False
+        if _lib:
+            _lib.cl_layer_update.restype = None
+            _lib.cl_layer_update.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [
+                ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_int]
+            _lib.cl_adam.restype = None
+            _lib.cl_adam.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [
+                ctypes.c_float] * 4 + [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_int]
+            _lib.cl_cbp_stats.restype = ctypes.c_int64
+            _lib.cl_cbp_stats.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [
+                ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int64,
+                                                                ctypes.c_double,
+                                                                ctypes.c_void_p,
+                                                                ctypes.c_int64, ctypes.c_int]
+            _lib.cl_input_layer.restype = None
+            _lib.cl_input_layer.argtypes = [ctypes.c_void_p] * 3 + [
+                ctypes.c_int64, ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 3 + [
+                ctypes.c_int64] * 4 + [ctypes.c_int]
+    return _lib or None
+
+
+def applies(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor) -> bool:
+    """Whether :func:`layer_update_` can take these tensors (else use torch ops)."""
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and delta.dtype == w.dtype
+            and h_in.dtype == w.dtype and delta.shape[1] <= MAX_BATCH and w.is_contiguous()
+            and library() is not None)
+
+
+def layer_update_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, alpha: float,
+                  beta: float, need_below: bool, want_col: bool
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The kernel of the module docstring for ``w (R, K, H)``, ``delta (R, B, K)``,
+    ``h_in (R, B, H)``; returns ``(below (R, B, H) or None, col (R, H) or None)``.
+    Call only if :func:`applies`."""
+    lib = library()
+    assert lib is not None
+    R, K, H = w.shape
+    B = delta.shape[1]
+    d, h = delta.contiguous(), h_in.contiguous()
+    below = w.new_empty(R, B, H) if need_below else None
+    col = w.new_empty(R, H) if want_col else None
+    chunks = (K + CHUNK - 1) // CHUNK
+    scratch = w.new_empty(R * chunks * (B * H + H))
+    lib.cl_layer_update(w.data_ptr(), d.data_ptr(), h.data_ptr(),
+                        below.data_ptr() if below is not None else None,
+                        col.data_ptr() if col is not None else None, scratch.data_ptr(),
+                        R, B, K, H, alpha, 1.0 + beta, CHUNK, torch.get_num_threads())
+    return below, col
+
+
+#: a deferred update of the input layer: (δ (R, B, K), layer input (R, B, H), α, β)
+Pending = tuple[torch.Tensor, torch.Tensor, float, float]
+
+
+def input_layer_(w: torch.Tensor, pending: Pending | None, x: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Apply ``pending`` (``W ← (1 + β) W + α δᵀ h``) to ``w (R, K, H)`` in place and, given
+    new inputs ``x (R, B, H)``, return ``bias + x Wᵀ`` ``(R, B, K)`` from the same pass over
+    the weights. Call only if :func:`applies` (with ``x`` as the batch)."""
+    lib = library()
+    assert lib is not None
+    R, K, H = w.shape
+    pd = ph = None
+    alpha = beta = 0.0
+    if pending is not None:
+        pd, ph = pending[0].contiguous(), pending[1].contiguous()
+        alpha, beta = pending[2], pending[3]
+    z = None
+    if x is not None and bias is not None:
+        x, bias = x.contiguous(), bias.contiguous()
+        z = w.new_empty(R, x.shape[1], K)
+    lib.cl_input_layer(w.data_ptr(), pd.data_ptr() if pd is not None else None,
+                       ph.data_ptr() if ph is not None else None,
+                       0 if pd is None else pd.shape[1], alpha, 1.0 + beta,
+                       x.data_ptr() if z is not None else None,
+                       bias.data_ptr() if z is not None else None,
+                       z.data_ptr() if z is not None else None,
+                       0 if z is None else x.shape[1], R, K, H, torch.get_num_threads())
+    return z
+
+
+def _table(decay: float, sqrt: bool) -> torch.Tensor:
+    """``1 − decayᵗ`` (or its square root) for t = 0, 1, ... up to where it stays put in
+    float32, computed with torch's own ``pow`` and ``sqrt``."""
+    t = torch.arange(1 << 20, dtype=torch.float32)
+    table = torch.rsub(torch.pow(decay, t), 1.0)
+    if sqrt:
+        table = table.sqrt()
+    change = (table[1:] != table[:-1]).nonzero()
+    return table[: int(change[-1]) + 2].clone() if len(change) else table[:2].clone()
+
+
+_TABLES: dict[tuple[float, bool], torch.Tensor] = {}
+
+
+def adam_applies(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`adam_direction_` can take these tensors (CPU, float32, contiguous)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               and t.shape == tensors[0].shape for t in tensors) and library() is not None
+
+
+def adam_direction_(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, count: torch.Tensor,
+                    b1: float, b2: float, eps: float) -> torch.Tensor:
+    """Adam's step on one tensor in one pass: updates ``count``, ``m``, ``v`` in place and
+    returns ``(m / (1 − β1ⁿ)) / (√v / √(1 − β2ⁿ) + ε)`` (see ``cl_adam``). Call only if
+    :func:`adam_applies`."""
+    lib = library()
+    assert lib is not None
+    for key in ((b1, False), (b2, True)):
+        if key not in _TABLES:
+            _TABLES[key] = _table(*key)
+    t1, t2 = _TABLES[(b1, False)], _TABLES[(b2, True)]
+    u = torch.empty_like(g)
+    lib.cl_adam(g.data_ptr(), m.data_ptr(), v.data_ptr(), count.data_ptr(), u.data_ptr(),
+                g.numel(), 1.0 - b1, b2, 1.0 - b2, eps, t1.data_ptr(), len(t1), t2.data_ptr(),
+                len(t2),
+                torch.get_num_threads())
+    return u
+
+
+_MALLOC_TUNED = False
+
+
+def retain_freed_memory() -> None:
+    """Ask glibc to serve every tensor from the heap and to keep freed heap memory
+    (``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` 2 GB), once per process.
+
+    Each step of an unfused learner (Adam, ...) allocates and frees tensors as large as the
+    weights; by default glibc maps those afresh each time and every page faults in again
+    (measured: 5,000 faults and 3× the time per step for Adam at width 100, R = 32). The peak
+    memory is unchanged; memory freed after the peak stays with the process. Not done with
+    ``CONTLEARN_MALLOC=0`` or off glibc.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("CONTLEARN_MALLOC", "1") == "0" or \
+            platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'ed chunks (big tensors come from the heap)
+        libc.mallopt(-1, ctypes.c_int(2**31 - 1))  # M_TRIM_THRESHOLD: (almost) never trim
+    except (OSError, AttributeError):
+        pass
+
+
+def cbp_stats_(age: torch.Tensor, f: torch.Tensor, u: torch.Tensor, u_hat: torch.Tensor,
+               h: torch.Tensor, out: torch.Tensor, carry: torch.Tensor,
+               eligible: torch.Tensor, decay: float, maturity: int, rate: float,
+               table: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
+    """Continual backprop's steps 1–5 for one layer in one call (see ``cl_cbp_stats``): ages
+    ``(R, H)`` int64, running means ``f``, utilities ``u``, ``u_hat`` ``(R, H)``, activations
+    ``h (R, B, H)``, outgoing magnitudes ``out (R, H)``, ``carry (R,)`` float64, ``eligible
+    (R,)`` int64, all updated in place. Returns (units to replace per replica, their sum)."""
+    lib = library()
+    assert lib is not None
+    R, B, H = h.shape
+    h, out = h.contiguous(), out.contiguous()
+    k = torch.empty(R, dtype=torch.int64)
+    total = lib.cl_cbp_stats(age.data_ptr(), f.data_ptr(), u.data_ptr(), u_hat.data_ptr(),
+                             h.data_ptr(), B, out.data_ptr(), carry.data_ptr(),
+                             eligible.data_ptr(), k.data_ptr(), R, H, 1.0 - decay, maturity,
+                             rate, table.data_ptr(), len(table), int(nonnegative))
+    return k, total

@@ -1,0 +1,115 @@
+"""Fused updates: a learner whose chain is affine in (g, θ) can be applied in place.
+
+Many learners are, per step, an affine map of the gradient and the parameters followed by an
+in-place edit of the result::
+
+    u = α g + β θ            (scale, add_l2, add_decayed_weights, the shrink of
+                              shrink-and-perturb, and chains of them)
+    θ ← θ + u, then post     (the noise of shrink-and-perturb; continual backprop's steps 1–7)
+
+For those the agent need not materialise ``g`` nor ``u``: it can apply
+``θ ← (1 + β) θ + α g`` as one in-place rank-B update per weight matrix while it back-propagates
+(``baddbmm_`` with ``beta = 1 + β`` and ``alpha = α``), then call ``post``. The result equals
+``learner.update`` followed by ``θ += u`` up to float rounding (the same products, summed in
+another order). Transforms opt in with :func:`declare_fused`; :func:`fused_plan` composes the
+declarations of a chain and returns None when any part cannot be fused (momentum, Adam, L2-Init,
+ReDo, ...), in which case the agent takes the general path.
+
+A post may ask for the column L1 norms ``Σ_k |W[k, i]|`` of some weights *after* the affine
+update (continual backprop's outgoing-weight magnitudes): the agent computes them while the
+weights are in cache and passes them as the keyword extra ``col_l1={weight name: (R, H)}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from contlearn.learners import base
+from contlearn.learners.base import ChainState, GradientTransformation
+
+PostFn = Callable[..., Any]
+
+
+class FusedPlan(NamedTuple):
+    """How to apply a transform in place.
+
+    Attributes:
+        grad_scale: α in ``θ ← (1 + β) θ + α g``.
+        param_scale: β.
+        post: ``post(state, params, **extra) -> state``, run on the updated parameters (which
+            it may edit in place), or None.
+        col_l1: names of weights whose post-update column L1 norms ``post`` reads from the
+            ``col_l1`` extra (it must also work without them).
+    """
+
+    grad_scale: float
+    param_scale: float
+    post: PostFn | None = None
+    col_l1: tuple[str, ...] = ()
+
+
+_PLANNERS: weakref.WeakKeyDictionary[Callable[..., Any], Callable[[], FusedPlan | None]] = (
+    weakref.WeakKeyDictionary())
+
+
+def declare_fused(transform: GradientTransformation,
+                  planner: Callable[[], FusedPlan | None]) -> GradientTransformation:
+    """Record how ``transform`` fuses (``planner()`` gives its plan, or None); returns it."""
+    _PLANNERS[transform.update] = planner
+    return transform
+
+
+def _chain_parts(transform: GradientTransformation) -> tuple[GradientTransformation, ...] | None:
+    """The transforms of a :func:`contlearn.learners.base.chain`, or None if it is not one."""
+    fn = transform.update
+    if getattr(fn, "__module__", None) != base.__name__ or \
+            getattr(fn, "__qualname__", "") != "chain.<locals>.update":
+        return None
+    parts = inspect.getclosurevars(fn).nonlocals.get("transforms")
+    return tuple(parts) if isinstance(parts, tuple) else None
+
+
+def fused_plan(transform: GradientTransformation) -> FusedPlan | None:
+    """The fused form of ``transform``, or None if it (or any part of it) has none."""
+    planner = _PLANNERS.get(transform.update)
+    if planner is not None:
+        return planner()
+    parts = _chain_parts(transform)
+    if parts is None:
+        return None
+    plans = [fused_plan(t) for t in parts]
+    if any(p is None for p in plans):
+        return None
+    return _compose([p for p in plans if p is not None])
+
+
+def _compose(plans: list[FusedPlan]) -> FusedPlan | None:
+    """Compose the plans of a chain's transforms, left to right.
+
+    ``u' = a u + b θ`` after ``u = α g + β θ`` gives ``α' = a α``, ``β' = a β + b``. A post is
+    an edit of θ after the affine step, so a later transform may not rescale it (None then).
+    """
+    alpha, beta = 1.0, 0.0
+    posts: list[tuple[int, PostFn]] = []
+    for i, p in enumerate(plans):
+        if posts and (p.grad_scale != 1.0 or p.param_scale != 0.0):
+            return None
+        alpha, beta = p.grad_scale * alpha, p.grad_scale * beta + p.param_scale
+        if p.post is not None:
+            posts.append((i, p.post))
+    if not posts:
+        return FusedPlan(alpha, beta)
+    first = posts[0][0]
+
+    def post(state: ChainState, params: dict, **extra: Any) -> ChainState:
+        inner = list(state.inner)
+        for i, fn in posts:
+            # only the first post sees the affine result untouched: later ones get no col_l1
+            kw = extra if i == first else {k: v for k, v in extra.items() if k != "col_l1"}
+            inner[i] = fn(inner[i], params, **kw)
+        return ChainState(tuple(inner))
+
+    return FusedPlan(alpha, beta, post, plans[first].col_l1)

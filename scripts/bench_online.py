@@ -1,0 +1,487 @@
+"""Benchmark: contlearn's replica-batched online learning against a naive per-seed loop.
+
+Measures learner-steps per second (replicas × steps / wall time, after warm-up, the median of
+several repeats) on permuted MNIST at batch size 1, per learner (bp, l2, snp, cbp; SGD and
+Adam), hidden width (three hidden layers of 100 or 2000) and number of replicas R. contlearn
+runs through its real code path: ``OnlineAgent`` + stream + ``SupervisedLoop`` writing metrics to
+a run store in a temporary folder, probes off, threads chosen as ``contlearn.run`` chooses them.
+The naive baseline (:class:`NaiveLearner`) is what a researcher writes without contlearn: one
+seed at a time, ``torch.nn.Sequential`` + ``torch.optim``, a per-unit continual backprop; its
+learner-steps per second do not depend on R (seeds run one after another). Naive and contlearn
+repeats are interleaved so that load from other processes hits both alike.
+
+Also measured: the memory-bandwidth roofline of a width-2000 step, the cost of the default
+probes and of the run store, and the peak RSS of a demo-sized run (docs/performance.md)::
+
+    python scripts/bench_online.py --quick --json bench.json     # under 5 minutes
+    python scripts/bench_online.py --json bench.json --scaling   # everything
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import contlearn.engine as engine
+from contlearn.agents.networks import GAINS
+from contlearn.config import resolve
+from contlearn.datasets import load_mnist
+from contlearn.engine import ProbeSchedule, SupervisedLoop
+from contlearn.envs import make_stream
+from contlearn.probes import DEFAULT_PROBES
+from contlearn.store import MetricWriter
+
+#: learner rows: name -> (contlearn learner, base optimizer)
+LEARNERS = {"bp": ("bp", "sgd"), "l2": ("l2", "sgd"), "snp": ("snp", "sgd"),
+            "cbp": ("cbp", "sgd"), "bp-adam": ("bp", "adam"), "l2-adam": ("l2", "adam"),
+            "snp-adam": ("snp", "adam"), "cbp-adam": ("cbp", "adam")}
+QUICK = {100: ["bp", "l2", "snp", "cbp", "bp-adam", "cbp-adam"], 2000: ["bp", "cbp"]}
+QUICK_R = {100: [1, 32], 2000: [1]}
+FULL_R = {100: [1, 8, 32], 2000: [1, 8, 32]}
+
+
+@dataclass
+class Args:
+    """Arguments of the benchmark (each is also a command-line flag)."""
+
+    quick: bool = False
+    """fewer configurations and repeats (under 5 minutes)"""
+    json: str = ""
+    """write every figure to this JSON file"""
+    repeats: int = 5
+    """timed repeats per configuration (the median is reported); --quick uses 3"""
+    seconds: float = 1.5
+    """wall time of one timed repeat of one configuration"""
+    scaling: bool = False
+    """also measure how contlearn scales with width, depth and R (docs/performance.md)"""
+
+
+# --- the naive baseline: what one writes without contlearn ------------------------------------
+
+
+class NaiveCBP:
+    """Continual backprop written plainly: per layer utilities, one unit at a time replaced."""
+
+    def __init__(self, net: nn.Sequential, opt: torch.optim.Optimizer, spec) -> None:
+        self.lin = [m for m in net if isinstance(m, nn.Linear)]
+        self.opt, self.spec = opt, spec
+        self.age = [torch.zeros(m.out_features) for m in self.lin[:-1]]
+        self.util = [torch.zeros(m.out_features) for m in self.lin[:-1]]
+        self.mean = [torch.zeros(m.out_features) for m in self.lin[:-1]]
+        self.carry = [0.0] * len(self.age)
+
+    def step(self, feats: list[torch.Tensor]) -> None:
+        d = self.spec.decay
+        for layer, h in enumerate(feats):
+            self.age[layer] += 1
+            self.mean[layer] = d * self.mean[layer] + (1 - d) * h.mean(0)
+            out_w = self.lin[layer + 1].weight.abs().sum(0)
+            self.util[layer] = d * self.util[layer] + (1 - d) * h.abs().mean(0) * out_w
+            eligible = torch.nonzero(self.age[layer] > self.spec.maturity).flatten()
+            self.carry[layer] += self.spec.replacement_rate * len(eligible)
+            k = int(self.carry[layer])
+            self.carry[layer] -= k
+            if k:
+                self.replace(layer, eligible, k)
+
+    def replace(self, layer: int, eligible: torch.Tensor, k: int) -> None:
+        lin, nxt = self.lin[layer], self.lin[layer + 1]
+        correction = 1 - self.spec.decay ** self.age[layer]
+        f_hat = self.mean[layer] / correction
+        worst = torch.topk(-(self.util[layer] / correction)[eligible], k).indices
+        bound = GAINS["relu"] * math.sqrt(3 / lin.in_features)
+        for i in eligible[worst].tolist():
+            lin.weight[i].uniform_(-bound, bound)
+            lin.bias[i] = 0
+            nxt.bias += nxt.weight[:, i] * f_hat[i]
+            nxt.weight[:, i] = 0
+            for p, idx in ((lin.weight, i), (lin.bias, i), (nxt.weight, (slice(None), i))):
+                for s in self.opt.state.get(p, {}).values():  # optimizer-aware: zero moments
+                    if isinstance(s, torch.Tensor) and s.shape == p.shape:
+                        s[idx] = 0
+            self.util[layer][i] = self.mean[layer][i] = self.age[layer][i] = 0
+
+
+class NaiveLearner:
+    """One seed of the online protocol: ``torch.nn``, ``torch.optim``, batch size 1, the data
+    permuted once per task, the online accuracy summed on the side. Same hyper-parameters as
+    the contlearn run of ``cfg``."""
+
+    def __init__(self, cfg, seed: int) -> None:
+        torch.manual_seed(seed)
+        spec, lspec, widths = cfg.agent_spec, cfg.learner.spec, [784, *map(int, cfg.agent_spec
+                                                                            .hidden.split(","))]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:], strict=False):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], 10))
+        wd = getattr(lspec, "l2", 0.0)
+        if spec.optimizer == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.Adam(
+                self.net.parameters(), spec.lr, (spec.beta1, spec.beta2), spec.eps, wd)
+        else:
+            self.opt = torch.optim.SGD(self.net.parameters(), spec.lr, spec.momentum,
+                                       weight_decay=wd)
+        self.snp = (lspec.shrink, lspec.sigma) if cfg.learner.name == "snp" else None
+        self.cbp = NaiveCBP(self.net, self.opt, lspec) if cfg.learner.name == "cbp" else None
+        images, labels = load_mnist("test")
+        self.images = torch.from_numpy(images.reshape(-1, 784)).float() / 255
+        self.labels = torch.from_numpy(labels).long()
+        self.rng, self.t, self.correct = np.random.default_rng(seed), 0, torch.zeros(())
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            if self.t % 10_000 == 0:  # a new task: permute the pixels, reshuffle
+                self.x = self.images[:, torch.from_numpy(self.rng.permutation(784))]
+                self.order = self.rng.permutation(len(self.labels))
+            i = self.order[self.t % 10_000]
+            self.t += 1
+            self.step(self.x[i : i + 1], self.labels[i : i + 1])
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        feats, h = [], x
+        for module in self.net:
+            h = module(h)
+            if isinstance(module, nn.ReLU):
+                feats.append(h)
+        loss = F.cross_entropy(h, y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.correct += (h.argmax(1) == y).sum()
+        with torch.no_grad():
+            if self.snp is not None:
+                for p in self.net.parameters():
+                    p.mul_(1 - self.snp[0]).add_(torch.randn_like(p), alpha=self.snp[1])
+            if self.cbp is not None:
+                self.cbp.step([f.detach() for f in feats])
+
+
+# --- contlearn, through its real code path ----------------------------------------------------
+
+
+def run_config(name: str, width: int, R: int, **extra) -> dict:
+    """The ``contlearn.run`` config of a benchmark row."""
+    learner, optimizer = LEARNERS[name]
+    return {"stream": "permuted-mnist", "learner": learner, "optimizer": optimizer,
+            "hidden": ",".join([str(width)] * 3), "seeds": R, "probes": "none", **extra}
+
+
+def threads_for(agent) -> int:
+    """The intra-op threads ``contlearn.run`` uses with ``threads = 0`` (auto)."""
+    return getattr(agent, "preferred_threads", lambda: 0)() or (os.cpu_count() or 1)
+
+
+def store_emit(path: Path, cfg, seeds: list[int]) -> tuple[Callable, MetricWriter]:
+    """The run store's writer and the engine callback ``contlearn.run`` gives it."""
+    writer = MetricWriter(path, path.name, cfg.stream, cfg.learner.name)
+
+    def emit(record: engine.Record) -> None:
+        for metric, values in record.values.items():
+            writer.append(seeds, record.step, record.task, metric, values.tolist(), record.layer)
+
+    return emit, writer
+
+
+def contlearn_loop(config: dict, tmp: Path, store: bool = True,
+                   probes: ProbeSchedule | None = None) -> tuple[SupervisedLoop, int]:
+    """A supervised loop as ``contlearn.run`` builds it, and its thread count."""
+    cfg = resolve(config)
+    stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
+    agent = cfg.agent_cls(stream.info, cfg.seeds, cfg.agent_spec, cfg.learner)
+    emit = store_emit(Path(tempfile.mkdtemp(dir=tmp)), cfg, cfg.seeds)[0] if store else (
+        lambda record: None)
+    return SupervisedLoop(stream, agent, emit, probes=probes), threads_for(agent)
+
+
+class Timed:
+    """Something to run in timed chunks: ``run(steps)`` at ``threads`` threads, R replicas."""
+
+    def __init__(self, run: Callable[[int], None], R: int, threads: int, warmup: int) -> None:
+        self.run_steps, self.R, self.threads, self.rates = run, R, threads, []
+        torch.set_num_threads(threads)
+        self.run_steps(warmup)
+        start = time.perf_counter()
+        self.run_steps(max(1, warmup // 2))
+        self.per_step = (time.perf_counter() - start) / max(1, warmup // 2)
+
+    def repeat(self, seconds: float) -> None:
+        """One timed chunk of about ``seconds``; records R × steps / wall time."""
+        torch.set_num_threads(self.threads)
+        steps = max(2, int(seconds / max(self.per_step, 1e-7)))
+        start = time.perf_counter()
+        self.run_steps(steps)
+        elapsed = time.perf_counter() - start
+        self.per_step = elapsed / steps
+        self.rates.append(self.R * steps / elapsed)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+def loop_runner(loop: SupervisedLoop) -> Callable[[int], None]:
+    return lambda n: loop.run(loop.stream.step + n)
+
+
+def bench_row(name: str, width: int, Rs: list[int], args: Args, tmp: Path) -> list[dict]:
+    """Naive (one seed) and contlearn (each R) of one learner and width, interleaved."""
+    warm = 200 if width <= 100 else 6
+    cfg = resolve(run_config(name, width, 1))
+    loops = {R: contlearn_loop(run_config(name, width, R), tmp) for R in Rs}
+    timed = {R: Timed(loop_runner(loop), R, threads, warm) for R, (loop, threads) in
+             loops.items()}
+    naive = NaiveLearner(cfg, seed=0)
+    base = Timed(naive.run, 1, loops[Rs[0]][1], warm)
+    for _ in range(args.repeats):
+        base.repeat(args.seconds)
+        for t in timed.values():
+            t.repeat(args.seconds)
+    rows = []
+    for R, t in timed.items():
+        rows.append({"learner": name, "width": width, "R": R, "threads": t.threads,
+                     "steps_per_s": t.median / R, "learner_steps_per_s": t.median,
+                     "naive_learner_steps_per_s": base.median, "naive_threads": base.threads,
+                     "ratio": t.median / base.median, "repeats": t.rates,
+                     "naive_repeats": base.rates})
+        print(f"{name:>9} {width:>5} {R:>3} {t.threads:>2} | {t.median / R:10.1f} "
+              f"{t.median:12.0f} | {base.median:10.0f} | {t.median / base.median:6.1f}x",
+              flush=True)
+    return rows
+
+
+# --- roofline, probes and store, memory -------------------------------------------------------
+
+
+def copy_bandwidth(threads: int, megabytes: int = 256) -> float:
+    """Bytes read + written per second by a copy of a tensor much larger than the caches."""
+    torch.set_num_threads(threads)
+    a = torch.ones(megabytes << 18)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - start)
+    return 2 * a.numel() * a.element_size() / statistics.median(times)
+
+
+def roofline(args: Args, tmp: Path) -> dict:
+    """Width-2000 SGD steps per second against the machine's copy bandwidth.
+
+    A batch-1 step must move every weight three times (4 bytes each): the forward pass reads
+    it, the backward pass reads it, the update writes it (the update's read can share the
+    backward's, as contlearn's blocked update does). Roofline steps/s = copy bandwidth / bytes.
+    """
+    loop, threads = contlearn_loop(run_config("bp", 2000, 1), tmp)
+    timed = Timed(loop_runner(loop), 1, threads, 6)
+    weights = sum(p[0].numel() for p in loop.agent.net.params.values())
+    fractions, bandwidths = [], []
+    for _ in range(args.repeats):
+        bandwidths.append(copy_bandwidth(threads))
+        timed.repeat(args.seconds)
+        fractions.append(timed.rates[-1] * 12 * weights / bandwidths[-1])
+    bw = statistics.median(bandwidths)
+    out = {"weights": weights, "bytes_per_step": 12 * weights, "copy_bandwidth_GBps": bw / 1e9,
+           "roofline_steps_per_s": bw / (12 * weights), "steps_per_s": timed.median,
+           "fraction": statistics.median(fractions), "fractions": fractions, "threads": threads}
+    print(f"roofline (width 2000, bp, R=1): copy {bw / 1e9:.1f} GB/s, {12 * weights / 1e6:.0f} MB"
+          f"/step -> {out['roofline_steps_per_s']:.0f} steps/s; achieved {timed.median:.0f} "
+          f"steps/s = {out['fraction']:.0%} of the roofline", flush=True)
+    return out
+
+
+def _interleaved_tasks(loops: dict[str, tuple[SupervisedLoop, dict]], chunk: int = 250
+                       ) -> dict[str, tuple[float, float]]:
+    """Each loop runs one whole task, the loops taking turns every ``chunk`` steps so that the
+    machine's load hits all alike; per loop (wall time, time inside its spied-on calls)."""
+    wall = dict.fromkeys(loops, 0.0)
+    ends = {k: loop.stream.step + loop.stream.steps_per_task for k, (loop, _) in loops.items()}
+    for _, spy in loops.values():
+        spy["t"] = 0.0
+    while any(loop.stream.step < ends[k] for k, (loop, _) in loops.items()):
+        for k, (loop, _) in loops.items():
+            if loop.stream.step < ends[k]:
+                start = time.perf_counter()
+                loop.run(min(ends[k], loop.stream.step + chunk))
+                wall[k] += time.perf_counter() - start
+    return {k: (wall[k], spy["t"]) for k, (_, spy) in loops.items()}
+
+
+def _spy(fn: Callable, spy: dict) -> Callable:
+    def timed(*a, **k):
+        start = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            spy["t"] += time.perf_counter() - start
+    return timed
+
+
+def overheads(args: Args, tmp: Path) -> dict:
+    """The default probes (every task start, 2000 inputs) and the run store, on the default
+    run (width 100, one seed, 10,000 examples per task): whole tasks with and without each,
+    taking turns every 250 steps; plus the time spent inside them (the steadier number)."""
+    base = {"stream": "permuted-mnist", "probes": "none"}
+    probe_spy, store_spy = {"t": 0.0}, {"t": 0.0}
+    probe_records = engine.probe_records
+    engine.probe_records = _spy(probe_records, probe_spy)
+    schedule = ProbeSchedule(tuple(DEFAULT_PROBES), 0, 2000)
+    probed = contlearn_loop(base, tmp, probes=schedule)[0]
+    stored, threads = contlearn_loop(base, tmp)
+    stored.emit = _spy(stored.emit, store_spy)
+    bare = contlearn_loop(base, tmp, store=False)[0]
+    torch.set_num_threads(threads)
+    times: dict[str, list[float]] = {"probes": [], "store": [], "bare": []}
+    inside: dict[str, list[float]] = {"probes": [], "store": []}
+    for loop in (probed, stored, bare):  # warm-up: the first task, with its probes
+        loop.run(loop.stream.steps_per_task)
+    loops = {"probes": (probed, probe_spy), "store": (stored, store_spy), "bare": (bare, {})}
+    for _ in range(max(2, args.repeats - 2)):
+        for key, (wall, spent) in _interleaved_tasks(loops).items():
+            times[key].append(wall)
+            if key in inside:
+                inside[key].append(spent / (wall - spent))
+    engine.probe_records = probe_records
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"probes_ab": med["probes"] / med["store"] - 1,
+           "store_ab": med["store"] / med["bare"] - 1,
+           "probes_inside": statistics.median(inside["probes"]),
+           "store_inside": statistics.median(inside["store"]),
+           "task_seconds": med, "threads": threads}
+    print(f"probes (default schedule): +{out['probes_inside']:.1%} of the run's time "
+          f"(A/B whole tasks: {out['probes_ab']:+.1%}); run store: "
+          f"+{out['store_inside']:.2%} (A/B: {out['store_ab']:+.1%})", flush=True)
+    return out
+
+
+def peak_rss(tasks: int, tmp: Path) -> dict:
+    """Peak RSS of a demo-sized run (scripts/demo.py's defaults: cbp, 3 seeds, width 100,
+    2000 examples per task, probes at every task start on 500 inputs) in a fresh process."""
+    code = (
+        "import resource, sys, contlearn\n"
+        f"contlearn.run('permuted-mnist', learner='cbp', seeds=3, tasks={tasks}, config="
+        "{'examples_per_task': 2000, 'probe_size': 500}, out=sys.argv[1], progress=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    # (run first: Linux carries the parent's peak RSS over fork + exec into ru_maxrss)
+    out = Path(tempfile.mkdtemp(dir=tmp)) / "run"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True,
+                          text=True, check=True)
+    kb = int(proc.stdout.strip().splitlines()[-1])
+    return {"tasks": tasks, "peak_rss_MB": kb / 1024, "seconds": time.perf_counter() - start}
+
+
+def scaling(args: Args, tmp: Path) -> list[dict]:
+    """contlearn's learner-steps per second (bp and cbp) as width, depth and R vary."""
+    grid = [("width", w, 3, 1) for w in (100, 250, 500, 1000, 2000)]
+    grid += [("depth", 100, d, 1) for d in (1, 2, 3, 5, 8)]
+    grid += [("depth", 100, d, 32) for d in (1, 2, 3, 5, 8)]
+    grid += [("R", 100, 3, R) for R in (1, 2, 4, 8, 16, 32, 64, 128)]
+    grid += [("R", 1000, 3, R) for R in (1, 2, 4, 8)]
+    rows = []
+    for axis, width, depth, R in grid:
+        for name in ("bp", "cbp"):
+            config = {**run_config(name, width, R), "hidden": ",".join([str(width)] * depth)}
+            loop, threads = contlearn_loop(config, tmp)
+            t = Timed(loop_runner(loop), R, threads, 100 if width * R <= 3200 else 5)
+            for _ in range(max(2, args.repeats - 2)):
+                t.repeat(args.seconds / 2)
+            rows.append({"axis": axis, "learner": name, "width": width, "depth": depth, "R": R,
+                         "threads": threads, "learner_steps_per_s": t.median})
+            print(f"scaling {axis:>5}: {name:>3} width {width:>4} depth {depth} R {R:>3}: "
+                  f"{t.median:10.0f} learner-steps/s", flush=True)
+    return rows
+
+
+def targets(rows: list[dict], roof: dict, over: dict, mem: dict) -> dict:
+    """The performance targets of docs/performance.md, each with its measured value."""
+    def row(name: str, width: int, R: int) -> dict:
+        return next(r for r in rows if (r["learner"], r["width"], r["R"]) == (name, width, R))
+
+    bp2000, cbp2000 = row("bp", 2000, 1), row("cbp", 2000, 1)
+    checks = {
+        "cbp_w100_R32_vs_naive >= 20": row("cbp", 100, 32)["ratio"],
+        "bp_w100_R32_vs_naive >= 20": row("bp", 100, 32)["ratio"],
+        "bp_w2000_R1_roofline_fraction >= 0.6": roof["fraction"],
+        "cbp_w2000_over_bp >= 0.85": cbp2000["learner_steps_per_s"]
+        / bp2000["learner_steps_per_s"],
+        "probes_overhead < 0.05": over["probes_inside"],
+        "store_overhead < 0.02": over["store_inside"],
+        "peak_rss_MB < 1536": mem["peak_rss_MB"],
+    }
+    out = {}
+    for key, value in checks.items():
+        bound = float(key.split()[-1])
+        ok = value >= bound if ">=" in key else value < bound
+        out[key] = {"value": value, "holds": ok}
+        print(f"target {key:<40} {value:10.3f}  {'holds' if ok else 'DOES NOT HOLD'}")
+    return out
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def parse_args() -> Args:
+    """Command-line flags from the fields of :class:`Args`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Args):
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    args = Args(**vars(parser.parse_args()))
+    if args.quick and args.repeats == Args.repeats:
+        args.repeats = 3
+    return args
+
+
+def main() -> None:
+    """Every measurement, a table, the targets, and the JSON file."""
+    args = parse_args()
+    result: dict = {"args": dataclasses.asdict(args), "machine": machine(), "rows": []}
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        result["memory"] = peak_rss(6 if args.quick else 30, tmp)
+        print(f"peak RSS, demo-sized run ({result['memory']['tasks']} tasks): "
+              f"{result['memory']['peak_rss_MB']:.0f} MB", flush=True)
+        print(f"{'learner':>9} {'width':>5} {'R':>3} {'th':>2} | {'steps/s':>10} "
+              f"{'learner-st/s':>12} | {'naive':>10} | {'ratio':>7}")
+        for width, names in (QUICK if args.quick else {w: list(LEARNERS) for w in FULL_R}).items():
+            for name in names:
+                Rs = (QUICK_R if args.quick else FULL_R)[width]
+                result["rows"] += bench_row(name, width, Rs, args, tmp)
+        result["roofline"] = roofline(args, tmp)
+        result["overheads"] = overheads(args, tmp)
+        if args.scaling:
+            result["scaling"] = scaling(args, tmp)
+    result["targets"] = targets(result["rows"], result["roofline"], result["overheads"],
+                                result["memory"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
