@@ -9,12 +9,16 @@ parts were on disk; resuming drops later parts, so rows are never duplicated or 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from contlearn.checkpoint import load_latest, save_checkpoint
 from contlearn.config import RunConfig, total_steps
@@ -107,6 +111,30 @@ def make_agent(cfg: RunConfig, stream: Any) -> Any:
     return agent
 
 
+def place_agent(cfg: RunConfig, agent: Any) -> Any:
+    """Move the agent to the run's ``device`` (agents that have a ``to`` method)."""
+    if cfg.run.device == "cpu":
+        return agent
+    to = getattr(agent, "to", None)
+    if to is None:
+        raise ContlearnError(f"agent {cfg.agent} cannot run on device={cfg.run.device}: it has "
+                             "no to() method; use device=cpu")
+    return to(cfg.run.device)
+
+
+@contextlib.contextmanager
+def intra_op_threads(requested: int, agent: Any) -> Iterator[int]:
+    """torch's intra-op threads while a run's loop runs: ``requested``, or (0) the agent's
+    ``preferred_threads()`` (0 there, or no such method: leave the setting as it is)."""
+    old = torch.get_num_threads()
+    n = requested or getattr(agent, "preferred_threads", lambda: 0)() or old
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+
+
 def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
     """The run's probe schedule from its ``probes``, ``probe_every``, ``probe_size`` keys."""
     from contlearn.probes import parse_probes
@@ -118,6 +146,10 @@ def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
 def make_loop(stream: Any, agent: Any, emit: Any, bar: Progress, probes: ProbeSchedule,
               cfg: RunConfig) -> Any:
     """The loop for a stream's kind."""
+    if stream.info.kind == "rl":
+        from contlearn.rl_engine import RLLoop
+
+        return RLLoop(stream, agent, emit, bar, probes, cfg.run.on_divergence)
     return SupervisedLoop(stream, agent, emit, bar, probes, cfg.run.on_divergence)
 
 
@@ -147,7 +179,7 @@ def execute(cfg: RunConfig, path: Path, writer: MetricWriter, show: bool,
 
 def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, path: Path,
                show: bool, ckpt: dict[str, Any] | None, stop: SignalStop) -> None:
-    agent = make_agent(cfg, stream)
+    agent = place_agent(cfg, make_agent(cfg, stream))
     steps = total_steps(cfg, stream.steps_per_task)
     seeds = stream.seeds
 
@@ -176,11 +208,12 @@ def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, pa
                         stream.step, keep=cfg.run.checkpoint_keep)
 
     try:
-        done = loop.run(steps, stop.requested, checkpoint if savable else None,
-                        CheckpointDue(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes))
-        if savable:
-            checkpoint()  # at the end (or the stop), before the partial task's rows
-        loop.finish()
+        with intra_op_threads(cfg.run.threads, agent):
+            done = loop.run(steps, stop.requested, checkpoint if savable else None,
+                            CheckpointDue(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes))
+            if savable:
+                checkpoint()  # at the end (or the stop), before the partial task's rows
+            loop.finish()
         writer.flush()
     finally:
         bar.close(stream.step)

@@ -213,6 +213,9 @@ class ScheduledPhysics:
         parameter: one of :data:`PARAMETERS`; also the ``info`` key of the current value.
         schedule: when and to what the parameter changes.
         in_obs: append the value's feature (log of it if log-uniform) to observations.
+        schedule_seed: if given, seeded resets restart the schedule from this seed instead of
+            the reset's: env copies that share it (one replica's copies in a vector env) draw
+            the same sequence of values, while their initial states differ.
     """
 
     def __init__(
@@ -221,10 +224,14 @@ class ScheduledPhysics:
         parameter: str,
         schedule: ParameterSchedule,
         in_obs: bool = False,
+        schedule_seed: int | None = None,
     ) -> None:
         self.parameter = parameter
         self.schedule = schedule
         self.in_obs = in_obs
+        self.schedule_seed = schedule_seed
+        if schedule_seed is not None:
+            schedule.restart(schedule_seed)
         self._set = parameter_setter(model, parameter)
         self._set(schedule.value)
 
@@ -244,7 +251,7 @@ class ScheduledPhysics:
     def before_reset(self, seed: int | None) -> None:
         """Restart the schedule (``seed`` given) or end the episode, then set the value."""
         if seed is not None:
-            self.schedule.restart(seed)
+            self.schedule.restart(seed if self.schedule_seed is None else self.schedule_seed)
             self._set(self.schedule.value)
         elif self.schedule.episode_end():
             self._set(self.schedule.value)
@@ -379,6 +386,8 @@ class SlipperyMixin:
         initial_friction: the first task's friction (``None``: drawn like the others).
         change_immediately: change mid-episode when due (default: at the next episode end).
         friction_in_obs: append log-friction to the observation.
+        schedule_seed: seed of the friction schedule (``None``: the seed of ``reset(seed=...)``);
+            copies of an env that share it see the same frictions (see :class:`ScheduledPhysics`).
         **kwargs: the wrapped env class's own arguments (``xml_file``, ``frame_skip``, ...).
     """
 
@@ -392,6 +401,7 @@ class SlipperyMixin:
         initial_friction: float | None = None,
         change_immediately: bool = False,
         friction_in_obs: bool = False,
+        schedule_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -401,7 +411,8 @@ class SlipperyMixin:
             immediate=change_immediately,
             initial_value=initial_friction,
         )
-        self._physics = ScheduledPhysics(self.model, "friction", schedule, friction_in_obs)
+        self._physics = ScheduledPhysics(self.model, "friction", schedule, friction_in_obs,
+                                         schedule_seed)
         self.observation_space = self._physics.observation_space(self.observation_space)
         # The env class recorded its own positional args for pickling; record ours instead.
         utils.EzPickle.__init__(
@@ -411,6 +422,7 @@ class SlipperyMixin:
             initial_friction=initial_friction,
             change_immediately=change_immediately,
             friction_in_obs=friction_in_obs,
+            schedule_seed=schedule_seed,
             **kwargs,
         )
 

@@ -49,6 +49,8 @@ class SlipperyAntEnv(SlipperyMixin, AntEnv):
         initial_friction: the first task's friction (``None``: drawn).
         change_immediately: change mid-episode when due (default: at the next episode end).
         friction_in_obs: append log-friction to the observation.
+        schedule_seed: seed of the friction schedule (``None``: the seed of ``reset(seed=...)``);
+            env copies sharing it see the same frictions from different initial states.
         **kwargs: every Ant-v5 argument (``ctrl_cost_weight``, ``xml_file``, ``frame_skip``,
             ``include_cfrc_ext_in_observation``, ``render_mode``, ...).
 

@@ -1,0 +1,232 @@
+"""The loop over an RL stream: the agent acts on every env copy, the stream steps them all.
+
+One step of :class:`RLLoop` is one step of the vector env for every replica (DESIGN.md §1):
+``action = agent.act(obs)``, the stream steps every copy, and ``agent.observe(obs, action,
+feedback)`` gets the :class:`~contlearn.envs.rl_stream.Feedback` ``(reward, next_obs,
+terminated, truncated)``. It has the interface of :class:`contlearn.engine.SupervisedLoop`.
+
+Records (values, not hooks):
+
+- ``Record("episode", step, task, {"episode_return", "episode_length", "friction"},
+  replica=r)`` at every episode end: episodes end at different steps in different replicas, so
+  each record holds one replica's values ``(1,)``, and ``task`` is that replica's friction
+  index. If several copies of a replica end an episode on the same step, the record holds
+  their means (one row per seed and step). ``friction`` is left out for envs without one.
+- ``Record("update", ...)`` with the agent's update statistics (PPO: ``policy_loss``, ...)
+  whenever ``observe`` returns some.
+- ``Record("probe", ...)`` every ``probe_every`` steps (default :data:`RL_PROBE_EVERY`), and
+  at :meth:`RLLoop.finish`, computed with the current networks on the observations acted on in
+  the stream's last ``probe_window`` steps (the paper's last 1000 steps):
+
+  - ``dormant_fraction``: for RL, the paper's definition: share of units active (non-zero;
+    ReLU: positive) on at most 1% of those inputs (:func:`activity_dormant_fraction`);
+  - ``dead_fraction``, ``effective_rank``, ``approx_rank``, ``stable_rank``,
+    ``weight_magnitude``: the probes of :mod:`contlearn.probes`, per hidden layer
+    (``policy.hidden2`` is the policy's last hidden layer);
+  - ``grad_magnitude`` (mean |g| of a minibatch update; PPO samples the first minibatch of
+    every epoch) and ``weight_change`` (mean |Δθ| per rollout's update phase), averaged
+    since the previous probe, from the agent's ``update_stats()``; the learner's
+    ``diagnostics()`` (CBP: ``replacements``, ``mean_age``, ...).
+
+Records whose values cover every replica carry the replicas' common task; while the replicas'
+tasks differ (around a friction change) they are split per replica so every row's ``task`` is
+its replica's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from contlearn.engine import DivergenceError, ProbeSchedule, Record
+from contlearn.probes import PROBES, ProbeContext, _with_aggregate
+from contlearn.progress import Progress
+
+#: Probe interval of RL runs when ``probe_every`` is 0 (the reference logs ranks every 10k).
+RL_PROBE_EVERY = 10_000
+#: A unit active on at most this share of the window's inputs is dormant (Dohare et al. 2024).
+DORMANT_ACTIVITY = 0.01
+
+
+def activity_dormant_fraction(features: dict[str, torch.Tensor],
+                              threshold: float = DORMANT_ACTIVITY) -> dict[str, torch.Tensor]:
+    """Share of units active (activation ≠ 0) on at most ``threshold`` of the inputs.
+
+    Args:
+        features: ``{layer: (R, P, H)}``.
+        threshold: the activity share at or below which a unit is dormant.
+
+    Returns:
+        ``{layer: (R,)}`` plus ``""``, the share over all layers' units.
+    """
+    out = {}
+    for layer, h in features.items():
+        activity = (h != 0).to(torch.float64).mean(1)  # (R, H)
+        out[layer] = (activity <= threshold).to(torch.float64).mean(1)
+    return _with_aggregate(out, {k: v.shape[-1] for k, v in features.items()})
+
+
+class RLLoop:
+    """The loop over an RL stream, resumable between any two steps.
+
+    Args:
+        stream: an RL stream (``obs``, ``advance``, ``probe_batch``, ``task``, ``step``).
+        agent: an agent over all of the stream's replicas (``act``, ``observe``).
+        emit: called with every :class:`~contlearn.engine.Record`.
+        progress: optional progress display (shows the mean of the last episode returns).
+        probes: which probes to run; ``every`` 0 means :data:`RL_PROBE_EVERY` steps.
+        on_divergence: what a non-finite update ``loss`` does: ``mark`` (record ``diverged``
+            for that replica, stop its learning, go on with the others) or ``stop`` (raise).
+    """
+
+    def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
+                 progress: Progress | None = None, probes: ProbeSchedule | None = None,
+                 on_divergence: str = "mark") -> None:
+        self.stream, self.agent, self.emit = stream, agent, emit
+        self.on_divergence = on_divergence
+        self.diverged = torch.zeros(stream.info.num_replicas, dtype=torch.bool)
+        self.progress = progress
+        self.info = stream.info
+        self.names = probes.names if probes is not None else ()
+        self.every = (probes.every or RL_PROBE_EVERY) if self.names else 0
+        self.last_probe = -1
+        self.recent: deque[float] = deque(maxlen=10 * self.info.num_replicas)
+
+    def step(self) -> None:
+        """One step of every env copy: act, step the stream, observe, record."""
+        stream, agent = self.stream, self.agent
+        obs = stream.obs
+        action = agent.act(obs)
+        feedback, ended = stream.advance(action)
+        metrics = agent.observe(obs, action, feedback) or {}
+        step = stream.step
+        if metrics:
+            self._emit_all("update", step, metrics)
+            if "loss" in metrics:
+                self._check_divergence(metrics["loss"])
+        if ended:
+            self._episodes(step, ended)
+        if self.every and step % self.every == 0:
+            self._probe(step)
+        if self.progress is not None:
+            self.progress.update(step, int(stream.task.max()), self._running)
+
+    def _running(self) -> float:
+        return float(np.mean(self.recent)) if self.recent else float("nan")
+
+    def _emit_all(self, kind: str, step: int, values: dict[str, torch.Tensor],
+                  layer: str = "") -> None:
+        """Emit values ``(R,)`` with each replica's task (split per replica if they differ)."""
+        tasks = self.stream.task
+        if (tasks == tasks[0]).all():
+            self.emit(Record(kind, step, int(tasks[0]), values, layer))
+            return
+        for r, task in enumerate(tasks.tolist()):
+            self.emit(Record(kind, step, task, {k: v[r:r + 1] for k, v in values.items()},
+                             layer, replica=r))
+
+    def _check_divergence(self, loss: torch.Tensor) -> None:
+        """Record replicas whose update loss just became NaN or infinite; stop or mark them."""
+        bad = ~torch.isfinite(loss.detach().reshape(-1)) & ~self.diverged
+        if not bool(bad.any()):
+            return
+        replicas = [int(r) for r in bad.nonzero().flatten()]
+        for r in replicas:
+            self.emit(Record("diverged", self.stream.step, int(self.stream.task[r]),
+                             {"diverged": torch.ones(1)}, replica=r))
+        if self.on_divergence == "stop":
+            seeds = ", ".join(str(self.stream.seeds[r]) for r in replicas)
+            raise DivergenceError(f"seed {seeds} diverged (non-finite loss) at step "
+                                  f"{self.stream.step}; lower lr, or set on_divergence=mark to "
+                                  "let the other seeds go on")
+        self.diverged |= bad
+        stop = getattr(self.agent, "stop_replicas", None)
+        if stop is not None:
+            stop(self.diverged.clone())
+
+    def _episodes(self, step: int, ended: list[Any]) -> None:
+        """One ``episode`` record per replica with an episode end on this step."""
+        for r in sorted({e.replica for e in ended}):
+            mine = [e for e in ended if e.replica == r]
+            ret = float(np.mean([e.ret for e in mine]))
+            values = {"episode_return": ret,
+                      "episode_length": float(np.mean([e.length for e in mine]))}
+            friction = float(np.mean([e.friction for e in mine]))
+            if not np.isnan(friction):
+                values["friction"] = friction
+            self.recent.extend(e.ret for e in mine)
+            self.emit(Record("episode", step, max(e.task for e in mine),
+                             {k: torch.tensor([v], dtype=torch.float64)
+                              for k, v in values.items()}, replica=r))
+
+    def _probe(self, step: int) -> None:
+        """Probe the agent on the stream's recent observations (see the module docstring)."""
+        self.last_probe = step
+        results: dict[str, dict[str, torch.Tensor]] = {}
+        features_fn = getattr(self.agent, "features", None)
+        obs = self.stream.probe_batch()  # (R, P, obs_dim)
+        if features_fn is not None and obs.shape[1] > 0:
+            features = features_fn(obs)
+            net = getattr(self.agent, "net", None)
+            params = {k: v for k, v in getattr(net, "params", {}).items()
+                      if k.endswith((".weight", ".bias"))}
+            ctx = ProbeContext(features, params, getattr(net, "activation", ""), self.agent, obs)
+            for name in self.names:
+                values = (activity_dormant_fraction(features) if name == "dormant_fraction"
+                          else PROBES[name](ctx))
+                if values:
+                    results[name] = values
+        stats = getattr(self.agent, "update_stats", None)
+        for metric, by_layer in (stats() if stats is not None else {}).items():
+            if metric != "grad_magnitude" or metric in self.names:
+                results[metric] = by_layer
+        for metric, by_layer in results.items():
+            for layer, values in by_layer.items():
+                self._emit_all("probe", step, {metric: values}, layer)
+        diagnostics = getattr(self.agent, "diagnostics", None)
+        for layer, values in (diagnostics() if diagnostics is not None else {}).items():
+            self._emit_all("probe", step, values, layer)
+
+    def run(self, steps: int, stop: Callable[[], bool] | None = None,
+            checkpoint: Callable[[], None] | None = None,
+            checkpoint_due: Callable[[int], bool] | None = None) -> bool:
+        """Step until ``steps`` steps are done (global count) or ``stop()`` says so.
+
+        Args:
+            steps: the step count to stop at.
+            stop: polled before every step (e.g. a signal flag).
+            checkpoint: called after a step when ``checkpoint_due(step)`` is true.
+            checkpoint_due: when to checkpoint.
+
+        Returns:
+            True if all steps were done, False if stopped early.
+        """
+        while self.stream.step < steps:
+            if stop is not None and stop():
+                return False
+            self.step()
+            if checkpoint is not None and checkpoint_due is not None and checkpoint_due(
+                    self.stream.step):
+                checkpoint()
+        return True
+
+    def finish(self) -> None:
+        """Probe once more at the last step, unless that step was just probed."""
+        if self.every and self.stream.step > 0 and self.last_probe != self.stream.step:
+            self._probe(self.stream.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's own state: last probe, diverged replicas, returns shown by the bar."""
+        return {"last_probe": self.last_probe, "diverged": self.diverged.clone(),
+                "recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.last_probe = int(state["last_probe"])
+        self.diverged = state["diverged"].clone()
+        self.recent.clear()
+        self.recent.extend(float(v) for v in state["recent"])

@@ -1,0 +1,134 @@
+"""Slippery Ant with PPO, one learner: the continual-RL experiment of Dohare et al. (2024).
+
+The ant must keep running while the friction changes every ``change_every`` steps. The loop
+below is the whole experiment: the agent acts on every env copy of every seed at once, the
+stream steps them, the agent stores the transition (and updates every ``rollout`` of them),
+and every finished episode becomes a row of a contlearn run directory, so ``contlearn plot``,
+``contlearn.load_runs`` and ``contlearn summary`` read it like any other run::
+
+    python scripts/slippery_ant.py --learner cbp --total-steps 1000000 --change-every 200000
+    python scripts/slippery_ant.py --learner bp --seeds 3 --total-steps 20000   # a smoke test
+
+``--paper`` (on by default) applies the reference's per-learner settings (cfg/sant/*.yml):
+bp is Adam (0.9, 0.999); proper-adam, l2 and cbp use β1 = β2 = 0.99; l2 adds L2 1e-3; cbp adds
+L2 1e-4, ρ = 1e-4 and maturity 10,000 minibatch updates. The same run through the library's
+own loop (with probes and checkpoints) is ``contlearn run slippery-ant --learner cbp ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import contlearn
+from contlearn import plots
+from contlearn.agents import check_agent
+from contlearn.config import resolve
+from contlearn.envs import make_stream
+from contlearn.store import MetricWriter, prepare_run_dir, write_config
+
+#: Dohare et al.'s Slippery Ant settings per learner (on top of the PPO defaults).
+PAPER = {
+    "bp": {},
+    "proper-adam": {},  # the preset itself sets β1 = β2 = 0.99
+    "l2": {"beta1": 0.99, "beta2": 0.99, "learner.l2": 1e-3},
+    "cbp": {"beta1": 0.99, "beta2": 0.99, "learner.l2": 1e-4,
+            "learner.replacement_rate": 1e-4, "learner.maturity": 10_000},
+}
+
+
+@dataclass
+class Args:
+    """Arguments of the experiment (each is also a command-line flag)."""
+
+    learner: str = "cbp"
+    """learner: bp, proper-adam, l2, cbp, redo, snp, l2-init, snp-init"""
+    paper: bool = True
+    """apply Dohare et al.'s settings for the learner (see PAPER)"""
+    seed: int = 0
+    """first seed"""
+    seeds: int = 1
+    """seeds, run as one replica-batched model (each with its own envs and frictions)"""
+    total_steps: int = 1_000_000
+    """steps of each env copy"""
+    change_every: int = 200_000
+    """steps between friction changes (paper: 2,000,000)"""
+    num_envs: int = 1
+    """env copies per seed (paper: 1); a PPO rollout is 2048 transitions over all copies"""
+    vector: str = "sync"
+    """step the copies in this process (sync) or one process per copy (async)"""
+    lr: float = 1e-4
+    """Adam step size (paper: 1e-4)"""
+    torch_threads: int = 1
+    """torch threads (1 is fastest for these small networks on a shared machine)"""
+    out: str = "runs/slippery_ant"
+    """folder of the run directory"""
+
+
+def parse_args() -> Args:
+    """Command-line flags from the fields of :class:`Args`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Args):
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool" or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return Args(**vars(parser.parse_args()))
+
+
+def main() -> None:
+    """Run one learner on Slippery Ant and plot its episode returns."""
+    args = parse_args()
+    torch.set_num_threads(args.torch_threads)
+    run_name = f"slippery-ant__{args.learner}__s{args.seed}x{args.seeds}__{int(time.time())}"
+    path = Path(args.out) / run_name
+    options = {"change_every": args.change_every, "num_envs": args.num_envs,
+               "vector": args.vector, "lr": args.lr, "steps": args.total_steps,
+               **(PAPER.get(args.learner, {}) if args.paper else {})}
+    cfg = resolve({"stream": "slippery-ant", "learner": args.learner, "seed": args.seed,
+                   "seeds": args.seeds, **options})
+    stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
+    agent = cfg.agent_cls(stream.info, stream.seeds, cfg.agent_spec, cfg.learner)
+    check_agent(agent)
+    prepare_run_dir(path)
+    write_config(path, cfg.to_dict(), cfg.seeds)
+    writer = MetricWriter(path, run_name, cfg.stream, args.learner)
+
+    start = time.monotonic()
+    for step in range(1, args.total_steps + 1):
+        obs = stream.obs  # (R, E, obs_dim)
+        action = agent.act(obs)  # (R, E, act_dim)
+        feedback, ended = stream.advance(action)  # (reward, next_obs, terminated, truncated)
+        update = agent.observe(obs, action, feedback)  # a PPO update every rollout
+        for ep in ended:  # one row per finished episode, task = that seed's friction index
+            seed = [stream.seeds[ep.replica]]
+            for metric, value in (("episode_return", ep.ret), ("episode_length", ep.length),
+                                  ("friction", ep.friction)):
+                writer.append(seed, step, ep.task, metric, [value])
+        if update:
+            for metric, values in update.items():
+                writer.append(stream.seeds, step, int(stream.task.max()), metric,
+                              values.tolist())
+            rate = step * args.num_envs * args.seeds / (time.monotonic() - start)
+            print(f"step {step:>9,}  {rate:6.0f} env-steps/s  friction index "
+                  f"{stream.task.tolist()}  value loss {update['value_loss'].mean():.1f}",
+                  flush=True)
+    writer.close()
+    stream.close()
+
+    df = contlearn.load_runs(path)
+    width = max(1, args.total_steps // 50)  # 50 points: each the mean of a window's episodes
+    df["step"] = df["step"] // width * width + width // 2
+    fig = plots.plot_decay(df, metric="episode_return", x="step")
+    plots.save_figure(fig, path / "returns.png")
+    print(f"{path} ({time.monotonic() - start:.0f} s); figure {path / 'returns.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The RL stream: replicas, shared friction schedules, episodes, probe window, checkpoints."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from contlearn.config import resolve
+from contlearn.envs import make_stream
+from contlearn.envs.rl_stream import MujocoRLStream, RLStreamSpec
+from contlearn.errors import ConfigError
+
+pytestmark = pytest.mark.mujoco
+
+
+def stream(seeds: list[int], **options) -> MujocoRLStream:
+    cfg = resolve({"stream": "slippery-ant", **options})
+    return make_stream("slippery-ant", cfg.stream_spec, seeds)
+
+
+def actions(s: MujocoRLStream, n: int, seed: int = 0) -> torch.Tensor:
+    """Fixed actions ``(n, R, E, A)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, s.num_replicas, s.num_envs, s.info.num_outputs, generator=g) * 2 - 1
+
+
+def play(s: MujocoRLStream, acts: torch.Tensor) -> tuple[list, list]:
+    feedback, episodes = [], []
+    for a in acts:
+        fb, ended = s.advance(a)
+        feedback.append(fb)
+        episodes.extend(ended)
+    return feedback, episodes
+
+
+def test_info_and_shapes() -> None:
+    s = stream([0, 1], num_envs=2)
+    assert s.info.kind == "rl" and s.info.metric == "episode_return"
+    assert s.info.input_shape == (105,) and s.info.num_outputs == 8
+    assert s.obs.shape == (2, 2, 105) and s.obs.dtype == torch.float32
+    fb, _ = s.advance(torch.zeros(2, 2, 8))
+    assert fb.reward.shape == fb.terminated.shape == fb.truncated.shape == (2, 2)
+    assert fb.next_obs.shape == (2, 2, 105) and s.step == 1
+    assert resolve({"stream": "slippery-ant"}).agent == "ppo"
+
+
+def test_replica_in_batch_equals_seed_alone() -> None:
+    batched = stream([3, 7], num_envs=2, max_episode_steps=60)
+    alone = stream([7], num_envs=2, max_episode_steps=60)
+    acts = actions(batched, 200)
+    fb2, ep2 = play(batched, acts)
+    fb1, ep1 = play(alone, acts[:, 1:])
+    for a, b in zip(fb2, fb1, strict=True):
+        assert all(torch.equal(x[1], y[0]) for x, y in zip(a, b, strict=True))
+    assert [e._replace(replica=0) for e in ep2 if e.replica == 1] == ep1 and ep1
+
+
+def test_copies_of_a_replica_share_the_friction_schedule() -> None:
+    s = stream([0, 1], num_envs=3, change_every=40, change_immediately=True)
+    first = s.friction.copy()
+    play(s, actions(s, 100))
+    assert np.all(s.friction == s.friction[:, :1])  # one world per replica
+    assert s.friction[0, 0] != s.friction[1, 0]  # replicas draw their own frictions
+    assert np.all(s.friction != first) and s.task.tolist() == [2, 2]
+    assert not torch.equal(s.obs[0, 0], s.obs[0, 1])  # copies start from their own states
+
+
+def test_episodes_end_with_final_obs_and_restart() -> None:
+    s = stream([0], max_episode_steps=30)
+    fb, episodes = play(s, torch.zeros(65, 1, 1, 8))
+    assert [(e.length, e.task) for e in episodes] == [(30, 0), (30, 0)]
+    assert bool(fb[29].truncated[0, 0]) and not torch.equal(fb[29].next_obs, s.obs)
+    assert episodes[0].ret == pytest.approx(sum(float(f.reward[0, 0]) for f in fb[:30]))
+    assert 0.02 <= episodes[0].friction <= 2.0
+
+
+def test_probe_batch_is_the_recent_observations_acted_on() -> None:
+    s = stream([0, 1], num_envs=2, probe_window=5)
+    seen = []
+    for a in actions(s, 7):
+        seen.append(s.obs.clone())
+        s.advance(a)
+    window = s.probe_batch()
+    assert window.shape == (2, 10, 105)
+    expected = torch.stack(seen[-5:], 1).reshape(2, 10, 105)  # (R, steps·E, obs_dim)
+    assert torch.equal(window, expected)
+
+
+def test_state_round_trip_continues_identically() -> None:
+    s = stream([4], num_envs=2, change_every=30, max_episode_steps=50)
+    acts = actions(s, 120)
+    play(s, acts[:45])
+    buffer = io.BytesIO()
+    torch.save(s.state_dict(), buffer)
+    rest = play(s, acts[45:])
+    buffer.seek(0)
+    s2 = stream([4], num_envs=2, change_every=30, max_episode_steps=50)
+    s2.load_state_dict(torch.load(buffer, weights_only=True))
+    rest2 = play(s2, acts[45:])
+    assert rest[1] == rest2[1] and rest[1]
+    for a, b in zip(rest[0], rest2[0], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_async_copies_step_like_sync_ones() -> None:
+    sync = stream([2], num_envs=2, max_episode_steps=10)
+    asyn = stream([2], num_envs=2, max_episode_steps=10, vector="async")
+    try:
+        acts = actions(sync, 30)
+        (fb_sync, ep_sync), (fb_async, ep_async) = play(sync, acts), play(asyn, acts)
+        assert ep_sync == ep_async and len(ep_sync) >= 4
+        for a, b in zip(fb_sync, fb_async, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        state = asyn.state_dict()
+        assert len(state["copies"]) == 2
+    finally:
+        asyn.close()
+
+
+def test_stationary_env_without_schedule() -> None:
+    s = MujocoRLStream(RLStreamSpec(env_id="InvertedPendulum-v5"), [0])
+    _, episodes = play(s, torch.zeros(50, 1, 1, 1) + 3.0)  # clipped to the action bound
+    assert episodes and np.isnan(episodes[0].friction) and episodes[0].task == 0
+
+
+def test_bad_options_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="friction_range_low"):
+        resolve({"stream": "slippery-ant", "friction_range_low": 3.0})
+    with pytest.raises(ConfigError, match="vector"):
+        resolve({"stream": "slippery-ant", "vector": "threads"})
+    with pytest.raises(ConfigError, match="cannot make env"):
+        MujocoRLStream(RLStreamSpec(env_id="NoSuchEnv-v0"), [0])
