@@ -34,7 +34,7 @@ class Args:
     """learners to compare, comma-separated"""
     seeds: int = 3
     """seeds per learner, run as one batched model"""
-    tasks: int = 30
+    tasks: int = 60
     """tasks (pixel permutations) per run"""
     examples_per_task: int = 2000
     """examples shown per task, one at a time"""
