@@ -116,7 +116,43 @@ def probe_records(schedule: ProbeSchedule, stream: Any, agent: Any, step: int, t
             for metric, by_layer in results.items() for layer, values in by_layer.items()]
 
 
-class SupervisedLoop:
+class SteppingLoop:
+    """What every loop shares: stepping to a target with stops and checkpoints.
+
+    Subclasses have ``stream`` (with a ``step`` count) and ``step()``.
+    """
+
+    stream: Any
+
+    def step(self) -> None:
+        """One step of the loop."""
+        raise NotImplementedError
+
+    def run(self, steps: int, stop: Callable[[], bool] | None = None,
+            checkpoint: Callable[[], None] | None = None,
+            checkpoint_due: Callable[[int], bool] | None = None) -> bool:
+        """Step until ``steps`` steps are done (global count) or ``stop()`` says so.
+
+        Args:
+            steps: the step count to stop at.
+            stop: polled before every step (e.g. a signal flag).
+            checkpoint: called after a step when ``checkpoint_due(step)`` is true.
+            checkpoint_due: when to checkpoint.
+
+        Returns:
+            True if all steps were done, False if stopped early.
+        """
+        while self.stream.step < steps:
+            if stop is not None and stop():
+                return False
+            self.step()
+            if checkpoint is not None and checkpoint_due is not None and checkpoint_due(
+                    self.stream.step):
+                checkpoint()
+        return True
+
+
+class SupervisedLoop(SteppingLoop):
     """The loop over a supervised stream, resumable between any two steps.
 
     Args:
@@ -191,29 +227,6 @@ class SupervisedLoop:
         stop = getattr(self.agent, "stop_replicas", None)
         if stop is not None:
             stop(self.diverged.clone())
-
-    def run(self, steps: int, stop: Callable[[], bool] | None = None,
-            checkpoint: Callable[[], None] | None = None,
-            checkpoint_due: Callable[[int], bool] | None = None) -> bool:
-        """Step until ``steps`` steps are done (global count) or ``stop()`` says so.
-
-        Args:
-            steps: the step count to stop at.
-            stop: polled before every step (e.g. a signal flag).
-            checkpoint: called after a step when ``checkpoint_due(step)`` is true.
-            checkpoint_due: when to checkpoint.
-
-        Returns:
-            True if all steps were done, False if stopped early.
-        """
-        while self.stream.step < steps:
-            if stop is not None and stop():
-                return False
-            self.step()
-            if checkpoint is not None and checkpoint_due is not None and checkpoint_due(
-                    self.stream.step):
-                checkpoint()
-        return True
 
     def finish(self) -> None:
         """Emit the ``task_end`` of the current (possibly partial) task."""

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from contlearn.engine import DivergenceError, ProbeSchedule, Record
+from contlearn.engine import DivergenceError, ProbeSchedule, Record, SteppingLoop
 from contlearn.probes import PROBES, ProbeContext, _with_aggregate
 from contlearn.progress import Progress
 
@@ -70,7 +70,7 @@ def activity_dormant_fraction(features: dict[str, torch.Tensor],
     return _with_aggregate(out, {k: v.shape[-1] for k, v in features.items()})
 
 
-class RLLoop:
+class RLLoop(SteppingLoop):
     """The loop over an RL stream, resumable between any two steps.
 
     Args:
@@ -190,29 +190,6 @@ class RLLoop:
         diagnostics = getattr(self.agent, "diagnostics", None)
         for layer, values in (diagnostics() if diagnostics is not None else {}).items():
             self._emit_all("probe", step, values, layer)
-
-    def run(self, steps: int, stop: Callable[[], bool] | None = None,
-            checkpoint: Callable[[], None] | None = None,
-            checkpoint_due: Callable[[int], bool] | None = None) -> bool:
-        """Step until ``steps`` steps are done (global count) or ``stop()`` says so.
-
-        Args:
-            steps: the step count to stop at.
-            stop: polled before every step (e.g. a signal flag).
-            checkpoint: called after a step when ``checkpoint_due(step)`` is true.
-            checkpoint_due: when to checkpoint.
-
-        Returns:
-            True if all steps were done, False if stopped early.
-        """
-        while self.stream.step < steps:
-            if stop is not None and stop():
-                return False
-            self.step()
-            if checkpoint is not None and checkpoint_due is not None and checkpoint_due(
-                    self.stream.step):
-                checkpoint()
-        return True
 
     def finish(self) -> None:
         """Probe once more at the last step, unless that step was just probed."""
