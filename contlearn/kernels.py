@@ -433,8 +433,9 @@ _MALLOC_TUNED = False
 
 
 def retain_freed_memory() -> None:
-    """Ask glibc to serve every tensor from the heap and to keep freed heap memory
-    (``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` 2 GB), once per process.
+    """Ask glibc to serve tensors up to 32 MB (its largest threshold) from the heap and to keep
+    up to 1 GB of freed heap memory (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``), once per
+    process.
 
     Each step of an unfused learner (Adam, ...) allocates and frees tensors as large as the
     weights; by default glibc maps those afresh each time and every page faults in again
@@ -449,8 +450,10 @@ def retain_freed_memory() -> None:
     _MALLOC_TUNED = True
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'ed chunks (big tensors come from the heap)
-        libc.mallopt(-1, ctypes.c_int(2**31 - 1))  # M_TRIM_THRESHOLD: (almost) never trim
+        # (M_MMAP_MAX = 0, i.e. the heap for every size, fragmented a long process's heap
+        # past 24 GB when tensor sizes varied: not used)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
