@@ -206,12 +206,15 @@ class PPOAgent:
 
     supports_replicas = True
     Spec = PPOSpec
+    #: learners that do not apply, with the reason (checked when a run's config is resolved)
+    unsupported_learners = {"head-reset": "it needs visible task boundaries and an output "
+                            "head; RL streams have neither; use cbp, redo, snp or l2"}
 
     def __init__(self, info: StreamInfo, seeds: Sequence[int], spec: PPOSpec,
                  learner: Learner) -> None:
-        if learner.name == "head-reset":
-            raise ConfigError("learner head-reset needs visible task boundaries and an output "
-                              "head; RL streams have neither; use cbp, redo, snp or l2")
+        if learner.name in self.unsupported_learners:
+            raise ConfigError(f"learner {learner.name} does not apply to PPO: "
+                              f"{self.unsupported_learners[learner.name]}")
         self.info, self.spec, self.seeds = info, spec, list(seeds)
         self.learner_spec = learner
         self.gens = [torch_generator(s, "agent") for s in self.seeds]

@@ -215,6 +215,9 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     if not isinstance(learner_name, str):
         raise ConfigError(f"learner={learner_name!r} must be a learner name")
     ldef = learner_def(learner_name)
+    reason = getattr(agent_cls, "unsupported_learners", {}).get(learner_name)
+    if reason:
+        raise ConfigError(f"learner {learner_name} does not apply to agent {agent}: {reason}")
 
     run_fields = [f.name for f in spec_fields(RunSpec)]
     stream_fields = [f.name for f in spec_fields(stream_cls.Spec)]

@@ -206,3 +206,11 @@ def test_ppo_learns_inverted_pendulum() -> None:
     returns = [r.values["episode_return"].item() for r in records if r.kind == "episode"]
     assert returns[0] < 100  # a random policy drops the pole within a few dozen steps
     assert sum(returns[-5:]) / 5 >= 500  # 1000 is the maximum (the time limit)
+
+
+def test_head_reset_is_refused_before_the_run_dir_is_made(tmp_path) -> None:
+    import contlearn
+
+    with pytest.raises(ConfigError, match="does not apply to agent ppo"):
+        contlearn.run("slippery-ant", learner="head-reset", steps=10, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
