@@ -279,5 +279,9 @@ class SingleReplicaAdapter:
 
     def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
-        metrics = self.agent.observe(obs[0], action[0], feedback[0]) or {}
+        if isinstance(feedback, tuple):  # RL feedback: (reward, next_obs, terminated, truncated)
+            feedback = type(feedback)(*(f[0] for f in feedback))
+        else:
+            feedback = feedback[0]
+        metrics = self.agent.observe(obs[0], action[0], feedback) or {}
         return {k: torch.as_tensor(v, dtype=torch.float64).reshape(1) for k, v in metrics.items()}

@@ -101,3 +101,28 @@ def test_divergence_marks_or_stops(mode: str) -> None:
     diverged = [r for r in records if r.kind == "diverged"]
     assert [(r.step, r.replica) for r in diverged] == [(2, 0)]  # reported once
     assert agent.stopped.tolist() == [True, False]
+
+
+class _RandomAgent:
+    """A plug-in agent without replica support: sees (E, obs_dim) and RL feedback tuples."""
+
+    def __init__(self, info, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.n = info.num_outputs
+
+    def act(self, obs):
+        return torch.rand(obs.shape[0], self.n, generator=self.gen) * 2 - 1
+
+    def observe(self, obs, action, feedback):
+        reward, next_obs, terminated, truncated = feedback
+        assert reward.shape == (obs.shape[0],) and next_obs.shape == obs.shape
+        return {}
+
+
+@pytest.mark.mujoco
+def test_plugin_agent_without_replicas_runs_on_an_rl_stream(tmp_path):
+    res = contlearn.run("slippery-ant", agent=_RandomAgent, seeds=2, steps=1100,
+                        config={"change_every": 500}, out=tmp_path / "r")
+    df = res.metrics()
+    returns = df[df.metric == "episode_return"]
+    assert sorted(returns.seed.unique()) == [0, 1] and set(df.learner) == {"_RandomAgent"}
