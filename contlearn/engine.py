@@ -123,10 +123,39 @@ class SteppingLoop:
     """
 
     stream: Any
+    agent: Any
+    emit: Callable[[Record], None]
+    diverged: torch.Tensor  # (R,) bool
+    on_divergence: str
 
     def step(self) -> None:
         """One step of the loop."""
         raise NotImplementedError
+
+    def replica_task(self, replica: int) -> int:
+        """The task replica ``replica`` is on."""
+        raise NotImplementedError
+
+    def _check_divergence(self, loss: torch.Tensor) -> None:
+        """Detect replicas whose loss just became NaN or infinite."""
+        bad = ~torch.isfinite(loss.detach().reshape(-1)) & ~self.diverged
+        if not bool(bad.any()):
+            return
+        replicas = [int(r) for r in bad.nonzero().flatten()]
+        for r in replicas:
+            self.emit(Record("diverged", self.stream.step, self.replica_task(r),
+                             {"diverged": torch.ones(1)}, replica=r))
+        if self.on_divergence == "stop":
+            seeds = [self.stream.seeds[r] for r in replicas]
+            raise DivergenceError(
+                f"seed {', '.join(map(str, seeds))} diverged (non-finite loss) at step "
+                f"{self.stream.step}; lower lr, or set on_divergence=mark to let the other "
+                "seeds go on")
+        self.diverged |= bad
+        stop = getattr(self.agent, "stop_replicas", None)
+        if stop is not None:
+            stop(self.diverged.clone())
+
 
     def run(self, steps: int, stop: Callable[[], bool] | None = None,
             checkpoint: Callable[[], None] | None = None,
@@ -208,25 +237,9 @@ class SupervisedLoop(SteppingLoop):
         if self.progress is not None:
             self.progress.update(stream.step, self.task, self.totals.running)
 
-    def _check_divergence(self, loss: torch.Tensor) -> None:
-        """Detect replicas whose loss just became NaN or infinite."""
-        bad = ~torch.isfinite(loss.detach().reshape(-1)) & ~self.diverged
-        if not bool(bad.any()):
-            return
-        replicas = [int(r) for r in bad.nonzero().flatten()]
-        for r in replicas:
-            self.emit(Record("diverged", self.stream.step, self.task,
-                             {"diverged": torch.ones(1)}, replica=r))
-        if self.on_divergence == "stop":
-            seeds = [self.stream.seeds[r] for r in replicas]
-            raise DivergenceError(
-                f"seed {', '.join(map(str, seeds))} diverged (non-finite loss) at step "
-                f"{self.stream.step}; lower lr, or set on_divergence=mark to let the other "
-                "seeds go on")
-        self.diverged |= bad
-        stop = getattr(self.agent, "stop_replicas", None)
-        if stop is not None:
-            stop(self.diverged.clone())
+    def replica_task(self, replica: int) -> int:
+        """Every replica is on the same task."""
+        return self.task
 
     def finish(self) -> None:
         """Emit the ``task_end`` of the current (possibly partial) task."""

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from contlearn.engine import DivergenceError, ProbeSchedule, Record, SteppingLoop
+from contlearn.engine import ProbeSchedule, Record, SteppingLoop
 from contlearn.probes import PROBES, ProbeContext, _with_aggregate
 from contlearn.progress import Progress
 
@@ -129,24 +129,9 @@ class RLLoop(SteppingLoop):
             self.emit(Record(kind, step, task, {k: v[r:r + 1] for k, v in values.items()},
                              layer, replica=r))
 
-    def _check_divergence(self, loss: torch.Tensor) -> None:
-        """Record replicas whose update loss just became NaN or infinite; stop or mark them."""
-        bad = ~torch.isfinite(loss.detach().reshape(-1)) & ~self.diverged
-        if not bool(bad.any()):
-            return
-        replicas = [int(r) for r in bad.nonzero().flatten()]
-        for r in replicas:
-            self.emit(Record("diverged", self.stream.step, int(self.stream.task[r]),
-                             {"diverged": torch.ones(1)}, replica=r))
-        if self.on_divergence == "stop":
-            seeds = ", ".join(str(self.stream.seeds[r]) for r in replicas)
-            raise DivergenceError(f"seed {seeds} diverged (non-finite loss) at step "
-                                  f"{self.stream.step}; lower lr, or set on_divergence=mark to "
-                                  "let the other seeds go on")
-        self.diverged |= bad
-        stop = getattr(self.agent, "stop_replicas", None)
-        if stop is not None:
-            stop(self.diverged.clone())
+    def replica_task(self, replica: int) -> int:
+        """The friction index of the replica's world."""
+        return int(self.stream.task[replica])
 
     def _episodes(self, step: int, ended: list[Any]) -> None:
         """One ``episode`` record per replica with an episode end on this step."""
