@@ -128,6 +128,13 @@ class SteppingLoop:
     diverged: torch.Tensor  # (R,) bool
     on_divergence: str
 
+    def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
+                 progress: Progress | None, on_divergence: str) -> None:
+        self.stream, self.agent, self.emit = stream, agent, emit
+        self.progress, self.on_divergence = progress, on_divergence
+        self.info = stream.info
+        self.diverged = torch.zeros(stream.info.num_replicas, dtype=torch.bool)
+
     def step(self) -> None:
         """One step of the loop."""
         raise NotImplementedError
@@ -197,11 +204,8 @@ class SupervisedLoop(SteppingLoop):
     def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
                  progress: Progress | None = None, probes: ProbeSchedule | None = None,
                  on_divergence: str = "mark") -> None:
-        self.stream, self.agent, self.emit = stream, agent, emit
-        self.on_divergence = on_divergence
-        self.diverged = torch.zeros(stream.info.num_replicas, dtype=torch.bool)
-        self.progress, self.probes = progress, probes
-        self.info = stream.info
+        super().__init__(stream, agent, emit, progress, on_divergence)
+        self.probes = probes
         self.totals = _TaskTotals(self.info.num_replicas)
         self.task = stream.task
         self._diagnostics = getattr(agent, "diagnostics", None)

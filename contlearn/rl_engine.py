@@ -86,11 +86,7 @@ class RLLoop(SteppingLoop):
     def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
                  progress: Progress | None = None, probes: ProbeSchedule | None = None,
                  on_divergence: str = "mark") -> None:
-        self.stream, self.agent, self.emit = stream, agent, emit
-        self.on_divergence = on_divergence
-        self.diverged = torch.zeros(stream.info.num_replicas, dtype=torch.bool)
-        self.progress = progress
-        self.info = stream.info
+        super().__init__(stream, agent, emit, progress, on_divergence)
         self.names = probes.names if probes is not None else ()
         self.every = (probes.every or RL_PROBE_EVERY) if self.names else 0
         self.last_probe = -1
