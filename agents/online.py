@@ -123,6 +123,18 @@ class OnlineAgent:
                                            self._views[first][:, :1]))
         self._pending: kernels.Pending | None = None
         self.net.on_read = self._flush
+        # Whole steps in one compiled call per block of steps (learn_block), when the update is
+        # fused and needs nothing per step but continual backprop's unit bookkeeping.
+        plan = self.plan
+        views = list(self._views.values())
+        self._block_plan = plan if (
+            plan is not None and (plan.post is None or plan.replacer is not None)
+            and self.spec.activation in kernels.BLOCK_ACTIVATIONS
+            and len(self.net.layers) <= kernels.MAX_BLOCK_LAYERS
+            and self.info.kind in ("classification", "regression")
+            and all(v.device.type == "cpu" and v.dtype == torch.float32 and v.is_contiguous()
+                    for v in views)
+            and kernels.library() is not None) else None
 
     def _flush(self) -> None:
         """Apply the deferred update of the input layer, if any."""
@@ -142,12 +154,71 @@ class OnlineAgent:
         return self
 
     def preferred_threads(self) -> int:
-        """Intra-op threads that suit this network (``threads=0``, auto): 1 for small networks,
-        where per-op overhead dominates and more threads only add to it, and on machines with
-        at most 2 cores, where a second thread waits on the other core's other work (measured
-        2-30× slower, docs/performance.md); else 0 (leave torch's setting: every core)."""
+        """Threads that suit this network (``threads=0``, auto).
+
+        Learning in blocks (:meth:`learn_block`) with several replicas: every core, each
+        running whole replicas (no synchronisation within a block). Otherwise 1 for small
+        networks, where per-op overhead dominates and more threads only add to it, and on
+        machines with at most 2 cores, where a second thread waits on the other core's other
+        work (measured 2-30× slower, docs/performance.md); else 0 (leave torch's setting:
+        every core)."""
+        if self._block_plan is not None and len(self.seeds) > 1:
+            return min(len(self.seeds), os.cpu_count() or 1)
         size = sum(p.numel() for p in self._views.values())
         return 1 if size < SINGLE_THREAD_PARAMS or (os.cpu_count() or 1) <= 2 else 0
+
+    def block_ready(self, batch_size: int) -> bool:
+        """Whether :meth:`learn_block` can take steps of ``batch_size`` examples now."""
+        plan = self._block_plan
+        return plan is not None and batch_size == 1 and (
+            plan.replacer is None or plan.replacer.kernel_state(self.learner_state) is not None)
+
+    @torch.no_grad()
+    def learn_block(self, obs: torch.Tensor, target: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """T online steps at once: the same as ``T`` calls of :meth:`act` and :meth:`observe`,
+        each replica's steps in one compiled loop while its weights stay in cache
+        (:func:`contlearn.kernels.online_block_`). Call only if :meth:`block_ready`.
+
+        Args:
+            obs: ``(T, R, 1, *input_shape)``.
+            target: ``(T, R, 1)`` labels, or ``(T, R, 1, C)`` regression targets.
+
+        Returns:
+            ``(predictions (T, R, 1, C) made before each step's update, {"loss": (T, R)})``.
+        """
+        plan = self._block_plan
+        assert plan is not None
+        T, R = obs.shape[:2]
+        x = obs.reshape(T, R, -1).to(torch.float32).contiguous()
+        C = self.info.num_outputs
+        classification = self.info.kind == "classification"
+        y = (target.reshape(T, R).to(torch.int64) if classification
+             else target.reshape(T, R, C).to(torch.float32)).contiguous()
+        self._flush()
+        self._cache = self._probe_cache = None
+        self._task_started = False  # a fused update without a post does not read it
+        layers = self.net.layers
+        weights = [self._views[f"{layer.name}.weight"] for layer in layers]
+        biases = [self._views[f"{layer.name}.bias"] for layer in layers]
+        out = torch.empty(T, R, C)
+        loss = torch.empty(T, R)
+        start = torch.zeros(R, dtype=torch.int64)
+        events = torch.zeros(R, max(len(layers) - 1, 1), dtype=torch.int64)
+        replacer = plan.replacer
+        cbp = None if replacer is None else replacer.kernel_state(self.learner_state)
+        threads = min(R, torch.get_num_threads())
+        while True:
+            kernels.online_block_(weights, biases, x, y, classification, plan.grad_scale,
+                                  plan.param_scale, self.spec.activation, out, loss, start,
+                                  events, cbp, threads)
+            if cbp is not None and bool(events.any()):
+                assert replacer is not None
+                replacer.replace(self.learner_state, self._views, list(events.T.contiguous()))
+                events.zero_()
+            if bool((start >= T).all()):
+                break
+        return out.unsqueeze(2), {"loss": loss}
 
     def on_task_start(self, task: int) -> None:
         """Called at a visible task boundary: the next update gets ``task_start=True``."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from contlearn.errors import ContlearnError
@@ -62,6 +63,19 @@ class _TaskTotals:
         self.steps = 0
         self.metrics: dict[str, torch.Tensor] = {}
 
+    def add_block(self, score: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        """:meth:`add` for T steps at once (``score (T, R, B)``, metrics ``(T, R)``), adding
+        them one step after the other, so the sums have the same bits however a run's steps
+        were split into blocks."""
+        T = score.shape[0]
+        self.score = _accumulate(self.score, score.sum(2, dtype=torch.float64))
+        self.examples += T * score.shape[2]
+        self.steps += T
+        for name, value in metrics.items():
+            v = value.detach().to(torch.float64).reshape(T, self.R)
+            zero = torch.zeros(self.R, dtype=torch.float64)
+            self.metrics[name] = _accumulate(self.metrics.get(name, zero), v)
+
     def add(self, score: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         self.score += score.sum(1, dtype=torch.float64)  # (R,)
         self.examples += score.shape[1]
@@ -81,6 +95,13 @@ class _TaskTotals:
         out = {score_name: self.score / max(self.examples, 1)}
         out.update({k: v / max(self.steps, 1) for k, v in self.metrics.items()})
         return out
+
+
+def _accumulate(total: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``total + values[0] + values[1] + …`` in that order (``(R,)`` and ``(T, R)``, float64):
+    numpy's ``add.accumulate`` adds row after row, as T separate additions would."""
+    rows = np.concatenate([total.numpy()[None], values.numpy()])
+    return torch.from_numpy(np.add.accumulate(rows, axis=0)[-1].copy())
 
 
 @dataclass(frozen=True)
@@ -139,25 +160,30 @@ class SteppingLoop:
         """One step of the loop."""
         raise NotImplementedError
 
+    def advance(self, limit: int) -> None:
+        """At least one and at most ``limit`` steps (default: one :meth:`step`)."""
+        self.step()
+
     def replica_task(self, replica: int) -> int:
         """The task replica ``replica`` is on."""
         raise NotImplementedError
 
-    def _check_divergence(self, loss: torch.Tensor) -> None:
-        """Detect replicas whose loss just became NaN or infinite."""
+    def _check_divergence(self, loss: torch.Tensor, step: int | None = None) -> None:
+        """Detect replicas whose loss just became NaN or infinite (at ``step``, default: the
+        stream's step count)."""
         bad = ~torch.isfinite(loss.detach().reshape(-1)) & ~self.diverged
         if not bool(bad.any()):
             return
+        step = self.stream.step if step is None else step
         replicas = [int(r) for r in bad.nonzero().flatten()]
         for r in replicas:
-            self.emit(Record("diverged", self.stream.step, self.replica_task(r),
+            self.emit(Record("diverged", step, self.replica_task(r),
                              {"diverged": torch.ones(1)}, replica=r))
         if self.on_divergence == "stop":
             seeds = [self.stream.seeds[r] for r in replicas]
             raise DivergenceError(
                 f"seed {', '.join(map(str, seeds))} diverged (non-finite loss) at step "
-                f"{self.stream.step}; lower lr, or set on_divergence=mark to let the other "
-                "seeds go on")
+                f"{step}; lower lr, or set on_divergence=mark to let the other seeds go on")
         self.diverged |= bad
         stop = getattr(self.agent, "stop_replicas", None)
         if stop is not None:
@@ -181,7 +207,11 @@ class SteppingLoop:
         while self.stream.step < steps:
             if stop is not None and stop():
                 return False
-            self.step()
+            limit = steps - self.stream.step
+            if checkpoint is not None and checkpoint_due is not None:
+                upcoming = getattr(checkpoint_due, "steps_to_next", lambda step: 1)
+                limit = min(limit, upcoming(self.stream.step))
+            self.advance(limit)
             if checkpoint is not None and checkpoint_due is not None and checkpoint_due(
                     self.stream.step):
                 checkpoint()
@@ -238,6 +268,41 @@ class SupervisedLoop(SteppingLoop):
         if "loss" in metrics:
             self._check_divergence(metrics["loss"])
         self.totals.add(stream.score(pred, batch.target), metrics)
+        if self.progress is not None:
+            self.progress.update(stream.step, self.task, self.totals.running)
+
+    def advance(self, limit: int) -> None:
+        """A block of up to ``limit`` steps when the stream and the agent can take one
+        (``next_block``, ``learn_block``), else one :meth:`step`."""
+        stream, agent = self.stream, self.agent
+        ready = getattr(agent, "block_ready", None)
+        # (once an agent learns in blocks, every step goes through learn_block, also single
+        # ones: the kernel's arithmetic is not the per-step path's, to the last bit)
+        if not callable(getattr(stream, "next_block", None)) or ready is None \
+                or not ready(getattr(stream, "batch_size", 0)):
+            self.step()
+            return
+        done = stream.step
+        probes = self.probes
+        if probes is not None and probes.names and probes.every:
+            limit = min(limit, probes.every - done % probes.every)
+        batch = stream.next_block(limit)
+        if batch.new_task:
+            if self.totals.steps:
+                self._end_task(done)
+            self.task = batch.task
+            self.emit(Record("task_start", done, self.task, {}))
+            if self._on_task_start is not None:
+                self._on_task_start(self.task)
+        if probes is not None and probes.due(done, batch.new_task):
+            for record in probe_records(probes, stream, agent, done, self.task):
+                self.emit(record)
+        pred, metrics = agent.learn_block(batch.obs, batch.target)
+        loss = metrics.get("loss")
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            for t in range(loss.shape[0]):
+                self._check_divergence(loss[t], done + t + 1)
+        self.totals.add_block(stream.score(pred, batch.target), metrics)
         if self.progress is not None:
             self.progress.update(stream.step, self.task, self.totals.running)
 

@@ -36,12 +36,14 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Row k of a weight matrix: w = scale * w + alpha * Σ_b d[b, k] h[b, :] (the same arithmetic
@@ -194,39 +196,50 @@ static float lerp(float x, float y, float w) {
   return w < 0.5f ? x + w * (y - x) : y - (y - x) * (1.0f - w);
 }
 
+/* One replica's steps 1-5 (of cl_cbp_stats below) for H units: age, f, u, uh and out point at
+   the replica's H values, h at its B x H activations. Returns k. */
+static int64_t cbp_replica(int64_t* age, float* f, float* u, float* uh, const float* h,
+                           int64_t B, const float* out, double* carry, int64_t* eligible,
+                           int64_t H, float w, int64_t maturity, double rate,
+                           const float* table, int64_t size, int nonneg) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < H; ++i) {
+    const int64_t a = ++age[i];
+    float mean = 0.0f, mag = 0.0f;
+    if (B == 1) {
+      mean = h[i];
+      mag = nonneg ? mean : fabsf(mean);
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        const float x = h[b * H + i];
+        mean += x;
+        mag += fabsf(x);
+      }
+      mean /= (float)B;
+      mag /= (float)B;
+    }
+    f[i] = lerp(f[i], mean, w);
+    u[i] = lerp(u[i], mag * out[i], w);
+    uh[i] = u[i] / table[a < size ? a : size - 1];
+    n += a > maturity;
+  }
+  *eligible = n;
+  const double grown = (double)n * rate;
+  *carry += grown;
+  const double k = floor(*carry);
+  *carry -= k;
+  return (int64_t)k;
+}
+
 int64_t cl_cbp_stats(int64_t* age, float* f, float* u, float* uh, const float* h, int64_t B,
                      const float* out, double* carry, int64_t* eligible, int64_t* k_out,
                      int64_t R, int64_t H, float w, int64_t maturity, double rate,
                      const float* table, int64_t size, int nonneg) {
   int64_t total = 0;
   for (int64_t r = 0; r < R; ++r) {
-    int64_t n = 0;
-    for (int64_t i = 0; i < H; ++i) {
-      const int64_t j = r * H + i, a = ++age[j];
-      float mean = 0.0f, mag = 0.0f;
-      if (B == 1) {
-        mean = h[j];
-        mag = nonneg ? mean : fabsf(mean);
-      } else {
-        for (int64_t b = 0; b < B; ++b) {
-          const float x = h[(r * B + b) * H + i];
-          mean += x;
-          mag += fabsf(x);
-        }
-        mean /= (float)B;
-        mag /= (float)B;
-      }
-      f[j] = lerp(f[j], mean, w);
-      u[j] = lerp(u[j], mag * out[j], w);
-      uh[j] = u[j] / table[a < size ? a : size - 1];
-      n += a > maturity;
-    }
-    eligible[r] = n;
-    const double grown = (double)n * rate;
-    carry[r] += grown;
-    const double k = floor(carry[r]);
-    carry[r] -= k;
-    k_out[r] = (int64_t)k;
+    k_out[r] = cbp_replica(age + r * H, f + r * H, u + r * H, uh + r * H, h + r * B * H, B,
+                           out + r * H, carry + r, eligible + r, H, w, maturity, rate, table,
+                           size, nonneg);
     total += k_out[r];
   }
   return total;
@@ -258,6 +271,151 @@ void cl_layer_update(float* w, const float* d, const float* h, float* below, flo
         for (int64_t i = 0; i < H; ++i) out[i] = c ? out[i] + pb[B * H + i] : pb[B * H + i];
       }
     }
+  }
+}
+
+/* Whole online steps (batch 1) of an MLP, replica by replica, for T steps: forward pass, loss
+   and its gradient, backward pass with the fused update w = scale * w + alpha * g of every
+   layer (the input layer's applied with the next step's forward pass, as cl_input_layer does),
+   and, if cbp, continual backprop's steps 1-5 (cbp_replica) on the post-update weights. A
+   replica stops early after a step at which some layer must replace units (events[r, l] = k);
+   start[r] is where it stands when the call returns (T: done). Each replica's T steps run
+   while its weights sit in this core's cache; replicas run in parallel. */
+static float act_fwd(int act, float z) {
+  switch (act) {
+    case 0: return z > 0.0f ? z : 0.0f;
+    case 1: return tanhf(z);
+    case 2: return 1.0f / (1.0f + expf(-z));
+    default: return z > 0.0f ? z : 0.01f * z;
+  }
+}
+
+static float act_bwd(int act, float g, float h) {
+  switch (act) {
+    case 0: return h > 0.0f ? g : 0.0f;
+    case 1: return g * (1.0f - h * h);
+    case 2: return g * ((1.0f - h) * h);
+    default: return h > 0.0f ? g : 0.01f * g;
+  }
+}
+
+void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void** wp,
+                     void** bp, const float* x, const int64_t* ycls, const float* yreg,
+                     float* out, float* loss, float alpha, float scale, int act, int cbp,
+                     void** agep, void** fp, void** up, void** uhp, void** carryp,
+                     void** eligp, float decay_w, int64_t maturity, double rate,
+                     const float* table, int64_t tsize, int nonneg, int64_t* start,
+                     int64_t* events, int threads) {
+  const int64_t D = width[0], C = width[L];
+  int64_t maxw = 0, hsum = 0;
+  for (int64_t l = 0; l <= L; ++l) maxw = width[l] > maxw ? width[l] : maxw;
+  for (int64_t l = 1; l < L; ++l) hsum += width[l];
+  #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t t = start[r];
+    if (t >= T) continue;
+    /* hidden activations, then z, d, d2, below, input-layer d, then one col per layer >= 1 */
+    float* buf = (float*)malloc(sizeof(float) * (size_t)(2 * hsum + C + 4 * maxw + 64));
+    float* hs = buf;
+    float* z = hs + hsum;
+    float* d = z + C;
+    float* d2 = d + maxw;
+    float* below = d2 + maxw;
+    float* d0 = below + maxw;
+    float* cols = d0 + maxw;  /* hsum: layer l >= 1's column norms at offset of h[l - 1] */
+    float* h[64];
+    float* W[65];
+    float* Bv[65];
+    int64_t off = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      W[l] = (float*)wp[l] + r * width[l + 1] * width[l];
+      Bv[l] = (float*)bp[l] + r * width[l + 1];
+      if (l < L - 1) { h[l] = hs + off; off += width[l + 1]; }
+    }
+    const float* xprev = 0;
+    int pend = 0;
+    while (t < T) {
+      const float* xt = x + (t * R + r) * D;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t K = width[l + 1], H = width[l];
+        const float* in = l == 0 ? xt : h[l - 1];
+        float* o = l == L - 1 ? z : h[l];
+        for (int64_t k = 0; k < K; ++k) {
+          float* row = W[l] + k * H;
+          if (l == 0 && pend) {
+            const float ad = alpha * d0[k];
+            for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, xprev[i], scale * row[i]);
+          }
+          const float v = Bv[l][k] + dot(row, in, H);
+          o[k] = l == L - 1 ? v : act_fwd(act, v);
+        }
+      }
+      pend = 0;
+      float* zo = out + (t * R + r) * C;
+      float lv = 0.0f;
+      if (ycls) {
+        float m = z[0];
+        for (int64_t c = 1; c < C; ++c) m = z[c] > m ? z[c] : m;
+        float s = 0.0f;
+        for (int64_t c = 0; c < C; ++c) s += expf(z[c] - m);
+        const float lse = m + logf(s);
+        const int64_t y = ycls[t * R + r];
+        lv = lse - z[y];
+        for (int64_t c = 0; c < C; ++c) d[c] = expf(z[c] - lse) - (c == y ? 1.0f : 0.0f);
+      } else {
+        const float* yt = yreg + (t * R + r) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float diff = z[c] - yt[c];
+          lv += diff * diff;
+          d[c] = 2.0f * diff;
+        }
+      }
+      memcpy(zo, z, sizeof(float) * (size_t)C);
+      loss[t * R + r] = lv;
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const int64_t K = width[l + 1], H = width[l];
+        if (l == 0) {
+          memcpy(d0, d, sizeof(float) * (size_t)K);
+          xprev = xt;
+          pend = 1;
+        } else {
+          float* col = cols + (h[l - 1] - hs);
+          memset(below, 0, sizeof(float) * (size_t)H);
+          if (cbp) memset(col, 0, sizeof(float) * (size_t)H);
+          (cbp ? rows_bc : rows_b)(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale);
+        }
+        for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
+        if (l > 0) {
+          const float* hl = h[l - 1];
+          for (int64_t i = 0; i < H; ++i) d2[i] = act_bwd(act, below[i], hl[i]);
+          float* tmp = d; d = d2; d2 = tmp;
+        }
+      }
+      ++t;
+      if (cbp) {
+        int64_t any = 0;
+        for (int64_t l = 0; l < L - 1; ++l) {
+          const int64_t H = width[l + 1];
+          const int64_t k = cbp_replica(
+              (int64_t*)agep[l] + r * H, (float*)fp[l] + r * H, (float*)up[l] + r * H,
+              (float*)uhp[l] + r * H, h[l], 1, cols + (h[l] - hs), (double*)carryp[l] + r,
+              (int64_t*)eligp[l] + r, H, decay_w, maturity, rate, table, tsize, nonneg);
+          events[r * (L - 1) + l] = k;
+          any += k;
+        }
+        if (any) break;
+      }
+    }
+    if (pend) {
+      const int64_t K = width[1], H = width[0];
+      for (int64_t k = 0; k < K; ++k) {
+        float* row = W[0] + k * H;
+        const float ad = alpha * d0[k];
+        for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, xprev[i], scale * row[i]);
+      }
+    }
+    start[r] = t;
+    free(buf);
   }
 }
 """
@@ -297,7 +455,8 @@ def _build() -> ctypes.CDLL | None:
                 src.unlink()
                 os.replace(tmp, lib)
             found = ctypes.CDLL(str(lib))
-            for name in ("cl_layer_update", "cl_input_layer", "cl_adam", "cl_cbp_stats"):
+            for name in ("cl_layer_update", "cl_input_layer", "cl_adam", "cl_cbp_stats",
+                         "cl_online_block"):
                 getattr(found, name)  # a stale or foreign file: AttributeError
             return found
         except (OSError, subprocess.SubprocessError, AttributeError):
@@ -323,6 +482,12 @@ def library() -> ctypes.CDLL | None:
                                                                 ctypes.c_double,
                                                                 ctypes.c_void_p,
                                                                 ctypes.c_int64, ctypes.c_int]
+            _lib.cl_online_block.restype = None
+            _lib.cl_online_block.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 8 + [
+                ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int] + [
+                ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_double,
+                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             _lib.cl_input_layer.restype = None
             _lib.cl_input_layer.argtypes = [ctypes.c_void_p] * 3 + [
                 ctypes.c_int64, ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 3 + [
@@ -476,3 +641,74 @@ def cbp_stats_(age: torch.Tensor, f: torch.Tensor, u: torch.Tensor, u_hat: torch
                              eligible.data_ptr(), k.data_ptr(), R, H, 1.0 - decay, maturity,
                              rate, table.data_ptr(), len(table), int(nonnegative))
     return k, total
+
+
+#: activations the whole-step kernel computes (codes of ``act_fwd`` in the C source).
+BLOCK_ACTIVATIONS = {"relu": 0, "tanh": 1, "sigmoid": 2, "leaky_relu": 3}
+#: the kernel's fixed-size per-layer arrays (hidden layers + output layer).
+MAX_BLOCK_LAYERS = 64
+
+
+class CBPKernelState(NamedTuple):
+    """Continual backprop's per-layer state as the whole-step kernel reads and writes it: one
+    tensor per hidden layer (ages ``(R, H)`` int64; running mean, utility, bias-corrected
+    utility ``(R, H)`` float32; carry ``(R,)`` float64; eligible ``(R,)`` int64) and the
+    options."""
+
+    age: list[torch.Tensor]
+    mean_act: list[torch.Tensor]
+    utility: list[torch.Tensor]
+    utility_hat: list[torch.Tensor]
+    carry: list[torch.Tensor]
+    eligible: list[torch.Tensor]
+    decay: float
+    maturity: int
+    rate: float
+    table: torch.Tensor
+    nonnegative: bool
+
+
+def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
+
+
+def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: torch.Tensor,
+                  target: torch.Tensor, classification: bool, alpha: float, beta: float,
+                  activation: str, out: torch.Tensor, loss: torch.Tensor, start: torch.Tensor,
+                  events: torch.Tensor, cbp: CBPKernelState | None, threads: int) -> None:
+    """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
+
+    Args:
+        weights, biases: per layer ``(R, K, H)`` and ``(R, K)``, updated in place.
+        x: inputs ``(T, R, D)``.
+        target: class indices ``(T, R)`` int64, or regression targets ``(T, R, C)``.
+        classification: cross-entropy (else squared error summed over outputs).
+        alpha, beta: the fused update ``θ ← (1 + β) θ + α g``.
+        activation: a key of :data:`BLOCK_ACTIVATIONS`.
+        out, loss: filled with the outputs ``(T, R, C)`` (before each step's update) and the
+            losses ``(T, R)``.
+        start: ``(R,)`` int64, each replica's first step; on return, where it stopped (T: done).
+        events: ``(R, L − 1)`` int64, set to the units each hidden layer must replace at the
+            step a replica stopped at (continual backprop's steps 6–7 are the caller's).
+        cbp: continual backprop's state, or None.
+        threads: replicas run in parallel on this many threads.
+    """
+    lib = library()
+    assert lib is not None
+    L = len(weights)
+    widths = torch.tensor([weights[0].shape[2]] + [w.shape[1] for w in weights],
+                          dtype=torch.int64)
+    T, R = x.shape[:2]
+    cls = target if classification else None
+    reg = None if classification else target
+    c = cbp
+    lists = ([], [], [], [], [], []) if c is None else (
+        c.age, c.mean_act, c.utility, c.utility_hat, c.carry, c.eligible)
+    lib.cl_online_block(
+        R, T, L, widths.data_ptr(), _pointers(weights), _pointers(biases), x.data_ptr(),
+        cls.data_ptr() if cls is not None else None, reg.data_ptr() if reg is not None else None,
+        out.data_ptr(), loss.data_ptr(), alpha, 1.0 + beta, BLOCK_ACTIVATIONS[activation],
+        int(c is not None), *[_pointers(t) for t in lists],
+        1.0 - (c.decay if c else 0.0), c.maturity if c else 0, c.rate if c else 0.0,
+        c.table.data_ptr() if c else None, len(c.table) if c else 0,
+        int(c.nonnegative) if c else 0, start.data_ptr(), events.data_ptr(), threads)

@@ -74,6 +74,11 @@ class CheckpointDue:
         self.every, self.seconds = every, minutes * 60.0
         self.last = time.monotonic()
 
+    def steps_to_next(self, step: int) -> int:
+        """Steps from ``step`` to the next step-count checkpoint (a large number if none; the
+        time-based ones are checked after every block of steps)."""
+        return self.every - step % self.every if self.every else 1 << 62
+
     def __call__(self, step: int) -> bool:
         now = time.monotonic()
         if (self.every and step % self.every == 0) or (

@@ -113,8 +113,30 @@ class SupervisedStream:
         self.step += 1
         return Batch(obs, target, self.task, new_task)
 
+    def next_block(self, max_steps: int) -> Batch:
+        """Up to ``max_steps`` next batches of one task at once (at least one): ``obs``
+        ``(T, R, B, *input_shape)`` and ``target`` with a leading T dim; ``new_task`` is about
+        the first of them. The same examples, and the same random draws, as T calls of
+        :meth:`next`; streams that cannot gather ahead return one step."""
+        new_task = self.step % self.steps_per_task == 0
+        if new_task:
+            self.task += 1
+            for r, rng in enumerate(self.rngs):
+                self._begin_task(r, rng)
+        left = self.steps_per_task - self.step % self.steps_per_task
+        obs, target = self._draw_block(max(1, min(max_steps, left)), self.batch_size)
+        self.step += obs.shape[0]
+        return Batch(obs, target, self.task, new_task)
+
+    def _draw_block(self, steps: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``1 … steps`` batches of the current task, stacked; must not change
+        ``step`` (default: one step)."""
+        obs, target = self._draw(batch_size)
+        return obs.unsqueeze(0), target.unsqueeze(0)
+
     def score(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-example score of predictions made before the update: ``(R, B)``.
+        """Per-example score of predictions made before the update: ``(R, B)`` (or
+        ``(T, R, B)`` for a block of steps).
 
         Classification: 1.0 where the arg-max class equals the label. Regression: squared
         error summed over outputs.

@@ -35,7 +35,7 @@ from contlearn.spec import param
 _PIXELS = 784
 #: at most this many steps, and this many bytes of inputs, are gathered at once.
 _AHEAD_STEPS = 256
-_AHEAD_BYTES = 4 << 20
+_AHEAD_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,18 @@ class _MNISTStream(SupervisedStream):
         self._ahead_at += 1
         self.pos += batch_size
         return self._ahead[0][i], self._ahead[1][i]
+
+    def _draw_block(self, steps: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ahead is None or self._ahead_at == self._ahead[0].shape[0]:
+            self._ahead, self._ahead_at = self._gather_ahead(batch_size), 0
+        if self._ahead is None:
+            obs, target = self._examples(self._indices(batch_size))
+            return obs.unsqueeze(0), target.unsqueeze(0)
+        i = self._ahead_at
+        n = min(steps, self._ahead[0].shape[0] - i)
+        self._ahead_at += n
+        self.pos += n * batch_size
+        return self._ahead[0][i : i + n], self._ahead[1][i : i + n]
 
     def _gather_ahead(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The examples of the next steps of this task and pass, ``((n, R, B, 784), (n, R, B))``

@@ -206,8 +206,15 @@ def test_adam_scalar_corrections_equal_per_element_ones_after_a_reset(monkeypatc
 
 
 def test_preferred_threads_depend_on_the_network_size_and_cores(monkeypatch):
-    small = _pair("bp", "sgd", {})[1][0]
+    small = _pair("bp", "adam", {})[1][0]  # Adam: no whole-step kernel
     assert small.preferred_threads() == 1
+    blocks = _pair("bp", "sgd", {})[1][0]  # 3 replicas learning in blocks: one per core
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert blocks.preferred_threads() == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert blocks.preferred_threads() == 3
+    alone = _pair("bp", "sgd", {}, seeds=(0,))[1][0]
+    assert alone.preferred_threads() == 1
     cfg = resolve({"stream": "permuted-mnist", "hidden": "2000,2000"})
     big = OnlineAgent(make_stream(cfg.stream, cfg.stream_spec, [0]).info, [0], cfg.agent_spec,
                       cfg.learner)

@@ -41,7 +41,7 @@ import torch
 from contlearn import kernels
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
-from contlearn.learners.fused import FusedPlan, declare_fused, fused_plan
+from contlearn.learners.fused import FusedPlan, UnitReplacer, declare_fused, fused_plan
 from contlearn.learners.resets import UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import draw, replica_rng_states
 
@@ -186,8 +186,39 @@ class _ContinualBackprop:
                 col_l1 = None
             return self._steps(state, params, None, features, col_l1)[1]
 
-        col = () if inner_post is not None else tuple(f"{nxt}.weight" for _, nxt in self.layers)
-        return FusedPlan(inner.grad_scale, inner.param_scale, post, col)
+        if inner_post is not None:
+            return FusedPlan(inner.grad_scale, inner.param_scale, post)
+        col = tuple(f"{nxt}.weight" for _, nxt in self.layers)
+        replacer = None
+        if self.utility == "contribution" and self.rounding == "carry":
+            replacer = UnitReplacer(self._kernel_state, self._replace_counts)
+        return FusedPlan(inner.grad_scale, inner.param_scale, post, col, replacer)
+
+    def _kernel_state(self, state: CBPState) -> kernels.CBPKernelState | None:
+        """The per-layer tensors of ``state`` for the whole-step kernel, or None if they are
+        not CPU float32 (int64 ages, float64 carries) and contiguous."""
+        n = self.names[0]
+        f = state.mean_act[n]
+        if f.device.type != "cpu" or f.dtype != torch.float32:
+            return None
+        table = self._correction_table(f.dtype, f.device)
+        s = state.stats
+        lists = ([s.age[m] for m in self.names], [state.mean_act[m] for m in self.names],
+                 [state.utility[m] for m in self.names], [s.utility[m] for m in self.names],
+                 [state.carry[m] for m in self.names], [s.eligible[m] for m in self.names])
+        dtypes = (torch.int64, torch.float32, torch.float32, torch.float32, torch.float64,
+                  torch.int64)
+        if not len(table) or not all(t.is_contiguous() and t.dtype == dt
+                                     for ts, dt in zip(lists, dtypes, strict=True)
+                                     for t in ts):
+            return None
+        return kernels.CBPKernelState(*lists, self.decay, self.maturity, self.rate, table,
+                                      self.nonnegative)
+
+    def _replace_counts(self, state: CBPState, params: Params, counts: list[torch.Tensor]
+                        ) -> None:
+        """Steps 6–7 on already updated ``params`` for ``counts`` (one ``(R,)`` per layer)."""
+        self._replace(state, params, None, counts)
 
     def _steps(self, state: CBPState, params: Params, updates: Params | None,
                features: dict[str, torch.Tensor], col_l1: dict | None
@@ -201,6 +232,12 @@ class _ContinualBackprop:
             counts = self._counts(state, uniforms)
         if counts is None:
             return updates, state
+        return self._replace(state, params, updates, counts), state
+
+    def _replace(self, state: CBPState, params: Params, updates: Params | None,
+                 counts: list[torch.Tensor]) -> Params | None:
+        """Steps 6–7, layer by layer from the input side: replace ``counts[l]`` (``(R,)``)
+        units of hidden layer l; returns the (edited) updates."""
         for name, k in zip(self.names, counts, strict=True):
             mask = self._select(state, name, k)
             if mask is None:
@@ -213,7 +250,7 @@ class _ContinualBackprop:
                       state.stats.utility[name]):
                 t.masked_fill_(mask, 0)
             state.stats.replacements[name].add_(mask.sum(1))
-        return updates, state
+        return updates
 
     def _compiled(self, state: CBPState, features: dict[str, torch.Tensor]) -> bool:
         """Whether steps 1–5 can run in the compiled kernel (default utility, carry rounding,

@@ -33,6 +33,22 @@ from contlearn.learners.base import ChainState, GradientTransformation
 PostFn = Callable[..., Any]
 
 
+class UnitReplacer(NamedTuple):
+    """A post that is continual backprop's steps 1–7 and can run inside the agent's whole-step
+    kernel (:func:`contlearn.kernels.online_block_`): the kernel does steps 1–5 and stops a
+    replica at a step where units must be replaced; ``replace`` does steps 6–7.
+
+    Attributes:
+        kernel_state: ``kernel_state(state)``, the per-layer tensors the kernel updates in
+            place (:class:`contlearn.kernels.CBPKernelState`), or None if it cannot take them.
+        replace: ``replace(state, params, counts)`` with ``counts`` one ``(R,)`` int64 tensor
+            per hidden layer (units to replace, 0 for replicas without an event).
+    """
+
+    kernel_state: Callable[[Any], Any]
+    replace: Callable[[Any, dict, list], None]
+
+
 class FusedPlan(NamedTuple):
     """How to apply a transform in place.
 
@@ -43,12 +59,15 @@ class FusedPlan(NamedTuple):
             it may edit in place), or None.
         col_l1: names of weights whose post-update column L1 norms ``post`` reads from the
             ``col_l1`` extra (it must also work without them).
+        replacer: set when ``post`` is continual backprop's steps alone
+            (:class:`UnitReplacer`).
     """
 
     grad_scale: float
     param_scale: float
     post: PostFn | None = None
     col_l1: tuple[str, ...] = ()
+    replacer: UnitReplacer | None = None
 
 
 _PLANNERS: weakref.WeakKeyDictionary[Callable[..., Any], Callable[[], FusedPlan | None]] = (
@@ -112,4 +131,14 @@ def _compose(plans: list[FusedPlan]) -> FusedPlan | None:
             inner[i] = fn(inner[i], params, **kw)
         return ChainState(tuple(inner))
 
-    return FusedPlan(alpha, beta, post, plans[first].col_l1)
+    replacer = None
+    inner = plans[first].replacer
+    if len(posts) == 1 and inner is not None:
+        def kernel_state(state: ChainState) -> Any:
+            return inner.kernel_state(state.inner[first])
+
+        def replace(state: ChainState, params: dict, counts: list) -> None:
+            inner.replace(state.inner[first], params, counts)
+
+        replacer = UnitReplacer(kernel_state, replace)
+    return FusedPlan(alpha, beta, post, plans[first].col_l1, replacer)

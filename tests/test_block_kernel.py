@@ -1,0 +1,175 @@
+"""Learning in blocks of steps (``OnlineAgent.learn_block``, ``kernels.online_block_``) gives
+the results of the autograd reference step by step, and the same bits however the steps are
+split into blocks or replicas into threads (docs/performance.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+import contlearn
+from contlearn import kernels
+from contlearn.agents.online import OnlineAgent
+from contlearn.config import resolve
+from contlearn.engine import SupervisedLoop
+from contlearn.envs import make_stream
+from contlearn.state import tree_leaves
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="needs a C compiler")
+
+CBP = {"learner.replacement_rate": 0.02, "learner.maturity": 10, "learner.decay": 0.9}
+
+
+def _setup(stream: str, learner: str, options: dict, seeds=(0, 1, 2), fast=(True, False)):
+    extra = {"examples_per_task": 60} if "mnist" in stream else {}
+    cfg = resolve({"stream": stream, "learner": learner, "hidden": "32,24", **extra,
+                   **options})
+    streams = [make_stream(cfg.stream, cfg.stream_spec, list(seeds)) for _ in fast]
+    agents = [OnlineAgent(streams[0].info, list(seeds),
+                          dataclasses.replace(cfg.agent_spec, fast=f), cfg.learner) for f in fast]
+    return streams, agents
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=3e-5)
+
+
+def _compare_states(a: OnlineAgent, b: OnlineAgent, exact: bool) -> None:
+    for k in a.net.params:
+        if exact:
+            assert torch.equal(a.net.params[k], b.net.params[k]), k
+        else:
+            _close(a.net.params[k].detach(), b.net.params[k].detach())
+    for x, y in zip(tree_leaves(a.learner_state), tree_leaves(b.learner_state), strict=True):
+        if x.is_floating_point() and not exact:
+            _close(x, y)
+        else:
+            assert torch.equal(x, y)  # ages, counts, generator states: exactly equal
+
+
+CASES = [
+    ("permuted-mnist", "bp", {}),
+    ("permuted-mnist", "l2", {"learner.l2": 1e-2}),
+    ("permuted-mnist", "cbp", CBP),
+    ("permuted-mnist", "cbp", {**CBP, "learner.l2": 1e-3, "learner.bias_folding": False}),
+    ("permuted-mnist", "bp", {"activation": "tanh"}),
+    ("permuted-mnist", "bp", {"activation": "sigmoid", "lr": 0.1}),
+    ("permuted-mnist", "cbp", {**CBP, "activation": "leaky_relu"}),
+    ("label-shuffled-mnist", "bp", {"init": "torch_default"}),
+    ("bit-flipping", "bp", {"lr": 1e-3}),
+    ("bit-flipping", "cbp", {**CBP, "lr": 1e-3, "activation": "tanh"}),
+]
+
+
+@pytest.mark.parametrize("stream,learner,options", CASES)
+def test_blocks_match_the_autograd_reference_step_by_step(stream, learner, options):
+    (blocks, steps), (fast, ref) = _setup(stream, learner, options)
+    assert fast.block_ready(blocks.batch_size) and not ref.block_ready(1)
+    done = 0
+    while done < 200:
+        batch = blocks.next_block(random.Random(done).choice([1, 7, 50]))
+        pred, metrics = fast.learn_block(batch.obs, batch.target)
+        for t in range(batch.obs.shape[0]):
+            step = steps.next()
+            assert step.new_task == (batch.new_task and t == 0) and step.task == batch.task
+            assert torch.equal(step.obs, batch.obs[t])
+            p = ref.act(step.obs)
+            _close(pred[t], p)
+            _close(metrics["loss"][t], ref.observe(step.obs, p, step.target)["loss"])
+        done += batch.obs.shape[0]
+    _compare_states(fast, ref, exact=False)
+    if learner == "cbp":
+        replaced = fast.diagnostics()["hidden1"]["replacements"]
+        assert int(replaced.sum()) > 0, "the test should exercise replacements"
+
+
+def test_splitting_into_blocks_or_threads_changes_no_bit():
+    (s1, s2), (a, b) = _setup("permuted-mnist", "cbp", CBP, fast=(True, True))
+    rng = random.Random(3)
+    threads = torch.get_num_threads()
+    try:
+        for _ in range(40):
+            torch.set_num_threads(1)
+            x = s1.next_block(37)
+            pa, la = a.learn_block(x.obs, x.target)
+            parts, losses = [], []
+            left = x.obs.shape[0]
+            while left:
+                torch.set_num_threads(rng.choice([1, 2, 3]))
+                y = s2.next_block(min(left, rng.choice([1, 2, 9, 64])))
+                p, m = b.learn_block(y.obs, y.target)
+                parts.append(p)
+                losses.append(m["loss"])
+                left -= y.obs.shape[0]
+            assert torch.equal(pa, torch.cat(parts)) and torch.equal(la["loss"], torch.cat(losses))
+    finally:
+        torch.set_num_threads(threads)
+    _compare_states(a, b, exact=True)
+    assert int(a.diagnostics()["hidden1"]["replacements"].sum()) > 0
+
+
+def test_next_block_shows_the_examples_of_next():
+    cfg = resolve({"stream": "permuted-mnist", "examples_per_task": 3000})
+    one, many = (make_stream(cfg.stream, cfg.stream_spec, [4, 5]) for _ in range(2))
+    rng = random.Random(0)
+    while many.step < 12_500:  # four task starts and a new pass over the 10k examples
+        block = many.next_block(rng.choice([1, 3, 100, 300]))
+        assert 1 <= block.obs.shape[0] <= 300
+        for t in range(block.obs.shape[0]):
+            batch = one.next()
+            assert batch.task == block.task and batch.new_task == (block.new_task and t == 0)
+            assert torch.equal(batch.obs, block.obs[t])
+            assert torch.equal(batch.target, block.target[t])
+        assert one.step == many.step
+    assert many.task == 4
+
+
+def test_runs_learning_in_blocks_match_runs_stepping(tmp_path, monkeypatch):
+    config = {"hidden": "16,16", "examples_per_task": 100, "probe_size": 50, **CBP}
+    blocks = contlearn.run("permuted-mnist", learner="cbp", seeds=2, tasks=3, config=config,
+                           out=tmp_path / "blocks").metrics()
+    monkeypatch.setattr(OnlineAgent, "block_ready", lambda self, batch_size: False)
+    steps = contlearn.run("permuted-mnist", learner="cbp", seeds=2, tasks=3, config=config,
+                          out=tmp_path / "steps").metrics()
+    a, b = (df.sort_values(["seed", "step", "metric", "layer"]).reset_index(drop=True)
+            for df in (blocks, steps))
+    assert list(a.metric) == list(b.metric) and list(a.step) == list(b.step)
+    _close(torch.tensor(a.value.values), torch.tensor(b.value.values))
+
+
+def test_divergence_inside_a_block_is_reported_at_its_step(tmp_path, monkeypatch):
+    (stream,), (agent,) = _setup("permuted-mnist", "bp", {}, seeds=(0, 1), fast=(True,))
+    learn = agent.learn_block
+
+    def learn_with_a_nan(obs, target):  # replica 1's loss at step 130 (in a block of 256)
+        pred, metrics = learn(obs, target)
+        start = stream.step - obs.shape[0]
+        if start < 130 <= stream.step:
+            metrics["loss"][130 - start - 1, 1] = float("nan")
+        return pred, metrics
+
+    monkeypatch.setattr(agent, "learn_block", learn_with_a_nan)
+    records = []
+    SupervisedLoop(stream, agent, records.append).run(300)
+    marks = [(r.step, r.replica) for r in records if r.kind == "diverged"]
+    assert marks == [(130, 1)]
+
+
+def test_without_the_compiled_kernel_agents_step_one_by_one(monkeypatch):
+    monkeypatch.setattr(kernels, "_lib", False)  # as without a C compiler
+    (_,), (agent,) = _setup("permuted-mnist", "bp", {}, fast=(True,))
+    assert not agent.block_ready(1)
+
+
+@pytest.mark.parametrize("options", [{"learner": "snp"}, {"optimizer": "adam"},
+                                     {"learner": "cbp", "learner.rounding": "stochastic"},
+                                     {"learner": "cbp", "optimizer": "adam"},
+                                     {"activation": "elu"}, {"batch_size": 2}])
+def test_what_the_kernel_does_not_do_steps_one_by_one(options):
+    options = dict(options)
+    learner = options.pop("learner", "bp")
+    (stream,), (agent,) = _setup("permuted-mnist", learner, options, fast=(True,))
+    assert not agent.block_ready(stream.batch_size)
