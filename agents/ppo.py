@@ -16,17 +16,25 @@ hidden activations as ``features``: continual backprop's maturity and ReDo's per
 minibatch updates (the paper's m = 10,000), and their resets clear Adam's state of the units
 they re-initialise. Each replica draws its action noise and minibatch order from its own
 generator (seeded like its initial weights), so replica r in a batch equals r run alone.
+
+Speed: the minibatch gradient is computed by hand (:mod:`contlearn.agents.ppo_fast`, no
+autograd graph; ``fast=false`` is the autograd reference), optionally with the two nets in two
+threads (``parallel_nets``) and more torch threads during the update only (``update_threads``).
+:meth:`PPOAgent.to` moves everything but the generators to a device (docs/slippery_ant.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from contlearn.agents import ppo_fast
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
@@ -69,6 +77,13 @@ class PPOSpec:
     init_log_std: float = param(0.0, "initial log standard deviation of the policy")
     bootstrap_truncated: bool = param(False, "bootstrap from V(final obs) at time-limit"
                                       " truncations (paper: no, a truncation ends the return)")
+    fast: bool = param(True, "hand-written forward/backward of the minibatch loss (false: the"
+                       " autograd reference; same numbers to float rounding)")
+    update_threads: int = param(0, "torch threads during the update phase only (0: the run's"
+                                " setting; acting and env stepping keep the run's threads)",
+                                low=0)
+    parallel_nets: bool = param(False, "run the policy's and the value net's passes of each"
+                                " minibatch in two threads (fast path; for 2 free cores)")
 
     def validate(self) -> None:
         """Hidden widths parse; minibatches tile the rollout."""
@@ -157,6 +172,14 @@ class ActorCritic:
                        for p, net in self.nets.items() for layer in net.layers]
         self.by_name = {layer.name: layer for layer in self.layers}
 
+    def to(self, device: torch.device) -> None:
+        """Move every parameter to ``device`` (the dicts keep their names)."""
+        for net in self.nets.values():
+            net.params = {k: v.detach().to(device) for k, v in net.params.items()}
+        self.log_std = self.log_std.detach().to(device)
+        self.params = {f"{p}.{k}": v for p, net in self.nets.items() for k, v in net.params.items()}
+        self.params["policy.log_std"] = self.log_std
+
     @property
     def hidden_layers(self) -> list[Any]:
         """Hidden layers of both nets (``policy.hidden1``, ..., ``value.hidden2``)."""
@@ -223,15 +246,43 @@ class PPOAgent:
                                self.gens, spec.init_log_std)
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         self._keys = list(self.net.params)
-        for p in self.net.params.values():
-            p.requires_grad_(True)
-        self._views = {k: p.detach() for k, p in self.net.params.items()}
-        self.learner_state = self.learner.init(self._views)
+        self.device = torch.device("cpu")
+        self._setup()
         self.buf: dict[str, torch.Tensor] = {}
         self.t = 0  # steps stored in the current rollout
         self.stats = self._zero_stats()
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._stopped: torch.Tensor | None = None
+        self._fast = spec.fast and ppo_fast.supports(self.net)
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="ppo-value")
+                      if self._fast and spec.parallel_nets else None)
+
+    def _setup(self) -> None:
+        """Views of the parameters and a fresh learner state on :attr:`device`."""
+        for p in self.net.params.values():
+            p.requires_grad_(True)
+        self._views = {k: p.detach() for k, p in self.net.params.items()}
+        self.learner_state = self.learner.init(self._views)
+
+    def to(self, device: str | torch.device) -> PPOAgent:
+        """Move the networks, a fresh learner state and the rollout buffer to ``device`` (call
+        before the first step). Streams stay on the CPU: observations and feedback are moved
+        here, and actions, metrics, features and statistics are handed back on the CPU.
+        Generators stay on the CPU (action noise and minibatch orders are drawn there and
+        moved), so a run draws the same numbers on every device."""
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self._setup()
+        self.buf = {k: v.to(self.device) for k, v in self.buf.items()}
+        self.stats = self._zero_stats()
+        return self
+
+    def _dev(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _host(t: torch.Tensor) -> torch.Tensor:
+        return t if t.device.type == "cpu" else t.to("cpu")
 
     def preferred_threads(self) -> int:
         """Intra-op threads for ``threads=0`` (auto): 1. Minibatches of 128 through 256-unit
@@ -244,8 +295,11 @@ class PPOAgent:
 
     def _zero_stats(self) -> dict[str, Any]:
         R = len(self.seeds)
-        return {"grad_sum": {k: torch.zeros(R, dtype=torch.float64) for k in self._keys},
-                "change_sum": {k: torch.zeros(R, dtype=torch.float64) for k in self._keys},
+        dev = getattr(self, "device", None)
+        return {"grad_sum": {k: torch.zeros(R, dtype=torch.float64, device=dev)
+                             for k in self._keys},
+                "change_sum": {k: torch.zeros(R, dtype=torch.float64, device=dev)
+                               for k in self._keys},
                 "minibatches": 0, "rollouts": 0}
 
     def _allocate(self, num_envs: int) -> None:
@@ -255,19 +309,18 @@ class PPOAgent:
                               f"num_envs={num_envs}")
         R, T, E = len(self.seeds), self.spec.rollout // num_envs, num_envs
         D, A = math.prod(self.info.input_shape), self.info.num_outputs
-        self.buf = {"obs": torch.zeros(R, T, E, D), "next_obs": torch.zeros(R, T, E, D),
-                    "action": torch.zeros(R, T, E, A), "logp": torch.zeros(R, T, E),
-                    "reward": torch.zeros(R, T, E),
-                    "terminated": torch.zeros(R, T, E, dtype=torch.bool),
-                    "truncated": torch.zeros(R, T, E, dtype=torch.bool),
-                    "noise": torch.zeros(R, T, E, A)}
+        z = functools.partial(torch.zeros, device=self.device)
+        self.buf = {"obs": z(R, T, E, D), "next_obs": z(R, T, E, D), "action": z(R, T, E, A),
+                    "logp": z(R, T, E), "reward": z(R, T, E),
+                    "terminated": z(R, T, E, dtype=torch.bool),
+                    "truncated": z(R, T, E, dtype=torch.bool), "noise": z(R, T, E, A)}
         self._draw_noise()
 
     def _draw_noise(self) -> None:
         """The next rollout's standard normal action noise, each replica from its generator."""
         noise = self.buf["noise"]
         for r, gen in enumerate(self.gens):
-            noise[r] = torch.randn(noise.shape[1:], generator=gen)
+            noise[r] = torch.randn(noise.shape[1:], generator=gen)  # (CPU generator)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Sample actions ``(R, E, A)`` for observations ``(R, E, obs_dim)``."""
@@ -275,10 +328,11 @@ class PPOAgent:
             self._allocate(obs.shape[1])
         log_std = self._views["policy.log_std"]
         with torch.no_grad():
-            mean, _ = self.net.policy.forward(obs)  # (R, E, A)
+            mean, _ = self.net.policy.forward(self._dev(obs))  # (R, E, A)
             noise = self.buf["noise"][:, self.t]  # (R, E, A)
             action = torch.addcmul(mean, noise, log_std.exp().unsqueeze(1))
             logp = -(0.5 * noise.pow(2) + log_std.unsqueeze(1) + 0.5 * _LOG_2PI).sum(-1)
+        action = self._host(action)
         self._last = (obs, action, logp)
         return action
 
@@ -296,21 +350,27 @@ class PPOAgent:
             logp = self._last[2]
         else:  # an action this agent did not just sample: score it under the current policy
             with torch.no_grad():
-                logp = gaussian_log_prob(action, self.net.policy.forward(obs)[0],
-                                         self._views["policy.log_std"])
+                logp = gaussian_log_prob(self._dev(action), self.net.policy.forward(
+                    self._dev(obs))[0], self._views["policy.log_std"])
         self._last = None
         b, t = self.buf, self.t
         for key, value in (("obs", obs), ("next_obs", next_obs), ("action", action),
                            ("logp", logp), ("reward", reward), ("terminated", terminated),
                            ("truncated", truncated)):
-            b[key][:, t] = value
+            b[key][:, t] = value  # (a copy to the device)
         self.t += 1
         if self.t < b["obs"].shape[1]:
             return {}
-        metrics = self._update()
+        threads = torch.get_num_threads()
+        if self.spec.update_threads:  # e.g. 2 while the env workers are idle
+            torch.set_num_threads(self.spec.update_threads)
+        try:
+            metrics = self._update()
+        finally:
+            torch.set_num_threads(threads)
         self.t = 0
         self._draw_noise()
-        return metrics
+        return {k: self._host(v) for k, v in metrics.items()}
 
     def _targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantages and value targets of the stored rollout, flattened to ``(R, N)``."""
@@ -336,14 +396,15 @@ class PPOAgent:
         data = {"obs": b["obs"].view(R, N, D), "action": b["action"].view(R, N, -1),
                 "logp": b["logp"].view(R, N), "adv": adv, "ret": ret}
         before = [self._views[k].clone() for k in self._keys]
-        rows = torch.arange(R).unsqueeze(1)
+        rows = torch.arange(R, device=adv.device).unsqueeze(1)
         totals: dict[str, torch.Tensor] = {}
         for _ in range(s.epochs):
             order = torch.stack([torch.randperm(N, generator=g) for g in self.gens])  # (R, N)
+            order = self._dev(order)
+            shuffled = {k: v[rows, order] for k, v in data.items()}  # (R, N, ...)
             for start in range(0, N, s.minibatch_size):
-                idx = order[:, start:start + s.minibatch_size]  # (R, M)
-                out = self._minibatch({k: v[rows, idx] for k, v in data.items()},
-                                      record=start == 0)
+                out = self._minibatch({k: v[:, start:start + s.minibatch_size]
+                                       for k, v in shuffled.items()}, record=start == 0)
                 for k, v in out.items():
                     totals[k] = totals[k] + v if k in totals else v
         self._count_change(before)
@@ -372,9 +433,16 @@ class PPOAgent:
         """One learner update on a minibatch ``{name: (R, M, ...)}``; returns its statistics.
         ``record``: add its gradient magnitudes to the probe statistics (a sample of the
         minibatches, as reading every gradient costs ~10% of the update)."""
-        with torch.enable_grad():
-            loss, stats, feats = self._loss(mb)
-            grads = torch.autograd.grad(loss.sum(), [self.net.params[k] for k in self._keys])
+        if self._fast:
+            with torch.no_grad():
+                loss, stats, grads_by_name, feats = ppo_fast.loss_and_grads(
+                    self.net, mb, self.spec.clip, self.spec.vf_coef, self.spec.ent_coef,
+                    self._pool)
+            grads = tuple(grads_by_name[k] for k in self._keys)
+        else:
+            with torch.enable_grad():
+                loss, stats, feats = self._loss(mb)
+                grads = torch.autograd.grad(loss.sum(), [self.net.params[k] for k in self._keys])
         with torch.no_grad():
             if self.spec.max_grad_norm > 0:
                 grads = self._clip(list(grads))
@@ -430,16 +498,18 @@ class PPOAgent:
             counts[layer] = counts.get(layer, 0) + self._views[k][0].numel()
         out = {layer: totals[layer] / (counts[layer] * n) for layer in totals}
         out[""] = sum(totals.values()) / (sum(counts.values()) * n)
-        return out
+        return {k: self._host(v) for k, v in out.items()}
 
     def diagnostics(self) -> dict[str, dict[str, torch.Tensor]]:
         """The learner's bookkeeping ``{layer: {metric: (R,)}}`` (CBP: ``replacements``, ...)."""
-        return learner_diagnostics(self.learner_spec, self.learner_state)
+        diag = learner_diagnostics(self.learner_spec, self.learner_state)
+        return {layer: {k: self._host(v) for k, v in d.items()} for layer, d in diag.items()}
 
     def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hidden activations of both nets ``{"policy.hidden1": (R, B, H), ...}``; no learning."""
         with torch.no_grad():
-            return self.net.forward(obs.reshape(obs.shape[0], obs.shape[1], -1))[2]
+            feats = self.net.forward(self._dev(obs.reshape(obs.shape[0], obs.shape[1], -1)))[2]
+        return {k: self._host(v) for k, v in feats.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, learner state, generators, the open rollout and the probe statistics
@@ -458,8 +528,9 @@ class PPOAgent:
         load_tree(self.learner_state, state["learner"])
         for g, s in zip(self.gens, state["generators"], strict=True):
             g.set_state(s)
-        self.buf = {k: v.clone() for k, v in state["buffer"].items()}
+        self.buf = {k: v.to(self.device, copy=True) for k, v in state["buffer"].items()}
         self.t = int(state["t"])
-        self.stats = {k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else int(v))
+        self.stats = {k: ({n: t.to(self.device, copy=True) for n, t in v.items()}
+                          if isinstance(v, dict) else int(v))
                       for k, v in state["stats"].items()}
         self._last = None

@@ -44,6 +44,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from contlearn.envs.base import StreamInfo
 from contlearn.envs.gym_registration import ENVS
+from contlearn.envs.split_vector import SplitVectorEnv
 from contlearn.errors import ConfigError
 from contlearn.seeding import child_seed
 from contlearn.spec import param
@@ -70,8 +71,9 @@ class RLStreamSpec:
                                      " episode end, so no episode mixes two frictions)")
     friction_in_obs: bool = param(False, "append log(friction) to the observation (paper: no)")
     num_envs: int = param(1, "env copies per replica, stepped together (paper: 1)", low=1)
-    vector: str = param("sync", "step the copies in this process or one process per copy",
-                        choices=("sync", "async"))
+    vector: str = param("sync", "step the copies in this process, one process per copy"
+                        " (async), or half here and half in one worker process (split: 2 cores)",
+                        choices=("sync", "async", "split"))
     max_episode_steps: int = param(0, "time limit per episode (0: the env's own, 1000)", low=0)
     probe_window: int = param(1000, "recent steps whose observations probes use (paper: 1000)",
                               low=1)
@@ -235,6 +237,8 @@ class MujocoRLStream:
         try:  # copy=False: the stream copies what it keeps (into torch tensors)
             if self.spec.vector == "async":
                 return AsyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
+            if self.spec.vector == "split" and len(fns) > 1:
+                return SplitVectorEnv(fns)  # type: ignore[return-value]
             return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
         except gym.error.Error as exc:
             raise ConfigError(f"cannot make env {self.spec.env_id!r}: {exc}") from None

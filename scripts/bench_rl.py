@@ -5,6 +5,7 @@ other jobs slows both alike::
 
     python scripts/bench_rl.py                        # PPO defaults, 1 env, 2 rounds
     python scripts/bench_rl.py --num-envs 2 --vector async --rounds 3
+    python scripts/bench_rl.py --num-envs 4 --vector split --update-threads 2   # both cores
 
 *raw*: ``gymnasium.make("Ant-v5")``, random actions, reset at episode ends: the ceiling.
 *PPO*: the library's stream and agent (policy and value 256-256, rollout 2048, 10 epochs of 16
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -41,13 +43,19 @@ class Args:
     num_envs: int = 1
     """env copies per replica"""
     vector: str = "sync"
-    """sync or async env copies"""
+    """sync, async or split env copies (split: half in one worker process)"""
     seeds: int = 1
     """replicas (R)"""
     learner: str = "bp"
     """learner chain of the PPO agent"""
     threads: int = 1
-    """torch threads"""
+    """torch threads (acting, env stepping)"""
+    update_threads: int = 0
+    """torch threads during PPO's update phase only (0: as --threads)"""
+    parallel_nets: int = 0
+    """1: policy and value passes of each minibatch in two threads"""
+    fast: int = 1
+    """1: hand-written minibatch backward; 0: the autograd reference"""
 
 
 def parse_args() -> Args:
@@ -98,13 +106,18 @@ def main() -> None:
     env.reset(seed=0)
     env.action_space.seed(0)
     cfg = resolve({"stream": "slippery-ant", "learner": args.learner, "seeds": args.seeds,
-                   "num_envs": args.num_envs, "vector": args.vector})
+                   "num_envs": args.num_envs, "vector": args.vector,
+                   "update_threads": args.update_threads, "fast": bool(args.fast),
+                   "parallel_nets": bool(args.parallel_nets)})
     stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
     agent = cfg.agent_cls(stream.info, stream.seeds, cfg.agent_spec, cfg.learner)
     ppo_rate(stream, agent, 64)  # warm up (allocations, first forward passes)
     raw_rate(env, 200)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); R={args.seeds}, "
-          f"num_envs={args.num_envs} ({args.vector}), learner {args.learner}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) "
+          f"(update: {args.update_threads or args.threads}); R={args.seeds}, "
+          f"num_envs={args.num_envs} ({args.vector}), learner {args.learner}, "
+          f"fast={args.fast}, parallel_nets={args.parallel_nets}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     raws, ppos = [], []
     for r in range(args.rounds):
         raws.append(raw_rate(env, args.raw_steps))
@@ -114,7 +127,8 @@ def main() -> None:
         print(f"round {r}: raw Ant-v5 {raws[-1]:7.0f} steps/s | PPO {rate:7.0f} env-steps/s "
               f"({rate / raws[-1]:.0%}; {split})")
     raw, ppo = float(np.median(raws)), float(np.median(ppos))
-    print(f"median: raw {raw:.0f} steps/s, PPO {ppo:.0f} env-steps/s = {ppo / raw:.0%} of raw")
+    print(f"median: raw {raw:.0f} steps/s, PPO {ppo:.0f} env-steps/s = {ppo / raw:.0%} of raw "
+          f"(load average {os.getloadavg()[0]:.2f})")
     stream.close()
 
 
