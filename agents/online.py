@@ -207,15 +207,18 @@ class OnlineAgent:
         events = torch.zeros(R, max(len(layers) - 1, 1), dtype=torch.int64)
         replacer = plan.replacer
         cbp = None if replacer is None else replacer.kernel_state(self.learner_state)
+        pending = kernels.Pending1.empty(R, weights[0].shape[1])
         threads = min(R, torch.get_num_threads())
         while True:
             kernels.online_block_(weights, biases, x, y, classification, plan.grad_scale,
                                   plan.param_scale, self.spec.activation, out, loss, start,
-                                  events, cbp, threads)
+                                  events, cbp, pending, threads)
             if cbp is not None and bool(events.any()):
                 assert replacer is not None
-                replacer.replace(self.learner_state, self._views, list(events.T.contiguous()))
+                replacer.replace(self.learner_state, self._views, list(events.T.contiguous()),
+                                 pending.skip)
                 events.zero_()
+                continue  # (the next call also applies what is pending)
             if bool((start >= T).all()):
                 break
         return out.unsqueeze(2), {"loss": loss}

@@ -52,7 +52,10 @@ static void update_row(float* row, const float* d, const float* h, int64_t B, in
                        int64_t H, int64_t k, float alpha, float scale) {
   if (B == 1) {
     const float ad = alpha * d[k];
-    for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, h[i], scale * row[i]);
+    if (scale == 1.0f)  /* the same numbers, one multiplication fewer */
+      for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, h[i], row[i]);
+    else
+      for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, h[i], scale * row[i]);
     return;
   }
   for (int64_t i = 0; i < H; ++i) {
@@ -92,7 +95,7 @@ void cl_input_layer(float* w, const float* pd, const float* ph, int64_t pB, floa
 
 /* Batch 1, rows k0..k1 of one replica, four rows per sweep (so the partial sums pb = δ W and
    pc = Σ|W| are loaded and stored once per four weights); one function per pair of flags. */
-#define ROWS1(NAME, BELOW, COL)                                                                \
+#define ROWS1(NAME, BELOW, COL, SC)                                                              \
   static void NAME(float* w, const float* d, const float* h, float* pb, float* pc,            \
                    int64_t H, int64_t k0, int64_t k1, float alpha, float scale) {             \
     int64_t k = k0;                                                                            \
@@ -104,8 +107,8 @@ void cl_input_layer(float* w, const float* pd, const float* ph, int64_t pB, floa
       for (int64_t i = 0; i < H; ++i) {                                                        \
         const float x0 = r0[i], x1 = r1[i], x2 = r2[i], x3 = r3[i], hi = h[i];                 \
         if (BELOW) pb[i] += ((d0 * x0 + d1 * x1) + d2 * x2) + d3 * x3;                         \
-        const float y0 = fmaf(a0, hi, scale * x0), y1 = fmaf(a1, hi, scale * x1);              \
-        const float y2 = fmaf(a2, hi, scale * x2), y3 = fmaf(a3, hi, scale * x3);              \
+        const float y0 = fmaf(a0, hi, SC(x0)), y1 = fmaf(a1, hi, SC(x1));              \
+        const float y2 = fmaf(a2, hi, SC(x2)), y3 = fmaf(a3, hi, SC(x3));              \
         r0[i] = y0; r1[i] = y1; r2[i] = y2; r3[i] = y3;                                        \
         if (COL) pc[i] += ((fabsf(y0) + fabsf(y1)) + fabsf(y2)) + fabsf(y3);                   \
       }                                                                                        \
@@ -114,25 +117,41 @@ void cl_input_layer(float* w, const float* pd, const float* ph, int64_t pB, floa
       float* row = w + k * H;                                                                  \
       const float dk = d[k], ak = alpha * dk;                                                  \
       for (int64_t i = 0; i < H; ++i) {                                                        \
-        const float x = row[i], y = fmaf(ak, h[i], scale * x);                                 \
+        const float x = row[i], y = fmaf(ak, h[i], SC(x));                                 \
         if (BELOW) pb[i] += dk * x;                                                            \
         row[i] = y;                                                                            \
         if (COL) pc[i] += fabsf(y);                                                            \
       }                                                                                        \
     }                                                                                          \
   }
-ROWS1(rows_bc, 1, 1)
-ROWS1(rows_b, 1, 0)
-ROWS1(rows_c, 0, 1)
-ROWS1(rows_n, 0, 0)
+#define SCALED(x) (scale * (x))
+#define UNSCALED(x) (x)
+ROWS1(rows_bc, 1, 1, SCALED)
+ROWS1(rows_b, 1, 0, SCALED)
+ROWS1(rows_c, 0, 1, SCALED)
+ROWS1(rows_n, 0, 0, SCALED)
+/* scale = 1 (no weight decay): the same numbers, one multiplication fewer per weight */
+ROWS1(rows_bc1, 1, 1, UNSCALED)
+ROWS1(rows_b1, 1, 0, UNSCALED)
+ROWS1(rows_c1, 0, 1, UNSCALED)
+ROWS1(rows_n1, 0, 0, UNSCALED)
+
+static void rows1(float* w, const float* d, const float* h, float* pb, float* pc, int64_t H,
+                  int64_t k0, int64_t k1, float alpha, float scale, int below, int col) {
+  if (scale == 1.0f)
+    (below ? (col ? rows_bc1 : rows_b1) : (col ? rows_c1 : rows_n1))(
+        w, d, h, pb, pc, H, k0, k1, alpha, scale);
+  else
+    (below ? (col ? rows_bc : rows_b) : (col ? rows_c : rows_n))(
+        w, d, h, pb, pc, H, k0, k1, alpha, scale);
+}
 
 /* Rows k0..k1 of one replica, any batch B. */
 static void rows(float* w, const float* d, const float* h, float* pb, float* pc, int64_t B,
                  int64_t K, int64_t H, int64_t k0, int64_t k1, float alpha, float scale,
                  int want_below, int want_col) {
   if (B == 1) {
-    (want_below ? (want_col ? rows_bc : rows_b) : (want_col ? rows_c : rows_n))(
-        w, d, h, pb, pc, H, k0, k1, alpha, scale);
+    rows1(w, d, h, pb, pc, H, k0, k1, alpha, scale, want_below, want_col);
     return;
   }
   for (int64_t k = k0; k < k1; ++k) {
@@ -305,15 +324,22 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
                      void** agep, void** fp, void** up, void** uhp, void** carryp,
                      void** eligp, float decay_w, int64_t maturity, double rate,
                      const float* table, int64_t tsize, int nonneg, int64_t* start,
-                     int64_t* events, int threads) {
-  const int64_t D = width[0], C = width[L];
+                     int64_t* events, float* pend_d, int64_t* pend_t, char* skip,
+                     int threads) {
+  const int64_t D = width[0], C = width[L], H1 = width[1];
   int64_t maxw = 0, hsum = 0;
   for (int64_t l = 0; l <= L; ++l) maxw = width[l] > maxw ? width[l] : maxw;
   for (int64_t l = 1; l < L; ++l) hsum += width[l];
   #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t r = 0; r < R; ++r) {
-    int64_t t = start[r];
-    if (t >= T) continue;
+    int64_t t = start[r], pt = pend_t[r];
+    int pend = pt >= 0, stopped = 0;
+    if (t >= T && !pend) continue;
+    /* the input layer's update of step pt, still to apply (kept over an event stop, so the
+       next step's forward pass applies it; rows skip[k] were replaced in between) */
+    float* d0 = pend_d + r * H1;
+    char* sk = skip + r * H1;
+    const float* xprev = pend ? x + (pt * R + r) * D : 0;
     /* hidden activations, then z, d, d2, below, input-layer d, then one col per layer >= 1 */
     float* buf = (float*)malloc(sizeof(float) * (size_t)(2 * hsum + C + 4 * maxw + 64));
     float* hs = buf;
@@ -321,8 +347,7 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
     float* d = z + C;
     float* d2 = d + maxw;
     float* below = d2 + maxw;
-    float* d0 = below + maxw;
-    float* cols = d0 + maxw;  /* hsum: layer l >= 1's column norms at offset of h[l - 1] */
+    float* cols = below + maxw;  /* hsum: layer l >= 1's column norms at offset of h[l - 1] */
     float* h[64];
     float* W[65];
     float* Bv[65];
@@ -332,8 +357,6 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
       Bv[l] = (float*)bp[l] + r * width[l + 1];
       if (l < L - 1) { h[l] = hs + off; off += width[l + 1]; }
     }
-    const float* xprev = 0;
-    int pend = 0;
     while (t < T) {
       const float* xt = x + (t * R + r) * D;
       for (int64_t l = 0; l < L; ++l) {
@@ -342,14 +365,12 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
         float* o = l == L - 1 ? z : h[l];
         for (int64_t k = 0; k < K; ++k) {
           float* row = W[l] + k * H;
-          if (l == 0 && pend) {
-            const float ad = alpha * d0[k];
-            for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, xprev[i], scale * row[i]);
-          }
+          if (l == 0 && pend && !sk[k]) update_row(row, d0, xprev, 1, K, H, k, alpha, scale);
           const float v = Bv[l][k] + dot(row, in, H);
           o[k] = l == L - 1 ? v : act_fwd(act, v);
         }
       }
+      if (pend) memset(sk, 0, (size_t)H1);
       pend = 0;
       float* zo = out + (t * R + r) * C;
       float lv = 0.0f;
@@ -377,12 +398,13 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
         if (l == 0) {
           memcpy(d0, d, sizeof(float) * (size_t)K);
           xprev = xt;
+          pt = t;
           pend = 1;
         } else {
           float* col = cols + (h[l - 1] - hs);
           memset(below, 0, sizeof(float) * (size_t)H);
           if (cbp) memset(col, 0, sizeof(float) * (size_t)H);
-          (cbp ? rows_bc : rows_b)(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale);
+          rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, 1, cbp);
         }
         for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
         if (l > 0) {
@@ -403,19 +425,64 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
           events[r * (L - 1) + l] = k;
           any += k;
         }
-        if (any) break;
+        if (any) { stopped = 1; break; }
       }
     }
-    if (pend) {
-      const int64_t K = width[1], H = width[0];
-      for (int64_t k = 0; k < K; ++k) {
-        float* row = W[0] + k * H;
-        const float ad = alpha * d0[k];
-        for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, xprev[i], scale * row[i]);
-      }
+    if (pend && !stopped) {
+      for (int64_t k = 0; k < H1; ++k)
+        if (!sk[k]) update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha, scale);
+      memset(sk, 0, (size_t)H1);
+      pend = 0;
     }
+    pend_t[r] = pend ? pt : -1;
     start[r] = t;
     free(buf);
+  }
+}
+
+/* Continual backprop's steps 6-7 after cl_online_block stopped replicas (counts (R, L - 1)):
+   per hidden layer l from the input side, per replica, the counts[r, l] eligible units (age >
+   maturity) with the lowest bias-corrected utility (ties: lowest index) get the next fresh
+   incoming rows (fresh[l]: in replica, then unit order) and a zero bias; their mean
+   contribution W_{l+1}[:, i] * f_hat_i is added to the next layer's bias (if fold) and their
+   outgoing weights, ages and statistics are zeroed. Replaced input-layer units are marked in
+   skip (R, width[1]): their pending update must not touch the fresh rows. */
+void cl_cbp_replace(int64_t R, int64_t L, const int64_t* width, void** wp, void** bp,
+                    const int64_t* counts, void** freshp, void** agep, void** fp, void** up,
+                    void** uhp, void** replp, int64_t maturity, const float* table,
+                    int64_t tsize, int fold, char* skip) {
+  for (int64_t l = 0; l < L - 1; ++l) {
+    const int64_t D = width[l], H = width[l + 1], K = width[l + 2];
+    const float* fresh = (const float*)freshp[l];
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t k = counts[r * (L - 1) + l];
+      if (!k) continue;
+      int64_t* age = (int64_t*)agep[l] + r * H;
+      float *f = (float*)fp[l] + r * H, *u = (float*)up[l] + r * H, *uh = (float*)uhp[l] + r * H;
+      float *W = (float*)wp[l] + r * H * D, *b = (float*)bp[l] + r * H;
+      float *Wn = (float*)wp[l + 1] + r * K * H, *bn = (float*)bp[l + 1] + r * K;
+      char* taken = (char*)calloc((size_t)H, 1);
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < H; ++i)
+          if (age[i] > maturity && !taken[i] && (best < 0 || uh[i] < uh[best])) best = i;
+        if (best >= 0) taken[best] = 1;
+      }
+      for (int64_t i = 0; i < H; ++i) {
+        if (!taken[i]) continue;
+        const float fhat = f[i] / table[age[i] < tsize ? age[i] : tsize - 1];
+        memcpy(W + i * D, fresh, sizeof(float) * (size_t)D);
+        fresh += D;
+        b[i] = 0.0f;
+        if (fold)
+          for (int64_t c = 0; c < K; ++c) bn[c] = bn[c] + Wn[c * H + i] * fhat;
+        for (int64_t c = 0; c < K; ++c) Wn[c * H + i] = 0.0f;
+        age[i] = 0; f[i] = 0.0f; u[i] = 0.0f; uh[i] = 0.0f;
+        if (l == 0) skip[r * H + i] = 1;
+      }
+      ((int64_t*)replp[l])[r] += k;
+      free(taken);
+    }
   }
 }
 """
@@ -456,7 +523,7 @@ def _build() -> ctypes.CDLL | None:
                 os.replace(tmp, lib)
             found = ctypes.CDLL(str(lib))
             for name in ("cl_layer_update", "cl_input_layer", "cl_adam", "cl_cbp_stats",
-                         "cl_online_block"):
+                         "cl_online_block", "cl_cbp_replace"):
                 getattr(found, name)  # a stale or foreign file: AttributeError
             return found
         except (OSError, subprocess.SubprocessError, AttributeError):
@@ -487,7 +554,11 @@ def library() -> ctypes.CDLL | None:
                 ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int] + [
                 ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_double,
                                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                        ctypes.c_void_p, ctypes.c_void_p] + [
+                ctypes.c_void_p] * 3 + [ctypes.c_int]
+            _lib.cl_cbp_replace.restype = None
+            _lib.cl_cbp_replace.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 10 + [
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
             _lib.cl_input_layer.restype = None
             _lib.cl_input_layer.argtypes = [ctypes.c_void_p] * 3 + [
                 ctypes.c_int64, ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 3 + [
@@ -672,10 +743,27 @@ def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
 
 
+class Pending1(NamedTuple):
+    """The input layer's update left pending while the whole-step kernel stopped replicas for
+    continual backprop's replacements: ``d (R, H1)`` float32, ``step (R,)`` int64 (the step
+    of the block whose input it needs, −1: none), ``skip (R, H1)`` uint8 (rows replaced since,
+    which it must leave alone)."""
+
+    d: torch.Tensor
+    step: torch.Tensor
+    skip: torch.Tensor
+
+    @classmethod
+    def empty(cls, R: int, H1: int) -> Pending1:
+        return cls(torch.zeros(R, H1), torch.full((R,), -1, dtype=torch.int64),
+                   torch.zeros(R, H1, dtype=torch.uint8))
+
+
 def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: torch.Tensor,
                   target: torch.Tensor, classification: bool, alpha: float, beta: float,
                   activation: str, out: torch.Tensor, loss: torch.Tensor, start: torch.Tensor,
-                  events: torch.Tensor, cbp: CBPKernelState | None, threads: int) -> None:
+                  events: torch.Tensor, cbp: CBPKernelState | None, pending: Pending1,
+                  threads: int) -> None:
     """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
 
     Args:
@@ -691,6 +779,9 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
         events: ``(R, L − 1)`` int64, set to the units each hidden layer must replace at the
             step a replica stopped at (continual backprop's steps 6–7 are the caller's).
         cbp: continual backprop's state, or None.
+        pending: the input layer's pending update: kept when a replica stops for an event
+            (the next call, after :func:`cbp_replace_`, applies it), else applied before the
+            call returns.
         threads: replicas run in parallel on this many threads.
     """
     lib = library()
@@ -711,4 +802,25 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
         int(c is not None), *[_pointers(t) for t in lists],
         1.0 - (c.decay if c else 0.0), c.maturity if c else 0, c.rate if c else 0.0,
         c.table.data_ptr() if c else None, len(c.table) if c else 0,
-        int(c.nonnegative) if c else 0, start.data_ptr(), events.data_ptr(), threads)
+        int(c.nonnegative) if c else 0, start.data_ptr(), events.data_ptr(),
+        pending.d.data_ptr(), pending.step.data_ptr(), pending.skip.data_ptr(), threads)
+
+
+def cbp_replace_(weights: list[torch.Tensor], biases: list[torch.Tensor], counts: torch.Tensor,
+                 fresh: list[torch.Tensor], cbp: CBPKernelState,
+                 replacements: list[torch.Tensor], fold: bool, skip: torch.Tensor) -> None:
+    """Continual backprop's steps 6–7 (``cl_cbp_replace``) for ``counts (R, L − 1)`` units per
+    replica and hidden layer, with ``fresh[l]`` the new incoming rows ``(N_l, fan_in)`` drawn
+    in replica order; ``replacements[l] (R,)`` int64 counts up; replaced input-layer units are
+    marked in ``skip`` (``Pending1.skip``)."""
+    lib = library()
+    assert lib is not None
+    widths = torch.tensor([weights[0].shape[2]] + [w.shape[1] for w in weights],
+                          dtype=torch.int64)
+    counts = counts.contiguous()
+    fresh = [t.contiguous() for t in fresh]
+    lib.cl_cbp_replace(len(counts), len(weights), widths.data_ptr(), _pointers(weights),
+                       _pointers(biases), counts.data_ptr(), _pointers(fresh),
+                       _pointers(cbp.age), _pointers(cbp.mean_act), _pointers(cbp.utility),
+                       _pointers(cbp.utility_hat), _pointers(replacements), cbp.maturity,
+                       cbp.table.data_ptr(), len(cbp.table), int(fold), skip.data_ptr())

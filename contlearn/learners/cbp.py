@@ -44,6 +44,7 @@ from contlearn.learners.base import GradientTransformation, Params
 from contlearn.learners.fused import FusedPlan, UnitReplacer, declare_fused, fused_plan
 from contlearn.learners.resets import UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import draw, replica_rng_states
+from contlearn.state import tree_leaves
 
 UTILITIES = ("contribution", "adaptable_contribution")
 ROUNDINGS = ("carry", "stochastic")
@@ -196,10 +197,11 @@ class _ContinualBackprop:
 
     def _kernel_state(self, state: CBPState) -> kernels.CBPKernelState | None:
         """The per-layer tensors of ``state`` for the whole-step kernel, or None if they are
-        not CPU float32 (int64 ages, float64 carries) and contiguous."""
+        not CPU float32 (int64 ages, float64 carries) and contiguous, or the inner chain keeps
+        state (optimizer moments, anchors: the kernel's resets would not clear them)."""
         n = self.names[0]
         f = state.mean_act[n]
-        if f.device.type != "cpu" or f.dtype != torch.float32:
+        if f.device.type != "cpu" or f.dtype != torch.float32 or tree_leaves(state.inner):
             return None
         table = self._correction_table(f.dtype, f.device)
         s = state.stats
@@ -215,10 +217,24 @@ class _ContinualBackprop:
         return kernels.CBPKernelState(*lists, self.decay, self.maturity, self.rate, table,
                                       self.nonnegative)
 
-    def _replace_counts(self, state: CBPState, params: Params, counts: list[torch.Tensor]
-                        ) -> None:
-        """Steps 6–7 on already updated ``params`` for ``counts`` (one ``(R,)`` per layer)."""
-        self._replace(state, params, None, counts)
+    def _replace_counts(self, state: CBPState, params: Params, counts: list[torch.Tensor],
+                        skip: torch.Tensor) -> None:
+        """Steps 6–7 on ``params`` as the whole-step kernel left them, for ``counts`` (one
+        ``(R,)`` per layer): the fresh rows drawn here, the rest in one compiled call, which
+        marks replaced input-layer units in ``skip`` (see ``kernels.Pending1``)."""
+        kernel_state = self._kernel_state(state)
+        assert kernel_state is not None
+        layers = self.network.layers
+        fresh = []
+        for name, k in zip(self.names, counts, strict=True):
+            rows = [draw(state.rng, r, lambda g, n=n, name=name: self.network.sample_init(
+                name, n, g))[0] for r, n in enumerate(k.tolist()) if n]
+            fresh.append(torch.cat(rows) if rows else torch.empty(0))
+        kernels.cbp_replace_([params[f"{layer.name}.weight"] for layer in layers],
+                             [params[f"{layer.name}.bias"] for layer in layers],
+                             torch.stack(counts, 1), fresh, kernel_state,
+                             [state.stats.replacements[n] for n in self.names],
+                             self.bias_folding, skip)
 
     def _steps(self, state: CBPState, params: Params, updates: Params | None,
                features: dict[str, torch.Tensor], col_l1: dict | None

@@ -41,12 +41,13 @@ class UnitReplacer(NamedTuple):
     Attributes:
         kernel_state: ``kernel_state(state)``, the per-layer tensors the kernel updates in
             place (:class:`contlearn.kernels.CBPKernelState`), or None if it cannot take them.
-        replace: ``replace(state, params, counts)`` with ``counts`` one ``(R,)`` int64 tensor
-            per hidden layer (units to replace, 0 for replicas without an event).
+        replace: ``replace(state, params, counts, skip)`` with ``counts`` one ``(R,)`` int64
+            tensor per hidden layer (units to replace, 0 for replicas without an event) and
+            ``skip`` the kernel's ``Pending1.skip``.
     """
 
     kernel_state: Callable[[Any], Any]
-    replace: Callable[[Any, dict, list], None]
+    replace: Callable[[Any, dict, list, Any], None]
 
 
 class FusedPlan(NamedTuple):
@@ -137,8 +138,8 @@ def _compose(plans: list[FusedPlan]) -> FusedPlan | None:
         def kernel_state(state: ChainState) -> Any:
             return inner.kernel_state(state.inner[first])
 
-        def replace(state: ChainState, params: dict, counts: list) -> None:
-            inner.replace(state.inner[first], params, counts)
+        def replace(state: ChainState, params: dict, counts: list, skip: Any) -> None:
+            inner.replace(state.inner[first], params, counts, skip)
 
         replacer = UnitReplacer(kernel_state, replace)
     return FusedPlan(alpha, beta, post, plans[first].col_l1, replacer)
