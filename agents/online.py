@@ -113,6 +113,7 @@ class OnlineAgent:
         self.learner_state = self.learner.init(self._views)
         self._cache: tuple[Any, ...] | None = None
         self._probe_cache: tuple[Any, ...] | None = None
+        self._probe_grads: tuple[Any, ...] | None = None  # (probe cache, target, loss, grads)
         self._minus_one: torch.Tensor | None = None
         # The input layer's update can wait for the next forward pass, which then reads and
         # writes those weights once (kernels.input_layer_) instead of three times.
@@ -164,6 +165,14 @@ class OnlineAgent:
         every core)."""
         if self._block_plan is not None and len(self.seeds) > 1:
             return min(len(self.seeds), os.cpu_count() or 1)
+        return self.probe_threads()
+
+    def probe_threads(self) -> int:
+        """Threads for torch ops on this network (step-by-step learning, and the probes even
+        while learning takes blocks): 1 for small networks or on machines with at most 2 cores,
+        else 0 (leave the setting). Block learning's threads each run whole replicas; a probe's
+        products and SVDs split every op across threads, which on 2 busy cores made a probe
+        event 2-30x slower."""
         size = sum(p.numel() for p in self._views.values())
         return 1 if size < SINGLE_THREAD_PARAMS or (os.cpu_count() or 1) <= 2 else 0
 
@@ -196,7 +205,7 @@ class OnlineAgent:
         y = (target.reshape(T, R).to(torch.int64) if classification
              else target.reshape(T, R, C).to(torch.float32)).contiguous()
         self._flush()
-        self._cache = self._probe_cache = None
+        self._cache = self._probe_cache = self._probe_grads = None
         self._task_started = False  # a fused update without a post does not read it
         layers = self.net.layers
         weights = [self._views[f"{layer.name}.weight"] for layer in layers]
@@ -361,14 +370,26 @@ class OnlineAgent:
         with torch.no_grad():
             return self.net.forward(self._flat(obs))[1]
 
+    def _probe_backward(self, obs: torch.Tensor, target: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss (R,), gradients)`` on a probe batch, reused like :meth:`_probe_forward`'s
+        pass (``grad_magnitude`` and ``plasticity`` need the same gradients)."""
+        flat, out, hs, zs = self._probe_forward(obs)
+        hit = self._probe_grads
+        if hit is not None and hit[0] is self._probe_cache and hit[1] is target:
+            return hit[2], hit[3]
+        with torch.no_grad():
+            loss, delta = self._loss_and_delta(out, target.to(self.device))
+            grads = self.net.backward(delta, flat, hs, zs, self._views)
+        self._probe_grads = (self._probe_cache, target, loss, grads)
+        return loss, grads
+
     def probe_gradients(self, obs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gradients of each replica's mean loss on ``(obs, target)``; nothing is updated."""
-        target = target.to(self.device)
+        """Gradients of each replica's mean loss on ``(obs, target)``; nothing is updated (the
+        tensors may be shared with the agent's probe cache: read them, do not modify them)."""
         if self.spec.fast:
-            flat, out, hs, zs = self._probe_forward(obs)
-            with torch.no_grad():
-                delta = self._loss_and_delta(out, target)[1]
-                return self.net.backward(delta, flat, hs, zs, self._views)
+            return self._probe_backward(obs, target)[1]
+        target = target.to(self.device)
         with torch.enable_grad():
             out, _ = self.net.forward(self._flat(obs))
             loss = self.loss(out, target)
@@ -378,19 +399,28 @@ class OnlineAgent:
     def probe_plasticity(self, obs: torch.Tensor, target: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss ``(R,)`` on a batch before and after one learning step on it; the step (and
-        every learner state change, random draws included) is undone afterwards."""
-        saved, flag = self.state_dict(), self._task_started
+        every learner state change, random draws included) is undone afterwards.
+
+        The fast path takes the step from the probe batch's gradients (shared with
+        :meth:`probe_gradients`) through ``learner.update``: the reference path's update, equal
+        to the fused one up to float rounding."""
+        state, flag = self.learner_state, self._task_started
+        saved = self.state_dict()
         self._task_started = False
         try:
             if self.spec.fast:
-                self._cache = (obs, *self._probe_forward(obs))
-                self._probe_cache = None
-                before = self.observe(obs, self._cache[2], target)["loss"]
+                before, grads = self._probe_backward(obs, target)
+                hs = self._probe_forward(obs)[2]
+                feats = {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
+                with torch.no_grad():
+                    self._apply(grads, feats, before, False)
+                before = self._host(before)
             else:
                 before = self.observe(obs, self.act(obs), target)["loss"]
             with torch.no_grad():
                 after = self.loss(self.net.forward(self._flat(obs))[0], target.to(self.device))
         finally:
+            self.learner_state = state  # the same objects (a compiled kernel may hold them)
             self.load_state_dict(saved)
             self._task_started = flag
         return before, self._host(after)

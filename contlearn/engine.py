@@ -113,11 +113,14 @@ class ProbeSchedule:
         every: 0 to probe at the start of every task, on the new task's inputs before any
             update on them (Dohare et al.); N > 0 to probe every N steps instead.
         size: probe batch size P per replica.
+        threads: torch's intra-op threads while probing; 0: the agent's ``probe_threads()``
+            (0 there, or no such method: the loop's setting).
     """
 
     names: tuple[str, ...] = ()
     every: int = 0
     size: int = 2000
+    threads: int = 0
 
     def due(self, step: int, new_task: bool) -> bool:
         """Whether to probe before the update of a batch after ``step`` completed steps."""
@@ -132,7 +135,15 @@ def probe_records(schedule: ProbeSchedule, stream: Any, agent: Any, step: int, t
     from contlearn.probes import run_probes
 
     obs, target = stream.probe_batch(schedule.size)
-    results = run_probes(schedule.names, agent, obs, target)
+    old = torch.get_num_threads()
+    n = schedule.threads or getattr(agent, "probe_threads", lambda: 0)() or old
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        results = run_probes(schedule.names, agent, obs, target)
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
     return [Record("probe", step, task, {metric: values}, layer)
             for metric, by_layer in results.items() for layer, values in by_layer.items()]
 

@@ -137,10 +137,23 @@ def saturation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
 def singular_values(a: torch.Tensor) -> torch.Tensor:
     """Singular values of ``(R, P, H)`` in float64 on the CPU, descending: ``(R, min(P, H))``.
 
-    Falls back to NumPy's LAPACK driver, then to eigenvalues of AᵀA, if the SVD fails to
-    converge.
+    When ``H ≤ P``, from the eigenvalues of the ``H × H`` Gram matrix AᵀA (about half the time of
+    an SVD; :func:`gram_singular_values`) for every replica where that is exact up to rounding;
+    the SVD for the others. The SVD falls back to NumPy's LAPACK driver, then to eigenvalues of
+    AᵀA, if it fails to converge.
     """
     a64 = a.detach().to("cpu", torch.float64)
+    if 0 < a64.shape[2] <= a64.shape[1]:
+        s, exact = gram_singular_values(a64)
+        if bool(exact.all()):
+            return s
+        if bool(exact.any()):
+            s[~exact] = _svdvals(a64[~exact])
+            return s
+    return _svdvals(a64)
+
+
+def _svdvals(a64: torch.Tensor) -> torch.Tensor:
     try:
         return torch.linalg.svdvals(a64)
     except RuntimeError:
@@ -151,6 +164,46 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
         gram = a64.transpose(1, 2) @ a64
         eig = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
         return eig[:, : min(a64.shape[1:])]
+
+
+#: the largest relative error of the effective rank :func:`gram_singular_values` may leave.
+GRAM_MAX_ERROR = 1e-8
+
+
+def gram_singular_values(a64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values of float64 ``(R, P, H)`` as √λ of AᵀA, and where they are exact.
+
+    The eigenvalues λ of the computed AᵀA are off by at most δ = (P + H) ε λ_max (rounding of
+    the products and of the eigensolver), so λ ≤ δ is taken as σ = 0 and the others give √λ.
+    A replica's values are *exact* (equal to the SVD's up to rounding) when every λ ≤ δ belongs
+    to an all-zero column of A (a dead unit: σ = 0 exactly; other tiny σ cannot be told from
+    rounding) and errors of δ in the kept λ move the effective rank by at most
+    :data:`GRAM_MAX_ERROR` (bounded by Σ_k |log p_k + entropy| Δσ_k / Σσ). Stable and approx
+    rank depend on σ² and are off by ~Hδ / Σσ² at most.
+
+    Returns:
+        ``(σ (R, H) descending, exact (R,) bool)``; ``exact`` is all False if AᵀA is not finite
+        or the eigensolver fails.
+    """
+    R, P, H = a64.shape
+    gram = a64.transpose(1, 2) @ a64  # (R, H, H)
+    none = torch.zeros(R, dtype=torch.bool)
+    if not bool(torch.isfinite(gram).all()):
+        return gram.new_zeros(R, H), none
+    try:
+        lam = torch.linalg.eigvalsh(gram).flip(-1)  # (R, H) descending
+    except RuntimeError:
+        return gram.new_zeros(R, H), none
+    delta = (P + H) * torch.finfo(torch.float64).eps * lam[:, :1].clamp_min(0)  # (R, 1)
+    kept = lam > delta
+    s = torch.where(kept, lam, 0.0).sqrt()
+    dead = (gram.diagonal(dim1=1, dim2=2) == 0).sum(-1)  # exactly-zero columns
+    total = s.sum(-1, keepdim=True).clamp_min(1e-300)
+    logp = torch.log((s / total).clamp_min(1e-300))
+    entropy = -(s / total * logp).sum(-1, keepdim=True)
+    spread = (lam.clamp_min(0) + delta).sqrt() - (lam - delta).clamp_min(0).sqrt()  # Δσ_k
+    bound = torch.where(kept, (logp + entropy).abs() * spread, 0.0).sum(-1) / total[:, 0]
+    return s, ((~kept).sum(-1) == dead) & (bound <= GRAM_MAX_ERROR)
 
 
 def _svals(ctx: ProbeContext) -> dict[str, torch.Tensor]:

@@ -141,11 +141,12 @@ def intra_op_threads(requested: int, agent: Any) -> Iterator[int]:
 
 
 def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
-    """The run's probe schedule from its ``probes``, ``probe_every``, ``probe_size`` keys."""
+    """The run's probe schedule from its ``probes``, ``probe_every``, ``probe_size`` and
+    ``threads`` keys."""
     from contlearn.probes import parse_probes
 
     return ProbeSchedule(tuple(parse_probes(cfg.run.probes)), cfg.run.probe_every,
-                         cfg.run.probe_size)
+                         cfg.run.probe_size, cfg.run.threads)
 
 
 def make_loop(stream: Any, agent: Any, emit: Any, bar: Progress, probes: ProbeSchedule,

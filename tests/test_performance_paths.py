@@ -21,7 +21,7 @@ from contlearn.envs import make_stream
 from contlearn.errors import ConfigError
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import scale_by_adam
-from contlearn.probes import DEFAULT_PROBES, run_probes
+from contlearn.probes import DEFAULT_PROBES, PROBES, register_probe, run_probes
 from contlearn.state import tree_leaves
 
 CBP_FAST = {"learner.replacement_rate": 0.02, "learner.maturity": 10, "learner.decay": 0.9}
@@ -134,6 +134,38 @@ def test_probes_read_the_same_numbers_on_both_paths():
             _close(value, results[1][metric][layer])
 
 
+@pytest.mark.parametrize("learner,optimizer,options", [CASES[i] for i in (2, 3, 4, 5, 8)])
+def test_plasticity_step_from_shared_gradients_matches_the_fused_step(learner, optimizer,
+                                                                      options):
+    # the fast path's plasticity steps from grad_magnitude's gradients through learner.update;
+    # before, it took the fused step of observe (kept here as the reference)
+    stream, (fast, _) = _pair(learner, optimizer, options)
+    for _ in range(30):
+        batch = stream.next()
+        fast.observe(batch.obs, fast.act(batch.obs), batch.target)
+    obs, target = stream.probe_batch(40)
+    saved, state = fast.state_dict(), fast.learner_state
+    backward, calls = fast.net.backward, []
+    fast.net.backward = lambda *a, **k: calls.append(1) or backward(*a, **k)
+    grads = {k: g.clone() for k, g in fast.probe_gradients(obs, target).items()}
+    before, after = fast.probe_plasticity(obs, target)
+    assert len(calls) == 1  # one backward pass for both probes
+    for k, g in fast.probe_gradients(obs, target).items():
+        assert torch.equal(g, grads[k])  # the learner's update left them alone
+    assert len(calls) == 2  # (the restore invalidated the cache)
+    assert fast.learner_state is state
+    restored = fast.state_dict()
+    for k, v in saved["params"].items():
+        assert torch.equal(v, restored["params"][k])
+    for a, b in zip(saved["learner"], restored["learner"], strict=True):
+        assert torch.equal(a, b)  # random draws included
+    l0 = fast.observe(obs, fast.act(obs), target)["loss"]
+    with torch.no_grad():
+        l1 = fast.loss(fast.net.forward(obs.reshape(3, 40, -1))[0], target)
+    _close(before, l0)
+    _close(after, l1)
+
+
 def test_fused_plans_of_the_presets():
     lr = 0.05
     cases = {"bp": (-lr, 0.0, False), "l2": (-lr, -lr * 1e-4, False),
@@ -241,6 +273,23 @@ def test_threads_option_holds_during_the_run_and_is_restored(tmp_path, monkeypat
     contlearn.run("permuted-mnist", steps=30, out=tmp_path / "run",
                   config={"threads": 2, "hidden": "8", "examples_per_task": 10, "probes": "none"})
     assert seen == [2, before] and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("threads,probing", [(0, 1), (2, 2)])
+def test_probes_run_on_one_thread_unless_threads_is_set(tmp_path, monkeypatch, threads,
+                                                         probing):
+    # 3 replicas learn in blocks on 2 threads; the probes' torch ops take 1 (auto)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    seen: list[int] = []
+    register_probe("threads_seen", lambda ctx: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    try:
+        contlearn.run("permuted-mnist", seeds=3, tasks=2, out=tmp_path / "run",
+                      config={"threads": threads, "hidden": "8", "examples_per_task": 10,
+                              "probes": "threads_seen"})
+    finally:
+        PROBES.pop("threads_seen")
+    assert seen == [probing] * 2 and torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("device", ["warp-drive", "cuda:7"])

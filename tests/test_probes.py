@@ -16,6 +16,7 @@ from contlearn.probes import (
     dead_fraction,
     dormant_fraction,
     effective_rank_of,
+    gram_singular_values,
     parse_probes,
     register_probe,
     saturation,
@@ -58,6 +59,49 @@ def test_stable_rank_of_rank_one_is_one_and_identity_is_n():
     assert float(stable_rank_of(singular_values((u @ v)[None]))) == pytest.approx(1.0)
     assert float(stable_rank_of(singular_values(torch.eye(6, dtype=torch.float64)[None]))) == \
         pytest.approx(6.0)
+
+
+def _features(R, P, H, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.relu(torch.randn(R, P, H, generator=gen))  # (R, P, H) float32, like a layer's
+
+
+def _ranks(s):
+    return [f(s) for f in (effective_rank_of, approx_rank_of, stable_rank_of)]
+
+
+@pytest.mark.parametrize("R,P,H", [(3, 60, 20), (1, 500, 100), (2, 40, 40)])
+def test_gram_singular_values_equal_the_svd(R, P, H):
+    a = _features(R, P, H)
+    a[0, :, :3] = 0  # dead units: exactly zero singular values
+    a[-1, :, 5] = 0
+    svd = torch.linalg.svdvals(a.double())
+    s, exact = gram_singular_values(a.double())
+    assert exact.all()
+    torch.testing.assert_close(s, svd, rtol=1e-9, atol=1e-12 * float(svd.max()))
+    assert torch.equal(singular_values(a), s)
+    for mine, ref in zip(_ranks(s), _ranks(svd), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=0)
+
+
+def test_gram_route_leaves_unresolved_replicas_to_the_svd():
+    a = _features(3, 80, 12).double()
+    gen = torch.Generator().manual_seed(1)
+    a[1] = torch.randn(80, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+        3, 12, generator=gen, dtype=torch.float64)  # rank 3, no zero column: tiny σ unknown
+    a[2, :, :6] *= 1e-7  # σ ~1e-7 σ_max: λ below the Gram matrix's rounding
+    exact = gram_singular_values(a)[1]
+    assert exact.tolist() == [True, False, False]
+    s = singular_values(a)
+    torch.testing.assert_close(s, torch.linalg.svdvals(a), rtol=1e-9, atol=1e-15)
+    assert int((s[1] > 1e-8).sum()) == 3
+    a[0, 0, 0] = float("nan")
+    assert not gram_singular_values(a)[1].any()
+
+
+def test_wide_features_take_the_svd():
+    a = _features(2, 10, 30)
+    assert torch.equal(singular_values(a), torch.linalg.svdvals(a.double()))
 
 
 def test_zero_matrix_has_rank_zero():

@@ -74,6 +74,19 @@ def test_permuted_mnist_pixels_are_a_permutation_of_an_mnist_image():
     assert not torch.equal(first, s.perm[0])
 
 
+@pytest.mark.parametrize("name", ["permuted-mnist", "label-shuffled-mnist"])
+@pytest.mark.parametrize("shape", [(3, 7), (5, 3, 2)])
+def test_mnist_examples_equal_one_flat_gather(name, shape):
+    # the previous formula: one gather with a flat (..., R, B, 784) index
+    s = _stream(name, [0, 1, 2], examples_per_task=10)
+    s.next()
+    idx = torch.randint(0, s.num_examples, shape, generator=torch.Generator().manual_seed(0))
+    cols = s.perm.unsqueeze(1) if name == "permuted-mnist" else torch.arange(784)
+    want = s.images[idx.unsqueeze(-1) * 784 + cols].to(torch.float32).div_(255.0)
+    obs, _ = s._examples(idx)
+    assert obs.shape == (*shape, 784) and torch.equal(obs, want)
+
+
 def test_mnist_samples_without_replacement_within_a_pass():
     s = _stream("permuted-mnist", [0, 1], examples_per_task=1000, batch_size=100)
     seen = torch.cat([s._indices(100) for _ in range(100)], dim=1)  # one full pass (10k)
