@@ -82,6 +82,9 @@ class OnlineAgent:
 
     supports_replicas = True
     Spec = OnlineAgentSpec
+    #: threads :meth:`learn_block` runs replicas on (0: one per core); a run sets it from its
+    #: ``threads`` option
+    replica_workers: int = 0
 
     def __init__(self, info: StreamInfo, seeds: Sequence[int], spec: OnlineAgentSpec,
                  learner: Learner) -> None:
@@ -155,17 +158,17 @@ class OnlineAgent:
         return self
 
     def preferred_threads(self) -> int:
-        """Threads that suit this network (``threads=0``, auto).
-
-        Learning in blocks (:meth:`learn_block`) with several replicas: every core, each
-        running whole replicas (no synchronisation within a block). Otherwise 1 for small
+        """torch's intra-op threads that suit this network (``threads=0``, auto): 1 for small
         networks, where per-op overhead dominates and more threads only add to it, and on
         machines with at most 2 cores, where a second thread waits on the other core's other
         work (measured 2-30× slower, docs/performance.md); else 0 (leave torch's setting:
-        every core)."""
-        if self._block_plan is not None and len(self.seeds) > 1:
-            return min(len(self.seeds), os.cpu_count() or 1)
+        every core). Learning in blocks uses threads of its own (:meth:`block_workers`)."""
         return self.probe_threads()
+
+    def block_workers(self) -> int:
+        """Threads :meth:`learn_block` runs replicas on: ``replica_workers`` if set (the run
+        option ``threads``), else one per core, at most one per replica."""
+        return max(1, min(len(self.seeds), self.replica_workers or os.cpu_count() or 1))
 
     def probe_threads(self) -> int:
         """Threads for torch ops on this network (step-by-step learning, and the probes even
@@ -217,11 +220,11 @@ class OnlineAgent:
         replacer = plan.replacer
         cbp = None if replacer is None else replacer.kernel_state(self.learner_state)
         pending = kernels.Pending1.empty(R, weights[0].shape[1])
-        threads = min(R, torch.get_num_threads())
+        workers = self.block_workers()
         while True:
             kernels.online_block_(weights, biases, x, y, classification, plan.grad_scale,
                                   plan.param_scale, self.spec.activation, out, loss, start,
-                                  events, cbp, pending, threads)
+                                  events, cbp, pending, workers)
             if cbp is not None and bool(events.any()):
                 assert replacer is not None
                 replacer.replace(self.learner_state, self._views, list(events.T.contiguous()),

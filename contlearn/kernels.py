@@ -35,6 +35,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -299,7 +300,9 @@ void cl_layer_update(float* w, const float* d, const float* h, float* below, flo
    and, if cbp, continual backprop's steps 1-5 (cbp_replica) on the post-update weights. A
    replica stops early after a step at which some layer must replace units (events[r, l] = k);
    start[r] is where it stands when the call returns (T: done). Each replica's T steps run
-   while its weights sit in this core's cache; replicas run in parallel. */
+   while its weights sit in this core's cache. This call runs replicas r0 .. r1 - 1; callers
+   run disjoint ranges on several threads (no OpenMP here: its idle threads spin-wait, which
+   on a machine with few cores takes the CPU the other threads need). */
 static float act_fwd(int act, float z) {
   switch (act) {
     case 0: return z > 0.0f ? z : 0.0f;
@@ -325,13 +328,12 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
                      void** eligp, float decay_w, int64_t maturity, double rate,
                      const float* table, int64_t tsize, int nonneg, int64_t* start,
                      int64_t* events, float* pend_d, int64_t* pend_t, char* skip,
-                     int threads) {
+                     int64_t r0, int64_t r1) {
   const int64_t D = width[0], C = width[L], H1 = width[1];
   int64_t maxw = 0, hsum = 0;
   for (int64_t l = 0; l <= L; ++l) maxw = width[l] > maxw ? width[l] : maxw;
   for (int64_t l = 1; l < L; ++l) hsum += width[l];
-  #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     int64_t t = start[r], pt = pend_t[r];
     int pend = pt >= 0, stopped = 0;
     if (t >= T && !pend) continue;
@@ -555,7 +557,7 @@ def library() -> ctypes.CDLL | None:
                 ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_double,
                                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                         ctypes.c_void_p, ctypes.c_void_p] + [
-                ctypes.c_void_p] * 3 + [ctypes.c_int]
+                ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
             _lib.cl_cbp_replace.restype = None
             _lib.cl_cbp_replace.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 10 + [
                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
@@ -763,7 +765,7 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
                   target: torch.Tensor, classification: bool, alpha: float, beta: float,
                   activation: str, out: torch.Tensor, loss: torch.Tensor, start: torch.Tensor,
                   events: torch.Tensor, cbp: CBPKernelState | None, pending: Pending1,
-                  threads: int) -> None:
+                  workers: int) -> None:
     """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
 
     Args:
@@ -782,7 +784,8 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
         pending: the input layer's pending update: kept when a replica stops for an event
             (the next call, after :func:`cbp_replace_`, applies it), else applied before the
             call returns.
-        threads: replicas run in parallel on this many threads.
+        workers: replicas run in this many contiguous groups, each on a thread of its own
+            (one replica's steps always run on one thread: results do not depend on this).
     """
     lib = library()
     assert lib is not None
@@ -795,7 +798,7 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
     c = cbp
     lists = ([], [], [], [], [], []) if c is None else (
         c.age, c.mean_act, c.utility, c.utility_hat, c.carry, c.eligible)
-    lib.cl_online_block(
+    args = (
         R, T, L, widths.data_ptr(), _pointers(weights), _pointers(biases), x.data_ptr(),
         cls.data_ptr() if cls is not None else None, reg.data_ptr() if reg is not None else None,
         out.data_ptr(), loss.data_ptr(), alpha, 1.0 + beta, BLOCK_ACTIVATIONS[activation],
@@ -803,7 +806,34 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
         1.0 - (c.decay if c else 0.0), c.maturity if c else 0, c.rate if c else 0.0,
         c.table.data_ptr() if c else None, len(c.table) if c else 0,
         int(c.nonnegative) if c else 0, start.data_ptr(), events.data_ptr(),
-        pending.d.data_ptr(), pending.step.data_ptr(), pending.skip.data_ptr(), threads)
+        pending.d.data_ptr(), pending.step.data_ptr(), pending.skip.data_ptr())
+    todo = [r for r in range(R) if int(start[r]) < T or int(pending.step[r]) >= 0]
+    groups = min(max(workers, 1), len(todo))
+    if groups <= 1:
+        lib.cl_online_block(*args, 0, R)
+        return
+    # contiguous ranges holding equal numbers of the replicas with work left; ctypes releases
+    # the GIL for the call, so the ranges run in parallel
+    cuts = [todo[len(todo) * g // groups] for g in range(groups)] + [R]
+    pool = _pool()
+    futures = [pool.submit(lib.cl_online_block, *args, cuts[g], cuts[g + 1])
+               for g in range(1, groups)]
+    lib.cl_online_block(*args, cuts[0], cuts[1])
+    for f in futures:
+        f.result()
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Worker threads for :func:`online_block_` (made anew in a forked child: a parent's
+    threads do not exist there). Idle workers block on a queue; they never spin."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max(1, (os.cpu_count() or 1) - 1),
+                                                 thread_name_prefix="contlearn-block"))
+    return _POOL[1]
 
 
 def cbp_replace_(weights: list[torch.Tensor], biases: list[torch.Tensor], counts: torch.Tensor,

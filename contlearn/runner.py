@@ -130,7 +130,10 @@ def place_agent(cfg: RunConfig, agent: Any) -> Any:
 @contextlib.contextmanager
 def intra_op_threads(requested: int, agent: Any) -> Iterator[int]:
     """torch's intra-op threads while a run's loop runs: ``requested``, or (0) the agent's
-    ``preferred_threads()`` (0 there, or no such method: leave the setting as it is)."""
+    ``preferred_threads()`` (0 there, or no such method: leave the setting as it is). An agent
+    with threads of its own (``replica_workers``) gets ``requested`` too."""
+    if requested and hasattr(agent, "replica_workers"):
+        agent.replica_workers = requested
     old = torch.get_num_threads()
     n = requested or getattr(agent, "preferred_threads", lambda: 0)() or old
     torch.set_num_threads(n)

@@ -89,24 +89,20 @@ def test_blocks_match_the_autograd_reference_step_by_step(stream, learner, optio
 def test_splitting_into_blocks_or_threads_changes_no_bit():
     (s1, s2), (a, b) = _setup("permuted-mnist", "cbp", CBP, fast=(True, True))
     rng = random.Random(3)
-    threads = torch.get_num_threads()
-    try:
-        for _ in range(40):
-            torch.set_num_threads(1)
-            x = s1.next_block(37)
-            pa, la = a.learn_block(x.obs, x.target)
-            parts, losses = [], []
-            left = x.obs.shape[0]
-            while left:
-                torch.set_num_threads(rng.choice([1, 2, 3]))
-                y = s2.next_block(min(left, rng.choice([1, 2, 9, 64])))
-                p, m = b.learn_block(y.obs, y.target)
-                parts.append(p)
-                losses.append(m["loss"])
-                left -= y.obs.shape[0]
-            assert torch.equal(pa, torch.cat(parts)) and torch.equal(la["loss"], torch.cat(losses))
-    finally:
-        torch.set_num_threads(threads)
+    a.replica_workers = 1
+    for _ in range(40):
+        x = s1.next_block(37)
+        pa, la = a.learn_block(x.obs, x.target)
+        parts, losses = [], []
+        left = x.obs.shape[0]
+        while left:
+            b.replica_workers = rng.choice([1, 2, 3])
+            y = s2.next_block(min(left, rng.choice([1, 2, 9, 64])))
+            p, m = b.learn_block(y.obs, y.target)
+            parts.append(p)
+            losses.append(m["loss"])
+            left -= y.obs.shape[0]
+        assert torch.equal(pa, torch.cat(parts)) and torch.equal(la["loss"], torch.cat(losses))
     _compare_states(a, b, exact=True)
     assert int(a.diagnostics()["hidden1"]["replacements"].sum()) > 0
 

@@ -242,11 +242,13 @@ def test_preferred_threads_depend_on_the_network_size_and_cores(monkeypatch):
     assert small.preferred_threads() == 1
     blocks = _pair("bp", "sgd", {})[1][0]  # 3 replicas learning in blocks: one per core
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert blocks.preferred_threads() == 2
+    assert blocks.preferred_threads() == 1 and blocks.block_workers() == 2
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert blocks.preferred_threads() == 3
+    assert blocks.block_workers() == 3
+    blocks.replica_workers = 1  # the run option threads=1
+    assert blocks.block_workers() == 1
     alone = _pair("bp", "sgd", {}, seeds=(0,))[1][0]
-    assert alone.preferred_threads() == 1
+    assert alone.block_workers() == 1
     cfg = resolve({"stream": "permuted-mnist", "hidden": "2000,2000"})
     big = OnlineAgent(make_stream(cfg.stream, cfg.stream_spec, [0]).info, [0], cfg.agent_spec,
                       cfg.learner)
