@@ -10,6 +10,9 @@ seed at a time, ``torch.nn.Sequential`` + ``torch.optim``, a per-unit continual 
 learner-steps per second do not depend on R (seeds run one after another). Naive and contlearn
 repeats are interleaved so that load from other processes hits both alike.
 
+Table columns: ``th`` torch's intra-op threads, ``bw`` the threads learning in blocks runs
+replicas on (``OnlineAgent.block_workers``; 1 where the agent steps one by one).
+
 Also measured: the memory-bandwidth roofline of a width-2000 step, the cost of the default
 probes and of the run store, and the peak RSS of a demo-sized run (docs/performance.md)::
 
@@ -259,12 +262,15 @@ def bench_row(name: str, width: int, Rs: list[int], args: Args, tmp: Path) -> li
             t.repeat(args.seconds)
     rows = []
     for R, t in timed.items():
+        agent = loops[R][0].agent
+        workers = agent.block_workers() if agent.block_ready(1) else 1
         rows.append({"learner": name, "width": width, "R": R, "threads": t.threads,
+                     "block_workers": workers,
                      "steps_per_s": t.median / R, "learner_steps_per_s": t.median,
                      "naive_learner_steps_per_s": base.median, "naive_threads": base.threads,
                      "ratio": t.median / base.median, "repeats": t.rates,
                      "naive_repeats": base.rates})
-        print(f"{name:>9} {width:>5} {R:>3} {t.threads:>2} | {t.median / R:10.1f} "
+        print(f"{name:>9} {width:>5} {R:>3} {t.threads:>2} {workers:>2} | {t.median / R:10.1f} "
               f"{t.median:12.0f} | {base.median:10.0f} | {t.median / base.median:6.1f}x",
               flush=True)
     return rows
@@ -493,7 +499,7 @@ def main() -> None:
         result["memory"] = peak_rss(6 if args.quick else 30, tmp)
         print(f"peak RSS, demo-sized run ({result['memory']['tasks']} tasks): "
               f"{result['memory']['peak_rss_MB']:.0f} MB", flush=True)
-        print(f"{'learner':>9} {'width':>5} {'R':>3} {'th':>2} | {'steps/s':>10} "
+        print(f"{'learner':>9} {'width':>5} {'R':>3} {'th':>2} {'bw':>2} | {'steps/s':>10} "
               f"{'learner-st/s':>12} | {'naive':>10} | {'ratio':>7}")
         for width, names in (QUICK if args.quick else {w: list(LEARNERS) for w in FULL_R}).items():
             for name in names:
