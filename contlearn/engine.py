@@ -14,6 +14,7 @@ store's writer, probes) never write back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -23,6 +24,9 @@ import torch
 
 from contlearn.errors import ContlearnError
 from contlearn.progress import Progress
+
+#: the wall time a block of steps aims at (see :meth:`SupervisedLoop.advance`)
+BLOCK_SECONDS = 0.25
 
 
 class DivergenceError(ContlearnError):
@@ -252,6 +256,7 @@ class SupervisedLoop(SteppingLoop):
         self._diagnostics = getattr(agent, "diagnostics", None)
         self._on_task_start = (getattr(agent, "on_task_start", None)
                                if self.info.boundaries_visible else None)
+        self._step_seconds = 0.01  # running estimate of a step's time in blocks
 
     def _end_task(self, step: int) -> None:
         self.emit(Record("task_end", step, self.task, self.totals.means(self.info.metric)))
@@ -297,6 +302,10 @@ class SupervisedLoop(SteppingLoop):
         probes = self.probes
         if probes is not None and probes.names and probes.every:
             limit = min(limit, probes.every - done % probes.every)
+        # blocks of about BLOCK_SECONDS, so that stops, progress and time-based checkpoints
+        # stay prompt for large networks (where a block of a few hundred steps takes seconds)
+        limit = min(limit, max(1, int(BLOCK_SECONDS / self._step_seconds)))
+        started = time.perf_counter()
         batch = stream.next_block(limit)
         if batch.new_task:
             if self.totals.steps:
@@ -306,14 +315,18 @@ class SupervisedLoop(SteppingLoop):
             if self._on_task_start is not None:
                 self._on_task_start(self.task)
         if probes is not None and probes.due(done, batch.new_task):
+            probing = time.perf_counter()
             for record in probe_records(probes, stream, agent, done, self.task):
                 self.emit(record)
+            started += time.perf_counter() - probing  # (not a cost of the steps)
         pred, metrics = agent.learn_block(batch.obs, batch.target)
         loss = metrics.get("loss")
         if loss is not None and not bool(torch.isfinite(loss).all()):
             for t in range(loss.shape[0]):
                 self._check_divergence(loss[t], done + t + 1)
         self.totals.add_block(stream.score(pred, batch.target), metrics)
+        per_step = (time.perf_counter() - started) / batch.obs.shape[0]
+        self._step_seconds = 0.5 * self._step_seconds + 0.5 * per_step
         if self.progress is not None:
             self.progress.update(stream.step, self.task, self.totals.running)
 

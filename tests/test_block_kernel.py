@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import contlearn
-from contlearn import kernels
+from contlearn import engine, kernels
 from contlearn.agents.online import OnlineAgent
 from contlearn.config import resolve
 from contlearn.engine import SupervisedLoop
@@ -169,3 +169,15 @@ def test_what_the_kernel_does_not_do_steps_one_by_one(options):
     learner = options.pop("learner", "bp")
     (stream,), (agent,) = _setup("permuted-mnist", learner, options, fast=(True,))
     assert not agent.block_ready(stream.batch_size)
+
+
+def test_block_length_changes_no_bit_of_a_run(tmp_path, monkeypatch):
+    config = {"hidden": "16,16", "examples_per_task": 300, "probe_size": 50, **CBP}
+    runs = []
+    for seconds in (engine.BLOCK_SECONDS, 0.0):  # 0: blocks of one step
+        monkeypatch.setattr(engine, "BLOCK_SECONDS", seconds)
+        runs.append(contlearn.run("permuted-mnist", learner="cbp", seeds=2, tasks=2,
+                                  config=config, out=tmp_path / str(seconds)).metrics())
+    cols = ["seed", "step", "task", "metric", "layer", "value"]
+    a, b = (df[cols].sort_values(cols[:5]).reset_index(drop=True) for df in runs)
+    assert a.equals(b)
