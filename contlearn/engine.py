@@ -264,11 +264,9 @@ class SupervisedLoop(SteppingLoop):
         for layer, values in (self._diagnostics() if self._diagnostics else {}).items():
             self.emit(Record("task_end", step, self.task, values, layer))
 
-    def step(self) -> None:
-        """One step: maybe a task boundary and probes, then act, observe and score."""
-        stream, agent = self.stream, self.agent
-        batch = stream.next()
-        done = stream.step - 1  # steps completed before this batch
+    def _begin(self, batch: Any, done: int) -> float:
+        """Before learning on ``batch`` (``done`` steps completed): the task boundary it may
+        start and the probes due; returns the seconds spent probing."""
         if batch.new_task:
             if self.totals.steps:
                 self._end_task(done)
@@ -276,9 +274,18 @@ class SupervisedLoop(SteppingLoop):
             self.emit(Record("task_start", done, self.task, {}))
             if self._on_task_start is not None:
                 self._on_task_start(self.task)
-        if self.probes is not None and self.probes.due(done, batch.new_task):
-            for record in probe_records(self.probes, stream, agent, done, self.task):
-                self.emit(record)
+        if self.probes is None or not self.probes.due(done, batch.new_task):
+            return 0.0
+        start = time.perf_counter()
+        for record in probe_records(self.probes, self.stream, self.agent, done, self.task):
+            self.emit(record)
+        return time.perf_counter() - start
+
+    def step(self) -> None:
+        """One step: maybe a task boundary and probes, then act, observe and score."""
+        stream, agent = self.stream, self.agent
+        batch = stream.next()
+        self._begin(batch, stream.step - 1)
         pred = agent.act(batch.obs)
         metrics = agent.observe(batch.obs, pred, batch.target) or {}
         if "loss" in metrics:
@@ -307,18 +314,7 @@ class SupervisedLoop(SteppingLoop):
         limit = min(limit, max(1, int(BLOCK_SECONDS / self._step_seconds)))
         started = time.perf_counter()
         batch = stream.next_block(limit)
-        if batch.new_task:
-            if self.totals.steps:
-                self._end_task(done)
-            self.task = batch.task
-            self.emit(Record("task_start", done, self.task, {}))
-            if self._on_task_start is not None:
-                self._on_task_start(self.task)
-        if probes is not None and probes.due(done, batch.new_task):
-            probing = time.perf_counter()
-            for record in probe_records(probes, stream, agent, done, self.task):
-                self.emit(record)
-            started += time.perf_counter() - probing  # (not a cost of the steps)
+        started += self._begin(batch, done)  # (probing is not a cost of the steps)
         pred, metrics = agent.learn_block(batch.obs, batch.target)
         loss = metrics.get("loss")
         if loss is not None and not bool(torch.isfinite(loss).all()):
