@@ -1,0 +1,446 @@
+/* contlearn's compiled kernels (see contlearn/kernels.py, which builds and loads them). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Row k of a weight matrix: w = scale * w + alpha * Σ_b d[b, k] h[b, :] (the same arithmetic
+   wherever an update is applied, so deferring it does not change a bit). */
+static void update_row(float* row, const float* d, const float* h, int64_t B, int64_t K,
+                       int64_t H, int64_t k, float alpha, float scale) {
+  if (B == 1) {
+    const float ad = alpha * d[k];
+    if (scale == 1.0f)  /* the same numbers, one multiplication fewer */
+      for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, h[i], row[i]);
+    else
+      for (int64_t i = 0; i < H; ++i) row[i] = fmaf(ad, h[i], scale * row[i]);
+    return;
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < B; ++b) acc += d[b * K + k] * h[b * H + i];
+    row[i] = fmaf(alpha, acc, scale * row[i]);
+  }
+}
+
+/* Σ_i a[i] b[i] in sixteen fixed lanes (vectorisable, and the same order every time). */
+static float dot(const float* a, const float* b, int64_t n) {
+  float lane[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lane[j] += a[i + j] * b[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += lane[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+/* The input layer: apply a deferred update (pB > 0: pending d (R, pB, K), h (R, pB, H)), then
+   z[r, b, k] = bias[r, k] + W[r, k, :] · x[r, b, :] for new inputs (B > 0), reading and writing
+   each weight once. */
+void cl_input_layer(float* w, const float* pd, const float* ph, int64_t pB, float alpha,
+                    float scale, const float* x, const float* bias, float* z, int64_t B,
+                    int64_t R, int64_t K, int64_t H, int threads) {
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t job = 0; job < R * K; ++job) {
+    const int64_t r = job / K, k = job % K;
+    float* row = w + job * H;
+    if (pB) update_row(row, pd + r * pB * K, ph + r * pB * H, pB, K, H, k, alpha, scale);
+    for (int64_t b = 0; b < B; ++b)
+      z[(r * B + b) * K + k] = bias[r * K + k] + dot(row, x + (r * B + b) * H, H);
+  }
+}
+
+/* Batch 1, rows k0..k1 of one replica, four rows per sweep (so the partial sums pb = δ W and
+   pc = Σ|W| are loaded and stored once per four weights); one function per pair of flags. */
+#define ROWS1(NAME, BELOW, COL, SC)                                                              \
+  static void NAME(float* w, const float* d, const float* h, float* pb, float* pc,            \
+                   int64_t H, int64_t k0, int64_t k1, float alpha, float scale) {             \
+    int64_t k = k0;                                                                            \
+    for (; k + 4 <= k1; k += 4) {                                                              \
+      float *r0 = w + k * H, *r1 = r0 + H, *r2 = r1 + H, *r3 = r2 + H;                         \
+      const float d0 = d[k], d1 = d[k + 1], d2 = d[k + 2], d3 = d[k + 3];                      \
+      const float a0 = alpha * d0, a1 = alpha * d1, a2 = alpha * d2, a3 = alpha * d3;          \
+      _Pragma("GCC ivdep")                                                                     \
+      for (int64_t i = 0; i < H; ++i) {                                                        \
+        const float x0 = r0[i], x1 = r1[i], x2 = r2[i], x3 = r3[i], hi = h[i];                 \
+        if (BELOW) pb[i] += ((d0 * x0 + d1 * x1) + d2 * x2) + d3 * x3;                         \
+        const float y0 = fmaf(a0, hi, SC(x0)), y1 = fmaf(a1, hi, SC(x1));              \
+        const float y2 = fmaf(a2, hi, SC(x2)), y3 = fmaf(a3, hi, SC(x3));              \
+        r0[i] = y0; r1[i] = y1; r2[i] = y2; r3[i] = y3;                                        \
+        if (COL) pc[i] += ((fabsf(y0) + fabsf(y1)) + fabsf(y2)) + fabsf(y3);                   \
+      }                                                                                        \
+    }                                                                                          \
+    for (; k < k1; ++k) {                                                                      \
+      float* row = w + k * H;                                                                  \
+      const float dk = d[k], ak = alpha * dk;                                                  \
+      for (int64_t i = 0; i < H; ++i) {                                                        \
+        const float x = row[i], y = fmaf(ak, h[i], SC(x));                                 \
+        if (BELOW) pb[i] += dk * x;                                                            \
+        row[i] = y;                                                                            \
+        if (COL) pc[i] += fabsf(y);                                                            \
+      }                                                                                        \
+    }                                                                                          \
+  }
+#define SCALED(x) (scale * (x))
+#define UNSCALED(x) (x)
+ROWS1(rows_bc, 1, 1, SCALED)
+ROWS1(rows_b, 1, 0, SCALED)
+ROWS1(rows_c, 0, 1, SCALED)
+ROWS1(rows_n, 0, 0, SCALED)
+/* scale = 1 (no weight decay): the same numbers, one multiplication fewer per weight */
+ROWS1(rows_bc1, 1, 1, UNSCALED)
+ROWS1(rows_b1, 1, 0, UNSCALED)
+ROWS1(rows_c1, 0, 1, UNSCALED)
+ROWS1(rows_n1, 0, 0, UNSCALED)
+
+static void rows1(float* w, const float* d, const float* h, float* pb, float* pc, int64_t H,
+                  int64_t k0, int64_t k1, float alpha, float scale, int below, int col) {
+  if (scale == 1.0f)
+    (below ? (col ? rows_bc1 : rows_b1) : (col ? rows_c1 : rows_n1))(
+        w, d, h, pb, pc, H, k0, k1, alpha, scale);
+  else
+    (below ? (col ? rows_bc : rows_b) : (col ? rows_c : rows_n))(
+        w, d, h, pb, pc, H, k0, k1, alpha, scale);
+}
+
+/* Rows k0..k1 of one replica, any batch B. */
+static void rows(float* w, const float* d, const float* h, float* pb, float* pc, int64_t B,
+                 int64_t K, int64_t H, int64_t k0, int64_t k1, float alpha, float scale,
+                 int want_below, int want_col) {
+  if (B == 1) {
+    rows1(w, d, h, pb, pc, H, k0, k1, alpha, scale, want_below, want_col);
+    return;
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    float* row = w + k * H;
+    for (int64_t i = 0; i < H; ++i) {
+      float x = row[i], acc = 0.0f;
+      for (int64_t b = 0; b < B; ++b) {
+        if (want_below) pb[b * H + i] += d[b * K + k] * x;
+        acc += d[b * K + k] * h[b * H + i];
+      }
+      x = fmaf(alpha, acc, scale * x);
+      row[i] = x;
+      if (want_col) pc[i] += fabsf(x);
+    }
+  }
+}
+
+/* Adam's direction for n elements (torch.optim's order): c += 1; m += (1 - b1)(g - m);
+   v = b2 v + (1 - b2) g g; u = (m / bc1) / (sqrt(v) / sbc2 + eps), with bc1 = 1 - b1^c and
+   sbc2 = sqrt(1 - b2^c) read from tables indexed by the (integral) count, whose last entries
+   hold on for larger counts. Blocks of 256 whose counts are all equal (no reset touched them)
+   use one table entry for the block, which vectorises. */
+static float entry(const float* table, int64_t size, float count) {
+  const int64_t t = (int64_t)count;
+  return table[t < size ? t : size - 1];
+}
+
+void cl_adam(const float* g, float* m, float* v, float* c, float* u, int64_t n, float w1,
+             float b2, float w2, float eps, const float* bc1, int64_t n1, const float* sbc2,
+             int64_t n2, int threads) {  /* w1 = 1 - b1, w2 = 1 - b2, rounded from double */
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t s = 0; s < n; s += 256) {
+    const int64_t e = s + 256 < n ? s + 256 : n;
+    const float c0 = c[s];
+    int same = 1;
+    for (int64_t i = s; i < e; ++i) same &= c[i] == c0;
+    if (same) {
+      const float b1c = entry(bc1, n1, c0 + 1.0f), s2c = entry(sbc2, n2, c0 + 1.0f);
+      for (int64_t i = s; i < e; ++i) {
+        const float gi = g[i], mi = m[i] + w1 * (gi - m[i]), vi = v[i] * b2 + w2 * (gi * gi);
+        c[i] = c0 + 1.0f; m[i] = mi; v[i] = vi;
+        u[i] = (mi / b1c) / (sqrtf(vi) / s2c + eps);
+      }
+      continue;
+    }
+    for (int64_t i = s; i < e; ++i) {
+      const float ci = c[i] + 1.0f, gi = g[i];
+      const float mi = m[i] + w1 * (gi - m[i]), vi = v[i] * b2 + w2 * (gi * gi);
+      c[i] = ci; m[i] = mi; v[i] = vi;
+      u[i] = (mi / entry(bc1, n1, ci)) / (sqrtf(vi) / entry(sbc2, n2, ci) + eps);
+    }
+  }
+}
+
+/* Continual backprop's steps 1-5 for one hidden layer, R replicas of H units, batch B:
+   a += 1; f = lerp(f, mean_b h, w); y = mean_b |h| * out; u = lerp(u, y, w); uh = u / corr(a)
+   (corr from a table of 1 - decay^a over a = 0, 1, ..., its last entry holding on); eligible =
+   #{a > maturity}; carry += rate * eligible; k = floor(carry); carry -= k. Returns sum of k.
+   lerp as torch's: x + w (y - x) for w < 0.5, y - (y - x)(1 - w) otherwise. */
+static float lerp(float x, float y, float w) {
+  return w < 0.5f ? x + w * (y - x) : y - (y - x) * (1.0f - w);
+}
+
+/* One replica's steps 1-5 (of cl_cbp_stats below) for H units: age, f, u, uh and out point at
+   the replica's H values, h at its B x H activations. Returns k. */
+static int64_t cbp_replica(int64_t* age, float* f, float* u, float* uh, const float* h,
+                           int64_t B, const float* out, double* carry, int64_t* eligible,
+                           int64_t H, float w, int64_t maturity, double rate,
+                           const float* table, int64_t size, int nonneg) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < H; ++i) {
+    const int64_t a = ++age[i];
+    float mean = 0.0f, mag = 0.0f;
+    if (B == 1) {
+      mean = h[i];
+      mag = nonneg ? mean : fabsf(mean);
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        const float x = h[b * H + i];
+        mean += x;
+        mag += fabsf(x);
+      }
+      mean /= (float)B;
+      mag /= (float)B;
+    }
+    f[i] = lerp(f[i], mean, w);
+    u[i] = lerp(u[i], mag * out[i], w);
+    uh[i] = u[i] / table[a < size ? a : size - 1];
+    n += a > maturity;
+  }
+  *eligible = n;
+  const double grown = (double)n * rate;
+  *carry += grown;
+  const double k = floor(*carry);
+  *carry -= k;
+  return (int64_t)k;
+}
+
+int64_t cl_cbp_stats(int64_t* age, float* f, float* u, float* uh, const float* h, int64_t B,
+                     const float* out, double* carry, int64_t* eligible, int64_t* k_out,
+                     int64_t R, int64_t H, float w, int64_t maturity, double rate,
+                     const float* table, int64_t size, int nonneg) {
+  int64_t total = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    k_out[r] = cbp_replica(age + r * H, f + r * H, u + r * H, uh + r * H, h + r * B * H, B,
+                           out + r * H, carry + r, eligible + r, H, w, maturity, rate, table,
+                           size, nonneg);
+    total += k_out[r];
+  }
+  return total;
+}
+
+void cl_layer_update(float* w, const float* d, const float* h, float* below, float* col,
+                     float* scratch, int64_t R, int64_t B, int64_t K, int64_t H, float alpha,
+                     float scale, int64_t chunk, int threads) {
+  const int64_t nc = (K + chunk - 1) / chunk, part = B * H + H;
+  const int want_below = below != 0, want_col = col != 0;
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t job = 0; job < R * nc; ++job) {
+    const int64_t r = job / nc, c = job % nc, k0 = c * chunk;
+    const int64_t k1 = k0 + chunk < K ? k0 + chunk : K;
+    float* pb = scratch + job * part;
+    memset(pb, 0, (size_t)part * sizeof(float));
+    rows(w + r * K * H, d + r * B * K, h + r * B * H, pb, pb + B * H, B, K, H, k0, k1, alpha,
+         scale, want_below, want_col);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* pb = scratch + (r * nc + c) * part;
+      if (want_below) {
+        float* out = below + r * B * H;
+        for (int64_t i = 0; i < B * H; ++i) out[i] = c ? out[i] + pb[i] : pb[i];
+      }
+      if (want_col) {
+        float* out = col + r * H;
+        for (int64_t i = 0; i < H; ++i) out[i] = c ? out[i] + pb[B * H + i] : pb[B * H + i];
+      }
+    }
+  }
+}
+
+/* Whole online steps (batch 1) of an MLP, replica by replica, for T steps: forward pass, loss
+   and its gradient, backward pass with the fused update w = scale * w + alpha * g of every
+   layer (the input layer's applied with the next step's forward pass, as cl_input_layer does),
+   and, if cbp, continual backprop's steps 1-5 (cbp_replica) on the post-update weights. A
+   replica stops early after a step at which some layer must replace units (events[r, l] = k);
+   start[r] is where it stands when the call returns (T: done). Each replica's T steps run
+   while its weights sit in this core's cache. This call runs replicas r0 .. r1 - 1; callers
+   run disjoint ranges on several threads (no OpenMP here: its idle threads spin-wait, which
+   on a machine with few cores takes the CPU the other threads need). */
+static float act_fwd(int act, float z) {
+  switch (act) {
+    case 0: return z > 0.0f ? z : 0.0f;
+    case 1: return tanhf(z);
+    case 2: return 1.0f / (1.0f + expf(-z));
+    default: return z > 0.0f ? z : 0.01f * z;
+  }
+}
+
+static float act_bwd(int act, float g, float h) {
+  switch (act) {
+    case 0: return h > 0.0f ? g : 0.0f;
+    case 1: return g * (1.0f - h * h);
+    case 2: return g * ((1.0f - h) * h);
+    default: return h > 0.0f ? g : 0.01f * g;
+  }
+}
+
+void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void** wp,
+                     void** bp, const float* x, const int64_t* ycls, const float* yreg,
+                     float* out, float* loss, float alpha, float scale, int act, int cbp,
+                     void** agep, void** fp, void** up, void** uhp, void** carryp,
+                     void** eligp, float decay_w, int64_t maturity, double rate,
+                     const float* table, int64_t tsize, int nonneg, int64_t* start,
+                     int64_t* events, float* pend_d, int64_t* pend_t, char* skip,
+                     int64_t r0, int64_t r1) {
+  const int64_t D = width[0], C = width[L], H1 = width[1];
+  int64_t maxw = 0, hsum = 0;
+  for (int64_t l = 0; l <= L; ++l) maxw = width[l] > maxw ? width[l] : maxw;
+  for (int64_t l = 1; l < L; ++l) hsum += width[l];
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t t = start[r], pt = pend_t[r];
+    int pend = pt >= 0, stopped = 0;
+    if (t >= T && !pend) continue;
+    /* the input layer's update of step pt, still to apply (kept over an event stop, so the
+       next step's forward pass applies it; rows skip[k] were replaced in between) */
+    float* d0 = pend_d + r * H1;
+    char* sk = skip + r * H1;
+    const float* xprev = pend ? x + (pt * R + r) * D : 0;
+    /* hidden activations, then z, d, d2, below, input-layer d, then one col per layer >= 1 */
+    float* buf = (float*)malloc(sizeof(float) * (size_t)(2 * hsum + C + 4 * maxw + 64));
+    float* hs = buf;
+    float* z = hs + hsum;
+    float* d = z + C;
+    float* d2 = d + maxw;
+    float* below = d2 + maxw;
+    float* cols = below + maxw;  /* hsum: layer l >= 1's column norms at offset of h[l - 1] */
+    float* h[64];
+    float* W[65];
+    float* Bv[65];
+    int64_t off = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      W[l] = (float*)wp[l] + r * width[l + 1] * width[l];
+      Bv[l] = (float*)bp[l] + r * width[l + 1];
+      if (l < L - 1) { h[l] = hs + off; off += width[l + 1]; }
+    }
+    while (t < T) {
+      const float* xt = x + (t * R + r) * D;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t K = width[l + 1], H = width[l];
+        const float* in = l == 0 ? xt : h[l - 1];
+        float* o = l == L - 1 ? z : h[l];
+        for (int64_t k = 0; k < K; ++k) {
+          float* row = W[l] + k * H;
+          if (l == 0 && pend && !sk[k]) update_row(row, d0, xprev, 1, K, H, k, alpha, scale);
+          const float v = Bv[l][k] + dot(row, in, H);
+          o[k] = l == L - 1 ? v : act_fwd(act, v);
+        }
+      }
+      if (pend) memset(sk, 0, (size_t)H1);
+      pend = 0;
+      float* zo = out + (t * R + r) * C;
+      float lv = 0.0f;
+      if (ycls) {
+        float m = z[0];
+        for (int64_t c = 1; c < C; ++c) m = z[c] > m ? z[c] : m;
+        float s = 0.0f;
+        for (int64_t c = 0; c < C; ++c) s += expf(z[c] - m);
+        const float lse = m + logf(s);
+        const int64_t y = ycls[t * R + r];
+        lv = lse - z[y];
+        for (int64_t c = 0; c < C; ++c) d[c] = expf(z[c] - lse) - (c == y ? 1.0f : 0.0f);
+      } else {
+        const float* yt = yreg + (t * R + r) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float diff = z[c] - yt[c];
+          lv += diff * diff;
+          d[c] = 2.0f * diff;
+        }
+      }
+      memcpy(zo, z, sizeof(float) * (size_t)C);
+      loss[t * R + r] = lv;
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const int64_t K = width[l + 1], H = width[l];
+        if (l == 0) {
+          memcpy(d0, d, sizeof(float) * (size_t)K);
+          xprev = xt;
+          pt = t;
+          pend = 1;
+        } else {
+          float* col = cols + (h[l - 1] - hs);
+          memset(below, 0, sizeof(float) * (size_t)H);
+          if (cbp) memset(col, 0, sizeof(float) * (size_t)H);
+          rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, 1, cbp);
+        }
+        for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
+        if (l > 0) {
+          const float* hl = h[l - 1];
+          for (int64_t i = 0; i < H; ++i) d2[i] = act_bwd(act, below[i], hl[i]);
+          float* tmp = d; d = d2; d2 = tmp;
+        }
+      }
+      ++t;
+      if (cbp) {
+        int64_t any = 0;
+        for (int64_t l = 0; l < L - 1; ++l) {
+          const int64_t H = width[l + 1];
+          const int64_t k = cbp_replica(
+              (int64_t*)agep[l] + r * H, (float*)fp[l] + r * H, (float*)up[l] + r * H,
+              (float*)uhp[l] + r * H, h[l], 1, cols + (h[l] - hs), (double*)carryp[l] + r,
+              (int64_t*)eligp[l] + r, H, decay_w, maturity, rate, table, tsize, nonneg);
+          events[r * (L - 1) + l] = k;
+          any += k;
+        }
+        if (any) { stopped = 1; break; }
+      }
+    }
+    if (pend && !stopped) {
+      for (int64_t k = 0; k < H1; ++k)
+        if (!sk[k]) update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha, scale);
+      memset(sk, 0, (size_t)H1);
+      pend = 0;
+    }
+    pend_t[r] = pend ? pt : -1;
+    start[r] = t;
+    free(buf);
+  }
+}
+
+/* Continual backprop's steps 6-7 after cl_online_block stopped replicas (counts (R, L - 1)):
+   per hidden layer l from the input side, per replica, the counts[r, l] eligible units (age >
+   maturity) with the lowest bias-corrected utility (ties: lowest index) get the next fresh
+   incoming rows (fresh[l]: in replica, then unit order) and a zero bias; their mean
+   contribution W_{l+1}[:, i] * f_hat_i is added to the next layer's bias (if fold) and their
+   outgoing weights, ages and statistics are zeroed. Replaced input-layer units are marked in
+   skip (R, width[1]): their pending update must not touch the fresh rows. */
+void cl_cbp_replace(int64_t R, int64_t L, const int64_t* width, void** wp, void** bp,
+                    const int64_t* counts, void** freshp, void** agep, void** fp, void** up,
+                    void** uhp, void** replp, int64_t maturity, const float* table,
+                    int64_t tsize, int fold, char* skip) {
+  for (int64_t l = 0; l < L - 1; ++l) {
+    const int64_t D = width[l], H = width[l + 1], K = width[l + 2];
+    const float* fresh = (const float*)freshp[l];
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t k = counts[r * (L - 1) + l];
+      if (!k) continue;
+      int64_t* age = (int64_t*)agep[l] + r * H;
+      float *f = (float*)fp[l] + r * H, *u = (float*)up[l] + r * H, *uh = (float*)uhp[l] + r * H;
+      float *W = (float*)wp[l] + r * H * D, *b = (float*)bp[l] + r * H;
+      float *Wn = (float*)wp[l + 1] + r * K * H, *bn = (float*)bp[l + 1] + r * K;
+      char* taken = (char*)calloc((size_t)H, 1);
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < H; ++i)
+          if (age[i] > maturity && !taken[i] && (best < 0 || uh[i] < uh[best])) best = i;
+        if (best >= 0) taken[best] = 1;
+      }
+      for (int64_t i = 0; i < H; ++i) {
+        if (!taken[i]) continue;
+        const float fhat = f[i] / table[age[i] < tsize ? age[i] : tsize - 1];
+        memcpy(W + i * D, fresh, sizeof(float) * (size_t)D);
+        fresh += D;
+        b[i] = 0.0f;
+        if (fold)
+          for (int64_t c = 0; c < K; ++c) bn[c] = bn[c] + Wn[c * H + i] * fhat;
+        for (int64_t c = 0; c < K; ++c) Wn[c * H + i] = 0.0f;
+        age[i] = 0; f[i] = 0.0f; u[i] = 0.0f; uh[i] = 0.0f;
+        if (l == 0) skip[r * H + i] = 1;
+      }
+      ((int64_t*)replp[l])[r] += k;
+      free(taken);
+    }
+  }
+}
