@@ -131,10 +131,11 @@ def place_agent(cfg: RunConfig, agent: Any) -> Any:
 def intra_op_threads(requested: int, agent: Any) -> Iterator[int]:
     """torch's intra-op threads while a run's loop runs: ``requested``, or (0) the agent's
     ``preferred_threads()`` (0 there, or no such method: leave the setting as it is). An agent
-    with threads of its own (``replica_workers``) gets ``requested`` too."""
-    if requested and hasattr(agent, "replica_workers"):
-        agent.replica_workers = requested
+    with threads of its own (``replica_workers``) gets ``requested``, or (0) the process's
+    setting before the run (torch's default: the cores; a sweep worker: its share of them)."""
     old = torch.get_num_threads()
+    if hasattr(agent, "replica_workers"):
+        agent.replica_workers = requested or old
     n = requested or getattr(agent, "preferred_threads", lambda: 0)() or old
     torch.set_num_threads(n)
     try:

@@ -301,3 +301,23 @@ def test_bad_or_missing_device_is_a_config_error(tmp_path, device):
     with pytest.raises(ConfigError, match="device"):
         contlearn.run("permuted-mnist", steps=5, config={"device": device}, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("threads,process,workers", [(0, 1, 1), (0, 2, 2), (1, 2, 1), (2, 1, 2)])
+def test_block_workers_follow_the_threads_option_or_the_process_setting(
+        tmp_path, monkeypatch, threads, process, workers):
+    # a sweep worker's process holds its share of the cores; threads=N is the user's word
+    seen: list[int] = []
+    learn = OnlineAgent.learn_block
+    monkeypatch.setattr(OnlineAgent, "learn_block",
+                        lambda self, obs, target: (seen.append(self.block_workers()),
+                                                   learn(self, obs, target))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(process)
+    try:
+        contlearn.run("permuted-mnist", seeds=3, steps=20, out=tmp_path / "run",
+                      config={"threads": threads, "hidden": "8", "examples_per_task": 10,
+                              "probes": "none"})
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {workers}
