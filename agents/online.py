@@ -82,8 +82,8 @@ class OnlineAgent:
 
     supports_replicas = True
     Spec = OnlineAgentSpec
-    #: threads :meth:`learn_block` runs replicas on (0: one per core); a run sets it from its
-    #: ``threads`` option
+    #: threads :meth:`learn_block` runs replicas on (0: one per core); a run sets it
+    #: (``contlearn.runner.intra_op_threads``)
     replica_workers: int = 0
 
     def __init__(self, info: StreamInfo, seeds: Sequence[int], spec: OnlineAgentSpec,
@@ -166,8 +166,9 @@ class OnlineAgent:
         return self.probe_threads()
 
     def block_workers(self) -> int:
-        """Threads :meth:`learn_block` runs replicas on: ``replica_workers`` if set (the run
-        option ``threads``), else one per core, at most one per replica."""
+        """Threads :meth:`learn_block` runs replicas on, at most one per replica:
+        ``replica_workers`` if set (a run sets it from its ``threads`` option, or from the
+        process's torch setting before the run), else one per core."""
         return max(1, min(len(self.seeds), self.replica_workers or os.cpu_count() or 1))
 
     def probe_threads(self) -> int:
