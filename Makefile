@@ -22,7 +22,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check contlearn envs agents scripts tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "slow or not slow"  # the slow ones too: ~20 s more
 
 lint: setup
 	$(BIN)/ruff check contlearn envs agents scripts tests
