@@ -14,8 +14,9 @@ store's writer, probes) never write back.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -133,21 +134,29 @@ class ProbeSchedule:
         return new_task if self.every == 0 else step % self.every == 0
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[int]:
+    """torch's intra-op threads set to ``n`` (0: left as they are) inside the block, and put
+    back after it; yields the number in force."""
+    old = torch.get_num_threads()
+    n = n or old
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
+
+
 def probe_records(schedule: ProbeSchedule, stream: Any, agent: Any, step: int, task: int
                   ) -> list[Record]:
     """Run the scheduled probes on a fresh probe batch of the current task."""
     from contlearn.probes import run_probes
 
     obs, target = stream.probe_batch(schedule.size)
-    old = torch.get_num_threads()
-    n = schedule.threads or getattr(agent, "probe_threads", lambda: 0)() or old
-    if n != old:
-        torch.set_num_threads(n)
-    try:
+    with torch_threads(schedule.threads or getattr(agent, "probe_threads", lambda: 0)()):
         results = run_probes(schedule.names, agent, obs, target)
-    finally:
-        if n != old:
-            torch.set_num_threads(old)
     return [Record("probe", step, task, {metric: values}, layer)
             for metric, by_layer in results.items() for layer, values in by_layer.items()]
 

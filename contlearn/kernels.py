@@ -304,6 +304,11 @@ class CBPKernelState(NamedTuple):
     nonnegative: bool
 
 
+def _widths(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The MLP's widths (input, then each layer's units) from its weights ``(R, K, H)``."""
+    return torch.tensor([weights[0].shape[2]] + [w.shape[1] for w in weights], dtype=torch.int64)
+
+
 def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
 
@@ -353,8 +358,7 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
     lib = library()
     assert lib is not None
     L = len(weights)
-    widths = torch.tensor([weights[0].shape[2]] + [w.shape[1] for w in weights],
-                          dtype=torch.int64)
+    widths = _widths(weights)
     T, R = x.shape[:2]
     cls = target if classification else None
     reg = None if classification else target
@@ -408,8 +412,7 @@ def cbp_replace_(weights: list[torch.Tensor], biases: list[torch.Tensor], counts
     marked in ``skip`` (``Pending1.skip``)."""
     lib = library()
     assert lib is not None
-    widths = torch.tensor([weights[0].shape[2]] + [w.shape[1] for w in weights],
-                          dtype=torch.int64)
+    widths = _widths(weights)
     counts = counts.contiguous()
     fresh = [t.contiguous() for t in fresh]
     lib.cl_cbp_replace(len(counts), len(weights), widths.data_ptr(), _pointers(weights),

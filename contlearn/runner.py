@@ -22,7 +22,13 @@ import torch
 
 from contlearn.checkpoint import load_latest, save_checkpoint
 from contlearn.config import RunConfig, total_steps
-from contlearn.engine import ProbeSchedule, Record, SingleReplicaAdapter, SupervisedLoop
+from contlearn.engine import (
+    ProbeSchedule,
+    Record,
+    SingleReplicaAdapter,
+    SupervisedLoop,
+    torch_threads,
+)
 from contlearn.errors import ContlearnError
 from contlearn.progress import Progress
 from contlearn.store import MetricWriter
@@ -133,15 +139,10 @@ def intra_op_threads(requested: int, agent: Any) -> Iterator[int]:
     ``preferred_threads()`` (0 there, or no such method: leave the setting as it is). An agent
     with threads of its own (``replica_workers``) gets ``requested``, or (0) the process's
     setting before the run (torch's default: the cores; a sweep worker: its share of them)."""
-    old = torch.get_num_threads()
     if hasattr(agent, "replica_workers"):
-        agent.replica_workers = requested or old
-    n = requested or getattr(agent, "preferred_threads", lambda: 0)() or old
-    torch.set_num_threads(n)
-    try:
+        agent.replica_workers = requested or torch.get_num_threads()
+    with torch_threads(requested or getattr(agent, "preferred_threads", lambda: 0)()) as n:
         yield n
-    finally:
-        torch.set_num_threads(old)
 
 
 def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
