@@ -22,7 +22,6 @@ probes and of the run store, and the peak RSS of a demo-sized run (docs/performa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -49,6 +48,7 @@ from contlearn.datasets import load_mnist
 from contlearn.engine import ProbeSchedule, SupervisedLoop
 from contlearn.envs import make_stream
 from contlearn.probes import DEFAULT_PROBES
+from contlearn.scripting import parse_flags
 from contlearn.store import MetricWriter
 
 #: learner rows: name -> (contlearn learner, base optimizer)
@@ -477,14 +477,7 @@ def machine() -> dict:
 
 def parse_args() -> Args:
     """Command-line flags from the fields of :class:`Args`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    args = Args(**vars(parser.parse_args()))
+    args = parse_flags(Args, __doc__.splitlines()[0])
     if args.quick and args.repeats == Args.repeats:
         args.repeats = 3
     return args

@@ -16,8 +16,6 @@ writer. The PPO column also splits its time into acting, env stepping and learni
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import torch
 
 from contlearn.config import resolve
 from contlearn.envs import make_stream
+from contlearn.scripting import parse_flags
 
 
 @dataclass
@@ -60,11 +59,7 @@ class Args:
 
 def parse_args() -> Args:
     """Command-line flags from the fields of :class:`Args`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Args):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
-                            default=f.default)
-    return Args(**vars(parser.parse_args()))
+    return parse_flags(Args, __doc__.splitlines()[0])
 
 
 def raw_rate(env: gym.Env, steps: int) -> float:

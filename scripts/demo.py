@@ -13,14 +13,13 @@ Outputs: ``<out>/bp`` and ``<out>/cbp`` (run directories), ``<out>/decay.png`` a
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import contlearn
 from contlearn import plots
+from contlearn.scripting import parse_flags
 from contlearn.summary import format_summary, summary_table
 
 
@@ -50,11 +49,7 @@ class Args:
 
 def parse_args() -> Args:
     """Command-line flags from the fields of :class:`Args`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Args):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
-                            default=f.default)
-    return Args(**vars(parser.parse_args()))
+    return parse_flags(Args, __doc__.splitlines()[0])
 
 
 def main() -> None:

@@ -17,8 +17,6 @@ own loop (with probes and checkpoints) is ``contlearn run slippery-ant --learner
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from contlearn import plots
 from contlearn.agents import check_agent
 from contlearn.config import resolve
 from contlearn.envs import make_stream
+from contlearn.scripting import parse_flags
 from contlearn.store import MetricWriter, prepare_run_dir, write_config
 
 #: Dohare et al.'s Slippery Ant settings per learner (on top of the PPO defaults).
@@ -72,14 +71,7 @@ class Args:
 
 def parse_args() -> Args:
     """Command-line flags from the fields of :class:`Args`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type == "bool" or isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args()))
+    return parse_flags(Args, __doc__.splitlines()[0])
 
 
 def main() -> None:
