@@ -271,7 +271,8 @@ class BatchedMLP:
     def backward_update_(self, delta: torch.Tensor, x: torch.Tensor, hs: list[torch.Tensor],
                          zs: list[torch.Tensor] | None, alpha: float, beta: float,
                          col_l1: tuple[str, ...] = (),
-                         params: dict[str, torch.Tensor] | None = None, defer_first: bool = False
+                         params: dict[str, torch.Tensor] | None = None, defer_first: bool = False,
+                         grad_l1: torch.Tensor | None = None
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Back-propagate ``delta`` and apply ``θ ← (1 + β) θ + α g`` to every parameter in
         place, layer by layer from the output (each layer's δ below is taken with its weights
@@ -285,6 +286,8 @@ class BatchedMLP:
                 they require grad).
             defer_first: leave the first layer's weights alone and return their δ instead (the
                 caller applies the update later, e.g. with the next forward pass).
+            grad_l1: ``(R, layers)`` float64 or None: adds each layer's ``‖g‖₁`` (weights and
+                bias, :func:`gradient_l1`) to it.
 
         Returns:
             ``({weight name: (R, in)} for the names in col_l1, the first layer's δ or None)``.
@@ -295,6 +298,8 @@ class BatchedMLP:
             name = self.layers[i].name
             w, b = p[f"{name}.weight"], p[f"{name}.bias"]
             want = f"{name}.weight" in col_l1
+            if grad_l1 is not None:
+                grad_l1[:, i] += gradient_l1(delta, x if i == 0 else hs[i - 1])
             if i > 0 or not defer_first:
                 below, col = _update_weight_(w, delta, x if i == 0 else hs[i - 1], alpha, beta,
                                              need_below=i > 0, want_col=want)
@@ -306,6 +311,18 @@ class BatchedMLP:
             if i > 0:
                 delta = self._delta_below(i, below, hs, zs)
         return cols, (delta if defer_first else None)
+
+
+def gradient_l1(delta: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
+    """``‖δᵀ h_in‖₁ + ‖Σ_b δ_b‖₁`` per replica, float64 ``(R,)``: the L1 norm of a layer's
+    weight and bias gradients from its ``δ (R, B, K)`` and input ``(R, B, H)``. For one example
+    the weight gradient is an outer product, whose L1 norm is ``‖δ‖₁ ‖h_in‖₁``: no product is
+    formed."""
+    if delta.shape[1] == 1:
+        d = delta[:, 0].abs().to(torch.float64).sum(-1)
+        return d * (h_in[:, 0].abs().to(torch.float64).sum(-1) + 1.0)
+    weight = torch.bmm(delta.transpose(1, 2), h_in).abs().to(torch.float64).sum((1, 2))
+    return weight + delta.sum(1).abs().to(torch.float64).sum(-1)
 
 
 def _update_weight_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, alpha: float,

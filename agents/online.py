@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -103,6 +104,10 @@ class OnlineAgent:
         if self.plan is None and sum(p.numel() for p in self.net.params.values()) >= 1 << 20:
             kernels.retain_freed_memory()  # unfused learners allocate weight-sized temporaries
         self.device = torch.device("cpu")
+        #: each layer's ‖∂L/∂θ‖₁ summed over the steps since the last :meth:`update_stats`
+        #: ``(R, layers)`` float64, and those steps; None while gradients are not watched
+        self._grad_l1: torch.Tensor | None = None
+        self._grad_steps = 0
         self._setup()
         self._task_started = False
 
@@ -116,7 +121,6 @@ class OnlineAgent:
         self.learner_state = self.learner.init(self._views)
         self._cache: tuple[Any, ...] | None = None
         self._probe_cache: tuple[Any, ...] | None = None
-        self._probe_grads: tuple[Any, ...] | None = None  # (probe cache, target, loss, grads)
         self._minus_one: torch.Tensor | None = None
         # The input layer's update can wait for the next forward pass, which then reads and
         # writes those weights once (kernels.input_layer_) instead of three times.
@@ -154,6 +158,8 @@ class OnlineAgent:
         params = self.net.params  # (applies a deferred update)
         for k, p in params.items():
             params[k] = p.detach().to(self.device)
+        if self._grad_l1 is not None:
+            self._grad_l1 = self._grad_l1.to(self.device)
         self._setup()
         return self
 
@@ -209,7 +215,7 @@ class OnlineAgent:
         y = (target.reshape(T, R).to(torch.int64) if classification
              else target.reshape(T, R, C).to(torch.float32)).contiguous()
         self._flush()
-        self._cache = self._probe_cache = self._probe_grads = None
+        self._cache = self._probe_cache = None
         self._task_started = False  # a fused update without a post does not read it
         layers = self.net.layers
         weights = [self._views[f"{layer.name}.weight"] for layer in layers]
@@ -225,7 +231,7 @@ class OnlineAgent:
         while True:
             kernels.online_block_(weights, biases, x, y, classification, plan.grad_scale,
                                   plan.param_scale, self.spec.activation, out, loss, start,
-                                  events, cbp, pending, workers)
+                                  events, cbp, pending, workers, self._grad_l1)
             if cbp is not None and bool(events.any()):
                 assert replacer is not None
                 replacer.replace(self.learner_state, self._views, list(events.T.contiguous()),
@@ -234,7 +240,39 @@ class OnlineAgent:
                 continue  # (the next call also applies what is pending)
             if bool((start >= T).all()):
                 break
+        self._grad_steps += T
         return out.unsqueeze(2), {"loss": loss}
+
+    def watch_gradients(self, on: bool = True) -> None:
+        """Start (or stop) summing every training step's gradient L1 norm per layer, which
+        :meth:`update_stats` reports as ``grad_magnitude``. A run turns it on when it records
+        that probe; off, steps skip the work (a batch of several examples needs a product).
+        Turning it on while on keeps the sums."""
+        if on and self._grad_l1 is not None:
+            return
+        n = len(self.net.layers)
+        self._grad_l1 = torch.zeros(len(self.seeds), n, dtype=torch.float64,
+                                    device=self.device) if on else None
+        self._grad_steps = 0
+
+    def update_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"grad_magnitude": {layer: (R,)}}``: mean |∂L/∂θ| of each layer (weights and bias;
+        layer ``""``: all parameters) averaged over the training steps since the last call,
+        which starts the next average (DESIGN.md §5). Empty if no step was taken since, or
+        gradients are not watched (:meth:`watch_gradients`)."""
+        total, steps = self._grad_l1, self._grad_steps
+        if total is None or steps == 0:
+            return {}
+        sizes = torch.tensor([self._views[f"{layer.name}.weight"][0].numel()
+                              + self._views[f"{layer.name}.bias"][0].numel()
+                              for layer in self.net.layers], dtype=torch.float64)
+        total = self._host(total)
+        out = {layer.name: total[:, i] / (sizes[i] * steps)
+               for i, layer in enumerate(self.net.layers)}
+        out[""] = total.sum(1) / (sizes.sum() * steps)
+        self._grad_l1.zero_()
+        self._grad_steps = 0
+        return {"grad_magnitude": out}
 
     def on_task_start(self, task: int) -> None:
         """Called at a visible task boundary: the next update gets ``task_start=True``."""
@@ -313,6 +351,7 @@ class OnlineAgent:
             grads = torch.autograd.grad(loss.sum(), [self.net.params[k] for k in self._keys])
         with torch.no_grad():
             g = dict(zip(self._keys, grads, strict=True))
+            self._add_grad_l1(g)
             feats = {k: v.detach() for k, v in features.items()}
             self._apply(g, feats, loss.detach(), task_start)
         return loss.detach()
@@ -334,12 +373,15 @@ class OnlineAgent:
         plan = self.plan
         if plan is None:
             grads = self.net.backward(delta, flat, hs, zs, self._views)
+            self._add_grad_l1(grads)
             self._apply(grads, feats, loss, task_start)
             return loss
         defer = self._defer and flat.shape[1] <= kernels.MAX_BATCH
         cols, first = self.net.backward_update_(delta, flat, hs, zs, plan.grad_scale,
                                                 plan.param_scale, plan.col_l1, self._views,
-                                                defer_first=defer)
+                                                defer_first=defer, grad_l1=self._grad_l1)
+        if self._grad_l1 is not None:
+            self._grad_steps += 1
         if first is not None:
             self._pending = (first, flat, plan.grad_scale, plan.param_scale)
         if plan.post is not None:
@@ -347,6 +389,17 @@ class OnlineAgent:
             self.learner_state = plan.post(self.learner_state, params, features=feats,
                                            loss=loss, task_start=task_start, col_l1=cols)
         return loss
+
+    def _add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:
+        """Add one step's gradient L1 norms per layer (if gradients are watched)."""
+        if self._grad_l1 is None:
+            return
+        for i, layer in enumerate(self.net.layers):
+            for k in (f"{layer.name}.weight", f"{layer.name}.bias"):
+                g = grads[k]
+                self._grad_l1[:, i] += torch.linalg.vector_norm(
+                    g.reshape(g.shape[0], -1), 1, dim=1).to(torch.float64)
+        self._grad_steps += 1
 
     def diagnostics(self) -> dict[str, dict[str, torch.Tensor]]:
         """The learner's bookkeeping: ``{layer: {metric: (R,)}}`` (see ``LearnerDef``)."""
@@ -374,66 +427,31 @@ class OnlineAgent:
         with torch.no_grad():
             return self.net.forward(self._flat(obs))[1]
 
-    def _probe_backward(self, obs: torch.Tensor, target: torch.Tensor
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(loss (R,), gradients)`` on a probe batch, reused like :meth:`_probe_forward`'s
-        pass (``grad_magnitude`` and ``plasticity`` need the same gradients)."""
-        flat, out, hs, zs = self._probe_forward(obs)
-        hit = self._probe_grads
-        if hit is not None and hit[0] is self._probe_cache and hit[1] is target:
-            return hit[2], hit[3]
-        with torch.no_grad():
-            loss, delta = self._loss_and_delta(out, target.to(self.device))
-            grads = self.net.backward(delta, flat, hs, zs, self._views)
-        self._probe_grads = (self._probe_cache, target, loss, grads)
-        return loss, grads
+    def probe_snapshot(self) -> ProbeSnapshot:
+        """The network as it stands, copied: what probes read (``features``, ``net.params``,
+        ``net.activation``), safe to use on another thread while this agent learns on."""
+        self._flush()
+        return ProbeSnapshot(self.net, {k: v.clone() for k, v in self._views.items()},
+                             self._flat)
 
-    def probe_gradients(self, obs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gradients of each replica's mean loss on ``(obs, target)``; nothing is updated (the
-        tensors may be shared with the agent's probe cache: read them, do not modify them)."""
-        if self.spec.fast:
-            return self._probe_backward(obs, target)[1]
-        target = target.to(self.device)
-        with torch.enable_grad():
-            out, _ = self.net.forward(self._flat(obs))
-            loss = self.loss(out, target)
-            grads = torch.autograd.grad(loss.sum(), [self.net.params[k] for k in self._keys])
-        return dict(zip(self._keys, grads, strict=True))
-
-    def probe_plasticity(self, obs: torch.Tensor, target: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss ``(R,)`` on a batch before and after one learning step on it; the step (and
-        every learner state change, random draws included) is undone afterwards.
-
-        The fast path takes the step from the probe batch's gradients (shared with
-        :meth:`probe_gradients`) through ``learner.update``: the reference path's update, equal
-        to the fused one up to float rounding."""
-        state, flag = self.learner_state, self._task_started
-        saved = self.state_dict()
-        self._task_started = False
-        try:
-            if self.spec.fast:
-                before, grads = self._probe_backward(obs, target)
-                hs = self._probe_forward(obs)[2]
-                feats = {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
-                with torch.no_grad():
-                    self._apply(grads, feats, before, False)
-                before = self._host(before)
-            else:
-                before = self.observe(obs, self.act(obs), target)["loss"]
-            with torch.no_grad():
-                after = self.loss(self.net.forward(self._flat(obs))[0], target.to(self.device))
-        finally:
-            self.learner_state = state  # the same objects (a compiled kernel may hold them)
-            self.load_state_dict(saved)
-            self._task_started = flag
-        return before, self._host(after)
+    @torch.no_grad()
+    def probe_loss(self, obs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Each replica's mean loss ``(R,)`` on ``(obs, target)`` with the current parameters;
+        nothing is learned (the plasticity probe's L_after)."""
+        self._flush()
+        out = self.net.forward_train(self._flat(obs), self._views)[0]
+        return self._host(self.loss(out, target.to(self.device)))
 
     def state_dict(self) -> dict[str, Any]:
-        """Parameters and learner state as plain tensors (``weights_only``-loadable)."""
+        """Parameters, learner state and the gradient sums since the last probe, as plain
+        tensors (``weights_only``-loadable)."""
         self._flush()
-        return {"params": {k: v.clone() for k, v in self._views.items()},
-                "learner": [t.clone() for t in tree_leaves(self.learner_state)]}
+        state = {"params": {k: v.clone() for k, v in self._views.items()},
+                 "learner": [t.clone() for t in tree_leaves(self.learner_state)]}
+        if self._grad_l1 is not None:
+            state["grad_l1"] = self._grad_l1.clone()
+            state["grad_steps"] = self._grad_steps
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -441,6 +459,25 @@ class OnlineAgent:
         for k, v in self._views.items():
             v.copy_(state["params"][k])
         load_tree(self.learner_state, state["learner"])
+        if "grad_l1" in state:  # (watching since before the checkpoint)
+            self._grad_l1 = state["grad_l1"].to(self.device, torch.float64, copy=True)
+            self._grad_steps = int(state["grad_steps"])
+
+
+class ProbeSnapshot:
+    """A copy of an :class:`OnlineAgent`'s parameters at a probe point, with the agent's
+    forward pass (:meth:`features`) over them; ``net.params`` and ``net.activation`` as the
+    agent's."""
+
+    def __init__(self, net: BatchedMLP, params: dict[str, torch.Tensor], flat: Any) -> None:
+        self._mlp, self._flat = net, flat
+        self.net = SimpleNamespace(params=params, activation=net.activation)
+
+    @torch.no_grad()
+    def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hidden activations ``{layer: (R, B, H)}`` of the copied network for ``obs``."""
+        hs = self._mlp.forward_train(self._flat(obs), self.net.params)[1]
+        return {layer.name: h for layer, h in zip(self._mlp.hidden_layers, hs, strict=True)}
 
 
 class _FlushOnRead(dict):

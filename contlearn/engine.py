@@ -15,8 +15,12 @@ store's writer, probes) never write back.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from contlearn.errors import ContlearnError
+from contlearn.probes import AFTER_STEP, SNAPSHOT_SAFE, run_probes, run_step_probes
 from contlearn.progress import Progress
 
 #: the wall time a block of steps aims at (see :meth:`SupervisedLoop.advance`)
@@ -151,12 +156,68 @@ def torch_threads(n: int) -> Iterator[int]:
 
 def probe_records(schedule: ProbeSchedule, stream: Any, agent: Any, step: int, task: int
                   ) -> list[Record]:
-    """Run the scheduled probes on a fresh probe batch of the current task."""
-    from contlearn.probes import run_probes
-
+    """Run the scheduled probes that precede the probe step's update, on a fresh probe batch of
+    the current task and the agent's ``update_stats()`` since the last probe."""
+    stats_fn = getattr(agent, "update_stats", None)
+    stats = stats_fn() if callable(stats_fn) else {}
+    if all(name in AFTER_STEP for name in schedule.names):
+        return []
     obs, target = stream.probe_batch(schedule.size)
     with torch_threads(schedule.threads or getattr(agent, "probe_threads", lambda: 0)()):
-        results = run_probes(schedule.names, agent, obs, target)
+        results = run_probes(schedule.names, agent, obs, target, stats)
+    return _records(step, task, results)
+
+
+def submit_probes(schedule: ProbeSchedule, stream: Any, agent: Any
+                  ) -> Future[dict[str, dict[str, torch.Tensor]]]:
+    """:func:`probe_records`' work on a thread of its own, over a copy of the network
+    (``agent.probe_snapshot()``), so that learning can go on meanwhile: the statistics and the
+    probe batch are taken now, in order; the results (``{metric: {layer: (R,)}}``) are the
+    numbers :func:`probe_records` would give."""
+    stats_fn = getattr(agent, "update_stats", None)
+    stats = stats_fn() if callable(stats_fn) else {}
+    later = getattr(stream, "probe_batch_later", None)
+    if callable(later):
+        batch = later(schedule.size)
+    else:
+        drawn = stream.probe_batch(schedule.size)
+        batch = lambda: drawn  # noqa: E731
+    snapshot = agent.probe_snapshot()
+
+    def work() -> dict[str, dict[str, torch.Tensor]]:
+        return run_probes(schedule.names, snapshot, *batch(), stats)
+
+    return _probe_pool().submit(work)
+
+
+_PROBE_POOL: tuple[int, ThreadPoolExecutor] | None = None
+#: how much the probe thread's CPU priority is lowered (a nice increment): it takes the
+#: cycles learning leaves idle first, yet is not starved on a busy machine
+PROBE_NICE = 10
+
+
+def _probe_pool() -> ThreadPoolExecutor:
+    """The thread concurrent probes run on (made anew in a forked child)."""
+    global _PROBE_POOL
+    if _PROBE_POOL is None or _PROBE_POOL[0] != os.getpid():
+        _PROBE_POOL = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="contlearn-probe",
+                                                       initializer=_lower_priority))
+    return _PROBE_POOL[1]
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority by :data:`PROBE_NICE` where the OS allows it
+    (Linux: per thread; elsewhere a no-op rather than the whole process)."""
+    if PROBE_NICE and sys.platform.startswith("linux"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + PROBE_NICE)
+        except OSError:
+            pass
+
+
+def _records(step: int, task: int, results: dict[str, dict[str, torch.Tensor]]
+             ) -> list[Record]:
     return [Record("probe", step, task, {metric: values}, layer)
             for metric, by_layer in results.items() for layer, values in by_layer.items()]
 
@@ -187,6 +248,10 @@ class SteppingLoop:
     def advance(self, limit: int) -> None:
         """At least one and at most ``limit`` steps (default: one :meth:`step`)."""
         self.step()
+
+    def settle(self) -> None:
+        """Emit whatever is still being computed (e.g. concurrent probes): :meth:`run` calls
+        it before a checkpoint and before it returns, so a checkpoint has every record."""
 
     def replica_task(self, replica: int) -> int:
         """The task replica ``replica`` is on."""
@@ -230,6 +295,7 @@ class SteppingLoop:
         """
         while self.stream.step < steps:
             if stop is not None and stop():
+                self.settle()
                 return False
             limit = steps - self.stream.step
             if checkpoint is not None and checkpoint_due is not None:
@@ -238,7 +304,9 @@ class SteppingLoop:
             self.advance(limit)
             if checkpoint is not None and checkpoint_due is not None and checkpoint_due(
                     self.stream.step):
+                self.settle()
                 checkpoint()
+        self.settle()
         return True
 
 
@@ -266,6 +334,21 @@ class SupervisedLoop(SteppingLoop):
         self._on_task_start = (getattr(agent, "on_task_start", None)
                                if self.info.boundaries_visible else None)
         self._step_seconds = 0.01  # running estimate of a step's time in blocks
+        names = probes.names if probes is not None else ()
+        # after-step probes (plasticity) need the loss of a sample after its update
+        self._after_step = bool(AFTER_STEP.intersection(names)) and callable(
+            getattr(agent, "probe_loss", None))
+        self._probe_point: tuple[int, int] | None = None  # (step, task) awaiting them
+        # probes computed on another thread while a block learns (learn_block only): the
+        # built-in ones, on agents that can copy their network, when a probe uses one thread
+        self._concurrent = bool(names) and callable(getattr(agent, "probe_snapshot", None)) \
+            and all(n in SNAPSHOT_SAFE or n in AFTER_STEP for n in names) \
+            and probes is not None and probes.threads <= 1 \
+            and getattr(agent, "probe_threads", lambda: 0)() == 1
+        self._in_flight: tuple[int, int, Future] | None = None
+        watch = getattr(agent, "watch_gradients", None)
+        if "grad_magnitude" in names and callable(watch):
+            watch(True)
 
     def _end_task(self, step: int) -> None:
         self.emit(Record("task_end", step, self.task, self.totals.means(self.info.metric)))
@@ -273,9 +356,10 @@ class SupervisedLoop(SteppingLoop):
         for layer, values in (self._diagnostics() if self._diagnostics else {}).items():
             self.emit(Record("task_end", step, self.task, values, layer))
 
-    def _begin(self, batch: Any, done: int) -> float:
+    def _begin(self, batch: Any, done: int, concurrent: bool = False) -> float:
         """Before learning on ``batch`` (``done`` steps completed): the task boundary it may
-        start and the probes due; returns the seconds spent probing."""
+        start and the probes due (if ``concurrent`` and they can, started on the probe thread:
+        :meth:`settle` emits them); returns the seconds spent probing."""
         if batch.new_task:
             if self.totals.steps:
                 self._end_task(done)
@@ -286,9 +370,37 @@ class SupervisedLoop(SteppingLoop):
         if self.probes is None or not self.probes.due(done, batch.new_task):
             return 0.0
         start = time.perf_counter()
-        for record in probe_records(self.probes, self.stream, self.agent, done, self.task):
-            self.emit(record)
+        self.settle()  # (the previous probe's records first)
+        if concurrent and self._concurrent:
+            self._in_flight = (done, self.task, submit_probes(self.probes, self.stream,
+                                                              self.agent))
+        else:
+            for record in probe_records(self.probes, self.stream, self.agent, done, self.task):
+                self.emit(record)
+        if self._after_step:
+            self._probe_point = (done, self.task)
         return time.perf_counter() - start
+
+    def settle(self) -> None:
+        """Emit the records of the probes running concurrently, waiting for them if need be
+        (before the next probe, a checkpoint, the end)."""
+        if self._in_flight is not None:
+            step, task, future = self._in_flight
+            self._in_flight = None
+            for record in _records(step, task, future.result()):
+                self.emit(record)
+
+    def _after_step_probes(self, obs: torch.Tensor, target: torch.Tensor,
+                           metrics: dict[str, torch.Tensor]) -> None:
+        """The after-step probes of the probe point just passed: the step's loss before its
+        update (``metrics["loss"]``, ``(R,)``) and after it, on the same sample."""
+        point, self._probe_point = self._probe_point, None
+        if point is None or "loss" not in metrics or self.probes is None:
+            return
+        after = self.agent.probe_loss(obs, target)
+        results = run_step_probes(self.probes.names, self.agent, metrics["loss"], after)
+        for record in _records(*point, results):
+            self.emit(record)
 
     def step(self) -> None:
         """One step: maybe a task boundary and probes, then act, observe and score."""
@@ -299,6 +411,8 @@ class SupervisedLoop(SteppingLoop):
         metrics = agent.observe(batch.obs, pred, batch.target) or {}
         if "loss" in metrics:
             self._check_divergence(metrics["loss"])
+        if self._probe_point is not None:
+            self._after_step_probes(batch.obs, batch.target, metrics)
         self.totals.add(stream.score(pred, batch.target), metrics)
         if self.progress is not None:
             self.progress.update(stream.step, self.task, self.totals.running)
@@ -323,8 +437,18 @@ class SupervisedLoop(SteppingLoop):
         limit = min(limit, max(1, int(BLOCK_SECONDS / self._step_seconds)))
         started = time.perf_counter()
         batch = stream.next_block(limit)
-        started += self._begin(batch, done)  # (probing is not a cost of the steps)
-        pred, metrics = agent.learn_block(batch.obs, batch.target)
+        started += self._begin(batch, done, concurrent=True)  # (not a cost of the steps)
+        if self._probe_point is None:
+            pred, metrics = agent.learn_block(batch.obs, batch.target)
+        else:  # the first step alone, then its after-step probes (the same numbers: blocks
+            # of any split give the same bits)
+            pred, metrics = agent.learn_block(batch.obs[:1], batch.target[:1])
+            self._after_step_probes(batch.obs[0], batch.target[0],
+                                    {k: v[0] for k, v in metrics.items()})
+            if batch.obs.shape[0] > 1:
+                rest, more = agent.learn_block(batch.obs[1:], batch.target[1:])
+                pred = torch.cat([pred, rest])
+                metrics = {k: torch.cat([v, more[k]]) for k, v in metrics.items()}
         loss = metrics.get("loss")
         if loss is not None and not bool(torch.isfinite(loss).all()):
             for t in range(loss.shape[0]):
@@ -340,12 +464,16 @@ class SupervisedLoop(SteppingLoop):
         return self.task
 
     def finish(self) -> None:
-        """Emit the ``task_end`` of the current (possibly partial) task."""
+        """Emit the probes still running and the ``task_end`` of the current (possibly
+        partial) task."""
+        self.settle()
         if self.totals.steps:
             self._end_task(self.stream.step)
 
     def state_dict(self) -> dict[str, Any]:
-        """The loop's own state: current task and the task's running sums."""
+        """The loop's own state: current task and the task's running sums (probes still
+        running are emitted first: :meth:`run` has done so before its checkpoints)."""
+        self.settle()
         t = self.totals
         return {"task": self.task, "diverged": self.diverged.clone(),
                 "score": t.score.clone(), "examples": t.examples,

@@ -35,6 +35,18 @@ static float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+/* sum |v[i]| in 16 float lanes (vectorised), then added up in double */
+static double l1(const float* v, int64_t n) {
+  float lane[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lane[j] += fabsf(v[i + j]);
+  double s = 0.0;
+  for (int j = 0; j < 16; ++j) s += lane[j];
+  for (; i < n; ++i) s += fabsf(v[i]);
+  return s;
+}
+
 /* The input layer: apply a deferred update (pB > 0: pending d (R, pB, K), h (R, pB, H)), then
    z[r, b, k] = bias[r, k] + W[r, k, :] · x[r, b, :] for new inputs (B > 0), reading and writing
    each weight once. */
@@ -259,7 +271,9 @@ void cl_layer_update(float* w, const float* d, const float* h, float* below, flo
    start[r] is where it stands when the call returns (T: done). Each replica's T steps run
    while its weights sit in this core's cache. This call runs replicas r0 .. r1 - 1; callers
    run disjoint ranges on several threads (no OpenMP here: its idle threads spin-wait, which
-   on a machine with few cores takes the CPU the other threads need). */
+   on a machine with few cores takes the CPU the other threads need). If gsum is not NULL,
+   every step adds sum |dL/dW_l| + sum |dL/db_l| to gsum[r, l] (the loss gradient, before the
+   update's scaling). */
 static float act_fwd(int act, float z) {
   switch (act) {
     case 0: return z > 0.0f ? z : 0.0f;
@@ -285,7 +299,7 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
                      void** eligp, float decay_w, int64_t maturity, double rate,
                      const float* table, int64_t tsize, int nonneg, int64_t* start,
                      int64_t* events, float* pend_d, int64_t* pend_t, char* skip,
-                     int64_t r0, int64_t r1) {
+                     double* gsum, int64_t r0, int64_t r1) {
   const int64_t D = width[0], C = width[L], H1 = width[1];
   int64_t maxw = 0, hsum = 0;
   for (int64_t l = 0; l <= L; ++l) maxw = width[l] > maxw ? width[l] : maxw;
@@ -354,6 +368,9 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
       loss[t * R + r] = lv;
       for (int64_t l = L - 1; l >= 0; --l) {
         const int64_t K = width[l + 1], H = width[l];
+        if (gsum) {  /* sum |g| of W (d times the input, an outer product) and b (d) */
+          gsum[r * L + l] += l1(d, K) * (l1(l == 0 ? xt : h[l - 1], H) + 1.0);
+        }
         if (l == 0) {
           memcpy(d0, d, sizeof(float) * (size_t)K);
           xprev = xt;

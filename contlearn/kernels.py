@@ -120,7 +120,7 @@ def library() -> ctypes.CDLL | None:
                 ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_double,
                                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                         ctypes.c_void_p, ctypes.c_void_p] + [
-                ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+                ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
             _lib.cl_cbp_replace.restype = None
             _lib.cl_cbp_replace.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 10 + [
                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
@@ -333,7 +333,7 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
                   target: torch.Tensor, classification: bool, alpha: float, beta: float,
                   activation: str, out: torch.Tensor, loss: torch.Tensor, start: torch.Tensor,
                   events: torch.Tensor, cbp: CBPKernelState | None, pending: Pending1,
-                  workers: int) -> None:
+                  workers: int, grad_l1: torch.Tensor | None = None) -> None:
     """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
 
     Args:
@@ -354,6 +354,8 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
             call returns.
         workers: replicas run in this many contiguous groups, each on a thread of its own
             (one replica's steps always run on one thread: results do not depend on this).
+        grad_l1: ``(R, L)`` float64 or None: each step adds the L1 norm of every layer's loss
+            gradient (weights and bias) to it.
     """
     lib = library()
     assert lib is not None
@@ -373,7 +375,8 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
         1.0 - (c.decay if c else 0.0), c.maturity if c else 0, c.rate if c else 0.0,
         c.table.data_ptr() if c else None, len(c.table) if c else 0,
         int(c.nonnegative) if c else 0, start.data_ptr(), events.data_ptr(),
-        pending.d.data_ptr(), pending.step.data_ptr(), pending.skip.data_ptr())
+        pending.d.data_ptr(), pending.step.data_ptr(), pending.skip.data_ptr(),
+        grad_l1.data_ptr() if grad_l1 is not None else None)
     todo = [r for r in range(R) if int(start[r]) < T or int(pending.step[r]) >= 0]
     groups = min(max(workers, 1), len(todo))
     if groups <= 1:

@@ -13,12 +13,14 @@ is a whole-network value. Definitions (DESIGN.md §5; Dohare et al. 2024, Method
 - ``stable_rank``: ‖A‖_F² / ‖A‖_2².
   (σ: singular values of the P × units feature matrix, float64 on CPU.)
 - ``weight_magnitude``: mean |w| per layer (weights and biases); whole network over all params.
-- ``grad_magnitude``: mean |g| per layer of the loss gradient on the probe batch.
-- ``plasticity``: 1 − L_after / L_before for one learner update on the probe batch, undone after.
+- ``grad_magnitude``: mean |g| per layer of the training loss's gradient, averaged over the
+  training steps since the last probe (the agent sums them: ``update_stats()``).
+- ``plasticity``: 1 − L_after / L_before on the sample of the step right after the probe:
+  its loss before and after its own (real) update.
 
 Users add their own with :func:`register_probe`. Probes read the network; the engine gives them
-inputs drawn with the probe generators and restores the agent after ``plasticity``, so a run
-with probes has exactly the trajectory of a run without.
+inputs drawn with the probe generators, and ``plasticity`` only evaluates a loss after an update
+the run makes anyway, so a run with probes has exactly the trajectory of a run without.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class ProbeContext:
         activation: the hidden nonlinearity's name.
         agent: the agent (for probes that need to evaluate losses or gradients).
         obs, target: the probe batch.
+        stats: the agent's statistics of the training steps since the last probe
+            (``update_stats()``: ``{metric: {layer: (R,)}}``, e.g. ``grad_magnitude``).
+        step_loss: for probes run after the step (:func:`register_probe` ``after_step``): the
+            loss ``(R,)`` of that step's sample before and after its update.
         cache: scratch space shared by the probes of one call (e.g. singular values).
     """
 
@@ -57,19 +63,43 @@ class ProbeContext:
     agent: Any = None
     obs: torch.Tensor | None = None
     target: torch.Tensor | None = None
+    stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    step_loss: tuple[torch.Tensor, torch.Tensor] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
 
 PROBES: dict[str, ProbeFn] = {}
+#: probes that run after the probe step's update (:attr:`ProbeContext.step_loss`)
+AFTER_STEP: set[str] = set()
+#: probes that read nothing but ``features``, ``params``, ``activation`` and ``stats``: they
+#: can run on a snapshot of the network while learning goes on (the engine does so)
+SNAPSHOT_SAFE: set[str] = set()
 #: Probes run by default (``--set probes=default``).
 DEFAULT_PROBES = ("dead_fraction", "dormant_fraction", "saturation", "effective_rank",
                   "approx_rank", "stable_rank", "weight_magnitude", "grad_magnitude",
                   "plasticity")
 
 
-def register_probe(name: str, fn: ProbeFn) -> None:
-    """Make ``fn`` available as probe ``name`` (selectable with ``--set probes=...``)."""
+def register_probe(name: str, fn: ProbeFn, after_step: bool = False,
+                   snapshot_safe: bool = False) -> None:
+    """Make ``fn`` available as probe ``name`` (selectable with ``--set probes=...``).
+
+    Args:
+        name: the probe's name (the ``metric`` of its rows).
+        fn: ``fn(ctx) -> {layer: values (R,)}``.
+        after_step: run it after the update of the step that follows the probe point, with
+            :attr:`ProbeContext.step_loss` set (and the network as that update left it),
+            instead of before it on the probe batch.
+        snapshot_safe: ``fn`` reads only ``ctx.features``, ``ctx.params``, ``ctx.activation``
+            and ``ctx.stats`` (not ``ctx.agent``), so the engine may run it on a copy of the
+            network while the agent learns on.
+    """
     PROBES[name] = fn
+    for flag, names in ((after_step, AFTER_STEP), (snapshot_safe, SNAPSHOT_SAFE)):
+        if flag:
+            names.add(name)
+        else:
+            names.discard(name)
 
 
 def parse_probes(text: str) -> list[str]:
@@ -103,13 +133,13 @@ def dead_fraction(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """Share of units dead (or saturated) on every probe input, per layer and overall."""
     out = {}
     for layer, h in ctx.features.items():  # (R, P, H)
-        if ctx.activation == "relu":
-            dead = (h == 0).all(1)
-        elif ctx.activation in _BOUNDED:
+        if ctx.activation in _BOUNDED:
             lo, hi = _BOUNDED[ctx.activation]
             dead = ((h < lo) | (h > hi)).all(1)
+        elif ctx.activation == "relu":
+            dead = h.amax(1) == 0  # (all zero: ReLU is never negative; ~8x faster than all())
         else:
-            dead = (h < 0).all(1)
+            dead = h.amax(1) < 0
         out[layer] = dead.to(torch.float64).mean(1)
     return _with_aggregate(out, {k: v.shape[-1] for k, v in ctx.features.items()})
 
@@ -207,8 +237,17 @@ def gram_singular_values(a64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _svals(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Every layer's singular values, computed once per context; layers of one shape in one
+    batched call (fewer, larger LAPACK and BLAS calls)."""
     if "svals" not in ctx.cache:
-        ctx.cache["svals"] = {k: singular_values(h) for k, h in ctx.features.items()}
+        shapes: dict[tuple[int, ...], list[str]] = {}
+        for k, h in ctx.features.items():
+            shapes.setdefault(tuple(h.shape), []).append(k)
+        out = {}
+        for (R, *_), names in shapes.items():
+            s = singular_values(torch.cat([ctx.features[k] for k in names]))
+            out.update({k: s[i * R:(i + 1) * R] for i, k in enumerate(names)})
+        ctx.cache["svals"] = {k: out[k] for k in ctx.features}
     return ctx.cache["svals"]
 
 
@@ -271,50 +310,69 @@ def weight_magnitude(ctx: ProbeContext) -> dict[str, torch.Tensor]:
 
 
 def grad_magnitude(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    """Mean absolute gradient of the probe batch's loss per layer and overall."""
-    fn = getattr(ctx.agent, "probe_gradients", None)
-    if fn is None or ctx.obs is None:
-        return {}
-    return _layer_means(fn(ctx.obs, ctx.target))
+    """Mean |∂L/∂θ| of the training steps since the last probe, per layer and overall (from
+    the agent's ``update_stats()``; nothing for agents that do not report it)."""
+    return ctx.stats.get("grad_magnitude", {})
 
 
 def plasticity(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    """1 − L_after / L_before of one learning step on the probe batch (then undone)."""
-    fn = getattr(ctx.agent, "probe_plasticity", None)
-    if fn is None or ctx.obs is None:
+    """1 − L_after / L_before of the probe step's sample around its update (an after-step
+    probe)."""
+    if ctx.step_loss is None:
         return {}
-    before, after = fn(ctx.obs, ctx.target)
-    return {"": 1.0 - after.to(torch.float64) / before.to(torch.float64).clamp_min(1e-12)}
+    before, after = (t.to(torch.float64) for t in ctx.step_loss)
+    return {"": 1.0 - after / before.clamp_min(1e-12)}
 
 
 for _name, _fn in [("dead_fraction", dead_fraction), ("dormant_fraction", dormant_fraction),
                    ("saturation", saturation), ("effective_rank", effective_rank),
                    ("approx_rank", approx_rank), ("stable_rank", stable_rank),
-                   ("weight_magnitude", weight_magnitude), ("grad_magnitude", grad_magnitude),
-                   ("plasticity", plasticity)]:
-    register_probe(_name, _fn)
+                   ("weight_magnitude", weight_magnitude), ("grad_magnitude", grad_magnitude)]:
+    register_probe(_name, _fn, snapshot_safe=True)
+register_probe("plasticity", plasticity, after_step=True)
 
 
-def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torch.Tensor
+def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torch.Tensor,
+               stats: dict[str, dict[str, torch.Tensor]] | None = None
                ) -> dict[str, dict[str, torch.Tensor]]:
-    """Run probes on an agent and a probe batch.
+    """Run the probes that look at the network before the probe step (all but the
+    :data:`AFTER_STEP` ones) on an agent and a probe batch.
 
     Args:
-        names: probe names (see :data:`PROBES`).
-        agent: needs ``features(obs)``; ``net.params``/``net.activation`` for weight probes;
-            ``probe_gradients``/``probe_plasticity`` for the gradient and plasticity probes.
+        names: probe names (see :data:`PROBES`); after-step ones are skipped.
+        agent: needs ``features(obs)``; ``net.params``/``net.activation`` for weight probes.
         obs, target: the probe batch ``(R, P, ...)``.
+        stats: the agent's ``update_stats()`` since the last probe (for ``grad_magnitude``).
 
     Returns:
         ``{metric: {layer: values (R,)}}``; probes the agent cannot support are left out.
     """
+    names = [n for n in names if n not in AFTER_STEP]
+    if not names:
+        return {}
     features_fn = getattr(agent, "features", None)
     net = getattr(agent, "net", None)
     ctx = ProbeContext(
         features=features_fn(obs) if features_fn is not None else {},
         params=getattr(net, "params", {}),
         activation=getattr(net, "activation", ""),
-        agent=agent, obs=obs, target=target)
+        agent=agent, obs=obs, target=target, stats=stats or {})
+    return _collect(names, ctx)
+
+
+def run_step_probes(names: Sequence[str], agent: Any, before: torch.Tensor,
+                    after: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Run the :data:`AFTER_STEP` probes among ``names``, given the probe step's loss
+    ``(R,)`` before and after its update."""
+    names = [n for n in names if n in AFTER_STEP]
+    net = getattr(agent, "net", None)
+    ctx = ProbeContext(features={}, params=getattr(net, "params", {}),
+                       activation=getattr(net, "activation", ""), agent=agent,
+                       step_loss=(before, after))
+    return _collect(names, ctx)
+
+
+def _collect(names: Sequence[str], ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for name in names:
         values = PROBES[name](ctx)

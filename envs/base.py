@@ -8,7 +8,7 @@ same step; ``task`` counts tasks from 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
@@ -155,8 +155,20 @@ class SupervisedStream:
             raise RuntimeError("probe_batch needs a current task; call next() first")
         return self._probe_draw(size)
 
+    def probe_batch_later(self, size: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`probe_batch` in two halves: the random draws now (so the probe generators
+        advance in order), the examples when the returned function is called, which may be
+        on another thread while the stream goes on (the engine's concurrent probes)."""
+        if self.task < 0:
+            raise RuntimeError("probe_batch needs a current task; call next() first")
+        return self._probe_later(size)
+
     def _probe_draw(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def _probe_later(self, size: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        batch = self._probe_draw(size)  # (subclasses defer the gathering)
+        return lambda: batch
 
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
         raise NotImplementedError

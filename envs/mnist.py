@@ -21,6 +21,7 @@ Version History:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -100,6 +101,14 @@ class _MNISTStream(SupervisedStream):
     def _probe_draw(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._examples(self._probe_indices(size))
 
+    def _probe_later(self, size: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        idx, task = self._probe_indices(size), self._task_tensor().clone()
+        return lambda: self._examples(idx, task)
+
+    def _task_tensor(self) -> torch.Tensor:
+        """What :meth:`_examples` reads of the current task (``(R, ...)``)."""
+        raise NotImplementedError
+
     def _draw(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ahead is None or self._ahead_at == self._ahead[0].shape[0]:
             self._ahead, self._ahead_at = self._gather_ahead(batch_size), 0
@@ -134,7 +143,10 @@ class _MNISTStream(SupervisedStream):
         idx = self.order[:, self.pos : self.pos + n * batch_size]  # (R, n·B)
         return self._examples(idx.reshape(self.num_replicas, n, batch_size).transpose(0, 1))
 
-    def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _examples(self, idx: torch.Tensor, task: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples ``idx (..., R, B)`` of the current task (or of ``task``, a copy of
+        :meth:`_task_tensor`)."""
         raise NotImplementedError
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -164,12 +176,16 @@ class PermutedMNISTStream(_MNISTStream):
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
         self.perm[replica] = torch.from_numpy(rng.permutation(_PIXELS))
 
-    def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _task_tensor(self) -> torch.Tensor:
+        return self.perm
+
+    def _examples(self, idx: torch.Tensor, task: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         # idx: (..., R, B); pixel j of a permuted example is pixel perm[j] of the original.
         # Whole rows first, then the 784 columns of each replica's rows: 4x faster than one
         # gather with an (..., R, B, 784) int64 index, same bytes.
         rows = self._rows(idx)  # (..., R, B, 784) u8
-        cols = self.perm.unsqueeze(1).expand(rows.shape)
+        cols = (self.perm if task is None else task).unsqueeze(1).expand(rows.shape)
         obs = torch.gather(rows, -1, cols).to(torch.float32).div_(255.0)
         return obs, self.labels[idx]
 
@@ -193,10 +209,15 @@ class LabelShuffledMNISTStream(_MNISTStream):
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
         self.label_map[replica] = torch.from_numpy(rng.permutation(10))
 
-    def _examples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _task_tensor(self) -> torch.Tensor:
+        return self.label_map
+
+    def _examples(self, idx: torch.Tensor, task: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         obs = self._rows(idx).to(torch.float32).div_(255.0)  # (..., R, B, 784)
         rows = torch.arange(self.num_replicas).unsqueeze(1)  # (R, 1)
-        target = self.label_map[rows, self.labels[idx]]  # (..., R, B): map of each replica
+        label_map = self.label_map if task is None else task
+        target = label_map[rows, self.labels[idx]]  # (..., R, B): map of each replica
         return obs, target
 
     def _extra_state(self) -> dict[str, Any]:

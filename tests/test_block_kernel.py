@@ -68,6 +68,8 @@ CASES = [
 def test_blocks_match_the_autograd_reference_step_by_step(stream, learner, options):
     (blocks, steps), (fast, ref) = _setup(stream, learner, options)
     assert fast.block_ready(blocks.batch_size) and not ref.block_ready(1)
+    for agent in (fast, ref):
+        agent.watch_gradients()
     done = 0
     while done < 200:
         batch = blocks.next_block(random.Random(done).choice([1, 7, 50]))
@@ -81,6 +83,11 @@ def test_blocks_match_the_autograd_reference_step_by_step(stream, learner, optio
             _close(metrics["loss"][t], ref.observe(step.obs, p, step.target)["loss"])
         done += batch.obs.shape[0]
     _compare_states(fast, ref, exact=False)
+    # the kernel's |δ|·|x| sums against the L1 norms of autograd's gradients
+    a, b = (agent.update_stats()["grad_magnitude"] for agent in (fast, ref))
+    assert a.keys() == b.keys() == {"hidden1", "hidden2", "output", ""}
+    for layer in a:
+        _close(a[layer], b[layer])
     if learner == "cbp":
         replaced = fast.diagnostics()["hidden1"]["replacements"]
         assert int(replaced.sum()) > 0, "the test should exercise replacements"
@@ -90,6 +97,8 @@ def test_splitting_into_blocks_or_threads_changes_no_bit():
     (s1, s2), (a, b) = _setup("permuted-mnist", "cbp", CBP, fast=(True, True))
     rng = random.Random(3)
     a.replica_workers = 1
+    a.watch_gradients()
+    b.watch_gradients()
     for _ in range(40):
         x = s1.next_block(37)
         pa, la = a.learn_block(x.obs, x.target)
@@ -103,6 +112,7 @@ def test_splitting_into_blocks_or_threads_changes_no_bit():
             losses.append(m["loss"])
             left -= y.obs.shape[0]
         assert torch.equal(pa, torch.cat(parts)) and torch.equal(la["loss"], torch.cat(losses))
+    assert torch.equal(a._grad_l1, b._grad_l1) and a._grad_steps == b._grad_steps > 0
     _compare_states(a, b, exact=True)
     assert int(a.diagnostics()["hidden1"]["replacements"].sum()) > 0
 

@@ -173,3 +173,17 @@ def test_state_dict_round_trip_continues_identically(name):
 
 def test_registry_lists_the_streams():
     assert set(STREAMS) <= set(streams.names())
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_probe_batch_later_draws_now_and_gathers_the_same_examples_later(name):
+    now, later = (_stream(name, [0, 1], examples_per_task=5) for _ in range(2))
+    pending = []
+    for _ in range(12):  # three task starts: each deferred batch keeps the task it was drawn in
+        for s in (now, later):
+            s.next()
+        pending.append((now.probe_batch(16), later.probe_batch_later(16)))
+    for (obs, target), gather in pending:
+        got_obs, got_target = gather()
+        assert torch.equal(obs, got_obs) and torch.equal(target, got_target)
+    assert torch.equal(now.probe_batch(3)[0], later.probe_batch(3)[0])  # generators in step
