@@ -14,21 +14,22 @@ store's writer, probes) never write back.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from contlearn.errors import ContlearnError
-from contlearn.probes import AFTER_STEP, SNAPSHOT_SAFE, run_probes, run_step_probes
+from contlearn.probes import AFTER_STEP, SNAPSHOT_SAFE, run_step_probes
+from contlearn.probing import (  # noqa: F401 (the runner takes torch_threads from here)
+    ProbeSchedule,
+    scheduled_results,
+    submit_probes,
+    torch_threads,
+)
 from contlearn.progress import Progress
 
 #: the wall time a block of steps aims at (see :meth:`SupervisedLoop.advance`)
@@ -114,106 +115,11 @@ def _accumulate(total: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.add.accumulate(rows, axis=0)[-1].copy())
 
 
-@dataclass(frozen=True)
-class ProbeSchedule:
-    """Which probes run when, on how many inputs.
-
-    Attributes:
-        names: probe names (empty: no probes).
-        every: 0 to probe at the start of every task, on the new task's inputs before any
-            update on them (Dohare et al.); N > 0 to probe every N steps instead.
-        size: probe batch size P per replica.
-        threads: torch's intra-op threads while probing; 0: the agent's ``probe_threads()``
-            (0 there, or no such method: the loop's setting).
-    """
-
-    names: tuple[str, ...] = ()
-    every: int = 0
-    size: int = 2000
-    threads: int = 0
-
-    def due(self, step: int, new_task: bool) -> bool:
-        """Whether to probe before the update of a batch after ``step`` completed steps."""
-        if not self.names:
-            return False
-        return new_task if self.every == 0 else step % self.every == 0
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[int]:
-    """torch's intra-op threads set to ``n`` (0: left as they are) inside the block, and put
-    back after it; yields the number in force."""
-    old = torch.get_num_threads()
-    n = n or old
-    if n != old:
-        torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        if n != old:
-            torch.set_num_threads(old)
-
-
 def probe_records(schedule: ProbeSchedule, stream: Any, agent: Any, step: int, task: int
                   ) -> list[Record]:
     """Run the scheduled probes that precede the probe step's update, on a fresh probe batch of
     the current task and the agent's ``update_stats()`` since the last probe."""
-    stats_fn = getattr(agent, "update_stats", None)
-    stats = stats_fn() if callable(stats_fn) else {}
-    if all(name in AFTER_STEP for name in schedule.names):
-        return []
-    obs, target = stream.probe_batch(schedule.size)
-    with torch_threads(schedule.threads or getattr(agent, "probe_threads", lambda: 0)()):
-        results = run_probes(schedule.names, agent, obs, target, stats)
-    return _records(step, task, results)
-
-
-def submit_probes(schedule: ProbeSchedule, stream: Any, agent: Any
-                  ) -> Future[dict[str, dict[str, torch.Tensor]]]:
-    """:func:`probe_records`' work on a thread of its own, over a copy of the network
-    (``agent.probe_snapshot()``), so that learning can go on meanwhile: the statistics and the
-    probe batch are taken now, in order; the results (``{metric: {layer: (R,)}}``) are the
-    numbers :func:`probe_records` would give."""
-    stats_fn = getattr(agent, "update_stats", None)
-    stats = stats_fn() if callable(stats_fn) else {}
-    later = getattr(stream, "probe_batch_later", None)
-    if callable(later):
-        batch = later(schedule.size)
-    else:
-        drawn = stream.probe_batch(schedule.size)
-        batch = lambda: drawn  # noqa: E731
-    snapshot = agent.probe_snapshot()
-
-    def work() -> dict[str, dict[str, torch.Tensor]]:
-        return run_probes(schedule.names, snapshot, *batch(), stats)
-
-    return _probe_pool().submit(work)
-
-
-_PROBE_POOL: tuple[int, ThreadPoolExecutor] | None = None
-#: how much the probe thread's CPU priority is lowered (a nice increment): it takes the
-#: cycles learning leaves idle first, yet is not starved on a busy machine
-PROBE_NICE = 10
-
-
-def _probe_pool() -> ThreadPoolExecutor:
-    """The thread concurrent probes run on (made anew in a forked child)."""
-    global _PROBE_POOL
-    if _PROBE_POOL is None or _PROBE_POOL[0] != os.getpid():
-        _PROBE_POOL = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="contlearn-probe",
-                                                       initializer=_lower_priority))
-    return _PROBE_POOL[1]
-
-
-def _lower_priority() -> None:
-    """Lower the calling thread's CPU priority by :data:`PROBE_NICE` where the OS allows it
-    (Linux: per thread; elsewhere a no-op rather than the whole process)."""
-    if PROBE_NICE and sys.platform.startswith("linux"):
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + PROBE_NICE)
-        except OSError:
-            pass
+    return _records(step, task, scheduled_results(schedule, stream, agent))
 
 
 def _records(step: int, task: int, results: dict[str, dict[str, torch.Tensor]]
