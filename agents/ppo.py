@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from contlearn.agents import ppo_fast
+from contlearn.agents import ppo_fast, ppo_worker
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
@@ -84,6 +84,9 @@ class PPOSpec:
                                 low=0)
     parallel_nets: bool = param(False, "run the policy's and the value net's passes of each"
                                 " minibatch in two threads (fast path; for 2 free cores)")
+    value_worker: bool = param(False, "run the value net's minibatch updates in a second"
+                               " process while this one runs the policy's (2 cores; learners"
+                               " bp, adam, proper-adam; same numbers)")
 
     def validate(self) -> None:
         """Hidden widths parse; minibatches tile the rollout."""
@@ -256,6 +259,9 @@ class PPOAgent:
         self._fast = spec.fast and ppo_fast.supports(self.net)
         self._pool = (ThreadPoolExecutor(1, thread_name_prefix="ppo-value")
                       if self._fast and spec.parallel_nets else None)
+        self._worker: ppo_worker.ValueWorker | None = None
+        if spec.value_worker:
+            ppo_worker.check_supported(self)
 
     def _setup(self) -> None:
         """Views of the parameters and a fresh learner state on :attr:`device`."""
@@ -270,12 +276,19 @@ class PPOAgent:
         here, and actions, metrics, features and statistics are handed back on the CPU.
         Generators stay on the CPU (action noise and minibatch orders are drawn there and
         moved), so a run draws the same numbers on every device."""
+        self.close()
         self.device = torch.device(device)
         self.net.to(self.device)
         self._setup()
         self.buf = {k: v.to(self.device) for k, v in self.buf.items()}
         self.stats = self._zero_stats()
         return self
+
+    def close(self) -> None:
+        """End the value worker process, if any (a later update starts a new one)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def _dev(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.device == self.device else t.to(self.device, non_blocking=True)
@@ -396,20 +409,26 @@ class PPOAgent:
         data = {"obs": b["obs"].view(R, N, D), "action": b["action"].view(R, N, -1),
                 "logp": b["logp"].view(R, N), "adv": adv, "ret": ret}
         before = [self._views[k].clone() for k in self._keys]
-        rows = torch.arange(R, device=adv.device).unsqueeze(1)
-        totals: dict[str, torch.Tensor] = {}
-        for _ in range(s.epochs):
-            order = torch.stack([torch.randperm(N, generator=g) for g in self.gens])  # (R, N)
-            order = self._dev(order)
-            shuffled = {k: v[rows, order] for k, v in data.items()}  # (R, N, ...)
-            for start in range(0, N, s.minibatch_size):
-                out = self._minibatch({k: v[:, start:start + s.minibatch_size]
-                                       for k, v in shuffled.items()}, record=start == 0)
-                for k, v in out.items():
-                    totals[k] = totals[k] + v if k in totals else v
+        if s.value_worker and self.device.type == "cpu":
+            totals = ppo_worker.split_update(self, data)
+        else:
+            rows = torch.arange(R, device=adv.device).unsqueeze(1)
+            totals = {}
+            for _ in range(s.epochs):
+                order = self._dev(self._order(N))
+                shuffled = {k: v[rows, order] for k, v in data.items()}  # (R, N, ...)
+                for start in range(0, N, s.minibatch_size):
+                    out = self._minibatch({k: v[:, start:start + s.minibatch_size]
+                                           for k, v in shuffled.items()}, record=start == 0)
+                    for k, v in out.items():
+                        totals[k] = totals[k] + v if k in totals else v
         self._count_change(before)
         n = s.epochs * (N // s.minibatch_size)
         return {k: v / n for k, v in totals.items()}
+
+    def _order(self, n: int) -> torch.Tensor:
+        """One epoch's minibatch order ``(R, n)``, each replica from its generator."""
+        return torch.stack([torch.randperm(n, generator=g) for g in self.gens])
 
     def _loss(self, mb: dict[str, torch.Tensor]
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -523,6 +542,7 @@ class PPOAgent:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        self.close()  # a new value worker starts from the restored learner bookkeeping
         for k, v in self._views.items():
             v.copy_(state["params"][k])
         load_tree(self.learner_state, state["learner"])

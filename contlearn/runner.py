@@ -228,5 +228,8 @@ def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, pa
         writer.flush()
     finally:
         bar.close(stream.step)
+        close = getattr(agent, "close", None)  # e.g. PPO's value worker process
+        if callable(close):
+            close()
     if not done:
         raise RunInterrupted(path, stream.step, stop.signum, savable)

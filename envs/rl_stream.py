@@ -9,9 +9,11 @@ r's own seed: one seed for the friction schedule, shared by r's copies (they liv
 world and draw the same frictions; ``schedule_seed`` of
 :class:`~contlearn.envs.mujoco_schedule.SlipperyMixin`), and one reset seed per copy (different
 initial states). So replica r alone steps exactly as replica r in a batch. The R·E copies run
-in one gymnasium vector env (``vector=sync`` in this process, ``async`` one process per copy)
-with *same-step* autoreset: when an episode ends, the copy is reset within the same step,
-``Feedback.next_obs`` holds the episode's final observation and :attr:`obs` the new one.
+in one vector env (``vector=sync``: :class:`~contlearn.envs.split_vector.CopiesVectorEnv`, in
+this process; ``split``: a few here and the rest in one worker process; ``async``: gymnasium's
+``AsyncVectorEnv``, one process per copy), all with *same-step* autoreset: when an episode
+ends, the copy is reset within the same step, ``Feedback.next_obs`` holds the episode's final
+observation and :attr:`obs` the new one.
 
 **Frictions and tasks.** ``change_every`` counts the steps of each copy (= loop steps). By
 default a copy changes friction at its first episode end after ``change_every`` steps, so an
@@ -40,11 +42,11 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 import torch
-from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
 from contlearn.envs.base import StreamInfo
 from contlearn.envs.gym_registration import ENVS
-from contlearn.envs.split_vector import SplitVectorEnv
+from contlearn.envs.split_vector import CopiesVectorEnv, SplitVectorEnv
 from contlearn.errors import ConfigError
 from contlearn.seeding import child_seed
 from contlearn.spec import param
@@ -239,7 +241,7 @@ class MujocoRLStream:
                 return AsyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
             if self.spec.vector == "split" and len(fns) > 1:
                 return SplitVectorEnv(fns)  # type: ignore[return-value]
-            return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
+            return CopiesVectorEnv(fns)  # type: ignore[return-value]
         except gym.error.Error as exc:
             raise ConfigError(f"cannot make env {self.spec.env_id!r}: {exc}") from None
 

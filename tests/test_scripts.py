@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,10 @@ def test_my_agent_script(tmp_path):
     proc = _run([ROOT / "scripts" / "my_agent.py"], tmp_path)
     assert "run written to" in proc.stdout
     assert list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.mujoco
+def test_bench_rl_on_a_tiny_budget():
+    proc = _run([ROOT / "scripts" / "bench_rl.py", "--steps", "2048", "--raw-steps", "100",
+                 "--rounds", "1"], ROOT)
+    assert "value_worker=1" in proc.stdout and "median: raw" in proc.stdout
