@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from contlearn.agents import ppo_fast
+from contlearn.envs.split_vector import wait_reply
 from contlearn.errors import ConfigError
 
 #: learners whose update acts on each parameter alone (the base optimizer only)
@@ -209,16 +210,7 @@ class ValueWorker:
 
     def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Wait (polling) for the update started last; what :func:`value_updates` returns."""
-        spins = 0
-        while not self._conn.poll(0):
-            os.sched_yield()
-            spins += 1
-            if spins % 4096 == 0 and not self._proc.is_alive() and not self._conn.poll(0):
-                raise RuntimeError("the PPO value worker died")
-        status, out = self._conn.recv()
-        if status == "error":
-            raise RuntimeError(f"PPO value worker failed:\n{out}")
-        return out
+        return wait_reply(self._conn, self._proc, "PPO value worker")
 
     def close(self) -> None:
         """End the worker."""

@@ -50,6 +50,25 @@ def local_copies(num_envs: int) -> int:
     return max(1, (num_envs - 1) // 2)
 
 
+
+def wait_reply(conn: Any, proc: Any, name: str) -> Any:
+    """The payload of a worker process's next ``(status, payload)`` reply on ``conn``. The
+    worker is busy on the caller's behalf, so this polls (``sched_yield``) instead of sleeping.
+
+    Raises:
+        RuntimeError: the worker died, or replied ``("error", traceback)``.
+    """
+    spins = 0
+    while not conn.poll(0):
+        os.sched_yield()
+        spins += 1
+        if spins % 4096 == 0 and not proc.is_alive() and not conn.poll(0):
+            raise RuntimeError(f"the {name} process died")
+    status, out = conn.recv()
+    if status == "error":
+        raise RuntimeError(f"{name} failed:\n{out}")
+    return out
+
 class CopiesVectorEnv:
     """Env copies stepped in turn in this process, with same-step autoreset.
 
@@ -207,16 +226,7 @@ class SplitVectorEnv:
         self._answer()
 
     def _answer(self) -> Any:
-        spins = 0
-        while not self._conn.poll(0):  # the worker is busy on our behalf: poll, do not sleep
-            os.sched_yield()
-            spins += 1
-            if spins % 4096 == 0 and not self._proc.is_alive() and not self._conn.poll(0):
-                raise RuntimeError("the env worker process died")
-        status, out = self._conn.recv()
-        if status == "error":
-            raise RuntimeError(f"env worker failed:\n{out}")
-        return out
+        return wait_reply(self._conn, self._proc, "env worker")
 
     def _merge(self, info: dict[str, Any], info_b: dict[str, Any]) -> dict[str, Any]:
         return _merge_info(info, info_b, self._k, self.num_envs - self._k,

@@ -357,11 +357,10 @@ def _spy(fn: Callable, spy: dict) -> Callable:
 
 
 #: the runs whose probe and store costs are measured: the default demo (scripts/demo.py: cbp,
-#: 3 seeds, 5000 examples per task, probes on 500 inputs; the target's run) and the default run
-#: (one seed, 10,000 examples per task, probes on 2000 inputs)
+#: 3 seeds, the stream's 10,000 examples per task, probes on 500 inputs; the target's run) and
+#: the default run (one seed, probes on 2000 inputs)
 OVERHEAD_RUNS = {
-    "demo": ({"stream": "permuted-mnist", "learner": "cbp", "seeds": 3,
-              "examples_per_task": 5000, "probes": "none"}, 500),
+    "demo": ({"stream": "permuted-mnist", "learner": "cbp", "seeds": 3, "probes": "none"}, 500),
     "default": ({"stream": "permuted-mnist", "probes": "none"}, 2000),
 }
 
@@ -369,8 +368,9 @@ OVERHEAD_RUNS = {
 def overheads(args: Args, tmp: Path, run: str = "demo") -> dict:
     """The default probes (every task start) and the run store on one of
     :data:`OVERHEAD_RUNS`: whole tasks with and without each, the loops taking turns task by
-    task (medians). Probes run as in a run (on the probe thread while learning goes on) and,
-    for comparison, in line; the store's cost is also timed inside its calls."""
+    task (medians of the rounds' ratios, 20 rounds or more). Probes run as in a run (on the
+    probe thread while learning goes on) and, for comparison, in line; the store's cost is also
+    timed inside its calls."""
     base, probe_size = OVERHEAD_RUNS[run]
     store_spy = {"t": 0.0}
     schedule = ProbeSchedule(tuple(DEFAULT_PROBES), 0, probe_size)
@@ -387,15 +387,21 @@ def overheads(args: Args, tmp: Path, run: str = "demo") -> dict:
     store_inside = []
     for loop, _ in loops.values():  # warm-up: the first task, with its probes
         loop.run(loop.stream.steps_per_task)
-    for _ in range(max(6, 2 * args.repeats)):
+    for _ in range(max(20, 4 * args.repeats)):
         for key, (wall, spent) in _interleaved_tasks(loops).items():
             times[key].append(wall)
             if key == "store":
                 store_inside.append(spent / (wall - spent))
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"probes_ab": med["probes"] / med["store"] - 1,
-           "probes_inline_ab": med["probes_inline"] / med["store"] - 1,
-           "store_ab": med["store"] / med["bare"] - 1,
+
+    def paired(key: str, base: str) -> float:
+        """Median over rounds of one task's time against the other loop's in that round (the
+        machine's speed drifts between rounds; within one it hits both alike)."""
+        return statistics.median(a / b - 1 for a, b in zip(times[key], times[base], strict=True))
+
+    out = {"probes_ab": paired("probes", "store"),
+           "probes_inline_ab": paired("probes_inline", "store"),
+           "store_ab": paired("store", "bare"),
            "store_inside": statistics.median(store_inside),
            "task_seconds": med, "threads": threads, "run": run, "config": base,
            "probe_size": probe_size, "concurrent": probed._concurrent}
@@ -407,11 +413,11 @@ def overheads(args: Args, tmp: Path, run: str = "demo") -> dict:
 
 def peak_rss(tasks: int, tmp: Path) -> dict:
     """Peak RSS of a demo-sized run (scripts/demo.py's defaults: cbp, 3 seeds, width 100,
-    5000 examples per task, probes at every task start on 500 inputs) in a fresh process."""
+    10,000 examples per task, probes at every task start on 500 inputs) in a fresh process."""
     code = (
         "import resource, sys, contlearn\n"
         f"contlearn.run('permuted-mnist', learner='cbp', seeds=3, tasks={tasks}, config="
-        "{'examples_per_task': 5000, 'probe_size': 500}, out=sys.argv[1], progress=False)\n"
+        "{'probe_size': 500}, out=sys.argv[1], progress=False)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     # (run first: Linux carries the parent's peak RSS over fork + exec into ru_maxrss)
     out = Path(tempfile.mkdtemp(dir=tmp)) / "run"

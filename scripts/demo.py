@@ -33,10 +33,10 @@ class Args:
     """learners to compare, comma-separated"""
     seeds: int = 3
     """seeds per learner, run as one batched model"""
-    tasks: int = 40
+    tasks: int = 30
     """tasks (pixel permutations) per run"""
-    examples_per_task: int = 5000
-    """examples shown per task, one at a time"""
+    examples_per_task: int = 10_000
+    """examples shown per task, one at a time (the stream's default)"""
     hidden: str = "100,100,100"
     """hidden widths"""
     lr: float = 0.01
