@@ -8,7 +8,15 @@ sees plain ``(B, ...)`` tensors.
 
 Optional methods, used when present: ``on_task_start(task: int)`` (called only when the stream's
 ``boundaries_visible`` is true), ``state_dict()`` / ``load_state_dict(state)`` (checkpoints),
-``features(obs) -> dict[str, Tensor]`` (hidden activations, for probes).
+and for probes (DESIGN.md §5; :class:`contlearn.agents.online.OnlineAgent` has them all):
+
+- ``features(obs) -> dict[str, Tensor]``: hidden activations ``{layer: (R, B, H)}``;
+- ``update_stats() -> {metric: {layer: (R,)}}``: statistics of the training steps since the
+  last call (``grad_magnitude``), which the engine calls at every probe point;
+  ``watch_gradients(on)`` is called first if the run records ``grad_magnitude``;
+- ``probe_loss(obs, target) -> (R,)``: the loss on a batch without learning (``plasticity``);
+- ``probe_snapshot()``: a copy of the network with ``features`` and ``net.params`` that stays
+  valid while the agent learns on (the engine then probes on another thread).
 """
 
 from __future__ import annotations
