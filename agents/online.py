@@ -42,6 +42,8 @@ from contlearn.state import load_tree, tree_leaves
 #: below this many parameters (all replicas) a step is dominated by per-op overhead, which
 #: extra threads only add to (measured in docs/performance.md).
 SINGLE_THREAD_PARAMS = 4_000_000
+#: the largest parameter set (bytes, all replicas) :meth:`OnlineAgent.probe_snapshot` copies
+SNAPSHOT_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -427,9 +429,13 @@ class OnlineAgent:
         with torch.no_grad():
             return self.net.forward(self._flat(obs))[1]
 
-    def probe_snapshot(self) -> ProbeSnapshot:
+    def probe_snapshot(self) -> ProbeSnapshot | None:
         """The network as it stands, copied: what probes read (``features``, ``net.params``,
-        ``net.activation``), safe to use on another thread while this agent learns on."""
+        ``net.activation``), safe to use on another thread while this agent learns on; None
+        above :data:`SNAPSHOT_MAX_BYTES` of parameters (all replicas), where a copy would cost
+        more memory than probing in line costs time."""
+        if sum(v.numel() * v.element_size() for v in self._views.values()) > SNAPSHOT_MAX_BYTES:
+            return None
         self._flush()
         return ProbeSnapshot(self.net, {k: v.clone() for k, v in self._views.items()},
                              self._flat)

@@ -277,9 +277,10 @@ class SupervisedLoop(SteppingLoop):
             return 0.0
         start = time.perf_counter()
         self.settle()  # (the previous probe's records first)
-        if concurrent and self._concurrent:
-            self._in_flight = (done, self.task, submit_probes(self.probes, self.stream,
-                                                              self.agent))
+        future = submit_probes(self.probes, self.stream, self.agent) if (
+            concurrent and self._concurrent) else None
+        if future is not None:
+            self._in_flight = (done, self.task, future)
         else:
             for record in probe_records(self.probes, self.stream, self.agent, done, self.task):
                 self.emit(record)

@@ -77,11 +77,15 @@ def scheduled_results(schedule: ProbeSchedule, stream: Any, agent: Any
 
 
 def submit_probes(schedule: ProbeSchedule, stream: Any, agent: Any
-                  ) -> Future[dict[str, dict[str, torch.Tensor]]]:
-    """:func:`probe_records`' work on a thread of its own, over a copy of the network
+                  ) -> Future[dict[str, dict[str, torch.Tensor]]] | None:
+    """:func:`scheduled_results`' work on a thread of its own, over a copy of the network
     (``agent.probe_snapshot()``), so that learning can go on meanwhile: the statistics and the
     probe batch are taken now, in order; the results (``{metric: {layer: (R,)}}``) are the
-    numbers :func:`probe_records` would give."""
+    numbers :func:`scheduled_results` would give. None (nothing taken) if the agent declines
+    to copy its network (``probe_snapshot()`` is None): probe in line then."""
+    snapshot = agent.probe_snapshot()
+    if snapshot is None:
+        return None
     stats_fn = getattr(agent, "update_stats", None)
     stats = stats_fn() if callable(stats_fn) else {}
     later = getattr(stream, "probe_batch_later", None)
@@ -90,7 +94,6 @@ def submit_probes(schedule: ProbeSchedule, stream: Any, agent: Any
     else:
         drawn = stream.probe_batch(schedule.size)
         batch = lambda: drawn  # noqa: E731
-    snapshot = agent.probe_snapshot()
 
     def work() -> dict[str, dict[str, torch.Tensor]]:
         return run_probes(schedule.names, snapshot, *batch(), stats)

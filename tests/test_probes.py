@@ -321,3 +321,23 @@ def test_concurrent_probes_give_the_numbers_of_synchronous_ones(monkeypatch):
     assert runs[0] == runs[1]  # the same numbers, bit for bit
     assert {row[3] for row in runs[0] if row[0] == "probe"} >= {
         "effective_rank", "dead_fraction", "grad_magnitude", "plasticity", "weight_magnitude"}
+
+
+def test_networks_too_large_to_copy_are_probed_in_line(monkeypatch):
+    from contlearn.agents import online
+    from contlearn.engine import ProbeSchedule, SupervisedLoop
+    from contlearn.envs import make_stream
+
+    cfg = resolve({"stream": "permuted-mnist", "hidden": "16", "examples_per_task": 100})
+    stream = make_stream("permuted-mnist", cfg.stream_spec, [0])
+    agent = online.OnlineAgent(stream.info, [0], cfg.agent_spec, cfg.learner)
+    monkeypatch.setattr(online, "SNAPSHOT_MAX_BYTES", 1000)  # (the network: ~51 kB)
+    assert agent.probe_snapshot() is None
+    records = []
+    loop = SupervisedLoop(stream, agent, records.append,
+                          probes=ProbeSchedule(("effective_rank", "grad_magnitude"), 0, 32))
+    loop.run(300)
+    assert loop._in_flight is None
+    steps = sorted({r.step for r in records if r.kind == "probe"})
+    assert steps == [0, 100, 200]  # grad_magnitude from step 100 on, effective_rank at each
+    assert sum(r.kind == "probe" and "grad_magnitude" in r.values for r in records) == 3 * 2
