@@ -247,7 +247,9 @@ class SupervisedLoop(SteppingLoop):
         self._probe_point: tuple[int, int] | None = None  # (step, task) awaiting them
         # probes computed on another thread while a block learns (learn_block only): the
         # built-in ones, on agents that can copy their network, when a probe uses one thread
-        self._concurrent = bool(names) and callable(getattr(agent, "probe_snapshot", None)) \
+        # (and only when some probe needs the probe batch: the in-line path draws none else)
+        self._concurrent = any(n not in AFTER_STEP for n in names) \
+            and callable(getattr(agent, "probe_snapshot", None)) \
             and all(n in SNAPSHOT_SAFE or n in AFTER_STEP for n in names) \
             and probes is not None and probes.threads <= 1 \
             and getattr(agent, "probe_threads", lambda: 0)() == 1

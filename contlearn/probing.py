@@ -62,13 +62,19 @@ def torch_threads(n: int) -> Iterator[int]:
             torch.set_num_threads(old)
 
 
+def update_stats(agent: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """The agent's ``update_stats()`` (its training statistics since the last call, which it
+    then starts afresh), or nothing for agents without one."""
+    fn = getattr(agent, "update_stats", None)
+    return fn() if callable(fn) else {}
+
+
 def scheduled_results(schedule: ProbeSchedule, stream: Any, agent: Any
                       ) -> dict[str, dict[str, torch.Tensor]]:
     """The scheduled probes that precede the probe step's update, run now on a fresh probe
     batch of the current task and the agent's ``update_stats()`` since the last probe:
     ``{metric: {layer: (R,)}}``."""
-    stats_fn = getattr(agent, "update_stats", None)
-    stats = stats_fn() if callable(stats_fn) else {}
+    stats = update_stats(agent)
     if all(name in AFTER_STEP for name in schedule.names):
         return {}
     obs, target = stream.probe_batch(schedule.size)
@@ -86,8 +92,7 @@ def submit_probes(schedule: ProbeSchedule, stream: Any, agent: Any
     snapshot = agent.probe_snapshot()
     if snapshot is None:
         return None
-    stats_fn = getattr(agent, "update_stats", None)
-    stats = stats_fn() if callable(stats_fn) else {}
+    stats = update_stats(agent)
     later = getattr(stream, "probe_batch_later", None)
     if callable(later):
         batch = later(schedule.size)

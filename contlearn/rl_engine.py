@@ -44,6 +44,7 @@ import torch
 
 from contlearn.engine import ProbeSchedule, Record, SteppingLoop
 from contlearn.probes import PROBES, ProbeContext, _with_aggregate
+from contlearn.probing import update_stats
 from contlearn.progress import Progress
 
 #: Probe interval of RL runs when ``probe_every`` is 0 (the reference logs ranks every 10k).
@@ -161,8 +162,7 @@ class RLLoop(SteppingLoop):
                           else PROBES[name](ctx))
                 if values:
                     results[name] = values
-        stats = getattr(self.agent, "update_stats", None)
-        for metric, by_layer in (stats() if stats is not None else {}).items():
+        for metric, by_layer in update_stats(self.agent).items():
             if metric != "grad_magnitude" or metric in self.names:
                 results[metric] = by_layer
         for metric, by_layer in results.items():

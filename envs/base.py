@@ -151,9 +151,7 @@ class SupervisedStream:
         Returns:
             ``(obs (R, P, *input_shape), target)``; the stream's own position is untouched.
         """
-        if self.task < 0:
-            raise RuntimeError("probe_batch needs a current task; call next() first")
-        return self._probe_draw(size)
+        return self.probe_batch_later(size)()
 
     def probe_batch_later(self, size: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`probe_batch` in two halves: the random draws now (so the probe generators

@@ -98,9 +98,6 @@ class _MNISTStream(SupervisedStream):
         return torch.from_numpy(np.stack([
             rng.choice(self.num_examples, size, replace=False) for rng in self.probe_rngs]))
 
-    def _probe_draw(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._examples(self._probe_indices(size))
-
     def _probe_later(self, size: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         idx, task = self._probe_indices(size), self._task_tensor().clone()
         return lambda: self._examples(idx, task)

@@ -318,6 +318,10 @@ def test_concurrent_probes_give_the_numbers_of_synchronous_ones(monkeypatch):
                             for r in records for name, v in r.values.items()),
                            key=lambda row: row[:4]))
     assert len(submitted) == 5  # every task start of the concurrent run
+    # plasticity alone needs no probe batch: in line, so no path draws one
+    alone = SupervisedLoop(stream, agent, records.append,
+                           probes=ProbeSchedule(("plasticity",), 0, 64))
+    assert not alone._concurrent
     assert runs[0] == runs[1]  # the same numbers, bit for bit
     assert {row[3] for row in runs[0] if row[0] == "probe"} >= {
         "effective_rank", "dead_fraction", "grad_magnitude", "plasticity", "weight_magnitude"}
