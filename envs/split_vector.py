@@ -50,7 +50,6 @@ def local_copies(num_envs: int) -> int:
     return max(1, (num_envs - 1) // 2)
 
 
-
 def wait_reply(conn: Any, proc: Any, name: str) -> Any:
     """The payload of a worker process's next ``(status, payload)`` reply on ``conn``. The
     worker is busy on the caller's behalf, so this polls (``sched_yield``) instead of sleeping.
@@ -68,6 +67,7 @@ def wait_reply(conn: Any, proc: Any, name: str) -> Any:
     if status == "error":
         raise RuntimeError(f"{name} failed:\n{out}")
     return out
+
 
 class CopiesVectorEnv:
     """Env copies stepped in turn in this process, with same-step autoreset.
