@@ -156,7 +156,7 @@ def _cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-RUN = ["run", "permuted-mnist", "--learner", "cbp", "--seeds", "2", "--tasks", "6",
+RUN = ["run", "permuted-mnist", "--learner", "cbp", "--seeds", "2", "--tasks", "60",
        "--set", "examples_per_task=400", "--set", "hidden=32,32", "--set", "checkpoint_every=100",
        "--set", "learner.replacement_rate=0.01", "--set", "learner.maturity=20",
        "--set", "flush_rows=7", "--set", "probe_size=64"]
