@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from contlearn import kernels
+from contlearn.backends import kernels
 from contlearn.errors import ConfigError
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -330,7 +330,7 @@ def _update_weight_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, al
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``w ← (1 + β) w + α δᵀ h_in`` in place for ``w (R, K, H)``; returns ``δ w`` taken before
     the update ``(R, B, H)`` (if ``need_below``) and ``Σ_k |w[k, :]|`` after it ``(R, H)`` (if
-    ``want_col``). One pass of the compiled kernel (:mod:`contlearn.kernels`) when it
+    ``want_col``). One pass of the compiled kernel (:mod:`contlearn.backends.kernels`) when it
     applies; else torch ops, large matrices in row blocks that stay in cache between reads."""
     if kernels.applies(w, delta, h_in):
         return kernels.layer_update_(w, delta, h_in, alpha, beta, need_below, want_col)

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from contlearn import kernels
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
+from contlearn.backends import kernels
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.base import GradientTransformation
@@ -86,7 +86,7 @@ class OnlineAgent:
     supports_replicas = True
     Spec = OnlineAgentSpec
     #: threads :meth:`learn_block` runs replicas on (0: one per core); a run sets it
-    #: (``contlearn.runner.intra_op_threads``)
+    #: (``contlearn.running.runner.intra_op_threads``)
     replica_workers: int = 0
 
     def __init__(self, info: StreamInfo, seeds: Sequence[int], spec: OnlineAgentSpec,
@@ -199,7 +199,7 @@ class OnlineAgent:
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """T online steps at once: the same as ``T`` calls of :meth:`act` and :meth:`observe`,
         each replica's steps in one compiled loop while its weights stay in cache
-        (:func:`contlearn.kernels.online_block_`). Call only if :meth:`block_ready`.
+        (:func:`contlearn.backends.kernels.online_block_`). Call only if :meth:`block_ready`.
 
         Args:
             obs: ``(T, R, 1, *input_shape)``.

@@ -13,11 +13,11 @@ __all__ = ["ContlearnError", "RunResult", "load_runs", "resume", "run"]
 
 def __getattr__(name: str) -> Any:
     if name in ("run", "resume", "RunResult"):
-        from contlearn import api
+        from contlearn.running import api
 
         return getattr(api, name)
     if name == "load_runs":
-        from contlearn.store import load_runs
+        from contlearn.results.store import load_runs
 
         return load_runs
     if name == "ContlearnError":

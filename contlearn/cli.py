@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``contlearn run``."""
-    from contlearn.api import run
-    from contlearn.config import parse_set
+    from contlearn.running.api import run
+    from contlearn.running.config import parse_set
 
     config = parse_set(args.set)
     result = run(args.stream, learner=args.learner, agent=args.agent, seeds=args.seeds,
@@ -118,8 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """``contlearn resume``."""
-    from contlearn.api import resume
-    from contlearn.config import RunSpec
+    from contlearn.running.api import resume
+    from contlearn.running.config import RunSpec
     from contlearn.spec import parse_value, spec_fields
 
     fields = {f.name: f for f in spec_fields(RunSpec)}
@@ -131,10 +131,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """``contlearn plot``."""
-    from contlearn.store import load_runs
+    from contlearn.results.store import load_runs
 
     df = load_runs(args.runs, config=True)
-    from contlearn import plots
+    from contlearn.results import plots
 
     if df.empty:
         raise ContlearnError(f"no metrics recorded yet in {' '.join(args.runs)}")
@@ -156,10 +156,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """``contlearn summary``."""
-    from contlearn.store import load_runs
+    from contlearn.results.store import load_runs
 
     df = load_runs(args.runs, config=True)
-    from contlearn.summary import format_summary, summary_table
+    from contlearn.results.summary import format_summary, summary_table
 
     if args.by not in df.columns:
         df = load_runs(args.runs, config=[args.by])
@@ -177,7 +177,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """``contlearn data download mnist``."""
-    from contlearn.datasets import MNIST_MIRRORS, download_mnist
+    from contlearn.data.datasets import MNIST_MIRRORS, download_mnist
 
     mirrors = [*(args.mirror or []), *MNIST_MIRRORS]
     path = download_mnist(args.dir and Path(args.dir) / "mnist", mirrors=mirrors)
@@ -187,8 +187,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``contlearn sweep``: exit 1 if a run failed, 130 if interrupted."""
-    from contlearn.config import parse_set
-    from contlearn.sweep import plan_sweep, run_sweep
+    from contlearn.running.config import parse_set
+    from contlearn.sweeps.plan import plan_sweep, run_sweep
 
     plan = plan_sweep(args.spec, args.out, parse_set(args.set))
     if args.dry_run:
@@ -207,7 +207,7 @@ COMMANDS = {"run": cmd_run, "resume": cmd_resume, "plot": cmd_plot, "summary": c
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, 130 on Ctrl-C)."""
-    from contlearn.runner import RunInterrupted
+    from contlearn.running.runner import RunInterrupted
 
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit raises OSError instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -17,10 +17,10 @@ def _options(fields: list[FieldInfo], prefix: str = "") -> list[str]:
 def describe(what: str | None = None) -> str:
     """Streams, learners and agents (or just ``what``) with their options."""
     from contlearn.agents import agents
-    from contlearn.config import RunSpec
     from contlearn.envs import streams
     from contlearn.learners import learner_def, learners
-    from contlearn.plugins import agent_options
+    from contlearn.running.config import RunSpec
+    from contlearn.running.plugins import agent_options
 
     out: list[str] = []
     if what in (None, "streams"):

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from contlearn.datasets import load_mnist
+from contlearn.data.datasets import load_mnist
 from contlearn.envs.base import StreamInfo, SupervisedStream
 from contlearn.errors import ConfigError
 from contlearn.spec import param

@@ -41,15 +41,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import contlearn.engine as engine
+import contlearn.loop.engine as engine
 from contlearn.agents.networks import GAINS
-from contlearn.config import resolve
-from contlearn.datasets import load_mnist
-from contlearn.engine import ProbeSchedule, SupervisedLoop
+from contlearn.data.datasets import load_mnist
 from contlearn.envs import make_stream
-from contlearn.probes import DEFAULT_PROBES
+from contlearn.loop.engine import ProbeSchedule, SupervisedLoop
+from contlearn.probes.measures import DEFAULT_PROBES
+from contlearn.results.store import MetricWriter
+from contlearn.running.config import resolve
 from contlearn.scripting import parse_flags
-from contlearn.store import MetricWriter
 
 #: learner rows: name -> (contlearn learner, base optimizer)
 LEARNERS = {"bp": ("bp", "sgd"), "l2": ("l2", "sgd"), "snp": ("snp", "sgd"),

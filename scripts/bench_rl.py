@@ -26,8 +26,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from contlearn.config import resolve
 from contlearn.envs import make_stream
+from contlearn.running.config import resolve
 from contlearn.scripting import parse_flags
 
 

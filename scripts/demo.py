@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import contlearn
-from contlearn import plots
+from contlearn.results import plots
+from contlearn.results.summary import format_summary, summary_table
 from contlearn.scripting import parse_flags
-from contlearn.summary import format_summary, summary_table
 
 
 @dataclass

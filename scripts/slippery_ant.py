@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 import contlearn
-from contlearn import plots
 from contlearn.agents import check_agent
-from contlearn.config import resolve
 from contlearn.envs import make_stream
+from contlearn.results import plots
+from contlearn.results.store import MetricWriter, prepare_run_dir, write_config
+from contlearn.running.config import resolve
 from contlearn.scripting import parse_flags
-from contlearn.store import MetricWriter, prepare_run_dir, write_config
 
 #: Dohare et al.'s Slippery Ant settings per learner (on top of the PPO defaults).
 PAPER = {

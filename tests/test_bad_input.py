@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from contlearn.cli import main
-from contlearn.store import load_runs
+from contlearn.results.store import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["examples_per_task", "batch_size", "num_bits", "slow_bits", "beta", "hidden", "lr",

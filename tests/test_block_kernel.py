@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import contlearn
-from contlearn import engine, kernels
 from contlearn.agents.online import OnlineAgent
-from contlearn.config import resolve
-from contlearn.engine import SupervisedLoop
+from contlearn.backends import kernels
 from contlearn.envs import make_stream
+from contlearn.loop import engine
+from contlearn.loop.engine import SupervisedLoop
+from contlearn.running.config import resolve
 from contlearn.state import tree_leaves
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="needs a C compiler")

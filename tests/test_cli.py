@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from contlearn.datasets import PACKAGED_DIR
-from contlearn.store import load_runs
+from contlearn.data.datasets import PACKAGED_DIR
+from contlearn.results.store import load_runs
 from tests.conftest import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]

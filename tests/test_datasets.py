@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contlearn.datasets import (
+from contlearn.data.datasets import (
     MNIST_FILES,
     PACKAGED_DIR,
     download_mnist,
@@ -111,7 +111,7 @@ def test_download_with_no_good_mirror_fails_cleanly(server, tmp_path):
 
 
 def test_cli_download_uses_the_given_mirror(server, tmp_path, cli, monkeypatch):
-    import contlearn.datasets as ds
+    import contlearn.data.datasets as ds
 
     monkeypatch.setattr(ds, "MNIST_FILES", TEST_FILES)
     monkeypatch.setattr(ds, "MNIST_MIRRORS", ())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import contlearn
-from contlearn.store import load_runs
+from contlearn.results.store import load_runs
 
 
 class _Breaks:

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import contlearn
-from contlearn.config import resolve
-from contlearn.engine import run_loop
 from contlearn.envs import make_stream
 from contlearn.errors import ConfigError
 from contlearn.learners import learner_def, learners
+from contlearn.loop.engine import run_loop
+from contlearn.results.store import load_runs
+from contlearn.running.config import resolve
 from contlearn.spec import spec_fields
-from contlearn.store import load_runs
 
 LEARNERS = ["bp", "adam", "proper-adam", "l2", "l2-init", "snp", "snp-init", "cbp", "redo",
             "head-reset"]

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import contlearn
-from contlearn import kernels
 from contlearn.agents.online import OnlineAgent
-from contlearn.config import resolve
+from contlearn.backends import kernels
 from contlearn.envs import make_stream
 from contlearn.errors import ConfigError
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import scale_by_adam
-from contlearn.probes import DEFAULT_PROBES, PROBES, register_probe, run_probes
+from contlearn.probes.measures import DEFAULT_PROBES, PROBES, register_probe, run_probes
+from contlearn.running.config import resolve
 from contlearn.state import tree_leaves
 
 CBP_FAST = {"learner.replacement_rate": 0.02, "learner.maturity": 10, "learner.decay": 0.9}

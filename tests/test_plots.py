@@ -1,4 +1,4 @@
-"""Tests of contlearn.plots on small synthetic frames (and one run store round trip)."""
+"""Tests of contlearn.results.plots on small synthetic frames (and one run store round trip)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from contlearn.errors import ContlearnError
-from contlearn.plots import (
+from contlearn.results.plots import (
     bootstrap_ci,
     check_comparable,
     curve_stats,
@@ -18,7 +18,7 @@ from contlearn.plots import (
     probe_metrics,
     save_figure,
 )
-from contlearn.store import MetricWriter, load_runs, write_config
+from contlearn.results.store import MetricWriter, load_runs, write_config
 
 
 def frame(learners=("bp", "cbp"), seeds=3, tasks=6, stream="permuted-mnist",

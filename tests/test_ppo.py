@@ -16,12 +16,12 @@ from contlearn.agents.ppo import (
     gae,
     gaussian_log_prob,
 )
-from contlearn.config import resolve
 from contlearn.envs import make_stream
 from contlearn.errors import ConfigError
 from contlearn.learners.base import find_states
 from contlearn.learners.optim import ScaleByAdamState
-from contlearn.rl_engine import RLLoop
+from contlearn.loop.rl import RLLoop
+from contlearn.running.config import resolve
 from contlearn.seeding import torch_generator
 
 SMALL = {"change_every": 150, "rollout": 64, "minibatch_size": 16, "epochs": 2}  # 8 updates

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from contlearn.config import resolve
 from contlearn.envs import make_stream
 from contlearn.envs.base import StreamInfo
-from contlearn.runner import place_agent
+from contlearn.running.config import resolve
+from contlearn.running.runner import place_agent
 from contlearn.state import tree_leaves
 
 INFO = StreamInfo("ant-like", "rl", (105,), 8, False, 2, "episode_return")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contlearn.config import resolve
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
+from contlearn.running.config import resolve
 from contlearn.state import tree_leaves
 
 INFO = StreamInfo("ant-like", "rl", (11,), 3, False, 2, "episode_return")

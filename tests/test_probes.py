@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import contlearn
-from contlearn.config import resolve
 from contlearn.errors import ConfigError
-from contlearn.probes import (
+from contlearn.probes.measures import (
     ProbeContext,
     approx_rank_of,
     dead_fraction,
@@ -22,6 +21,7 @@ from contlearn.probes import (
     stable_rank_of,
     weight_magnitude,
 )
+from contlearn.running.config import resolve
 
 
 def _ctx(features, activation="relu", params=None):
@@ -247,8 +247,8 @@ def test_plasticity_and_grad_magnitude_against_plain_sgd(monkeypatch, stream, pa
     # the last probe; plasticity is 1 − L_after/L_before of the probe step's own sample and
     # update. The run's values against a plain autograd SGD replay of the same samples.
     from contlearn.agents.online import OnlineAgent
-    from contlearn.engine import ProbeSchedule, SupervisedLoop
     from contlearn.envs import make_stream
+    from contlearn.loop.engine import ProbeSchedule, SupervisedLoop
 
     extra = {"examples_per_task": 1000} if "mnist" in stream else {}
     cfg = resolve({"stream": stream, "hidden": "12,8", "lr": 0.05, "fast": path != "reference",
@@ -291,11 +291,11 @@ def test_plasticity_and_grad_magnitude_against_plain_sgd(monkeypatch, stream, pa
 
 def test_concurrent_probes_give_the_numbers_of_synchronous_ones(monkeypatch):
     # the engine runs the built-in probes on a copy of the network while blocks learn on
-    from contlearn import engine
     from contlearn.agents.online import OnlineAgent
-    from contlearn.engine import ProbeSchedule, SupervisedLoop
     from contlearn.envs import make_stream
-    from contlearn.probes import DEFAULT_PROBES
+    from contlearn.loop import engine
+    from contlearn.loop.engine import ProbeSchedule, SupervisedLoop
+    from contlearn.probes.measures import DEFAULT_PROBES
 
     submitted = []
     submit = engine.submit_probes
@@ -329,8 +329,8 @@ def test_concurrent_probes_give_the_numbers_of_synchronous_ones(monkeypatch):
 
 def test_networks_too_large_to_copy_are_probed_in_line(monkeypatch):
     from contlearn.agents import online
-    from contlearn.engine import ProbeSchedule, SupervisedLoop
     from contlearn.envs import make_stream
+    from contlearn.loop.engine import ProbeSchedule, SupervisedLoop
 
     cfg = resolve({"stream": "permuted-mnist", "hidden": "16", "examples_per_task": 100})
     stream = make_stream("permuted-mnist", cfg.stream_spec, [0])

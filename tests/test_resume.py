@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 import contlearn
-from contlearn.checkpoint import checkpoint_files, read_checkpoint
 from contlearn.errors import RunDirError
-from contlearn.store import RunLock, load_runs
+from contlearn.results.store import RunLock, load_runs
+from contlearn.running.checkpoint import checkpoint_files, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"examples_per_task": 150, "hidden": "10,10", "probe_size": 32, "checkpoint_every": 40}

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import contlearn
-from contlearn.config import resolve
-from contlearn.engine import DivergenceError, ProbeSchedule
 from contlearn.envs import make_stream
-from contlearn.rl_engine import RLLoop, activity_dormant_fraction
-from contlearn.store import load_runs
+from contlearn.loop.engine import DivergenceError, ProbeSchedule
+from contlearn.loop.rl import RLLoop, activity_dormant_fraction
+from contlearn.results.store import load_runs
+from contlearn.running.config import resolve
 
 pytestmark = pytest.mark.mujoco
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from contlearn.config import resolve
 from contlearn.envs import make_stream
 from contlearn.envs.rl_stream import MujocoRLStream, RLStreamSpec
 from contlearn.errors import ConfigError
+from contlearn.running.config import resolve
 
 pytestmark = pytest.mark.mujoco
 

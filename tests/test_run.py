@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import contlearn
-from contlearn.store import COLUMNS, load_runs
+from contlearn.results.store import COLUMNS, load_runs
 
 SMALL = {"examples_per_task": 200, "hidden": "16,16"}
 

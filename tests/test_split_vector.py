@@ -9,10 +9,10 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from contlearn.config import resolve
 from contlearn.envs import make_stream
 from contlearn.envs.rl_stream import MujocoRLStream, make_copy
 from contlearn.envs.split_vector import CopiesVectorEnv, SplitVectorEnv, local_copies
+from contlearn.running.config import resolve
 
 pytestmark = pytest.mark.mujoco
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from contlearn.config import resolve
 from contlearn.envs import make_stream, streams
 from contlearn.envs.bit_flipping import ltu_target
+from contlearn.running.config import resolve
 
 STREAMS = ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"]
 
@@ -61,7 +61,7 @@ def test_tasks_advance_every_steps_per_task(name):
 
 
 def test_permuted_mnist_pixels_are_a_permutation_of_an_mnist_image():
-    from contlearn.datasets import load_mnist
+    from contlearn.data.datasets import load_mnist
 
     images, _ = load_mnist("test")
     s = _stream("permuted-mnist", [0], examples_per_task=10)
@@ -104,7 +104,7 @@ def test_mnist_pass_boundary_inside_a_batch():
 
 
 def test_label_shuffled_labels_follow_a_per_task_permutation():
-    from contlearn.datasets import load_mnist
+    from contlearn.data.datasets import load_mnist
 
     _, labels = load_mnist("test")
     s = _stream("label-shuffled-mnist", [4], examples_per_task=20, batch_size=5)

@@ -1,4 +1,4 @@
-"""Tests of contlearn.summary against numbers computed by hand."""
+"""Tests of contlearn.results.summary against numbers computed by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from contlearn.errors import ContlearnError
-from contlearn.summary import final_tasks, format_summary, summary_table
+from contlearn.results.summary import final_tasks, format_summary, summary_table
 
 # seed-mean curves: seed 0 has these values, seed 1 the same + 0.1 (mean: + 0.05)
 CURVE_A = [0.5, 0.7, 0.9, 0.8, 0.8, 0.6, 0.6, 0.6, 0.6, 0.4]  # 10 tasks: final = last 1

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 import contlearn
-from contlearn.datasets import PACKAGED_DIR
-from contlearn.store import load_runs
-from contlearn.sweep import expand, parse_spec, plan_sweep, run_name, run_sweep
+from contlearn.data.datasets import PACKAGED_DIR
+from contlearn.results.store import load_runs
+from contlearn.sweeps.plan import expand, parse_spec, plan_sweep, run_name, run_sweep
 
 TINY = """
 stream = "permuted-mnist"
@@ -221,6 +221,6 @@ def test_a_paper_style_grid_runs_locally_and_plots_as_one_figure(cli, tmp_path):
     assert sorted(df.lr.unique()) == [0.003, 0.01] and sorted(df.seed.unique()) == [0, 1]
     code, out, _ = cli("plot", root, "--by", "learner", "--out", tmp_path / "decay.png")
     assert code == 0 and (tmp_path / "decay.png").stat().st_size > 10_000
-    if importlib.util.find_spec("contlearn.summary") is not None:
+    if importlib.util.find_spec("contlearn.results.summary") is not None:
         code, out, _ = cli("summary", root, "--by", "learner")
         assert code == 0 and "bp" in out and "cbp" in out

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 import contlearn
-from contlearn.datasets import PACKAGED_DIR
-from contlearn.store import load_runs
-from contlearn.sweep import plan_sweep, run_sweep
+from contlearn.data.datasets import PACKAGED_DIR
+from contlearn.results.store import load_runs
+from contlearn.sweeps.plan import plan_sweep, run_sweep
 from tests.test_sweep import GRID, TINY, _files, _frame, _write
 
 pytestmark = pytest.mark.ray

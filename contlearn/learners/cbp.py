@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from contlearn import kernels
+from contlearn.backends import kernels
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
 from contlearn.learners.fused import FusedPlan, UnitReplacer, declare_fused, fused_plan
@@ -285,8 +285,8 @@ class _ContinualBackprop:
     def _compiled_steps(self, state: CBPState, params: Params, updates: Params | None,
                         features: dict[str, torch.Tensor], col_l1: dict
                         ) -> list[torch.Tensor] | None:
-        """Steps 1–5 with :func:`contlearn.kernels.cbp_stats_`, one call per layer (the same
-        formulas as :meth:`_test` and :meth:`_counts`)."""
+        """Steps 1–5 with :func:`contlearn.backends.kernels.cbp_stats_`, one call per layer
+        (the same formulas as :meth:`_test` and :meth:`_counts`)."""
         counts, total = [], 0
         for name, nxt in self.layers:
             table = self._correction_table(state.mean_act[name].dtype, state.mean_act[name].device)

@@ -35,12 +35,13 @@ PostFn = Callable[..., Any]
 
 class UnitReplacer(NamedTuple):
     """A post that is continual backprop's steps 1–7 and can run inside the agent's whole-step
-    kernel (:func:`contlearn.kernels.online_block_`): the kernel does steps 1–5 and stops a
+    kernel (:func:`contlearn.backends.kernels.online_block_`): the kernel does steps 1–5 and stops a
     replica at a step where units must be replaced; ``replace`` does steps 6–7.
 
     Attributes:
         kernel_state: ``kernel_state(state)``, the per-layer tensors the kernel updates in
-            place (:class:`contlearn.kernels.CBPKernelState`), or None if it cannot take them.
+            place (:class:`contlearn.backends.kernels.CBPKernelState`), or None if it cannot
+            take them.
         replace: ``replace(state, params, counts, skip)`` with ``counts`` one ``(R,)`` int64
             tensor per hidden layer (units to replace, 0 for replicas without an event) and
             ``skip`` the kernel's ``Pending1.skip``.

@@ -8,7 +8,8 @@ re-initialises.
 
 Speed: ``scale`` declares itself fusable (:mod:`contlearn.learners.fused`), so plain SGD can be
 applied in place by the agent. Adam on CPU float32 tensors runs in one pass per tensor in the
-compiled kernel (:mod:`contlearn.kernels`; bias corrections read from tables of ``1 − βᵗ``).
+compiled kernel (:mod:`contlearn.backends.kernels`; bias corrections read from tables of
+``1 − βᵗ``).
 Otherwise (other devices, no compiler) it takes torch ops, where the per-element bias
 corrections cost several passes; while a tensor's counts are all equal (no reset has touched
 it: checked through the tensor's version counter, or with one min/max pass after someone else
@@ -22,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from contlearn import kernels
+from contlearn.backends import kernels
 from contlearn.learners.base import GradientTransformation, Params, chain, stateless
 from contlearn.learners.fused import FusedPlan, declare_fused
 

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from contlearn.errors import ContlearnError
-from contlearn.probes import AFTER_STEP, SNAPSHOT_SAFE, run_step_probes
-from contlearn.probing import (  # noqa: F401 (the runner takes torch_threads from here)
+from contlearn.loop.progress import Progress
+from contlearn.probes.measures import AFTER_STEP, SNAPSHOT_SAFE, run_step_probes
+from contlearn.probes.schedule import (  # noqa: F401 (the runner takes torch_threads from here)
     ProbeSchedule,
     scheduled_results,
     submit_probes,
     torch_threads,
 )
-from contlearn.progress import Progress
 
 #: the wall time a block of steps aims at (see :meth:`SupervisedLoop.advance`)
 BLOCK_SECONDS = 0.25

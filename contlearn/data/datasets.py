@@ -40,7 +40,7 @@ MNIST_MIRRORS: tuple[str, ...] = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
-PACKAGED_DIR = Path(__file__).parent / "data" / "mnist"
+PACKAGED_DIR = Path(__file__).parent / "mnist"
 
 
 def default_cache_dir() -> Path:

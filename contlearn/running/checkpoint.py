@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from contlearn.store import write_atomic
+from contlearn.results.store import write_atomic
 
 CKPT_DIR = "checkpoints"
 FORMAT = 1

@@ -2,7 +2,7 @@
 
 :func:`scheduled_results` runs the probes due at a probe point in line; :func:`submit_probes`
 runs them on a copy of the network on the probe thread (lowered CPU priority) while the agent
-learns on, with the same numbers. The engine (:class:`contlearn.engine.SupervisedLoop`) picks
+learns on, with the same numbers. The engine (:class:`contlearn.loop.engine.SupervisedLoop`) picks
 one and turns the results into records.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from contlearn.probes import AFTER_STEP, run_probes
+from contlearn.probes.measures import AFTER_STEP, run_probes
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     flags = _flags()
     digest = hashlib.sha256((source + " ".join(flags) + compiler).encode()).hexdigest()[:16]
-    from contlearn.datasets import default_cache_dir
+    from contlearn.data.datasets import default_cache_dir
 
     for folder in (default_cache_dir() / "kernels", Path(tempfile.gettempdir())):
         lib = folder / f"contlearn_kernels_{digest}.so"

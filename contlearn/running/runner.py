@@ -20,18 +20,18 @@ from typing import Any
 
 import torch
 
-from contlearn.checkpoint import load_latest, save_checkpoint
-from contlearn.config import RunConfig, total_steps
-from contlearn.engine import (
+from contlearn.errors import ContlearnError
+from contlearn.loop.engine import (
     ProbeSchedule,
     Record,
     SingleReplicaAdapter,
     SupervisedLoop,
     torch_threads,
 )
-from contlearn.errors import ContlearnError
-from contlearn.progress import Progress
-from contlearn.store import MetricWriter
+from contlearn.loop.progress import Progress
+from contlearn.results.store import MetricWriter
+from contlearn.running.checkpoint import load_latest, save_checkpoint
+from contlearn.running.config import RunConfig, total_steps
 
 
 class RunInterrupted(Exception):  # noqa: N818 - an outcome, not an error
@@ -106,7 +106,7 @@ def make_streams(cfg: RunConfig) -> list[Any]:
 def make_agent(cfg: RunConfig, stream: Any) -> Any:
     """The run's agent for one stream (plug-in agents wrapped to look replica-batched)."""
     from contlearn.agents import check_agent
-    from contlearn.plugins import build_plugin_agent
+    from contlearn.running.plugins import build_plugin_agent
 
     seeds = stream.seeds
     if getattr(cfg.agent_cls, "Spec", None) is not None:
@@ -148,7 +148,7 @@ def intra_op_threads(requested: int, agent: Any) -> Iterator[int]:
 def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
     """The run's probe schedule from its ``probes``, ``probe_every``, ``probe_size`` and
     ``threads`` keys."""
-    from contlearn.probes import parse_probes
+    from contlearn.probes.measures import parse_probes
 
     return ProbeSchedule(tuple(parse_probes(cfg.run.probes)), cfg.run.probe_every,
                          cfg.run.probe_size, cfg.run.threads)
@@ -158,7 +158,7 @@ def make_loop(stream: Any, agent: Any, emit: Any, bar: Progress, probes: ProbeSc
               cfg: RunConfig) -> Any:
     """The loop for a stream's kind."""
     if stream.info.kind == "rl":
-        from contlearn.rl_engine import RLLoop
+        from contlearn.loop.rl import RLLoop
 
         return RLLoop(stream, agent, emit, bar, probes, cfg.run.on_divergence)
     return SupervisedLoop(stream, agent, emit, bar, probes, cfg.run.on_divergence)

@@ -10,12 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from contlearn.config import RunConfig, read_config_file, resolve
 from contlearn.errors import ConfigError, RunDirError
-from contlearn.plugins import takes_learner
-from contlearn.progress import want_progress
-from contlearn.runner import execute, make_streams
-from contlearn.store import (
+from contlearn.loop.progress import want_progress
+from contlearn.results.store import (
     MetricWriter,
     RunLock,
     is_run_dir,
@@ -25,6 +22,9 @@ from contlearn.store import (
     write_atomic,
     write_config,
 )
+from contlearn.running.config import RunConfig, read_config_file, resolve
+from contlearn.running.plugins import takes_learner
+from contlearn.running.runner import execute, make_streams
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class RunSpec:
         """Tasks and steps are alternatives; the device exists."""
         if self.tasks and self.steps:
             raise ConfigError(f"give tasks ({self.tasks}) or steps ({self.steps}), not both")
-        from contlearn.probes import parse_probes
+        from contlearn.probes.measures import parse_probes
 
         parse_probes(self.probes)
         import torch
@@ -177,7 +177,7 @@ def _unknown(key: str, known: list[str], context: str) -> ConfigError:
 def _agent_fields(agent_cls: type) -> list[FieldInfo]:
     spec_cls = getattr(agent_cls, "Spec", None)
     if spec_cls is None:
-        from contlearn.plugins import agent_options
+        from contlearn.running.plugins import agent_options
 
         return agent_options(agent_cls)
     return spec_fields(spec_cls)
@@ -195,7 +195,7 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     from contlearn.agents import agents
     from contlearn.envs import streams
     from contlearn.learners import Learner, learner_def
-    from contlearn.plugins import agent_ref, load_agent_class
+    from contlearn.running.plugins import agent_ref, load_agent_class
 
     values = dict(values)
     stream = values.pop("stream", None)

@@ -39,9 +39,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from contlearn.config import flatten
 from contlearn.errors import ConfigError, ContlearnError, RunDirError
-from contlearn.sweep_exec import DONE_FILE, SweepProgress, SweepResult, run_local
+from contlearn.running.config import flatten
+from contlearn.sweeps.local import DONE_FILE, SweepProgress, SweepResult, run_local
 
 SWEEP_FILE = "sweep.json"
 SPEC_KEYS = ("grid", "zip", "variant", "seeds_per_run")
@@ -195,7 +195,7 @@ def read_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> S
     Raises:
         ConfigError: the file is missing or malformed, or the spec is invalid.
     """
-    from contlearn.config import tomllib
+    from contlearn.running.config import tomllib
 
     file = Path(path)
     try:
@@ -278,9 +278,9 @@ def expected_config(run: SweepRun) -> dict[str, Any]:
     Raises:
         ConfigError: the run's config is invalid (the message names the run).
     """
-    from contlearn.api import stored_config
-    from contlearn.config import resolve
-    from contlearn.plugins import takes_learner
+    from contlearn.running.api import stored_config
+    from contlearn.running.config import resolve
+    from contlearn.running.plugins import takes_learner
 
     try:
         cfg = resolve(run.config)
@@ -302,8 +302,8 @@ def run_status(path: Path, expected: dict[str, Any]) -> str:
     Raises:
         RunDirError: the folder holds a run of another config (not only of another length).
     """
-    from contlearn.api import changed_keys
-    from contlearn.store import is_run_dir, read_config
+    from contlearn.results.store import is_run_dir, read_config
+    from contlearn.running.api import changed_keys
 
     if not is_run_dir(path):
         return "new"
@@ -332,7 +332,7 @@ def plan_sweep(spec: str | Path | SweepSpec | Mapping[str, Any], out: str | Path
     Raises:
         ContlearnError: a bad spec, an invalid run config, or a root holding other runs there.
     """
-    from contlearn.store import is_run_dir
+    from contlearn.results.store import is_run_dir
 
     if not isinstance(spec, SweepSpec):
         spec = (read_spec(spec, overrides) if isinstance(spec, (str, Path))
@@ -348,7 +348,7 @@ def plan_sweep(spec: str | Path | SweepSpec | Mapping[str, Any], out: str | Path
 
 def write_sweep_file(plan: Plan) -> None:
     """``ROOT/sweep.json``: the spec and its expansion."""
-    from contlearn.store import write_atomic
+    from contlearn.results.store import write_atomic
 
     plan.root.mkdir(parents=True, exist_ok=True)
     data = {"written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -391,7 +391,7 @@ def run_sweep(plan: Plan, *, backend: str = "local", workers: int | None = None,
         raise ConfigError(f"sweep needs backend local or ray ({backend!r}), workers ≥ 1 "
                           f"({workers}) and cpus-per-run > 0 ({cpus_per_run})")
     if backend == "ray":
-        from contlearn.sweep_ray import ray_session, run_ray
+        from contlearn.sweeps.on_ray import ray_session, run_ray
 
         with ray_session(address) as ray:
             return _run(plan, progress, lambda todo, bar: run_ray(ray, plan, todo, cpus_per_run,

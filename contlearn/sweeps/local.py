@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from contlearn.errors import ContlearnError
-from contlearn.progress import want_progress
+from contlearn.loop.progress import want_progress
 
 if TYPE_CHECKING:
-    from contlearn.sweep import Plan, SweepRun
+    from contlearn.sweeps.plan import Plan, SweepRun
 
 DONE_FILE = "done.json"
 
@@ -175,9 +175,9 @@ def run_one(root: str, run: SweepRun, sha: str, threads: int = 0) -> Outcome:
         root: the sweep root. run: the run. sha: its config digest (for ``done.json``).
         threads: torch threads for this process (0: leave as is).
     """
-    from contlearn.api import run as run_config
-    from contlearn.runner import RunInterrupted
-    from contlearn.store import write_atomic
+    from contlearn.results.store import write_atomic
+    from contlearn.running.api import run as run_config
+    from contlearn.running.runner import RunInterrupted
 
     if _STOP is not None and _STOP.is_set():
         return Outcome(run.name, "interrupted", "not started: the sweep was interrupted")

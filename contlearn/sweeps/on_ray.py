@@ -1,6 +1,6 @@
 """The Ray backend of sweeps: one Ray task per run, results on shared storage.
 
-Each task calls the same :func:`contlearn.sweep_exec.run_one` as the local pool, so a run on a
+Each task calls the same :func:`contlearn.sweeps.local.run_one` as the local pool, so a run on a
 cluster writes the same run directory (config, metrics, checkpoints, ``done.json``) under the
 sweep root, which must be a path every node sees (a shared file system). Results stream back
 as tasks finish (``ray.wait``); a task whose worker dies is retried by Ray and resumes from its
@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from contlearn.errors import ContlearnError
-from contlearn.sweep_exec import Outcome, SweepProgress, forward_sigterm, one_line, run_one
+from contlearn.sweeps.local import Outcome, SweepProgress, forward_sigterm, one_line, run_one
 
 if TYPE_CHECKING:
-    from contlearn.sweep import Plan, SweepRun
+    from contlearn.sweeps.plan import Plan, SweepRun
 
 
 def import_ray() -> Any:

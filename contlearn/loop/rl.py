@@ -3,7 +3,7 @@
 One step of :class:`RLLoop` is one step of the vector env for every replica (DESIGN.md §1):
 ``action = agent.act(obs)``, the stream steps every copy, and ``agent.observe(obs, action,
 feedback)`` gets the :class:`~contlearn.envs.rl_stream.Feedback` ``(reward, next_obs,
-terminated, truncated)``. It has the interface of :class:`contlearn.engine.SupervisedLoop`.
+terminated, truncated)``. It has the interface of :class:`contlearn.loop.engine.SupervisedLoop`.
 
 Records (values, not hooks):
 
@@ -21,7 +21,7 @@ Records (values, not hooks):
   - ``dormant_fraction``: for RL, the paper's definition: share of units active (non-zero;
     ReLU: positive) on at most 1% of those inputs (:func:`activity_dormant_fraction`);
   - ``dead_fraction``, ``effective_rank``, ``approx_rank``, ``stable_rank``,
-    ``weight_magnitude``: the probes of :mod:`contlearn.probes`, per hidden layer
+    ``weight_magnitude``: the probes of :mod:`contlearn.probes.measures`, per hidden layer
     (``policy.hidden2`` is the policy's last hidden layer);
   - ``grad_magnitude`` (mean |g| of a minibatch update; PPO samples the first minibatch of
     every epoch) and ``weight_change`` (mean |Δθ| per rollout's update phase), averaged
@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from contlearn.engine import ProbeSchedule, Record, SteppingLoop
-from contlearn.probes import PROBES, ProbeContext, _with_aggregate
-from contlearn.probing import update_stats
-from contlearn.progress import Progress
+from contlearn.loop.engine import ProbeSchedule, Record, SteppingLoop
+from contlearn.loop.progress import Progress
+from contlearn.probes.measures import PROBES, ProbeContext, _with_aggregate
+from contlearn.probes.schedule import update_stats
 
 #: Probe interval of RL runs when ``probe_every`` is 0 (the reference logs ranks every 10k).
 RL_PROBE_EVERY = 10_000
@@ -77,7 +77,7 @@ class RLLoop(SteppingLoop):
     Args:
         stream: an RL stream (``obs``, ``advance``, ``probe_batch``, ``task``, ``step``).
         agent: an agent over all of the stream's replicas (``act``, ``observe``).
-        emit: called with every :class:`~contlearn.engine.Record`.
+        emit: called with every :class:`~contlearn.loop.engine.Record`.
         progress: optional progress display (shows the mean of the last episode returns).
         probes: which probes to run; ``every`` 0 means :data:`RL_PROBE_EVERY` steps.
         on_divergence: what a non-finite update ``loss`` does: ``mark`` (record ``diverged``

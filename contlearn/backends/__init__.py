@@ -1,0 +1,1 @@
+"""Backends: the fast paths and the compiled kernels they call."""

@@ -1,0 +1,1 @@
+"""Datasets: downloads with checksums and the MNIST test set shipped in the package."""

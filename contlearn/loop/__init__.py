@@ -1,0 +1,1 @@
+"""The loop and its records: one engine for every stream, the RL loop, progress."""

@@ -1,0 +1,9 @@
+"""Probes: the measures (pure functions of a network and a probe batch, DESIGN.md §5) and the
+schedule that runs them beside learning.
+
+The public names for plug-in probes are re-exported here: ``contlearn.probes.register_probe``.
+"""
+
+from contlearn.probes.measures import PROBES, ProbeContext, parse_probes, register_probe
+
+__all__ = ["PROBES", "ProbeContext", "parse_probes", "register_probe"]

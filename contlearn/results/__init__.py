@@ -1,0 +1,1 @@
+"""Results: the run store (parquet), summaries and plots."""

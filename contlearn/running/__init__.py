@@ -1,0 +1,2 @@
+"""Running one configuration: the Python API, resolved configs, the runner, checkpoints and
+plug-ins."""

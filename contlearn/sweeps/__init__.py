@@ -1,0 +1,1 @@
+"""Sweeps: a plan of runs, executed in local processes or on Ray."""
