@@ -9,7 +9,13 @@ A transform is a pair of functions::
 ``(R, ...)``; layers are addressed by name. State is a NamedTuple whose leaves are tensors (or
 dicts/tuples of them), so it checkpoints with ``torch.save`` and loads with
 ``weights_only=True``. Extras (activations for utilities, the step's loss) are keyword-only and
-every transform ignores those it does not use. :func:`chain` composes transforms left to right.
+every transform ignores those it does not use. :func:`chain` composes transforms left to right
+and keeps its parts (:attr:`GradientTransformation.parts`).
+
+A transform whose update is affine in (g, θ) declares that form as data
+(:attr:`GradientTransformation.fused`, a :class:`contlearn.learners.fused.FusedPlan`), so a
+fast backend can apply it in place; nothing inspects closures
+(:func:`contlearn.learners.fused.fused_plan`).
 
 For speed the state tensors are updated in place and the same NamedTuple is returned; callers
 must treat the state they passed in as consumed.
@@ -18,35 +24,38 @@ must treat the state they passed in as consumed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 
 Params = dict[str, torch.Tensor]
 
 
-class InitFn(Protocol):
-    def __call__(self, params: Params) -> Any: ...
-
-
-class UpdateFn(Protocol):
-    def __call__(self, grads: Params, state: Any, params: Params, **extra: Any
-                 ) -> tuple[Params, Any]: ...
-
-
 class GradientTransformation(NamedTuple):
-    """An ``init``/``update`` pair (see the module docstring)."""
+    """An ``init``/``update`` pair (see the module docstring).
+
+    Attributes:
+        init: ``init(params) -> state``.
+        update: ``update(grads, state, params, **extra) -> (updates, state)``.
+        fused: the transform's declared fused form (a
+            :class:`~contlearn.learners.fused.FusedPlan`), or None if it has none. A chain
+            leaves it None: its form is composed from its parts.
+        parts: the transforms of a :func:`chain`, in order (empty for any other transform).
+    """
 
     init: Callable[[Params], Any]
     update: Callable[..., tuple[Params, Any]]
+    fused: Any = None
+    parts: tuple[GradientTransformation, ...] = ()
 
 
 class EmptyState(NamedTuple):
     """State of a stateless transform."""
 
 
-def stateless(fn: Callable[..., Params]) -> GradientTransformation:
-    """A transform with no state from ``fn(grads, params, **extra) -> updates``."""
+def stateless(fn: Callable[..., Params], fused: Any = None) -> GradientTransformation:
+    """A transform with no state from ``fn(grads, params, **extra) -> updates`` (``fused``:
+    its declared fused form, if it is affine)."""
 
     def init(params: Params) -> EmptyState:
         return EmptyState()
@@ -54,7 +63,7 @@ def stateless(fn: Callable[..., Params]) -> GradientTransformation:
     def update(grads: Params, state: EmptyState, params: Params, **extra: Any):
         return fn(grads, params, **extra), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, fused)
 
 
 class ChainState(NamedTuple):
@@ -76,7 +85,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             states.append(s)
         return grads, ChainState(tuple(states))
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, parts=tuple(transforms))
 
 
 class AnchorState(NamedTuple):

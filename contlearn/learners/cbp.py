@@ -41,7 +41,7 @@ import torch
 from contlearn.backends import kernels
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
-from contlearn.learners.fused import FusedPlan, UnitReplacer, declare_fused, fused_plan
+from contlearn.learners.fused import FusedPlan, UnitReplacer, fused_plan
 from contlearn.learners.resets import UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import draw, replica_rng_states
 from contlearn.state import tree_leaves
@@ -111,7 +111,7 @@ def continual_backprop(inner: GradientTransformation, network: Any, seeds: Seque
     _check(replacement_rate, maturity, decay, utility, rounding)
     cbp = _ContinualBackprop(inner, network, list(seeds), replacement_rate, maturity, decay,
                              utility, bias_folding, rounding, rng_stream)
-    return declare_fused(GradientTransformation(cbp.init, cbp.update), cbp.fused)
+    return GradientTransformation(cbp.init, cbp.update, cbp.fused())
 
 
 def _need_features(features: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -191,7 +191,10 @@ class _ContinualBackprop:
             return FusedPlan(inner.grad_scale, inner.param_scale, post)
         col = tuple(f"{nxt}.weight" for _, nxt in self.layers)
         replacer = None
-        if self.utility == "contribution" and self.rounding == "carry":
+        # the whole-step kernel takes the paper's utility with carry rounding, with corrections
+        # from a table (η for which 1 − η^a reaches 1 in float32)
+        if self.utility == "contribution" and self.rounding == "carry" and \
+                len(self._correction_table(torch.float32, torch.device("cpu"))):
             replacer = UnitReplacer(self._kernel_state, self._replace_counts)
         return FusedPlan(inner.grad_scale, inner.param_scale, post, col, replacer)
 

@@ -11,9 +11,10 @@ For those the agent need not materialise ``g`` nor ``u``: it can apply
 ``θ ← (1 + β) θ + α g`` as one in-place rank-B update per weight matrix while it back-propagates
 (``baddbmm_`` with ``beta = 1 + β`` and ``alpha = α``), then call ``post``. The result equals
 ``learner.update`` followed by ``θ += u`` up to float rounding (the same products, summed in
-another order). Transforms opt in with :func:`declare_fused`; :func:`fused_plan` composes the
-declarations of a chain and returns None when any part cannot be fused (momentum, Adam, L2-Init,
-ReDo, ...), in which case the agent takes the general path.
+another order). A transform declares its form as data (the ``fused`` field of
+:class:`~contlearn.learners.base.GradientTransformation`); :func:`fused_plan` composes the
+declarations of a chain's parts and returns None when any part has none (momentum, Adam,
+L2-Init, ReDo, ...), in which case no fused backend supports the learner.
 
 A post may ask for the column L1 norms ``Σ_k |W[k, i]|`` of some weights *after* the affine
 update (continual backprop's outgoing-weight magnitudes): the agent computes them while the
@@ -22,12 +23,9 @@ weights are in cache and passes them as the keyword extra ``col_l1={weight name:
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from contlearn.learners import base
 from contlearn.learners.base import ChainState, GradientTransformation
 
 PostFn = Callable[..., Any]
@@ -72,36 +70,12 @@ class FusedPlan(NamedTuple):
     replacer: UnitReplacer | None = None
 
 
-_PLANNERS: weakref.WeakKeyDictionary[Callable[..., Any], Callable[[], FusedPlan | None]] = (
-    weakref.WeakKeyDictionary())
-
-
-def declare_fused(transform: GradientTransformation,
-                  planner: Callable[[], FusedPlan | None]) -> GradientTransformation:
-    """Record how ``transform`` fuses (``planner()`` gives its plan, or None); returns it."""
-    _PLANNERS[transform.update] = planner
-    return transform
-
-
-def _chain_parts(transform: GradientTransformation) -> tuple[GradientTransformation, ...] | None:
-    """The transforms of a :func:`contlearn.learners.base.chain`, or None if it is not one."""
-    fn = transform.update
-    if getattr(fn, "__module__", None) != base.__name__ or \
-            getattr(fn, "__qualname__", "") != "chain.<locals>.update":
-        return None
-    parts = inspect.getclosurevars(fn).nonlocals.get("transforms")
-    return tuple(parts) if isinstance(parts, tuple) else None
-
-
 def fused_plan(transform: GradientTransformation) -> FusedPlan | None:
-    """The fused form of ``transform``, or None if it (or any part of it) has none."""
-    planner = _PLANNERS.get(transform.update)
-    if planner is not None:
-        return planner()
-    parts = _chain_parts(transform)
-    if parts is None:
-        return None
-    plans = [fused_plan(t) for t in parts]
+    """The fused form of ``transform``: its declared one, or for a chain the composition of
+    its parts' (None if it, or any part of it, has none)."""
+    if not transform.parts:
+        return transform.fused
+    plans = [fused_plan(t) for t in transform.parts]
     if any(p is None for p in plans):
         return None
     return _compose([p for p in plans if p is not None])

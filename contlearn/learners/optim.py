@@ -25,7 +25,7 @@ import torch
 
 from contlearn.backends import kernels
 from contlearn.learners.base import GradientTransformation, Params, chain, stateless
-from contlearn.learners.fused import FusedPlan, declare_fused
+from contlearn.learners.fused import FusedPlan
 
 
 def scale(factor: float) -> GradientTransformation:
@@ -35,7 +35,7 @@ def scale(factor: float) -> GradientTransformation:
         keys = list(grads)
         return dict(zip(keys, torch._foreach_mul([grads[k] for k in keys], factor), strict=True))
 
-    return declare_fused(stateless(fn), lambda: FusedPlan(factor, 0.0))
+    return stateless(fn, FusedPlan(factor, 0.0))
 
 
 class TraceState(NamedTuple):

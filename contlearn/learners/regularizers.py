@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from contlearn.learners.base import AnchorState, GradientTransformation, Params, stateless
-from contlearn.learners.fused import FusedPlan, declare_fused
+from contlearn.learners.fused import FusedPlan
 from contlearn.learners.rng import draw, replica_rng_states
 
 
@@ -46,7 +46,7 @@ def add_l2(weight_decay: float) -> GradientTransformation:
                                  alpha=weight_decay)
         return dict(zip(keys, out, strict=True))
 
-    return declare_fused(stateless(fn), lambda: FusedPlan(1.0, weight_decay))
+    return stateless(fn, FusedPlan(1.0, weight_decay))
 
 
 def add_decayed_weights(weight_decay: float, lr: float = 1.0) -> GradientTransformation:
@@ -69,7 +69,7 @@ def add_decayed_weights(weight_decay: float, lr: float = 1.0) -> GradientTransfo
                                  alpha=-rate)
         return dict(zip(keys, out, strict=True))
 
-    return declare_fused(stateless(fn), lambda: FusedPlan(1.0, -rate))
+    return stateless(fn, FusedPlan(1.0, -rate))
 
 
 def _anchor(params: Params) -> AnchorState:
@@ -172,8 +172,7 @@ def shrink_perturb(shrink: float, sigma: float, seeds: Sequence[int],
                                  zip(torch.split(noise, sizes), keys, strict=True)], alpha=sigma)
         return state
 
-    return declare_fused(GradientTransformation(init, update),
-                         lambda: FusedPlan(1.0 - shrink, -shrink, perturb))
+    return GradientTransformation(init, update, FusedPlan(1.0 - shrink, -shrink, perturb))
 
 
 class ShrinkTowardInitState(NamedTuple):
