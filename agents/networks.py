@@ -142,32 +142,19 @@ class BatchedMLP:
             for i in range(len(names))
         ]
         self.by_name = {layer.name: layer for layer in self.layers}
-        #: called before :attr:`params` is handed out (an agent that defers an update applies
-        #: it here, so that readers always see current weights)
-        self.on_read: Callable[[], None] | None = None
-        self._params: dict[str, torch.Tensor] = {}
+        #: ``{"<layer>.weight": (R, out, in), "<layer>.bias": (R, out)}``
+        self.params: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             w = torch.empty(self.num_replicas, layer.fan_out, layer.fan_in)
             b = torch.empty(self.num_replicas, layer.fan_out)
-            self._params[f"{layer.name}.weight"] = w
-            self._params[f"{layer.name}.bias"] = b
+            self.params[f"{layer.name}.weight"] = w
+            self.params[f"{layer.name}.bias"] = b
         # Draw replica by replica, layer by layer, so replica r's numbers depend on its seed only.
         for r, gen in enumerate(generators):
             for layer in self.layers:
                 w, b = self.sample_init(layer.name, layer.fan_out, gen)
-                self._params[f"{layer.name}.weight"][r] = w
-                self._params[f"{layer.name}.bias"][r] = b
-
-    @property
-    def params(self) -> dict[str, torch.Tensor]:
-        """``{"<layer>.weight": (R, out, in), "<layer>.bias": (R, out)}``, current values."""
-        if self.on_read is not None:
-            self.on_read()
-        return self._params
-
-    @params.setter
-    def params(self, value: dict[str, torch.Tensor]) -> None:
-        self._params = value
+                self.params[f"{layer.name}.weight"][r] = w
+                self.params[f"{layer.name}.bias"][r] = b
 
     @property
     def hidden_layers(self) -> list[Layer]:

@@ -5,16 +5,16 @@ on the same batch (cross-entropy for classification, squared error for regressio
 every replica's gradient of its own mean loss, and hands the gradients and this step's hidden
 activations to the learner.
 
-Two implementations of the step, selected by the ``fast`` option:
+What a step computes is :class:`ReferenceStep`: autograd's gradients, ``learner.update``,
+``θ += u``. How fast it runs is a backend's business (:mod:`contlearn.backends.mlp`: the C block
+loop, the fused hand-written backward, the hand-written backward). The agent describes its
+configuration once (:attr:`OnlineAgent.step_config`), asks the backends in order and runs the
+first that declares it supported, else the reference; ``fast=false`` runs the reference.
+:attr:`OnlineAgent.backend` names the one chosen (recorded in ``meta.json``). Every backend
+gives the reference's results up to float rounding (``tests/test_backends.py``).
 
-- ``fast=false``, the reference: autograd for the gradients, ``learner.update`` for the updates,
-  ``θ += u``.
-- ``fast=true`` (default): the network's hand-written backward (no autograd graph). When the
-  learner has a fused form (:mod:`contlearn.learners.fused`: SGD, L2, shrink-and-perturb,
-  continual backprop over those) the update is applied in place during the backward pass, with
-  no gradient or update tensors at all; otherwise the gradients go through ``learner.update``.
-
-Both give the same results up to float rounding (``tests/test_performance_paths.py``).
+(Over 400 lines: the agent's whole capability set — stepping, blocks, probing, threads,
+checkpoints — in one class, as the Agent protocol lists it.)
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.backends import kernels
+from contlearn.backends.base import REFERENCE, StepConfig, choose
+from contlearn.backends.mlp import BACKENDS, HandBackward
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.base import GradientTransformation
@@ -97,71 +98,79 @@ class OnlineAgent:
         in_dim = 1
         for d in info.input_shape:
             in_dim *= d
-        self.net = BatchedMLP(in_dim, parse_int_list(spec.hidden, "hidden"), info.num_outputs,
-                              spec.activation, spec.init,
+        hidden = parse_int_list(spec.hidden, "hidden")
+        self.net = BatchedMLP(in_dim, hidden, info.num_outputs, spec.activation, spec.init,
                               [torch_generator(s, "agent") for s in self.seeds])
         self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
-        self.plan = fused_plan(self.learner) if spec.fast else None
+        #: the learner chain's declared fused form (None: it has none)
+        self.plan = fused_plan(self.learner)
         if self.plan is None and sum(p.numel() for p in self.net.params.values()) >= 1 << 20:
             kernels.retain_freed_memory()  # unfused learners allocate weight-sized temporaries
         self.device = torch.device("cpu")
         #: each layer's ‖∂L/∂θ‖₁ summed over the steps since the last :meth:`update_stats`
         #: ``(R, layers)`` float64, and those steps; None while gradients are not watched
-        self._grad_l1: torch.Tensor | None = None
-        self._grad_steps = 0
+        self.grad_l1: torch.Tensor | None = None
+        self.grad_steps = 0
         self._setup()
         self._task_started = False
 
+    def _step_config(self) -> StepConfig:
+        """What the backends decide on: this agent's resolved configuration."""
+        first = next(iter(self.views.values()))
+        return StepConfig(
+            network="mlp", activation=self.spec.activation, depth=len(self.net.hidden_layers),
+            task=self.info.kind, learner=self.learner_spec.name, optimizer=self.spec.optimizer,
+            credit="bp", batch_size=self.info.batch_size, device=first.device.type,
+            dtype=str(first.dtype).removeprefix("torch."), fused=self.plan,
+            kernels=kernels.library() is not None)
+
     def _setup(self) -> None:
-        """(Re)build the views, the learner state and the caches for the current device."""
-        self.net.on_read = None
+        """(Re)build the views, the learner state and the step's backend for the current
+        device."""
         for p in self.net.params.values():
             p.requires_grad_(True)
         self._keys = list(self.net.params)
-        self._views = {k: p.detach() for k, p in self.net.params.items()}
-        self.learner_state = self.learner.init(self._views)
-        self._cache: tuple[Any, ...] | None = None
+        #: the parameters as plain tensors (what every path reads and updates in place)
+        self.views = {k: p.detach() for k, p in self.net.params.items()}
+        self.learner_state = self.learner.init(self.views)
         self._probe_cache: tuple[Any, ...] | None = None
-        self._minus_one: torch.Tensor | None = None
-        # The input layer's update can wait for the next forward pass, which then reads and
-        # writes those weights once (kernels.input_layer_) instead of three times.
-        first = self._keys[0]
-        self._first = first
-        self._defer = (self.plan is not None and first not in self.plan.col_l1
-                       and kernels.applies(self._views[first], self._views[first][:, :1],
-                                           self._views[first][:, :1]))
-        self._pending: kernels.Pending | None = None
-        self.net.on_read = self._flush
-        # Whole steps in one compiled call per block of steps (learn_block), when the update is
-        # fused and needs nothing per step but continual backprop's unit bookkeeping.
-        plan = self.plan
-        views = list(self._views.values())
-        self._block_plan = plan if (
-            plan is not None and (plan.post is None or plan.replacer is not None)
-            and self.spec.activation in kernels.BLOCK_ACTIVATIONS
-            and len(self.net.layers) <= kernels.MAX_BLOCK_LAYERS
-            and self.info.kind in ("classification", "regression")
-            and all(v.device.type == "cpu" and v.dtype == torch.float32 and v.is_contiguous()
-                    for v in views)
-            and kernels.library() is not None) else None
+        self._acted: torch.Tensor | None = None  # the obs the last act() answered
+        #: the resolved configuration the backends were asked about
+        self.step_config = self._step_config()
+        chosen = choose(BACKENDS, self.step_config) if self.spec.fast else None
+        self._step: HandBackward | ReferenceStep = (chosen or ReferenceStep)(self)
+        #: the name of the backend that runs this agent's steps (``reference`` if none)
+        self.backend: str = chosen.name if chosen is not None else REFERENCE
 
-    def _flush(self) -> None:
-        """Apply the deferred update of the input layer, if any."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            kernels.input_layer_(self._views[self._first], pending)
+    def sync(self) -> None:
+        """Apply any update a backend deferred (the fused path defers the input layer's to the
+        next forward pass). Everything that reads the weights calls this first; it is the only
+        place a deferred update is applied outside a step."""
+        self._step.sync()
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The current parameters ``{"<layer>.weight": (R, out, in), "<layer>.bias": (R, out)}``
+        (what probes read)."""
+        self.sync()
+        return self.views
+
+    @property
+    def activation(self) -> str:
+        """The hidden nonlinearity's name."""
+        return self.net.activation
 
     def to(self, device: str | torch.device) -> OnlineAgent:
         """Move the network and a fresh learner state to ``device`` (call before the first
         step). Streams stay on the CPU: inputs are moved here, and predictions and metrics are
         handed back on the CPU."""
+        self.sync()
         self.device = torch.device(device)
-        params = self.net.params  # (applies a deferred update)
+        params = self.net.params
         for k, p in params.items():
             params[k] = p.detach().to(self.device)
-        if self._grad_l1 is not None:
-            self._grad_l1 = self._grad_l1.to(self.device)
+        if self.grad_l1 is not None:
+            self.grad_l1 = self.grad_l1.to(self.device)
         self._setup()
         return self
 
@@ -185,21 +194,19 @@ class OnlineAgent:
         else 0 (leave the setting). Block learning's threads each run whole replicas; a probe's
         products and SVDs split every op across threads, which on 2 busy cores made a probe
         event 2-30x slower."""
-        size = sum(p.numel() for p in self._views.values())
+        size = sum(p.numel() for p in self.views.values())
         return 1 if size < SINGLE_THREAD_PARAMS or (os.cpu_count() or 1) <= 2 else 0
 
     def block_ready(self, batch_size: int) -> bool:
-        """Whether :meth:`learn_block` can take steps of ``batch_size`` examples now."""
-        plan = self._block_plan
-        return plan is not None and batch_size == 1 and (
-            plan.replacer is None or plan.replacer.kernel_state(self.learner_state) is not None)
+        """Whether :meth:`learn_block` takes steps of ``batch_size`` examples: the chosen
+        backend is the block loop (it declared this configuration, batch 1, supported)."""
+        return hasattr(self._step, "learn_block") and batch_size == self.info.batch_size
 
-    @torch.no_grad()
     def learn_block(self, obs: torch.Tensor, target: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """T online steps at once: the same as ``T`` calls of :meth:`act` and :meth:`observe`,
-        each replica's steps in one compiled loop while its weights stay in cache
-        (:func:`contlearn.backends.kernels.online_block_`). Call only if :meth:`block_ready`.
+        """T online steps at once: the same as ``T`` calls of :meth:`act` and :meth:`observe`
+        (:meth:`contlearn.backends.mlp.BlockLoop.learn_block`). Call only if
+        :meth:`block_ready`.
 
         Args:
             obs: ``(T, R, 1, *input_shape)``.
@@ -208,79 +215,50 @@ class OnlineAgent:
         Returns:
             ``(predictions (T, R, 1, C) made before each step's update, {"loss": (T, R)})``.
         """
-        plan = self._block_plan
-        assert plan is not None
-        T, R = obs.shape[:2]
-        x = obs.reshape(T, R, -1).to(torch.float32).contiguous()
-        C = self.info.num_outputs
-        classification = self.info.kind == "classification"
-        y = (target.reshape(T, R).to(torch.int64) if classification
-             else target.reshape(T, R, C).to(torch.float32)).contiguous()
-        self._flush()
-        self._cache = self._probe_cache = None
-        self._task_started = False  # a fused update without a post does not read it
-        layers = self.net.layers
-        weights = [self._views[f"{layer.name}.weight"] for layer in layers]
-        biases = [self._views[f"{layer.name}.bias"] for layer in layers]
-        out = torch.empty(T, R, C)
-        loss = torch.empty(T, R)
-        start = torch.zeros(R, dtype=torch.int64)
-        events = torch.zeros(R, max(len(layers) - 1, 1), dtype=torch.int64)
-        replacer = plan.replacer
-        cbp = None if replacer is None else replacer.kernel_state(self.learner_state)
-        pending = kernels.Pending1.empty(R, weights[0].shape[1])
-        workers = self.block_workers()
-        while True:
-            kernels.online_block_(weights, biases, x, y, classification, plan.grad_scale,
-                                  plan.param_scale, self.spec.activation, out, loss, start,
-                                  events, cbp, pending, workers, self._grad_l1)
-            if cbp is not None and bool(events.any()):
-                assert replacer is not None
-                replacer.replace(self.learner_state, self._views, list(events.T.contiguous()),
-                                 pending.skip)
-                events.zero_()
-                continue  # (the next call also applies what is pending)
-            if bool((start >= T).all()):
-                break
-        self._grad_steps += T
-        return out.unsqueeze(2), {"loss": loss}
+        learn = getattr(self._step, "learn_block", None)
+        if learn is None:
+            raise RuntimeError(f"backend {self.backend} does not learn in blocks")
+        self._acted = self._probe_cache = None  # (the kernel's writes bump no tensor version)
+        self._task_started = False  # no block-learned update reads it (none is a head reset)
+        return learn(obs, target)
 
     def watch_gradients(self, on: bool = True) -> None:
         """Start (or stop) summing every training step's gradient L1 norm per layer, which
         :meth:`update_stats` reports as ``grad_magnitude``. A run turns it on when it records
         that probe; off, steps skip the work (a batch of several examples needs a product).
         Turning it on while on keeps the sums."""
-        if on and self._grad_l1 is not None:
+        if on and self.grad_l1 is not None:
             return
         n = len(self.net.layers)
-        self._grad_l1 = torch.zeros(len(self.seeds), n, dtype=torch.float64,
-                                    device=self.device) if on else None
-        self._grad_steps = 0
+        self.grad_l1 = torch.zeros(len(self.seeds), n, dtype=torch.float64,
+                                   device=self.device) if on else None
+        self.grad_steps = 0
 
     def update_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{"grad_magnitude": {layer: (R,)}}``: mean |∂L/∂θ| of each layer (weights and bias;
         layer ``""``: all parameters) averaged over the training steps since the last call,
-        which starts the next average (DESIGN.md §5). Empty if no step was taken since, or
+        which starts the next average (docs/design.md §5). Empty if no step was taken since, or
         gradients are not watched (:meth:`watch_gradients`)."""
-        total, steps = self._grad_l1, self._grad_steps
+        total, steps = self.grad_l1, self.grad_steps
         if total is None or steps == 0:
             return {}
-        sizes = torch.tensor([self._views[f"{layer.name}.weight"][0].numel()
-                              + self._views[f"{layer.name}.bias"][0].numel()
+        sizes = torch.tensor([self.views[f"{layer.name}.weight"][0].numel()
+                              + self.views[f"{layer.name}.bias"][0].numel()
                               for layer in self.net.layers], dtype=torch.float64)
         total = self._host(total)
         out = {layer.name: total[:, i] / (sizes[i] * steps)
                for i, layer in enumerate(self.net.layers)}
         out[""] = total.sum(1) / (sizes.sum() * steps)
-        self._grad_l1.zero_()
-        self._grad_steps = 0
+        self.grad_l1.zero_()
+        self.grad_steps = 0
         return {"grad_magnitude": out}
 
     def on_task_start(self, task: int) -> None:
         """Called at a visible task boundary: the next update gets ``task_start=True``."""
         self._task_started = True
 
-    def _flat(self, obs: torch.Tensor) -> torch.Tensor:
+    def flat(self, obs: torch.Tensor) -> torch.Tensor:
+        """``(R, B, *input_shape)`` inputs as ``(R, B, D)`` on the agent's device."""
         flat = obs.reshape(obs.shape[0], obs.shape[1], -1)
         return flat if flat.device == self.device else flat.to(self.device, non_blocking=True)
 
@@ -289,220 +267,161 @@ class OnlineAgent:
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Predictions ``(R, B, C)``; keeps what ``observe`` needs (no second forward)."""
-        flat = self._flat(obs)
-        if not self.spec.fast:
-            with torch.enable_grad():
-                out, features = self.net.forward(flat)
-            self._cache = (obs, out, features)
-            return self._host(out.detach())
-        with torch.no_grad():
-            first = None
-            if self._defer and flat.shape[1] <= kernels.MAX_BATCH:
-                w, b = self._views[self._first], self._views[self._keys[1]]
-                pending, self._pending = self._pending, None
-                first = kernels.input_layer_(w, pending, flat, b)  # update + forward, one pass
-            else:
-                self._flush()
-            out, hs, zs = self.net.forward_train(flat, self._views, first)
-        self._cache = (obs, flat, out, hs, zs)
-        return self._host(out)
+        out = self._step.act(self.flat(obs))
+        self._acted = obs
+        return self._host(out.detach())
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-replica mean loss ``(R,)``."""
+        """Per-replica mean loss ``(R,)``: cross-entropy or squared error (the reference's
+        definition)."""
         R, B = out.shape[:2]
         if self.info.kind == "classification":
             per = F.cross_entropy(out.reshape(R * B, -1), target.reshape(-1), reduction="none")
             return per.view(R, B).mean(1)
         return (out - target).pow(2).sum(-1).mean(1)
 
-    def _loss_and_delta(self, out: torch.Tensor, target: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss ``(R,)`` and its gradient with respect to ``out`` (summed over replicas)."""
-        B = out.shape[1]
-        if self.info.kind != "classification":
-            diff = out - target
-            return diff.pow(2).sum(-1).mean(1), diff.mul_(2.0 / B)
-        logp = torch.log_softmax(out, -1)  # (R, B, C)
-        idx = target.unsqueeze(-1)  # (R, B, 1)
-        loss = logp.gather(-1, idx).mean((1, 2)).neg_()
-        if self._minus_one is None or self._minus_one.shape != idx.shape:
-            self._minus_one = torch.full(idx.shape, -1.0, dtype=out.dtype, device=out.device)
-        delta = logp.exp_().scatter_add_(-1, idx, self._minus_one)  # softmax − one-hot
-        return loss, (delta if B == 1 else delta.div_(B))
-
     def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         """One learning step on the batch just answered; returns ``{"loss": (R,)}``."""
-        if self._cache is None or self._cache[0] is not obs:
+        if self._acted is not obs:
             self.act(obs)
-        assert self._cache is not None
-        cache, self._cache = self._cache, None
+        self._acted = None
         target = feedback if feedback.device == self.device else feedback.to(self.device)
         flag, self._task_started = self._task_started, False
-        if not self.spec.fast:
-            loss = self._reference_step(cache[1], cache[2], target, flag)
-        else:
-            loss = self._fast_step(*cache[1:], target, flag)
-        return {"loss": self._host(loss)}
+        return {"loss": self._host(self._step.observe(target, flag))}
 
-    def _reference_step(self, out: torch.Tensor, features: dict[str, torch.Tensor],
-                        target: torch.Tensor, task_start: bool) -> torch.Tensor:
-        """Autograd gradients, ``learner.update``, ``θ += u``."""
-        with torch.enable_grad():
-            loss = self.loss(out, target)  # (R,)
-            grads = torch.autograd.grad(loss.sum(), [self.net.params[k] for k in self._keys])
-        with torch.no_grad():
-            g = dict(zip(self._keys, grads, strict=True))
-            self._add_grad_l1(g)
-            feats = {k: v.detach() for k, v in features.items()}
-            self._apply(g, feats, loss.detach(), task_start)
-        return loss.detach()
-
-    def _apply(self, grads: dict[str, torch.Tensor], feats: dict[str, torch.Tensor],
-               loss: torch.Tensor, task_start: bool) -> None:
+    def apply_updates(self, grads: dict[str, torch.Tensor], features: dict[str, torch.Tensor],
+                      task_start: bool) -> None:
+        """``learner.update`` on this step's gradients and hidden activations, then
+        ``θ += u``."""
         updates, self.learner_state = self.learner.update(
-            grads, self.learner_state, self._views, features=feats, loss=loss,
-            task_start=task_start)
-        torch._foreach_add_([self._views[k] for k in self._keys], [updates[k] for k in self._keys])
+            grads, self.learner_state, self.views, features=features, task_start=task_start)
+        torch._foreach_add_([self.views[k] for k in self._keys], [updates[k] for k in self._keys])
 
-    @torch.no_grad()
-    def _fast_step(self, flat: torch.Tensor, out: torch.Tensor, hs: list[torch.Tensor],
-                   zs: list[torch.Tensor] | None, target: torch.Tensor, task_start: bool
-                   ) -> torch.Tensor:
-        """Hand-written backward; the fused in-place update when the learner has one."""
-        loss, delta = self._loss_and_delta(out, target)
-        feats = {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
-        plan = self.plan
-        if plan is None:
-            grads = self.net.backward(delta, flat, hs, zs, self._views)
-            self._add_grad_l1(grads)
-            self._apply(grads, feats, loss, task_start)
-            return loss
-        defer = self._defer and flat.shape[1] <= kernels.MAX_BATCH
-        cols, first = self.net.backward_update_(delta, flat, hs, zs, plan.grad_scale,
-                                                plan.param_scale, plan.col_l1, self._views,
-                                                defer_first=defer, grad_l1=self._grad_l1)
-        if self._grad_l1 is not None:
-            self._grad_steps += 1
-        if first is not None:
-            self._pending = (first, flat, plan.grad_scale, plan.param_scale)
-        if plan.post is not None:
-            params = _FlushOnRead(self._views, self._first, self._flush) if defer else self._views
-            self.learner_state = plan.post(self.learner_state, params, features=feats,
-                                           loss=loss, task_start=task_start, col_l1=cols)
-        return loss
-
-    def _add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:
+    def add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:
         """Add one step's gradient L1 norms per layer (if gradients are watched)."""
-        if self._grad_l1 is None:
+        if self.grad_l1 is None:
             return
         for i, layer in enumerate(self.net.layers):
             for k in (f"{layer.name}.weight", f"{layer.name}.bias"):
                 g = grads[k]
-                self._grad_l1[:, i] += torch.linalg.vector_norm(
+                self.grad_l1[:, i] += torch.linalg.vector_norm(
                     g.reshape(g.shape[0], -1), 1, dim=1).to(torch.float64)
-        self._grad_steps += 1
+        self.grad_steps += 1
 
     def diagnostics(self) -> dict[str, dict[str, torch.Tensor]]:
         """The learner's bookkeeping: ``{layer: {metric: (R,)}}`` (see ``LearnerDef``)."""
         return learner_diagnostics(self.learner_spec, self.learner_state)
 
-    def _probe_forward(self, obs: torch.Tensor) -> tuple[Any, ...]:
-        """``(flat, out, hs, zs)`` for a probe batch; reused while ``obs`` and the parameters
+    def _probe_forward(self, obs: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden activations for a probe batch; reused while ``obs`` and the parameters
         are unchanged (the probes of one call share one forward pass)."""
-        self._flush()
-        versions = tuple(v._version for v in self._views.values())
+        self.sync()
+        versions = tuple(v._version for v in self.views.values())
         hit = self._probe_cache
         if hit is not None and hit[0] is obs and hit[1] == versions:
-            return hit[2:]
-        flat = self._flat(obs)
+            return hit[2]
         with torch.no_grad():
-            out, hs, zs = self.net.forward_train(flat, self._views)
-        self._probe_cache = (obs, versions, flat, out, hs, zs)
-        return flat, out, hs, zs
+            hs = self.net.forward_train(self.flat(obs), self.views)[1]
+        self._probe_cache = (obs, versions, hs)
+        return hs
 
     def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hidden activations ``{layer: (R, B, H)}`` for ``obs`` (no learning)."""
-        if self.spec.fast:
-            hs = self._probe_forward(obs)[2]
-            return {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
-        with torch.no_grad():
-            return self.net.forward(self._flat(obs))[1]
+        hs = self._probe_forward(obs)
+        return {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
 
     def probe_snapshot(self) -> ProbeSnapshot | None:
-        """The network as it stands, copied: what probes read (``features``, ``net.params``,
-        ``net.activation``), safe to use on another thread while this agent learns on; None
+        """The network as it stands, copied: what probes read (``features``, ``parameters()``,
+        ``activation``), safe to use on another thread while this agent learns on; None
         above :data:`SNAPSHOT_MAX_BYTES` of parameters (all replicas), where a copy would cost
         more memory than probing in line costs time."""
-        if sum(v.numel() * v.element_size() for v in self._views.values()) > SNAPSHOT_MAX_BYTES:
+        if sum(v.numel() * v.element_size() for v in self.views.values()) > SNAPSHOT_MAX_BYTES:
             return None
-        self._flush()
-        return ProbeSnapshot(self.net, {k: v.clone() for k, v in self._views.items()},
-                             self._flat)
+        self.sync()
+        return ProbeSnapshot(self.net, {k: v.clone() for k, v in self.views.items()},
+                             self.flat)
 
     @torch.no_grad()
     def probe_loss(self, obs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Each replica's mean loss ``(R,)`` on ``(obs, target)`` with the current parameters;
         nothing is learned (the plasticity probe's L_after)."""
-        self._flush()
-        out = self.net.forward_train(self._flat(obs), self._views)[0]
+        self.sync()
+        out = self.net.forward_train(self.flat(obs), self.views)[0]
         return self._host(self.loss(out, target.to(self.device)))
 
     def state_dict(self) -> dict[str, Any]:
         """Parameters, learner state and the gradient sums since the last probe, as plain
         tensors (``weights_only``-loadable)."""
-        self._flush()
-        state = {"params": {k: v.clone() for k, v in self._views.items()},
+        self.sync()
+        state = {"params": {k: v.clone() for k, v in self.views.items()},
                  "learner": [t.clone() for t in tree_leaves(self.learner_state)]}
-        if self._grad_l1 is not None:
-            state["grad_l1"] = self._grad_l1.clone()
-            state["grad_steps"] = self._grad_steps
+        if self.grad_l1 is not None:
+            state["grad_l1"] = self.grad_l1.clone()
+            state["grad_steps"] = self.grad_steps
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self._pending = None  # overwritten anyway
-        for k, v in self._views.items():
+        self.sync()  # (then overwritten)
+        for k, v in self.views.items():
             v.copy_(state["params"][k])
         load_tree(self.learner_state, state["learner"])
         if "grad_l1" in state:  # (watching since before the checkpoint)
-            self._grad_l1 = state["grad_l1"].to(self.device, torch.float64, copy=True)
-            self._grad_steps = int(state["grad_steps"])
+            self.grad_l1 = state["grad_l1"].to(self.device, torch.float64, copy=True)
+            self.grad_steps = int(state["grad_steps"])
+
+
+class ReferenceStep:
+    """The online agent's step as defined: autograd's gradients of each replica's mean loss
+    (:meth:`OnlineAgent.loss`), ``learner.update`` with this step's hidden activations,
+    ``θ += u``. Run by ``fast=false`` and by every configuration no backend supports."""
+
+    name = REFERENCE
+
+    def __init__(self, agent: OnlineAgent) -> None:
+        self.agent = agent
+        self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def sync(self) -> None:
+        """Nothing is deferred on the reference path."""
+
+    def act(self, flat: torch.Tensor) -> torch.Tensor:
+        """The forward pass with autograd recording, kept for :meth:`observe`."""
+        with torch.enable_grad():
+            self._cache = self.agent.net.forward(flat)
+        return self._cache[0]
+
+    def observe(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:
+        """One step on the batch of the last :meth:`act`; returns the loss ``(R,)``."""
+        assert self._cache is not None
+        (out, features), self._cache = self._cache, None
+        agent = self.agent
+        with torch.enable_grad():
+            loss = agent.loss(out, target)  # (R,)
+            grads = torch.autograd.grad(loss.sum(), [agent.net.params[k] for k in agent._keys])
+        with torch.no_grad():
+            g = dict(zip(agent._keys, grads, strict=True))
+            agent.add_grad_l1(g)
+            agent.apply_updates(g, {k: v.detach() for k, v in features.items()}, task_start)
+        return loss.detach()
 
 
 class ProbeSnapshot:
     """A copy of an :class:`OnlineAgent`'s parameters at a probe point, with the agent's
-    forward pass (:meth:`features`) over them; ``net.params`` and ``net.activation`` as the
+    forward pass (:meth:`features`) over them; ``parameters()`` and ``activation`` as the
     agent's."""
 
     def __init__(self, net: BatchedMLP, params: dict[str, torch.Tensor], flat: Any) -> None:
-        self._mlp, self._flat = net, flat
-        self.net = SimpleNamespace(params=params, activation=net.activation)
+        self._mlp, self._flat, self._params = net, flat, params
+        self.activation = net.activation
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The copied parameters."""
+        return self._params
 
     @torch.no_grad()
     def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hidden activations ``{layer: (R, B, H)}`` of the copied network for ``obs``."""
-        hs = self._mlp.forward_train(self._flat(obs), self.net.params)[1]
+        hs = self._mlp.forward_train(self._flat(obs), self._params)[1]
         return {layer.name: h for layer, h in zip(self._mlp.hidden_layers, hs, strict=True)}
-
-
-class _FlushOnRead(dict):
-    """The parameter dict a learner's post-update step gets while the input layer's update is
-    deferred: reading that layer's weights applies the update first."""
-
-    def __init__(self, params: dict[str, torch.Tensor], key: str, flush: Any) -> None:
-        super().__init__(params)
-        self._key, self._flush_fn = key, flush
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key == self._key:
-            self._flush_fn()
-        return super().__getitem__(key)
-
-    def values(self):  # noqa: D102 - dict's
-        self._flush_fn()
-        return super().values()
-
-    def items(self):  # noqa: D102 - dict's
-        self._flush_fn()
-        return super().items()

@@ -8,7 +8,7 @@ sees plain ``(B, ...)`` tensors.
 
 Optional methods, used when present: ``on_task_start(task: int)`` (called only when the stream's
 ``boundaries_visible`` is true), ``state_dict()`` / ``load_state_dict(state)`` (checkpoints),
-and for probes (DESIGN.md §5; :class:`contlearn.agents.online.OnlineAgent` has them all):
+and for probes (docs/design.md §5; :class:`contlearn.agents.online.OnlineAgent` has them all):
 
 - ``features(obs) -> dict[str, Tensor]``: hidden activations ``{layer: (R, B, H)}``;
 - ``update_stats() -> {metric: {layer: (R,)}}``: statistics of the training steps since the

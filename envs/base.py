@@ -1,6 +1,6 @@
 """The shape every supervised stream shares: replicas, tasks, seeded randomness, state.
 
-A stream carries a leading replica dimension R (DESIGN.md §2): replica r draws everything
+A stream carries a leading replica dimension R (docs/design.md §2): replica r draws everything
 (sample order, permutations, fast bits) from its own generator seeded by its own seed, so a
 replica's data is the same whether it runs alone or in a batch. All replicas switch task at the
 same step; ``task`` counts tasks from 0.
@@ -30,6 +30,7 @@ class StreamInfo:
         boundaries_visible: whether agents are told when a task starts.
         num_replicas: R, the leading dimension of every tensor the stream yields.
         metric: the per-task score the engine records (``accuracy`` or ``squared_error``).
+        batch_size: examples per step (1: the online protocol).
     """
 
     name: str
@@ -39,6 +40,7 @@ class StreamInfo:
     boundaries_visible: bool
     num_replicas: int
     metric: str
+    batch_size: int = 1
 
 
 class Batch(NamedTuple):

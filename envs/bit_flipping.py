@@ -100,7 +100,7 @@ class BitFlippingStream(SupervisedStream):
         self.slow = torch.tensor(slow, dtype=torch.float32)  # (R, f)
         self.fast = torch.empty(self.num_replicas, 0, m - f)  # buffered fast bits (R, n, m-f)
         self.info = StreamInfo(self.name, "regression", (m,), 1, spec.boundaries_visible,
-                               self.num_replicas, "squared_error")
+                               self.num_replicas, "squared_error", spec.batch_size)
 
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
         if self.task == 0 or self.spec.slow_bits == 0:

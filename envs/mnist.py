@@ -73,7 +73,7 @@ class _MNISTStream(SupervisedStream):
         self.order = torch.empty(R, self.num_examples, dtype=torch.int64)  # (R, N)
         self.pos = self.num_examples  # forces a shuffle on the first draw
         self.info = StreamInfo(self.name, "classification", (_PIXELS,), 10,
-                               spec.boundaries_visible, R, "accuracy")
+                               spec.boundaries_visible, R, "accuracy", spec.batch_size)
         self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None  # (n, R, B, ...) each
         self._ahead_at = 0
 

@@ -1,7 +1,7 @@
 """MuJoCo physics that change on a schedule: the machinery behind the Slippery environments.
 
 A continual-RL stream is a gymnasium environment whose dynamics change every so many steps
-(DESIGN.md §1). Here one physical parameter of a MuJoCo model follows a
+(docs/design.md §1). Here one physical parameter of a MuJoCo model follows a
 :class:`ParameterSchedule`:
 
 - ``friction``: the sliding friction ``model.geom_friction[:, 0]`` of *every* geom, floor

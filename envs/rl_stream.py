@@ -1,10 +1,10 @@
 """Reinforcement-learning streams: MuJoCo envs whose friction changes, with replicas.
 
-An RL stream is a gymnasium environment whose dynamics change on a schedule (DESIGN.md §1).
+An RL stream is a gymnasium environment whose dynamics change on a schedule (docs/design.md §1).
 Each step the agent acts on the current observations and the stream returns
 :class:`Feedback` ``(reward, next_obs, terminated, truncated)``.
 
-**Replicas** (DESIGN.md §2). Replica r owns ``num_envs`` copies of the env, all seeded from
+**Replicas** (docs/design.md §2). Replica r owns ``num_envs`` copies of the env, all seeded from
 r's own seed: one seed for the friction schedule, shared by r's copies (they live in the same
 world and draw the same frictions; ``schedule_seed`` of
 :class:`~contlearn.envs.mujoco_schedule.SlipperyMixin`), and one reset seed per copy (different
@@ -88,7 +88,7 @@ class RLStreamSpec:
 
 
 class Feedback(NamedTuple):
-    """What the stream returns for one action of every copy (DESIGN.md §1).
+    """What the stream returns for one action of every copy (docs/design.md §1).
 
     Attributes:
         reward: ``(R, E)`` float32.

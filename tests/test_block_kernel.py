@@ -39,11 +39,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _compare_states(a: OnlineAgent, b: OnlineAgent, exact: bool) -> None:
-    for k in a.net.params:
+    for k in a.parameters():
         if exact:
-            assert torch.equal(a.net.params[k], b.net.params[k]), k
+            assert torch.equal(a.parameters()[k], b.parameters()[k]), k
         else:
-            _close(a.net.params[k].detach(), b.net.params[k].detach())
+            _close(a.parameters()[k].detach(), b.parameters()[k].detach())
     for x, y in zip(tree_leaves(a.learner_state), tree_leaves(b.learner_state), strict=True):
         if x.is_floating_point() and not exact:
             _close(x, y)
@@ -113,7 +113,7 @@ def test_splitting_into_blocks_or_threads_changes_no_bit():
             losses.append(m["loss"])
             left -= y.obs.shape[0]
         assert torch.equal(pa, torch.cat(parts)) and torch.equal(la["loss"], torch.cat(losses))
-    assert torch.equal(a._grad_l1, b._grad_l1) and a._grad_steps == b._grad_steps > 0
+    assert torch.equal(a.grad_l1, b.grad_l1) and a.grad_steps == b.grad_steps > 0
     _compare_states(a, b, exact=True)
     assert int(a.diagnostics()["hidden1"]["replacements"].sum()) > 0
 

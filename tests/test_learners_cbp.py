@@ -1,4 +1,4 @@
-"""Continual backprop against a naive per-unit reference written here (DESIGN.md §4a)."""
+"""Continual backprop against a naive per-unit reference written here (docs/design.md §4a)."""
 
 from __future__ import annotations
 

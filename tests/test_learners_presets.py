@@ -141,8 +141,8 @@ def test_batched_replicas_equal_separate_runs(learner: str) -> None:
     diag = batched.diagnostics()
     for r in (0, 1):
         alone = _train(learner, [r], REPLICA_CASES[learner])
-        for k, v in alone.net.params.items():
-            torch.testing.assert_close(batched.net.params[k][r], v[0], rtol=1e-5, atol=1e-6)
+        for k, v in alone.parameters().items():
+            torch.testing.assert_close(batched.parameters()[k][r], v[0], rtol=1e-5, atol=1e-6)
         for layer, metrics in alone.diagnostics().items():
             for metric, value in metrics.items():
                 torch.testing.assert_close(diag[layer][metric][r], value[0], rtol=1e-5,
@@ -164,5 +164,5 @@ def test_learner_state_survives_a_weights_only_checkpoint(learner: str) -> None:
     stream_b.load_state_dict(stream_a.state_dict())
     for stream, agent in ((stream_a, agent_a), (stream_b, agent_b)):
         run_loop(stream, agent, 80, lambda record: None)
-    for k, v in agent_a.net.params.items():
-        assert torch.equal(agent_b.net.params[k], v), k
+    for k, v in agent_a.parameters().items():
+        assert torch.equal(agent_b.parameters()[k], v), k

@@ -243,7 +243,7 @@ def _plain_sgd_replay(stream, params: dict, lr: float, steps: int, classificatio
                                          ("permuted-mnist", "steps"),
                                          ("bit-flipping", "reference")])
 def test_plasticity_and_grad_magnitude_against_plain_sgd(monkeypatch, stream, path):
-    # DESIGN.md §5: grad_magnitude is mean |g| per layer averaged over the training steps since
+    # docs/design.md §5: grad_magnitude is mean |g| per layer averaged over the training steps since
     # the last probe; plasticity is 1 − L_after/L_before of the probe step's own sample and
     # update. The run's values against a plain autograd SGD replay of the same samples.
     from contlearn.agents.online import OnlineAgent

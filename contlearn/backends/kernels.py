@@ -28,6 +28,9 @@ tests compare both with the autograd reference). Arithmetic is explicit (``fmaf`
 no other contraction: ``-ffp-contract=off``), an update gives the same bits whichever loop
 applies it, and sums run in fixed chunks and a fixed order, so results depend neither on the
 number of threads nor on the number of replicas.
+
+(Over 400 lines: the one binding to ``kernels.c``; each wrapper sits with the others so that the
+argument orders can be checked against the C source in one place.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Continual backpropagation (Dohare et al. 2024, Nature, "Loss of plasticity in deep
-continual learning", Methods and Algorithm 1), as defined in DESIGN.md §4a.
+continual learning", Methods and Algorithm 1), as defined in docs/design.md §4a.
 
 Per hidden layer l, per replica, once per update, **after** the inner chain's update and on the
 post-update parameters ``θ + u``, using this step's activations ``h`` (``features[l]``,
@@ -29,6 +29,9 @@ replaced rows and columns. When the inner chain is fusable (:mod:`contlearn.lear
 SGD, L2, ...) the transform is too: the agent applies the inner update in place and calls the
 same steps 1–7 on the updated weights, passing the outgoing-weight magnitudes it computed while
 updating them (``col_l1``).
+
+(Over 400 lines: one algorithm, its torch form and its kernel form side by side, so that the
+two can be read against each other.)
 """
 
 from __future__ import annotations

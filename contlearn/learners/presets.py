@@ -124,7 +124,7 @@ SNP_INIT = LearnerDef(ShrinkTowardInitSpec, _build_snp_init,
 
 @dataclass(frozen=True)
 class CBPSpec:
-    """Options of ``cbp``, continual backprop (Dohare et al. 2024; DESIGN.md §4a)."""
+    """Options of ``cbp``, continual backprop (Dohare et al. 2024; docs/design.md §4a)."""
 
     replacement_rate: float = param(1e-4, "ρ: units replaced per eligible unit per update"
                                     " (paper: 1e-4 … 1e-6 permuted MNIST, 1e-4 Ant)",

@@ -1,5 +1,5 @@
 """ReDo: recycling dormant neurons (Sokar et al. 2023, "The dormant neuron phenomenon in deep
-reinforcement learning", ICML), as defined in DESIGN.md §4.
+reinforcement learning", ICML), as defined in docs/design.md §4.
 
 Every F updates (updates F, 2F, ...), per hidden layer and replica, after the inner update and
 on the post-update parameters: score each unit by

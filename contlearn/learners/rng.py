@@ -2,7 +2,7 @@
 
 A transform that draws random numbers (fresh weights of reset units, shrink-and-perturb noise,
 stochastic rounding) draws replica r's numbers from replica r's own generator only, so that
-replica r of a batch behaves exactly as its seed run alone (DESIGN.md §2). The generators'
+replica r of a batch behaves exactly as its seed run alone (docs/design.md §2). The generators'
 states live in the transform's state as a ``(R, S)`` uint8 tensor, so checkpoints restore them
 and a resumed run draws the same numbers as an uninterrupted one.
 

@@ -1,6 +1,6 @@
 """The loop over an RL stream: the agent acts on every env copy, the stream steps them all.
 
-One step of :class:`RLLoop` is one step of the vector env for every replica (DESIGN.md §1):
+One step of :class:`RLLoop` is one step of the vector env for every replica (docs/design.md §1):
 ``action = agent.act(obs)``, the stream steps every copy, and ``agent.observe(obs, action,
 feedback)`` gets the :class:`~contlearn.envs.rl_stream.Feedback` ``(reward, next_obs,
 terminated, truncated)``. It has the interface of :class:`contlearn.loop.engine.SupervisedLoop`.
@@ -44,7 +44,7 @@ import torch
 
 from contlearn.loop.engine import ProbeSchedule, Record, SteppingLoop
 from contlearn.loop.progress import Progress
-from contlearn.probes.measures import PROBES, ProbeContext, _with_aggregate
+from contlearn.probes.measures import PROBES, ProbeContext, _with_aggregate, agent_parameters
 from contlearn.probes.schedule import update_stats
 
 #: Probe interval of RL runs when ``probe_every`` is 0 (the reference logs ranks every 10k).
@@ -153,10 +153,9 @@ class RLLoop(SteppingLoop):
         obs = self.stream.probe_batch()  # (R, P, obs_dim)
         if features_fn is not None and obs.shape[1] > 0:
             features = features_fn(obs)
-            net = getattr(self.agent, "net", None)
-            params = {k: v for k, v in getattr(net, "params", {}).items()
-                      if k.endswith((".weight", ".bias"))}
-            ctx = ProbeContext(features, params, getattr(net, "activation", ""), self.agent, obs)
+            params, activation = agent_parameters(self.agent)
+            params = {k: v for k, v in params.items() if k.endswith((".weight", ".bias"))}
+            ctx = ProbeContext(features, params, activation, self.agent, obs)
             for name in self.names:
                 values = (activity_dormant_fraction(features) if name == "dormant_fraction"
                           else PROBES[name](ctx))

@@ -1,4 +1,4 @@
-"""Probes: the measures (pure functions of a network and a probe batch, DESIGN.md §5) and the
+"""Probes: the measures (pure functions of a network and a probe batch, docs/design.md §5) and the
 schedule that runs them beside learning.
 
 The public names for plug-in probes are re-exported here: ``contlearn.probes.register_probe``.

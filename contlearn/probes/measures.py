@@ -1,7 +1,7 @@
 """Probes: pure functions of (network, probe batch) -> numbers, per layer and per replica.
 
 Each probe takes a :class:`ProbeContext` and returns ``{layer: values (R,)}`` where layer ``""``
-is a whole-network value. Definitions (DESIGN.md §5; Dohare et al. 2024, Methods):
+is a whole-network value. Definitions (docs/design.md §5; Dohare et al. 2024, Methods):
 
 - ``dead_fraction``: share of units that are dead on *every* probe input: ReLU output exactly 0;
   tanh |h| > 0.99; sigmoid outside [0.01, 0.99]; leaky_relu / elu / swish: negative
@@ -340,7 +340,8 @@ def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torc
 
     Args:
         names: probe names (see :data:`PROBES`); after-step ones are skipped.
-        agent: needs ``features(obs)``; ``net.params``/``net.activation`` for weight probes.
+        agent: needs ``features(obs)``; ``parameters()`` and ``activation`` for weight probes
+            (see :func:`agent_parameters`).
         obs, target: the probe batch ``(R, P, ...)``.
         stats: the agent's ``update_stats()`` since the last probe (for ``grad_magnitude``).
 
@@ -351,13 +352,25 @@ def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torc
     if not names:
         return {}
     features_fn = getattr(agent, "features", None)
-    net = getattr(agent, "net", None)
+    params, activation = agent_parameters(agent)
     ctx = ProbeContext(
         features=features_fn(obs) if features_fn is not None else {},
-        params=getattr(net, "params", {}),
-        activation=getattr(net, "activation", ""),
+        params=params, activation=activation,
         agent=agent, obs=obs, target=target, stats=stats or {})
     return _collect(names, ctx)
+
+
+def agent_parameters(agent: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """``(parameters, activation name)`` of an agent for the weight probes: its
+    ``parameters()`` (named ``(R, ...)`` tensors, current values) and ``activation``, else
+    (agents written before those were declared) ``net.params`` and ``net.activation``; empty
+    if it has neither."""
+    fn = getattr(agent, "parameters", None)
+    if callable(fn):
+        params = fn()
+        return (params if isinstance(params, dict) else {}), str(getattr(agent, "activation", ""))
+    net = getattr(agent, "net", None)
+    return dict(getattr(net, "params", {})), str(getattr(net, "activation", ""))
 
 
 def run_step_probes(names: Sequence[str], agent: Any, before: torch.Tensor,
@@ -365,9 +378,8 @@ def run_step_probes(names: Sequence[str], agent: Any, before: torch.Tensor,
     """Run the :data:`AFTER_STEP` probes among ``names``, given the probe step's loss
     ``(R,)`` before and after its update."""
     names = [n for n in names if n in AFTER_STEP]
-    net = getattr(agent, "net", None)
-    ctx = ProbeContext(features={}, params=getattr(net, "params", {}),
-                       activation=getattr(net, "activation", ""), agent=agent,
+    params, activation = agent_parameters(agent)
+    ctx = ProbeContext(features={}, params=params, activation=activation, agent=agent,
                        step_loss=(before, after))
     return _collect(names, ctx)
 

@@ -1,6 +1,6 @@
 """The run store: one directory per run, readable with pandas without contlearn.
 
-Layout (DESIGN.md §6)::
+Layout (docs/design.md §6)::
 
     runs/<name>/config.json        fully resolved config (the same keys as ``--set``)
     runs/<name>/meta.json          package versions, git commit, start time, seeds, device
@@ -136,6 +136,20 @@ def write_config(path: Path, config: Mapping[str, Any], seeds: Sequence[int],
         "host": platform.node(),
     }
     write_atomic(path / META_FILE, json.dumps(meta, indent=2).encode())
+
+
+def record_backend(path: Path, backend: str) -> None:
+    """Set ``meta.json``'s ``backend``: the name of the path that runs the agent's steps
+    (:mod:`contlearn.backends`; a resumed run records the one it continues with)."""
+    file = Path(path) / META_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if not isinstance(meta, dict) or meta.get("backend") == backend:
+        return
+    meta["backend"] = backend
+    write_atomic(file, json.dumps(meta, indent=2).encode())
 
 
 def read_config(path: Path) -> dict[str, Any]:

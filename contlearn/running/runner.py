@@ -29,7 +29,7 @@ from contlearn.loop.engine import (
     torch_threads,
 )
 from contlearn.loop.progress import Progress
-from contlearn.results.store import MetricWriter
+from contlearn.results.store import MetricWriter, record_backend
 from contlearn.running.checkpoint import load_latest, save_checkpoint
 from contlearn.running.config import RunConfig, total_steps
 
@@ -164,6 +164,23 @@ def make_loop(stream: Any, agent: Any, emit: Any, bar: Progress, probes: ProbeSc
     return SupervisedLoop(stream, agent, emit, bar, probes, cfg.run.on_divergence)
 
 
+def agent_backend(agent: Any) -> str:
+    """The name of the path that runs ``agent``'s steps: its ``backend`` attribute
+    (:mod:`contlearn.backends`), or ``own`` for an agent that brings its own step."""
+    backend = getattr(agent, "backend", None)
+    return backend if isinstance(backend, str) and backend else "own"
+
+
+def announce_backend(path: Path, agent: Any, show: bool) -> None:
+    """Record the agent's backend in ``meta.json`` and, where the run shows its progress
+    (a terminal, or ``--progress``), say it on stderr above the bar. (Unshown, stderr stays
+    free for one-line errors and stdout for the run's path.)"""
+    backend = agent_backend(agent)
+    record_backend(path, backend)
+    if show:
+        print(f"contlearn: backend {backend}", file=sys.stderr, flush=True)
+
+
 def _warn(message: str) -> None:
     print(f"contlearn: warning: {message}", file=sys.stderr)
 
@@ -184,13 +201,17 @@ def execute(cfg: RunConfig, path: Path, writer: MetricWriter, show: bool,
     with SignalStop() as stop:
         for g, stream in enumerate(streams):
             if g >= start:
+                # (every group has the same configuration: the first one run announces it)
                 _run_group(cfg, g, stream, writer, path, show, ckpt if g == start else None,
-                           stop)
+                           stop, announce=g == start)
 
 
 def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, path: Path,
-               show: bool, ckpt: dict[str, Any] | None, stop: SignalStop) -> None:
+               show: bool, ckpt: dict[str, Any] | None, stop: SignalStop,
+               announce: bool = False) -> None:
     agent = place_agent(cfg, make_agent(cfg, stream))
+    if announce:
+        announce_backend(path, agent, show)
     steps = total_steps(cfg, stream.steps_per_task)
     seeds = stream.seeds
 

@@ -1,0 +1,264 @@
+"""The online MLP agent's backends: three faster ways to compute its reference step.
+
+The reference (:class:`contlearn.agents.online.ReferenceStep`) takes autograd's gradients of
+each replica's mean loss, hands them to ``learner.update`` and adds the updates. The backends,
+in the order the agent asks them (:data:`BACKENDS`):
+
+- :class:`BlockLoop` (``block``): whole batch-1 steps in one compiled loop per replica
+  (:func:`contlearn.backends.kernels.online_block_`: forward, loss, backward with the fused
+  update, continual backprop's steps 1–5), for learners whose fused form needs nothing per
+  step but continual backprop's unit bookkeeping;
+- :class:`FusedBackward` (``fused``): the network's hand-written backward applying the
+  learner's declared affine update ``θ ← (1 + β) θ + α g`` in place while it back-propagates
+  (no gradient or update tensor), then the learner's post-update edit;
+- :class:`HandBackward` (``backward``): the hand-written backward's gradients through
+  ``learner.update``, for any learner.
+
+Each says in :meth:`supports` which configurations it computes exactly (float rounding aside);
+everything else runs the reference. ``tests/test_backends.py`` checks every registered learner ×
+activation × optimizer × stream kind × batch size against the reference.
+
+A backend is built per agent (``Backend(agent)``) and holds what its steps keep between calls:
+the forward pass ``act`` made for ``observe``, and the fused path's deferred input-layer update
+(:meth:`FusedBackward.sync` applies it; the agent calls ``sync`` before anything reads weights).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from contlearn.agents.networks import ACTIVATIONS
+from contlearn.backends import kernels
+from contlearn.backends.base import StepConfig
+
+if TYPE_CHECKING:
+    from contlearn.agents.online import OnlineAgent
+
+#: the stream kinds whose loss the hand-written backward knows (cross-entropy, squared error)
+_TASKS = ("classification", "regression")
+
+
+def loss_and_delta(out: torch.Tensor, target: torch.Tensor, classification: bool,
+                   minus_one: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each replica's mean loss ``(R,)`` and its gradient with respect to ``out`` (summed over
+    replicas): cross-entropy (``softmax − one-hot``, over B) or squared error (``2 (ŷ − y) / B``).
+
+    Args:
+        out: ``(R, B, C)`` network outputs.
+        target: ``(R, B)`` labels or ``(R, B, C)`` targets.
+        classification: which loss.
+        minus_one: optional cached ``(R, B, 1)`` tensor of −1 (classification).
+    """
+    B = out.shape[1]
+    if not classification:
+        diff = out - target
+        return diff.pow(2).sum(-1).mean(1), diff.mul_(2.0 / B)
+    logp = torch.log_softmax(out, -1)  # (R, B, C)
+    idx = target.unsqueeze(-1)  # (R, B, 1)
+    loss = logp.gather(-1, idx).mean((1, 2)).neg_()
+    if minus_one is None or minus_one.shape != idx.shape:
+        minus_one = torch.full(idx.shape, -1.0, dtype=out.dtype, device=out.device)
+    delta = logp.exp_().scatter_add_(-1, idx, minus_one)  # softmax − one-hot
+    return loss, (delta if B == 1 else delta.div_(B))
+
+
+class HandBackward:
+    """``backward``: the hand-written backward pass, gradients through ``learner.update``."""
+
+    name = "backward"
+    description = "hand-written backward pass (no autograd graph), then learner.update"
+
+    @staticmethod
+    def supports(cfg: StepConfig) -> bool:
+        """Backprop credit on the MLP, any learner, for the losses it knows."""
+        return (cfg.network == "mlp" and cfg.credit == "bp" and cfg.task in _TASKS
+                and cfg.activation in ACTIVATIONS)
+
+    def __init__(self, agent: OnlineAgent) -> None:
+        self.agent = agent
+        self._cache: tuple[Any, ...] | None = None
+        self._minus_one: torch.Tensor | None = None
+
+    def sync(self) -> None:
+        """Nothing is deferred on this path."""
+
+    def act(self, flat: torch.Tensor) -> torch.Tensor:
+        """The forward pass ``(R, B, C)``, kept for :meth:`observe`."""
+        self.sync()
+        with torch.no_grad():
+            out, hs, zs = self.agent.net.forward_train(flat, self.agent.views)
+        self._cache = (flat, out, hs, zs)
+        return out
+
+    def _loss_and_delta(self, out: torch.Tensor, target: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        classification = self.agent.info.kind == "classification"
+        if classification and (self._minus_one is None
+                               or self._minus_one.shape[:2] != out.shape[:2]):
+            self._minus_one = torch.full((*out.shape[:2], 1), -1.0, dtype=out.dtype,
+                                         device=out.device)
+        return loss_and_delta(out, target, classification, self._minus_one)
+
+    @torch.no_grad()
+    def observe(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:
+        """One step on the batch of the last :meth:`act`; returns the loss ``(R,)``."""
+        assert self._cache is not None
+        (flat, out, hs, zs), self._cache = self._cache, None
+        agent = self.agent
+        loss, delta = self._loss_and_delta(out, target)
+        grads = agent.net.backward(delta, flat, hs, zs, agent.views)
+        agent.add_grad_l1(grads)
+        agent.apply_updates(grads, _features(agent, hs), task_start)
+        return loss
+
+
+class FusedBackward(HandBackward):
+    """``fused``: the hand-written backward applying the learner's declared affine update in
+    place (:mod:`contlearn.learners.fused`), then its post-update edit. For learners without a
+    post the input layer's update is deferred to the next forward pass, which applies it and
+    takes the dot products in one pass over those weights (:func:`kernels.input_layer_`)."""
+
+    name = "fused"
+    description = "hand-written backward with the learner's affine update fused in place"
+
+    @staticmethod
+    def supports(cfg: StepConfig) -> bool:
+        """As :class:`HandBackward`, for learners that declare a fused form."""
+        return HandBackward.supports(cfg) and cfg.fused is not None
+
+    def __init__(self, agent: OnlineAgent) -> None:
+        super().__init__(agent)
+        self.plan = agent.plan
+        assert self.plan is not None
+        first = agent.net.layers[0].name
+        w = agent.views[f"{first}.weight"]
+        self._first = (f"{first}.weight", f"{first}.bias")
+        self._defer = self.plan.post is None and kernels.applies(w, w[:, :1], w[:, :1])
+        self._pending: kernels.Pending | None = None
+
+    def sync(self) -> None:
+        """Apply the deferred update of the input layer, if any."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            kernels.input_layer_(self.agent.views[self._first[0]], pending)
+
+    def act(self, flat: torch.Tensor) -> torch.Tensor:
+        """The forward pass, applying a deferred input-layer update in the same pass."""
+        views = self.agent.views
+        with torch.no_grad():
+            first = None
+            if self._defer and flat.shape[1] <= kernels.MAX_BATCH:
+                pending, self._pending = self._pending, None
+                first = kernels.input_layer_(views[self._first[0]], pending, flat,
+                                             views[self._first[1]])
+            else:
+                self.sync()
+            out, hs, zs = self.agent.net.forward_train(flat, views, first)
+        self._cache = (flat, out, hs, zs)
+        return out
+
+    @torch.no_grad()
+    def observe(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:
+        """The fused step on the batch of the last :meth:`act`; returns the loss ``(R,)``."""
+        assert self._cache is not None
+        (flat, out, hs, zs), self._cache = self._cache, None
+        agent, plan = self.agent, self.plan
+        loss, delta = self._loss_and_delta(out, target)
+        defer = self._defer and flat.shape[1] <= kernels.MAX_BATCH
+        cols, first = agent.net.backward_update_(delta, flat, hs, zs, plan.grad_scale,
+                                                 plan.param_scale, plan.col_l1, agent.views,
+                                                 defer_first=defer, grad_l1=agent.grad_l1)
+        if agent.grad_l1 is not None:
+            agent.grad_steps += 1
+        if first is not None:
+            self._pending = (first, flat, plan.grad_scale, plan.param_scale)
+        if plan.post is not None:
+            agent.learner_state = plan.post(agent.learner_state, agent.views,
+                                            features=_features(agent, hs),
+                                            task_start=task_start, col_l1=cols)
+        return loss
+
+
+class BlockLoop(FusedBackward):
+    """``block``: whole batch-1 steps in one compiled loop per replica while its weights stay
+    in cache (:meth:`learn_block`); a replica stops at a step where continual backprop must
+    replace units, whose fresh rows Python draws from the replica's generator. Single steps
+    (``act``/``observe``) take the fused path."""
+
+    name = "block"
+    description = "whole batch-1 steps in one compiled C loop per replica (cores in parallel)"
+
+    @staticmethod
+    def supports(cfg: StepConfig) -> bool:
+        """Batch 1 on CPU float32 with the compiled kernels, an activation the loop knows, and
+        a fused learner with no post-update edit but continual backprop's (in the form the
+        loop takes: :class:`contlearn.learners.fused.UnitReplacer`)."""
+        plan = cfg.fused
+        return (FusedBackward.supports(cfg) and cfg.batch_size == 1 and cfg.kernels
+                and cfg.device == "cpu" and cfg.dtype == "float32"
+                and (plan.post is None or plan.replacer is not None)
+                and cfg.activation in kernels.BLOCK_ACTIVATIONS
+                and cfg.depth + 1 <= kernels.MAX_BLOCK_LAYERS)
+
+    @torch.no_grad()
+    def learn_block(self, obs: torch.Tensor, target: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """T online steps at once: the same as T calls of ``act`` and ``observe``.
+
+        Args:
+            obs: ``(T, R, 1, *input_shape)``.
+            target: ``(T, R, 1)`` labels, or ``(T, R, 1, C)`` regression targets.
+
+        Returns:
+            ``(predictions (T, R, 1, C) made before each step's update, {"loss": (T, R)})``.
+        """
+        agent, plan = self.agent, self.plan
+        T, R = obs.shape[:2]
+        x = obs.reshape(T, R, -1).to(torch.float32).contiguous()
+        C = agent.info.num_outputs
+        classification = agent.info.kind == "classification"
+        y = (target.reshape(T, R).to(torch.int64) if classification
+             else target.reshape(T, R, C).to(torch.float32)).contiguous()
+        self.sync()
+        self._cache = None
+        layers = agent.net.layers
+        weights = [agent.views[f"{layer.name}.weight"] for layer in layers]
+        biases = [agent.views[f"{layer.name}.bias"] for layer in layers]
+        out = torch.empty(T, R, C)
+        loss = torch.empty(T, R)
+        start = torch.zeros(R, dtype=torch.int64)
+        events = torch.zeros(R, max(len(layers) - 1, 1), dtype=torch.int64)
+        replacer = plan.replacer
+        cbp = None
+        if replacer is not None:
+            cbp = replacer.kernel_state(agent.learner_state)
+            if cbp is None:  # supports() promised otherwise: a bug, never a silent other path
+                raise RuntimeError("the block backend was chosen but continual backprop's "
+                                   "state is not in the kernel's form")
+        pending = kernels.Pending1.empty(R, weights[0].shape[1])
+        workers = agent.block_workers()
+        while True:
+            kernels.online_block_(weights, biases, x, y, classification, plan.grad_scale,
+                                  plan.param_scale, agent.spec.activation, out, loss, start,
+                                  events, cbp, pending, workers, agent.grad_l1)
+            if cbp is not None and bool(events.any()):
+                assert replacer is not None
+                replacer.replace(agent.learner_state, agent.views,
+                                 list(events.T.contiguous()), pending.skip)
+                events.zero_()
+                continue  # (the next call also applies what is pending)
+            if bool((start >= T).all()):
+                break
+        agent.grad_steps += T
+        return out.unsqueeze(2), {"loss": loss}
+
+
+def _features(agent: OnlineAgent, hs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {layer.name: h for layer, h in zip(agent.net.hidden_layers, hs, strict=True)}
+
+
+#: the online agent's backends, in the order it asks them
+BACKENDS: list[type[HandBackward]] = [BlockLoop, FusedBackward, HandBackward]

@@ -1,0 +1,160 @@
+"""Every configuration's chosen backend computes the reference step (contlearn/backends).
+
+The cases are enumerated from the registries, not listed by hand: every registered learner ×
+activation × base optimizer × stream kind × batch size, and every init, so that a learner, an
+activation or an option added later is checked too — a backend that does not know it must not
+declare it supported, and then the reference runs, which passes trivially. A fake backend that
+declares everything supported shows the check fails when a backend computes something else.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+import contlearn.agents.online as online
+from contlearn.agents.networks import ACTIVATIONS, INITS
+from contlearn.backends import kernels
+from contlearn.backends.base import REFERENCE, Backend, StepConfig, choose
+from contlearn.backends.check import BackendMismatchError, check_online_agent
+from contlearn.backends.mlp import BACKENDS, BlockLoop, FusedBackward, HandBackward
+from contlearn.envs.base import StreamInfo
+from contlearn.learners import learners
+from contlearn.running.config import resolve
+
+SEEDS = [0, 1]
+#: options that make rare events happen within a few steps (replacements, resets); learners
+#: not named here run their defaults
+EXERCISE = {
+    "cbp": {"learner.maturity": 2, "learner.replacement_rate": 0.3, "learner.decay": 0.9},
+    "redo": {"learner.period": 4, "learner.window": 4, "learner.threshold": 0.9},
+    "snp": {"learner.sigma": 1e-3, "learner.shrink": 1e-3},
+    "snp-init": {"learner.lam": 0.9},
+}
+OPTIMIZERS = ("sgd", "adam")
+KINDS = ("classification", "regression")
+BATCHES = (1, 3)
+
+
+def _info(kind: str, batch_size: int) -> StreamInfo:
+    outputs = 4 if kind == "classification" else 2
+    return StreamInfo("synthetic", kind, (12,), outputs, True, len(SEEDS),
+                      "accuracy" if kind == "classification" else "squared_error", batch_size)
+
+
+def _config(learner: str, **options):
+    return resolve({"stream": "permuted-mnist", "learner": learner, "hidden": "7,5",
+                    "lr": 0.05, **EXERCISE.get(learner, {}), **options})
+
+
+@pytest.mark.parametrize("learner,optimizer", list(itertools.product(learners.names(), OPTIMIZERS)))
+def test_every_backend_choice_computes_the_reference_step(learner, optimizer):
+    chosen = set()
+    for activation, kind, batch in itertools.product(ACTIVATIONS, KINDS, BATCHES):
+        options = {"optimizer": optimizer, "activation": activation}
+        if optimizer == "adam":
+            options["lr"] = 1e-2
+        cfg = _config(learner, **options)
+        chosen.add(check_online_agent(_info(kind, batch), SEEDS, cfg.agent_spec, cfg.learner))
+    assert REFERENCE not in chosen, "the hand-written backward takes every learner"
+
+
+@pytest.mark.parametrize("learner", learners.names())
+def test_every_init_and_momentum_too(learner):
+    for init in INITS:
+        cfg = _config(learner, init=init)
+        check_online_agent(_info("classification", 1), SEEDS, cfg.agent_spec, cfg.learner)
+    cfg = _config(learner, momentum=0.9)
+    check_online_agent(_info("classification", 1), SEEDS, cfg.agent_spec, cfg.learner)
+
+
+def _agent(learner: str, kind: str = "classification", batch: int = 1, **options):
+    cfg = _config(learner, **options)
+    return online.OnlineAgent(_info(kind, batch), SEEDS, cfg.agent_spec, cfg.learner)
+
+
+def test_the_backends_chosen_are_the_expected_ones():
+    block = BlockLoop.name if kernels.library() is not None else FusedBackward.name
+    assert _agent("bp").backend == block
+    assert _agent("cbp").backend == block
+    assert _agent("bp", "regression").backend == block
+    assert _agent("bp", batch=3).backend == FusedBackward.name
+    assert _agent("bp", activation="elu").backend == FusedBackward.name
+    assert _agent("snp").backend == FusedBackward.name
+    assert _agent("cbp", **{"learner.rounding": "stochastic"}).backend == FusedBackward.name
+    assert _agent("bp", optimizer="adam").backend == HandBackward.name
+    assert _agent("redo").backend == HandBackward.name
+    assert _agent("bp", fast=False).backend == REFERENCE
+    assert all(isinstance(b, Backend) for b in BACKENDS)
+
+
+def test_without_the_compiled_kernels_no_block_backend(monkeypatch):
+    monkeypatch.setattr(kernels, "_lib", False)  # as without a C compiler
+    agent = _agent("bp")
+    assert agent.backend == FusedBackward.name and not agent.block_ready(1)
+    cfg = _config("cbp")
+    check_online_agent(_info("classification", 1), SEEDS, cfg.agent_spec, cfg.learner)
+
+
+def test_choose_takes_the_first_that_supports():
+    cfg = StepConfig("mlp", "relu", 2, "classification", "bp", "adam")
+    assert choose(BACKENDS, cfg) is HandBackward
+    assert choose(BACKENDS, StepConfig("cnn", "relu", 2, "classification", "bp", "adam")) is None
+    assert choose(BACKENDS, StepConfig("mlp", "relu", 2, "classification", "bp", "sgd",
+                                       credit="fa")) is None
+
+
+class _WrongBackend(HandBackward):
+    """Declares every configuration supported but updates with twice the gradient."""
+
+    name = "wrong"
+    description = "a deliberately wrong backend"
+
+    @staticmethod
+    def supports(cfg: StepConfig) -> bool:
+        return True
+
+    def observe(self, target, task_start):
+        assert self._cache is not None
+        flat, out, hs, zs = self._cache
+        self._cache = None
+        agent = self.agent
+        loss, delta = self._loss_and_delta(out, target)
+        grads = agent.net.backward(delta.mul_(2.0), flat, hs, zs, agent.views)
+        agent.add_grad_l1(grads)
+        agent.apply_updates(grads, dict(zip([la.name for la in agent.net.hidden_layers], hs,
+                                            strict=True)), task_start)
+        return loss
+
+
+def test_a_backend_declaring_what_it_does_not_compute_is_caught(monkeypatch):
+    monkeypatch.setattr(online, "BACKENDS", [_WrongBackend, *BACKENDS])
+    cfg = _config("bp")
+    with pytest.raises(BackendMismatchError, match="backend wrong"):
+        check_online_agent(_info("classification", 1), SEEDS, cfg.agent_spec, cfg.learner)
+
+
+def test_a_run_prints_and_records_its_backend_and_fast_false_runs_the_reference(cli, tmp_path):
+    import json
+
+    import torch
+
+    from contlearn.results.store import load_runs
+
+    args = ("run", "permuted-mnist", "--seeds", "2", "--tasks", "2", "--set",
+            "examples_per_task=500", "--progress")
+    expected = "block" if kernels.library() is not None else "fused"
+    frames = []
+    for name, extra, backend in (("fast", (), expected),
+                                 ("ref", ("--set", "fast=false"), REFERENCE)):
+        code, _, err = cli(*args, *extra, "--out", tmp_path / name)
+        assert code == 0, err
+        assert f"contlearn: backend {backend}\n" in err
+        assert json.loads((tmp_path / name / "meta.json").read_text())["backend"] == backend
+        df = load_runs(tmp_path / name)
+        frames.append(df.sort_values(["seed", "step", "metric", "layer"]).reset_index())
+    a, b = frames
+    assert list(a.metric) == list(b.metric) and len(a) > 0
+    torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values),
+                               rtol=1e-4, atol=2e-5)
