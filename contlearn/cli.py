@@ -134,14 +134,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from contlearn.results.store import load_runs
 
     df = load_runs(args.runs, config=True)
-    from contlearn.results import plots
+    from contlearn.results import curves, plots
 
     if df.empty:
         raise ContlearnError(f"no metrics recorded yet in {' '.join(args.runs)}")
     if args.by not in df.columns:
         df = load_runs(args.runs, config=[args.by])
-    plots.check_comparable(df)
-    metric = args.metric or plots.default_metric(df)
+    curves.check_comparable(df)
+    metric = args.metric or curves.default_metric(df)
     x = args.x or ("step" if metric == "episode_return" else "task")
     if args.probes:
         fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin, x=x)
