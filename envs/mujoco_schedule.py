@@ -30,7 +30,7 @@ When a value changes is :class:`~contlearn.envs.parameter_schedule.ParameterSche
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, SupportsFloat
+from typing import Any, SupportsFloat, cast
 
 import gymnasium as gym
 import mujoco
@@ -38,6 +38,7 @@ import numpy as np
 from gymnasium import utils
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
+from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
 from contlearn.envs.parameter_schedule import DEFAULT_RANGES, PARAMETERS, ParameterSchedule
@@ -121,7 +122,7 @@ class ScheduledPhysics:
             )
         low = np.append(space.low, -np.inf).astype(space.dtype)
         high = np.append(space.high, np.inf).astype(space.dtype)
-        return gym.spaces.Box(low, high, dtype=space.dtype)  # type: ignore[arg-type]
+        return gym.spaces.Box(low, high, dtype=space.dtype)
 
     def before_reset(self, seed: int | None) -> None:
         """Restart the schedule (``seed`` given) or end the episode, then set the value."""
@@ -221,7 +222,8 @@ class ScheduledPhysicsWrapper(gym.Wrapper, utils.RecordConstructorArgs):
             immediate=immediate,
             initial_value=initial_value,
         )
-        self.physics = ScheduledPhysics(env.unwrapped.model, parameter, schedule, value_in_obs)
+        model = cast(MujocoEnv, env.unwrapped).model  # a MuJoCo env, as documented above
+        self.physics = ScheduledPhysics(model, parameter, schedule, value_in_obs)
         self.observation_space = self.physics.observation_space(env.observation_space)
 
     def reset(
@@ -291,7 +293,7 @@ class SlipperyMixin:
         self.observation_space = self._physics.observation_space(self.observation_space)
         # The env class recorded its own positional args for pickling; record ours instead.
         utils.EzPickle.__init__(
-            self,
+            cast(utils.EzPickle, self),  # gymnasium's MuJoCo env classes are EzPickles
             change_every=change_every,
             friction_range=friction_range,
             initial_friction=initial_friction,
@@ -316,12 +318,15 @@ class SlipperyMixin:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset; ``seed`` also restarts the schedule, no seed may apply a due change."""
         self._physics.before_reset(seed)
-        obs, info = super().reset(seed=seed, options=options)  # type: ignore[misc]
+        obs, info = super().reset(seed=seed, options=options)  # type: ignore[misc]  # the env class'
         return self._physics.after_reset(obs, info)
 
+    # Typed as gymnasium.Env.step: MujocoEnv.step's annotation (a float64 reward, an info of
+    # float64 values only) does not hold once info carries the int task, so every class that
+    # combines the two carries a type: ignore[misc] naming this method.
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Step the simulation and count the step in the friction schedule."""
-        obs, reward, terminated, truncated, info = super().step(action)  # type: ignore[misc]
+        obs, reward, terminated, truncated, info = super().step(action)  # type: ignore[misc]  # the env class'
         obs, info = self._physics.after_step(obs, info)
         return obs, reward, terminated, truncated, info
 
@@ -337,7 +342,7 @@ class SlipperyMixin:
         self._physics.load_state_dict(state)
 
 
-class SlipperyHalfCheetahEnv(SlipperyMixin, HalfCheetahEnv):
+class SlipperyHalfCheetahEnv(SlipperyMixin, HalfCheetahEnv):  # type: ignore[misc]  # SlipperyMixin.step
     """HalfCheetah-v5 with a friction schedule (:class:`SlipperyMixin`).
 
     Version History:
@@ -345,7 +350,7 @@ class SlipperyHalfCheetahEnv(SlipperyMixin, HalfCheetahEnv):
     """
 
 
-class SlipperyHopperEnv(SlipperyMixin, HopperEnv):
+class SlipperyHopperEnv(SlipperyMixin, HopperEnv):  # type: ignore[misc]  # SlipperyMixin.step
     """Hopper-v5 with a friction schedule (:class:`SlipperyMixin`).
 
     Version History:
@@ -353,7 +358,7 @@ class SlipperyHopperEnv(SlipperyMixin, HopperEnv):
     """
 
 
-class SlipperyWalker2dEnv(SlipperyMixin, Walker2dEnv):
+class SlipperyWalker2dEnv(SlipperyMixin, Walker2dEnv):  # type: ignore[misc]  # SlipperyMixin.step
     """Walker2d-v5 with a friction schedule (:class:`SlipperyMixin`).
 
     Setting one friction for every geom replaces Walker2d's per-foot frictions (0.9 and 1.9).

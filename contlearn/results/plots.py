@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import pandas as pd
 
@@ -20,8 +20,9 @@ from contlearn.errors import ContlearnError
 from contlearn.results.curves import check_comparable, curve_stats, default_metric, probe_metrics
 
 if TYPE_CHECKING:
+    from matplotlib.artist import Artist
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure, SubFigure
 
 METRIC_LABELS = {  # axis labels with units; other metrics get their name, spaced
     "accuracy": "online accuracy (fraction correct)", "squared_error": "mean squared error",
@@ -112,9 +113,18 @@ def mark_task_changes(ax: Axes, df: pd.DataFrame, limit: int = 200) -> None:
             ax.axvline(step, color="0.75", linewidth=0.7, linestyle=":", zorder=0)
 
 
+@overload
+def plot_decay(df: pd.DataFrame, metric: str | None = ..., by: str | Sequence[str] = ...,
+               bin: int = ..., x: str = ..., ax: None = ..., ci: float = ..., n_boot: int = ...,
+               seed: int = ..., layer: str | None = ...) -> Figure: ...
+@overload
+def plot_decay(df: pd.DataFrame, metric: str | None = ..., by: str | Sequence[str] = ...,
+               bin: int = ..., x: str = ..., *, ax: Axes, ci: float = ..., n_boot: int = ...,
+               seed: int = ..., layer: str | None = ...) -> Figure | SubFigure: ...
 def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[str] = "learner",
                bin: int = 1, x: str = "task", ax: Axes | None = None, ci: float = 0.95,
-               n_boot: int = 1000, seed: int = 0, layer: str | None = None) -> Figure:
+               n_boot: int = 1000, seed: int = 0, layer: str | None = None
+               ) -> Figure | SubFigure:
     """The plasticity-decay curve: a per-task score against task index, one line per group.
 
     Args:
@@ -131,7 +141,7 @@ def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[s
         layer: ``None`` for whole-network rows, or a layer name / ``"all"`` for layer metrics.
 
     Returns:
-        The figure (``ax.figure`` when ``ax`` is given).
+        A new figure, or ``ax.figure`` when ``ax`` is given (a ``SubFigure`` for axes of one).
 
     Raises:
         ContlearnError: mixed streams, unknown metric / column / layer, bad ``x`` or ``bin``.
@@ -191,8 +201,8 @@ def plot_probes(df: pd.DataFrame, probes: Sequence[str] | None = None,
         ax.tick_params(labelbottom=True, labelsize=8)
         if i + ncols >= len(probes):  # lowest panel of its column
             ax.set_xlabel(x_label(x, bin=bin))
-    where = {None: "whole network / mean of layers", "all": "per layer"}
-    where = where.get(layer, f"layer {layer}")
+    wheres = {None: "whole network / mean of layers", "all": "per layer"}
+    where = wheres.get(layer, f"layer {layer}")
     note = _band_note(pd.concat(stats.values()), ci)
     fig.suptitle(f"{df['stream'].iloc[0]}: probes ({where})\n{note}", fontsize=11)
     _figure_legend(fig, axes, _legend_title(by, layer), len(groups) if layer == "all" else 0)
@@ -216,7 +226,7 @@ def _panel_grid(n: int) -> tuple[Figure, list[Axes], int]:
 
 def _figure_legend(fig: Figure, axes: Sequence[Axes], title: str, ncols: int = 0) -> None:
     """One legend below the panels, each label once (``ncols`` 0: up to four columns)."""
-    seen: dict[str, object] = {}
+    seen: dict[str, Artist] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
