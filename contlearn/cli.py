@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from contlearn.errors import ContlearnError
 
@@ -18,7 +19,7 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
         self.exit(EXIT_USAGE, f"contlearn: error: {message}\n")
 
 
@@ -134,14 +135,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from contlearn.results.store import load_runs
 
     df = load_runs(args.runs, config=True)
-    from contlearn.results import plots
+    from contlearn.results import curves, plots
 
     if df.empty:
         raise ContlearnError(f"no metrics recorded yet in {' '.join(args.runs)}")
     if args.by not in df.columns:
         df = load_runs(args.runs, config=[args.by])
-    plots.check_comparable(df)
-    metric = args.metric or plots.default_metric(df)
+    curves.check_comparable(df)
+    metric = args.metric or curves.default_metric(df)
     x = args.x or ("step" if metric == "episode_return" else "task")
     if args.probes:
         fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin, x=x)

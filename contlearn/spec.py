@@ -62,7 +62,7 @@ def spec_fields(spec_cls: type) -> list[FieldInfo]:
     hints = typing.get_type_hints(spec_cls)
     out = []
     for f in dataclasses.fields(spec_cls):
-        meta = f.metadata or {}
+        meta: Mapping[str, Any] = f.metadata or {}
         out.append(FieldInfo(
             name=f.name,
             type=_base_type(hints[f.name]),

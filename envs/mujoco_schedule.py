@@ -2,7 +2,7 @@
 
 A continual-RL stream is a gymnasium environment whose dynamics change every so many steps
 (docs/design.md §1). Here one physical parameter of a MuJoCo model follows a
-:class:`ParameterSchedule`:
+:class:`~contlearn.envs.parameter_schedule.ParameterSchedule`:
 
 - ``friction``: the sliding friction ``model.geom_friction[:, 0]`` of *every* geom, floor
   included (and of explicit contact pairs, if any). MuJoCo combines a contact pair's friction by
@@ -22,12 +22,15 @@ Values change in the compiled model; no XML is written at run time. Three ways i
   :class:`~contlearn.envs.slippery_ant.SlipperyAntEnv` and the registered
   ``contlearn/Slippery{HalfCheetah,Hopper,Walker2d}-v0`` classes below do;
 - :class:`ScheduledPhysics` (schedule + model + observation feature) is what both share.
+
+When a value changes is :class:`~contlearn.envs.parameter_schedule.ParameterSchedule`'s business
+(no simulator involved).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, SupportsFloat
+from typing import Any, SupportsFloat, cast
 
 import gymnasium as gym
 import mujoco
@@ -35,138 +38,11 @@ import numpy as np
 from gymnasium import utils
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
+from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
+from contlearn.envs.parameter_schedule import DEFAULT_RANGES, PARAMETERS, ParameterSchedule
 from contlearn.errors import ConfigError
-
-#: The parameters a schedule can drive.
-PARAMETERS = ("friction", "gravity", "mass_scale")
-
-#: Default ranges. Friction: Dohare et al. 2024 (Slippery Ant). Gravity (0.5 g to 2 g) and mass
-#: scale (0.5 to 2) are contlearn's choices; no paper fixes them.
-DEFAULT_RANGES: dict[str, tuple[float, float]] = {
-    "friction": (0.02, 2.0),
-    "gravity": (0.5 * 9.81, 2.0 * 9.81),
-    "mass_scale": (0.5, 2.0),
-}
-
-#: Spawn key of the schedule's generator: the same seed as ``reset(seed=...)`` but a stream of
-#: randomness independent of the env's ``np_random`` (which gymnasium seeds with no spawn key).
-_SPAWN_KEY = 0x51_1B_BE_21
-
-
-class ParameterSchedule:
-    """When a physical parameter changes, and to what value (no simulator involved).
-
-    The schedule counts environment steps. Once ``change_every`` steps have been taken under the
-    current value, a new value is drawn from ``value_range`` (log-uniformly by default) with the
-    schedule's own generator: right after that step if ``immediate``, else at the next episode
-    end, i.e. the next ``reset`` (the default: an episode never mixes two values). The counter
-    restarts at each change, so a task lasts exactly ``change_every`` steps in immediate mode and,
-    by default, until the first episode end after ``change_every`` steps.
-
-    Args:
-        change_every: steps between changes (≥ 1).
-        value_range: ``(low, high)`` of the values drawn; ``low > 0`` if ``log_uniform``.
-        log_uniform: draw ``exp(U(log low, log high))`` instead of ``U(low, high)``.
-        immediate: change right after the step that completes ``change_every`` steps.
-        initial_value: the first task's value; ``None`` draws it like every later value.
-        seed: seed of the generator (``None``: fresh OS entropy); see :meth:`restart`.
-
-    Attributes:
-        value: the current value.
-        task: number of changes since the schedule (re)started; 0 for the first value.
-        steps_since_change: environment steps taken under the current value.
-        total_steps: environment steps since the schedule (re)started.
-    """
-
-    def __init__(
-        self,
-        change_every: int = 2_000_000,
-        value_range: tuple[float, float] = DEFAULT_RANGES["friction"],
-        *,
-        log_uniform: bool = True,
-        immediate: bool = False,
-        initial_value: float | None = None,
-        seed: int | None = None,
-    ) -> None:
-        low, high = (float(v) for v in value_range)
-        if int(change_every) != change_every or change_every < 1:
-            raise ConfigError(f"change_every={change_every} must be an integer ≥ 1")
-        if not low <= high or (log_uniform and low <= 0):
-            raise ConfigError(
-                f"value_range={value_range} must have low ≤ high"
-                + (" and low > 0 (log-uniform draws)" if log_uniform else "")
-            )
-        if log_uniform and initial_value is not None and initial_value <= 0:
-            raise ConfigError(f"initial_value={initial_value} must be > 0 (log-uniform schedule)")
-        self.change_every = int(change_every)
-        self.value_range = (low, high)
-        self.log_uniform = log_uniform
-        self.immediate = immediate
-        self.initial_value = None if initial_value is None else float(initial_value)
-        self.restart(seed)
-
-    def restart(self, seed: int | None) -> None:
-        """Start again at task 0 with a generator seeded by ``seed`` (``None``: OS entropy).
-
-        The first value is ``initial_value`` if given (the generator is then not consumed),
-        else the generator's first draw, so the whole schedule is a function of ``seed``.
-        """
-        seq = np.random.SeedSequence(seed, spawn_key=(_SPAWN_KEY,))
-        self.rng = np.random.Generator(np.random.PCG64(seq))
-        self.task = 0
-        self.steps_since_change = 0
-        self.total_steps = 0
-        self.value = self.initial_value if self.initial_value is not None else self.sample()
-
-    def sample(self) -> float:
-        """One draw from ``value_range`` (advances the generator)."""
-        low, high = self.value_range
-        if self.log_uniform:
-            return float(np.exp(self.rng.uniform(np.log(low), np.log(high))))
-        return float(self.rng.uniform(low, high))
-
-    @property
-    def due(self) -> bool:
-        """Whether ``change_every`` steps have been taken under the current value."""
-        return self.steps_since_change >= self.change_every
-
-    def step(self) -> bool:
-        """Count one environment step; in immediate mode change if due. True if it changed."""
-        self.steps_since_change += 1
-        self.total_steps += 1
-        return self.immediate and self._change_if_due()
-
-    def episode_end(self) -> bool:
-        """An episode ended (``reset``); by default change if due. True if it changed."""
-        return not self.immediate and self._change_if_due()
-
-    def _change_if_due(self) -> bool:
-        if not self.due:
-            return False
-        self.value = self.sample()
-        self.task += 1
-        self.steps_since_change = 0
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        """Position in the schedule as plain python values (JSON-serialisable)."""
-        return {
-            "steps_since_change": self.steps_since_change,
-            "total_steps": self.total_steps,
-            "task": self.task,
-            "value": self.value,
-            "rng": self.rng.bit_generator.state,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume exactly where :meth:`state_dict` was taken (options stay as constructed)."""
-        self.steps_since_change = int(state["steps_since_change"])
-        self.total_steps = int(state["total_steps"])
-        self.task = int(state["task"])
-        self.value = float(state["value"])
-        self.rng.bit_generator.state = state["rng"]
 
 
 def parameter_setter(model: mujoco.MjModel, parameter: str) -> Callable[[float], None]:
@@ -246,7 +122,7 @@ class ScheduledPhysics:
             )
         low = np.append(space.low, -np.inf).astype(space.dtype)
         high = np.append(space.high, np.inf).astype(space.dtype)
-        return gym.spaces.Box(low, high, dtype=space.dtype)  # type: ignore[arg-type]
+        return gym.spaces.Box(low, high, dtype=space.dtype)
 
     def before_reset(self, seed: int | None) -> None:
         """Restart the schedule (``seed`` given) or end the episode, then set the value."""
@@ -346,7 +222,8 @@ class ScheduledPhysicsWrapper(gym.Wrapper, utils.RecordConstructorArgs):
             immediate=immediate,
             initial_value=initial_value,
         )
-        self.physics = ScheduledPhysics(env.unwrapped.model, parameter, schedule, value_in_obs)
+        model = cast(MujocoEnv, env.unwrapped).model  # a MuJoCo env, as documented above
+        self.physics = ScheduledPhysics(model, parameter, schedule, value_in_obs)
         self.observation_space = self.physics.observation_space(env.observation_space)
 
     def reset(
@@ -416,7 +293,7 @@ class SlipperyMixin:
         self.observation_space = self._physics.observation_space(self.observation_space)
         # The env class recorded its own positional args for pickling; record ours instead.
         utils.EzPickle.__init__(
-            self,
+            cast(utils.EzPickle, self),  # gymnasium's MuJoCo env classes are EzPickles
             change_every=change_every,
             friction_range=friction_range,
             initial_friction=initial_friction,
@@ -441,12 +318,15 @@ class SlipperyMixin:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset; ``seed`` also restarts the schedule, no seed may apply a due change."""
         self._physics.before_reset(seed)
-        obs, info = super().reset(seed=seed, options=options)  # type: ignore[misc]
+        obs, info = super().reset(seed=seed, options=options)  # type: ignore[misc]  # the env class'
         return self._physics.after_reset(obs, info)
 
+    # Typed as gymnasium.Env.step: MujocoEnv.step's annotation (a float64 reward, an info of
+    # float64 values only) does not hold once info carries the int task, so every class that
+    # combines the two carries a type: ignore[misc] naming this method.
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Step the simulation and count the step in the friction schedule."""
-        obs, reward, terminated, truncated, info = super().step(action)  # type: ignore[misc]
+        obs, reward, terminated, truncated, info = super().step(action)  # type: ignore[misc]  # the env class'
         obs, info = self._physics.after_step(obs, info)
         return obs, reward, terminated, truncated, info
 
@@ -462,7 +342,7 @@ class SlipperyMixin:
         self._physics.load_state_dict(state)
 
 
-class SlipperyHalfCheetahEnv(SlipperyMixin, HalfCheetahEnv):
+class SlipperyHalfCheetahEnv(SlipperyMixin, HalfCheetahEnv):  # type: ignore[misc]  # SlipperyMixin.step
     """HalfCheetah-v5 with a friction schedule (:class:`SlipperyMixin`).
 
     Version History:
@@ -470,7 +350,7 @@ class SlipperyHalfCheetahEnv(SlipperyMixin, HalfCheetahEnv):
     """
 
 
-class SlipperyHopperEnv(SlipperyMixin, HopperEnv):
+class SlipperyHopperEnv(SlipperyMixin, HopperEnv):  # type: ignore[misc]  # SlipperyMixin.step
     """Hopper-v5 with a friction schedule (:class:`SlipperyMixin`).
 
     Version History:
@@ -478,7 +358,7 @@ class SlipperyHopperEnv(SlipperyMixin, HopperEnv):
     """
 
 
-class SlipperyWalker2dEnv(SlipperyMixin, Walker2dEnv):
+class SlipperyWalker2dEnv(SlipperyMixin, Walker2dEnv):  # type: ignore[misc]  # SlipperyMixin.step
     """Walker2d-v5 with a friction schedule (:class:`SlipperyMixin`).
 
     Setting one friction for every geom replaces Walker2d's per-foot frictions (0.9 and 1.9).

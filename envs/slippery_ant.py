@@ -13,7 +13,7 @@ from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from contlearn.envs.mujoco_schedule import SlipperyMixin
 
 
-class SlipperyAntEnv(SlipperyMixin, AntEnv):
+class SlipperyAntEnv(SlipperyMixin, AntEnv):  # type: ignore[misc]  # SlipperyMixin.step
     """Ant-v5 with a friction schedule.
 
     **What changes.** Every ``change_every`` environment steps (default 2,000,000) the sliding

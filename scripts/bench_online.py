@@ -5,10 +5,11 @@ several repeats) on permuted MNIST at batch size 1, per learner (bp, l2, snp, cb
 Adam), hidden width (three hidden layers of 100 or 2000) and number of replicas R. contlearn
 runs through its real code path: ``OnlineAgent`` + stream + ``SupervisedLoop`` writing metrics to
 a run store in a temporary folder, probes off, threads chosen as ``contlearn.run`` chooses them.
-The naive baseline (:class:`NaiveLearner`) is what a researcher writes without contlearn: one
-seed at a time, ``torch.nn.Sequential`` + ``torch.optim``, a per-unit continual backprop; its
-learner-steps per second do not depend on R (seeds run one after another). Naive and contlearn
-repeats are interleaved so that load from other processes hits both alike.
+The naive baseline (``NaiveLearner``, scripts/naive_online.py) is what a researcher writes
+without contlearn: one seed at a time, ``torch.nn.Sequential`` + ``torch.optim``, a per-unit
+continual backprop; its learner-steps per second do not depend on R (seeds run one after
+another). Naive and contlearn repeats are interleaved so that load from other processes hits
+both alike. Timing tools: scripts/bench_timing.py.
 
 Table columns: ``th`` torch's intra-op threads, ``bw`` the threads learning in blocks runs
 replicas on (``OnlineAgent.block_workers``; 1 where the agent steps one by one).
@@ -24,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,14 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from bench_timing import Timed, copy_bandwidth, machine, time_calls  # scripts/ is on sys.path
+from naive_online import NaiveLearner
 
 import contlearn.loop.engine as engine
-from contlearn.agents.networks import GAINS
-from contlearn.data.datasets import load_mnist
 from contlearn.envs import make_stream
 from contlearn.loop.engine import ProbeSchedule, SupervisedLoop
 from contlearn.probes.measures import DEFAULT_PROBES
@@ -77,107 +73,6 @@ class Args:
     """wall time of one timed repeat of one configuration"""
     scaling: bool = False
     """also measure how contlearn scales with width, depth and R (docs/performance.md)"""
-
-
-# --- the naive baseline: what one writes without contlearn ------------------------------------
-
-
-class NaiveCBP:
-    """Continual backprop written plainly: per layer utilities, one unit at a time replaced."""
-
-    def __init__(self, net: nn.Sequential, opt: torch.optim.Optimizer, spec) -> None:
-        self.lin = [m for m in net if isinstance(m, nn.Linear)]
-        self.opt, self.spec = opt, spec
-        self.age = [torch.zeros(m.out_features) for m in self.lin[:-1]]
-        self.util = [torch.zeros(m.out_features) for m in self.lin[:-1]]
-        self.mean = [torch.zeros(m.out_features) for m in self.lin[:-1]]
-        self.carry = [0.0] * len(self.age)
-
-    def step(self, feats: list[torch.Tensor]) -> None:
-        d = self.spec.decay
-        for layer, h in enumerate(feats):
-            self.age[layer] += 1
-            self.mean[layer] = d * self.mean[layer] + (1 - d) * h.mean(0)
-            out_w = self.lin[layer + 1].weight.abs().sum(0)
-            self.util[layer] = d * self.util[layer] + (1 - d) * h.abs().mean(0) * out_w
-            eligible = torch.nonzero(self.age[layer] > self.spec.maturity).flatten()
-            self.carry[layer] += self.spec.replacement_rate * len(eligible)
-            k = int(self.carry[layer])
-            self.carry[layer] -= k
-            if k:
-                self.replace(layer, eligible, k)
-
-    def replace(self, layer: int, eligible: torch.Tensor, k: int) -> None:
-        lin, nxt = self.lin[layer], self.lin[layer + 1]
-        correction = 1 - self.spec.decay ** self.age[layer]
-        f_hat = self.mean[layer] / correction
-        worst = torch.topk(-(self.util[layer] / correction)[eligible], k).indices
-        bound = GAINS["relu"] * math.sqrt(3 / lin.in_features)
-        for i in eligible[worst].tolist():
-            lin.weight[i].uniform_(-bound, bound)
-            lin.bias[i] = 0
-            nxt.bias += nxt.weight[:, i] * f_hat[i]
-            nxt.weight[:, i] = 0
-            for p, idx in ((lin.weight, i), (lin.bias, i), (nxt.weight, (slice(None), i))):
-                for s in self.opt.state.get(p, {}).values():  # optimizer-aware: zero moments
-                    if isinstance(s, torch.Tensor) and s.shape == p.shape:
-                        s[idx] = 0
-            self.util[layer][i] = self.mean[layer][i] = self.age[layer][i] = 0
-
-
-class NaiveLearner:
-    """One seed of the online protocol: ``torch.nn``, ``torch.optim``, batch size 1, the data
-    permuted once per task, the online accuracy summed on the side. Same hyper-parameters as
-    the contlearn run of ``cfg``."""
-
-    def __init__(self, cfg, seed: int) -> None:
-        torch.manual_seed(seed)
-        spec, lspec, widths = cfg.agent_spec, cfg.learner.spec, [784, *map(int, cfg.agent_spec
-                                                                            .hidden.split(","))]
-        layers: list[nn.Module] = []
-        for a, b in zip(widths, widths[1:], strict=False):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], 10))
-        wd = getattr(lspec, "l2", 0.0)
-        if spec.optimizer == "adam":
-            self.opt: torch.optim.Optimizer = torch.optim.Adam(
-                self.net.parameters(), spec.lr, (spec.beta1, spec.beta2), spec.eps, wd)
-        else:
-            self.opt = torch.optim.SGD(self.net.parameters(), spec.lr, spec.momentum,
-                                       weight_decay=wd)
-        self.snp = (lspec.shrink, lspec.sigma) if cfg.learner.name == "snp" else None
-        self.cbp = NaiveCBP(self.net, self.opt, lspec) if cfg.learner.name == "cbp" else None
-        images, labels = load_mnist("test")
-        self.images = torch.from_numpy(images.reshape(-1, 784)).float() / 255
-        self.labels = torch.from_numpy(labels).long()
-        self.rng, self.t, self.correct = np.random.default_rng(seed), 0, torch.zeros(())
-
-    def run(self, steps: int) -> None:
-        for _ in range(steps):
-            if self.t % 10_000 == 0:  # a new task: permute the pixels, reshuffle
-                self.x = self.images[:, torch.from_numpy(self.rng.permutation(784))]
-                self.order = self.rng.permutation(len(self.labels))
-            i = self.order[self.t % 10_000]
-            self.t += 1
-            self.step(self.x[i : i + 1], self.labels[i : i + 1])
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        feats, h = [], x
-        for module in self.net:
-            h = module(h)
-            if isinstance(module, nn.ReLU):
-                feats.append(h)
-        loss = F.cross_entropy(h, y)
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        self.correct += (h.argmax(1) == y).sum()
-        with torch.no_grad():
-            if self.snp is not None:
-                for p in self.net.parameters():
-                    p.mul_(1 - self.snp[0]).add_(torch.randn_like(p), alpha=self.snp[1])
-            if self.cbp is not None:
-                self.cbp.step([f.detach() for f in feats])
 
 
 # --- contlearn, through its real code path ----------------------------------------------------
@@ -217,32 +112,6 @@ def contlearn_loop(config: dict, tmp: Path, store: bool = True,
     return SupervisedLoop(stream, agent, emit, probes=probes), threads_for(agent)
 
 
-class Timed:
-    """Something to run in timed chunks: ``run(steps)`` at ``threads`` threads, R replicas."""
-
-    def __init__(self, run: Callable[[int], None], R: int, threads: int, warmup: int) -> None:
-        self.run_steps, self.R, self.threads, self.rates = run, R, threads, []
-        torch.set_num_threads(threads)
-        self.run_steps(warmup)
-        start = time.perf_counter()
-        self.run_steps(max(1, warmup // 2))
-        self.per_step = (time.perf_counter() - start) / max(1, warmup // 2)
-
-    def repeat(self, seconds: float) -> None:
-        """One timed chunk of about ``seconds``; records R × steps / wall time."""
-        torch.set_num_threads(self.threads)
-        steps = max(2, int(seconds / max(self.per_step, 1e-7)))
-        start = time.perf_counter()
-        self.run_steps(steps)
-        elapsed = time.perf_counter() - start
-        self.per_step = elapsed / steps
-        self.rates.append(self.R * steps / elapsed)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
-
-
 def loop_runner(loop: SupervisedLoop) -> Callable[[int], None]:
     return lambda n: loop.run(loop.stream.step + n)
 
@@ -277,20 +146,6 @@ def bench_row(name: str, width: int, Rs: list[int], args: Args, tmp: Path) -> li
 
 
 # --- roofline, probes and store, memory -------------------------------------------------------
-
-
-def copy_bandwidth(threads: int, megabytes: int = 256) -> float:
-    """Bytes read + written per second by a copy of a tensor much larger than the caches."""
-    torch.set_num_threads(threads)
-    a = torch.ones(megabytes << 18)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        b.copy_(a)
-        times.append(time.perf_counter() - start)
-    return 2 * a.numel() * a.element_size() / statistics.median(times)
 
 
 def roofline(args: Args, tmp: Path) -> dict:
@@ -346,16 +201,6 @@ def _interleaved_tasks(loops: dict[str, tuple[SupervisedLoop, dict]]
     return out
 
 
-def _spy(fn: Callable, spy: dict) -> Callable:
-    def timed(*a, **k):
-        start = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            spy["t"] += time.perf_counter() - start
-    return timed
-
-
 #: the runs whose probe and store costs are measured: the default demo (scripts/demo.py: cbp,
 #: 3 seeds, the stream's 10,000 examples per task, probes on 500 inputs; the target's run) and
 #: the default run (one seed, probes on 2000 inputs)
@@ -378,7 +223,7 @@ def overheads(args: Args, tmp: Path, run: str = "demo") -> dict:
     inline = contlearn_loop(base, tmp, probes=schedule)[0]
     inline._concurrent = False
     stored, threads = contlearn_loop(base, tmp)
-    stored.emit = _spy(stored.emit, store_spy)
+    stored.emit = time_calls(stored.emit, store_spy)
     bare = contlearn_loop(base, tmp, store=False)[0]
     torch.set_num_threads(threads)
     loops = {"probes": (probed, {}), "probes_inline": (inline, {}),
@@ -471,12 +316,6 @@ def targets(rows: list[dict], roof: dict, over: dict, mem: dict) -> dict:
         out[key] = {"value": value, "holds": ok}
         print(f"target {key:<40} {value:10.3f}  {'holds' if ok else 'DOES NOT HOLD'}")
     return out
-
-
-def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def parse_args() -> Args:

@@ -1,4 +1,5 @@
-"""Tests of contlearn.results.plots on small synthetic frames (and one run store round trip)."""
+"""Tests of contlearn.results.plots (and the curves it draws, contlearn.results.curves) on small
+synthetic frames (and one run store round trip)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,8 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from contlearn.errors import ContlearnError
-from contlearn.results.plots import (
-    bootstrap_ci,
-    check_comparable,
-    curve_stats,
-    plot_decay,
-    plot_probes,
-    probe_metrics,
-    save_figure,
-)
+from contlearn.results.curves import check_comparable, curve_stats, probe_metrics
+from contlearn.results.plots import plot_decay, plot_probes, save_figure
 from contlearn.results.store import MetricWriter, load_runs, write_config
 
 
@@ -149,29 +143,6 @@ def test_runs_differing_in_config_are_not_averaged(tmp_path):
     assert set(stats["group"]) == {"lr=0.01, learner=adam", "lr=0.01, learner=bp",
                                    "lr=0.1, learner=bp"}
     assert stats.loc[stats["group"] == "lr=0.01, learner=adam", "seeds"].eq(3).all()
-
-
-def test_bootstrap_ci_contains_mean_and_shrinks_with_seeds():
-    rng = np.random.default_rng(0)
-    widths = []
-    for n in (3, 12, 48):
-        values = rng.normal(0.5, 0.1, size=(n, 5))
-        lo, hi = bootstrap_ci(values, n_boot=2000, seed=0)
-        mean = values.mean(axis=0)
-        assert np.all(lo <= mean) and np.all(mean <= hi)
-        widths.append(np.mean(hi - lo))
-    assert widths[0] > widths[1] > widths[2]
-
-
-def test_bootstrap_ci_deterministic_skips_nan_and_needs_two_seeds():
-    values = np.array([[0.1, 0.2, np.nan], [0.3, 0.4, 0.5], [0.2, np.nan, np.nan]])
-    lo, hi = bootstrap_ci(values, seed=3)
-    lo2, hi2 = bootstrap_ci(values, seed=3)
-    np.testing.assert_array_equal(lo, lo2)
-    assert np.all(lo[:2] >= [0.1 - 1e-12, 0.2 - 1e-12])
-    assert np.all(hi[:2] <= [0.3 + 1e-12, 0.4 + 1e-12])
-    assert np.isnan(lo[2]) and np.isnan(hi[2])
-    assert np.isnan(bootstrap_ci(values[:1])[0]).all()
 
 
 def test_probes_default_panel_and_layer_aggregation():

@@ -44,3 +44,18 @@ def test_bench_rl_on_a_tiny_budget():
     proc = _run([ROOT / "scripts" / "bench_rl.py", "--steps", "2048", "--raw-steps", "100",
                  "--rounds", "1"], ROOT)
     assert "value_worker=1" in proc.stdout and "median: raw" in proc.stdout
+
+
+def test_bench_online_helpers_on_a_tiny_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench_timing import Timed
+    from naive_online import NaiveLearner
+
+    from contlearn.running.config import resolve
+
+    cfg = resolve({"stream": "permuted-mnist", "learner": "cbp", "hidden": "16,16",
+                   "probes": "none"})
+    naive = NaiveLearner(cfg, seed=0)
+    timed = Timed(naive.run, 1, 1, warmup=20)
+    timed.repeat(0.05)
+    assert naive.t > 30 and timed.median > 0

@@ -1,4 +1,5 @@
-"""Slippery Ant and the scheduled-physics machinery (slippery_ant.py, mujoco_schedule.py)."""
+"""Slippery Ant and the scheduled-physics machinery (slippery_ant.py, mujoco_schedule.py,
+parameter_schedule.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 import contlearn.envs  # noqa: F401  (registers the contlearn/ ids)
-from contlearn.envs.mujoco_schedule import ParameterSchedule, ScheduledPhysicsWrapper
+from contlearn.envs.mujoco_schedule import ScheduledPhysicsWrapper
+from contlearn.envs.parameter_schedule import ParameterSchedule
 from contlearn.envs.slippery_ant import SlipperyAntEnv
 from contlearn.errors import ConfigError
 

@@ -14,7 +14,8 @@ import pytest
 import contlearn
 from contlearn.data.datasets import PACKAGED_DIR
 from contlearn.results.store import load_runs
-from contlearn.sweeps.plan import expand, parse_spec, plan_sweep, run_name, run_sweep
+from contlearn.sweeps.plan import plan_sweep, run_sweep
+from contlearn.sweeps.spec import expand, parse_spec, run_name
 
 TINY = """
 stream = "permuted-mnist"

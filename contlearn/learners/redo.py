@@ -41,7 +41,7 @@ class ReDoState(NamedTuple):
 
     inner: Any
     rng: torch.Tensor
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # optax's name; shadows tuple.count
     act_sum: Params
     stats: UnitStats
 

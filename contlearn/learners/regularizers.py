@@ -114,7 +114,10 @@ def _noise(rng: torch.Tensor, params: Params, keys: list[str]) -> list[torch.Ten
     R = rng.shape[0]
     flat = torch.empty(R, sum(sizes))  # (R, total), float32 as randn's default
     for r in range(R):
-        draw(rng, r, lambda g, row=flat[r]: torch.randn(row.shape, generator=g, out=row))
+        def fill(g: torch.Generator, row: torch.Tensor = flat[r]) -> torch.Tensor:
+            return torch.randn(row.shape, generator=g, out=row)
+
+        draw(rng, r, fill)
     first = params[keys[0]]
     flat = flat.to(device=first.device, dtype=first.dtype)
     return [c.reshape(params[k].shape) for c, k in
@@ -179,7 +182,7 @@ class ShrinkTowardInitState(NamedTuple):
     """θ₀ and the number of updates so far (a 0-d int64 tensor)."""
 
     init: AnchorState
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # optax's name; shadows tuple.count
 
 
 def shrink_toward_init(lam: float, period: int = 1) -> GradientTransformation:

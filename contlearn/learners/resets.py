@@ -23,7 +23,8 @@ their update, so every final value is exact (no float round trip).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, NamedTuple, overload
 
 import torch
 
@@ -53,12 +54,20 @@ def _fresh_rows(network: Any, layer: str, mask: torch.Tensor, rng: torch.Tensor,
     ws, bs = [], []
     for r, k in enumerate(mask.sum(1).tolist()):
         if k:
-            w, b = draw(rng, r, lambda g, k=k: network.sample_init(layer, k, g))
+            w, b = draw(rng, r, partial(network.sample_init, layer, k))  # (layer, k, g)
             ws.append(w)
             bs.append(b if init_bias else torch.zeros_like(b))
     return torch.cat(ws), torch.cat(bs)
 
 
+@overload
+def reset_units(params: Params, updates: Params, inner_state: Any, network: Any, layer: str,
+                mask: torch.Tensor, rng: torch.Tensor, *, fold: torch.Tensor | None = None,
+                init_bias: bool = False) -> Params: ...
+@overload
+def reset_units(params: Params, updates: None, inner_state: Any, network: Any, layer: str,
+                mask: torch.Tensor, rng: torch.Tensor, *, fold: torch.Tensor | None = None,
+                init_bias: bool = False) -> None: ...
 def reset_units(params: Params, updates: Params | None, inner_state: Any, network: Any,
                 layer: str, mask: torch.Tensor, rng: torch.Tensor, *,
                 fold: torch.Tensor | None = None, init_bias: bool = False) -> Params | None:
@@ -92,7 +101,7 @@ def reset_units(params: Params, updates: Params | None, inner_state: Any, networ
     r, i = mask.nonzero(as_tuple=True)  # (N,) each, row-major as the fresh rows
     params[w][r, i] = new_w.to(params[w])  # rows W_l[i, :]
     params[b][r, i] = new_b.to(params[b])
-    rows = {w: (r, i), b: (r, i)}
+    rows: dict[str, tuple[torch.Tensor | slice, ...]] = {w: (r, i), b: (r, i)}
     if nxt is not None:
         cols = (r, slice(None), i)  # columns W_{l+1}[:, i] as (N, K)
         if fold is not None:

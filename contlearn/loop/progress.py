@@ -49,7 +49,7 @@ class Progress:
         self._next = now + 0.25
         self.bar.update(step - self._shown)
         self._shown = step
-        post = {"task": task}
+        post: dict[str, object] = {"task": task}
         if running is not None:
             post[self.metric] = f"{running():.4f}"
         self.bar.set_postfix(post, refresh=False)

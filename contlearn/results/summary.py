@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from contlearn.results.plots import check_comparable, default_metric, group_keys, replicate_curves
+from contlearn.results.curves import check_comparable, default_metric, group_keys, replicate_curves
 
 LOWER_IS_BETTER = frozenset({"squared_error", "loss"})
 """Metrics whose best value is the smallest."""
@@ -45,7 +45,7 @@ def _final_probe(df: pd.DataFrame, probe: str, keys: list[str]) -> pd.Series:
     """Per group: ``probe`` on the last task it was probed, mean over seeds.
 
     The whole-network value (``layer == ""``) where the probe records one, else the mean over
-    layers (as :func:`contlearn.results.plots.replicate_curves` with ``layer=None``).
+    layers (as :func:`contlearn.results.curves.replicate_curves` with ``layer=None``).
     """
     if probe not in set(df["metric"].unique()):
         return pd.Series(dtype=float)
@@ -62,7 +62,7 @@ def summary_table(df: pd.DataFrame, by: str | Sequence[str] = "learner",
         df: a frame from :func:`contlearn.load_runs` (one stream).
         by: column or config key (or a list of them) that defines the groups; config columns
             that vary inside a group split it further (see
-            :func:`contlearn.results.plots.group_keys`).
+            :func:`contlearn.results.curves.group_keys`).
         metric: the per-task score; default ``accuracy``, else ``squared_error``, else
             ``episode_return``.
 

@@ -62,7 +62,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int =
     folder = Path(run_dir) / CKPT_DIR
     folder.mkdir(exist_ok=True)
     existing = checkpoint_files(run_dir)
-    serial = int(_NAME.match(existing[-1].name).group(2)) + 1 if existing else 0
+    last = _NAME.match(existing[-1].name) if existing else None  # every file there matches
+    serial = int(last.group(2)) + 1 if last else 0
     path = folder / f"ckpt-{step:012d}-{serial:06d}.pt"
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)

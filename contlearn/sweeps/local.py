@@ -25,7 +25,8 @@ from contlearn.errors import ContlearnError
 from contlearn.loop.progress import want_progress
 
 if TYPE_CHECKING:
-    from contlearn.sweeps.plan import Plan, SweepRun
+    from contlearn.sweeps.plan import Plan
+    from contlearn.sweeps.spec import SweepRun
 
 DONE_FILE = "done.json"
 

@@ -19,7 +19,8 @@ from contlearn.errors import ContlearnError
 from contlearn.sweeps.local import Outcome, SweepProgress, forward_sigterm, one_line, run_one
 
 if TYPE_CHECKING:
-    from contlearn.sweeps.plan import Plan, SweepRun
+    from contlearn.sweeps.plan import Plan
+    from contlearn.sweeps.spec import SweepRun
 
 
 def import_ray() -> Any:
