@@ -60,24 +60,17 @@ class Learner:
 
 
 learners = Registry("learner")
-learners.register("bp", "contlearn.learners.presets:BP", "plain backprop with the base optimizer")
-learners.register("adam", "contlearn.learners.presets:ADAM", "backprop with Adam (torch defaults)")
-learners.register("proper-adam", "contlearn.learners.presets:PROPER_ADAM",
-                  "backprop with Adam, β1 = β2 = 0.99 (Dohare et al. 2024)")
-learners.register("l2", "contlearn.learners.presets:L2",
-                  "L2 regularisation: coupled g += λθ, optional decoupled decay")
-learners.register("l2-init", "contlearn.learners.presets:L2_INIT",
-                  "L2 toward the initial weights, g += λ(θ − θ₀) (Kumar et al. 2023)")
-learners.register("snp", "contlearn.learners.presets:SNP",
-                  "shrink-and-perturb after every update, θ ← (1−λ)θ + σε")
-learners.register("snp-init", "contlearn.learners.presets:SNP_INIT",
-                  "shrink toward the initial weights, θ ← λθ + (1−λ)θ₀")
-learners.register("cbp", "contlearn.learners.presets:CBP",
-                  "continual backprop: replace low-utility mature units (Dohare et al. 2024)")
-learners.register("redo", "contlearn.learners.presets:REDO",
-                  "ReDo: recycle dormant units every F updates (Sokar et al. 2023)")
-learners.register("head-reset", "contlearn.learners.presets:HEAD_RESET",
-                  "re-initialise the output layer at each visible task start (boundaries_visible)")
+# (each one-line summary lives in its LearnerDef, which `contlearn list learners` shows)
+learners.register("bp", "contlearn.learners.presets:BP")
+learners.register("adam", "contlearn.learners.presets:ADAM")
+learners.register("proper-adam", "contlearn.learners.presets:PROPER_ADAM")
+learners.register("l2", "contlearn.learners.presets:L2")
+learners.register("l2-init", "contlearn.learners.presets:L2_INIT")
+learners.register("snp", "contlearn.learners.presets:SNP")
+learners.register("snp-init", "contlearn.learners.presets:SNP_INIT")
+learners.register("cbp", "contlearn.learners.presets:CBP")
+learners.register("redo", "contlearn.learners.presets:REDO")
+learners.register("head-reset", "contlearn.learners.presets:HEAD_RESET")
 
 
 def learner_def(name: str) -> LearnerDef:
