@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from contlearn.agents.protocol import SupportsFeatures, SupportsNetwork
 from contlearn.errors import ConfigError
 
 ProbeFn = Callable[["ProbeContext"], dict[str, torch.Tensor]]
@@ -350,14 +351,21 @@ def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torc
     names = [n for n in names if n not in AFTER_STEP]
     if not names:
         return {}
-    features_fn = getattr(agent, "features", None)
-    net = getattr(agent, "net", None)
+    params, activation = network_of(agent)
     ctx = ProbeContext(
-        features=features_fn(obs) if features_fn is not None else {},
-        params=getattr(net, "params", {}),
-        activation=getattr(net, "activation", ""),
+        features=agent.features(obs) if isinstance(agent, SupportsFeatures) else {},
+        params=params, activation=activation,
         agent=agent, obs=obs, target=target, stats=stats or {})
     return _collect(names, ctx)
+
+
+def network_of(agent: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """The parameters ``{name: tensor}`` and hidden activation the weight probes read of an
+    agent (or of a probe snapshot): its ``net``'s (:class:`SupportsNetwork`), or none."""
+    if not isinstance(agent, SupportsNetwork):
+        return {}, ""
+    net = agent.net
+    return getattr(net, "params", {}), getattr(net, "activation", "")
 
 
 def run_step_probes(names: Sequence[str], agent: Any, before: torch.Tensor,
@@ -365,9 +373,8 @@ def run_step_probes(names: Sequence[str], agent: Any, before: torch.Tensor,
     """Run the :data:`AFTER_STEP` probes among ``names``, given the probe step's loss
     ``(R,)`` before and after its update."""
     names = [n for n in names if n in AFTER_STEP]
-    net = getattr(agent, "net", None)
-    ctx = ProbeContext(features={}, params=getattr(net, "params", {}),
-                       activation=getattr(net, "activation", ""), agent=agent,
+    params, activation = network_of(agent)
+    ctx = ProbeContext(features={}, params=params, activation=activation, agent=agent,
                        step_loss=(before, after))
     return _collect(names, ctx)
 
