@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
+from contlearn.envs.protocol import Stream  # noqa: F401  (the Protocol, once defined here)
 from contlearn.seeding import numpy_rng
 
 
@@ -57,22 +58,6 @@ class Batch(NamedTuple):
     target: torch.Tensor
     task: int
     new_task: bool
-
-
-@runtime_checkable
-class Stream(Protocol):
-    """What the engine needs of a supervised stream."""
-
-    info: StreamInfo
-    steps_per_task: int
-
-    def next(self) -> Batch: ...
-
-    def score(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class SupervisedStream:
@@ -195,6 +180,15 @@ class SupervisedStream:
         for rng, rng_state in zip(self.probe_rngs, state["probe_rngs"], strict=True):
             rng.bit_generator.state = rng_state
         self._load_extra_state(state["extra"])
+
+    def close(self) -> None:
+        """Nothing to release (the data are in memory); part of the stream lifecycle."""
+
+    def __enter__(self) -> SupervisedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _extra_state(self) -> dict[str, Any]:
         return {}

@@ -207,15 +207,16 @@ class MujocoRLStream:
             reset_seeds.extend(int(w) for w in words[1:])
             fns.extend([functools.partial(make_copy, spec.env_id, kwargs, spec.max_episode_steps)]
                        * E)
+        self._closed = False
         self.vec = self._vector_env(fns)
-        space = self.vec.single_action_space
-        if not isinstance(space, gym.spaces.Box):
-            raise ConfigError(f"{spec.env_id} has {space} actions; RL streams need a Box")
-        self._low, self._high = space.low.astype(np.float64), space.high.astype(np.float64)
-        obs, info = self.vec.reset(seed=reset_seeds)
+        try:  # (a stream that fails to start leaves no worker process behind)
+            obs, info = self._start(reset_seeds)
+        except BaseException:
+            self.close()
+            raise
         obs_dim = int(np.prod(obs.shape[1:]))
-        self.info = StreamInfo(self.name, "rl", (obs_dim,), int(np.prod(space.shape)), False, R,
-                               "episode_return")
+        act_dim = int(np.prod(self.vec.single_action_space.shape))
+        self.info = StreamInfo(self.name, "rl", (obs_dim,), act_dim, False, R, "episode_return")
         self.steps_per_task = spec.change_every
         self.step = 0
         self.obs = self._tensor(obs)  # (R, E, obs_dim)
@@ -224,6 +225,14 @@ class MujocoRLStream:
         self.ep_return = np.zeros((R, E))
         self.ep_length = np.zeros((R, E), np.int64)
         self.window = torch.zeros(spec.probe_window, R, E, obs_dim)  # (W, R, E, obs_dim)
+
+    def _start(self, reset_seeds: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Check the action space and reset every copy."""
+        space = self.vec.single_action_space
+        if not isinstance(space, gym.spaces.Box):
+            raise ConfigError(f"{self.spec.env_id} has {space} actions; RL streams need a Box")
+        self._low, self._high = space.low.astype(np.float64), space.high.astype(np.float64)
+        return self.vec.reset(seed=reset_seeds)
 
     def _env_kwargs(self, schedule_seed: int) -> dict[str, Any]:
         spec = self.spec
@@ -343,8 +352,18 @@ class MujocoRLStream:
         self.window.copy_(state["window"])
 
     def close(self) -> None:
-        """Close the env copies (ends the worker processes of ``vector=async``)."""
+        """Close the env copies (ends the worker processes of ``vector=split``/``async``);
+        harmless to call again."""
+        if self._closed:
+            return
+        self._closed = True
         self.vec.close()
+
+    def __enter__(self) -> MujocoRLStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class SlipperyAntStream(MujocoRLStream):

@@ -223,7 +223,11 @@ class SplitVectorEnv:
         self._proc.start()
         child.close()
         self._closed = False
-        self._answer()
+        try:
+            self._answer()
+        except BaseException:  # (the worker could not build its copies: end it, and ours)
+            self.close()
+            raise
 
     def _answer(self) -> Any:
         return wait_reply(self._conn, self._proc, "env worker")
@@ -273,4 +277,5 @@ class SplitVectorEnv:
         self._proc.join(timeout=5)
         if self._proc.is_alive():
             self._proc.terminate()
+            self._proc.join(timeout=5)
         self._conn.close()

@@ -1,15 +1,25 @@
 """The one loop: a stream shows inputs, the agent answers, the stream's feedback teaches it.
 
-The engine counts steps and tasks and emits records (values, not hooks)::
+The engine counts steps and tasks and emits records (values, not hooks;
+:class:`~contlearn.loop.records.Record`). A supervised loop emits::
 
-    Record("task_start", step, task, {})
+    Record("task_start", step, task, {})                  # before the task's first step
+    Record("probe", step, task, {metric: (R,)}, layer)     # at probe points (see below)
     Record("task_end", step, task, {"accuracy": (R,), "loss": (R,), ...})
+    Record("diverged", step, task, {"diverged": (1,)}, replica=r)  # a non-finite loss
 
 ``task_end`` carries the task's online score (scored on the answer given *before* each update)
-and the mean of every per-step metric the agent returned; agents with a ``diagnostics()`` method
-(learner bookkeeping such as CBP's replacement count) add one ``task_end`` record per layer.
-A run that stops mid-task emits a ``task_end`` for the partial task. Consumers (the run
-store's writer, probes) never write back.
+and the mean of every per-step metric the agent returned; agents with ``diagnostics()``
+(:class:`~contlearn.agents.protocol.SupportsDiagnostics`: learner bookkeeping such as CBP's
+replacement count) add one ``task_end`` record per layer. ``probe`` records come at the start
+of every task, or every ``probe_every`` steps (:class:`ProbeSchedule`). A run that stops
+mid-task emits a ``task_end`` for the partial task. There are no per-step records: per-step
+metrics reach the store as their task's means. Consumers (the run store's writer,
+:func:`~contlearn.loop.records.write_record`) never write back. The RL loop
+(:mod:`contlearn.loop.rl`) shares :class:`SteppingLoop` and emits its own kinds.
+
+What the loop asks of the agent beyond ``act``/``observe`` is each an optional capability of
+:mod:`contlearn.agents.protocol`, checked with ``isinstance`` once, when the loop is made.
 """
 
 from __future__ import annotations
@@ -17,13 +27,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any, cast
 
-import numpy as np
 import torch
 
+from contlearn.agents.protocol import (
+    Agent,
+    Metrics,
+    SupportsBlocks,
+    SupportsCheckpoints,
+    SupportsClose,
+    SupportsDiagnostics,
+    SupportsGradientWatch,
+    SupportsProbeLoss,
+    SupportsProbeSnapshot,
+    SupportsProbeThreads,
+    SupportsStopReplicas,
+    SupportsTaskStart,
+)
+from contlearn.envs.protocol import BlockStream, Stream, SupervisedStreamProtocol
 from contlearn.errors import ContlearnError
 from contlearn.loop.progress import Progress
+from contlearn.loop.records import Record, TaskTotals, results_records
 from contlearn.probes.measures import AFTER_STEP, SNAPSHOT_SAFE, run_step_probes
 from contlearn.probes.schedule import (  # noqa: F401 (the runner takes torch_threads from here)
     ProbeSchedule,
@@ -40,92 +65,11 @@ class DivergenceError(ContlearnError):
     """A replica's loss became NaN or infinite and the run was set to stop on divergence."""
 
 
-class Record(NamedTuple):
-    """One event of a run.
-
-    Attributes:
-        kind: ``task_start``, ``task_end``, ``step`` or ``probe``.
-        step: global steps completed when the record was made.
-        task: task index.
-        values: metric name -> per-replica values ``(R,)``.
-        layer: layer name for per-layer metrics, ``""`` for whole-network ones.
-        replica: if set, the values ``(1,)`` are this replica's alone (RL episodes end at
-            different steps in different replicas); None: one value per replica.
-    """
-
-    kind: str
-    step: int
-    task: int
-    values: dict[str, torch.Tensor]
-    layer: str = ""
-    replica: int | None = None
-
-
-class _TaskTotals:
-    """Per-replica sums over the current task (kept as tensors: no sync per step)."""
-
-    def __init__(self, num_replicas: int) -> None:
-        self.R = num_replicas
-        self.reset()
-
-    def reset(self) -> None:
-        self.score = torch.zeros(self.R, dtype=torch.float64)
-        self.examples = 0
-        self.steps = 0
-        self.metrics: dict[str, torch.Tensor] = {}
-
-    def add_block(self, score: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
-        """:meth:`add` for T steps at once (``score (T, R, B)``, metrics ``(T, R)``), adding
-        them one step after the other, so the sums have the same bits however a run's steps
-        were split into blocks."""
-        T = score.shape[0]
-        self.score = _accumulate(self.score, score.sum(2, dtype=torch.float64))
-        self.examples += T * score.shape[2]
-        self.steps += T
-        for name, value in metrics.items():
-            v = value.detach().to(torch.float64).reshape(T, self.R)
-            zero = torch.zeros(self.R, dtype=torch.float64)
-            self.metrics[name] = _accumulate(self.metrics.get(name, zero), v)
-
-    def add(self, score: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
-        self.score += score.sum(1, dtype=torch.float64)  # (R,)
-        self.examples += score.shape[1]
-        self.steps += 1
-        for name, value in metrics.items():
-            v = value.detach().to(torch.float64).reshape(self.R)
-            if name in self.metrics:
-                self.metrics[name] += v
-            else:
-                self.metrics[name] = v.clone()
-
-    def running(self) -> float:
-        """The current task's score so far, averaged over replicas."""
-        return float(self.score.mean()) / max(self.examples, 1)
-
-    def means(self, score_name: str) -> dict[str, torch.Tensor]:
-        out = {score_name: self.score / max(self.examples, 1)}
-        out.update({k: v / max(self.steps, 1) for k, v in self.metrics.items()})
-        return out
-
-
-def _accumulate(total: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``total + values[0] + values[1] + …`` in that order (``(R,)`` and ``(T, R)``, float64):
-    numpy's ``add.accumulate`` adds row after row, as T separate additions would."""
-    rows = np.concatenate([total.numpy()[None], values.numpy()])
-    return torch.from_numpy(np.add.accumulate(rows, axis=0)[-1].copy())
-
-
-def probe_records(schedule: ProbeSchedule, stream: Any, agent: Any, step: int, task: int
-                  ) -> list[Record]:
+def probe_records(schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: Agent,
+                  step: int, task: int) -> list[Record]:
     """Run the scheduled probes that precede the probe step's update, on a fresh probe batch of
     the current task and the agent's ``update_stats()`` since the last probe."""
-    return _records(step, task, scheduled_results(schedule, stream, agent))
-
-
-def _records(step: int, task: int, results: dict[str, dict[str, torch.Tensor]]
-             ) -> list[Record]:
-    return [Record("probe", step, task, {metric: values}, layer)
-            for metric, by_layer in results.items() for layer, values in by_layer.items()]
+    return results_records(step, task, scheduled_results(schedule, stream, agent))
 
 
 class SteppingLoop:
@@ -134,13 +78,13 @@ class SteppingLoop:
     Subclasses have ``stream`` (with a ``step`` count) and ``step()``.
     """
 
-    stream: Any
-    agent: Any
+    stream: Any  # a Stream of the loop's kind (SupervisedStreamProtocol, RLStreamProtocol)
+    agent: Agent
     emit: Callable[[Record], None]
     diverged: torch.Tensor  # (R,) bool
     on_divergence: str
 
-    def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
+    def __init__(self, stream: Stream, agent: Agent, emit: Callable[[Record], None],
                  progress: Progress | None, on_divergence: str) -> None:
         self.stream, self.agent, self.emit = stream, agent, emit
         self.progress, self.on_divergence = progress, on_divergence
@@ -163,6 +107,18 @@ class SteppingLoop:
         """The task replica ``replica`` is on."""
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Emit what the run's end adds (the partial task's end, a last probe)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's own state (a checkpoint's ``loop``)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        raise NotImplementedError
+
     def _check_divergence(self, loss: torch.Tensor, step: int | None = None) -> None:
         """Detect replicas whose loss just became NaN or infinite (at ``step``, default: the
         stream's step count)."""
@@ -180,9 +136,8 @@ class SteppingLoop:
                 f"seed {', '.join(map(str, seeds))} diverged (non-finite loss) at step "
                 f"{step}; lower lr, or set on_divergence=mark to let the other seeds go on")
         self.diverged |= bad
-        stop = getattr(self.agent, "stop_replicas", None)
-        if stop is not None:
-            stop(self.diverged.clone())
+        if isinstance(self.agent, SupportsStopReplicas):
+            self.agent.stop_replicas(self.diverged.clone())
 
 
     def run(self, steps: int, stop: Callable[[], bool] | None = None,
@@ -229,34 +184,37 @@ class SupervisedLoop(SteppingLoop):
             replica, stop its learning, go on with the others) or ``stop`` (raise).
     """
 
-    def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
-                 progress: Progress | None = None, probes: ProbeSchedule | None = None,
-                 on_divergence: str = "mark") -> None:
+    stream: SupervisedStreamProtocol
+
+    def __init__(self, stream: SupervisedStreamProtocol, agent: Agent,
+                 emit: Callable[[Record], None], progress: Progress | None = None,
+                 probes: ProbeSchedule | None = None, on_divergence: str = "mark") -> None:
         super().__init__(stream, agent, emit, progress, on_divergence)
         self.probes = probes
-        self.totals = _TaskTotals(self.info.num_replicas)
+        self.totals = TaskTotals(self.info.num_replicas)
         self.task = stream.task
-        self._diagnostics = getattr(agent, "diagnostics", None)
-        self._on_task_start = (getattr(agent, "on_task_start", None)
-                               if self.info.boundaries_visible else None)
+        self._diagnostics = agent.diagnostics if isinstance(agent, SupportsDiagnostics) else None
+        self._on_task_start = (agent.on_task_start if self.info.boundaries_visible
+                               and isinstance(agent, SupportsTaskStart) else None)
+        # (blocks of steps when the stream and the agent both can: see advance)
+        self._blocks = isinstance(stream, BlockStream) and isinstance(agent, SupportsBlocks)
         self._step_seconds = 0.01  # running estimate of a step's time in blocks
         names = probes.names if probes is not None else ()
         # after-step probes (plasticity) need the loss of a sample after its update
-        self._after_step = bool(AFTER_STEP.intersection(names)) and callable(
-            getattr(agent, "probe_loss", None))
+        self._after_step = bool(AFTER_STEP.intersection(names)) and isinstance(
+            agent, SupportsProbeLoss)
         self._probe_point: tuple[int, int] | None = None  # (step, task) awaiting them
         # probes computed on another thread while a block learns (learn_block only): the
         # built-in ones, on agents that can copy their network, when a probe uses one thread
         # (and only when some probe needs the probe batch: the in-line path draws none else)
         self._concurrent = any(n not in AFTER_STEP for n in names) \
-            and callable(getattr(agent, "probe_snapshot", None)) \
+            and isinstance(agent, SupportsProbeSnapshot) \
             and all(n in SNAPSHOT_SAFE or n in AFTER_STEP for n in names) \
             and probes is not None and probes.threads <= 1 \
-            and getattr(agent, "probe_threads", lambda: 0)() == 1
+            and isinstance(agent, SupportsProbeThreads) and agent.probe_threads() == 1
         self._in_flight: tuple[int, int, Future] | None = None
-        watch = getattr(agent, "watch_gradients", None)
-        if "grad_magnitude" in names and callable(watch):
-            watch(True)
+        if "grad_magnitude" in names and isinstance(agent, SupportsGradientWatch):
+            agent.watch_gradients(True)
 
     def _end_task(self, step: int) -> None:
         self.emit(Record("task_end", step, self.task, self.totals.means(self.info.metric)))
@@ -296,7 +254,7 @@ class SupervisedLoop(SteppingLoop):
         if self._in_flight is not None:
             step, task, future = self._in_flight
             self._in_flight = None
-            for record in _records(step, task, future.result()):
+            for record in results_records(step, task, future.result()):
                 self.emit(record)
 
     def _after_step_probes(self, obs: torch.Tensor, target: torch.Tensor,
@@ -306,9 +264,10 @@ class SupervisedLoop(SteppingLoop):
         point, self._probe_point = self._probe_point, None
         if point is None or "loss" not in metrics or self.probes is None:
             return
+        assert isinstance(self.agent, SupportsProbeLoss)  # (else no probe point is kept)
         after = self.agent.probe_loss(obs, target)
         results = run_step_probes(self.probes.names, self.agent, metrics["loss"], after)
-        for record in _records(*point, results):
+        for record in results_records(*point, results):
             self.emit(record)
 
     def step(self) -> None:
@@ -329,12 +288,11 @@ class SupervisedLoop(SteppingLoop):
     def advance(self, limit: int) -> None:
         """A block of up to ``limit`` steps when the stream and the agent can take one
         (``next_block``, ``learn_block``), else one :meth:`step`."""
-        stream, agent = self.stream, self.agent
-        ready = getattr(agent, "block_ready", None)
+        # (both are what they are cast to when self._blocks: checked once, in __init__)
+        stream, agent = cast(BlockStream, self.stream), cast(SupportsBlocks, self.agent)
         # (once an agent learns in blocks, every step goes through learn_block, also single
         # ones: the kernel's arithmetic is not the per-step path's, to the last bit)
-        if not callable(getattr(stream, "next_block", None)) or ready is None \
-                or not ready(getattr(stream, "batch_size", 0)):
+        if not self._blocks or not agent.block_ready(stream.batch_size):
             self.step()
             return
         done = stream.step
@@ -392,7 +350,7 @@ class SupervisedLoop(SteppingLoop):
         """Restore what :meth:`state_dict` returned."""
         self.task = int(state["task"])
         self.diverged = state["diverged"].clone()
-        if bool(self.diverged.any()) and callable(getattr(self.agent, "stop_replicas", None)):
+        if bool(self.diverged.any()) and isinstance(self.agent, SupportsStopReplicas):
             self.agent.stop_replicas(self.diverged.clone())
         self.totals.score = state["score"].clone()
         self.totals.examples = int(state["examples"])
@@ -400,7 +358,8 @@ class SupervisedLoop(SteppingLoop):
         self.totals.metrics = {k: v.clone() for k, v in state["metrics"].items()}
 
 
-def run_loop(stream: Any, agent: Any, steps: int, emit: Callable[[Record], None],
+def run_loop(stream: SupervisedStreamProtocol, agent: Agent, steps: int,
+             emit: Callable[[Record], None],
              progress: Progress | None = None, probes: ProbeSchedule | None = None) -> None:
     """Run a supervised stream to ``steps`` steps and emit the last task's end."""
     loop = SupervisedLoop(stream, agent, emit, progress, probes)
@@ -416,17 +375,23 @@ class SingleReplicaAdapter:
 
     supports_replicas = True
 
-    def __init__(self, agent: Any) -> None:
+    def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        for name in ("on_task_start", "state_dict", "load_state_dict"):
-            if callable(getattr(agent, name, None)):
-                setattr(self, name, getattr(agent, name))
+        # the capabilities that need no replica dim, as the wrapped agent has them
+        if isinstance(agent, SupportsTaskStart):
+            self.on_task_start = agent.on_task_start
+        if isinstance(agent, SupportsCheckpoints):
+            self.state_dict = agent.state_dict
+            self.load_state_dict = agent.load_state_dict
+        if isinstance(agent, SupportsClose):
+            self.close = agent.close
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """The wrapped agent's answer for replica 0, ``(1, B, ...)``."""
         return self.agent.act(obs[0]).unsqueeze(0)
 
-    def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: Any) -> Metrics:
+        """The wrapped agent's ``observe`` on replica 0, its metrics as ``(1,)``."""
         if isinstance(feedback, tuple):  # RL feedback: (reward, next_obs, terminated, truncated)
             feedback = type(feedback)(*(f[0] for f in feedback))
         else:

@@ -14,6 +14,8 @@ Records (values, not hooks):
   their means (one row per seed and step). ``friction`` is left out for envs without one.
 - ``Record("update", ...)`` with the agent's update statistics (PPO: ``policy_loss``, ...)
   whenever ``observe`` returns some.
+- ``Record("diverged", step, task, {"diverged": (1,)}, replica=r)`` when replica r's update
+  ``loss`` becomes non-finite (see ``on_divergence``).
 - ``Record("probe", ...)`` every ``probe_every`` steps (default :data:`RL_PROBE_EVERY`), and
   at :meth:`RLLoop.finish`, computed with the current networks on the observations acted on in
   the stream's last ``probe_window`` steps (the paper's last 1000 steps):
@@ -36,16 +38,22 @@ its replica's.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from contlearn.loop.engine import ProbeSchedule, Record, SteppingLoop
+from contlearn.agents.protocol import Agent, SupportsDiagnostics, SupportsFeatures
+from contlearn.envs.protocol import RLStreamProtocol
+from contlearn.loop.engine import ProbeSchedule, SteppingLoop
 from contlearn.loop.progress import Progress
-from contlearn.probes.measures import PROBES, ProbeContext, _with_aggregate, agent_parameters
+from contlearn.loop.records import Record
+from contlearn.probes.measures import PROBES, ProbeContext, _with_aggregate, network_of
 from contlearn.probes.schedule import update_stats
+
+if TYPE_CHECKING:  # (importing it imports mujoco)
+    from contlearn.envs.rl_stream import EpisodeEnd
 
 #: Probe interval of RL runs when ``probe_every`` is 0 (the reference logs ranks every 10k).
 RL_PROBE_EVERY = 10_000
@@ -75,16 +83,18 @@ class RLLoop(SteppingLoop):
     """The loop over an RL stream, resumable between any two steps.
 
     Args:
-        stream: an RL stream (``obs``, ``advance``, ``probe_batch``, ``task``, ``step``).
+        stream: an RL stream (:class:`~contlearn.envs.protocol.RLStreamProtocol`).
         agent: an agent over all of the stream's replicas (``act``, ``observe``).
-        emit: called with every :class:`~contlearn.loop.engine.Record`.
+        emit: called with every :class:`~contlearn.loop.records.Record`.
         progress: optional progress display (shows the mean of the last episode returns).
         probes: which probes to run; ``every`` 0 means :data:`RL_PROBE_EVERY` steps.
         on_divergence: what a non-finite update ``loss`` does: ``mark`` (record ``diverged``
             for that replica, stop its learning, go on with the others) or ``stop`` (raise).
     """
 
-    def __init__(self, stream: Any, agent: Any, emit: Callable[[Record], None],
+    stream: RLStreamProtocol
+
+    def __init__(self, stream: RLStreamProtocol, agent: Agent, emit: Callable[[Record], None],
                  progress: Progress | None = None, probes: ProbeSchedule | None = None,
                  on_divergence: str = "mark") -> None:
         super().__init__(stream, agent, emit, progress, on_divergence)
@@ -130,7 +140,7 @@ class RLLoop(SteppingLoop):
         """The friction index of the replica's world."""
         return int(self.stream.task[replica])
 
-    def _episodes(self, step: int, ended: list[Any]) -> None:
+    def _episodes(self, step: int, ended: Sequence[EpisodeEnd]) -> None:
         """One ``episode`` record per replica with an episode end on this step."""
         for r in sorted({e.replica for e in ended}):
             mine = [e for e in ended if e.replica == r]
@@ -149,26 +159,26 @@ class RLLoop(SteppingLoop):
         """Probe the agent on the stream's recent observations (see the module docstring)."""
         self.last_probe = step
         results: dict[str, dict[str, torch.Tensor]] = {}
-        features_fn = getattr(self.agent, "features", None)
+        agent = self.agent
         obs = self.stream.probe_batch()  # (R, P, obs_dim)
-        if features_fn is not None and obs.shape[1] > 0:
-            features = features_fn(obs)
-            params, activation = agent_parameters(self.agent)
-            params = {k: v for k, v in params.items() if k.endswith((".weight", ".bias"))}
-            ctx = ProbeContext(features, params, activation, self.agent, obs)
+        if isinstance(agent, SupportsFeatures) and obs.shape[1] > 0:
+            features = agent.features(obs)
+            all_params, activation = network_of(agent)
+            params = {k: v for k, v in all_params.items() if k.endswith((".weight", ".bias"))}
+            ctx = ProbeContext(features, params, activation, agent, obs)
             for name in self.names:
                 values = (activity_dormant_fraction(features) if name == "dormant_fraction"
                           else PROBES[name](ctx))
                 if values:
                     results[name] = values
-        for metric, by_layer in update_stats(self.agent).items():
+        for metric, by_layer in update_stats(agent).items():
             if metric != "grad_magnitude" or metric in self.names:
                 results[metric] = by_layer
         for metric, by_layer in results.items():
             for layer, values in by_layer.items():
                 self._emit_all("probe", step, {metric: values}, layer)
-        diagnostics = getattr(self.agent, "diagnostics", None)
-        for layer, values in (diagnostics() if diagnostics is not None else {}).items():
+        diagnostics = agent.diagnostics() if isinstance(agent, SupportsDiagnostics) else {}
+        for layer, values in diagnostics.items():
             self._emit_all("probe", step, values, layer)
 
     def finish(self) -> None:

@@ -25,13 +25,14 @@ the run makes anyway, so a run with probes has exactly the trajectory of a run w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
+from contlearn.agents.protocol import SupportsFeatures, SupportsNetwork, SupportsParameters
 from contlearn.errors import ConfigError
 
 ProbeFn = Callable[["ProbeContext"], dict[str, torch.Tensor]]
@@ -125,8 +126,7 @@ def _with_aggregate(per_layer: dict[str, torch.Tensor], weights: dict[str, float
     if not per_layer:
         return {}
     total = sum(weights.values())
-    # per_layer is not empty, so the sum is a tensor (not sum's start, 0)
-    agg = cast(torch.Tensor, sum(per_layer[k] * (weights[k] / total) for k in per_layer))
+    agg = sum(per_layer[k] * (weights[k] / total) for k in per_layer)
     return {**per_layer, "": agg}
 
 
@@ -301,8 +301,7 @@ def _layer_means(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sums[layer] = sums.get(layer, 0) + flat.sum(1)
         counts[layer] = counts.get(layer, 0) + flat.shape[1]
     out = {k: sums[k] / counts[k] for k in sums}
-    total = cast(torch.Tensor, sum(sums.values()))  # sums is not empty: a tensor, not 0
-    out[""] = total / sum(counts.values())
+    out[""] = sum(sums.values()) / sum(counts.values())
     return out
 
 
@@ -342,8 +341,7 @@ def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torc
 
     Args:
         names: probe names (see :data:`PROBES`); after-step ones are skipped.
-        agent: needs ``features(obs)``; ``parameters()`` and ``activation`` for weight probes
-            (see :func:`agent_parameters`).
+        agent: needs ``features(obs)``; ``net.params``/``net.activation`` for weight probes.
         obs, target: the probe batch ``(R, P, ...)``.
         stats: the agent's ``update_stats()`` since the last probe (for ``grad_magnitude``).
 
@@ -353,26 +351,27 @@ def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torc
     names = [n for n in names if n not in AFTER_STEP]
     if not names:
         return {}
-    features_fn = getattr(agent, "features", None)
-    params, activation = agent_parameters(agent)
+    params, activation = network_of(agent)
     ctx = ProbeContext(
-        features=features_fn(obs) if features_fn is not None else {},
+        features=agent.features(obs) if isinstance(agent, SupportsFeatures) else {},
         params=params, activation=activation,
         agent=agent, obs=obs, target=target, stats=stats or {})
     return _collect(names, ctx)
 
 
-def agent_parameters(agent: Any) -> tuple[dict[str, torch.Tensor], str]:
-    """``(parameters, activation name)`` of an agent for the weight probes: its
-    ``parameters()`` (named ``(R, ...)`` tensors, current values) and ``activation``, else
-    (agents written before those were declared) ``net.params`` and ``net.activation``; empty
-    if it has neither."""
-    fn = getattr(agent, "parameters", None)
-    if callable(fn):
-        params = fn()
-        return (params if isinstance(params, dict) else {}), str(getattr(agent, "activation", ""))
-    net = getattr(agent, "net", None)
-    return dict(getattr(net, "params", {})), str(getattr(net, "activation", ""))
+def network_of(agent: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """The parameters ``{name: tensor}`` and hidden activation the weight probes read of an
+    agent (or of a probe snapshot): its ``parameters()`` and ``activation``
+    (:class:`SupportsParameters`; a ``torch.nn.Module``'s generator of that name does not
+    count), else its ``net``'s (:class:`SupportsNetwork`), else none."""
+    if isinstance(agent, SupportsParameters):
+        params = agent.parameters()
+        if isinstance(params, Mapping):
+            return dict(params), str(agent.activation)
+    if not isinstance(agent, SupportsNetwork):
+        return {}, ""
+    net = agent.net
+    return getattr(net, "params", {}), getattr(net, "activation", "")
 
 
 def run_step_probes(names: Sequence[str], agent: Any, before: torch.Tensor,
@@ -380,7 +379,7 @@ def run_step_probes(names: Sequence[str], agent: Any, before: torch.Tensor,
     """Run the :data:`AFTER_STEP` probes among ``names``, given the probe step's loss
     ``(R,)`` before and after its update."""
     names = [n for n in names if n in AFTER_STEP]
-    params, activation = agent_parameters(agent)
+    params, activation = network_of(agent)
     ctx = ProbeContext(features={}, params=params, activation=activation, agent=agent,
                        step_loss=(before, after))
     return _collect(names, ctx)

@@ -15,10 +15,16 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from contlearn.agents.protocol import (
+    Agent,
+    SupportsProbeSnapshot,
+    SupportsProbeThreads,
+    SupportsUpdateStats,
+)
+from contlearn.envs.protocol import DeferredProbeStream, SupervisedStreamProtocol
 from contlearn.probes.measures import AFTER_STEP, run_probes
 
 
@@ -62,14 +68,18 @@ def torch_threads(n: int) -> Iterator[int]:
             torch.set_num_threads(old)
 
 
-def update_stats(agent: Any) -> dict[str, dict[str, torch.Tensor]]:
+def update_stats(agent: object) -> dict[str, dict[str, torch.Tensor]]:
     """The agent's ``update_stats()`` (its training statistics since the last call, which it
     then starts afresh), or nothing for agents without one."""
-    fn = getattr(agent, "update_stats", None)
-    return fn() if callable(fn) else {}
+    return agent.update_stats() if isinstance(agent, SupportsUpdateStats) else {}
 
 
-def scheduled_results(schedule: ProbeSchedule, stream: Any, agent: Any
+def probe_threads(agent: object) -> int:
+    """The agent's ``probe_threads()``, or 0 (the loop's setting) for agents without one."""
+    return agent.probe_threads() if isinstance(agent, SupportsProbeThreads) else 0
+
+
+def scheduled_results(schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: Agent
                       ) -> dict[str, dict[str, torch.Tensor]]:
     """The scheduled probes that precede the probe step's update, run now on a fresh probe
     batch of the current task and the agent's ``update_stats()`` since the last probe:
@@ -78,11 +88,12 @@ def scheduled_results(schedule: ProbeSchedule, stream: Any, agent: Any
     if all(name in AFTER_STEP for name in schedule.names):
         return {}
     obs, target = stream.probe_batch(schedule.size)
-    with torch_threads(schedule.threads or getattr(agent, "probe_threads", lambda: 0)()):
+    with torch_threads(schedule.threads or probe_threads(agent)):
         return run_probes(schedule.names, agent, obs, target, stats)
 
 
-def submit_probes(schedule: ProbeSchedule, stream: Any, agent: Any
+def submit_probes(schedule: ProbeSchedule, stream: SupervisedStreamProtocol,
+                  agent: SupportsProbeSnapshot
                   ) -> Future[dict[str, dict[str, torch.Tensor]]] | None:
     """:func:`scheduled_results`' work on a thread of its own, over a copy of the network
     (``agent.probe_snapshot()``), so that learning can go on meanwhile: the statistics and the
@@ -93,9 +104,8 @@ def submit_probes(schedule: ProbeSchedule, stream: Any, agent: Any
     if snapshot is None:
         return None
     stats = update_stats(agent)
-    later = getattr(stream, "probe_batch_later", None)
-    if callable(later):
-        batch = later(schedule.size)
+    if isinstance(stream, DeferredProbeStream):
+        batch = stream.probe_batch_later(schedule.size)
     else:
         drawn = stream.probe_batch(schedule.size)
         batch = lambda: drawn  # noqa: E731

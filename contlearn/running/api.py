@@ -10,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from contlearn.agents.protocol import BuiltinAgentClass
+from contlearn.envs.protocol import Stream
 from contlearn.errors import ConfigError, RunDirError
 from contlearn.loop.progress import want_progress
 from contlearn.results.store import (
@@ -24,7 +26,7 @@ from contlearn.results.store import (
 )
 from contlearn.running.config import RunConfig, read_config_file, resolve
 from contlearn.running.plugins import takes_learner
-from contlearn.running.runner import execute, make_streams
+from contlearn.running.runner import execute, open_streams, stream_groups
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,13 @@ def run(
     flat = stored_config(cfg)
     if resume and is_run_dir(path):
         return _continue(path, flat, progress)
-    make_streams(cfg)  # build first: bad data files fail before anything is written
-    prepare_run_dir(path, overwrite=overwrite)
-    with RunLock(path):
-        write_config(path, flat, cfg.seeds)
-        _execute(cfg, path, flat, progress, resuming=False)
+    # the streams first, once: bad data files fail before anything is written, and the
+    # streams (and any worker processes of theirs) are closed however the run ends
+    with open_streams(cfg) as streams:
+        prepare_run_dir(path, overwrite=overwrite)
+        with RunLock(path):
+            write_config(path, flat, cfg.seeds)
+            _execute(cfg, path, flat, progress, resuming=False, streams=streams)
     return RunResult(path, flat)
 
 
@@ -158,7 +162,7 @@ def _continue(path: Path, flat: dict[str, Any], progress: bool | None) -> RunRes
     cfg = resolve(flat)
     length = {k: stored.get(k) for k in ("tasks", "steps")} != {k: flat[k] for k in
                                                                  ("tasks", "steps")}
-    if length and len(make_streams(cfg)) > 1:
+    if length and len(stream_groups(cfg)) > 1:
         raise RunDirError("a run of an agent without replica support cannot be extended; "
                           "start a new run")
     with RunLock(path):
@@ -176,11 +180,11 @@ def stored_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _execute(cfg: RunConfig, path: Path, flat: dict[str, Any], progress: bool | None,
-             resuming: bool) -> None:
+             resuming: bool, streams: list[Stream] | None = None) -> None:
     writer = MetricWriter(path, path.name, cfg.stream, learner_label(cfg),
                           cfg.run.flush_rows, cfg.run.flush_seconds)
     try:
-        execute(cfg, path, writer, want_progress(progress), resuming=resuming)
+        execute(cfg, path, writer, want_progress(progress), resuming=resuming, streams=streams)
     finally:
         writer.close()
 
@@ -188,7 +192,7 @@ def _execute(cfg: RunConfig, path: Path, flat: dict[str, Any], progress: bool | 
 def learner_label(cfg: RunConfig) -> str:
     """The ``learner`` column: the learner's name, or a plug-in agent's class name when that
     agent takes no learner."""
-    if getattr(cfg.agent_cls, "Spec", None) is None and not takes_learner(cfg.agent_cls):
+    if not isinstance(cfg.agent_cls, BuiltinAgentClass) and not takes_learner(cfg.agent_cls):
         return cfg.agent_cls.__name__
     return cfg.learner.name
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from contlearn.agents.protocol import Agent, BuiltinAgentClass
 from contlearn.errors import ConfigError
 from contlearn.registry import load_entry_point
 from contlearn.spec import FieldInfo
@@ -49,7 +50,7 @@ def load_agent_class(ref: str) -> type:
     if not inspect.isclass(obj):
         raise ConfigError(f"agent {ref!r} is not a class")
     missing = [m for m in ("act", "observe") if not callable(getattr(obj, m, None))]
-    if missing:
+    if missing:  # (the class, not an instance: Agent's members by name)
         raise ConfigError(
             f"agent {ref!r} lacks {', '.join(missing)}(); see the Agent Protocol in the README"
         )
@@ -74,13 +75,13 @@ def agent_options(cls: type) -> list[FieldInfo]:
 
 def takes_learner(cls: type) -> bool:
     """Whether an agent class uses a learner (built-in agents do; plug-ins if they ask)."""
-    if getattr(cls, "Spec", None) is not None:
+    if isinstance(cls, BuiltinAgentClass):
         return True
     return "learner" in inspect.signature(cls.__init__).parameters
 
 
 def build_plugin_agent(cls: type, info: Any, seeds: Any, options: dict[str, Any],
-                       learner: Any) -> Any:
+                       learner: Any) -> Agent:
     """Instantiate a plug-in agent with its options (and the learner if it asks for one)."""
     kwargs = dict(options)
     if takes_learner(cls):

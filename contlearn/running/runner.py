@@ -5,6 +5,12 @@ group per seed otherwise. Each group runs its loop to the target step count, che
 every ``checkpoint_every`` steps and every ``checkpoint_minutes``, at its end, and when a
 SIGINT/SIGTERM arrives (the current step finishes first). A checkpoint records how many metric
 parts were on disk; resuming drops later parts, so rows are never duplicated or skipped.
+
+**Stream lifecycle.** A run builds its streams once (:func:`open_streams`, which the API enters
+before it writes anything, so bad data files fail early) and closes each when its group ends
+and all of them when the run ends, however it ends: the worker processes of ``vector=split`` or
+``async`` RL streams never outlive a run (nor, in a sweep, reach the next run). The agent's
+``close()`` (:class:`~contlearn.agents.protocol.SupportsClose`) is called at its group's end.
 """
 
 from __future__ import annotations
@@ -14,21 +20,33 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from contlearn.agents.protocol import (
+    Agent,
+    BuiltinAgentClass,
+    SupportsCheckpoints,
+    SupportsClose,
+    SupportsDevice,
+    SupportsPreferredThreads,
+    SupportsReplicaWorkers,
+    supports_replicas,
+)
+from contlearn.envs.protocol import Stream
 from contlearn.errors import ContlearnError
 from contlearn.loop.engine import (
     ProbeSchedule,
-    Record,
     SingleReplicaAdapter,
+    SteppingLoop,
     SupervisedLoop,
     torch_threads,
 )
 from contlearn.loop.progress import Progress
+from contlearn.loop.records import Record, record_writer
 from contlearn.results.store import MetricWriter, record_backend
 from contlearn.running.checkpoint import load_latest, save_checkpoint
 from contlearn.running.config import RunConfig, total_steps
@@ -94,54 +112,83 @@ class CheckpointDue:
         return False
 
 
-def make_streams(cfg: RunConfig) -> list[Any]:
-    """One stream over all replicas, or one per seed for agents without replica support."""
+def stream_groups(cfg: RunConfig) -> list[list[int]]:
+    """The seeds of each group: all of them for agents with replica support, else one each."""
+    return [list(cfg.seeds)] if supports_replicas(cfg.agent_cls) else [[s] for s in cfg.seeds]
+
+
+def make_streams(cfg: RunConfig) -> list[Stream]:
+    """One stream per group (:func:`stream_groups`); the caller closes them (use
+    :func:`open_streams`). If one fails to build, those built before it are closed."""
     from contlearn.envs import make_stream
 
-    if getattr(cfg.agent_cls, "supports_replicas", False):
-        return [make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)]
-    return [make_stream(cfg.stream, cfg.stream_spec, [s]) for s in cfg.seeds]
+    streams: list[Stream] = []
+    try:
+        for seeds in stream_groups(cfg):
+            streams.append(make_stream(cfg.stream, cfg.stream_spec, seeds))
+    except BaseException:
+        close_streams(streams)
+        raise
+    return streams
 
 
-def make_agent(cfg: RunConfig, stream: Any) -> Any:
+def close_streams(streams: Sequence[Stream]) -> None:
+    """Close every stream (each close is idempotent), even if one of them fails to."""
+    with contextlib.ExitStack() as stack:
+        for stream in streams:
+            stack.callback(stream.close)
+
+
+@contextlib.contextmanager
+def open_streams(cfg: RunConfig) -> Iterator[list[Stream]]:
+    """The run's streams (:func:`make_streams`), closed when the block ends."""
+    streams = make_streams(cfg)
+    try:
+        yield streams
+    finally:
+        close_streams(streams)
+
+
+def make_agent(cfg: RunConfig, stream: Stream) -> Agent:
     """The run's agent for one stream (plug-in agents wrapped to look replica-batched)."""
     from contlearn.agents import check_agent
     from contlearn.running.plugins import build_plugin_agent
 
     seeds = stream.seeds
-    if getattr(cfg.agent_cls, "Spec", None) is not None:
+    agent: Agent
+    if isinstance(cfg.agent_cls, BuiltinAgentClass):
         agent = cfg.agent_cls(stream.info, seeds, cfg.agent_spec, cfg.learner)
-    elif getattr(cfg.agent_cls, "supports_replicas", False):
+    elif supports_replicas(cfg.agent_cls):
         agent = build_plugin_agent(cfg.agent_cls, stream.info, seeds, cfg.agent_spec, cfg.learner)
     else:
         agent = build_plugin_agent(cfg.agent_cls, stream.info, seeds[0], cfg.agent_spec,
                                    cfg.learner)
     check_agent(agent)
-    if not getattr(cfg.agent_cls, "supports_replicas", False):
+    if not supports_replicas(cfg.agent_cls):
         agent = SingleReplicaAdapter(agent)
     return agent
 
 
-def place_agent(cfg: RunConfig, agent: Any) -> Any:
+def place_agent(cfg: RunConfig, agent: Agent) -> Agent:
     """Move the agent to the run's ``device`` (agents that have a ``to`` method)."""
     if cfg.run.device == "cpu":
         return agent
-    to = getattr(agent, "to", None)
-    if to is None:
+    if not isinstance(agent, SupportsDevice):
         raise ContlearnError(f"agent {cfg.agent} cannot run on device={cfg.run.device}: it has "
                              "no to() method; use device=cpu")
-    return to(cfg.run.device)
+    return agent.to(cfg.run.device)
 
 
 @contextlib.contextmanager
-def intra_op_threads(requested: int, agent: Any) -> Iterator[int]:
+def intra_op_threads(requested: int, agent: Agent) -> Iterator[int]:
     """torch's intra-op threads while a run's loop runs: ``requested``, or (0) the agent's
     ``preferred_threads()`` (0 there, or no such method: leave the setting as it is). An agent
     with threads of its own (``replica_workers``) gets ``requested``, or (0) the process's
     setting before the run (torch's default: the cores; a sweep worker: its share of them)."""
-    if hasattr(agent, "replica_workers"):
+    if isinstance(agent, SupportsReplicaWorkers):
         agent.replica_workers = requested or torch.get_num_threads()
-    with torch_threads(requested or getattr(agent, "preferred_threads", lambda: 0)()) as n:
+    preferred = agent.preferred_threads() if isinstance(agent, SupportsPreferredThreads) else 0
+    with torch_threads(requested or preferred) as n:
         yield n
 
 
@@ -154,14 +201,16 @@ def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
                          cfg.run.probe_size, cfg.run.threads)
 
 
-def make_loop(stream: Any, agent: Any, emit: Any, bar: Progress, probes: ProbeSchedule,
-              cfg: RunConfig) -> Any:
+def make_loop(stream: Stream, agent: Agent, emit: Callable[[Record], None], bar: Progress,
+              probes: ProbeSchedule, cfg: RunConfig) -> SteppingLoop:
     """The loop for a stream's kind."""
     if stream.info.kind == "rl":
         from contlearn.loop.rl import RLLoop
 
-        return RLLoop(stream, agent, emit, bar, probes, cfg.run.on_divergence)
-    return SupervisedLoop(stream, agent, emit, bar, probes, cfg.run.on_divergence)
+        return RLLoop(stream, agent, emit, bar, probes,  # type: ignore[arg-type]
+                      cfg.run.on_divergence)
+    return SupervisedLoop(stream, agent, emit, bar, probes,  # type: ignore[arg-type]
+                          cfg.run.on_divergence)
 
 
 def agent_backend(agent: Any) -> str:
@@ -186,43 +235,60 @@ def _warn(message: str) -> None:
 
 
 def execute(cfg: RunConfig, path: Path, writer: MetricWriter, show: bool,
-            resuming: bool = False) -> None:
+            resuming: bool = False, streams: Sequence[Stream] | None = None) -> None:
     """Run every group of a run to its end, resuming from the newest checkpoint if asked.
+
+    Args:
+        cfg, path, writer, show, resuming: the run, its directory and writer, whether to show
+            progress, whether to continue from the newest checkpoint.
+        streams: the run's streams, already built (:func:`open_streams`; the caller closes
+            them); default: built here, and closed before this returns or raises.
 
     Raises:
         RunInterrupted: a signal stopped the run (after a checkpoint).
         ContlearnError: a run cannot be resumed.
     """
-    streams = make_streams(cfg)
+    if streams is None:
+        with open_streams(cfg) as built:
+            execute(cfg, path, writer, show, resuming, built)
+        return
     ckpt = load_latest(path, _warn) if resuming else None
     if resuming:
         writer.truncate(ckpt["parts"] if ckpt else 0)  # no checkpoint: start over cleanly
     start = int(ckpt["group"]) if ckpt else 0
     with SignalStop() as stop:
         for g, stream in enumerate(streams):
-            if g >= start:
-                # (every group has the same configuration: the first one run announces it)
-                _run_group(cfg, g, stream, writer, path, show, ckpt if g == start else None,
-                           stop, announce=g == start)
+            try:
+                if g >= start:
+                    # (every group has the same configuration: the first one run announces it)
+                    _run_group(cfg, g, stream, writer, path, show,
+                               ckpt if g == start else None, stop, announce=g == start)
+            finally:
+                stream.close()  # (its workers go now, not at the run's end)
 
 
-def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, path: Path,
+def _run_group(cfg: RunConfig, group: int, stream: Stream, writer: MetricWriter, path: Path,
                show: bool, ckpt: dict[str, Any] | None, stop: SignalStop,
                announce: bool = False) -> None:
-    agent = place_agent(cfg, make_agent(cfg, stream))
-    if announce:
-        announce_backend(path, agent, show)
+    agent = make_agent(cfg, stream)
+    try:
+        placed = place_agent(cfg, agent)
+        if announce:
+            announce_backend(path, placed, show)
+        _run_agent(cfg, group, stream, placed, writer, path, show, ckpt, stop)
+    finally:
+        if isinstance(agent, SupportsClose):  # e.g. PPO's value worker process
+            agent.close()
+
+
+def _run_agent(cfg: RunConfig, group: int, stream: Stream, agent: Agent, writer: MetricWriter,
+               path: Path, show: bool, ckpt: dict[str, Any] | None, stop: SignalStop) -> None:
     steps = total_steps(cfg, stream.steps_per_task)
     seeds = stream.seeds
-
-    def emit(record: Record) -> None:
-        rows = seeds if record.replica is None else [seeds[record.replica]]
-        for name, values in record.values.items():
-            writer.append(rows, record.step, record.task, name, values.tolist(), record.layer)
-
-    savable = callable(getattr(agent, "state_dict", None))
+    emit = record_writer(writer, seeds)
+    savable = isinstance(agent, SupportsCheckpoints)
     if ckpt is not None:
-        if not savable:
+        if not isinstance(agent, SupportsCheckpoints):
             raise ContlearnError(f"agent {cfg.agent} has no load_state_dict; cannot resume")
         stream.load_state_dict(ckpt["stream"])
         agent.load_state_dict(ckpt["agent"])
@@ -233,6 +299,7 @@ def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, pa
         loop.load_state_dict(ckpt["loop"])
 
     def checkpoint() -> None:
+        assert isinstance(agent, SupportsCheckpoints)
         writer.flush()
         save_checkpoint(path, {"group": group, "step": stream.step,
                                "parts": writer.parts_written, "stream": stream.state_dict(),
@@ -249,8 +316,5 @@ def _run_group(cfg: RunConfig, group: int, stream: Any, writer: MetricWriter, pa
         writer.flush()
     finally:
         bar.close(stream.step)
-        close = getattr(agent, "close", None)  # e.g. PPO's value worker process
-        if callable(close):
-            close()
     if not done:
         raise RunInterrupted(path, stream.step, stop.signum, savable)
