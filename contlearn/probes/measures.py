@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ def _with_aggregate(per_layer: dict[str, torch.Tensor], weights: dict[str, float
     if not per_layer:
         return {}
     total = sum(weights.values())
-    agg = sum(per_layer[k] * (weights[k] / total) for k in per_layer)
+    agg = cast(torch.Tensor, sum(per_layer[k] * (weights[k] / total) for k in per_layer))
     return {**per_layer, "": agg}
 
 
@@ -301,7 +301,8 @@ def _layer_means(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sums[layer] = sums.get(layer, 0) + flat.sum(1)
         counts[layer] = counts.get(layer, 0) + flat.shape[1]
     out = {k: sums[k] / counts[k] for k in sums}
-    out[""] = sum(sums.values()) / sum(counts.values())
+    total = cast(torch.Tensor, sum(sums.values()))  # sums is not empty: a tensor, not 0
+    out[""] = total / sum(counts.values())
     return out
 
 
