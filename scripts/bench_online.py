@@ -39,9 +39,9 @@ import torch
 from bench_timing import Timed, copy_bandwidth, machine, time_calls  # scripts/ is on sys.path
 from naive_online import NaiveLearner
 
-import contlearn.loop.engine as engine
 from contlearn.envs import make_stream
 from contlearn.loop.engine import ProbeSchedule, SupervisedLoop
+from contlearn.loop.records import record_writer
 from contlearn.probes.measures import DEFAULT_PROBES
 from contlearn.results.store import MetricWriter
 from contlearn.running.config import resolve
@@ -93,12 +93,7 @@ def threads_for(agent) -> int:
 def store_emit(path: Path, cfg, seeds: list[int]) -> tuple[Callable, MetricWriter]:
     """The run store's writer and the engine callback ``contlearn.run`` gives it."""
     writer = MetricWriter(path, path.name, cfg.stream, cfg.learner.name)
-
-    def emit(record: engine.Record) -> None:
-        for metric, values in record.values.items():
-            writer.append(seeds, record.step, record.task, metric, values.tolist(), record.layer)
-
-    return emit, writer
+    return record_writer(writer, seeds), writer
 
 
 def contlearn_loop(config: dict, tmp: Path, store: bool = True,

@@ -26,6 +26,7 @@ import torch
 import contlearn
 from contlearn.agents import check_agent
 from contlearn.envs import make_stream
+from contlearn.loop.records import Record, record_writer
 from contlearn.results import plots
 from contlearn.results.store import MetricWriter, prepare_run_dir, write_config
 from contlearn.running.config import resolve
@@ -91,6 +92,7 @@ def main() -> None:
     prepare_run_dir(path)
     write_config(path, cfg.to_dict(), cfg.seeds)
     writer = MetricWriter(path, run_name, cfg.stream, args.learner)
+    emit = record_writer(writer, stream.seeds)  # records to rows, as contlearn.run writes them
 
     start = time.monotonic()
     for step in range(1, args.total_steps + 1):
@@ -99,14 +101,13 @@ def main() -> None:
         feedback, ended = stream.advance(action)  # (reward, next_obs, terminated, truncated)
         update = agent.observe(obs, action, feedback)  # a PPO update every rollout
         for ep in ended:  # one row per finished episode, task = that seed's friction index
-            seed = [stream.seeds[ep.replica]]
-            for metric, value in (("episode_return", ep.ret), ("episode_length", ep.length),
-                                  ("friction", ep.friction)):
-                writer.append(seed, step, ep.task, metric, [value])
+            values = {"episode_return": ep.ret, "episode_length": ep.length,
+                      "friction": ep.friction}
+            emit(Record("episode", step, ep.task,
+                        {k: torch.tensor([float(v)]) for k, v in values.items()},
+                        replica=ep.replica))
         if update:
-            for metric, values in update.items():
-                writer.append(stream.seeds, step, int(stream.task.max()), metric,
-                              values.tolist())
+            emit(Record("update", step, int(stream.task.max()), update))
             rate = step * args.num_envs * args.seeds / (time.monotonic() - start)
             print(f"step {step:>9,}  {rate:6.0f} env-steps/s  friction index "
                   f"{stream.task.tolist()}  value loss {update['value_loss'].mean():.1f}",
