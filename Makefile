@@ -20,7 +20,7 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python scripts/demo.py
 
-test: setup typecheck
+test: setup typecheck format-check
 	$(BIN)/ruff check contlearn envs agents scripts tests
 	$(BIN)/python -m pytest -q -m "slow or not slow"  # the slow ones too: ~20 s more
 

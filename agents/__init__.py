@@ -10,9 +10,15 @@ from contlearn.agents.protocol import Agent, Metrics, check_agent
 from contlearn.registry import Registry
 
 agents = Registry("agent")
-agents.register("online", "contlearn.agents.online:OnlineAgent",
-                "online supervised MLP (replica-batched) trained by a learner")
-agents.register("ppo", "contlearn.agents.ppo:PPOAgent",
-                "PPO, Gaussian policy + value MLPs (replica-batched) trained by a learner")
+agents.register(
+    "online",
+    "contlearn.agents.online:OnlineAgent",
+    "online supervised MLP (replica-batched) trained by a learner",
+)
+agents.register(
+    "ppo",
+    "contlearn.agents.ppo:PPOAgent",
+    "PPO, Gaussian policy + value MLPs (replica-batched) trained by a learner",
+)
 
 __all__ = ["Agent", "Metrics", "agents", "check_agent"]

@@ -39,9 +39,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swish": F.silu,
 }
 #: gain of the Kaiming (He) init per activation; ReLU-like units get √2.
-GAINS = {"relu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "sigmoid": 1.0,
-         "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)), "elu": math.sqrt(2.0),
-         "swish": math.sqrt(2.0), "linear": 1.0}
+GAINS = {
+    "relu": math.sqrt(2.0),
+    "tanh": 5.0 / 3.0,
+    "sigmoid": 1.0,
+    "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)),
+    "elu": math.sqrt(2.0),
+    "swish": math.sqrt(2.0),
+    "linear": 1.0,
+}
 INITS = ("kaiming_uniform", "lecun_uniform", "xavier_uniform", "torch_default")
 #: activations whose derivative the backward pass takes from the pre-activation z (others: h).
 _NEEDS_PRE = ("elu", "swish")
@@ -52,8 +58,9 @@ _BLOCKED_BYTES = 4 << 20
 _BLOCK_BYTES = 1 << 20
 
 
-def activation_backward(activation: str, grad: torch.Tensor, h: torch.Tensor,
-                        z: torch.Tensor | None) -> torch.Tensor:
+def activation_backward(
+    activation: str, grad: torch.Tensor, h: torch.Tensor, z: torch.Tensor | None
+) -> torch.Tensor:
     """``grad ⊙ act'(z)`` from the output ``h = act(z)`` (or ``z`` for elu and swish), with the
     kernels autograd uses."""
     if activation == "relu":
@@ -124,8 +131,15 @@ class BatchedMLP:
         generators: one torch Generator per replica (R = len(generators)).
     """
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, activation: str,
-                 init: str, generators: Sequence[torch.Generator]) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int,
+        activation: str,
+        init: str,
+        generators: Sequence[torch.Generator],
+    ) -> None:
         if activation not in ACTIVATIONS:
             raise ConfigError(
                 f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
@@ -137,8 +151,13 @@ class BatchedMLP:
         widths = [in_dim, *hidden, out_dim]
         names = [f"hidden{i + 1}" for i in range(len(hidden))] + ["output"]
         self.layers = [
-            Layer(names[i], widths[i], widths[i + 1], names[i + 1] if i + 1 < len(names) else None,
-                  activation if names[i] != "output" else "linear")
+            Layer(
+                names[i],
+                widths[i],
+                widths[i + 1],
+                names[i + 1] if i + 1 < len(names) else None,
+                activation if names[i] != "output" else "linear",
+            )
             for i in range(len(names))
         ]
         self.by_name = {layer.name: layer for layer in self.layers}
@@ -161,8 +180,9 @@ class BatchedMLP:
         """The hidden layers (those whose units continual backprop and probes look at)."""
         return self.layers[:-1]
 
-    def sample_init(self, name: str, rows: int, generator: torch.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_init(
+        self, name: str, rows: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh incoming weights ``(rows, fan_in)`` and biases ``(rows,)`` for layer ``name``,
         from the layer's own init distribution."""
         layer = self.by_name[name]
@@ -173,8 +193,9 @@ class BatchedMLP:
             b.uniform_(-b_bound, b_bound, generator=generator)
         return w, b
 
-    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Outputs and hidden activations.
 
         Args:
@@ -188,17 +209,21 @@ class BatchedMLP:
         features = {}
         h = x
         for layer in self.layers:
-            z = torch.baddbmm(p[f"{layer.name}.bias"].unsqueeze(1), h,
-                              p[f"{layer.name}.weight"].transpose(1, 2))
+            z = torch.baddbmm(
+                p[f"{layer.name}.bias"].unsqueeze(1), h, p[f"{layer.name}.weight"].transpose(1, 2)
+            )
             if layer.next is None:
                 return z, features
             h = self.act_fn(z)
             features[layer.name] = h
         raise AssertionError("unreachable: the last layer is the output layer")
 
-    def forward_train(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
-                      first: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    def forward_train(
+        self,
+        x: torch.Tensor,
+        params: dict[str, torch.Tensor] | None = None,
+        first: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
         """:meth:`forward` (same kernels, same numbers) keeping what :meth:`backward` needs.
 
         Args:
@@ -215,8 +240,15 @@ class BatchedMLP:
         zs: list[torch.Tensor] | None = [] if keep_pre else None
         h = x
         for i, layer in enumerate(self.layers):
-            z = first if i == 0 and first is not None else torch.baddbmm(
-                p[f"{layer.name}.bias"].unsqueeze(1), h, p[f"{layer.name}.weight"].transpose(1, 2))
+            z = (
+                first
+                if i == 0 and first is not None
+                else torch.baddbmm(
+                    p[f"{layer.name}.bias"].unsqueeze(1),
+                    h,
+                    p[f"{layer.name}.weight"].transpose(1, 2),
+                )
+            )
             if layer.next is None:
                 return z, hs, zs
             if zs is not None:
@@ -225,15 +257,20 @@ class BatchedMLP:
             hs.append(h)
         raise AssertionError("unreachable: the last layer is the output layer")
 
-    def _delta_below(self, i: int, d: torch.Tensor, hs: list[torch.Tensor],
-                     zs: list[torch.Tensor] | None) -> torch.Tensor:
+    def _delta_below(
+        self, i: int, d: torch.Tensor, hs: list[torch.Tensor], zs: list[torch.Tensor] | None
+    ) -> torch.Tensor:
         """δ of hidden layer ``i - 1`` from ``d = δ_i W_i`` (the input gradient of layer i)."""
-        return activation_backward(self.activation, d, hs[i - 1],
-                                   None if zs is None else zs[i - 1])
+        return activation_backward(self.activation, d, hs[i - 1], None if zs is None else zs[i - 1])
 
-    def backward(self, delta: torch.Tensor, x: torch.Tensor, hs: list[torch.Tensor],
-                 zs: list[torch.Tensor] | None, params: dict[str, torch.Tensor] | None = None
-                 ) -> dict[str, torch.Tensor]:
+    def backward(
+        self,
+        delta: torch.Tensor,
+        x: torch.Tensor,
+        hs: list[torch.Tensor],
+        zs: list[torch.Tensor] | None,
+        params: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Gradients of a loss whose gradient with respect to the outputs is ``delta``.
 
         Args:
@@ -255,12 +292,19 @@ class BatchedMLP:
                 delta = self._delta_below(i, torch.bmm(delta, p[f"{name}.weight"]), hs, zs)
         return {k: grads[k] for k in p}
 
-    def backward_update_(self, delta: torch.Tensor, x: torch.Tensor, hs: list[torch.Tensor],
-                         zs: list[torch.Tensor] | None, alpha: float, beta: float,
-                         col_l1: tuple[str, ...] = (),
-                         params: dict[str, torch.Tensor] | None = None, defer_first: bool = False,
-                         grad_l1: torch.Tensor | None = None
-                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def backward_update_(
+        self,
+        delta: torch.Tensor,
+        x: torch.Tensor,
+        hs: list[torch.Tensor],
+        zs: list[torch.Tensor] | None,
+        alpha: float,
+        beta: float,
+        col_l1: tuple[str, ...] = (),
+        params: dict[str, torch.Tensor] | None = None,
+        defer_first: bool = False,
+        grad_l1: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Back-propagate ``delta`` and apply ``θ ← (1 + β) θ + α g`` to every parameter in
         place, layer by layer from the output (each layer's δ below is taken with its weights
         before their update), without materialising the gradients g.
@@ -288,8 +332,15 @@ class BatchedMLP:
             if grad_l1 is not None:
                 grad_l1[:, i] += gradient_l1(delta, x if i == 0 else hs[i - 1])
             if i > 0 or not defer_first:
-                below, col = _update_weight_(w, delta, x if i == 0 else hs[i - 1], alpha, beta,
-                                             need_below=i > 0, want_col=want)
+                below, col = _update_weight_(
+                    w,
+                    delta,
+                    x if i == 0 else hs[i - 1],
+                    alpha,
+                    beta,
+                    need_below=i > 0,
+                    want_col=want,
+                )
                 if want:
                     cols[f"{name}.weight"] = col
             if beta:
@@ -312,9 +363,15 @@ def gradient_l1(delta: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
     return weight + delta.sum(1).abs().to(torch.float64).sum(-1)
 
 
-def _update_weight_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, alpha: float,
-                    beta: float, need_below: bool, want_col: bool
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _update_weight_(
+    w: torch.Tensor,
+    delta: torch.Tensor,
+    h_in: torch.Tensor,
+    alpha: float,
+    beta: float,
+    need_below: bool,
+    want_col: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``w ← (1 + β) w + α δᵀ h_in`` in place for ``w (R, K, H)``; returns ``δ w`` taken before
     the update ``(R, B, H)`` (if ``need_below``) and ``Σ_k |w[k, :]|`` after it ``(R, H)`` (if
     ``want_col``). One pass of the compiled kernel (:mod:`contlearn.backends.kernels`) when it
@@ -332,10 +389,10 @@ def _update_weight_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, al
     col = w.new_zeros(R, H) if want_col else None
     scratch = w.new_empty(R, min(rows, K), H) if want_col else None
     for start in range(0, K, rows):
-        wb = w[:, start:start + rows]  # (R, rows, H)
+        wb = w[:, start : start + rows]  # (R, rows, H)
         if below is not None:
-            below.baddbmm_(delta[:, :, start:start + rows], wb)
-        wb.baddbmm_(dt[:, start:start + rows], h_in, beta=1.0 + beta, alpha=alpha)
+            below.baddbmm_(delta[:, :, start : start + rows], wb)
+        wb.baddbmm_(dt[:, start : start + rows], h_in, beta=1.0 + beta, alpha=alpha)
         if col is not None and scratch is not None:
             col.add_(torch.abs(wb, out=scratch[:, : wb.shape[1]]).sum(1))
     return below, col

@@ -60,8 +60,11 @@ class OnlineAgentSpec:
     beta1: float = param(0.9, "Adam β1", low=0.0, high=1.0)
     beta2: float = param(0.999, "Adam β2", low=0.0, high=1.0)
     eps: float = param(1e-8, "Adam ε", low=0.0, low_open=True)
-    fast: bool = param(True, "hand-written backward and fused updates (false: the autograd "
-                       "reference path; same results to float rounding)")
+    fast: bool = param(
+        True,
+        "hand-written backward and fused updates (false: the autograd "
+        "reference path; same results to float rounding)",
+    )
 
     def validate(self) -> None:
         """Check the hidden widths parse."""
@@ -90,8 +93,9 @@ class OnlineAgent:
     #: (``contlearn.running.runner.intra_op_threads``)
     replica_workers: int = 0
 
-    def __init__(self, info: StreamInfo, seeds: Sequence[int], spec: OnlineAgentSpec,
-                 learner: Learner) -> None:
+    def __init__(
+        self, info: StreamInfo, seeds: Sequence[int], spec: OnlineAgentSpec, learner: Learner
+    ) -> None:
         self.info = info
         self.spec = spec
         self.seeds = list(seeds)
@@ -99,8 +103,14 @@ class OnlineAgent:
         for d in info.input_shape:
             in_dim *= d
         hidden = parse_int_list(spec.hidden, "hidden")
-        self.net = BatchedMLP(in_dim, hidden, info.num_outputs, spec.activation, spec.init,
-                              [torch_generator(s, "agent") for s in self.seeds])
+        self.net = BatchedMLP(
+            in_dim,
+            hidden,
+            info.num_outputs,
+            spec.activation,
+            spec.init,
+            [torch_generator(s, "agent") for s in self.seeds],
+        )
         self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         #: the learner chain's declared fused form (None: it has none)
@@ -119,11 +129,19 @@ class OnlineAgent:
         """What the backends decide on: this agent's resolved configuration."""
         first = next(iter(self.views.values()))
         return StepConfig(
-            network="mlp", activation=self.spec.activation, depth=len(self.net.hidden_layers),
-            task=self.info.kind, learner=self.learner_spec.name, optimizer=self.spec.optimizer,
-            credit="bp", batch_size=self.info.batch_size, device=first.device.type,
-            dtype=str(first.dtype).removeprefix("torch."), fused=self.plan,
-            kernels=kernels.library() is not None)
+            network="mlp",
+            activation=self.spec.activation,
+            depth=len(self.net.hidden_layers),
+            task=self.info.kind,
+            learner=self.learner_spec.name,
+            optimizer=self.spec.optimizer,
+            credit="bp",
+            batch_size=self.info.batch_size,
+            device=first.device.type,
+            dtype=str(first.dtype).removeprefix("torch."),
+            fused=self.plan,
+            kernels=kernels.library() is not None,
+        )
 
     def _setup(self) -> None:
         """(Re)build the views, the learner state and the step's backend for the current
@@ -202,8 +220,9 @@ class OnlineAgent:
         backend is the block loop (it declared this configuration, batch 1, supported)."""
         return hasattr(self._step, "learn_block") and batch_size == self.info.batch_size
 
-    def learn_block(self, obs: torch.Tensor, target: torch.Tensor
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def learn_block(
+        self, obs: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """T online steps at once: the same as ``T`` calls of :meth:`act` and :meth:`observe`
         (:meth:`contlearn.backends.mlp.BlockLoop.learn_block`). Call only if
         :meth:`block_ready`.
@@ -230,8 +249,9 @@ class OnlineAgent:
         if on and self.grad_l1 is not None:
             return
         n = len(self.net.layers)
-        self.grad_l1 = torch.zeros(len(self.seeds), n, dtype=torch.float64,
-                                   device=self.device) if on else None
+        self.grad_l1 = (
+            torch.zeros(len(self.seeds), n, dtype=torch.float64, device=self.device) if on else None
+        )
         self.grad_steps = 0
 
     def update_stats(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -242,12 +262,18 @@ class OnlineAgent:
         total, steps = self.grad_l1, self.grad_steps
         if total is None or steps == 0:
             return {}
-        sizes = torch.tensor([self.views[f"{layer.name}.weight"][0].numel()
-                              + self.views[f"{layer.name}.bias"][0].numel()
-                              for layer in self.net.layers], dtype=torch.float64)
+        sizes = torch.tensor(
+            [
+                self.views[f"{layer.name}.weight"][0].numel()
+                + self.views[f"{layer.name}.bias"][0].numel()
+                for layer in self.net.layers
+            ],
+            dtype=torch.float64,
+        )
         total = self._host(total)
-        out = {layer.name: total[:, i] / (sizes[i] * steps)
-               for i, layer in enumerate(self.net.layers)}
+        out = {
+            layer.name: total[:, i] / (sizes[i] * steps) for i, layer in enumerate(self.net.layers)
+        }
         out[""] = total.sum(1) / (sizes.sum() * steps)
         self.grad_l1.zero_()
         self.grad_steps = 0
@@ -280,8 +306,9 @@ class OnlineAgent:
             return per.view(R, B).mean(1)
         return (out - target).pow(2).sum(-1).mean(1)
 
-    def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def observe(
+        self, obs: torch.Tensor, action: torch.Tensor, feedback: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """One learning step on the batch just answered; returns ``{"loss": (R,)}``."""
         if self._acted is not obs:
             self.act(obs)
@@ -290,12 +317,14 @@ class OnlineAgent:
         flag, self._task_started = self._task_started, False
         return {"loss": self._host(self._step.observe(target, flag))}
 
-    def apply_updates(self, grads: dict[str, torch.Tensor], features: dict[str, torch.Tensor],
-                      task_start: bool) -> None:
+    def apply_updates(
+        self, grads: dict[str, torch.Tensor], features: dict[str, torch.Tensor], task_start: bool
+    ) -> None:
         """``learner.update`` on this step's gradients and hidden activations, then
         ``θ += u``."""
         updates, self.learner_state = self.learner.update(
-            grads, self.learner_state, self.views, features=features, task_start=task_start)
+            grads, self.learner_state, self.views, features=features, task_start=task_start
+        )
         torch._foreach_add_([self.views[k] for k in self._keys], [updates[k] for k in self._keys])
 
     def add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:
@@ -306,7 +335,8 @@ class OnlineAgent:
             for k in (f"{layer.name}.weight", f"{layer.name}.bias"):
                 g = grads[k]
                 self.grad_l1[:, i] += torch.linalg.vector_norm(
-                    g.reshape(g.shape[0], -1), 1, dim=1).to(torch.float64)
+                    g.reshape(g.shape[0], -1), 1, dim=1
+                ).to(torch.float64)
         self.grad_steps += 1
 
     def diagnostics(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -339,8 +369,7 @@ class OnlineAgent:
         if sum(v.numel() * v.element_size() for v in self.views.values()) > SNAPSHOT_MAX_BYTES:
             return None
         self.sync()
-        return ProbeSnapshot(self.net, {k: v.clone() for k, v in self.views.items()},
-                             self.flat)
+        return ProbeSnapshot(self.net, {k: v.clone() for k, v in self.views.items()}, self.flat)
 
     @torch.no_grad()
     def probe_loss(self, obs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -354,8 +383,10 @@ class OnlineAgent:
         """Parameters, learner state and the gradient sums since the last probe, as plain
         tensors (``weights_only``-loadable)."""
         self.sync()
-        state = {"params": {k: v.clone() for k, v in self.views.items()},
-                 "learner": [t.clone() for t in tree_leaves(self.learner_state)]}
+        state = {
+            "params": {k: v.clone() for k, v in self.views.items()},
+            "learner": [t.clone() for t in tree_leaves(self.learner_state)],
+        }
         if self.grad_l1 is not None:
             state["grad_l1"] = self.grad_l1.clone()
             state["grad_steps"] = self.grad_steps

@@ -35,29 +35,37 @@ def _value_forward(net: Any, obs: torch.Tensor) -> tuple[torch.Tensor, list[torc
     p, act = net.value.params, net.value.act_fn
     hs, h = [], obs
     for layer in net.value.layers[:-1]:
-        h = act(torch.baddbmm(p[f"{layer.name}.bias"].unsqueeze(1), h,
-                              p[f"{layer.name}.weight"].transpose(1, 2)))
+        h = act(
+            torch.baddbmm(
+                p[f"{layer.name}.bias"].unsqueeze(1), h, p[f"{layer.name}.weight"].transpose(1, 2)
+            )
+        )
         hs.append(h)
     return (h * p["output.weight"]).sum(-1) + p["output.bias"], hs
 
 
-def _value_backward(net: Any, delta_v: torch.Tensor, obs: torch.Tensor,
-                    hs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _value_backward(
+    net: Any, delta_v: torch.Tensor, obs: torch.Tensor, hs: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Gradients of the value net from ``∂L/∂V`` ``(R, B)``."""
     value = net.value
     p = value.params
-    grads = {"output.weight": torch.bmm(delta_v.unsqueeze(1), hs[-1]),  # (R, 1, H)
-             "output.bias": delta_v.sum(1, keepdim=True)}  # (R, 1)
-    delta = activation_backward(value.activation, delta_v.unsqueeze(-1) * p["output.weight"],
-                                hs[-1], None)  # (R, B, H)
+    grads = {
+        "output.weight": torch.bmm(delta_v.unsqueeze(1), hs[-1]),  # (R, 1, H)
+        "output.bias": delta_v.sum(1, keepdim=True),
+    }  # (R, 1)
+    delta = activation_backward(
+        value.activation, delta_v.unsqueeze(-1) * p["output.weight"], hs[-1], None
+    )  # (R, B, H)
     for i in range(len(value.layers) - 2, -1, -1):
         name = value.layers[i].name
         h_in = obs if i == 0 else hs[i - 1]
         grads[f"{name}.weight"] = torch.bmm(delta.transpose(1, 2), h_in)
         grads[f"{name}.bias"] = delta.sum(1)
         if i > 0:
-            delta = activation_backward(value.activation,
-                                        torch.bmm(delta, p[f"{name}.weight"]), hs[i - 1], None)
+            delta = activation_backward(
+                value.activation, torch.bmm(delta, p[f"{name}.weight"]), hs[i - 1], None
+            )
     return grads
 
 
@@ -66,8 +74,9 @@ def supports(net: Any) -> bool:
     return net.activation in ("relu", "tanh", "sigmoid", "leaky_relu")
 
 
-def _value_part(net: Any, mb: dict[str, torch.Tensor], vf_coef: float
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+def _value_part(
+    net: Any, mb: dict[str, torch.Tensor], vf_coef: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The value net's loss ``(R,)``, gradients and hidden activations."""
     obs = mb["obs"]
     value, hs_v = _value_forward(net, obs)  # (R, M)
@@ -76,8 +85,9 @@ def _value_part(net: Any, mb: dict[str, torch.Tensor], vf_coef: float
     return err.pow(2).mean(1), {f"value.{k}": g for k, g in grads.items()}, hs_v
 
 
-def _policy_part(net: Any, mb: dict[str, torch.Tensor], clip: float, ent_coef: float
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
+def _policy_part(
+    net: Any, mb: dict[str, torch.Tensor], clip: float, ent_coef: float
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
     """The policy's loss terms and statistics ``(R,)``, gradients and hidden activations."""
     obs = mb["obs"]
     M = obs.shape[1]
@@ -96,21 +106,28 @@ def _policy_part(net: Any, mb: dict[str, torch.Tensor], clip: float, ent_coef: f
     inside = (ratio >= 1 - clip) & (ratio <= 1 + clip)
     g_logp = torch.where(inside | (surr > surr_clipped), -adv * ratio, 0.0) / M  # (R, M)
     gz = g_logp.unsqueeze(-1) * z  # (R, M, A)
-    grads = {f"policy.{k}": g for k, g in
-             net.policy.backward(gz * inv_std, obs, hs_p, None).items()}
+    grads = {
+        f"policy.{k}": g for k, g in net.policy.backward(gz * inv_std, obs, hs_p, None).items()
+    }
     g_log_std = (gz * z).sum(1) - g_logp.sum(1, keepdim=True)  # (R, A): Σ_b g (z² − 1)
     grads["policy.log_std"] = g_log_std - ent_coef if ent_coef else g_log_std
-    stats = {"policy_loss": torch.maximum(surr, surr_clipped).mean(1),
-             "entropy": (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1),
-             "approx_kl": (ratio - 1 - log_ratio).mean(1),
-             "clip_fraction": ((ratio - 1).abs() > clip).float().mean(1)}
+    stats = {
+        "policy_loss": torch.maximum(surr, surr_clipped).mean(1),
+        "entropy": (log_std + 0.5 * (1.0 + _LOG_2PI)).sum(-1),
+        "approx_kl": (ratio - 1 - log_ratio).mean(1),
+        "clip_fraction": ((ratio - 1).abs() > clip).float().mean(1),
+    }
     return stats, grads, hs_p
 
 
-def loss_and_grads(net: Any, mb: dict[str, torch.Tensor], clip: float, vf_coef: float,
-                   ent_coef: float, pool: ThreadPoolExecutor | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor],
-                              dict[str, torch.Tensor]]:
+def loss_and_grads(
+    net: Any,
+    mb: dict[str, torch.Tensor],
+    clip: float,
+    vf_coef: float,
+    ent_coef: float,
+    pool: ThreadPoolExecutor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Loss ``(R,)``, statistics, gradients and hidden activations of one minibatch.
 
     Args:
@@ -133,9 +150,15 @@ def loss_and_grads(net: Any, mb: dict[str, torch.Tensor], clip: float, vf_coef: 
         value_loss, value_grads, hs_v = _value_part(net, mb, vf_coef)
     grads.update(value_grads)
     loss = stats["policy_loss"] + vf_coef * value_loss - ent_coef * stats["entropy"]
-    stats = {"loss": loss, "policy_loss": stats["policy_loss"], "value_loss": value_loss,
-             **{k: stats[k] for k in ("entropy", "approx_kl", "clip_fraction")}}
-    features = {f"{prefix}.{layer.name}": h
-                for prefix, mlp, hs in (("policy", net.policy, hs_p), ("value", net.value, hs_v))
-                for layer, h in zip(mlp.layers[:-1], hs, strict=True)}
+    stats = {
+        "loss": loss,
+        "policy_loss": stats["policy_loss"],
+        "value_loss": value_loss,
+        **{k: stats[k] for k in ("entropy", "approx_kl", "clip_fraction")},
+    }
+    features = {
+        f"{prefix}.{layer.name}": h
+        for prefix, mlp, hs in (("policy", net.policy, hs_p), ("value", net.value, hs_v))
+        for layer, h in zip(mlp.layers[:-1], hs, strict=True)
+    }
     return loss, stats, {k: grads[k] for k in net.params}, features

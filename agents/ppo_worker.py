@@ -42,11 +42,15 @@ def check_supported(agent: Any) -> None:
     """Raise :class:`ConfigError` unless ``value_worker`` applies to ``agent``'s settings."""
     spec = agent.spec
     if agent.learner_spec.name not in SEPARABLE_LEARNERS:
-        raise ConfigError(f"value_worker=true needs a learner acting on each parameter alone "
-                          f"({', '.join(SEPARABLE_LEARNERS)}), not {agent.learner_spec.name}")
+        raise ConfigError(
+            f"value_worker=true needs a learner acting on each parameter alone "
+            f"({', '.join(SEPARABLE_LEARNERS)}), not {agent.learner_spec.name}"
+        )
     if spec.max_grad_norm > 0 or not agent._fast:
-        raise ConfigError("value_worker=true needs max_grad_norm=0 (a norm over both nets) "
-                          "and the hand-written update (fast=true)")
+        raise ConfigError(
+            "value_worker=true needs max_grad_norm=0 (a norm over both nets) "
+            "and the hand-written update (fast=true)"
+        )
 
 
 def value_keys(agent: Any) -> list[str]:
@@ -54,8 +58,13 @@ def value_keys(agent: Any) -> list[str]:
     return [k for k in agent._keys if k.startswith("value.")]
 
 
-def value_updates(agent: Any, obs: torch.Tensor, ret: torch.Tensor, orders: torch.Tensor,
-                  stopped: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def value_updates(
+    agent: Any,
+    obs: torch.Tensor,
+    ret: torch.Tensor,
+    orders: torch.Tensor,
+    stopped: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The value net's minibatch updates of one PPO update, in the one-process order.
 
     Args:
@@ -80,18 +89,26 @@ def value_updates(agent: Any, obs: torch.Tensor, ret: torch.Tensor, orders: torc
             for start in range(0, obs.shape[1], spec.minibatch_size):
                 end = start + spec.minibatch_size
                 loss, grads, hs = ppo_fast._value_part(
-                    agent.net, {"obs": obs_s[:, start:end], "ret": ret_s[:, start:end]},
-                    spec.vf_coef)
+                    agent.net,
+                    {"obs": obs_s[:, start:end], "ret": ret_s[:, start:end]},
+                    spec.vf_coef,
+                )
                 losses.append(loss)
                 if start == 0:
                     for k in keys:
-                        grad_sums[k].append(grads[k].abs().flatten(1).sum(
-                            1, dtype=torch.float64))
-                features = {f"value.{layer.name}": h
-                            for layer, h in zip(agent.net.value.layers[:-1], hs, strict=True)}
+                        grad_sums[k].append(grads[k].abs().flatten(1).sum(1, dtype=torch.float64))
+                features = {
+                    f"value.{layer.name}": h
+                    for layer, h in zip(agent.net.value.layers[:-1], hs, strict=True)
+                }
                 updates, agent.learner_state = agent.learner.update(
-                    {k: grads[k] for k in keys}, agent.learner_state, views,
-                    features=features, loss=loss, task_start=False)
+                    {k: grads[k] for k in keys},
+                    agent.learner_state,
+                    views,
+                    features=features,
+                    loss=loss,
+                    task_start=False,
+                )
                 if stopped is not None:
                     for u in updates.values():
                         u[stopped] = 0.0
@@ -113,7 +130,7 @@ def split_update(agent: Any, data: dict[str, torch.Tensor]) -> dict[str, torch.T
     for order in orders:
         shuffled = {k: data[k][rows, order] for k in ("obs", "action", "logp", "adv")}
         for start in range(0, N, s.minibatch_size):
-            mb = {k: v[:, start:start + s.minibatch_size] for k, v in shuffled.items()}
+            mb = {k: v[:, start : start + s.minibatch_size] for k, v in shuffled.items()}
             policy.append(_policy_minibatch(agent, mb, record=start == 0))
     value_losses, grad_sums = agent._worker.result()
     for k, per_epoch in grad_sums.items():
@@ -122,31 +139,42 @@ def split_update(agent: Any, data: dict[str, torch.Tensor]) -> dict[str, torch.T
     totals: dict[str, torch.Tensor] = {}
     for stats, value_loss in zip(policy, value_losses, strict=True):
         loss = stats["policy_loss"] + s.vf_coef * value_loss - s.ent_coef * stats["entropy"]
-        out = {"loss": loss, "policy_loss": stats["policy_loss"], "value_loss": value_loss,
-               **{k: stats[k] for k in ("entropy", "approx_kl", "clip_fraction")}}
+        out = {
+            "loss": loss,
+            "policy_loss": stats["policy_loss"],
+            "value_loss": value_loss,
+            **{k: stats[k] for k in ("entropy", "approx_kl", "clip_fraction")},
+        }
         for k, v in out.items():
             totals[k] = totals[k] + v if k in totals else v
     return totals
 
 
-def _policy_minibatch(agent: Any, mb: dict[str, torch.Tensor], record: bool
-                      ) -> dict[str, torch.Tensor]:
+def _policy_minibatch(
+    agent: Any, mb: dict[str, torch.Tensor], record: bool
+) -> dict[str, torch.Tensor]:
     """The policy's half of :meth:`PPOAgent._minibatch` (``value_worker``); its statistics."""
     keys = [k for k in agent._keys if not k.startswith("value.")]
     with torch.no_grad():
-        stats, grads, hs = ppo_fast._policy_part(agent.net, mb, agent.spec.clip,
-                                                 agent.spec.ent_coef)
+        stats, grads, hs = ppo_fast._policy_part(
+            agent.net, mb, agent.spec.clip, agent.spec.ent_coef
+        )
         if record:
             for k in keys:
-                agent.stats["grad_sum"][k] += grads[k].abs().flatten(1).sum(
-                    1, dtype=torch.float64)
+                agent.stats["grad_sum"][k] += grads[k].abs().flatten(1).sum(1, dtype=torch.float64)
             agent.stats["minibatches"] += 1
-        features = {f"policy.{layer.name}": h
-                    for layer, h in zip(agent.net.policy.layers[:-1], hs, strict=True)}
+        features = {
+            f"policy.{layer.name}": h
+            for layer, h in zip(agent.net.policy.layers[:-1], hs, strict=True)
+        }
         updates, agent.learner_state = agent.learner.update(
-            {k: grads[k] for k in keys}, agent.learner_state,
-            {k: agent._views[k] for k in keys}, features=features,
-            loss=stats["policy_loss"], task_start=False)
+            {k: grads[k] for k in keys},
+            agent.learner_state,
+            {k: agent._views[k] for k in keys},
+            features=features,
+            loss=stats["policy_loss"],
+            task_start=False,
+        )
         if agent._stopped is not None:
             for u in updates.values():
                 u[agent._stopped] = 0.0
@@ -168,8 +196,14 @@ def _serve(conn: Any, agent: Any, inputs: dict[str, torch.Tensor]) -> None:
             message = conn.recv()
             if message is None:
                 break
-            conn.send(("ok", value_updates(agent, inputs["obs"], inputs["ret"],
-                                           inputs["orders"], message[0])))
+            conn.send(
+                (
+                    "ok",
+                    value_updates(
+                        agent, inputs["obs"], inputs["ret"], inputs["orders"], message[0]
+                    ),
+                )
+            )
     except Exception:  # noqa: BLE001 (handed to the agent, which raises)
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -190,18 +224,24 @@ class ValueWorker:
             agent._views[k].share_memory_()
         for leaf in _state_tensors(agent.learner_state, value_keys(agent)):
             leaf.share_memory_()
-        self.inputs = {"obs": torch.zeros(R, T * E, D).share_memory_(),
-                       "ret": torch.zeros(R, T * E).share_memory_(),
-                       "orders": torch.zeros(s.epochs, R, T * E, dtype=torch.long
-                                             ).share_memory_()}
+        self.inputs = {
+            "obs": torch.zeros(R, T * E, D).share_memory_(),
+            "ret": torch.zeros(R, T * E).share_memory_(),
+            "orders": torch.zeros(s.epochs, R, T * E, dtype=torch.long).share_memory_(),
+        }
         ctx = mp.get_context("fork")  # the child uses the agent's objects as they are
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, agent, self.inputs), daemon=True)
         self._proc.start()
         child.close()
 
-    def start(self, obs: torch.Tensor, ret: torch.Tensor, orders: torch.Tensor,
-              stopped: torch.Tensor | None) -> None:
+    def start(
+        self,
+        obs: torch.Tensor,
+        ret: torch.Tensor,
+        orders: torch.Tensor,
+        stopped: torch.Tensor | None,
+    ) -> None:
         """Hand the worker one update's inputs; it starts at once."""
         self.inputs["obs"].copy_(obs)
         self.inputs["ret"].copy_(ret)

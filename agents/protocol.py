@@ -222,8 +222,7 @@ class SupportsBlocks(Protocol):
         """Whether steps of ``batch_size`` examples go through :meth:`learn_block`."""
         ...
 
-    def learn_block(self, obs: torch.Tensor, target: torch.Tensor
-                    ) -> tuple[torch.Tensor, Metrics]:
+    def learn_block(self, obs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """T steps (``obs (T, R, B, ...)``): the predictions made before each step's update,
         ``(T, R, B, num_outputs)``, and per-step metrics ``(T, R)``."""
         ...
@@ -276,10 +275,23 @@ def check_agent(agent: object) -> None:
 
 #: every optional capability, by the Protocol that declares it
 CAPABILITIES: tuple[type, ...] = (
-    SupportsTaskStart, SupportsCheckpoints, SupportsFeatures, SupportsParameters, SupportsNetwork,
-    SupportsUpdateStats, SupportsGradientWatch, SupportsProbeLoss, SupportsProbeSnapshot,
-    SupportsDiagnostics, SupportsPreferredThreads, SupportsProbeThreads, SupportsReplicaWorkers,
-    SupportsDevice, SupportsBlocks, SupportsStopReplicas, SupportsClose,
+    SupportsTaskStart,
+    SupportsCheckpoints,
+    SupportsFeatures,
+    SupportsParameters,
+    SupportsNetwork,
+    SupportsUpdateStats,
+    SupportsGradientWatch,
+    SupportsProbeLoss,
+    SupportsProbeSnapshot,
+    SupportsDiagnostics,
+    SupportsPreferredThreads,
+    SupportsProbeThreads,
+    SupportsReplicaWorkers,
+    SupportsDevice,
+    SupportsBlocks,
+    SupportsStopReplicas,
+    SupportsClose,
 )
 
 

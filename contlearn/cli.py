@@ -25,8 +25,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = _Parser(prog="contlearn", description="Continual-learning streams and "
-                     "plasticity learners: run, plot, summarise.")
+    parser = _Parser(
+        prog="contlearn",
+        description="Continual-learning streams and plasticity learners: run, plot, summarise.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a stream with an agent and learner")
@@ -38,19 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
     length = run.add_mutually_exclusive_group()
     length.add_argument("--tasks", type=str, help="tasks to run")
     length.add_argument("--steps", type=str, help="steps to run")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="set any option, e.g. --set hidden=2000,2000,2000 "
-                     "--set learner.replacement_rate=1e-5")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any option, e.g. --set hidden=2000,2000,2000 --set learner.replacement_rate=1e-5",
+    )
     run.add_argument("--config", help="TOML config file (the same keys as --set)")
     run.add_argument("--out", help="run directory (default runs/<stream>__<learner>__<time>)")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its last checkpoint (or start it)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (or start it)",
+    )
     bar = run.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
-                     help="always show the progress bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="never show the progress bar")
+    bar.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show the progress bar",
+    )
+    bar.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show the progress bar"
+    )
 
     res = sub.add_parser("resume", help="continue a run from its last checkpoint")
     res.add_argument("run_dir", help="the run directory")
@@ -66,10 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", help="metric to plot (default: the stream's score)")
     plot.add_argument("--by", default="learner", help="group lines by this column/config key")
     plot.add_argument("--layer", help="layer for per-layer metrics (default: aggregate)")
-    plot.add_argument("--bin", type=int, default=1,
-                      help="tasks per plotted point (with --x step: steps per point)")
-    plot.add_argument("--x", choices=("task", "step"),
-                      help="x axis (default: step for RL returns, task otherwise)")
+    plot.add_argument(
+        "--bin",
+        type=int,
+        default=1,
+        help="tasks per plotted point (with --x step: steps per point)",
+    )
+    plot.add_argument(
+        "--x",
+        choices=("task", "step"),
+        help="x axis (default: step for RL returns, task otherwise)",
+    )
     plot.add_argument("--probes", action="store_true", help="draw the probe panel instead")
     plot.add_argument("--out", help="output file; .png, .svg or .pdf (default RUN/plot.png)")
 
@@ -90,8 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     swp = sub.add_parser("sweep", help="run a sweep spec: configs × seed groups, locally or on Ray")
     swp.add_argument("spec", help="sweep spec (TOML): base keys, [grid], [[zip]], [[variant]]")
     swp.add_argument("--out", required=True, help="sweep root: one run directory per run")
-    swp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a base key of the spec, e.g. --set tasks=10")
+    swp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base key of the spec, e.g. --set tasks=10",
+    )
     swp.add_argument("--dry-run", action="store_true", help="list the runs (done/partial/new)")
     swp.add_argument("--backend", choices=("local", "ray"), default="local")
     swp.add_argument("--workers", type=int, help="local processes (default: CPU count)")
@@ -109,10 +136,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from contlearn.running.config import parse_set
 
     config = parse_set(args.set)
-    result = run(args.stream, learner=args.learner, agent=args.agent, seeds=args.seeds,
-                 seed=args.seed, tasks=args.tasks, steps=args.steps, config=config,
-                 config_file=args.config, out=args.out, overwrite=args.overwrite,
-                 resume=args.resume, progress=args.progress)
+    result = run(
+        args.stream,
+        learner=args.learner,
+        agent=args.agent,
+        seeds=args.seeds,
+        seed=args.seed,
+        tasks=args.tasks,
+        steps=args.steps,
+        config=config,
+        config_file=args.config,
+        out=args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=args.progress,
+    )
     print(result.path)
     return 0
 
@@ -124,8 +162,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from contlearn.spec import parse_value, spec_fields
 
     fields = {f.name: f for f in spec_fields(RunSpec)}
-    length = {k: parse_value(fields[k], getattr(args, k), k) for k in ("tasks", "steps")
-              if getattr(args, k) is not None}
+    length = {
+        k: parse_value(fields[k], getattr(args, k), k)
+        for k in ("tasks", "steps")
+        if getattr(args, k) is not None
+    }
     print(resume(args.run_dir, progress=args.progress, **length).path)
     return 0
 
@@ -147,8 +188,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.probes:
         fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin, x=x)
     else:
-        fig = plots.plot_decay(df, metric=metric, by=args.by, bin=args.bin, layer=args.layer,
-                               x=x)
+        fig = plots.plot_decay(df, metric=metric, by=args.by, bin=args.bin, layer=args.layer, x=x)
     out = Path(args.out) if args.out else Path(args.runs[0]) / "plot.png"
     plots.save_figure(fig, out)
     print(out)
@@ -195,15 +235,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
-    result = run_sweep(plan, backend=args.backend, workers=args.workers, address=args.address,
-                       cpus_per_run=args.cpus_per_run, progress=args.progress)
+    result = run_sweep(
+        plan,
+        backend=args.backend,
+        workers=args.workers,
+        address=args.address,
+        cpus_per_run=args.cpus_per_run,
+        progress=args.progress,
+    )
     print(result.report(), file=sys.stderr)
     print(result.root)
     return result.exit_code
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "plot": cmd_plot, "summary": cmd_summary,
-            "list": cmd_list, "data": cmd_data, "sweep": cmd_sweep}
+COMMANDS = {
+    "run": cmd_run,
+    "resume": cmd_resume,
+    "plot": cmd_plot,
+    "summary": cmd_summary,
+    "list": cmd_list,
+    "data": cmd_data,
+    "sweep": cmd_sweep,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

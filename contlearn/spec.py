@@ -38,8 +38,13 @@ def param(
         high: inclusive upper bound, for numbers.
         low_open: make ``low`` exclusive (e.g. a learning rate must be > 0).
     """
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "low": low,
-            "high": high, "low_open": low_open}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -63,16 +68,18 @@ def spec_fields(spec_cls: type) -> list[FieldInfo]:
     out = []
     for f in dataclasses.fields(spec_cls):
         meta: Mapping[str, Any] = f.metadata or {}
-        out.append(FieldInfo(
-            name=f.name,
-            type=_base_type(hints[f.name]),
-            default=f.default,
-            help=meta.get("help", ""),
-            choices=meta.get("choices"),
-            low=meta.get("low"),
-            high=meta.get("high"),
-            low_open=meta.get("low_open", False),
-        ))
+        out.append(
+            FieldInfo(
+                name=f.name,
+                type=_base_type(hints[f.name]),
+                default=f.default,
+                help=meta.get("help", ""),
+                choices=meta.get("choices"),
+                low=meta.get("low"),
+                high=meta.get("high"),
+                low_open=meta.get("low_open", False),
+            )
+        )
     return out
 
 

@@ -12,14 +12,26 @@ from typing import Any
 from contlearn.registry import Registry
 
 streams = Registry("stream")
-streams.register("permuted-mnist", "contlearn.envs.mnist:PermutedMNISTStream",
-                 "MNIST with a new random pixel permutation per task")
-streams.register("label-shuffled-mnist", "contlearn.envs.mnist:LabelShuffledMNISTStream",
-                 "MNIST with a new random permutation of the labels per task")
-streams.register("bit-flipping", "contlearn.envs.bit_flipping:BitFlippingStream",
-                 "slowly changing regression: one slow input bit flips every T examples")
-streams.register("slippery-ant", "contlearn.envs.rl_stream:SlipperyAntStream",
-                 "RL: MuJoCo Ant whose friction changes every 2M steps (Dohare et al. 2024)")
+streams.register(
+    "permuted-mnist",
+    "contlearn.envs.mnist:PermutedMNISTStream",
+    "MNIST with a new random pixel permutation per task",
+)
+streams.register(
+    "label-shuffled-mnist",
+    "contlearn.envs.mnist:LabelShuffledMNISTStream",
+    "MNIST with a new random permutation of the labels per task",
+)
+streams.register(
+    "bit-flipping",
+    "contlearn.envs.bit_flipping:BitFlippingStream",
+    "slowly changing regression: one slow input bit flips every T examples",
+)
+streams.register(
+    "slippery-ant",
+    "contlearn.envs.rl_stream:SlipperyAntStream",
+    "RL: MuJoCo Ant whose friction changes every 2M steps (Dohare et al. 2024)",
+)
 
 
 def make_stream(name: str, spec: Any, seeds: Sequence[int]) -> Any:

@@ -71,8 +71,13 @@ class SupervisedStream:
     metric: ClassVar[str] = "accuracy"
     name: ClassVar[str] = ""
 
-    def __init__(self, seeds: Sequence[int], examples_per_task: int, batch_size: int,
-                 boundaries_visible: bool) -> None:
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        examples_per_task: int,
+        batch_size: int,
+        boundaries_visible: bool,
+    ) -> None:
         self.seeds = [int(s) for s in seeds]
         self.batch_size = batch_size
         self.steps_per_task = examples_per_task // batch_size

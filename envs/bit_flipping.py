@@ -54,8 +54,9 @@ class BitFlippingSpec:
             )
 
 
-def ltu_target(bits: torch.Tensor, w: torch.Tensor, theta: torch.Tensor,
-               v: torch.Tensor) -> torch.Tensor:
+def ltu_target(
+    bits: torch.Tensor, w: torch.Tensor, theta: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
     """The target network's output.
 
     Args:
@@ -99,8 +100,16 @@ class BitFlippingStream(SupervisedStream):
         self.v = torch.tensor(v, dtype=torch.float32)
         self.slow = torch.tensor(slow, dtype=torch.float32)  # (R, f)
         self.fast = torch.empty(self.num_replicas, 0, m - f)  # buffered fast bits (R, n, m-f)
-        self.info = StreamInfo(self.name, "regression", (m,), 1, spec.boundaries_visible,
-                               self.num_replicas, "squared_error", spec.batch_size)
+        self.info = StreamInfo(
+            self.name,
+            "regression",
+            (m,),
+            1,
+            spec.boundaries_visible,
+            self.num_replicas,
+            "squared_error",
+            spec.batch_size,
+        )
 
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
         if self.task == 0 or self.spec.slow_bits == 0:
@@ -120,8 +129,10 @@ class BitFlippingStream(SupervisedStream):
 
     def _probe_draw(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.spec.num_bits - self.spec.slow_bits
-        fast = torch.tensor(np.stack([rng.integers(0, 2, size=(size, width))
-                                      for rng in self.probe_rngs]), dtype=torch.float32)
+        fast = torch.tensor(
+            np.stack([rng.integers(0, 2, size=(size, width)) for rng in self.probe_rngs]),
+            dtype=torch.float32,
+        )
         bits = torch.cat([self.slow.unsqueeze(1).expand(-1, size, -1), fast], -1)  # (R, P, m)
         return bits, ltu_target(bits, self.w, self.theta, self.v)
 

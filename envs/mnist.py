@@ -45,8 +45,11 @@ class MNISTStreamSpec:
 
     examples_per_task: int = param(10_000, "examples shown per task", low=1)
     batch_size: int = param(1, "examples per step (1 = the online protocol)", low=1)
-    dataset: str = param("test", "MNIST split: test (10k, shipped), train (60k) or full (70k)",
-                         choices=("test", "train", "full"))
+    dataset: str = param(
+        "test",
+        "MNIST split: test (10k, shipped), train (60k) or full (70k)",
+        choices=("test", "train", "full"),
+    )
     data_dir: str = param("", "folder with the MNIST gzip files (empty: shipped / cache dir)")
     boundaries_visible: bool = param(False, "tell the agent when a task starts")
 
@@ -72,8 +75,16 @@ class _MNISTStream(SupervisedStream):
         R = self.num_replicas
         self.order = torch.empty(R, self.num_examples, dtype=torch.int64)  # (R, N)
         self.pos = self.num_examples  # forces a shuffle on the first draw
-        self.info = StreamInfo(self.name, "classification", (_PIXELS,), 10,
-                               spec.boundaries_visible, R, "accuracy", spec.batch_size)
+        self.info = StreamInfo(
+            self.name,
+            "classification",
+            (_PIXELS,),
+            10,
+            spec.boundaries_visible,
+            R,
+            "accuracy",
+            spec.batch_size,
+        )
         self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None  # (n, R, B, ...) each
         self._ahead_at = 0
 
@@ -95,8 +106,11 @@ class _MNISTStream(SupervisedStream):
     def _probe_indices(self, size: int) -> torch.Tensor:
         """Distinct random example indices per replica from the probe generators: ``(R, P)``."""
         size = min(size, self.num_examples)
-        return torch.from_numpy(np.stack([
-            rng.choice(self.num_examples, size, replace=False) for rng in self.probe_rngs]))
+        return torch.from_numpy(
+            np.stack(
+                [rng.choice(self.num_examples, size, replace=False) for rng in self.probe_rngs]
+            )
+        )
 
     def _probe_later(self, size: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         idx, task = self._probe_indices(size), self._task_tensor().clone()
@@ -133,15 +147,20 @@ class _MNISTStream(SupervisedStream):
         gathered at once from ``order`` (no random draws), or None if fewer than 2 steps fit."""
         left_in_task = self.steps_per_task - self.step % self.steps_per_task
         per_step = self.num_replicas * batch_size * _PIXELS * 4
-        n = min(_AHEAD_STEPS, left_in_task, (self.num_examples - self.pos) // batch_size,
-                max(1, _AHEAD_BYTES // per_step))
+        n = min(
+            _AHEAD_STEPS,
+            left_in_task,
+            (self.num_examples - self.pos) // batch_size,
+            max(1, _AHEAD_BYTES // per_step),
+        )
         if n < 2:
             return None
         idx = self.order[:, self.pos : self.pos + n * batch_size]  # (R, n·B)
         return self._examples(idx.reshape(self.num_replicas, n, batch_size).transpose(0, 1))
 
-    def _examples(self, idx: torch.Tensor, task: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _examples(
+        self, idx: torch.Tensor, task: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The examples ``idx (..., R, B)`` of the current task (or of ``task``, a copy of
         :meth:`_task_tensor`)."""
         raise NotImplementedError
@@ -149,8 +168,9 @@ class _MNISTStream(SupervisedStream):
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         """The unpermuted images of ``idx (...)``: ``(..., 784)`` uint8 (``index_select``: ~15x
         faster than advanced indexing)."""
-        return self.images.view(-1, _PIXELS).index_select(0, idx.reshape(-1)).view(
-            *idx.shape, _PIXELS)
+        return (
+            self.images.view(-1, _PIXELS).index_select(0, idx.reshape(-1)).view(*idx.shape, _PIXELS)
+        )
 
     def _extra_state(self) -> dict[str, Any]:
         return {"order": self.order.clone(), "pos": self.pos}
@@ -176,8 +196,9 @@ class PermutedMNISTStream(_MNISTStream):
     def _task_tensor(self) -> torch.Tensor:
         return self.perm
 
-    def _examples(self, idx: torch.Tensor, task: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _examples(
+        self, idx: torch.Tensor, task: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # idx: (..., R, B); pixel j of a permuted example is pixel perm[j] of the original.
         # Whole rows first, then the 784 columns of each replica's rows: 4x faster than one
         # gather with an (..., R, B, 784) int64 index, same bytes.
@@ -209,8 +230,9 @@ class LabelShuffledMNISTStream(_MNISTStream):
     def _task_tensor(self) -> torch.Tensor:
         return self.label_map
 
-    def _examples(self, idx: torch.Tensor, task: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _examples(
+        self, idx: torch.Tensor, task: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         obs = self._rows(idx).to(torch.float32).div_(255.0)  # (..., R, B, 784)
         rows = torch.arange(self.num_replicas).unsqueeze(1)  # (R, 1)
         label_map = self.label_map if task is None else task

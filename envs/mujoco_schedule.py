@@ -288,8 +288,9 @@ class SlipperyMixin:
             immediate=change_immediately,
             initial_value=initial_friction,
         )
-        self._physics = ScheduledPhysics(self.model, "friction", schedule, friction_in_obs,
-                                         schedule_seed)
+        self._physics = ScheduledPhysics(
+            self.model, "friction", schedule, friction_in_obs, schedule_seed
+        )
         self.observation_space = self._physics.observation_space(self.observation_space)
         # The env class recorded its own positional args for pickling; record ours instead.
         utils.EzPickle.__init__(

@@ -114,5 +114,10 @@ class RLStreamProtocol(Stream, Protocol):
         ...
 
 
-__all__ = ["BlockStream", "DeferredProbeStream", "RLStreamProtocol", "Stream",
-           "SupervisedStreamProtocol"]
+__all__ = [
+    "BlockStream",
+    "DeferredProbeStream",
+    "RLStreamProtocol",
+    "Stream",
+    "SupervisedStreamProtocol",
+]

@@ -59,32 +59,47 @@ _SIM_STATE = mujoco.mjtState.mjSTATE_INTEGRATION
 class RLStreamSpec:
     """Options of the Slippery MuJoCo streams."""
 
-    env_id: str = param("contlearn/SlipperyAnt-v0", "gymnasium id: a contlearn/Slippery*-v0 id,"
-                        " or any other id for a stationary control run")
-    change_every: int = param(2_000_000, "steps of each env copy between friction changes"
-                              " (paper: 2M)", low=1)
-    friction_range_low: float = param(0.02, "lowest friction of the log-uniform draws (paper)",
-                                      low=0.0, low_open=True)
-    friction_range_high: float = param(2.0, "highest friction of the log-uniform draws (paper)",
-                                       low=0.0, low_open=True)
-    initial_friction: float = param(0.0, "the first task's friction (0: drawn like the others)",
-                                    low=0.0)
-    change_immediately: bool = param(False, "change mid-episode when due (default: at the next"
-                                     " episode end, so no episode mixes two frictions)")
+    env_id: str = param(
+        "contlearn/SlipperyAnt-v0",
+        "gymnasium id: a contlearn/Slippery*-v0 id, or any other id for a stationary control run",
+    )
+    change_every: int = param(
+        2_000_000, "steps of each env copy between friction changes (paper: 2M)", low=1
+    )
+    friction_range_low: float = param(
+        0.02, "lowest friction of the log-uniform draws (paper)", low=0.0, low_open=True
+    )
+    friction_range_high: float = param(
+        2.0, "highest friction of the log-uniform draws (paper)", low=0.0, low_open=True
+    )
+    initial_friction: float = param(
+        0.0, "the first task's friction (0: drawn like the others)", low=0.0
+    )
+    change_immediately: bool = param(
+        False,
+        "change mid-episode when due (default: at the next"
+        " episode end, so no episode mixes two frictions)",
+    )
     friction_in_obs: bool = param(False, "append log(friction) to the observation (paper: no)")
     num_envs: int = param(1, "env copies per replica, stepped together (paper: 1)", low=1)
-    vector: str = param("sync", "step the copies in this process, one process per copy"
-                        " (async), or half here and half in one worker process (split: 2 cores)",
-                        choices=("sync", "async", "split"))
+    vector: str = param(
+        "sync",
+        "step the copies in this process, one process per copy"
+        " (async), or half here and half in one worker process (split: 2 cores)",
+        choices=("sync", "async", "split"),
+    )
     max_episode_steps: int = param(0, "time limit per episode (0: the env's own, 1000)", low=0)
-    probe_window: int = param(1000, "recent steps whose observations probes use (paper: 1000)",
-                              low=1)
+    probe_window: int = param(
+        1000, "recent steps whose observations probes use (paper: 1000)", low=1
+    )
 
     def validate(self) -> None:
         """The friction range must be ordered."""
         if self.friction_range_low > self.friction_range_high:
-            raise ConfigError(f"friction_range_low={self.friction_range_low} must be <= "
-                              f"friction_range_high={self.friction_range_high}")
+            raise ConfigError(
+                f"friction_range_low={self.friction_range_low} must be <= "
+                f"friction_range_high={self.friction_range_high}"
+            )
 
 
 class Feedback(NamedTuple):
@@ -153,9 +168,13 @@ class _EnvCopy(gym.Wrapper):
         mujoco.mj_getState(u.model, u.data, sim, _SIM_STATE)
         limit = self._time_limit()
         schedule = getattr(u, "get_schedule_state", None)
-        return {"sim": sim, "xpos": u.data.xpos.copy(), "rng": u.np_random.bit_generator.state,
-                "elapsed": limit._elapsed_steps if limit is not None else None,
-                "schedule": schedule() if schedule is not None else None}
+        return {
+            "sim": sim,
+            "xpos": u.data.xpos.copy(),
+            "rng": u.np_random.bit_generator.state,
+            "elapsed": limit._elapsed_steps if limit is not None else None,
+            "schedule": schedule() if schedule is not None else None,
+        }
 
     @sim_state.setter
     def sim_state(self, state: dict[str, Any]) -> None:
@@ -205,8 +224,9 @@ class MujocoRLStream:
             words = child_seed(seed, "stream").generate_state(1 + E, np.uint32)
             kwargs = self._env_kwargs(int(words[0]))
             reset_seeds.extend(int(w) for w in words[1:])
-            fns.extend([functools.partial(make_copy, spec.env_id, kwargs, spec.max_episode_steps)]
-                       * E)
+            fns.extend(
+                [functools.partial(make_copy, spec.env_id, kwargs, spec.max_episode_steps)] * E
+            )
         self._closed = False
         self.vec = self._vector_env(fns)
         try:  # (a stream that fails to start leaves no worker process behind)
@@ -238,11 +258,14 @@ class MujocoRLStream:
         spec = self.spec
         if not self.has_schedule:
             return {}
-        return {"change_every": spec.change_every,
-                "friction_range": (spec.friction_range_low, spec.friction_range_high),
-                "initial_friction": spec.initial_friction or None,
-                "change_immediately": spec.change_immediately,
-                "friction_in_obs": spec.friction_in_obs, "schedule_seed": schedule_seed}
+        return {
+            "change_every": spec.change_every,
+            "friction_range": (spec.friction_range_low, spec.friction_range_high),
+            "initial_friction": spec.initial_friction or None,
+            "change_immediately": spec.change_immediately,
+            "friction_in_obs": spec.friction_in_obs,
+            "schedule_seed": schedule_seed,
+        }
 
     def _vector_env(self, fns: list[Any]) -> gym.vector.VectorEnv:
         try:  # copy=False: the stream copies what it keeps (into torch tensors)
@@ -280,7 +303,8 @@ class MujocoRLStream:
             act = np.nan_to_num(act)
         self.window[self.step % len(self.window)] = self.obs  # what the agent acted on
         obs, reward, terminated, truncated, info = self.vec.step(
-            np.clip(act, self._low, self._high, out=act))
+            np.clip(act, self._low, self._high, out=act)
+        )
         self.step += 1
         self.obs = self._tensor(obs)  # (R, E, obs_dim), reset observations where done
         next_obs = self.obs
@@ -295,17 +319,27 @@ class MujocoRLStream:
         ended = self._episodes(done.reshape(R, E)) if done.any() else []
         self.friction[:] = info["friction"].reshape(R, E)
         self.copy_task[:] = info["task"].reshape(R, E)
-        feedback = Feedback(torch.from_numpy(reward).to(torch.float32).view(R, E), next_obs,
-                            torch.from_numpy(terminated).view(R, E),
-                            torch.from_numpy(truncated).view(R, E))
+        feedback = Feedback(
+            torch.from_numpy(reward).to(torch.float32).view(R, E),
+            next_obs,
+            torch.from_numpy(terminated).view(R, E),
+            torch.from_numpy(truncated).view(R, E),
+        )
         return feedback, ended
 
     def _episodes(self, done: np.ndarray) -> list[EpisodeEnd]:
         """Episodes ending where ``done`` ``(R, E)``; their returns and lengths restart."""
-        ended = [EpisodeEnd(int(r), int(e), float(self.ep_return[r, e]),
-                            int(self.ep_length[r, e]), float(self.friction[r, e]),
-                            int(self.copy_task[r, e]))
-                 for r, e in zip(*np.nonzero(done), strict=True)]
+        ended = [
+            EpisodeEnd(
+                int(r),
+                int(e),
+                float(self.ep_return[r, e]),
+                int(self.ep_length[r, e]),
+                float(self.friction[r, e]),
+                int(self.copy_task[r, e]),
+            )
+            for r, e in zip(*np.nonzero(done), strict=True)
+        ]
         self.ep_return[done] = 0.0
         self.ep_length[done] = 0
         return ended
@@ -327,19 +361,26 @@ class MujocoRLStream:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, observations, open episodes, probe window and every copy's state."""
-        copies = [{**s, "sim": torch.from_numpy(s["sim"]), "xpos": torch.from_numpy(s["xpos"])}
-                  for s in self.vec.get_attr("sim_state")]
-        return {"step": self.step, "obs": self.obs.clone(),
-                "friction": torch.from_numpy(self.friction.copy()),
-                "copy_task": torch.from_numpy(self.copy_task.copy()),
-                "ep_return": torch.from_numpy(self.ep_return.copy()),
-                "ep_length": torch.from_numpy(self.ep_length.copy()),
-                "window": self.window.clone(), "copies": copies}
+        copies = [
+            {**s, "sim": torch.from_numpy(s["sim"]), "xpos": torch.from_numpy(s["xpos"])}
+            for s in self.vec.get_attr("sim_state")
+        ]
+        return {
+            "step": self.step,
+            "obs": self.obs.clone(),
+            "friction": torch.from_numpy(self.friction.copy()),
+            "copy_task": torch.from_numpy(self.copy_task.copy()),
+            "ep_return": torch.from_numpy(self.ep_return.copy()),
+            "ep_length": torch.from_numpy(self.ep_length.copy()),
+            "window": self.window.clone(),
+            "copies": copies,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (same spec and seeds)."""
-        copies = [{**s, "sim": s["sim"].numpy(), "xpos": s["xpos"].numpy()}
-                  for s in state["copies"]]
+        copies = [
+            {**s, "sim": s["sim"].numpy(), "xpos": s["xpos"].numpy()} for s in state["copies"]
+        ]
         if len(copies) != self.vec.num_envs:
             raise ValueError(f"state has {len(copies)} env copies, stream {self.vec.num_envs}")
         self.vec.set_attr("sim_state", copies)

@@ -108,8 +108,9 @@ class CopiesVectorEnv:
             info["final_obs"] = self._final.copy()
         return info
 
-    def reset(self, seed: Sequence[int | None] | None = None, **kwargs: Any
-              ) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, seed: Sequence[int | None] | None = None, **kwargs: Any
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset every copy (``seed``: one per copy, or ``None``)."""
         seeds = list(seed) if seed is not None else [None] * self.num_envs
         for i, (env, s) in enumerate(zip(self.envs, seeds, strict=True)):
@@ -117,22 +118,31 @@ class CopiesVectorEnv:
             self._info(i, info)
         return self._obs, self._infos(final=False)
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                 np.ndarray, dict[str, Any]]:
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step copy i with ``actions[i]``; reset the copies whose episode ended."""
         ended = False
         for i, env in enumerate(self.envs):
             obs, reward, terminated, truncated, info = env.step(actions[i])
-            self._reward[i], self._terminated[i], self._truncated[i] = (reward, terminated,
-                                                                         truncated)
+            self._reward[i], self._terminated[i], self._truncated[i] = (
+                reward,
+                terminated,
+                truncated,
+            )
             if terminated or truncated:
                 self._final[i] = obs
                 ended = True
                 obs, info = env.reset()
             self._obs[i] = obs
             self._info(i, info)
-        return (self._obs, self._reward.copy(), self._terminated.copy(), self._truncated.copy(),
-                self._infos(final=ended))
+        return (
+            self._obs,
+            self._reward.copy(),
+            self._terminated.copy(),
+            self._truncated.copy(),
+            self._infos(final=ended),
+        )
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         """``name`` of every copy (looked up through its wrappers)."""
@@ -185,16 +195,22 @@ def _worker(conn: Any, fns: Sequence[Callable[[], gym.Env]]) -> None:
         conn.close()
 
 
-def _merge_info(a: dict[str, Any], b: dict[str, Any], na: int, nb: int, row: tuple[int, ...]
-                ) -> dict[str, Any]:
+def _merge_info(
+    a: dict[str, Any], b: dict[str, Any], na: int, nb: int, row: tuple[int, ...]
+) -> dict[str, Any]:
     """Concatenate two :class:`CopiesVectorEnv` infos (``final_obs``: zeros on a side without
     one; ``row`` is one observation's shape)."""
-    out = {"friction": np.concatenate([a["friction"], b["friction"]]),
-           "task": np.concatenate([a["task"], b["task"]])}
+    out = {
+        "friction": np.concatenate([a["friction"], b["friction"]]),
+        "task": np.concatenate([a["task"], b["task"]]),
+    }
     if "final_obs" in a or "final_obs" in b:
-        out["final_obs"] = np.concatenate([
-            info["final_obs"] if "final_obs" in info else np.zeros((n, *row))
-            for info, n in ((a, na), (b, nb))])
+        out["final_obs"] = np.concatenate(
+            [
+                info["final_obs"] if "final_obs" in info else np.zeros((n, *row))
+                for info, n in ((a, na), (b, nb))
+            ]
+        )
     return out
 
 
@@ -214,12 +230,12 @@ class SplitVectorEnv:
         self._k = local_copies(len(fns)) if local is None else int(local)
         if not 1 <= self._k < self.num_envs:
             raise ValueError(f"local={local} copies: need 1 <= local < {self.num_envs}")
-        self.local = CopiesVectorEnv(fns[:self._k])
+        self.local = CopiesVectorEnv(fns[: self._k])
         self.single_action_space = self.local.single_action_space
         self.single_observation_space = self.local.single_observation_space
         ctx = mp.get_context()
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_worker, args=(child, list(fns[self._k:])), daemon=True)
+        self._proc = ctx.Process(target=_worker, args=(child, list(fns[self._k :])), daemon=True)
         self._proc.start()
         child.close()
         self._closed = False
@@ -233,26 +249,32 @@ class SplitVectorEnv:
         return wait_reply(self._conn, self._proc, "env worker")
 
     def _merge(self, info: dict[str, Any], info_b: dict[str, Any]) -> dict[str, Any]:
-        return _merge_info(info, info_b, self._k, self.num_envs - self._k,
-                           self.single_observation_space.shape)
+        return _merge_info(
+            info, info_b, self._k, self.num_envs - self._k, self.single_observation_space.shape
+        )
 
-    def reset(self, seed: Sequence[int | None] | None = None, **kwargs: Any
-              ) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, seed: Sequence[int | None] | None = None, **kwargs: Any
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset every copy (``seed``: one per copy)."""
         seeds = list(seed) if seed is not None else [None] * self.num_envs
-        self._conn.send(("reset", seeds[self._k:]))
-        obs, info = self.local.reset(seed=seeds[:self._k])
+        self._conn.send(("reset", seeds[self._k :]))
+        obs, info = self.local.reset(seed=seeds[: self._k])
         obs_b, info_b = self._answer()
         return np.concatenate([obs, obs_b]), self._merge(info, info_b)
 
     def step(self, actions: np.ndarray) -> tuple[Any, ...]:
         """Step every copy; the worker's copies run while this process steps its own."""
-        self._conn.send(("step", actions[self._k:]))
-        obs, reward, term, trunc, info = self.local.step(actions[:self._k])
+        self._conn.send(("step", actions[self._k :]))
+        obs, reward, term, trunc, info = self.local.step(actions[: self._k])
         obs_b, reward_b, term_b, trunc_b, info_b = self._answer()
-        return (np.concatenate([obs, obs_b]), np.concatenate([reward, reward_b]),
-                np.concatenate([term, term_b]), np.concatenate([trunc, trunc_b]),
-                self._merge(info, info_b))
+        return (
+            np.concatenate([obs, obs_b]),
+            np.concatenate([reward, reward_b]),
+            np.concatenate([term, term_b]),
+            np.concatenate([trunc, trunc_b]),
+            self._merge(info, info_b),
+        )
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         """``name`` of every copy."""
@@ -262,8 +284,8 @@ class SplitVectorEnv:
     def set_attr(self, name: str, values: Sequence[Any]) -> None:
         """Set ``name`` of copy i to ``values[i]``."""
         values = list(values)
-        self._conn.send(("set_attr", (name, values[self._k:])))
-        self.local.set_attr(name, values[:self._k])
+        self._conn.send(("set_attr", (name, values[self._k :])))
+        self.local.set_attr(name, values[: self._k])
         self._answer()
 
     def close(self) -> None:

@@ -48,9 +48,16 @@ from contlearn.running.config import resolve
 from contlearn.scripting import parse_flags
 
 #: learner rows: name -> (contlearn learner, base optimizer)
-LEARNERS = {"bp": ("bp", "sgd"), "l2": ("l2", "sgd"), "snp": ("snp", "sgd"),
-            "cbp": ("cbp", "sgd"), "bp-adam": ("bp", "adam"), "l2-adam": ("l2", "adam"),
-            "snp-adam": ("snp", "adam"), "cbp-adam": ("cbp", "adam")}
+LEARNERS = {
+    "bp": ("bp", "sgd"),
+    "l2": ("l2", "sgd"),
+    "snp": ("snp", "sgd"),
+    "cbp": ("cbp", "sgd"),
+    "bp-adam": ("bp", "adam"),
+    "l2-adam": ("l2", "adam"),
+    "snp-adam": ("snp", "adam"),
+    "cbp-adam": ("cbp", "adam"),
+}
 QUICK = {100: ["bp", "l2", "snp", "cbp", "bp-adam", "cbp-adam"], 2000: ["bp", "cbp"]}
 QUICK_R = {100: [1, 32], 2000: [1]}
 FULL_R = {100: [1, 8, 32], 2000: [1, 8, 32]}
@@ -81,8 +88,15 @@ class Args:
 def run_config(name: str, width: int, R: int, **extra) -> dict:
     """The ``contlearn.run`` config of a benchmark row."""
     learner, optimizer = LEARNERS[name]
-    return {"stream": "permuted-mnist", "learner": learner, "optimizer": optimizer,
-            "hidden": ",".join([str(width)] * 3), "seeds": R, "probes": "none", **extra}
+    return {
+        "stream": "permuted-mnist",
+        "learner": learner,
+        "optimizer": optimizer,
+        "hidden": ",".join([str(width)] * 3),
+        "seeds": R,
+        "probes": "none",
+        **extra,
+    }
 
 
 def threads_for(agent) -> int:
@@ -96,14 +110,18 @@ def store_emit(path: Path, cfg, seeds: list[int]) -> tuple[Callable, MetricWrite
     return record_writer(writer, seeds), writer
 
 
-def contlearn_loop(config: dict, tmp: Path, store: bool = True,
-                   probes: ProbeSchedule | None = None) -> tuple[SupervisedLoop, int]:
+def contlearn_loop(
+    config: dict, tmp: Path, store: bool = True, probes: ProbeSchedule | None = None
+) -> tuple[SupervisedLoop, int]:
     """A supervised loop as ``contlearn.run`` builds it, and its thread count."""
     cfg = resolve(config)
     stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
     agent = cfg.agent_cls(stream.info, cfg.seeds, cfg.agent_spec, cfg.learner)
-    emit = store_emit(Path(tempfile.mkdtemp(dir=tmp)), cfg, cfg.seeds)[0] if store else (
-        lambda record: None)
+    emit = (
+        store_emit(Path(tempfile.mkdtemp(dir=tmp)), cfg, cfg.seeds)[0]
+        if store
+        else (lambda record: None)
+    )
     return SupervisedLoop(stream, agent, emit, probes=probes), threads_for(agent)
 
 
@@ -116,8 +134,7 @@ def bench_row(name: str, width: int, Rs: list[int], args: Args, tmp: Path) -> li
     warm = 200 if width <= 100 else 6
     cfg = resolve(run_config(name, width, 1))
     loops = {R: contlearn_loop(run_config(name, width, R), tmp) for R in Rs}
-    timed = {R: Timed(loop_runner(loop), R, threads, warm) for R, (loop, threads) in
-             loops.items()}
+    timed = {R: Timed(loop_runner(loop), R, threads, warm) for R, (loop, threads) in loops.items()}
     naive = NaiveLearner(cfg, seed=0)
     base = Timed(naive.run, 1, loops[Rs[0]][1], warm)
     for _ in range(args.repeats):
@@ -128,15 +145,27 @@ def bench_row(name: str, width: int, Rs: list[int], args: Args, tmp: Path) -> li
     for R, t in timed.items():
         agent = loops[R][0].agent
         workers = agent.block_workers() if agent.block_ready(1) else 1
-        rows.append({"learner": name, "width": width, "R": R, "threads": t.threads,
-                     "block_workers": workers,
-                     "steps_per_s": t.median / R, "learner_steps_per_s": t.median,
-                     "naive_learner_steps_per_s": base.median, "naive_threads": base.threads,
-                     "ratio": t.median / base.median, "repeats": t.rates,
-                     "naive_repeats": base.rates})
-        print(f"{name:>9} {width:>5} {R:>3} {t.threads:>2} {workers:>2} | {t.median / R:10.1f} "
-              f"{t.median:12.0f} | {base.median:10.0f} | {t.median / base.median:6.1f}x",
-              flush=True)
+        rows.append(
+            {
+                "learner": name,
+                "width": width,
+                "R": R,
+                "threads": t.threads,
+                "block_workers": workers,
+                "steps_per_s": t.median / R,
+                "learner_steps_per_s": t.median,
+                "naive_learner_steps_per_s": base.median,
+                "naive_threads": base.threads,
+                "ratio": t.median / base.median,
+                "repeats": t.rates,
+                "naive_repeats": base.rates,
+            }
+        )
+        print(
+            f"{name:>9} {width:>5} {R:>3} {t.threads:>2} {workers:>2} | {t.median / R:10.1f} "
+            f"{t.median:12.0f} | {base.median:10.0f} | {t.median / base.median:6.1f}x",
+            flush=True,
+        )
     return rows
 
 
@@ -168,22 +197,34 @@ def roofline(args: Args, tmp: Path) -> dict:
         fractions.append(timed.rates[-1] * 12 * weights / bandwidths[-1])
         ratios.append(cbp.rates[-1] / timed.rates[-1])
     bw = statistics.median(bandwidths)
-    out = {"weights": weights, "bytes_per_step": 12 * weights, "copy_bandwidth_GBps": bw / 1e9,
-           "roofline_steps_per_s": bw / (12 * weights), "steps_per_s": timed.median,
-           "fraction": statistics.median(fractions), "fractions": fractions, "threads": threads,
-           "strict_roofline_steps_per_s": bw / (8 * weights),
-           "strict_fraction": statistics.median(fractions) * 8 / 12,
-           "cbp_steps_per_s": cbp.median, "cbp_over_bp": statistics.median(ratios)}
-    print(f"roofline (width 2000, bp, R=1): copy {bw / 1e9:.1f} GB/s, {12 * weights / 1e6:.0f} MB"
-          f"/step -> {out['roofline_steps_per_s']:.0f} steps/s; achieved {timed.median:.0f} "
-          f"steps/s = {out['fraction']:.0%} of the roofline ({out['strict_fraction']:.0%} of "
-          f"the strict one, {8 * weights / 1e6:.0f} MB/step); cbp {cbp.median:.0f} steps/s = "
-          f"{out['cbp_over_bp']:.2f} x bp (interleaved)", flush=True)
+    out = {
+        "weights": weights,
+        "bytes_per_step": 12 * weights,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "roofline_steps_per_s": bw / (12 * weights),
+        "steps_per_s": timed.median,
+        "fraction": statistics.median(fractions),
+        "fractions": fractions,
+        "threads": threads,
+        "strict_roofline_steps_per_s": bw / (8 * weights),
+        "strict_fraction": statistics.median(fractions) * 8 / 12,
+        "cbp_steps_per_s": cbp.median,
+        "cbp_over_bp": statistics.median(ratios),
+    }
+    print(
+        f"roofline (width 2000, bp, R=1): copy {bw / 1e9:.1f} GB/s, {12 * weights / 1e6:.0f} MB"
+        f"/step -> {out['roofline_steps_per_s']:.0f} steps/s; achieved {timed.median:.0f} "
+        f"steps/s = {out['fraction']:.0%} of the roofline ({out['strict_fraction']:.0%} of "
+        f"the strict one, {8 * weights / 1e6:.0f} MB/step); cbp {cbp.median:.0f} steps/s = "
+        f"{out['cbp_over_bp']:.2f} x bp (interleaved)",
+        flush=True,
+    )
     return out
 
 
-def _interleaved_tasks(loops: dict[str, tuple[SupervisedLoop, dict]]
-                       ) -> dict[str, tuple[float, float]]:
+def _interleaved_tasks(
+    loops: dict[str, tuple[SupervisedLoop, dict]],
+) -> dict[str, tuple[float, float]]:
     """Each loop runs one whole task (one ``run`` call, as a run makes: concurrent probes are
     collected at the next task start), the loops taking turns so that the machine's load hits
     all alike; per loop (wall time, time inside its spied-on calls)."""
@@ -221,8 +262,12 @@ def overheads(args: Args, tmp: Path, run: str = "demo") -> dict:
     stored.emit = time_calls(stored.emit, store_spy)
     bare = contlearn_loop(base, tmp, store=False)[0]
     torch.set_num_threads(threads)
-    loops = {"probes": (probed, {}), "probes_inline": (inline, {}),
-             "store": (stored, store_spy), "bare": (bare, {})}
+    loops = {
+        "probes": (probed, {}),
+        "probes_inline": (inline, {}),
+        "store": (stored, store_spy),
+        "bare": (bare, {}),
+    }
     times: dict[str, list[float]] = {k: [] for k in loops}
     store_inside = []
     for loop, _ in loops.values():  # warm-up: the first task, with its probes
@@ -239,15 +284,24 @@ def overheads(args: Args, tmp: Path, run: str = "demo") -> dict:
         machine's speed drifts between rounds; within one it hits both alike)."""
         return statistics.median(a / b - 1 for a, b in zip(times[key], times[base], strict=True))
 
-    out = {"probes_ab": paired("probes", "store"),
-           "probes_inline_ab": paired("probes_inline", "store"),
-           "store_ab": paired("store", "bare"),
-           "store_inside": statistics.median(store_inside),
-           "task_seconds": med, "threads": threads, "run": run, "config": base,
-           "probe_size": probe_size, "concurrent": probed._concurrent}
-    print(f"probes (default schedule, {run} run): {out['probes_ab']:+.1%} of the run's time "
-          f"(in line: {out['probes_inline_ab']:+.1%}); run store: "
-          f"+{out['store_inside']:.2%} (A/B: {out['store_ab']:+.1%})", flush=True)
+    out = {
+        "probes_ab": paired("probes", "store"),
+        "probes_inline_ab": paired("probes_inline", "store"),
+        "store_ab": paired("store", "bare"),
+        "store_inside": statistics.median(store_inside),
+        "task_seconds": med,
+        "threads": threads,
+        "run": run,
+        "config": base,
+        "probe_size": probe_size,
+        "concurrent": probed._concurrent,
+    }
+    print(
+        f"probes (default schedule, {run} run): {out['probes_ab']:+.1%} of the run's time "
+        f"(in line: {out['probes_inline_ab']:+.1%}); run store: "
+        f"+{out['store_inside']:.2%} (A/B: {out['store_ab']:+.1%})",
+        flush=True,
+    )
     return out
 
 
@@ -258,12 +312,14 @@ def peak_rss(tasks: int, tmp: Path) -> dict:
         "import resource, sys, contlearn\n"
         f"contlearn.run('permuted-mnist', learner='cbp', seeds=3, tasks={tasks}, config="
         "{'probe_size': 500}, out=sys.argv[1], progress=False)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
     # (run first: Linux carries the parent's peak RSS over fork + exec into ru_maxrss)
     out = Path(tempfile.mkdtemp(dir=tmp)) / "run"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True
+    )
     kb = int(proc.stdout.strip().splitlines()[-1])
     return {"tasks": tasks, "peak_rss_MB": kb / 1024, "seconds": time.perf_counter() - start}
 
@@ -283,15 +339,28 @@ def scaling(args: Args, tmp: Path) -> list[dict]:
             t = Timed(loop_runner(loop), R, threads, 100 if width * R <= 3200 else 5)
             for _ in range(max(2, args.repeats - 2)):
                 t.repeat(args.seconds / 2)
-            rows.append({"axis": axis, "learner": name, "width": width, "depth": depth, "R": R,
-                         "threads": threads, "learner_steps_per_s": t.median})
-            print(f"scaling {axis:>5}: {name:>3} width {width:>4} depth {depth} R {R:>3}: "
-                  f"{t.median:10.0f} learner-steps/s", flush=True)
+            rows.append(
+                {
+                    "axis": axis,
+                    "learner": name,
+                    "width": width,
+                    "depth": depth,
+                    "R": R,
+                    "threads": threads,
+                    "learner_steps_per_s": t.median,
+                }
+            )
+            print(
+                f"scaling {axis:>5}: {name:>3} width {width:>4} depth {depth} R {R:>3}: "
+                f"{t.median:10.0f} learner-steps/s",
+                flush=True,
+            )
     return rows
 
 
 def targets(rows: list[dict], roof: dict, over: dict, mem: dict) -> dict:
     """The performance targets of docs/performance.md, each with its measured value."""
+
     def row(name: str, width: int, R: int) -> dict:
         return next(r for r in rows if (r["learner"], r["width"], r["R"]) == (name, width, R))
 
@@ -328,10 +397,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         result["memory"] = peak_rss(6 if args.quick else 30, tmp)
-        print(f"peak RSS, demo-sized run ({result['memory']['tasks']} tasks): "
-              f"{result['memory']['peak_rss_MB']:.0f} MB", flush=True)
-        print(f"{'learner':>9} {'width':>5} {'R':>3} {'th':>2} {'bw':>2} | {'steps/s':>10} "
-              f"{'learner-st/s':>12} | {'naive':>10} | {'ratio':>7}")
+        print(
+            f"peak RSS, demo-sized run ({result['memory']['tasks']} tasks): "
+            f"{result['memory']['peak_rss_MB']:.0f} MB",
+            flush=True,
+        )
+        print(
+            f"{'learner':>9} {'width':>5} {'R':>3} {'th':>2} {'bw':>2} | {'steps/s':>10} "
+            f"{'learner-st/s':>12} | {'naive':>10} | {'ratio':>7}"
+        )
         for width, names in (QUICK if args.quick else {w: list(LEARNERS) for w in FULL_R}).items():
             for name in names:
                 Rs = (QUICK_R if args.quick else FULL_R)[width]
@@ -343,8 +417,9 @@ def main() -> None:
         result["overheads_default_run"] = overheads(args, tmp, "default")
         if args.scaling:
             result["scaling"] = scaling(args, tmp)
-    result["targets"] = targets(result["rows"], result["roofline"], result["overheads"],
-                                result["memory"])
+    result["targets"] = targets(
+        result["rows"], result["roofline"], result["overheads"], result["memory"]
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -105,32 +105,46 @@ def main() -> None:
     env = gym.make("Ant-v5")
     env.reset(seed=0)
     env.action_space.seed(0)
-    cfg = resolve({"stream": "slippery-ant", "learner": args.learner, "seeds": args.seeds,
-                   "num_envs": args.num_envs, "vector": args.vector,
-                   "update_threads": args.update_threads, "fast": bool(args.fast),
-                   "parallel_nets": bool(args.parallel_nets),
-                   "value_worker": bool(args.value_worker)})
+    cfg = resolve(
+        {
+            "stream": "slippery-ant",
+            "learner": args.learner,
+            "seeds": args.seeds,
+            "num_envs": args.num_envs,
+            "vector": args.vector,
+            "update_threads": args.update_threads,
+            "fast": bool(args.fast),
+            "parallel_nets": bool(args.parallel_nets),
+            "value_worker": bool(args.value_worker),
+        }
+    )
     stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
     agent = cfg.agent_cls(stream.info, stream.seeds, cfg.agent_spec, cfg.learner)
     ppo_rate(stream, agent, 64)  # warm up (allocations, first forward passes)
     raw_rate(env, 200)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) "
-          f"(update: {args.update_threads or args.threads}); R={args.seeds}, "
-          f"num_envs={args.num_envs} ({args.vector}), learner {args.learner}, "
-          f"fast={args.fast}, parallel_nets={args.parallel_nets}, "
-          f"value_worker={args.value_worker}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) "
+        f"(update: {args.update_threads or args.threads}); R={args.seeds}, "
+        f"num_envs={args.num_envs} ({args.vector}), learner {args.learner}, "
+        f"fast={args.fast}, parallel_nets={args.parallel_nets}, "
+        f"value_worker={args.value_worker}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     raws, ppos = [], []
     for r in range(args.rounds):
         raws.append(raw_rate(env, args.raw_steps))
         rate, phases = ppo_rate(stream, agent, max(1, args.steps // args.num_envs))
         ppos.append(rate)
         split = ", ".join(f"{k} {v:.0%}" for k, v in phases.items())
-        print(f"round {r}: raw Ant-v5 {raws[-1]:7.0f} steps/s | PPO {rate:7.0f} env-steps/s "
-              f"({rate / raws[-1]:.0%}; {split})")
+        print(
+            f"round {r}: raw Ant-v5 {raws[-1]:7.0f} steps/s | PPO {rate:7.0f} env-steps/s "
+            f"({rate / raws[-1]:.0%}; {split})"
+        )
     raw, ppo = float(np.median(raws)), float(np.median(ppos))
-    print(f"median: raw {raw:.0f} steps/s, PPO {ppo:.0f} env-steps/s = {ppo / raw:.0%} of raw "
-          f"(load average {os.getloadavg()[0]:.2f})")
+    print(
+        f"median: raw {raw:.0f} steps/s, PPO {ppo:.0f} env-steps/s = {ppo / raw:.0%} of raw "
+        f"(load average {os.getloadavg()[0]:.2f})"
+    )
     stream.close()
     agent.close()
 

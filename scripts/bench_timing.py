@@ -64,11 +64,17 @@ def time_calls(fn: Callable, spy: dict) -> Callable:
             return fn(*a, **k)
         finally:
             spy["t"] += time.perf_counter() - start
+
     return timed
 
 
 def machine() -> dict[str, Any]:
     """Where and when the benchmark ran (recorded in its JSON)."""
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "load_average": os.getloadavg(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }

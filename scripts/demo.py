@@ -56,21 +56,37 @@ def main() -> None:
     """Run every learner, then plot and summarise."""
     args = parse_args()
     out = Path(args.out)
-    common = {"examples_per_task": args.examples_per_task, "hidden": args.hidden,
-              "lr": args.lr, "probe_size": args.probe_size}
+    common = {
+        "examples_per_task": args.examples_per_task,
+        "hidden": args.hidden,
+        "lr": args.lr,
+        "probe_size": args.probe_size,
+    }
     for learner in args.learners.split(","):
         extra = {"learner.replacement_rate": args.replacement_rate} if learner == "cbp" else {}
         start = time.monotonic()
-        contlearn.run("permuted-mnist", learner=learner, seeds=args.seeds, tasks=args.tasks,
-                      config={**common, **extra}, out=out / learner, resume=True)
+        contlearn.run(
+            "permuted-mnist",
+            learner=learner,
+            seeds=args.seeds,
+            tasks=args.tasks,
+            config={**common, **extra},
+            out=out / learner,
+            resume=True,
+        )
         print(f"{learner}: {time.monotonic() - start:.0f} s -> {out / learner}")
 
     df = contlearn.load_runs([out / name for name in args.learners.split(",")])
     bin = max(1, args.tasks // 15)  # tasks per plotted point
     plots.save_figure(plots.plot_decay(df, bin=bin), out / "decay.png")
-    plots.save_figure(plots.plot_probes(df, probes=["effective_rank", "dead_fraction",
-                                                    "weight_magnitude", "plasticity"], bin=bin),
-                      out / "probes.png")
+    plots.save_figure(
+        plots.plot_probes(
+            df,
+            probes=["effective_rank", "dead_fraction", "weight_magnitude", "plasticity"],
+            bin=bin,
+        ),
+        out / "probes.png",
+    )
     print(format_summary(summary_table(df)))
     print(f"figures: {out / 'decay.png'}, {out / 'probes.png'}")
 

@@ -55,8 +55,13 @@ class LinearAgent:
 if __name__ == "__main__":
     import contlearn
 
-    result = contlearn.run("permuted-mnist", agent=LinearAgent, seeds=2, tasks=3,
-                           config={"examples_per_task": 1000, "lr": 0.05})
+    result = contlearn.run(
+        "permuted-mnist",
+        agent=LinearAgent,
+        seeds=2,
+        tasks=3,
+        config={"examples_per_task": 1000, "lr": 0.05},
+    )
     df = result.metrics()
     print(df[df.metric == "accuracy"][["seed", "task", "value"]].to_string(index=False))
     print(f"run written to {result.path}")

@@ -68,8 +68,11 @@ class NaiveLearner:
 
     def __init__(self, cfg, seed: int) -> None:
         torch.manual_seed(seed)
-        spec, lspec, widths = cfg.agent_spec, cfg.learner.spec, [784, *map(int, cfg.agent_spec
-                                                                            .hidden.split(","))]
+        spec, lspec, widths = (
+            cfg.agent_spec,
+            cfg.learner.spec,
+            [784, *map(int, cfg.agent_spec.hidden.split(","))],
+        )
         layers: list[nn.Module] = []
         for a, b in zip(widths, widths[1:], strict=False):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -77,10 +80,12 @@ class NaiveLearner:
         wd = getattr(lspec, "l2", 0.0)
         if spec.optimizer == "adam":
             self.opt: torch.optim.Optimizer = torch.optim.Adam(
-                self.net.parameters(), spec.lr, (spec.beta1, spec.beta2), spec.eps, wd)
+                self.net.parameters(), spec.lr, (spec.beta1, spec.beta2), spec.eps, wd
+            )
         else:
-            self.opt = torch.optim.SGD(self.net.parameters(), spec.lr, spec.momentum,
-                                       weight_decay=wd)
+            self.opt = torch.optim.SGD(
+                self.net.parameters(), spec.lr, spec.momentum, weight_decay=wd
+            )
         self.snp = (lspec.shrink, lspec.sigma) if cfg.learner.name == "snp" else None
         self.cbp = NaiveCBP(self.net, self.opt, lspec) if cfg.learner.name == "cbp" else None
         images, labels = load_mnist("test")

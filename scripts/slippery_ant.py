@@ -37,8 +37,13 @@ PAPER = {
     "bp": {},
     "proper-adam": {},  # the preset itself sets β1 = β2 = 0.99
     "l2": {"beta1": 0.99, "beta2": 0.99, "learner.l2": 1e-3},
-    "cbp": {"beta1": 0.99, "beta2": 0.99, "learner.l2": 1e-4,
-            "learner.replacement_rate": 1e-4, "learner.maturity": 10_000},
+    "cbp": {
+        "beta1": 0.99,
+        "beta2": 0.99,
+        "learner.l2": 1e-4,
+        "learner.replacement_rate": 1e-4,
+        "learner.maturity": 10_000,
+    },
 }
 
 
@@ -81,11 +86,23 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     run_name = f"slippery-ant__{args.learner}__s{args.seed}x{args.seeds}__{int(time.time())}"
     path = Path(args.out) / run_name
-    options = {"change_every": args.change_every, "num_envs": args.num_envs,
-               "vector": args.vector, "lr": args.lr, "steps": args.total_steps,
-               **(PAPER.get(args.learner, {}) if args.paper else {})}
-    cfg = resolve({"stream": "slippery-ant", "learner": args.learner, "seed": args.seed,
-                   "seeds": args.seeds, **options})
+    options = {
+        "change_every": args.change_every,
+        "num_envs": args.num_envs,
+        "vector": args.vector,
+        "lr": args.lr,
+        "steps": args.total_steps,
+        **(PAPER.get(args.learner, {}) if args.paper else {}),
+    }
+    cfg = resolve(
+        {
+            "stream": "slippery-ant",
+            "learner": args.learner,
+            "seed": args.seed,
+            "seeds": args.seeds,
+            **options,
+        }
+    )
     stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
     agent = cfg.agent_cls(stream.info, stream.seeds, cfg.agent_spec, cfg.learner)
     check_agent(agent)
@@ -101,17 +118,28 @@ def main() -> None:
         feedback, ended = stream.advance(action)  # (reward, next_obs, terminated, truncated)
         update = agent.observe(obs, action, feedback)  # a PPO update every rollout
         for ep in ended:  # one row per finished episode, task = that seed's friction index
-            values = {"episode_return": ep.ret, "episode_length": ep.length,
-                      "friction": ep.friction}
-            emit(Record("episode", step, ep.task,
-                        {k: torch.tensor([float(v)]) for k, v in values.items()},
-                        replica=ep.replica))
+            values = {
+                "episode_return": ep.ret,
+                "episode_length": ep.length,
+                "friction": ep.friction,
+            }
+            emit(
+                Record(
+                    "episode",
+                    step,
+                    ep.task,
+                    {k: torch.tensor([float(v)]) for k, v in values.items()},
+                    replica=ep.replica,
+                )
+            )
         if update:
             emit(Record("update", step, int(stream.task.max()), update))
             rate = step * args.num_envs * args.seeds / (time.monotonic() - start)
-            print(f"step {step:>9,}  {rate:6.0f} env-steps/s  friction index "
-                  f"{stream.task.tolist()}  value loss {update['value_loss'].mean():.1f}",
-                  flush=True)
+            print(
+                f"step {step:>9,}  {rate:6.0f} env-steps/s  friction index "
+                f"{stream.task.tolist()}  value loss {update['value_loss'].mean():.1f}",
+                flush=True,
+            )
     writer.close()
     stream.close()
 

@@ -29,5 +29,8 @@ def cli(capsys):
 
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file below ``path`` with its bytes (to check nothing was touched)."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(Path(path).rglob("*"))
+        if p.is_file()
+    }

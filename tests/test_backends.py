@@ -39,13 +39,29 @@ BATCHES = (1, 3)
 
 def _info(kind: str, batch_size: int) -> StreamInfo:
     outputs = 4 if kind == "classification" else 2
-    return StreamInfo("synthetic", kind, (12,), outputs, True, len(SEEDS),
-                      "accuracy" if kind == "classification" else "squared_error", batch_size)
+    return StreamInfo(
+        "synthetic",
+        kind,
+        (12,),
+        outputs,
+        True,
+        len(SEEDS),
+        "accuracy" if kind == "classification" else "squared_error",
+        batch_size,
+    )
 
 
 def _config(learner: str, **options):
-    return resolve({"stream": "permuted-mnist", "learner": learner, "hidden": "7,5",
-                    "lr": 0.05, **EXERCISE.get(learner, {}), **options})
+    return resolve(
+        {
+            "stream": "permuted-mnist",
+            "learner": learner,
+            "hidden": "7,5",
+            "lr": 0.05,
+            **EXERCISE.get(learner, {}),
+            **options,
+        }
+    )
 
 
 @pytest.mark.parametrize("learner,optimizer", list(itertools.product(learners.names(), OPTIMIZERS)))
@@ -101,8 +117,10 @@ def test_choose_takes_the_first_that_supports():
     cfg = StepConfig("mlp", "relu", 2, "classification", "bp", "adam")
     assert choose(BACKENDS, cfg) is HandBackward
     assert choose(BACKENDS, StepConfig("cnn", "relu", 2, "classification", "bp", "adam")) is None
-    assert choose(BACKENDS, StepConfig("mlp", "relu", 2, "classification", "bp", "sgd",
-                                       credit="fa")) is None
+    assert (
+        choose(BACKENDS, StepConfig("mlp", "relu", 2, "classification", "bp", "sgd", credit="fa"))
+        is None
+    )
 
 
 class _WrongBackend(HandBackward):
@@ -123,8 +141,11 @@ class _WrongBackend(HandBackward):
         loss, delta = self._loss_and_delta(out, target)
         grads = agent.net.backward(delta.mul_(2.0), flat, hs, zs, agent.views)
         agent.add_grad_l1(grads)
-        agent.apply_updates(grads, dict(zip([la.name for la in agent.net.hidden_layers], hs,
-                                            strict=True)), task_start)
+        agent.apply_updates(
+            grads,
+            dict(zip([la.name for la in agent.net.hidden_layers], hs, strict=True)),
+            task_start,
+        )
         return loss
 
 
@@ -142,12 +163,23 @@ def test_a_run_prints_and_records_its_backend_and_fast_false_runs_the_reference(
 
     from contlearn.results.store import load_runs
 
-    args = ("run", "permuted-mnist", "--seeds", "2", "--tasks", "2", "--set",
-            "examples_per_task=500", "--progress")
+    args = (
+        "run",
+        "permuted-mnist",
+        "--seeds",
+        "2",
+        "--tasks",
+        "2",
+        "--set",
+        "examples_per_task=500",
+        "--progress",
+    )
     expected = "block" if kernels.library() is not None else "fused"
     frames = []
-    for name, extra, backend in (("fast", (), expected),
-                                 ("ref", ("--set", "fast=false"), REFERENCE)):
+    for name, extra, backend in (
+        ("fast", (), expected),
+        ("ref", ("--set", "fast=false"), REFERENCE),
+    ):
         code, _, err = cli(*args, *extra, "--out", tmp_path / name)
         assert code == 0, err
         assert f"contlearn: backend {backend}\n" in err
@@ -156,5 +188,6 @@ def test_a_run_prints_and_records_its_backend_and_fast_false_runs_the_reference(
         frames.append(df.sort_values(["seed", "step", "metric", "layer"]).reset_index())
     a, b = frames
     assert list(a.metric) == list(b.metric) and len(a) > 0
-    torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values),
-                               rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(
+        torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-4, atol=2e-5
+    )

@@ -26,11 +26,14 @@ CBP = {"learner.replacement_rate": 0.02, "learner.maturity": 10, "learner.decay"
 
 def _setup(stream: str, learner: str, options: dict, seeds=(0, 1, 2), fast=(True, False)):
     extra = {"examples_per_task": 60} if "mnist" in stream else {}
-    cfg = resolve({"stream": stream, "learner": learner, "hidden": "32,24", **extra,
-                   **options})
+    cfg = resolve({"stream": stream, "learner": learner, "hidden": "32,24", **extra, **options})
     streams = [make_stream(cfg.stream, cfg.stream_spec, list(seeds)) for _ in fast]
-    agents = [OnlineAgent(streams[0].info, list(seeds),
-                          dataclasses.replace(cfg.agent_spec, fast=f), cfg.learner) for f in fast]
+    agents = [
+        OnlineAgent(
+            streams[0].info, list(seeds), dataclasses.replace(cfg.agent_spec, fast=f), cfg.learner
+        )
+        for f in fast
+    ]
     return streams, agents
 
 
@@ -136,13 +139,17 @@ def test_next_block_shows_the_examples_of_next():
 
 def test_runs_learning_in_blocks_match_runs_stepping(tmp_path, monkeypatch):
     config = {"hidden": "16,16", "examples_per_task": 100, "probe_size": 50, **CBP}
-    blocks = contlearn.run("permuted-mnist", learner="cbp", seeds=2, tasks=3, config=config,
-                           out=tmp_path / "blocks").metrics()
+    blocks = contlearn.run(
+        "permuted-mnist", learner="cbp", seeds=2, tasks=3, config=config, out=tmp_path / "blocks"
+    ).metrics()
     monkeypatch.setattr(OnlineAgent, "block_ready", lambda self, batch_size: False)
-    steps = contlearn.run("permuted-mnist", learner="cbp", seeds=2, tasks=3, config=config,
-                          out=tmp_path / "steps").metrics()
-    a, b = (df.sort_values(["seed", "step", "metric", "layer"]).reset_index(drop=True)
-            for df in (blocks, steps))
+    steps = contlearn.run(
+        "permuted-mnist", learner="cbp", seeds=2, tasks=3, config=config, out=tmp_path / "steps"
+    ).metrics()
+    a, b = (
+        df.sort_values(["seed", "step", "metric", "layer"]).reset_index(drop=True)
+        for df in (blocks, steps)
+    )
     assert list(a.metric) == list(b.metric) and list(a.step) == list(b.step)
     _close(torch.tensor(a.value.values), torch.tensor(b.value.values))
 
@@ -171,10 +178,17 @@ def test_without_the_compiled_kernel_agents_step_one_by_one(monkeypatch):
     assert not agent.block_ready(1)
 
 
-@pytest.mark.parametrize("options", [{"learner": "snp"}, {"optimizer": "adam"},
-                                     {"learner": "cbp", "learner.rounding": "stochastic"},
-                                     {"learner": "cbp", "optimizer": "adam"},
-                                     {"activation": "elu"}, {"batch_size": 2}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"learner": "snp"},
+        {"optimizer": "adam"},
+        {"learner": "cbp", "learner.rounding": "stochastic"},
+        {"learner": "cbp", "optimizer": "adam"},
+        {"activation": "elu"},
+        {"batch_size": 2},
+    ],
+)
 def test_what_the_kernel_does_not_do_steps_one_by_one(options):
     options = dict(options)
     learner = options.pop("learner", "bp")
@@ -187,8 +201,16 @@ def test_block_length_changes_no_bit_of_a_run(tmp_path, monkeypatch):
     runs = []
     for seconds in (engine.BLOCK_SECONDS, 0.0):  # 0: blocks of one step
         monkeypatch.setattr(engine, "BLOCK_SECONDS", seconds)
-        runs.append(contlearn.run("permuted-mnist", learner="cbp", seeds=2, tasks=2,
-                                  config=config, out=tmp_path / str(seconds)).metrics())
+        runs.append(
+            contlearn.run(
+                "permuted-mnist",
+                learner="cbp",
+                seeds=2,
+                tasks=2,
+                config=config,
+                out=tmp_path / str(seconds),
+            ).metrics()
+        )
     cols = ["seed", "step", "task", "metric", "layer", "value"]
     a, b = (df[cols].sort_values(cols[:5]).reset_index(drop=True) for df in runs)
     assert a.equals(b)

@@ -105,8 +105,13 @@ def test_download_falls_back_across_mirrors_and_verifies(server, tmp_path):
 def test_download_with_no_good_mirror_fails_cleanly(server, tmp_path):
     target = tmp_path / "cache"
     with pytest.raises(DataError, match="could not download"):
-        download_mnist(target, mirrors=[f"{server}/empty/", f"{server}/bad/"], timeout=5,
-                       log=lambda _: None, files=TEST_FILES)
+        download_mnist(
+            target,
+            mirrors=[f"{server}/empty/", f"{server}/bad/"],
+            timeout=5,
+            log=lambda _: None,
+            files=TEST_FILES,
+        )
     assert not any(Path(target).iterdir())  # no partial file left under any name
 
 
@@ -115,10 +120,12 @@ def test_cli_download_uses_the_given_mirror(server, tmp_path, cli, monkeypatch):
 
     monkeypatch.setattr(ds, "MNIST_FILES", TEST_FILES)
     monkeypatch.setattr(ds, "MNIST_MIRRORS", ())
-    code, out, err = cli("data", "download", "mnist", "--dir", tmp_path,
-                         "--mirror", f"{server}/good/")
+    code, out, err = cli(
+        "data", "download", "mnist", "--dir", tmp_path, "--mirror", f"{server}/good/"
+    )
     assert code == 0, err
     assert (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").is_file()
-    code, _, err = cli("data", "download", "mnist", "--dir", tmp_path / "x",
-                       "--mirror", f"{server}/empty/")
+    code, _, err = cli(
+        "data", "download", "mnist", "--dir", tmp_path / "x", "--mirror", f"{server}/empty/"
+    )
     assert code == 2 and err.count("\n") == 1 and "could not download" in err

@@ -45,8 +45,14 @@ def test_mark_records_the_diverged_seed_and_the_others_go_on(tmp_path):
             super().__init__(info, seeds)
             agents.append(self)
 
-    res = contlearn.run("bit-flipping", agent=Agent, seeds=3, steps=100,
-                        config={"examples_per_task": 50}, out=tmp_path / "r")
+    res = contlearn.run(
+        "bit-flipping",
+        agent=Agent,
+        seeds=3,
+        steps=100,
+        config={"examples_per_task": 50},
+        out=tmp_path / "r",
+    )
     df = res.metrics()
     marks = df[df.metric == "diverged"]
     assert marks.seed.tolist() == [1] and marks.step.tolist() == [30]
@@ -56,18 +62,37 @@ def test_mark_records_the_diverged_seed_and_the_others_go_on(tmp_path):
 
 
 def test_stop_ends_the_run_with_a_clear_message_and_keeps_rows(tmp_path, cli):
-    code, _, err = cli("run", "bit-flipping", "--seeds", "2", "--tasks", "5",
-                       "--set", "examples_per_task=200", "--set", "lr=1e6",
-                       "--set", "on_divergence=stop", "--set", "probes=none",
-                       "--out", tmp_path / "r")
+    code, _, err = cli(
+        "run",
+        "bit-flipping",
+        "--seeds",
+        "2",
+        "--tasks",
+        "5",
+        "--set",
+        "examples_per_task=200",
+        "--set",
+        "lr=1e6",
+        "--set",
+        "on_divergence=stop",
+        "--set",
+        "probes=none",
+        "--out",
+        tmp_path / "r",
+    )
     assert code == 2 and err.count("\n") == 1 and "diverged" in err and "lower lr" in err
     df = load_runs(tmp_path / "r")
     assert (df.metric == "diverged").any()
 
 
 def test_mark_with_the_online_agent_freezes_diverged_replicas(tmp_path):
-    res = contlearn.run("bit-flipping", seeds=2, tasks=3, config={
-        "examples_per_task": 100, "lr": 1e6, "probes": "none"}, out=tmp_path / "r")
+    res = contlearn.run(
+        "bit-flipping",
+        seeds=2,
+        tasks=3,
+        config={"examples_per_task": 100, "lr": 1e6, "probes": "none"},
+        out=tmp_path / "r",
+    )
     df = res.metrics()
     assert sorted(df[df.metric == "diverged"].seed) == [0, 1]
     assert df.task.max() == 2  # the run went to its end
@@ -76,5 +101,6 @@ def test_mark_with_the_online_agent_freezes_diverged_replicas(tmp_path):
 @pytest.mark.parametrize("mode", ["mark", "stop"])
 def test_bad_on_divergence_value_is_refused(mode, tmp_path):
     with pytest.raises(contlearn.ContlearnError):
-        contlearn.run("bit-flipping", steps=1, config={"on_divergence": mode + "x"},
-                      out=tmp_path / "x")
+        contlearn.run(
+            "bit-flipping", steps=1, config={"on_divergence": mode + "x"}, out=tmp_path / "x"
+        )

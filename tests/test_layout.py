@@ -9,9 +9,13 @@ LIMIT = 600
 
 
 def test_no_python_file_over_600_lines():
-    files = [p for d in ("contlearn", "envs", "agents", "scripts", "tests")
-             for p in (ROOT / d).rglob("*.py")]
+    files = [
+        p
+        for d in ("contlearn", "envs", "agents", "scripts", "tests")
+        for p in (ROOT / d).rglob("*.py")
+    ]
     assert files
-    long = {str(p.relative_to(ROOT)): n for p in files
-            if (n := len(p.read_text().splitlines())) > LIMIT}
+    long = {
+        str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > LIMIT
+    }
     assert not long, f"split these by concern (STYLE.md): {long}"

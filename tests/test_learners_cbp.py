@@ -17,15 +17,32 @@ LR, B1, B2, EPS = 0.05, 0.9, 0.99, 1e-8
 
 
 def _net(seeds: list[int], hidden=(5, 4), in_dim: int = 6, out_dim: int = 3) -> BatchedMLP:
-    return BatchedMLP(in_dim, hidden, out_dim, "relu", "kaiming_uniform",
-                      [torch_generator(s, "agent") for s in seeds])
+    return BatchedMLP(
+        in_dim,
+        hidden,
+        out_dim,
+        "relu",
+        "kaiming_uniform",
+        [torch_generator(s, "agent") for s in seeds],
+    )
 
 
 class NaiveCBP:
     """One replica of CBP with per-element Adam, one unit at a time, in plain loops."""
 
-    def __init__(self, net: BatchedMLP, replica: int, seed: int, *, rate: float, maturity: int,
-                 decay: float, utility: str, folding: bool, rounding: str) -> None:
+    def __init__(
+        self,
+        net: BatchedMLP,
+        replica: int,
+        seed: int,
+        *,
+        rate: float,
+        maturity: int,
+        decay: float,
+        utility: str,
+        folding: bool,
+        rounding: str,
+    ) -> None:
         self.net = net
         self.p = {k: v[replica].clone() for k, v in net.params.items()}
         self.adam = {s: {k: torch.zeros_like(v) for k, v in self.p.items()} for s in "mvn"}
@@ -64,13 +81,17 @@ class NaiveCBP:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         p = {k: v.clone().requires_grad_(True) for k, v in self.p.items()}
         out, feats = self.forward(x, p)
-        grads = dict(zip(p, torch.autograd.grad(F.cross_entropy(out, y), list(p.values())),
-                         strict=True))
+        grads = dict(
+            zip(p, torch.autograd.grad(F.cross_entropy(out, y), list(p.values())), strict=True)
+        )
         upd = self.adam_update(grads)
         post = {k: self.p[k] + upd[k] for k in self.p}
         f_hats = {n: self.test(post, n, nxt, feats[n].detach()) for n, nxt in self.layers}
-        uniforms = torch.rand(len(self.layers), generator=self.gen, dtype=torch.float64) \
-            if self.rounding == "stochastic" else None
+        uniforms = (
+            torch.rand(len(self.layers), generator=self.gen, dtype=torch.float64)
+            if self.rounding == "stochastic"
+            else None
+        )
         for li, (n, nxt) in enumerate(self.layers):
             chosen = self.select(n, None if uniforms is None else float(uniforms[li]))
             self.replace(post, n, nxt, chosen, f_hats[n])
@@ -106,8 +127,7 @@ class NaiveCBP:
         ranked = sorted(eligible, key=lambda i: (float(self.u_hat[n][i]), i))
         return sorted(ranked[:k])
 
-    def replace(self, post: dict, n: str, nxt: str, chosen: list[int], f_hats: list[float]
-                ) -> None:
+    def replace(self, post: dict, n: str, nxt: str, chosen: list[int], f_hats: list[float]) -> None:
         if not chosen:
             return
         fresh, _ = self.net.sample_init(n, len(chosen), self.gen)
@@ -133,15 +153,23 @@ def _batched_step(net: BatchedMLP, learner, state, x: torch.Tensor, y: torch.Ten
     grads = torch.autograd.grad(loss.view(R, -1).mean(1).sum(), list(params.values()))
     views = {k: v.detach() for k, v in net.params.items()}
     with torch.no_grad():
-        updates, state = learner.update(dict(zip(views, grads, strict=True)), state, views,
-                                        features={k: v.detach() for k, v in feats.items()})
+        updates, state = learner.update(
+            dict(zip(views, grads, strict=True)),
+            state,
+            views,
+            features={k: v.detach() for k, v in feats.items()},
+        )
         for k in views:
             views[k] += updates[k]
     return state
 
 
-CASES = [("contribution", True, "carry"), ("adaptable_contribution", True, "carry"),
-         ("contribution", False, "stochastic"), ("adaptable_contribution", False, "stochastic")]
+CASES = [
+    ("contribution", True, "carry"),
+    ("adaptable_contribution", True, "carry"),
+    ("contribution", False, "stochastic"),
+    ("adaptable_contribution", False, "stochastic"),
+]
 
 
 @pytest.mark.parametrize("utility,folding,rounding", CASES)
@@ -149,11 +177,21 @@ def test_matches_naive_per_unit_reference(utility: str, folding: bool, rounding:
     seeds, steps = [3, 8], 150
     opts = dict(rate=0.06, maturity=5, decay=0.9)
     net = _net(seeds)
-    naive = [NaiveCBP(net, r, s, utility=utility, folding=folding, rounding=rounding, **opts)
-             for r, s in enumerate(seeds)]
-    learner = continual_backprop(adam(LR, B1, B2, EPS), net, seeds, replacement_rate=0.06,
-                                 maturity=5, decay=0.9, utility=utility, bias_folding=folding,
-                                 rounding=rounding)
+    naive = [
+        NaiveCBP(net, r, s, utility=utility, folding=folding, rounding=rounding, **opts)
+        for r, s in enumerate(seeds)
+    ]
+    learner = continual_backprop(
+        adam(LR, B1, B2, EPS),
+        net,
+        seeds,
+        replacement_rate=0.06,
+        maturity=5,
+        decay=0.9,
+        utility=utility,
+        bias_folding=folding,
+        rounding=rounding,
+    )
     state = learner.init({k: v.detach() for k, v in net.params.items()})
     data = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -187,8 +225,10 @@ def _batches(net: BatchedMLP, steps: int, seed: int = 0):
     data = torch.Generator().manual_seed(seed)
     R, D = net.num_replicas, net.layers[0].fan_in
     C = net.layers[-1].fan_out
-    return [(torch.rand(R, 4, D, generator=data) * 2 - 0.5,
-             torch.randint(0, C, (R, 4), generator=data)) for _ in range(steps)]
+    return [
+        (torch.rand(R, 4, D, generator=data) * 2 - 0.5, torch.randint(0, C, (R, 4), generator=data))
+        for _ in range(steps)
+    ]
 
 
 def _train(net: BatchedMLP, learner, state, steps: int, seed: int = 0):
@@ -261,8 +301,9 @@ def test_reset_clears_optimizer_state_of_replaced_weights_only() -> None:
     before = {k: v.clone() for k, v in _views(net).items()}
     plain_updates, plain = _plain_adam_step(net, base, state.inner, before, *batches[3])
     state = _batched_step(net, learner, state, *batches[3])  # one unit per layer replaced
-    assert [int(m.sum()) for m in (state.stats.age["hidden1"] == 0,
-                                   state.stats.age["hidden2"] == 0)] == [2, 2]
+    assert [
+        int(m.sum()) for m in (state.stats.age["hidden1"] == 0, state.stats.age["hidden2"] == 0)
+    ] == [2, 2]
     touched, after = _touched(state, before), _views(net)
     for ours, theirs in zip(state.inner.inner[0], plain.inner[0], strict=True):
         for k, t in touched.items():
@@ -298,8 +339,9 @@ def test_bias_folding_of_a_constant_unit_keeps_the_output(folding: bool) -> None
     p["output.weight"][0, :, 0] = torch.tensor([1e-3, -2e-3, 1e-3])
     w_out = p["output.weight"][0, :, 0].clone()
     b_out = p["output.bias"].clone()
-    learner = continual_backprop(sgd(0.0), net, [2], replacement_rate=1 / 6, maturity=0,
-                                 decay=0.9, bias_folding=folding)
+    learner = continual_backprop(
+        sgd(0.0), net, [2], replacement_rate=1 / 6, maturity=0, decay=0.9, bias_folding=folding
+    )
     probe = torch.rand(1, 32, 6)
     before = net.forward(probe, p)[0]
     state = next(_train(net, learner, learner.init(p), 1))
@@ -323,9 +365,18 @@ def test_update_without_features_is_an_error() -> None:
         learner.update(grads, state, _views(net))
 
 
-@pytest.mark.parametrize("option,value", [("replacement_rate", -1e-4), ("replacement_rate", 2.0),
-                                          ("maturity", -1), ("decay", 1.0), ("decay", -0.1),
-                                          ("utility", "weight"), ("rounding", "nearest")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("replacement_rate", -1e-4),
+        ("replacement_rate", 2.0),
+        ("maturity", -1),
+        ("decay", 1.0),
+        ("decay", -0.1),
+        ("utility", "weight"),
+        ("rounding", "nearest"),
+    ],
+)
 def test_bad_options_raise_config_error(option: str, value) -> None:
     from contlearn.errors import ConfigError
 

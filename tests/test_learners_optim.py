@@ -13,9 +13,12 @@ from contlearn.learners.base import GradientTransformation
 SHAPES = {"hidden1.weight": (2, 4, 3), "hidden1.bias": (2, 4), "output.weight": (2, 1, 4)}
 
 
-def _run_both(ours: GradientTransformation,
-              theirs: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-              steps: int = 12, seed: int = 0) -> tuple[dict, dict]:
+def _run_both(
+    ours: GradientTransformation,
+    theirs: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    steps: int = 12,
+    seed: int = 0,
+) -> tuple[dict, dict]:
     """Apply the same gradient sequence with our transform and with a torch optimizer."""
     gen = torch.Generator().manual_seed(seed)
     start = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
@@ -43,14 +46,16 @@ def _assert_close(a: dict, b: dict) -> None:
 def test_sgd_matches_torch(momentum: float, nesterov: bool) -> None:
     ours, theirs = _run_both(
         sgd(0.05, momentum, nesterov),
-        lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum, nesterov=nesterov))
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum, nesterov=nesterov),
+    )
     _assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("b1,b2,eps", [(0.9, 0.999, 1e-8), (0.99, 0.99, 1e-8), (0.0, 0.9, 1e-4)])
 def test_adam_matches_torch(b1: float, b2: float, eps: float) -> None:
-    ours, theirs = _run_both(adam(0.01, b1, b2, eps),
-                             lambda p: torch.optim.Adam(p, lr=0.01, betas=(b1, b2), eps=eps))
+    ours, theirs = _run_both(
+        adam(0.01, b1, b2, eps), lambda p: torch.optim.Adam(p, lr=0.01, betas=(b1, b2), eps=eps)
+    )
     _assert_close(ours, theirs)
 
 
@@ -58,21 +63,24 @@ def test_adam_matches_torch(b1: float, b2: float, eps: float) -> None:
 def test_coupled_l2_matches_torch_sgd_weight_decay(momentum: float) -> None:
     ours, theirs = _run_both(
         chain(add_l2(0.1), sgd(0.05, momentum)),
-        lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum, weight_decay=0.1))
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum, weight_decay=0.1),
+    )
     _assert_close(ours, theirs)
 
 
 def test_coupled_l2_matches_torch_adam_weight_decay() -> None:
     ours, theirs = _run_both(
         chain(add_l2(0.1), adam(0.01, 0.99, 0.99)),
-        lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.99, 0.99), weight_decay=0.1))
+        lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.99, 0.99), weight_decay=0.1),
+    )
     _assert_close(ours, theirs)
 
 
 def test_decoupled_decay_matches_torch_adamw() -> None:
     ours, theirs = _run_both(
         chain(adam(0.01, 0.9, 0.999), add_decayed_weights(0.1, lr=0.01)),
-        lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.999), weight_decay=0.1))
+        lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.999), weight_decay=0.1),
+    )
     _assert_close(ours, theirs)
 
 

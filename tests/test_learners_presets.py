@@ -18,8 +18,18 @@ from contlearn.results.store import load_runs
 from contlearn.running.config import resolve
 from contlearn.spec import spec_fields
 
-LEARNERS = ["bp", "adam", "proper-adam", "l2", "l2-init", "snp", "snp-init", "cbp", "redo",
-            "head-reset"]
+LEARNERS = [
+    "bp",
+    "adam",
+    "proper-adam",
+    "l2",
+    "l2-init",
+    "snp",
+    "snp-init",
+    "cbp",
+    "redo",
+    "head-reset",
+]
 STREAMS = ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"]
 TINY = {"examples_per_task": 200, "batch_size": 20, "hidden": "16,16"}
 
@@ -37,16 +47,23 @@ def test_all_presets_are_registered_with_documented_options() -> None:
 @pytest.mark.parametrize("stream", STREAMS)
 @pytest.mark.parametrize("learner", LEARNERS)
 def test_every_learner_runs_on_every_stream(learner: str, stream: str, tmp_path: Path) -> None:
-    result = contlearn.run(stream, learner=learner, seeds=2, tasks=2, config=TINY,
-                           out=tmp_path / "run", progress=False)
+    result = contlearn.run(
+        stream, learner=learner, seeds=2, tasks=2, config=TINY, out=tmp_path / "run", progress=False
+    )
     df = load_runs(result.path)
     score = "accuracy" if "mnist" in stream else "squared_error"
     rows = df[(df.metric == score) & (df.layer == "")]
     assert sorted(rows.seed.unique()) == [0, 1] and sorted(rows.task.unique()) == [0, 1]
     assert rows.value.notna().all()
     if learner in ("cbp", "redo"):
-        for metric in ("replacements", "eligible_units", "mean_age", "utility_q10",
-                       "utility_q50", "utility_q90"):
+        for metric in (
+            "replacements",
+            "eligible_units",
+            "mean_age",
+            "utility_q10",
+            "utility_q50",
+            "utility_q90",
+        ):
             layers = set(df[df.metric == metric].layer)
             assert layers == {"hidden1", "hidden2"}, metric
 
@@ -54,9 +71,15 @@ def test_every_learner_runs_on_every_stream(learner: str, stream: str, tmp_path:
 def test_cbp_paper_defaults_replace_units_on_permuted_mnist(tmp_path: Path) -> None:
     """m = 100, ρ = 1e-4, 100 units: ρ|E| ≈ 0.01 per update once mature (|E| drops by one per
     replaced unit), so updates 101–400 carry Σρ|E| ≈ 2.98–3.0: 2 or 3 replacements per layer."""
-    result = contlearn.run("permuted-mnist", learner="cbp", seeds=2, tasks=2,
-                           config={"examples_per_task": 200}, out=tmp_path / "run",
-                           progress=False)
+    result = contlearn.run(
+        "permuted-mnist",
+        learner="cbp",
+        seeds=2,
+        tasks=2,
+        config={"examples_per_task": 200},
+        out=tmp_path / "run",
+        progress=False,
+    )
     df = load_runs(result.path)
     last = df[(df.metric == "replacements") & (df.task == 1)]
     assert set(last.layer) == {"hidden1", "hidden2", "hidden3"}
@@ -65,9 +88,15 @@ def test_cbp_paper_defaults_replace_units_on_permuted_mnist(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_done_when_cbp_records_replacements(tmp_path: Path) -> None:
-    result = contlearn.run("permuted-mnist", learner="cbp", seeds=2, tasks=3,
-                           config={"examples_per_task": 2000}, out=tmp_path / "run",
-                           progress=False)
+    result = contlearn.run(
+        "permuted-mnist",
+        learner="cbp",
+        seeds=2,
+        tasks=3,
+        config={"examples_per_task": 2000},
+        out=tmp_path / "run",
+        progress=False,
+    )
     df = load_runs(result.path)
     reps = df[(df.metric == "replacements") & (df.task == 2)]
     assert set(reps.layer) == {"hidden1", "hidden2", "hidden3"} and len(reps) == 6
@@ -75,25 +104,41 @@ def test_done_when_cbp_records_replacements(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("visible,expected", [(True, 3.0), (False, 0.0)])
-def test_head_reset_only_at_visible_boundaries(visible: bool, expected: float,
-                                               tmp_path: Path) -> None:
+def test_head_reset_only_at_visible_boundaries(
+    visible: bool, expected: float, tmp_path: Path
+) -> None:
     config = {**TINY, "boundaries_visible": visible}
-    result = contlearn.run("bit-flipping", learner="head-reset", seeds=1, tasks=3,
-                           config=config, out=tmp_path / "run", progress=False)
+    result = contlearn.run(
+        "bit-flipping",
+        learner="head-reset",
+        seeds=1,
+        tasks=3,
+        config=config,
+        out=tmp_path / "run",
+        progress=False,
+    )
     df = load_runs(result.path)
     resets = df[(df.metric == "head_resets") & (df.task == 2)]
     assert resets.layer.tolist() == ["output"] and resets.value.tolist() == [expected]
 
 
 BAD = [
-    ("l2", "learner.l2", -1e-4), ("l2", "learner.decoupled", -1.0),
-    ("l2-init", "learner.l2_init", -0.1), ("snp", "learner.shrink", -1e-4),
-    ("snp", "learner.sigma", -1e-4), ("snp-init", "learner.lam", 1.5),
-    ("snp-init", "learner.period", 0), ("cbp", "learner.replacement_rate", -1e-4),
-    ("cbp", "learner.maturity", -1), ("cbp", "learner.decay", 1.0),
-    ("cbp", "learner.utility", "weight"), ("cbp", "learner.l2", -1e-4),
-    ("redo", "learner.threshold", -0.1), ("redo", "learner.window", 5000),
-    ("cbp", "learner.bogus", 1), ("bp", "learner.replacement_rate", 1e-4),
+    ("l2", "learner.l2", -1e-4),
+    ("l2", "learner.decoupled", -1.0),
+    ("l2-init", "learner.l2_init", -0.1),
+    ("snp", "learner.shrink", -1e-4),
+    ("snp", "learner.sigma", -1e-4),
+    ("snp-init", "learner.lam", 1.5),
+    ("snp-init", "learner.period", 0),
+    ("cbp", "learner.replacement_rate", -1e-4),
+    ("cbp", "learner.maturity", -1),
+    ("cbp", "learner.decay", 1.0),
+    ("cbp", "learner.utility", "weight"),
+    ("cbp", "learner.l2", -1e-4),
+    ("redo", "learner.threshold", -0.1),
+    ("redo", "learner.window", 5000),
+    ("cbp", "learner.bogus", 1),
+    ("bp", "learner.replacement_rate", 1e-4),
 ]
 
 
@@ -106,16 +151,29 @@ def test_bad_learner_options_are_config_errors(learner: str, key: str, value) ->
 
 
 def test_options_reach_the_learner() -> None:
-    cfg = resolve({"stream": "bit-flipping", "learner": "cbp", "learner.replacement_rate": "1e-5",
-                   "learner.maturity": "7", "learner.l2": 1e-4, "optimizer": "adam"})
+    cfg = resolve(
+        {
+            "stream": "bit-flipping",
+            "learner": "cbp",
+            "learner.replacement_rate": "1e-5",
+            "learner.maturity": "7",
+            "learner.l2": 1e-4,
+            "optimizer": "adam",
+        }
+    )
     spec = cfg.learner.spec
     assert (spec.replacement_rate, spec.maturity, spec.l2) == (1e-5, 7, 1e-4)
     assert cfg.agent_spec.optimizer == "adam"
 
 
 REPLICA_CASES = {
-    "cbp": {"learner.replacement_rate": 0.05, "learner.maturity": 5, "optimizer": "adam",
-            "learner.rounding": "stochastic", "learner.l2": 1e-3},
+    "cbp": {
+        "learner.replacement_rate": 0.05,
+        "learner.maturity": 5,
+        "optimizer": "adam",
+        "learner.rounding": "stochastic",
+        "learner.l2": 1e-3,
+    },
     "redo": {"learner.period": 10, "learner.window": 5, "learner.threshold": 0.5},
     "snp": {"learner.shrink": 1e-3, "learner.sigma": 1e-2},
     "head-reset": {"boundaries_visible": True},
@@ -123,8 +181,17 @@ REPLICA_CASES = {
 
 
 def _setup(learner: str, seeds: list[int], extra: dict):
-    cfg = resolve({"stream": "bit-flipping", "learner": learner, "seed": seeds[0],
-                   "seeds": len(seeds), "hidden": "8,8", "examples_per_task": 20, **extra})
+    cfg = resolve(
+        {
+            "stream": "bit-flipping",
+            "learner": learner,
+            "seed": seeds[0],
+            "seeds": len(seeds),
+            "hidden": "8,8",
+            "examples_per_task": 20,
+            **extra,
+        }
+    )
     stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
     return stream, cfg.agent_cls(stream.info, cfg.seeds, cfg.agent_spec, cfg.learner)
 
@@ -145,8 +212,7 @@ def test_batched_replicas_equal_separate_runs(learner: str) -> None:
             torch.testing.assert_close(batched.parameters()[k][r], v[0], rtol=1e-5, atol=1e-6)
         for layer, metrics in alone.diagnostics().items():
             for metric, value in metrics.items():
-                torch.testing.assert_close(diag[layer][metric][r], value[0], rtol=1e-5,
-                                           atol=1e-6)
+                torch.testing.assert_close(diag[layer][metric][r], value[0], rtol=1e-5, atol=1e-6)
     if learner in ("cbp", "redo"):
         assert sum(int(m["replacements"].sum()) for m in diag.values()) > 0
 

@@ -18,8 +18,9 @@ LR, MU = 0.05, 0.9
 
 
 def _net(seeds: list[int], hidden=(6, 5)) -> BatchedMLP:
-    return BatchedMLP(4, hidden, 3, "relu", "kaiming_uniform",
-                      [torch_generator(s, "agent") for s in seeds])
+    return BatchedMLP(
+        4, hidden, 3, "relu", "kaiming_uniform", [torch_generator(s, "agent") for s in seeds]
+    )
 
 
 def _views(net: BatchedMLP) -> dict[str, torch.Tensor]:
@@ -48,15 +49,15 @@ def _batches(steps: int, R: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     data = torch.Generator().manual_seed(1)
     for _ in range(steps):
         # shifted inputs make some ReLU units (nearly) dormant
-        yield torch.rand(R, 8, 4, generator=data) - 0.8, torch.randint(0, 3, (R, 8),
-                                                                        generator=data)
+        yield torch.rand(R, 8, 4, generator=data) - 0.8, torch.randint(0, 3, (R, 8), generator=data)
 
 
 class NaiveReDo:
     """One replica of ReDo over SGD with momentum, in plain per-unit loops."""
 
-    def __init__(self, net: BatchedMLP, r: int, seed: int, tau: float, period: int,
-                 window: int) -> None:
+    def __init__(
+        self, net: BatchedMLP, r: int, seed: int, tau: float, period: int, window: int
+    ) -> None:
         self.net, self.r = net, r
         self.p = {k: v[r : r + 1].clone() for k, v in net.params.items()}
         self.buf = {k: torch.zeros_like(v) for k, v in self.p.items()}
@@ -113,10 +114,12 @@ def test_redo_matches_naive_reference() -> None:
         for r, ref in enumerate(naive):
             ref.step(x[r : r + 1], y[r : r + 1])
             for k, v in ref.p.items():
-                torch.testing.assert_close(net.params[k][r : r + 1].detach(), v, rtol=1e-4,
-                                           atol=1e-5)
-                torch.testing.assert_close(state.inner.inner[0].trace[k][r : r + 1], ref.buf[k],
-                                           rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(
+                    net.params[k][r : r + 1].detach(), v, rtol=1e-4, atol=1e-5
+                )
+                torch.testing.assert_close(
+                    state.inner.inner[0].trace[k][r : r + 1], ref.buf[k], rtol=1e-4, atol=1e-5
+                )
             for n in ref.replaced:
                 assert int(state.stats.replacements[n][r]) == ref.replaced[n]
     assert sum(int(v.sum()) for v in state.stats.replacements.values()) > 5
@@ -160,8 +163,9 @@ def test_head_reset_redraws_output_layer_and_clears_its_state() -> None:
 def test_reset_moves_anchor_of_replaced_weights_to_their_new_values() -> None:
     net = _net([0], hidden=(6,))
     theta0 = {k: v.clone() for k, v in _views(net).items()}
-    learner = continual_backprop(chain(add_l2_init(0.1), sgd(0.01)), net, [0],
-                                 replacement_rate=1 / 6, maturity=0)
+    learner = continual_backprop(
+        chain(add_l2_init(0.1), sgd(0.01)), net, [0], replacement_rate=1 / 6, maturity=0
+    )
     state = _step(net, learner, learner.init(_views(net)), *next(_batches(1, 1)))
     (anchor,) = find_states(state, AnchorState)
     i = int((state.stats.age["hidden1"][0] == 0).nonzero())
@@ -180,9 +184,17 @@ def test_documented_composition_runs() -> None:
     seeds = [0, 1]
     net = _net(seeds)
     learner = head_reset(
-        continual_backprop(chain(sgd(0.003), shrink_perturb(3e-7, 1e-5, seeds)), net, seeds,
-                           replacement_rate=0.2, maturity=2),
-        net, seeds, rng_stream=2)
+        continual_backprop(
+            chain(sgd(0.003), shrink_perturb(3e-7, 1e-5, seeds)),
+            net,
+            seeds,
+            replacement_rate=0.2,
+            maturity=2,
+        ),
+        net,
+        seeds,
+        rng_stream=2,
+    )
     state = learner.init(_views(net))
     for step, (x, y) in enumerate(_batches(6, 2)):
         state = _step(net, learner, state, x, y, task_start=step == 3)

@@ -12,10 +12,12 @@ from contlearn.seeding import torch_generator
 
 def _params(R: int, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {"hidden1.weight": torch.randn(R, 50, 40, generator=gen),
-            "hidden1.bias": torch.randn(R, 50, generator=gen),
-            "output.weight": torch.randn(R, 3, 50, generator=gen),
-            "output.bias": torch.randn(R, 3, generator=gen)}
+    return {
+        "hidden1.weight": torch.randn(R, 50, 40, generator=gen),
+        "hidden1.bias": torch.randn(R, 50, generator=gen),
+        "output.weight": torch.randn(R, 3, 50, generator=gen),
+        "output.bias": torch.randn(R, 3, generator=gen),
+    }
 
 
 def _step(t: GradientTransformation, state, params, grads):

@@ -31,8 +31,16 @@ CASES = [
     ("snp", "sgd", {"learner.shrink": 1e-3, "learner.sigma": 1e-3}),
     ("cbp", "sgd", CBP_FAST),
     ("cbp", "adam", {**CBP_FAST, "lr": 1e-3}),
-    ("cbp", "sgd", {**CBP_FAST, "learner.utility": "adaptable_contribution",
-                    "learner.rounding": "stochastic", "learner.l2": 1e-3}),
+    (
+        "cbp",
+        "sgd",
+        {
+            **CBP_FAST,
+            "learner.utility": "adaptable_contribution",
+            "learner.rounding": "stochastic",
+            "learner.l2": 1e-3,
+        },
+    ),
     ("bp", "adam", {"lr": 1e-3}),
     ("l2-init", "sgd", {}),
     ("redo", "sgd", {"learner.period": 20, "learner.window": 10, "learner.threshold": 0.5}),
@@ -40,11 +48,24 @@ CASES = [
 
 
 def _pair(learner: str, optimizer: str, options: dict, seeds=(0, 1, 2), **extra):
-    cfg = resolve({"stream": "permuted-mnist", "learner": learner, "optimizer": optimizer,
-                   "hidden": "32,24", "examples_per_task": 60, **options, **extra})
+    cfg = resolve(
+        {
+            "stream": "permuted-mnist",
+            "learner": learner,
+            "optimizer": optimizer,
+            "hidden": "32,24",
+            "examples_per_task": 60,
+            **options,
+            **extra,
+        }
+    )
     stream = make_stream(cfg.stream, cfg.stream_spec, list(seeds))
-    agents = [OnlineAgent(stream.info, list(seeds), dataclasses.replace(cfg.agent_spec, fast=f),
-                          cfg.learner) for f in (True, False)]
+    agents = [
+        OnlineAgent(
+            stream.info, list(seeds), dataclasses.replace(cfg.agent_spec, fast=f), cfg.learner
+        )
+        for f in (True, False)
+    ]
     return stream, agents
 
 
@@ -58,8 +79,9 @@ def test_fast_path_matches_the_autograd_reference_step_by_step(learner, optimize
 
 
 @pytest.mark.parametrize("learner,optimizer,options", [CASES[0], CASES[3], CASES[5]])
-def test_fast_path_without_the_compiled_kernel_matches_too(monkeypatch, learner, optimizer,
-                                                           options):
+def test_fast_path_without_the_compiled_kernel_matches_too(
+    monkeypatch, learner, optimizer, options
+):
     monkeypatch.setattr(kernels, "_lib", False)  # as without a C compiler
     _compare_step_by_step(learner, optimizer, options)
 
@@ -88,24 +110,24 @@ def test_deferred_input_layer_update_is_applied_before_anyone_reads_the_weights(
 
 def _compare_step_by_step(learner: str, optimizer: str, options: dict) -> None:
     stream, (fast, ref) = _pair(learner, optimizer, options)
-    assert (fast.plan is not None) == (learner in ("bp", "l2", "snp", "cbp")
-                                       and optimizer == "sgd")
+    assert (fast.plan is not None) == (learner in ("bp", "l2", "snp", "cbp") and optimizer == "sgd")
     for agent in (fast, ref):
         agent.watch_gradients()
     for _ in range(200):
         batch = stream.next()
         preds = [agent.act(batch.obs) for agent in (fast, ref)]
         _close(preds[0], preds[1])
-        losses = [agent.observe(batch.obs, p, batch.target)["loss"]
-                  for agent, p in zip((fast, ref), preds, strict=True)]
+        losses = [
+            agent.observe(batch.obs, p, batch.target)["loss"]
+            for agent, p in zip((fast, ref), preds, strict=True)
+        ]
         _close(losses[0], losses[1])
     for k in fast.parameters():
         _close(fast.parameters()[k].detach(), ref.parameters()[k].detach())
     stats = [agent.update_stats()["grad_magnitude"] for agent in (fast, ref)]
     for layer, value in stats[0].items():
         _close(value, stats[1][layer])
-    for a, b in zip(tree_leaves(fast.learner_state), tree_leaves(ref.learner_state),
-                    strict=True):
+    for a, b in zip(tree_leaves(fast.learner_state), tree_leaves(ref.learner_state), strict=True):
         if a.is_floating_point():
             _close(a, b)
         else:
@@ -117,13 +139,27 @@ def _compare_step_by_step(learner: str, optimizer: str, options: dict) -> None:
 
 @pytest.mark.parametrize("learner,optimizer,options", CASES[:5])
 def test_fast_path_run_metrics_match_the_reference_run(tmp_path, learner, optimizer, options):
-    config = {"optimizer": optimizer, "hidden": "16,16", "examples_per_task": 100,
-              "probe_size": 50, **options}
-    runs = [contlearn.run("permuted-mnist", learner=learner, seeds=2, tasks=3,
-                          config={**config, "fast": f}, out=tmp_path / str(f)).metrics()
-            for f in (True, False)]
-    a, b = (df.sort_values(["seed", "step", "metric", "layer"]).reset_index(drop=True)
-            for df in runs)
+    config = {
+        "optimizer": optimizer,
+        "hidden": "16,16",
+        "examples_per_task": 100,
+        "probe_size": 50,
+        **options,
+    }
+    runs = [
+        contlearn.run(
+            "permuted-mnist",
+            learner=learner,
+            seeds=2,
+            tasks=3,
+            config={**config, "fast": f},
+            out=tmp_path / str(f),
+        ).metrics()
+        for f in (True, False)
+    ]
+    a, b = (
+        df.sort_values(["seed", "step", "metric", "layer"]).reset_index(drop=True) for df in runs
+    )
     assert list(a.metric) == list(b.metric) and list(a.layer) == list(b.layer)
     _close(torch.tensor(a.value.values), torch.tensor(b.value.values))
 
@@ -144,8 +180,12 @@ def test_probes_read_the_same_numbers_on_both_paths():
 
 def test_fused_plans_of_the_presets():
     lr = 0.05
-    cases = {"bp": (-lr, 0.0, False), "l2": (-lr, -lr * 1e-4, False),
-             "snp": (-(1 - 3e-7) * lr, -3e-7, True), "cbp": (-lr, 0.0, True)}
+    cases = {
+        "bp": (-lr, 0.0, False),
+        "l2": (-lr, -lr * 1e-4, False),
+        "snp": (-(1 - 3e-7) * lr, -3e-7, True),
+        "cbp": (-lr, 0.0, True),
+    }
     for name, (alpha, beta, has_post) in cases.items():
         _, (agent, _) = _pair(name, "sgd", {"lr": lr})
         plan = agent.plan
@@ -153,9 +193,16 @@ def test_fused_plans_of_the_presets():
         assert plan.grad_scale == pytest.approx(alpha) and plan.param_scale == pytest.approx(beta)
         assert (plan.post is not None) == has_post
     assert fused_plan(_pair("cbp", "sgd", {})[1][0].learner).col_l1 == (
-        "hidden2.weight", "output.weight")
-    for name, options in (("bp", {"optimizer": "adam"}), ("bp", {"momentum": 0.9}),
-                          ("l2-init", {}), ("snp-init", {}), ("redo", {})):
+        "hidden2.weight",
+        "output.weight",
+    )
+    for name, options in (
+        ("bp", {"optimizer": "adam"}),
+        ("bp", {"momentum": 0.9}),
+        ("l2-init", {}),
+        ("snp-init", {}),
+        ("redo", {}),
+    ):
         _, (agent, _) = _pair(name, options.get("optimizer", "sgd"), options)
         assert agent.plan is None and fused_plan(agent.learner) is None
 
@@ -195,8 +242,7 @@ def test_adam_scalar_corrections_equal_per_element_ones_after_a_reset(monkeypatc
         monkeypatch.setattr(kernels, "_lib", False)  # the torch-ops path
     params = {"w": torch.zeros(2, 3, 4), "b": torch.zeros(2, 3)}
     gen = torch.Generator().manual_seed(0)
-    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
-             for _ in range(6)]
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(6)]
     t = scale_by_adam(0.9, 0.99)
     state = t.init(params)
     for i, g in enumerate(grads):
@@ -226,8 +272,9 @@ def test_preferred_threads_depend_on_the_network_size_and_cores(monkeypatch):
     alone = _pair("bp", "sgd", {}, seeds=(0,))[1][0]
     assert alone.block_workers() == 1
     cfg = resolve({"stream": "permuted-mnist", "hidden": "2000,2000"})
-    big = OnlineAgent(make_stream(cfg.stream, cfg.stream_spec, [0]).info, [0], cfg.agent_spec,
-                      cfg.learner)
+    big = OnlineAgent(
+        make_stream(cfg.stream, cfg.stream_spec, [0]).info, [0], cfg.agent_spec, cfg.learner
+    )
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert big.preferred_threads() == 0 and small.preferred_threads() == 1
     monkeypatch.setattr("os.cpu_count", lambda: 2)
@@ -248,23 +295,35 @@ def test_threads_option_holds_during_the_run_and_is_restored(tmp_path, monkeypat
     set_threads = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), set_threads(n)))
     before = torch.get_num_threads()
-    contlearn.run("permuted-mnist", steps=30, out=tmp_path / "run",
-                  config={"threads": 2, "hidden": "8", "examples_per_task": 10, "probes": "none"})
+    contlearn.run(
+        "permuted-mnist",
+        steps=30,
+        out=tmp_path / "run",
+        config={"threads": 2, "hidden": "8", "examples_per_task": 10, "probes": "none"},
+    )
     assert seen == [2, before] and torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("threads,probing", [(0, 1), (2, 2)])
-def test_probes_run_on_one_thread_unless_threads_is_set(tmp_path, monkeypatch, threads,
-                                                         probing):
+def test_probes_run_on_one_thread_unless_threads_is_set(tmp_path, monkeypatch, threads, probing):
     # 3 replicas learn in blocks on 2 threads; the probes' torch ops take 1 (auto)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     seen: list[int] = []
     register_probe("threads_seen", lambda ctx: seen.append(torch.get_num_threads()) or {})
     before = torch.get_num_threads()
     try:
-        contlearn.run("permuted-mnist", seeds=3, tasks=2, out=tmp_path / "run",
-                      config={"threads": threads, "hidden": "8", "examples_per_task": 10,
-                              "probes": "threads_seen"})
+        contlearn.run(
+            "permuted-mnist",
+            seeds=3,
+            tasks=2,
+            out=tmp_path / "run",
+            config={
+                "threads": threads,
+                "hidden": "8",
+                "examples_per_task": 10,
+                "probes": "threads_seen",
+            },
+        )
     finally:
         PROBES.pop("threads_seen")
     assert seen == [probing] * 2 and torch.get_num_threads() == before
@@ -281,19 +340,26 @@ def test_bad_or_missing_device_is_a_config_error(tmp_path, device):
 
 @pytest.mark.parametrize("threads,process,workers", [(0, 1, 1), (0, 2, 2), (1, 2, 1), (2, 1, 2)])
 def test_block_workers_follow_the_threads_option_or_the_process_setting(
-        tmp_path, monkeypatch, threads, process, workers):
+    tmp_path, monkeypatch, threads, process, workers
+):
     # a sweep worker's process holds its share of the cores; threads=N is the user's word
     seen: list[int] = []
     learn = OnlineAgent.learn_block
-    monkeypatch.setattr(OnlineAgent, "learn_block",
-                        lambda self, obs, target: (seen.append(self.block_workers()),
-                                                   learn(self, obs, target))[1])
+    monkeypatch.setattr(
+        OnlineAgent,
+        "learn_block",
+        lambda self, obs, target: (seen.append(self.block_workers()), learn(self, obs, target))[1],
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(process)
     try:
-        contlearn.run("permuted-mnist", seeds=3, steps=20, out=tmp_path / "run",
-                      config={"threads": threads, "hidden": "8", "examples_per_task": 10,
-                              "probes": "none"})
+        contlearn.run(
+            "permuted-mnist",
+            seeds=3,
+            steps=20,
+            out=tmp_path / "run",
+            config={"threads": threads, "hidden": "8", "examples_per_task": 10, "probes": "none"},
+        )
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {workers}

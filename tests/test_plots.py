@@ -15,21 +15,40 @@ from contlearn.results.plots import plot_decay, plot_probes, save_figure
 from contlearn.results.store import MetricWriter, load_runs, write_config
 
 
-def frame(learners=("bp", "cbp"), seeds=3, tasks=6, stream="permuted-mnist",
-          metric="accuracy", probes=(), layers=("hidden1", "hidden2"), run=None) -> pd.DataFrame:
+def frame(
+    learners=("bp", "cbp"),
+    seeds=3,
+    tasks=6,
+    stream="permuted-mnist",
+    metric="accuracy",
+    probes=(),
+    layers=("hidden1", "hidden2"),
+    run=None,
+) -> pd.DataFrame:
     """A long frame as load_runs returns: a score (and loss) per task, probes per layer."""
     rng = np.random.default_rng(1)
     rows = []
     for li, learner in enumerate(learners):
         for seed in range(seeds):
             for task in range(tasks):
-                base = dict(run=run or f"run-{learner}", stream=stream, learner=learner,
-                            seed=seed, step=(task + 1) * 100, task=task)
+                base = dict(
+                    run=run or f"run-{learner}",
+                    stream=stream,
+                    learner=learner,
+                    seed=seed,
+                    step=(task + 1) * 100,
+                    task=task,
+                )
                 score = 0.9 - 0.05 * task * (li + 1) + rng.normal(0, 0.02)
-                rows += [{**base, "metric": metric, "layer": "", "value": score},
-                         {**base, "metric": "loss", "layer": "", "value": 1 - score}]
-                rows += [{**base, "metric": p, "layer": lay, "value": task + li + rng.random()}
-                         for p in probes for lay in layers]
+                rows += [
+                    {**base, "metric": metric, "layer": "", "value": score},
+                    {**base, "metric": "loss", "layer": "", "value": 1 - score},
+                ]
+                rows += [
+                    {**base, "metric": p, "layer": lay, "value": task + li + rng.random()}
+                    for p in probes
+                    for lay in layers
+                ]
     return pd.DataFrame(rows)
 
 
@@ -104,12 +123,15 @@ def test_mixed_streams_refused():
         plot_decay(df)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"metric": "nope"}, "no rows of metric 'nope'"),
-    ({"by": "lr"}, "cannot group by 'lr'"),
-    ({"x": "epoch"}, "x must be"),
-    ({"bin": 0}, "bin must be"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"metric": "nope"}, "no rows of metric 'nope'"),
+        ({"by": "lr"}, "cannot group by 'lr'"),
+        ({"x": "epoch"}, "x must be"),
+        ({"bin": 0}, "bin must be"),
+    ],
+)
 def test_decay_bad_arguments(kwargs, match):
     with pytest.raises(ContlearnError, match=match):
         plot_decay(frame(), **kwargs)
@@ -124,8 +146,9 @@ def test_group_by_list_of_keys_labels():
 
 def _write_run(path, learner, lr, seeds=(0, 1)):
     path.mkdir()
-    write_config(path, {"stream": "permuted-mnist", "learner": learner, "lr": lr,
-                        "seeds": len(seeds)}, seeds)
+    write_config(
+        path, {"stream": "permuted-mnist", "learner": learner, "lr": lr, "seeds": len(seeds)}, seeds
+    )
     writer = MetricWriter(path, path.name, "permuted-mnist", learner)
     for task in range(4):
         writer.append(seeds, (task + 1) * 10, task, "accuracy", [0.5 + lr * task] * len(seeds))
@@ -140,8 +163,11 @@ def test_runs_differing_in_config_are_not_averaged(tmp_path):
     labels = {line.get_label() for line in data_lines(plot_decay(df).axes[0])}
     assert labels == {"learner=adam, lr=0.01", "learner=bp, lr=0.01", "learner=bp, lr=0.1"}
     stats = curve_stats(df, by="lr")  # different learners are never pooled either
-    assert set(stats["group"]) == {"lr=0.01, learner=adam", "lr=0.01, learner=bp",
-                                   "lr=0.1, learner=bp"}
+    assert set(stats["group"]) == {
+        "lr=0.01, learner=adam",
+        "lr=0.01, learner=bp",
+        "lr=0.1, learner=bp",
+    }
     assert stats.loc[stats["group"] == "lr=0.01, learner=adam", "seeds"].eq(3).all()
 
 
@@ -151,7 +177,10 @@ def test_probes_default_panel_and_layer_aggregation():
     fig = plot_probes(df)
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in visible] == [
-        "dead units (fraction)", "effective rank", "replacements (cumulative)"]
+        "dead units (fraction)",
+        "effective rank",
+        "replacements (cumulative)",
+    ]
     for ax in visible:
         assert len(data_lines(ax)) == 2 and len(bands(ax)) == 2
     rows = df[(df.metric == "dead_fraction") & (df.learner == "bp") & (df.task == 0)]
@@ -184,8 +213,11 @@ def test_probes_binning_and_steps():
 
 def test_whole_network_row_preferred_over_layer_mean():
     df = frame(learners=("bp",), probes=("dead_fraction",))
-    whole = df[df.metric == "dead_fraction"].drop_duplicates(["seed", "task"]).assign(
-        layer="", value=0.5)
+    whole = (
+        df[df.metric == "dead_fraction"]
+        .drop_duplicates(["seed", "task"])
+        .assign(layer="", value=0.5)
+    )
     line = data_lines(plot_probes(pd.concat([df, whole])).axes[0])[0]
     np.testing.assert_allclose(line.get_ydata(), 0.5)
 
@@ -194,9 +226,19 @@ def test_step_axis_uses_fixed_width_bins_and_marks_task_changes():
     rows = []
     for seed in (0, 1):
         for i, step in enumerate([50, 120, 260, 310, 480, 530]):
-            rows.append({"run": "r", "stream": "slippery-ant", "learner": "bp", "seed": seed,
-                         "step": step + seed, "task": i // 2, "metric": "episode_return",
-                         "layer": "", "value": float(i)})
+            rows.append(
+                {
+                    "run": "r",
+                    "stream": "slippery-ant",
+                    "learner": "bp",
+                    "seed": seed,
+                    "step": step + seed,
+                    "task": i // 2,
+                    "metric": "episode_return",
+                    "layer": "",
+                    "value": float(i),
+                }
+            )
     df = pd.DataFrame(rows)
     fig = plot_decay(df, x="step", bin=200)
     ax = fig.axes[0]

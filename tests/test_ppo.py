@@ -100,7 +100,11 @@ def test_gaussian_log_prob_matches_torch_normal() -> None:
 def test_actor_critic_names_layers_of_both_nets() -> None:
     net = ActorCritic(5, 2, (8, 8), "relu", "lecun_uniform", [torch_generator(0, "agent")], 0.0)
     assert [layer.name for layer in net.hidden_layers] == [
-        "policy.hidden1", "policy.hidden2", "value.hidden1", "value.hidden2"]
+        "policy.hidden1",
+        "policy.hidden2",
+        "value.hidden1",
+        "value.hidden2",
+    ]
     assert net.by_name["value.hidden2"].next == "value.output"
     assert net.params["policy.hidden1.weight"] is net.policy.params["hidden1.weight"]
     w, b = net.sample_init("value.hidden1", 3, torch.Generator().manual_seed(0))
@@ -119,16 +123,22 @@ def test_head_reset_is_refused() -> None:
 
 
 def _trajectory(records: list, replica: int | None = None) -> list:
-    return [(r.kind, r.step, r.task, r.layer, {k: v.tolist() for k, v in r.values.items()})
-            for r in records if replica is None or r.replica == replica]
+    return [
+        (r.kind, r.step, r.task, r.layer, {k: v.tolist() for k, v in r.values.items()})
+        for r in records
+        if replica is None or r.replica == replica
+    ]
 
 
 @pytest.mark.mujoco
-@pytest.mark.parametrize("learner, options", [
-    ("bp", {}),
-    ("cbp", {"learner.maturity": 5, "learner.replacement_rate": 0.05}),
-    ("redo", {"learner.period": 20, "learner.window": 10, "learner.threshold": 0.5}),
-])
+@pytest.mark.parametrize(
+    "learner, options",
+    [
+        ("bp", {}),
+        ("cbp", {"learner.maturity": 5, "learner.replacement_rate": 0.05}),
+        ("redo", {"learner.period": 20, "learner.window": 10, "learner.threshold": 0.5}),
+    ],
+)
 def test_replica_in_batch_equals_seed_alone(learner: str, options: dict) -> None:
     s2, a2, loop2, rec2 = build([3, 7], learner, **options)
     s1, a1, loop1, rec1 = build([7], learner, **options)
@@ -144,23 +154,27 @@ def test_replica_in_batch_equals_seed_alone(learner: str, options: dict) -> None
 @pytest.mark.mujoco
 def test_cbp_maturity_counts_minibatch_updates_and_resets_clear_adam() -> None:
     # 8 minibatch updates per rollout; with ρ = 1 every eligible unit is replaced at once.
-    _, agent, loop, _ = build([0], "cbp", **{"learner.maturity": 8,
-                                             "learner.replacement_rate": 1.0})
+    _, agent, loop, _ = build(
+        [0], "cbp", **{"learner.maturity": 8, "learner.replacement_rate": 1.0}
+    )
     loop.run(64)  # updates 1..8: ages reach 8, none is > 8 yet
     diag = agent.diagnostics()
     assert set(diag) == {"policy.hidden1", "policy.hidden2", "value.hidden1", "value.hidden2"}
-    assert all(int(d["replacements"][0]) == 0 and float(d["mean_age"][0]) == 8.0
-               for d in diag.values())
+    assert all(
+        int(d["replacements"][0]) == 0 and float(d["mean_age"][0]) == 8.0 for d in diag.values()
+    )
     loop.run(128)  # update 9 replaces every unit; updates 10..16 age them to 7
     diag = agent.diagnostics()
-    assert all(int(d["replacements"][0]) == 256 and float(d["mean_age"][0]) == 7.0
-               for d in diag.values())
+    assert all(
+        int(d["replacements"][0]) == 256 and float(d["mean_age"][0]) == 7.0 for d in diag.values()
+    )
 
 
 @pytest.mark.mujoco
 def test_cbp_reset_zeroes_adam_state_of_replaced_units() -> None:
-    _, agent, loop, _ = build([0], "cbp", **{"learner.maturity": 7,
-                                             "learner.replacement_rate": 1.0})
+    _, agent, loop, _ = build(
+        [0], "cbp", **{"learner.maturity": 7, "learner.replacement_rate": 1.0}
+    )
     loop.run(64)  # the 8th (last) minibatch update of the rollout replaces every hidden unit
     (adam,) = find_states(agent.learner_state, ScaleByAdamState)
     for name in ("policy.hidden1.weight", "value.hidden2.weight", "policy.output.weight"):
@@ -175,8 +189,10 @@ def test_state_dict_round_trip_continues_identically() -> None:
     stream, agent, loop, records = build([5], "cbp", **options)
     loop.run(100)  # mid-rollout, mid-episode
     buffer = io.BytesIO()
-    torch.save({"stream": stream.state_dict(), "agent": agent.state_dict(),
-                "loop": loop.state_dict()}, buffer)
+    torch.save(
+        {"stream": stream.state_dict(), "agent": agent.state_dict(), "loop": loop.state_dict()},
+        buffer,
+    )
     loop.run(250)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
@@ -199,8 +215,9 @@ def test_ppo_learns_inverted_pendulum() -> None:
     from contlearn.learners.presets import NoOptions
 
     stream = MujocoRLStream(RLStreamSpec(env_id="InvertedPendulum-v5"), [0])
-    agent = PPOAgent(stream.info, stream.seeds, PPOSpec(hidden="64,64", lr=3e-4),
-                     Learner("bp", NoOptions()))
+    agent = PPOAgent(
+        stream.info, stream.seeds, PPOSpec(hidden="64,64", lr=3e-4), Learner("bp", NoOptions())
+    )
     records: list = []
     RLLoop(stream, agent, records.append).run(40_000)
     returns = [r.values["episode_return"].item() for r in records if r.kind == "episode"]

@@ -25,13 +25,18 @@ def agent(learner: str = "bp", seeds=(0, 1), **options):
 def minibatch(seed: int, R: int = 2, M: int = 64) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # log-probs near the policy's own (≈ −7.4 for 8 dims at σ = 1), so some ratios clip
-    return {"obs": torch.randn(R, M, 105, generator=g), "action": torch.randn(R, M, 8, generator=g),
-            "logp": torch.randn(R, M, generator=g) * 0.3 - 11.0 - torch.rand(R, M, generator=g),
-            "adv": torch.randn(R, M, generator=g), "ret": torch.randn(R, M, generator=g)}
+    return {
+        "obs": torch.randn(R, M, 105, generator=g),
+        "action": torch.randn(R, M, 8, generator=g),
+        "logp": torch.randn(R, M, generator=g) * 0.3 - 11.0 - torch.rand(R, M, generator=g),
+        "adv": torch.randn(R, M, generator=g),
+        "ret": torch.randn(R, M, generator=g),
+    }
 
 
-@pytest.mark.parametrize("learner, options", [("bp", {}), ("cbp", CBP),
-                                              ("bp", {"ent_coef": 0.01, "max_grad_norm": 0.5})])
+@pytest.mark.parametrize(
+    "learner, options", [("bp", {}), ("cbp", CBP), ("bp", {"ent_coef": 0.01, "max_grad_norm": 0.5})]
+)
 def test_hand_written_update_equals_autograd(learner: str, options: dict) -> None:
     fast, ref = agent(learner, **options), agent(learner, fast=False, **options)
     assert fast._fast and not ref._fast
@@ -44,8 +49,9 @@ def test_hand_written_update_equals_autograd(learner: str, options: dict) -> Non
         for k in ref._keys:
             torch.testing.assert_close(fast._views[k], ref._views[k], rtol=1e-4, atol=1e-6)
     for k in ref._keys:
-        torch.testing.assert_close(fast.stats["grad_sum"][k], ref.stats["grad_sum"][k],
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            fast.stats["grad_sum"][k], ref.stats["grad_sum"][k], rtol=1e-4, atol=1e-6
+        )
     if learner == "cbp":  # the same units were replaced
         assert fast.diagnostics().keys() == ref.diagnostics().keys()
         for layer, d in ref.diagnostics().items():
@@ -74,8 +80,16 @@ def test_update_threads_apply_only_during_the_update() -> None:
         obs = torch.randn(2, 1, 105)
         for _ in range(8):
             action = a.act(obs)
-            a.observe(obs, action, (torch.zeros(2, 1), obs, torch.zeros(2, 1, dtype=torch.bool),
-                                    torch.zeros(2, 1, dtype=torch.bool)))
+            a.observe(
+                obs,
+                action,
+                (
+                    torch.zeros(2, 1),
+                    obs,
+                    torch.zeros(2, 1, dtype=torch.bool),
+                    torch.zeros(2, 1, dtype=torch.bool),
+                ),
+            )
         assert seen == [2] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(old)
@@ -89,8 +103,11 @@ def _play(a, steps: int, seed: int = 0) -> list[torch.Tensor]:
         assert action.device.type == "cpu"
         nxt = torch.randn(2, 2, 105, generator=g)
         done = torch.rand(2, 2, generator=g) < 0.1
-        m = a.observe(obs, action, (torch.randn(2, 2, generator=g), nxt, done,
-                                    torch.zeros(2, 2, dtype=torch.bool)))
+        m = a.observe(
+            obs,
+            action,
+            (torch.randn(2, 2, generator=g), nxt, done, torch.zeros(2, 2, dtype=torch.bool)),
+        )
         out.append(action)
         out.extend(m.values())
         obs = nxt
@@ -99,8 +116,10 @@ def _play(a, steps: int, seed: int = 0) -> list[torch.Tensor]:
 
 def test_to_cpu_device_runs_the_same_numbers() -> None:
     options = {"rollout": 16, "minibatch_size": 8, "epochs": 2}
-    moved = place_agent(SimpleNamespace(run=SimpleNamespace(device="cpu:0"), agent="ppo"),
-                        agent("cbp", **options, **CBP))
+    moved = place_agent(
+        SimpleNamespace(run=SimpleNamespace(device="cpu:0"), agent="ppo"),
+        agent("cbp", **options, **CBP),
+    )
     assert moved.device == torch.device("cpu", 0)
     plain = agent("cbp", **options, **CBP)
     for x, y in zip(_play(moved, 40), _play(plain, 40), strict=True):
@@ -115,8 +134,9 @@ def test_to_places_network_learner_state_and_buffers_on_the_device() -> None:
     assert all(p.device.type == "meta" for p in a.net.params.values())
     assert all(p.device.type == "meta" for p in a.net.policy.params.values())
     # (generator states, uint8, stay on the CPU with the generators)
-    assert all(t.device.type == "meta" for t in tree_leaves(a.learner_state)
-               if t.dtype != torch.uint8)
+    assert all(
+        t.device.type == "meta" for t in tree_leaves(a.learner_state) if t.dtype != torch.uint8
+    )
     assert all(t.device.type == "meta" for t in a.buf.values())
     assert all(t.device.type == "meta" for t in a.stats["grad_sum"].values())
 
@@ -125,8 +145,17 @@ def test_to_places_network_learner_state_and_buffers_on_the_device() -> None:
 def test_split_vector_env_steps_exactly_as_sync() -> None:
     streams = []
     for vector in ("sync", "split"):
-        cfg = resolve({"stream": "slippery-ant", "seeds": 2, "num_envs": 2, "vector": vector,
-                       "max_episode_steps": 40, "change_every": 30, "change_immediately": True})
+        cfg = resolve(
+            {
+                "stream": "slippery-ant",
+                "seeds": 2,
+                "num_envs": 2,
+                "vector": vector,
+                "max_episode_steps": 40,
+                "change_every": 30,
+                "change_immediately": True,
+            }
+        )
         streams.append(make_stream(cfg.stream, cfg.stream_spec, cfg.seeds))
     sync, split = streams
     try:

@@ -26,8 +26,12 @@ def play(a, steps: int, seed: int) -> list[dict[str, torch.Tensor]]:
     for t in range(steps):
         obs = torch.randn(2, 2, 11, generator=g)
         action = a.act(obs)
-        feedback = (torch.randn(2, 2, generator=g), torch.randn(2, 2, 11, generator=g),
-                    torch.rand(2, 2, generator=g) < 0.1, torch.full((2, 2), t % 7 == 6))
+        feedback = (
+            torch.randn(2, 2, generator=g),
+            torch.randn(2, 2, 11, generator=g),
+            torch.rand(2, 2, generator=g) < 0.1,
+            torch.full((2, 2), t % 7 == 6),
+        )
         out = a.observe(obs, action, feedback)
         if out:
             metrics.append(out)
@@ -43,8 +47,14 @@ def assert_identical(a, b) -> None:
     assert same(tree_leaves(a.learner_state), tree_leaves(b.learner_state))
 
 
-@pytest.mark.parametrize("learner, options", [("bp", {}), ("proper-adam", {"ent_coef": 0.01}),
-                                              ("bp", {"optimizer": "sgd", "momentum": 0.9})])
+@pytest.mark.parametrize(
+    "learner, options",
+    [
+        ("bp", {}),
+        ("proper-adam", {"ent_coef": 0.01}),
+        ("bp", {"optimizer": "sgd", "momentum": 0.9}),
+    ],
+)
 def test_value_worker_gives_identical_numbers(learner: str, options: dict) -> None:
     ref, split = agent(learner, **options), agent(learner, value_worker=True, **options)
     try:
@@ -77,8 +87,9 @@ def test_value_worker_resumes_from_a_checkpoint() -> None:
         split.close()
 
 
-@pytest.mark.parametrize("learner, options", [("cbp", {}), ("bp", {"max_grad_norm": 0.5}),
-                                              ("bp", {"fast": False})])
+@pytest.mark.parametrize(
+    "learner, options", [("cbp", {}), ("bp", {"max_grad_norm": 0.5}), ("bp", {"fast": False})]
+)
 def test_value_worker_refuses_coupled_updates(learner: str, options: dict) -> None:
     with pytest.raises(ConfigError, match="value_worker"):
         agent(learner, value_worker=True, **options)

@@ -55,8 +55,9 @@ def test_stable_rank_of_rank_one_is_one_and_identity_is_n():
     u = torch.randn(50, 1, dtype=torch.float64)
     v = torch.randn(1, 8, dtype=torch.float64)
     assert float(stable_rank_of(singular_values((u @ v)[None]))) == pytest.approx(1.0)
-    assert float(stable_rank_of(singular_values(torch.eye(6, dtype=torch.float64)[None]))) == \
-        pytest.approx(6.0)
+    assert float(
+        stable_rank_of(singular_values(torch.eye(6, dtype=torch.float64)[None]))
+    ) == pytest.approx(6.0)
 
 
 def _features(R, P, H, seed=0):
@@ -86,7 +87,8 @@ def test_gram_route_leaves_unresolved_replicas_to_the_svd():
     a = _features(3, 80, 12).double()
     gen = torch.Generator().manual_seed(1)
     a[1] = torch.randn(80, 3, generator=gen, dtype=torch.float64) @ torch.randn(
-        3, 12, generator=gen, dtype=torch.float64)  # rank 3, no zero column: tiny σ unknown
+        3, 12, generator=gen, dtype=torch.float64
+    )  # rank 3, no zero column: tiny σ unknown
     a[2, :, :6] *= 1e-7  # σ ~1e-7 σ_max: λ below the Gram matrix's rounding
     exact = gram_singular_values(a)[1]
     assert exact.tolist() == [True, False, False]
@@ -146,9 +148,12 @@ def test_aggregate_weights_layers_by_units():
 
 
 def test_weight_magnitude_hand_computed():
-    params = {"hidden1.weight": torch.tensor([[[1.0, -3.0]]]),
-              "hidden1.bias": torch.tensor([[2.0]]),
-              "output.weight": torch.tensor([[[-4.0]]]), "output.bias": torch.tensor([[0.0]])}
+    params = {
+        "hidden1.weight": torch.tensor([[[1.0, -3.0]]]),
+        "hidden1.bias": torch.tensor([[2.0]]),
+        "output.weight": torch.tensor([[[-4.0]]]),
+        "output.bias": torch.tensor([[0.0]]),
+    }
     out = weight_magnitude(_ctx({}, params=params))
     assert float(out["hidden1"]) == 2.0 and float(out["output"]) == 2.0
     assert float(out[""]) == 2.0
@@ -161,15 +166,27 @@ def test_parse_probes_and_custom_registration():
         parse_probes("effective_rank,nope")
     with pytest.raises(ConfigError, match="unknown probe"):
         resolve({"stream": "bit-flipping", "probes": "nope"})
-    register_probe("mean_activation", lambda ctx: {
-        k: v.mean((1, 2)).double() for k, v in ctx.features.items()})
+    register_probe(
+        "mean_activation", lambda ctx: {k: v.mean((1, 2)).double() for k, v in ctx.features.items()}
+    )
     assert parse_probes("mean_activation") == ["mean_activation"]
 
 
 def _trajectory(tmp_path, name, probes, stream="permuted-mnist", **extra):
-    res = contlearn.run(stream, seeds=2, tasks=3, learner=extra.pop("learner", "bp"), config={
-        "examples_per_task": 150, "hidden": "12,12", "probes": probes, "probe_size": 64,
-        **extra}, out=tmp_path / name)
+    res = contlearn.run(
+        stream,
+        seeds=2,
+        tasks=3,
+        learner=extra.pop("learner", "bp"),
+        config={
+            "examples_per_task": 150,
+            "hidden": "12,12",
+            "probes": probes,
+            "probe_size": 64,
+            **extra,
+        },
+        out=tmp_path / name,
+    )
     df = res.metrics()
     return df[df.metric.isin(["accuracy", "squared_error", "loss"])].value.tolist(), df
 
@@ -183,7 +200,7 @@ def test_probes_never_change_the_run(tmp_path, stream):
     assert {"effective_rank", "dead_fraction", "plasticity", "grad_magnitude"} <= set(df.metric)
     ranks = df[df.metric == "effective_rank"]
     assert set(ranks.layer) == {"hidden1", "hidden2"} and len(ranks) == 2 * 3 * 2
-    assert (df[df.metric == "effective_rank"].step.tolist()[:2] == [0, 0])
+    assert df[df.metric == "effective_rank"].step.tolist()[:2] == [0, 0]
 
 
 def test_probes_every_n_steps(tmp_path):
@@ -194,9 +211,18 @@ def test_probes_every_n_steps(tmp_path):
 
 def test_probe_per_replica_independence(tmp_path):
     _, both = _trajectory(tmp_path, "both", "effective_rank")
-    res = contlearn.run("permuted-mnist", seed=1, tasks=3, config={
-        "examples_per_task": 150, "hidden": "12,12", "probe_size": 64,
-        "probes": "effective_rank"}, out=tmp_path / "one")
+    res = contlearn.run(
+        "permuted-mnist",
+        seed=1,
+        tasks=3,
+        config={
+            "examples_per_task": 150,
+            "hidden": "12,12",
+            "probe_size": 64,
+            "probes": "effective_rank",
+        },
+        out=tmp_path / "one",
+    )
     one = res.metrics().query("metric == 'effective_rank'").value.to_numpy()
     mine = both.query("metric == 'effective_rank' and seed == 1").value.to_numpy()
     assert one == pytest.approx(mine, rel=1e-6)
@@ -217,8 +243,10 @@ def _plain_sgd_replay(stream, params: dict, lr: float, steps: int, classificatio
             return torch.nn.functional.cross_entropy(h, y)
         return (h - y).pow(2).sum(-1).mean()
 
-    replicas = [{k: v[r].detach().clone() for k, v in params.items()}
-                for r in range(next(iter(params.values())).shape[0])]
+    replicas = [
+        {k: v[r].detach().clone() for k, v in params.items()}
+        for r in range(next(iter(params.values())).shape[0])
+    ]
     for step in range(1, steps + 1):
         batch = stream.next()
         before, after = torch.zeros(len(replicas)), torch.zeros(len(replicas))
@@ -239,9 +267,10 @@ def _plain_sgd_replay(stream, params: dict, lr: float, steps: int, classificatio
         yield step, before, after, g1
 
 
-@pytest.mark.parametrize("stream,path", [("permuted-mnist", "blocks"),
-                                         ("permuted-mnist", "steps"),
-                                         ("bit-flipping", "reference")])
+@pytest.mark.parametrize(
+    "stream,path",
+    [("permuted-mnist", "blocks"), ("permuted-mnist", "steps"), ("bit-flipping", "reference")],
+)
 def test_plasticity_and_grad_magnitude_against_plain_sgd(monkeypatch, stream, path):
     # docs/design.md §5: grad_magnitude is mean |g| per layer averaged over the training steps since
     # the last probe; plasticity is 1 − L_after/L_before of the probe step's own sample and
@@ -251,8 +280,9 @@ def test_plasticity_and_grad_magnitude_against_plain_sgd(monkeypatch, stream, pa
     from contlearn.loop.engine import ProbeSchedule, SupervisedLoop
 
     extra = {"examples_per_task": 1000} if "mnist" in stream else {}
-    cfg = resolve({"stream": stream, "hidden": "12,8", "lr": 0.05, "fast": path != "reference",
-                   **extra})
+    cfg = resolve(
+        {"stream": stream, "hidden": "12,8", "lr": 0.05, "fast": path != "reference", **extra}
+    )
     seeds = [0, 1]
     run_stream, twin = (make_stream(stream, cfg.stream_spec, seeds) for _ in range(2))
     agent = OnlineAgent(run_stream.info, seeds, cfg.agent_spec, cfg.learner)
@@ -264,28 +294,34 @@ def test_plasticity_and_grad_magnitude_against_plain_sgd(monkeypatch, stream, pa
     records = []
     schedule = ProbeSchedule(("grad_magnitude", "plasticity"), every=40, size=8)
     SupervisedLoop(run_stream, agent, records.append, probes=schedule).run(100)
-    got = {(m, r.step, r.layer): v for r in records if r.kind == "probe"
-           for m, v in r.values.items()}
+    got = {
+        (m, r.step, r.layer): v for r in records if r.kind == "probe" for m, v in r.values.items()
+    }
     assert {k[1] for k in got if k[0] == "plasticity"} == {0, 40, 80}
     assert {k[1] for k in got if k[0] == "grad_magnitude"} == {40, 80}  # none before step 1
-    sizes = {n: initial[f"{n}.weight"][0].numel() + initial[f"{n}.bias"][0].numel()
-             for n in ("hidden1", "hidden2", "output")}
+    sizes = {
+        n: initial[f"{n}.weight"][0].numel() + initial[f"{n}.bias"][0].numel()
+        for n in ("hidden1", "hidden2", "output")
+    }
     sums = {n: torch.zeros(2, dtype=torch.float64) for n in sizes}
     replay = _plain_sgd_replay(twin, initial, 0.05, 81, run_stream.info.kind == "classification")
     for step, before, after, g1 in replay:
         if (step - 1) % 40 == 0:  # the step right after a probe point
             want = 1 - after.double() / before.double()
-            torch.testing.assert_close(got[("plasticity", step - 1, "")], want, rtol=1e-3,
-                                       atol=1e-5)
+            torch.testing.assert_close(
+                got[("plasticity", step - 1, "")], want, rtol=1e-3, atol=1e-5
+            )
         for n in sums:
             sums[n] += g1[n]
         if step % 40 == 0:
             for n, total in sums.items():
-                torch.testing.assert_close(got[("grad_magnitude", step, n)],
-                                           total / (sizes[n] * 40), rtol=1e-4, atol=1e-7)
+                torch.testing.assert_close(
+                    got[("grad_magnitude", step, n)], total / (sizes[n] * 40), rtol=1e-4, atol=1e-7
+                )
             overall = sum(sums.values()) / (sum(sizes.values()) * 40)
-            torch.testing.assert_close(got[("grad_magnitude", step, "")], overall, rtol=1e-4,
-                                       atol=1e-7)
+            torch.testing.assert_close(
+                got[("grad_magnitude", step, "")], overall, rtol=1e-4, atol=1e-7
+            )
             sums = {n: torch.zeros(2, dtype=torch.float64) for n in sizes}
 
 
@@ -300,31 +336,52 @@ def test_concurrent_probes_give_the_numbers_of_synchronous_ones(monkeypatch):
     submitted = []
     submit = engine.submit_probes
     monkeypatch.setattr(engine, "submit_probes", lambda *a: submitted.append(1) or submit(*a))
-    cfg = resolve({"stream": "permuted-mnist", "learner": "cbp", "hidden": "16,12",
-                   "examples_per_task": 200, "learner.replacement_rate": 0.01,
-                   "learner.maturity": 20})
+    cfg = resolve(
+        {
+            "stream": "permuted-mnist",
+            "learner": "cbp",
+            "hidden": "16,12",
+            "examples_per_task": 200,
+            "learner.replacement_rate": 0.01,
+            "learner.maturity": 20,
+        }
+    )
     runs = []
     for concurrent in (True, False):
         stream = make_stream("permuted-mnist", cfg.stream_spec, [3, 4])
         agent = OnlineAgent(stream.info, [3, 4], cfg.agent_spec, cfg.learner)
         records = []
-        loop = SupervisedLoop(stream, agent, records.append,
-                              probes=ProbeSchedule(tuple(DEFAULT_PROBES), 0, 64))
+        loop = SupervisedLoop(
+            stream, agent, records.append, probes=ProbeSchedule(tuple(DEFAULT_PROBES), 0, 64)
+        )
         assert loop._concurrent  # (built-in probes, a small network)
         loop._concurrent = concurrent
         loop.run(1000)
         loop.finish()
-        runs.append(sorted(((r.kind, r.step, r.layer, name, v.tolist())
-                            for r in records for name, v in r.values.items()),
-                           key=lambda row: row[:4]))
+        runs.append(
+            sorted(
+                (
+                    (r.kind, r.step, r.layer, name, v.tolist())
+                    for r in records
+                    for name, v in r.values.items()
+                ),
+                key=lambda row: row[:4],
+            )
+        )
     assert len(submitted) == 5  # every task start of the concurrent run
     # plasticity alone needs no probe batch: in line, so no path draws one
-    alone = SupervisedLoop(stream, agent, records.append,
-                           probes=ProbeSchedule(("plasticity",), 0, 64))
+    alone = SupervisedLoop(
+        stream, agent, records.append, probes=ProbeSchedule(("plasticity",), 0, 64)
+    )
     assert not alone._concurrent
     assert runs[0] == runs[1]  # the same numbers, bit for bit
     assert {row[3] for row in runs[0] if row[0] == "probe"} >= {
-        "effective_rank", "dead_fraction", "grad_magnitude", "plasticity", "weight_magnitude"}
+        "effective_rank",
+        "dead_fraction",
+        "grad_magnitude",
+        "plasticity",
+        "weight_magnitude",
+    }
 
 
 def test_networks_too_large_to_copy_are_probed_in_line(monkeypatch):
@@ -338,8 +395,12 @@ def test_networks_too_large_to_copy_are_probed_in_line(monkeypatch):
     monkeypatch.setattr(online, "SNAPSHOT_MAX_BYTES", 1000)  # (the network: ~51 kB)
     assert agent.probe_snapshot() is None
     records = []
-    loop = SupervisedLoop(stream, agent, records.append,
-                          probes=ProbeSchedule(("effective_rank", "grad_magnitude"), 0, 32))
+    loop = SupervisedLoop(
+        stream,
+        agent,
+        records.append,
+        probes=ProbeSchedule(("effective_rank", "grad_magnitude"), 0, 32),
+    )
     loop.run(300)
     assert loop._in_flight is None
     steps = sorted({r.step for r in records if r.kind == "probe"})

@@ -40,8 +40,9 @@ def _frame(path) -> pd.DataFrame:
 
 
 def _uninterrupted(tmp_path, stream, learner, extra):
-    return contlearn.run(stream, learner=learner, seeds=2, tasks=4, config={**BASE, **extra},
-                         out=tmp_path / "full")
+    return contlearn.run(
+        stream, learner=learner, seeds=2, tasks=4, config={**BASE, **extra}, out=tmp_path / "full"
+    )
 
 
 @pytest.mark.parametrize("learner", list(LEARNERS))
@@ -50,8 +51,9 @@ def test_resume_equals_uninterrupted_for_every_learner(tmp_path, learner):
     full = _uninterrupted(tmp_path, "permuted-mnist", learner, extra)
     part = tmp_path / "part"
     stop = random.Random(learner).choice([97, 150, 213, 299, 301])  # mid-task and boundaries
-    contlearn.run("permuted-mnist", learner=learner, seeds=2, steps=stop,
-                  config={**BASE, **extra}, out=part)
+    contlearn.run(
+        "permuted-mnist", learner=learner, seeds=2, steps=stop, config={**BASE, **extra}, out=part
+    )
     contlearn.resume(part, tasks=4)
     pd.testing.assert_frame_equal(_frame(part), _frame(full.path))
 
@@ -69,15 +71,40 @@ def test_resume_several_times_on_other_streams(tmp_path, stream):
 
 
 def test_run_with_resume_flag_continues_or_starts(tmp_path, cli):
-    args = ["run", "bit-flipping", "--seeds", "2", "--set", "examples_per_task=100",
-            "--set", "checkpoint_every=30", "--out", tmp_path / "r", "--resume"]
+    args = [
+        "run",
+        "bit-flipping",
+        "--seeds",
+        "2",
+        "--set",
+        "examples_per_task=100",
+        "--set",
+        "checkpoint_every=30",
+        "--out",
+        tmp_path / "r",
+        "--resume",
+    ]
     assert cli(*args, "--steps", "130")[0] == 0  # starts: there was no run
     assert cli(*args, "--tasks", "3")[0] == 0  # continues to 3 tasks
-    full = contlearn.run("bit-flipping", seeds=2, tasks=3, config={
-        "examples_per_task": 100, "checkpoint_every": 30}, out=tmp_path / "full")
+    full = contlearn.run(
+        "bit-flipping",
+        seeds=2,
+        tasks=3,
+        config={"examples_per_task": 100, "checkpoint_every": 30},
+        out=tmp_path / "full",
+    )
     pd.testing.assert_frame_equal(_frame(tmp_path / "r"), _frame(full.path))
-    code, _, err = cli("run", "bit-flipping", "--set", "lr=0.5", "--set", "examples_per_task=100",
-                       "--out", tmp_path / "r", "--resume")
+    code, _, err = cli(
+        "run",
+        "bit-flipping",
+        "--set",
+        "lr=0.5",
+        "--set",
+        "examples_per_task=100",
+        "--out",
+        tmp_path / "r",
+        "--resume",
+    )
     assert code == 2 and "lr=" in err and err.count("\n") == 1
 
 
@@ -85,8 +112,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     extra = {"learner.replacement_rate": 0.05, "learner.maturity": 5}
     full = _uninterrupted(tmp_path, "bit-flipping", "cbp", extra)
     part = tmp_path / "part"
-    contlearn.run("bit-flipping", learner="cbp", seeds=2, steps=230, config={**BASE, **extra},
-                  out=part)
+    contlearn.run(
+        "bit-flipping", learner="cbp", seeds=2, steps=230, config={**BASE, **extra}, out=part
+    )
     newest = checkpoint_files(part)[-1]
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     contlearn.resume(part, tasks=4)
@@ -127,8 +155,9 @@ def test_no_checkpoint_restarts_cleanly(tmp_path):
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    res = contlearn.run("bit-flipping", steps=400, config={**BASE, "checkpoint_keep": 2},
-                        out=tmp_path / "r")
+    res = contlearn.run(
+        "bit-flipping", steps=400, config={**BASE, "checkpoint_keep": 2}, out=tmp_path / "r"
+    )
     files = checkpoint_files(res.path)
     assert len(files) == 2 and all(f.with_suffix(".sha256").is_file() for f in files)
     assert read_checkpoint(files[-1])["step"] == 400
@@ -152,14 +181,40 @@ def test_one_writer_per_run_and_stale_locks_are_cleared(tmp_path):
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "contlearn", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "contlearn", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
-RUN = ["run", "permuted-mnist", "--learner", "cbp", "--seeds", "2", "--tasks", "60",
-       "--set", "examples_per_task=400", "--set", "hidden=32,32", "--set", "checkpoint_every=100",
-       "--set", "learner.replacement_rate=0.01", "--set", "learner.maturity=20",
-       "--set", "flush_rows=7", "--set", "probe_size=64"]
+RUN = [
+    "run",
+    "permuted-mnist",
+    "--learner",
+    "cbp",
+    "--seeds",
+    "2",
+    "--tasks",
+    "60",
+    "--set",
+    "examples_per_task=400",
+    "--set",
+    "hidden=32,32",
+    "--set",
+    "checkpoint_every=100",
+    "--set",
+    "learner.replacement_rate=0.01",
+    "--set",
+    "learner.maturity=20",
+    "--set",
+    "flush_rows=7",
+    "--set",
+    "probe_size=64",
+]
 
 
 def _wait_for_checkpoint(path: Path, proc, timeout=60.0) -> None:
@@ -178,11 +233,21 @@ def test_sigint_checkpoints_and_resume_matches(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "contlearn resume" in err
-    done = subprocess.run([sys.executable, "-m", "contlearn", "resume", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "contlearn", "resume", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    ref = subprocess.run([sys.executable, "-m", "contlearn", *RUN, "--out", str(tmp_path / "f")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(
+        [sys.executable, "-m", "contlearn", *RUN, "--out", str(tmp_path / "f")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ref.returncode == 0, ref.stderr
     pd.testing.assert_frame_equal(_frame(out), _frame(tmp_path / "f"))
 
@@ -205,12 +270,22 @@ def test_kill_9_at_random_points_loses_nothing_and_duplicates_nothing(tmp_path):
         proc = _cli(*RUN, "--out", out, "--resume")
     proc.communicate(timeout=300)
     if proc.returncode != 0:  # the last kill may have landed after the run finished
-        final = subprocess.run([sys.executable, "-m", "contlearn", *RUN, "--out", str(out),
-                                "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        final = subprocess.run(
+            [sys.executable, "-m", "contlearn", *RUN, "--out", str(out), "--resume"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert final.returncode == 0, final.stderr
     assert kills >= 5
-    ref = subprocess.run([sys.executable, "-m", "contlearn", *RUN, "--out", str(tmp_path / "f")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(
+        [sys.executable, "-m", "contlearn", *RUN, "--out", str(tmp_path / "f")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ref.returncode == 0, ref.stderr
     pd.testing.assert_frame_equal(_frame(out), _frame(tmp_path / "f"))
 
@@ -220,7 +295,16 @@ def test_run_killed_before_writing_its_config_can_be_started_again(tmp_path, cli
     out.mkdir()
     (out / ".lock").write_text("999999999")  # a dead process's lock, nothing else
     (out / ".config.json.tmp").write_text("{")
-    code, _, err = cli("run", "bit-flipping", "--steps", "20", "--set", "examples_per_task=10",
-                       "--out", out, "--resume")
+    code, _, err = cli(
+        "run",
+        "bit-flipping",
+        "--steps",
+        "20",
+        "--set",
+        "examples_per_task=10",
+        "--out",
+        out,
+        "--resume",
+    )
     assert code == 0, err
     assert (out / "config.json").is_file() and not (out / ".lock").exists()

@@ -15,9 +15,18 @@ from contlearn.running.config import resolve
 
 pytestmark = pytest.mark.mujoco
 
-SMALL = {"rollout": 64, "minibatch_size": 32, "epochs": 1, "hidden": "32,32",
-         "change_every": 120, "change_immediately": True, "max_episode_steps": 80,
-         "probe_every": 150, "learner.maturity": 5, "learner.replacement_rate": 0.05}
+SMALL = {
+    "rollout": 64,
+    "minibatch_size": 32,
+    "epochs": 1,
+    "hidden": "32,32",
+    "change_every": 120,
+    "change_immediately": True,
+    "max_episode_steps": 80,
+    "probe_every": 150,
+    "learner.maturity": 5,
+    "learner.replacement_rate": 0.05,
+}
 
 
 def test_activity_dormant_fraction_counts_rarely_active_units() -> None:
@@ -30,15 +39,17 @@ def test_activity_dormant_fraction_counts_rarely_active_units() -> None:
 
 
 def test_run_writes_clean_episode_rows(tmp_path) -> None:
-    result = contlearn.run("slippery-ant", learner="cbp", seeds=2, steps=400, config=SMALL,
-                           out=tmp_path / "run")
+    result = contlearn.run(
+        "slippery-ant", learner="cbp", seeds=2, steps=400, config=SMALL, out=tmp_path / "run"
+    )
     df = load_runs(result.path)
     assert not df["value"].isna().any()
     episodes = df[df["metric"].isin(["episode_return", "episode_length", "friction"])]
     assert set(episodes["layer"]) == {""}
     assert not episodes.duplicated(["seed", "step", "metric"]).any()
-    wide = episodes.pivot_table(index=["seed", "step", "task"], columns="metric",
-                                values="value").reset_index()
+    wide = episodes.pivot_table(
+        index=["seed", "step", "task"], columns="metric", values="value"
+    ).reset_index()
     assert wide["episode_length"].between(1, 80).all()
     # one friction per (seed, task), tasks never go back, and seeds draw their own frictions
     assert (wide.groupby(["seed", "task"])["friction"].nunique() == 1).all()
@@ -47,17 +58,28 @@ def test_run_writes_clean_episode_rows(tmp_path) -> None:
     frictions = wide.groupby(["seed", "task"])["friction"].first().unstack(0)
     assert (frictions[0] != frictions[1]).all()
     probes = df[df["metric"] == "dormant_fraction"]
-    assert set(probes["layer"]) == {"", "policy.hidden1", "policy.hidden2", "value.hidden1",
-                                    "value.hidden2"}
+    assert set(probes["layer"]) == {
+        "",
+        "policy.hidden1",
+        "policy.hidden2",
+        "value.hidden1",
+        "value.hidden2",
+    }
     assert sorted(probes["step"].unique()) == [150, 300, 400]  # every 150 and at the end
-    assert {"replacements", "weight_change", "grad_magnitude", "effective_rank",
-            "policy_loss"} <= set(df["metric"])
+    assert {
+        "replacements",
+        "weight_change",
+        "grad_magnitude",
+        "effective_rank",
+        "policy_loss",
+    } <= set(df["metric"])
 
 
 def test_resume_equals_uninterrupted(tmp_path) -> None:
     config = {**SMALL, "checkpoint_every": 100}
-    full = contlearn.run("slippery-ant", learner="cbp", seeds=2, steps=400, config=config,
-                         out=tmp_path / "full")
+    full = contlearn.run(
+        "slippery-ant", learner="cbp", seeds=2, steps=400, config=config, out=tmp_path / "full"
+    )
     part = tmp_path / "part"
     contlearn.run("slippery-ant", learner="cbp", seeds=2, steps=230, config=config, out=part)
     contlearn.resume(part, steps=400)
@@ -121,8 +143,14 @@ class _RandomAgent:
 
 @pytest.mark.mujoco
 def test_plugin_agent_without_replicas_runs_on_an_rl_stream(tmp_path):
-    res = contlearn.run("slippery-ant", agent=_RandomAgent, seeds=2, steps=1100,
-                        config={"change_every": 500}, out=tmp_path / "r")
+    res = contlearn.run(
+        "slippery-ant",
+        agent=_RandomAgent,
+        seeds=2,
+        steps=1100,
+        config={"change_every": 500},
+        out=tmp_path / "r",
+    )
     df = res.metrics()
     returns = df[df.metric == "episode_return"]
     assert sorted(returns.seed.unique()) == [0, 1] and set(df.learner) == {"_RandomAgent"}

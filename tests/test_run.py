@@ -14,8 +14,9 @@ SMALL = {"examples_per_task": 200, "hidden": "16,16"}
 
 
 def test_done_when_three_seeds_five_tasks_give_fifteen_accuracy_rows(tmp_path):
-    res = contlearn.run("permuted-mnist", seeds=3, tasks=5, config={"examples_per_task": 500},
-                        out=tmp_path / "run")
+    res = contlearn.run(
+        "permuted-mnist", seeds=3, tasks=5, config={"examples_per_task": 500}, out=tmp_path / "run"
+    )
     df = load_runs(res.path)
     assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
     acc = df[df.metric == "accuracy"]
@@ -31,15 +32,20 @@ def test_done_when_three_seeds_five_tasks_give_fifteen_accuracy_rows(tmp_path):
 def test_batched_replicas_equal_seeds_run_one_by_one(tmp_path, stream):
     config = {**SMALL, "hidden": "8"}
     together = contlearn.run(stream, seeds=3, tasks=3, config=config, out=tmp_path / "all")
-    frames = [contlearn.run(stream, seed=s, seeds=1, tasks=3, config=config,
-                            out=tmp_path / f"s{s}").metrics() for s in range(3)]
+    frames = [
+        contlearn.run(
+            stream, seed=s, seeds=1, tasks=3, config=config, out=tmp_path / f"s{s}"
+        ).metrics()
+        for s in range(3)
+    ]
     a = together.metrics().sort_values(["seed", "task", "metric"]).reset_index(drop=True)
     import pandas as pd
 
     b = pd.concat(frames).sort_values(["seed", "task", "metric"]).reset_index(drop=True)
     assert list(a.seed) == list(b.seed) and list(a.metric) == list(b.metric)
-    torch.testing.assert_close(torch.tensor(a.value.values), torch.tensor(b.value.values),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(a.value.values), torch.tensor(b.value.values), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
@@ -63,23 +69,33 @@ class _EchoAgent:
 
 
 def test_accuracy_is_scored_before_the_update(tmp_path):
-    res = contlearn.run("permuted-mnist", agent=_EchoAgent, tasks=2, config={
-        "examples_per_task": 2000}, out=tmp_path / "echo")
+    res = contlearn.run(
+        "permuted-mnist",
+        agent=_EchoAgent,
+        tasks=2,
+        config={"examples_per_task": 2000},
+        out=tmp_path / "echo",
+    )
     acc = res.metrics().query("metric == 'accuracy'").value
     assert acc.max() < 0.2  # had it been scored after the update it would be 1.0
 
 
 def test_partial_last_task_is_recorded_with_steps(tmp_path):
-    res = contlearn.run("bit-flipping", steps=250, config={"examples_per_task": 100},
-                        out=tmp_path / "p")
+    res = contlearn.run(
+        "bit-flipping", steps=250, config={"examples_per_task": 100}, out=tmp_path / "p"
+    )
     rows = res.metrics().query("metric == 'squared_error'")
     assert rows.task.tolist() == [0, 1, 2] and rows.step.tolist() == [100, 200, 250]
 
 
 def test_run_dir_holds_config_meta_and_parquet_parts(tmp_path):
-    res = contlearn.run("permuted-mnist", seeds=2, tasks=4, config={**SMALL, "flush_rows": 4,
-                                                                 "probes": "none"},
-                        out=tmp_path / "r")
+    res = contlearn.run(
+        "permuted-mnist",
+        seeds=2,
+        tasks=4,
+        config={**SMALL, "flush_rows": 4, "probes": "none"},
+        out=tmp_path / "r",
+    )
     config = json.loads((res.path / "config.json").read_text())
     assert config["stream"] == "permuted-mnist" and config["hidden"] == "16,16"
     assert config["learner"] == "bp" and config["lr"] == 0.01 and config["seeds"] == 2
@@ -94,10 +110,18 @@ def test_run_dir_holds_config_meta_and_parquet_parts(tmp_path):
 
 
 def test_load_runs_accepts_a_root_and_adds_config_columns(tmp_path):
-    contlearn.run("bit-flipping", tasks=2, config={"examples_per_task": 50, "lr": 0.01},
-                  out=tmp_path / "root" / "a")
-    contlearn.run("bit-flipping", tasks=2, config={"examples_per_task": 50, "lr": 0.02},
-                  out=tmp_path / "root" / "b")
+    contlearn.run(
+        "bit-flipping",
+        tasks=2,
+        config={"examples_per_task": 50, "lr": 0.01},
+        out=tmp_path / "root" / "a",
+    )
+    contlearn.run(
+        "bit-flipping",
+        tasks=2,
+        config={"examples_per_task": 50, "lr": 0.02},
+        out=tmp_path / "root" / "b",
+    )
     df = load_runs(tmp_path / "root", config=True)
     assert set(df.run) == {"a", "b"}
     assert "lr" in df.columns and "hidden" not in df.columns  # only keys that vary
@@ -128,17 +152,27 @@ def test_boundaries_visible_calls_on_task_start(tmp_path):
         def on_task_start(self, task):
             calls.append(task)
 
-    contlearn.run("bit-flipping", agent=Agent, tasks=3, config={"examples_per_task": 5},
-                  out=tmp_path / "a")
+    contlearn.run(
+        "bit-flipping", agent=Agent, tasks=3, config={"examples_per_task": 5}, out=tmp_path / "a"
+    )
     assert calls == []
-    contlearn.run("bit-flipping", agent=Agent, tasks=3, config={
-        "examples_per_task": 5, "boundaries_visible": True}, out=tmp_path / "b")
+    contlearn.run(
+        "bit-flipping",
+        agent=Agent,
+        tasks=3,
+        config={"examples_per_task": 5, "boundaries_visible": True},
+        out=tmp_path / "b",
+    )
     assert calls == [0, 1, 2]
 
 
 def test_unreadable_metrics_part_is_reported_by_name(tmp_path, cli):
-    res = contlearn.run("bit-flipping", steps=50, config={"examples_per_task": 10,
-                        "probes": "none", "flush_rows": 10}, out=tmp_path / "r")
+    res = contlearn.run(
+        "bit-flipping",
+        steps=50,
+        config={"examples_per_task": 10, "probes": "none", "flush_rows": 10},
+        out=tmp_path / "r",
+    )
     part = sorted((res.path / "metrics").glob("part-*.parquet"))[1]
     part.write_bytes(b"garbage")
     with pytest.raises(contlearn.ContlearnError, match=part.name):

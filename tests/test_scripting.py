@@ -20,8 +20,9 @@ class _Args:
 
 def test_each_field_is_a_flag_with_its_default_and_type():
     assert parse_flags(_Args, "", []) == _Args()
-    args = parse_flags(_Args, "", ["--steps", "7", "--rate", "1e-3", "--name", "cbp", "--quick",
-                                   "--no-paper"])
+    args = parse_flags(
+        _Args, "", ["--steps", "7", "--rate", "1e-3", "--name", "cbp", "--quick", "--no-paper"]
+    )
     assert args == _Args(7, 1e-3, "cbp", True, False)
 
 

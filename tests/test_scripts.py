@@ -12,24 +12,59 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args, cwd, timeout=300):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 
 
 def test_demo_on_a_tiny_budget(tmp_path):
     out = tmp_path / "demo"
-    proc = _run([ROOT / "scripts" / "demo.py", "--out", out, "--tasks", "3",
-                 "--examples-per-task", "200", "--seeds", "2", "--hidden", "16,16",
-                 "--probe-size", "64", "--replacement-rate", "0.01"], ROOT)
+    proc = _run(
+        [
+            ROOT / "scripts" / "demo.py",
+            "--out",
+            out,
+            "--tasks",
+            "3",
+            "--examples-per-task",
+            "200",
+            "--seeds",
+            "2",
+            "--hidden",
+            "16,16",
+            "--probe-size",
+            "64",
+            "--replacement-rate",
+            "0.01",
+        ],
+        ROOT,
+    )
     for name in ("decay.png", "probes.png"):
         assert (out / name).stat().st_size > 10_000
     assert (out / "bp" / "config.json").is_file() and (out / "cbp" / "config.json").is_file()
     assert "cbp" in proc.stdout
-    again = _run([ROOT / "scripts" / "demo.py", "--out", out, "--tasks", "3",
-                  "--examples-per-task", "200", "--seeds", "2", "--hidden", "16,16",
-                  "--probe-size", "64", "--replacement-rate", "0.01"], ROOT)
+    again = _run(
+        [
+            ROOT / "scripts" / "demo.py",
+            "--out",
+            out,
+            "--tasks",
+            "3",
+            "--examples-per-task",
+            "200",
+            "--seeds",
+            "2",
+            "--hidden",
+            "16,16",
+            "--probe-size",
+            "64",
+            "--replacement-rate",
+            "0.01",
+        ],
+        ROOT,
+    )
     assert "bp:" in again.stdout  # re-running resumes the finished runs instead of failing
 
 
@@ -41,8 +76,18 @@ def test_my_agent_script(tmp_path):
 
 @pytest.mark.mujoco
 def test_bench_rl_on_a_tiny_budget():
-    proc = _run([ROOT / "scripts" / "bench_rl.py", "--steps", "2048", "--raw-steps", "100",
-                 "--rounds", "1"], ROOT)
+    proc = _run(
+        [
+            ROOT / "scripts" / "bench_rl.py",
+            "--steps",
+            "2048",
+            "--raw-steps",
+            "100",
+            "--rounds",
+            "1",
+        ],
+        ROOT,
+    )
     assert "value_worker=1" in proc.stdout and "median: raw" in proc.stdout
 
 
@@ -53,8 +98,9 @@ def test_bench_online_helpers_on_a_tiny_budget(monkeypatch):
 
     from contlearn.running.config import resolve
 
-    cfg = resolve({"stream": "permuted-mnist", "learner": "cbp", "hidden": "16,16",
-                   "probes": "none"})
+    cfg = resolve(
+        {"stream": "permuted-mnist", "learner": "cbp", "hidden": "16,16", "probes": "none"}
+    )
     naive = NaiveLearner(cfg, seed=0)
     timed = Timed(naive.run, 1, 1, warmup=20)
     timed.repeat(0.05)

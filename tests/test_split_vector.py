@@ -17,8 +17,12 @@ from contlearn.running.config import resolve
 pytestmark = pytest.mark.mujoco
 
 # short episodes (time limit 25) and a narrow healthy range (terminations), frictions changing
-KWARGS = {"change_every": 20, "change_immediately": True, "schedule_seed": 3,
-          "healthy_z_range": (0.5, 0.9)}
+KWARGS = {
+    "change_every": 20,
+    "change_immediately": True,
+    "schedule_seed": 3,
+    "healthy_z_range": (0.5, 0.9),
+}
 
 
 def fns(n: int) -> list:
@@ -39,9 +43,14 @@ def compare(vec, ref, steps: int = 120) -> tuple[int, int]:
         action = rng.uniform(-1, 1, (n, 8))
         obs, reward, term, trunc, info = vec.step(action)
         obs_ref, reward_ref, term_ref, trunc_ref, info_ref = ref.step(action)
-        for a, b in ((obs, obs_ref), (reward, reward_ref), (term, term_ref),
-                     (trunc, trunc_ref), (info["friction"], info_ref["friction"]),
-                     (info["task"], info_ref["task"])):
+        for a, b in (
+            (obs, obs_ref),
+            (reward, reward_ref),
+            (term, term_ref),
+            (trunc, trunc_ref),
+            (info["friction"], info_ref["friction"]),
+            (info["task"], info_ref["task"]),
+        ):
             assert np.array_equal(a, b)
         for i in np.flatnonzero(term | trunc):
             assert np.array_equal(info["final_obs"][i], info_ref["final_obs"][i])
@@ -85,11 +94,23 @@ def test_local_copies() -> None:
 def test_stream_steps_as_with_gymnasium_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stream's rollouts, episodes and checkpoints are those of the gymnasium vector env
     it used before (``vector=sync``)."""
-    cfg = resolve({"stream": "slippery-ant", "seeds": 2, "num_envs": 2, "vector": "sync",
-                   "max_episode_steps": 30, "change_every": 25, "change_immediately": True})
+    cfg = resolve(
+        {
+            "stream": "slippery-ant",
+            "seeds": 2,
+            "num_envs": 2,
+            "vector": "sync",
+            "max_episode_steps": 30,
+            "change_every": 25,
+            "change_immediately": True,
+        }
+    )
     lean = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
-    monkeypatch.setattr(MujocoRLStream, "_vector_env", lambda self, f: SyncVectorEnv(
-        f, copy=False, autoreset_mode=AutoresetMode.SAME_STEP))
+    monkeypatch.setattr(
+        MujocoRLStream,
+        "_vector_env",
+        lambda self, f: SyncVectorEnv(f, copy=False, autoreset_mode=AutoresetMode.SAME_STEP),
+    )
     ref = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
     try:
         g = torch.Generator().manual_seed(0)
@@ -99,8 +120,10 @@ def test_stream_steps_as_with_gymnasium_sync(monkeypatch: pytest.MonkeyPatch) ->
             assert all(torch.equal(x, y) for x, y in zip(fa, fb, strict=True)) and ea == eb
         assert torch.equal(lean.obs, ref.obs)
         a, b = lean.state_dict(), ref.state_dict()
-        assert all(torch.equal(x["sim"], y["sim"]) and x["rng"] == y["rng"]
-                   for x, y in zip(a["copies"], b["copies"], strict=True))
+        assert all(
+            torch.equal(x["sim"], y["sim"]) and x["rng"] == y["rng"]
+            for x, y in zip(a["copies"], b["copies"], strict=True)
+        )
     finally:
         lean.close()
         ref.close()

@@ -136,8 +136,12 @@ def test_bit_flipping_target_matches_naive_definition():
         expected.append(total)
     wt = torch.tensor(w, dtype=torch.float32)[None]
     theta_t = (m + 1) * beta - (wt < 0).sum(-1).float()
-    out = ltu_target(torch.tensor(bits, dtype=torch.float32)[None], wt, theta_t,
-                     torch.tensor(v, dtype=torch.float32)[None])
+    out = ltu_target(
+        torch.tensor(bits, dtype=torch.float32)[None],
+        wt,
+        theta_t,
+        torch.tensor(v, dtype=torch.float32)[None],
+    )
     assert out.shape == (1, 5, 1)
     assert out[0, :, 0].tolist() == pytest.approx(expected)
 

@@ -19,9 +19,19 @@ def rows(learner, curve, metric="accuracy", stream="permuted-mnist"):
     out = []
     for seed, shift in ((0, 0.0), (1, 0.1)):
         for task, value in enumerate(curve):
-            out.append(dict(run=f"r-{learner}", stream=stream, learner=learner, seed=seed,
-                            step=(task + 1) * 10, task=task, metric=metric, layer="",
-                            value=value + shift))
+            out.append(
+                dict(
+                    run=f"r-{learner}",
+                    stream=stream,
+                    learner=learner,
+                    seed=seed,
+                    step=(task + 1) * 10,
+                    task=task,
+                    metric=metric,
+                    layer="",
+                    value=value + shift,
+                )
+            )
     return out
 
 
@@ -30,9 +40,19 @@ def probe_rows(learner, values):
     out = []
     for (seed, layer), last in values.items():
         for task in range(10):
-            out.append(dict(run=f"r-{learner}", stream="permuted-mnist", learner=learner,
-                            seed=seed, step=task * 10, task=task, metric="dead_fraction",
-                            layer=layer, value=last if task == 9 else 0.0))
+            out.append(
+                dict(
+                    run=f"r-{learner}",
+                    stream="permuted-mnist",
+                    learner=learner,
+                    seed=seed,
+                    step=task * 10,
+                    task=task,
+                    metric="dead_fraction",
+                    layer=layer,
+                    value=last if task == 9 else 0.0,
+                )
+            )
     return out
 
 
@@ -90,8 +110,17 @@ def test_format_summary_aligned(df):
     lines = text.splitlines()
     assert lines[0].startswith("score: accuracy")
     header, rule, first, second = lines[1:]
-    assert header.split() == ["learner", "seeds", "tasks", "first_task", "peak", "final",
-                              "drop_from_peak", "final_dead_fraction", "final_effective_rank"]
+    assert header.split() == [
+        "learner",
+        "seeds",
+        "tasks",
+        "first_task",
+        "peak",
+        "final",
+        "drop_from_peak",
+        "final_dead_fraction",
+        "final_effective_rank",
+    ]
     assert set(rule.replace(" ", "")) == {"-"}
     assert first.split()[0] == "a" and second.split()[0] == "b"
     assert "n/a" in first and "0.35" in first

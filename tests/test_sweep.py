@@ -24,13 +24,16 @@ examples_per_task = 100
 hidden = [8]
 probes = "none"
 """
-GRID = TINY + """
+GRID = (
+    TINY
+    + """
 seeds = 2
 seeds_per_run = 1
 [grid]
 learner = ["bp", "cbp"]
 lr = [0.01, 0.003]
 """
+)
 
 
 def _write(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
@@ -45,28 +48,49 @@ def _frame(root: Path) -> pd.DataFrame:
 
 
 def _files(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_grid_is_a_product_in_order_with_seed_groups_fastest():
-    spec = parse_spec({"stream": "bit-flipping", "seeds": 2, "seeds_per_run": 1,
-                       "grid": {"learner": ["bp", "cbp"], "lr": [0.01, 0.003]}})
+    spec = parse_spec(
+        {
+            "stream": "bit-flipping",
+            "seeds": 2,
+            "seeds_per_run": 1,
+            "grid": {"learner": ["bp", "cbp"], "lr": [0.01, 0.003]},
+        }
+    )
     runs = expand(spec)
     assert [r.name for r in runs[:5]] == [
-        "learner=bp__lr=0.01__seeds=0", "learner=bp__lr=0.01__seeds=1",
-        "learner=bp__lr=0.003__seeds=0", "learner=bp__lr=0.003__seeds=1",
-        "learner=cbp__lr=0.01__seeds=0"]
+        "learner=bp__lr=0.01__seeds=0",
+        "learner=bp__lr=0.01__seeds=1",
+        "learner=bp__lr=0.003__seeds=0",
+        "learner=bp__lr=0.003__seeds=1",
+        "learner=cbp__lr=0.01__seeds=0",
+    ]
     assert len(runs) == 8
-    assert runs[3].config == {"stream": "bit-flipping", "learner": "bp", "lr": 0.003,
-                              "seed": 1, "seeds": 1}
+    assert runs[3].config == {
+        "stream": "bit-flipping",
+        "learner": "bp",
+        "lr": 0.003,
+        "seed": 1,
+        "seeds": 1,
+    }
     assert runs[3].point == {"learner": "bp", "lr": 0.003}
 
 
 def test_zip_groups_move_together_and_multiply_with_the_grid():
-    spec = parse_spec({"stream": "bit-flipping", "grid": {"lr": [0.1, 0.2]},
-                       "zip": [{"hidden": ["5", "7"], "batch_size": [1, 4]},
-                               {"activation": ["relu", "tanh"]}]})
+    spec = parse_spec(
+        {
+            "stream": "bit-flipping",
+            "grid": {"lr": [0.1, 0.2]},
+            "zip": [{"hidden": ["5", "7"], "batch_size": [1, 4]}, {"activation": ["relu", "tanh"]}],
+        }
+    )
     points = [r.point for r in expand(spec)]
     assert len(points) == 8
     assert points[0] == {"lr": 0.1, "hidden": "5", "batch_size": 1, "activation": "relu"}
@@ -74,12 +98,15 @@ def test_zip_groups_move_together_and_multiply_with_the_grid():
     assert {(p["hidden"], p["batch_size"]) for p in points} == {("5", 1), ("7", 4)}
 
 
-@pytest.mark.parametrize("seed, seeds, per_run, groups", [
-    (0, 10, 5, ["seeds=0-4", "seeds=5-9"]),
-    (0, 10, 4, ["seeds=0-3", "seeds=4-7", "seeds=8-9"]),
-    (7, 2, 1, ["seeds=7", "seeds=8"]),
-    (3, 3, None, ["seeds=3-5"]),  # default: all seeds batched in one run
-])
+@pytest.mark.parametrize(
+    "seed, seeds, per_run, groups",
+    [
+        (0, 10, 5, ["seeds=0-4", "seeds=5-9"]),
+        (0, 10, 4, ["seeds=0-3", "seeds=4-7", "seeds=8-9"]),
+        (7, 2, 1, ["seeds=7", "seeds=8"]),
+        (3, 3, None, ["seeds=3-5"]),  # default: all seeds batched in one run
+    ],
+)
 def test_seed_groups(seed, seeds, per_run, groups):
     data = {"stream": "bit-flipping", "seed": seed, "seeds": seeds}
     if per_run:
@@ -92,9 +119,9 @@ def test_seed_groups(seed, seeds, per_run, groups):
 
 def test_names_are_deterministic_readable_and_sanitised():
     assert run_name({"learner": "cbp", "lr": 0.003}, 0, 5) == "learner=cbp__lr=0.003__seeds=0-4"
-    assert run_name({"learner.replacement_rate": 1e-5, "hidden": [100, 100],
-                     "boundaries_visible": True}, 2, 1) == (
-        "learner.replacement_rate=1e-05__hidden=100,100__boundaries_visible=true__seeds=2")
+    assert run_name(
+        {"learner.replacement_rate": 1e-5, "hidden": [100, 100], "boundaries_visible": True}, 2, 1
+    ) == ("learner.replacement_rate=1e-05__hidden=100,100__boundaries_visible=true__seeds=2")
     odd = run_name({"data_dir": "/data/my mnist/../x", "agent": "m.py:My Agent"}, 0, 1)
     assert odd == "data_dir=-data-my-mnist-..-x__agent=m.py-My-Agent__seeds=0"
     long = run_name({"data_dir": "x" * 300}, 0, 1)
@@ -103,26 +130,41 @@ def test_names_are_deterministic_readable_and_sanitised():
 
 
 def test_variants_are_a_union_named_by_what_differs():
-    spec = parse_spec({"stream": "bit-flipping", "grid": {"lr": [0.1, 0.2]}, "variant": [
-        {"learner": "bp"},
-        {"learner": {"name": "cbp"}, "grid": {"learner.replacement_rate": [1e-3, 1e-4]},
-         "hidden": "5"}]})
+    spec = parse_spec(
+        {
+            "stream": "bit-flipping",
+            "grid": {"lr": [0.1, 0.2]},
+            "variant": [
+                {"learner": "bp"},
+                {
+                    "learner": {"name": "cbp"},
+                    "grid": {"learner.replacement_rate": [1e-3, 1e-4]},
+                    "hidden": "5",
+                },
+            ],
+        }
+    )
     names = [r.name for r in expand(spec)]
     assert names == [
-        "learner=bp__lr=0.1__seeds=0", "learner=bp__lr=0.2__seeds=0",
+        "learner=bp__lr=0.1__seeds=0",
+        "learner=bp__lr=0.2__seeds=0",
         "learner=cbp__hidden=5__lr=0.1__learner.replacement_rate=0.001__seeds=0",
         "learner=cbp__hidden=5__lr=0.1__learner.replacement_rate=0.0001__seeds=0",
         "learner=cbp__hidden=5__lr=0.2__learner.replacement_rate=0.001__seeds=0",
-        "learner=cbp__hidden=5__lr=0.2__learner.replacement_rate=0.0001__seeds=0"]
+        "learner=cbp__hidden=5__lr=0.2__learner.replacement_rate=0.0001__seeds=0",
+    ]
 
 
 BAD_SPECS = {
     "unknown key in one point": (
         TINY + '[grid]\nlearner = ["cbp", "bp"]\n"learner.maturity" = [10]\n',
-        "learner=bp__learner.maturity=10__seeds=0: unknown config key 'learner.maturity'"),
+        "learner=bp__learner.maturity=10__seeds=0: unknown config key 'learner.maturity'",
+    ),
     "bad value": (TINY + "[grid]\nlr = [0.1, -1]\n", "lr=-1__seeds=0"),
-    "unequal zip": (TINY + "[[zip]]\nlr = [0.1, 0.2]\nbatch_size = [1]\n",
-                    "zip[0] lists differ in length (lr: 2, batch_size: 1)"),
+    "unequal zip": (
+        TINY + "[[zip]]\nlr = [0.1, 0.2]\nbatch_size = [1]\n",
+        "zip[0] lists differ in length (lr: 2, batch_size: 1)",
+    ),
     "scalar axis": (TINY + "[grid]\nlr = 0.1\n", "grid.lr must be a non-empty list"),
     "seeds as an axis": (TINY + "[grid]\nseed = [0, 1]\n", "seeds are set by the top-level"),
     "key in two axes": (TINY + "[grid]\nlr = [0.1]\n[[zip]]\nlr = [0.2]\n", "'lr' is given twice"),
@@ -152,8 +194,7 @@ def test_set_overrides_base_keys_but_not_axes(cli, tmp_path):
 
 def test_ray_backend_without_ray_names_the_extra(cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    code, _, err = cli("sweep", _write(tmp_path, TINY), "--out", tmp_path / "r",
-                       "--backend", "ray")
+    code, _, err = cli("sweep", _write(tmp_path, TINY), "--out", tmp_path / "r", "--backend", "ray")
     assert code == 2 and "pip install 'contlearn[ray]'" in err
     assert not (tmp_path / "r").exists()
 
@@ -167,10 +208,14 @@ def mnist_dirs(tmp_path):
 
 
 def test_failures_are_reported_and_a_rerun_resumes_without_touching_finished_runs(
-        cli, tmp_path, mnist_dirs):
+    cli, tmp_path, mnist_dirs
+):
     good, missing = mnist_dirs
-    spec = _write(tmp_path, TINY + f'seeds = 2\nseeds_per_run = 1\ncheckpoint_every = 30\n'
-                  f'[grid]\ndata_dir = ["{good}", "{missing}"]\n')
+    spec = _write(
+        tmp_path,
+        TINY + f"seeds = 2\nseeds_per_run = 1\ncheckpoint_every = 30\n"
+        f'[grid]\ndata_dir = ["{good}", "{missing}"]\n',
+    )
     root = tmp_path / "root"
     runs = plan_sweep(spec, root).runs
     ok0, ok1, bad0, bad1 = (root / r.name for r in runs)
@@ -186,8 +231,9 @@ def test_failures_are_reported_and_a_rerun_resumes_without_touching_finished_run
     assert (ok0 / "done.json").is_file() and (ok1 / "done.json").is_file()
     assert not bad0.exists() and not bad1.exists()  # a run that cannot start writes nothing
     whole = contlearn.run(config=runs[1].config, out=tmp_path / "whole")
-    pd.testing.assert_frame_equal(_frame(ok1).drop(columns="run"),
-                                  _frame(whole.path).drop(columns="run"))
+    pd.testing.assert_frame_equal(
+        _frame(ok1).drop(columns="run"), _frame(whole.path).drop(columns="run")
+    )
     sweep_file = json.loads((root / "sweep.json").read_text())
     assert [r["name"] for r in sweep_file["runs"]] == [r.name for r in runs]
     assert sweep_file["spec"]["axes"] == [{"data_dir": [str(good), str(missing)]}]

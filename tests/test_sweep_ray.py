@@ -40,8 +40,13 @@ def ray_address():
         constants = importlib.import_module("ray._private.ray_constants")
         if getattr(constants, "ENABLE_RAY_CLUSTER", True):
             pytest.skip("ray was imported before its loopback-only setting could apply")
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=tmp, log_to_driver=False)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=tmp,
+            log_to_driver=False,
+        )
         try:
             yield ray.get_runtime_context().gcs_address
         finally:
@@ -51,8 +56,13 @@ def ray_address():
 
 def _sweep_cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, **RAY_ENV, "CI": "true"}
-    return subprocess.run([sys.executable, "-m", "contlearn", "sweep", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "contlearn", "sweep", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_ray_sweep_equals_local_sweep(tmp_path, ray_address):
@@ -60,20 +70,33 @@ def test_ray_sweep_equals_local_sweep(tmp_path, ray_address):
     spec = _write(tmp_path, GRID)
     local = run_sweep(plan_sweep(spec, tmp_path / "local"), workers=1)
     assert local.exit_code == 0
-    proc = _sweep_cli(spec, "--out", tmp_path / "ray", "--backend", "ray",
-                      "--address", ray_address, "--cpus-per-run", "1")
+    proc = _sweep_cli(
+        spec,
+        "--out",
+        tmp_path / "ray",
+        "--backend",
+        "ray",
+        "--address",
+        ray_address,
+        "--cpus-per-run",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "8 finished, 0 failed" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(
-        p.name for p in (tmp_path / "local").iterdir())
+        p.name for p in (tmp_path / "local").iterdir()
+    )
     pd.testing.assert_frame_equal(_frame(tmp_path / "ray"), _frame(tmp_path / "local"))
 
 
 def test_ray_sweep_reports_failures_resumes_and_skips_finished_runs(tmp_path, ray_address):
     good, missing = tmp_path / "mnist_ok", tmp_path / "mnist_fixed_later"
     shutil.copytree(PACKAGED_DIR, good)
-    spec = _write(tmp_path, TINY + f'seeds = 2\nseeds_per_run = 1\ncheckpoint_every = 30\n'
-                  f'[grid]\ndata_dir = ["{good}", "{missing}"]\n')
+    spec = _write(
+        tmp_path,
+        TINY + f"seeds = 2\nseeds_per_run = 1\ncheckpoint_every = 30\n"
+        f'[grid]\ndata_dir = ["{good}", "{missing}"]\n',
+    )
     root = tmp_path / "root"
     runs = plan_sweep(spec, root).runs
     ok0, ok1, bad0, bad1 = (root / r.name for r in runs)
@@ -86,8 +109,9 @@ def test_ray_sweep_reports_failures_resumes_and_skips_finished_runs(tmp_path, ra
     for bad in (bad0, bad1):
         assert f"failed {bad.name}: " in report
     whole = contlearn.run(config=runs[1].config, out=tmp_path / "whole")
-    pd.testing.assert_frame_equal(_frame(ok1).drop(columns="run"),
-                                  _frame(whole.path).drop(columns="run"))
+    pd.testing.assert_frame_equal(
+        _frame(ok1).drop(columns="run"), _frame(whole.path).drop(columns="run")
+    )
 
     before = {p.name: _files(p) for p in (ok0, ok1)}
     shutil.copytree(PACKAGED_DIR, missing)  # the fix
@@ -100,8 +124,16 @@ def test_ray_sweep_reports_failures_resumes_and_skips_finished_runs(tmp_path, ra
 def test_unreachable_ray_address_is_one_line_and_writes_nothing(cli, tmp_path, monkeypatch):
     for key, value in RAY_ENV.items():  # in case this is the first test to import ray
         monkeypatch.setenv(key, value)
-    code, _, err = cli("sweep", _write(tmp_path, TINY), "--out", tmp_path / "root",
-                       "--backend", "ray", "--address", "127.0.0.1:1")
+    code, _, err = cli(
+        "sweep",
+        _write(tmp_path, TINY),
+        "--out",
+        tmp_path / "root",
+        "--backend",
+        "ray",
+        "--address",
+        "127.0.0.1:1",
+    )
     assert code == 2 and err.count("\n") == 1
     assert "cannot reach Ray at 127.0.0.1:1" in err
     assert not (tmp_path / "root").exists()

@@ -27,8 +27,9 @@ class BackendMismatchError(ContlearnError):
     """A backend computed something other than the reference step."""
 
 
-def synthetic_batches(info: StreamInfo, steps: int, seed: int = 0
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_batches(
+    info: StreamInfo, steps: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` random ``(obs (R, B, *input_shape), target)`` batches for ``info``'s kind."""
     gen = torch.Generator().manual_seed(seed)
     R, B = info.num_replicas, info.batch_size
@@ -64,16 +65,17 @@ def _blocks(steps: int) -> list[int]:
     return sizes + ([left] if left > 0 else [])
 
 
-def _run(agent: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-         task_starts: set[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _run(
+    agent: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], task_starts: set[int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Step ``agent`` through ``batches``; the predictions and losses of every step."""
     preds, losses = [], []
     blocks = agent.block_ready(agent.info.batch_size)
     t = 0
-    for size in (_blocks(len(batches)) if blocks else [1] * len(batches)):
+    for size in _blocks(len(batches)) if blocks else [1] * len(batches):
         if t in task_starts:
             agent.on_task_start(t)
-        chunk = batches[t:t + size]
+        chunk = batches[t : t + size]
         if blocks:
             obs = torch.stack([o for o, _ in chunk])
             target = torch.stack([y for _, y in chunk])
@@ -89,8 +91,15 @@ def _run(agent: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     return preds, losses
 
 
-def check_online_agent(info: StreamInfo, seeds: Sequence[int], spec: Any, learner: Any,
-                       steps: int = 12, rtol: float = 1e-4, atol: float = 2e-5) -> str:
+def check_online_agent(
+    info: StreamInfo,
+    seeds: Sequence[int],
+    spec: Any,
+    learner: Any,
+    steps: int = 12,
+    rtol: float = 1e-4,
+    atol: float = 2e-5,
+) -> str:
     """Compare the online agent's chosen backend with its reference step.
 
     Args:
@@ -110,8 +119,9 @@ def check_online_agent(info: StreamInfo, seeds: Sequence[int], spec: Any, learne
     """
     from contlearn.agents.online import OnlineAgent
 
-    fast, ref = (OnlineAgent(info, seeds, dataclasses.replace(spec, fast=f), learner)
-                 for f in (True, False))
+    fast, ref = (
+        OnlineAgent(info, seeds, dataclasses.replace(spec, fast=f), learner) for f in (True, False)
+    )
     for agent in (fast, ref):
         agent.watch_gradients()
     batches = synthetic_batches(info, steps)
@@ -125,8 +135,9 @@ def check_online_agent(info: StreamInfo, seeds: Sequence[int], spec: Any, learne
     params = ref.parameters()
     for k, v in fast.parameters().items():
         _close(v, params[k], f"{where}: parameter {k}", rtol, atol)
-    for i, (a, b) in enumerate(zip(tree_leaves(fast.learner_state),
-                                   tree_leaves(ref.learner_state), strict=True)):
+    for i, (a, b) in enumerate(
+        zip(tree_leaves(fast.learner_state), tree_leaves(ref.learner_state), strict=True)
+    ):
         _close(a, b, f"{where}: learner state tensor {i}", rtol, atol)
     stats = ref.update_stats()
     for metric, by_layer in fast.update_stats().items():

@@ -40,9 +40,12 @@ if TYPE_CHECKING:
 _TASKS = ("classification", "regression")
 
 
-def loss_and_delta(out: torch.Tensor, target: torch.Tensor, classification: bool,
-                   minus_one: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_and_delta(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    classification: bool,
+    minus_one: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each replica's mean loss ``(R,)`` and its gradient with respect to ``out`` (summed over
     replicas): cross-entropy (``softmax − one-hot``, over B) or squared error (``2 (ŷ − y) / B``).
 
@@ -74,8 +77,12 @@ class HandBackward:
     @staticmethod
     def supports(cfg: StepConfig) -> bool:
         """Backprop credit on the MLP, any learner, for the losses it knows."""
-        return (cfg.network == "mlp" and cfg.credit == "bp" and cfg.task in _TASKS
-                and cfg.activation in ACTIVATIONS)
+        return (
+            cfg.network == "mlp"
+            and cfg.credit == "bp"
+            and cfg.task in _TASKS
+            and cfg.activation in ACTIVATIONS
+        )
 
     def __init__(self, agent: OnlineAgent) -> None:
         self.agent = agent
@@ -93,13 +100,16 @@ class HandBackward:
         self._cache = (flat, out, hs, zs)
         return out
 
-    def _loss_and_delta(self, out: torch.Tensor, target: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_and_delta(
+        self, out: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         classification = self.agent.info.kind == "classification"
-        if classification and (self._minus_one is None
-                               or self._minus_one.shape[:2] != out.shape[:2]):
-            self._minus_one = torch.full((*out.shape[:2], 1), -1.0, dtype=out.dtype,
-                                         device=out.device)
+        if classification and (
+            self._minus_one is None or self._minus_one.shape[:2] != out.shape[:2]
+        ):
+            self._minus_one = torch.full(
+                (*out.shape[:2], 1), -1.0, dtype=out.dtype, device=out.device
+            )
         return loss_and_delta(out, target, classification, self._minus_one)
 
     @torch.no_grad()
@@ -152,8 +162,9 @@ class FusedBackward(HandBackward):
             first = None
             if self._defer and flat.shape[1] <= kernels.MAX_BATCH:
                 pending, self._pending = self._pending, None
-                first = kernels.input_layer_(views[self._first[0]], pending, flat,
-                                             views[self._first[1]])
+                first = kernels.input_layer_(
+                    views[self._first[0]], pending, flat, views[self._first[1]]
+                )
             else:
                 self.sync()
             out, hs, zs = self.agent.net.forward_train(flat, views, first)
@@ -168,17 +179,30 @@ class FusedBackward(HandBackward):
         agent, plan = self.agent, self.plan
         loss, delta = self._loss_and_delta(out, target)
         defer = self._defer and flat.shape[1] <= kernels.MAX_BATCH
-        cols, first = agent.net.backward_update_(delta, flat, hs, zs, plan.grad_scale,
-                                                 plan.param_scale, plan.col_l1, agent.views,
-                                                 defer_first=defer, grad_l1=agent.grad_l1)
+        cols, first = agent.net.backward_update_(
+            delta,
+            flat,
+            hs,
+            zs,
+            plan.grad_scale,
+            plan.param_scale,
+            plan.col_l1,
+            agent.views,
+            defer_first=defer,
+            grad_l1=agent.grad_l1,
+        )
         if agent.grad_l1 is not None:
             agent.grad_steps += 1
         if first is not None:
             self._pending = (first, flat, plan.grad_scale, plan.param_scale)
         if plan.post is not None:
-            agent.learner_state = plan.post(agent.learner_state, agent.views,
-                                            features=_features(agent, hs),
-                                            task_start=task_start, col_l1=cols)
+            agent.learner_state = plan.post(
+                agent.learner_state,
+                agent.views,
+                features=_features(agent, hs),
+                task_start=task_start,
+                col_l1=cols,
+            )
         return loss
 
 
@@ -197,15 +221,21 @@ class BlockLoop(FusedBackward):
         a fused learner with no post-update edit but continual backprop's (in the form the
         loop takes: :class:`contlearn.learners.fused.UnitReplacer`)."""
         plan = cfg.fused
-        return (FusedBackward.supports(cfg) and cfg.batch_size == 1 and cfg.kernels
-                and cfg.device == "cpu" and cfg.dtype == "float32"
-                and (plan.post is None or plan.replacer is not None)
-                and cfg.activation in kernels.BLOCK_ACTIVATIONS
-                and cfg.depth + 1 <= kernels.MAX_BLOCK_LAYERS)
+        return (
+            FusedBackward.supports(cfg)
+            and cfg.batch_size == 1
+            and cfg.kernels
+            and cfg.device == "cpu"
+            and cfg.dtype == "float32"
+            and (plan.post is None or plan.replacer is not None)
+            and cfg.activation in kernels.BLOCK_ACTIVATIONS
+            and cfg.depth + 1 <= kernels.MAX_BLOCK_LAYERS
+        )
 
     @torch.no_grad()
-    def learn_block(self, obs: torch.Tensor, target: torch.Tensor
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def learn_block(
+        self, obs: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """T online steps at once: the same as T calls of ``act`` and ``observe``.
 
         Args:
@@ -220,8 +250,11 @@ class BlockLoop(FusedBackward):
         x = obs.reshape(T, R, -1).to(torch.float32).contiguous()
         C = agent.info.num_outputs
         classification = agent.info.kind == "classification"
-        y = (target.reshape(T, R).to(torch.int64) if classification
-             else target.reshape(T, R, C).to(torch.float32)).contiguous()
+        y = (
+            target.reshape(T, R).to(torch.int64)
+            if classification
+            else target.reshape(T, R, C).to(torch.float32)
+        ).contiguous()
         self.sync()
         self._cache = None
         layers = agent.net.layers
@@ -236,18 +269,36 @@ class BlockLoop(FusedBackward):
         if replacer is not None:
             cbp = replacer.kernel_state(agent.learner_state)
             if cbp is None:  # supports() promised otherwise: a bug, never a silent other path
-                raise RuntimeError("the block backend was chosen but continual backprop's "
-                                   "state is not in the kernel's form")
+                raise RuntimeError(
+                    "the block backend was chosen but continual backprop's "
+                    "state is not in the kernel's form"
+                )
         pending = kernels.Pending1.empty(R, weights[0].shape[1])
         workers = agent.block_workers()
         while True:
-            kernels.online_block_(weights, biases, x, y, classification, plan.grad_scale,
-                                  plan.param_scale, agent.spec.activation, out, loss, start,
-                                  events, cbp, pending, workers, agent.grad_l1)
+            kernels.online_block_(
+                weights,
+                biases,
+                x,
+                y,
+                classification,
+                plan.grad_scale,
+                plan.param_scale,
+                agent.spec.activation,
+                out,
+                loss,
+                start,
+                events,
+                cbp,
+                pending,
+                workers,
+                agent.grad_l1,
+            )
             if cbp is not None and bool(events.any()):
                 assert replacer is not None
-                replacer.replace(agent.learner_state, agent.views,
-                                 list(events.T.contiguous()), pending.skip)
+                replacer.replace(
+                    agent.learner_state, agent.views, list(events.T.contiguous()), pending.skip
+                )
                 events.zero_()
                 continue  # (the next call also applies what is pending)
             if bool((start >= T).all()):

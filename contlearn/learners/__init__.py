@@ -84,13 +84,34 @@ def learner_diagnostics(learner: Learner, state: Any) -> dict[str, dict[str, Any
     return fn(state) if fn is not None else {}
 
 
-def build_learner(learner: Learner, base: GradientTransformation, network: Any,
-                  seeds: Sequence[int]) -> GradientTransformation:
+def build_learner(
+    learner: Learner, base: GradientTransformation, network: Any, seeds: Sequence[int]
+) -> GradientTransformation:
     """Wrap ``base`` into the chain of ``learner`` for ``network`` and replicas ``seeds``."""
     return learner_def(learner.name).build(learner.spec, base, network, list(seeds))
 
 
-__all__ = ["GradientTransformation", "Learner", "LearnerDef", "adam", "add_decayed_weights",
-           "add_l2", "add_l2_init", "build_learner", "chain", "continual_backprop", "head_reset",
-           "learner_def", "learner_diagnostics", "learners", "redo", "reset_units", "scale",
-           "scale_by_adam", "sgd", "shrink_perturb", "shrink_toward_init", "trace"]
+__all__ = [
+    "GradientTransformation",
+    "Learner",
+    "LearnerDef",
+    "adam",
+    "add_decayed_weights",
+    "add_l2",
+    "add_l2_init",
+    "build_learner",
+    "chain",
+    "continual_backprop",
+    "head_reset",
+    "learner_def",
+    "learner_diagnostics",
+    "learners",
+    "redo",
+    "reset_units",
+    "scale",
+    "scale_by_adam",
+    "sgd",
+    "shrink_perturb",
+    "shrink_toward_init",
+    "trace",
+]

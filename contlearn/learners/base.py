@@ -110,8 +110,12 @@ def per_param_state(state: Any, params: Params) -> list[Params]:
     if isinstance(state, AnchorState):
         return found
     if isinstance(state, dict):
-        if state and set(state) == set(params) and all(
-            isinstance(v, torch.Tensor) and v.shape == params[k].shape for k, v in state.items()
+        if (
+            state
+            and set(state) == set(params)
+            and all(
+                isinstance(v, torch.Tensor) and v.shape == params[k].shape for k, v in state.items()
+            )
         ):
             found.append(state)
         else:

@@ -73,8 +73,9 @@ class CBPState(NamedTuple):
     stats: UnitStats
 
 
-def _check(replacement_rate: float, maturity: int, decay: float, utility: str,
-           rounding: str) -> None:
+def _check(
+    replacement_rate: float, maturity: int, decay: float, utility: str, rounding: str
+) -> None:
     if not 0.0 <= replacement_rate <= 1.0:
         raise ConfigError(f"replacement_rate={replacement_rate} must be in [0, 1]")
     if maturity < 0:
@@ -87,10 +88,19 @@ def _check(replacement_rate: float, maturity: int, decay: float, utility: str,
         raise ConfigError(f"rounding={rounding!r} is unknown; choose one of {', '.join(ROUNDINGS)}")
 
 
-def continual_backprop(inner: GradientTransformation, network: Any, seeds: Sequence[int], *,
-                       replacement_rate: float = 1e-4, maturity: int = 100, decay: float = 0.99,
-                       utility: str = "contribution", bias_folding: bool = True,
-                       rounding: str = "carry", rng_stream: int = 0) -> GradientTransformation:
+def continual_backprop(
+    inner: GradientTransformation,
+    network: Any,
+    seeds: Sequence[int],
+    *,
+    replacement_rate: float = 1e-4,
+    maturity: int = 100,
+    decay: float = 0.99,
+    utility: str = "contribution",
+    bias_folding: bool = True,
+    rounding: str = "carry",
+    rng_stream: int = 0,
+) -> GradientTransformation:
     """Wrap ``inner`` (any chain: SGD, Adam, with regularisers) into continual backprop.
 
     See the module docstring for the exact algorithm. ``update`` needs the keyword extra
@@ -112,15 +122,27 @@ def continual_backprop(inner: GradientTransformation, network: Any, seeds: Seque
         ConfigError: an option is out of range or unknown.
     """
     _check(replacement_rate, maturity, decay, utility, rounding)
-    cbp = _ContinualBackprop(inner, network, list(seeds), replacement_rate, maturity, decay,
-                             utility, bias_folding, rounding, rng_stream)
+    cbp = _ContinualBackprop(
+        inner,
+        network,
+        list(seeds),
+        replacement_rate,
+        maturity,
+        decay,
+        utility,
+        bias_folding,
+        rounding,
+        rng_stream,
+    )
     return GradientTransformation(cbp.init, cbp.update, cbp.fused())
 
 
 def _need_features(features: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     if features is None:
-        raise ValueError("continual_backprop needs the hidden activations: "
-                         "update(..., features={layer: (R, B, H)})")
+        raise ValueError(
+            "continual_backprop needs the hidden activations: "
+            "update(..., features={layer: (R, B, H)})"
+        )
     return features
 
 
@@ -133,9 +155,19 @@ def _batch_mean(h: torch.Tensor) -> torch.Tensor:
 class _ContinualBackprop:
     """The transform behind :func:`continual_backprop` (options fixed at construction)."""
 
-    def __init__(self, inner: GradientTransformation, network: Any, seeds: list[int],
-                 replacement_rate: float, maturity: int, decay: float, utility: str,
-                 bias_folding: bool, rounding: str, rng_stream: int) -> None:
+    def __init__(
+        self,
+        inner: GradientTransformation,
+        network: Any,
+        seeds: list[int],
+        replacement_rate: float,
+        maturity: int,
+        decay: float,
+        utility: str,
+        bias_folding: bool,
+        rounding: str,
+        rng_stream: int,
+    ) -> None:
         self.inner, self.network, self.seeds = inner, network, seeds
         self.rate, self.maturity, self.decay = replacement_rate, maturity, decay
         self.utility, self.bias_folding, self.rounding = utility, bias_folding, rounding
@@ -156,21 +188,36 @@ class _ContinualBackprop:
             if stacked:
                 buf = torch.zeros(len(self.names), *shape, dtype=dtype, device=bias.device)
                 return {n: buf[i] for i, n in enumerate(self.names)}
-            return {n: torch.zeros(params[f"{n}.bias"].shape[: len(shape)], dtype=dtype,
-                                   device=bias.device) for n in self.names}
+            return {
+                n: torch.zeros(
+                    params[f"{n}.bias"].shape[: len(shape)], dtype=dtype, device=bias.device
+                )
+                for n in self.names
+            }
 
-        return CBPState(self.inner.init(params), replica_rng_states(self.seeds, self.rng_stream),
-                        per_layer(bias.shape, bias.dtype), per_layer(bias.shape, bias.dtype),
-                        per_layer(bias.shape[:1], torch.float64),
-                        unit_stats(params, self.names, stacked))
+        return CBPState(
+            self.inner.init(params),
+            replica_rng_states(self.seeds, self.rng_stream),
+            per_layer(bias.shape, bias.dtype),
+            per_layer(bias.shape, bias.dtype),
+            per_layer(bias.shape[:1], torch.float64),
+            unit_stats(params, self.names, stacked),
+        )
 
-    def update(self, grads: Params, state: CBPState, params: Params, *,
-               features: dict[str, torch.Tensor] | None = None, **extra: Any
-               ) -> tuple[Params, CBPState]:
+    def update(
+        self,
+        grads: Params,
+        state: CBPState,
+        params: Params,
+        *,
+        features: dict[str, torch.Tensor] | None = None,
+        **extra: Any,
+    ) -> tuple[Params, CBPState]:
         """The inner update, then steps 1–7 on the post-update parameters."""
         features = _need_features(features)
-        updates, inner_state = self.inner.update(grads, state.inner, params, features=features,
-                                                 **extra)
+        updates, inner_state = self.inner.update(
+            grads, state.inner, params, features=features, **extra
+        )
         return self._steps(state._replace(inner=inner_state), params, updates, features, None)
 
     def fused(self) -> FusedPlan | None:
@@ -181,12 +228,19 @@ class _ContinualBackprop:
             return None
         inner_post = inner.post
 
-        def post(state: CBPState, params: Params, *, features: dict | None = None,
-                 col_l1: dict | None = None, **extra: Any) -> CBPState:
+        def post(
+            state: CBPState,
+            params: Params,
+            *,
+            features: dict | None = None,
+            col_l1: dict | None = None,
+            **extra: Any,
+        ) -> CBPState:
             features = _need_features(features)
             if inner_post is not None:  # e.g. noise: the magnitudes computed before are stale
-                state = state._replace(inner=inner_post(state.inner, params, features=features,
-                                                        col_l1=col_l1, **extra))
+                state = state._replace(
+                    inner=inner_post(state.inner, params, features=features, col_l1=col_l1, **extra)
+                )
                 col_l1 = None
             return self._steps(state, params, None, features, col_l1)[1]
 
@@ -196,8 +250,11 @@ class _ContinualBackprop:
         replacer = None
         # the whole-step kernel takes the paper's utility with carry rounding, with corrections
         # from a table (η for which 1 − η^a reaches 1 in float32)
-        if self.utility == "contribution" and self.rounding == "carry" and \
-                len(self._correction_table(torch.float32, torch.device("cpu"))):
+        if (
+            self.utility == "contribution"
+            and self.rounding == "carry"
+            and len(self._correction_table(torch.float32, torch.device("cpu")))
+        ):
             replacer = UnitReplacer(self._kernel_state, self._replace_counts)
         return FusedPlan(inner.grad_scale, inner.param_scale, post, col, replacer)
 
@@ -211,20 +268,35 @@ class _ContinualBackprop:
             return None
         table = self._correction_table(f.dtype, f.device)
         s = state.stats
-        lists = ([s.age[m] for m in self.names], [state.mean_act[m] for m in self.names],
-                 [state.utility[m] for m in self.names], [s.utility[m] for m in self.names],
-                 [state.carry[m] for m in self.names], [s.eligible[m] for m in self.names])
-        dtypes = (torch.int64, torch.float32, torch.float32, torch.float32, torch.float64,
-                  torch.int64)
-        if not len(table) or not all(t.is_contiguous() and t.dtype == dt
-                                     for ts, dt in zip(lists, dtypes, strict=True)
-                                     for t in ts):
+        lists = (
+            [s.age[m] for m in self.names],
+            [state.mean_act[m] for m in self.names],
+            [state.utility[m] for m in self.names],
+            [s.utility[m] for m in self.names],
+            [state.carry[m] for m in self.names],
+            [s.eligible[m] for m in self.names],
+        )
+        dtypes = (
+            torch.int64,
+            torch.float32,
+            torch.float32,
+            torch.float32,
+            torch.float64,
+            torch.int64,
+        )
+        if not len(table) or not all(
+            t.is_contiguous() and t.dtype == dt
+            for ts, dt in zip(lists, dtypes, strict=True)
+            for t in ts
+        ):
             return None
-        return kernels.CBPKernelState(*lists, self.decay, self.maturity, self.rate, table,
-                                      self.nonnegative)
+        return kernels.CBPKernelState(
+            *lists, self.decay, self.maturity, self.rate, table, self.nonnegative
+        )
 
-    def _replace_counts(self, state: CBPState, params: Params, counts: list[torch.Tensor],
-                        skip: torch.Tensor) -> None:
+    def _replace_counts(
+        self, state: CBPState, params: Params, counts: list[torch.Tensor], skip: torch.Tensor
+    ) -> None:
         """Steps 6–7 on ``params`` as the whole-step kernel left them, for ``counts`` (one
         ``(R,)`` per layer): the fresh rows drawn here, the rest in one compiled call, which
         marks replaced input-layer units in ``skip`` (see ``kernels.Pending1``)."""
@@ -233,18 +305,33 @@ class _ContinualBackprop:
         layers = self.network.layers
         fresh = []
         for name, k in zip(self.names, counts, strict=True):
-            rows = [draw(state.rng, r, lambda g, n=n, name=name: self.network.sample_init(
-                name, n, g))[0] for r, n in enumerate(k.tolist()) if n]
+            rows = [
+                draw(state.rng, r, lambda g, n=n, name=name: self.network.sample_init(name, n, g))[
+                    0
+                ]
+                for r, n in enumerate(k.tolist())
+                if n
+            ]
             fresh.append(torch.cat(rows) if rows else torch.empty(0))
-        kernels.cbp_replace_([params[f"{layer.name}.weight"] for layer in layers],
-                             [params[f"{layer.name}.bias"] for layer in layers],
-                             torch.stack(counts, 1), fresh, kernel_state,
-                             [state.stats.replacements[n] for n in self.names],
-                             self.bias_folding, skip)
+        kernels.cbp_replace_(
+            [params[f"{layer.name}.weight"] for layer in layers],
+            [params[f"{layer.name}.bias"] for layer in layers],
+            torch.stack(counts, 1),
+            fresh,
+            kernel_state,
+            [state.stats.replacements[n] for n in self.names],
+            self.bias_folding,
+            skip,
+        )
 
-    def _steps(self, state: CBPState, params: Params, updates: Params | None,
-               features: dict[str, torch.Tensor], col_l1: dict | None
-               ) -> tuple[Params, CBPState]:
+    def _steps(
+        self,
+        state: CBPState,
+        params: Params,
+        updates: Params | None,
+        features: dict[str, torch.Tensor],
+        col_l1: dict | None,
+    ) -> tuple[Params, CBPState]:
         """Steps 1–7 on ``params + updates`` (``updates=None``: params are already updated)."""
         if self._compiled(state, features):
             counts = self._compiled_steps(state, params, updates, features, col_l1 or {})
@@ -256,8 +343,9 @@ class _ContinualBackprop:
             return updates, state
         return self._replace(state, params, updates, counts), state
 
-    def _replace(self, state: CBPState, params: Params, updates: Params | None,
-                 counts: list[torch.Tensor]) -> Params | None:
+    def _replace(
+        self, state: CBPState, params: Params, updates: Params | None, counts: list[torch.Tensor]
+    ) -> Params | None:
         """Steps 6–7, layer by layer from the input side: replace ``counts[l]`` (``(R,)``)
         units of hidden layer l; returns the (edited) updates."""
         for name, k in zip(self.names, counts, strict=True):
@@ -266,10 +354,15 @@ class _ContinualBackprop:
                 continue
             correction = self._correction(state.stats.age[name], state.mean_act[name].dtype)
             fold = state.mean_act[name] / correction if self.bias_folding else None  # f̂
-            updates = reset_units(params, updates, state.inner, self.network, name, mask,
-                                  state.rng, fold=fold)
-            for t in (state.stats.age[name], state.mean_act[name], state.utility[name],
-                      state.stats.utility[name]):
+            updates = reset_units(
+                params, updates, state.inner, self.network, name, mask, state.rng, fold=fold
+            )
+            for t in (
+                state.stats.age[name],
+                state.mean_act[name],
+                state.utility[name],
+                state.stats.utility[name],
+            ):
                 t.masked_fill_(mask, 0)
             state.stats.replacements[name].add_(mask.sum(1))
         return updates
@@ -277,20 +370,32 @@ class _ContinualBackprop:
     def _compiled(self, state: CBPState, features: dict[str, torch.Tensor]) -> bool:
         """Whether steps 1–5 can run in the compiled kernel (default utility, carry rounding,
         CPU float32 contiguous state)."""
-        if self.utility != "contribution" or self.rounding != "carry" or \
-                kernels.library() is None:
+        if self.utility != "contribution" or self.rounding != "carry" or kernels.library() is None:
             return False
         n = self.names[0]
         f, h = state.mean_act[n], features[n]
-        return (f.device.type == "cpu" and f.dtype == torch.float32 and h.dtype == f.dtype
-                and len(self._correction_table(f.dtype, f.device)) > 0
-                and all(state.mean_act[m].is_contiguous() and state.utility[m].is_contiguous()
-                        and state.stats.utility[m].is_contiguous()
-                        and state.stats.age[m].is_contiguous() for m in self.names))
+        return (
+            f.device.type == "cpu"
+            and f.dtype == torch.float32
+            and h.dtype == f.dtype
+            and len(self._correction_table(f.dtype, f.device)) > 0
+            and all(
+                state.mean_act[m].is_contiguous()
+                and state.utility[m].is_contiguous()
+                and state.stats.utility[m].is_contiguous()
+                and state.stats.age[m].is_contiguous()
+                for m in self.names
+            )
+        )
 
-    def _compiled_steps(self, state: CBPState, params: Params, updates: Params | None,
-                        features: dict[str, torch.Tensor], col_l1: dict
-                        ) -> list[torch.Tensor] | None:
+    def _compiled_steps(
+        self,
+        state: CBPState,
+        params: Params,
+        updates: Params | None,
+        features: dict[str, torch.Tensor],
+        col_l1: dict,
+    ) -> list[torch.Tensor] | None:
         """Steps 1–5 with :func:`contlearn.backends.kernels.cbp_stats_`, one call per layer
         (the same formulas as :meth:`_test` and :meth:`_counts`)."""
         counts, total = [], 0
@@ -298,16 +403,27 @@ class _ContinualBackprop:
             table = self._correction_table(state.mean_act[name].dtype, state.mean_act[name].device)
             out = self._out_mag(params, updates, f"{nxt}.weight", col_l1)
             k, n = kernels.cbp_stats_(
-                state.stats.age[name], state.mean_act[name], state.utility[name],
-                state.stats.utility[name], features[name], out, state.carry[name],
-                state.stats.eligible[name], self.decay, self.maturity, self.rate, table,
-                self.nonnegative)
+                state.stats.age[name],
+                state.mean_act[name],
+                state.utility[name],
+                state.stats.utility[name],
+                features[name],
+                out,
+                state.carry[name],
+                state.stats.eligible[name],
+                self.decay,
+                self.maturity,
+                self.rate,
+                table,
+                self.nonnegative,
+            )
             counts.append(k)
             total += n
         return counts if total else None
 
-    def _out_mag(self, params: Params, updates: Params | None, key: str, col_l1: dict
-                 ) -> torch.Tensor:
+    def _out_mag(
+        self, params: Params, updates: Params | None, key: str, col_l1: dict
+    ) -> torch.Tensor:
         """``Σ_k |W[k, i]|`` of the post-update weight ``key`` ``(R, K, H)``: ``(R, H)``."""
         if key in col_l1:
             return col_l1[key]
@@ -331,7 +447,7 @@ class _ContinualBackprop:
             n = torch.arange(1 << 16, dtype=dtype, device=device)
             table = torch.rsub(torch.pow(self.decay, n), 1.0)
             ones = (table == 1.0).nonzero()
-            if len(ones) and bool((table[int(ones[0]):] == 1.0).all()):
+            if len(ones) and bool((table[int(ones[0]) :] == 1.0).all()):
                 table = table[: int(ones[0]) + 1].clone()
             else:
                 table = torch.empty(0, dtype=dtype, device=device)  # no plateau: use pow
@@ -343,9 +459,15 @@ class _ContinualBackprop:
         and they are consecutive views of one tensor (see :meth:`init`), else one per layer."""
         ts = [d[n] for n in self.names]
         base = ts[0]._base
-        if len(ts) > 1 and base is not None and base.shape[0] == len(ts) and all(
+        if (
+            len(ts) > 1
+            and base is not None
+            and base.shape[0] == len(ts)
+            and all(
                 t._base is base and t.storage_offset() == i * base.stride(0)
-                for i, t in enumerate(ts)):
+                for i, t in enumerate(ts)
+            )
+        ):
             return [base]
         return ts
 
@@ -357,8 +479,14 @@ class _ContinualBackprop:
         """The inverse of :meth:`_like`: one tensor per layer."""
         return list(group[0].unbind(0)) if len(group) < len(self.names) else group
 
-    def _test(self, state: CBPState, params: Params, updates: Params | None,
-              features: dict[str, torch.Tensor], col_l1: dict) -> list[torch.Tensor]:
+    def _test(
+        self,
+        state: CBPState,
+        params: Params,
+        updates: Params | None,
+        features: dict[str, torch.Tensor],
+        col_l1: dict,
+    ) -> list[torch.Tensor]:
         """Steps 1–4 for every layer; returns the bias corrections ``1 − η^a`` ``(R, H)``."""
         decay, names = self.decay, self.names
         ages, f = self._group(state.stats.age), self._group(state.mean_act)
@@ -367,22 +495,35 @@ class _ContinualBackprop:
         torch._foreach_add_(ages, 1)
         torch._foreach_lerp_(f, [_batch_mean(x) for x in h], 1.0 - decay)
         correction = [self._correction(a, f[0].dtype) for a in ages]  # 1 − η^a
-        out_mag = [self._out_mag(params, updates, f"{nxt}.weight", col_l1)
-                   for _, nxt in self.layers]
+        out_mag = [
+            self._out_mag(params, updates, f"{nxt}.weight", col_l1) for _, nxt in self.layers
+        ]
         if self.utility == "contribution":
             act = h if self.nonnegative else [x.abs() for x in h]  # relu: |h| = h
             y = torch._foreach_mul([_batch_mean(x) for x in act], self._like(ages, out_mag))
         else:
             f_hat = self._split(torch._foreach_div(f, correction))
-            y = self._like(ages, [self._adaptable(params, updates, n, features[n], fh, om)
-                                  for n, fh, om in zip(names, f_hat, out_mag, strict=True)])
+            y = self._like(
+                ages,
+                [
+                    self._adaptable(params, updates, n, features[n], fh, om)
+                    for n, fh, om in zip(names, f_hat, out_mag, strict=True)
+                ],
+            )
         torch._foreach_lerp_(u, y, 1.0 - decay)
         for uh, uu, c in zip(u_hat, u, correction, strict=True):
             torch.div(uu, c, out=uh)
         return self._split(correction)
 
-    def _adaptable(self, params: Params, updates: Params | None, name: str, h: torch.Tensor,
-                   f_hat: torch.Tensor, out_mag: torch.Tensor) -> torch.Tensor:
+    def _adaptable(
+        self,
+        params: Params,
+        updates: Params | None,
+        name: str,
+        h: torch.Tensor,
+        f_hat: torch.Tensor,
+        out_mag: torch.Tensor,
+    ) -> torch.Tensor:
         """``mean_b |h − f̂| · Σ_k |W_{l+1}[k, i]| / mean_j |W_l[i, j]|``: ``(R, H)``."""
         key = f"{name}.weight"
         w_in = params[key] if updates is None else params[key] + updates[key]  # (R, H, D)
@@ -392,11 +533,14 @@ class _ContinualBackprop:
     def _uniforms(self, rng: torch.Tensor) -> torch.Tensor:
         """One U[0, 1) per hidden layer per replica for stochastic rounding: ``(R, L)``."""
         L = len(self.names)
-        return torch.stack([draw(rng, r, lambda g: torch.rand(L, generator=g, dtype=torch.float64))
-                            for r in range(rng.shape[0])])
+        return torch.stack(
+            [
+                draw(rng, r, lambda g: torch.rand(L, generator=g, dtype=torch.float64))
+                for r in range(rng.shape[0])
+            ]
+        )
 
-    def _counts(self, state: CBPState, uniforms: torch.Tensor | None
-                ) -> list[torch.Tensor] | None:
+    def _counts(self, state: CBPState, uniforms: torch.Tensor | None) -> list[torch.Tensor] | None:
         """Step 5 for every layer: ``(R,)`` int64 units to replace per layer, or None if no
         layer of any replica replaces anything this step. (``k ≤ |E|`` always: the carry is
         below 1 before it grows by ``ρ|E| ≤ |E|``.)"""

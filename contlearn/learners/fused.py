@@ -110,6 +110,7 @@ def _compose(plans: list[FusedPlan]) -> FusedPlan | None:
     replacer = None
     inner = plans[first].replacer
     if len(posts) == 1 and inner is not None:
+
         def kernel_state(state: ChainState) -> Any:
             return inner.kernel_state(state.inner[first])
 

@@ -123,8 +123,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         m = [state.mu[k] for k in keys]
         v = [state.nu[k] for k in keys]
         if all(kernels.adam_applies(*ts) for ts in zip(g, m, v, n, strict=True)):
-            out = [kernels.adam_direction_(*ts, b1, b2, eps) for ts in
-                   zip(g, m, v, n, strict=True)]
+            out = [kernels.adam_direction_(*ts, b1, b2, eps) for ts in zip(g, m, v, n, strict=True)]
             return dict(zip(keys, out, strict=True)), state
         before = [uniform.value(ni) for ni in n]
         torch._foreach_add_(n, 1.0)
@@ -156,7 +155,8 @@ def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> GradientTra
     return scale(-lr)
 
 
-def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-         ) -> GradientTransformation:
+def adam(
+    lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> GradientTransformation:
     """``torch.optim.Adam``; "proper Adam" of Dohare et al. is ``b1 == b2``."""
     return chain(scale_by_adam(b1, b2, eps), scale(-lr))

@@ -46,9 +46,16 @@ class ReDoState(NamedTuple):
     stats: UnitStats
 
 
-def redo(inner: GradientTransformation, network: Any, seeds: Sequence[int], *,
-         threshold: float = 0.01, period: int = 1000, window: int = 1000,
-         rng_stream: int = 0) -> GradientTransformation:
+def redo(
+    inner: GradientTransformation,
+    network: Any,
+    seeds: Sequence[int],
+    *,
+    threshold: float = 0.01,
+    period: int = 1000,
+    window: int = 1000,
+    rng_stream: int = 0,
+) -> GradientTransformation:
     """Wrap ``inner`` into ReDo (see the module docstring).
 
     ``update`` needs the keyword extra ``features={layer: (R, B, H)}``.
@@ -69,8 +76,9 @@ def redo(inner: GradientTransformation, network: Any, seeds: Sequence[int], *,
     if threshold < 0:
         raise ConfigError(f"threshold={threshold} must be >= 0")
     if period < 1 or not 1 <= window <= period:
-        raise ConfigError(f"need period >= 1 and 1 <= window <= period; got period={period}, "
-                          f"window={window}")
+        raise ConfigError(
+            f"need period >= 1 and 1 <= window <= period; got period={period}, window={window}"
+        )
     impl = _ReDo(inner, network, list(seeds), threshold, period, window, rng_stream)
     return GradientTransformation(impl.init, impl.update)
 
@@ -78,8 +86,16 @@ def redo(inner: GradientTransformation, network: Any, seeds: Sequence[int], *,
 class _ReDo:
     """The transform behind :func:`redo` (options fixed at construction)."""
 
-    def __init__(self, inner: GradientTransformation, network: Any, seeds: list[int],
-                 threshold: float, period: int, window: int, rng_stream: int) -> None:
+    def __init__(
+        self,
+        inner: GradientTransformation,
+        network: Any,
+        seeds: list[int],
+        threshold: float,
+        period: int,
+        window: int,
+        rng_stream: int,
+    ) -> None:
         self.inner, self.network, self.seeds = inner, network, seeds
         self.threshold, self.period, self.window = threshold, period, window
         self.rng_stream = rng_stream
@@ -87,19 +103,29 @@ class _ReDo:
 
     def init(self, params: Params) -> ReDoState:
         """Zero statistics, the inner chain's state and the replicas' generators."""
-        return ReDoState(self.inner.init(params), replica_rng_states(self.seeds, self.rng_stream),
-                         torch.zeros((), dtype=torch.int64),
-                         {n: torch.zeros_like(params[f"{n}.bias"]) for n in self.layers},
-                         unit_stats(params, self.layers))
+        return ReDoState(
+            self.inner.init(params),
+            replica_rng_states(self.seeds, self.rng_stream),
+            torch.zeros((), dtype=torch.int64),
+            {n: torch.zeros_like(params[f"{n}.bias"]) for n in self.layers},
+            unit_stats(params, self.layers),
+        )
 
-    def update(self, grads: Params, state: ReDoState, params: Params, *,
-               features: dict[str, torch.Tensor] | None = None, **extra: Any
-               ) -> tuple[Params, ReDoState]:
+    def update(
+        self,
+        grads: Params,
+        state: ReDoState,
+        params: Params,
+        *,
+        features: dict[str, torch.Tensor] | None = None,
+        **extra: Any,
+    ) -> tuple[Params, ReDoState]:
         """The inner update; accumulate |h| in the window; every F updates, recycle."""
         if features is None:
             raise ValueError("redo needs the hidden activations: update(..., features=...)")
-        updates, inner_state = self.inner.update(grads, state.inner, params, features=features,
-                                                 **extra)
+        updates, inner_state = self.inner.update(
+            grads, state.inner, params, features=features, **extra
+        )
         t = int(state.count.add_(1))
         in_window = (t - 1) % self.period >= self.period - self.window
         for name in self.layers:
@@ -109,8 +135,9 @@ class _ReDo:
         if t % self.period == 0:
             masks = [self._score(state, name) <= self.threshold for name in self.layers]
             for name, mask in zip(self.layers, masks, strict=True):
-                updates = reset_units(params, updates, inner_state, self.network, name, mask,
-                                      state.rng)
+                updates = reset_units(
+                    params, updates, inner_state, self.network, name, mask, state.rng
+                )
                 state.stats.age[name].masked_fill_(mask, 0)
                 state.stats.replacements[name].add_(mask.sum(1))
         return updates, state._replace(inner=inner_state)

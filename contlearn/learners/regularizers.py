@@ -42,8 +42,9 @@ def add_l2(weight_decay: float) -> GradientTransformation:
 
     def fn(grads: Params, params: Params, **extra: Any) -> Params:
         keys = list(grads)
-        out = torch._foreach_add([grads[k] for k in keys], [params[k] for k in keys],
-                                 alpha=weight_decay)
+        out = torch._foreach_add(
+            [grads[k] for k in keys], [params[k] for k in keys], alpha=weight_decay
+        )
         return dict(zip(keys, out, strict=True))
 
     return stateless(fn, FusedPlan(1.0, weight_decay))
@@ -65,8 +66,7 @@ def add_decayed_weights(weight_decay: float, lr: float = 1.0) -> GradientTransfo
 
     def fn(grads: Params, params: Params, **extra: Any) -> Params:
         keys = list(grads)
-        out = torch._foreach_add([grads[k] for k in keys], [params[k] for k in keys],
-                                 alpha=-rate)
+        out = torch._foreach_add([grads[k] for k in keys], [params[k] for k in keys], alpha=-rate)
         return dict(zip(keys, out, strict=True))
 
     return stateless(fn, FusedPlan(1.0, -rate))
@@ -114,18 +114,22 @@ def _noise(rng: torch.Tensor, params: Params, keys: list[str]) -> list[torch.Ten
     R = rng.shape[0]
     flat = torch.empty(R, sum(sizes))  # (R, total), float32 as randn's default
     for r in range(R):
+
         def fill(g: torch.Generator, row: torch.Tensor = flat[r]) -> torch.Tensor:
             return torch.randn(row.shape, generator=g, out=row)
 
         draw(rng, r, fill)
     first = params[keys[0]]
     flat = flat.to(device=first.device, dtype=first.dtype)
-    return [c.reshape(params[k].shape) for c, k in
-            zip(torch.split(flat, sizes, dim=1), keys, strict=True)]
+    return [
+        c.reshape(params[k].shape)
+        for c, k in zip(torch.split(flat, sizes, dim=1), keys, strict=True)
+    ]
 
 
-def shrink_perturb(shrink: float, sigma: float, seeds: Sequence[int],
-                   rng_stream: int = 1) -> GradientTransformation:
+def shrink_perturb(
+    shrink: float, sigma: float, seeds: Sequence[int], rng_stream: int = 1
+) -> GradientTransformation:
     """Shrink-and-perturb after every update (Ash & Adams 2020, as used by Dohare et al. 2024):
     ``θ ← (1 − λ)θ' + σε``, ``θ' = θ + u`` the optimizer's result, ``ε ~ N(0, 1)`` fresh on
     every weight and bias each step.
@@ -163,16 +167,22 @@ def shrink_perturb(shrink: float, sigma: float, seeds: Sequence[int],
         sizes = [params[k][0].numel() for k in keys]
         R = state.rng.shape[0]
         if R == 1 or R * sum(sizes) * 4 <= _NOISE_BYTES:
-            torch._foreach_add_([params[k] for k in keys], _noise(state.rng, params, keys),
-                                alpha=sigma)
+            torch._foreach_add_(
+                [params[k] for k in keys], _noise(state.rng, params, keys), alpha=sigma
+            )
             return state
         buf = torch.empty(sum(sizes))
         for r in range(R):
             draw(state.rng, r, lambda g: torch.randn(buf.shape, generator=g, out=buf))
             noise = buf.to(device=params[keys[0]].device, dtype=params[keys[0]].dtype)
-            torch._foreach_add_([params[k][r] for k in keys],
-                                [c.view(params[k].shape[1:]) for c, k in
-                                 zip(torch.split(noise, sizes), keys, strict=True)], alpha=sigma)
+            torch._foreach_add_(
+                [params[k][r] for k in keys],
+                [
+                    c.view(params[k].shape[1:])
+                    for c, k in zip(torch.split(noise, sizes), keys, strict=True)
+                ],
+                alpha=sigma,
+            )
         return state
 
     return GradientTransformation(init, update, FusedPlan(1.0 - shrink, -shrink, perturb))

@@ -47,8 +47,9 @@ def materialize(params: Params, updates: Params, names: Sequence[str]) -> Params
     return out
 
 
-def _fresh_rows(network: Any, layer: str, mask: torch.Tensor, rng: torch.Tensor,
-                init_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _fresh_rows(
+    network: Any, layer: str, mask: torch.Tensor, rng: torch.Tensor, init_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New incoming weights and biases for the masked units, replica by replica, stacked in
     ``mask``'s row-major order (replica, then unit): ``((N, fan_in), (N,))``, on the CPU."""
     ws, bs = [], []
@@ -61,16 +62,43 @@ def _fresh_rows(network: Any, layer: str, mask: torch.Tensor, rng: torch.Tensor,
 
 
 @overload
-def reset_units(params: Params, updates: Params, inner_state: Any, network: Any, layer: str,
-                mask: torch.Tensor, rng: torch.Tensor, *, fold: torch.Tensor | None = None,
-                init_bias: bool = False) -> Params: ...
+def reset_units(
+    params: Params,
+    updates: Params,
+    inner_state: Any,
+    network: Any,
+    layer: str,
+    mask: torch.Tensor,
+    rng: torch.Tensor,
+    *,
+    fold: torch.Tensor | None = None,
+    init_bias: bool = False,
+) -> Params: ...
 @overload
-def reset_units(params: Params, updates: None, inner_state: Any, network: Any, layer: str,
-                mask: torch.Tensor, rng: torch.Tensor, *, fold: torch.Tensor | None = None,
-                init_bias: bool = False) -> None: ...
-def reset_units(params: Params, updates: Params | None, inner_state: Any, network: Any,
-                layer: str, mask: torch.Tensor, rng: torch.Tensor, *,
-                fold: torch.Tensor | None = None, init_bias: bool = False) -> Params | None:
+def reset_units(
+    params: Params,
+    updates: None,
+    inner_state: Any,
+    network: Any,
+    layer: str,
+    mask: torch.Tensor,
+    rng: torch.Tensor,
+    *,
+    fold: torch.Tensor | None = None,
+    init_bias: bool = False,
+) -> None: ...
+def reset_units(
+    params: Params,
+    updates: Params | None,
+    inner_state: Any,
+    network: Any,
+    layer: str,
+    mask: torch.Tensor,
+    rng: torch.Tensor,
+    *,
+    fold: torch.Tensor | None = None,
+    init_bias: bool = False,
+) -> Params | None:
     """Re-initialise the units ``mask`` of ``layer`` (see the module docstring).
 
     Only the replaced rows and columns are read or written (index ops, not whole-tensor masks).
@@ -146,11 +174,17 @@ def unit_stats(params: Params, layers: Sequence[str], stacked: bool = False) -> 
         if stacked:
             buf = torch.zeros(len(layers), *shape, dtype=dtype, device=bias.device)
             return {n: buf[i] for i, n in enumerate(layers)}
-        return {n: torch.zeros(params[f"{n}.bias"].shape[: len(shape)], dtype=dtype,
-                               device=bias.device) for n in layers}
+        return {
+            n: torch.zeros(params[f"{n}.bias"].shape[: len(shape)], dtype=dtype, device=bias.device)
+            for n in layers
+        }
 
-    return UnitStats(make(bias.shape, torch.int64), make(bias.shape, bias.dtype),
-                     make(bias.shape[:1], torch.int64), make(bias.shape[:1], torch.int64))
+    return UnitStats(
+        make(bias.shape, torch.int64),
+        make(bias.shape, bias.dtype),
+        make(bias.shape[:1], torch.int64),
+        make(bias.shape[:1], torch.int64),
+    )
 
 
 def reset_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
@@ -163,14 +197,19 @@ def reset_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
     for stats in find_states(state, UnitStats):
         for layer, age in stats.age.items():
             util = stats.utility[layer].to(torch.float64)
-            q = torch.quantile(util, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64,
-                                                  device=util.device), dim=1)
-            out.setdefault(layer, {}).update({
-                "replacements": stats.replacements[layer].clone(),
-                "eligible_units": stats.eligible[layer].clone(),
-                "mean_age": age.to(torch.float64).mean(1),
-                "utility_q10": q[0], "utility_q50": q[1], "utility_q90": q[2],
-            })
+            q = torch.quantile(
+                util, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=util.device), dim=1
+            )
+            out.setdefault(layer, {}).update(
+                {
+                    "replacements": stats.replacements[layer].clone(),
+                    "eligible_units": stats.eligible[layer].clone(),
+                    "mean_age": age.to(torch.float64).mean(1),
+                    "utility_q10": q[0],
+                    "utility_q50": q[1],
+                    "utility_q90": q[2],
+                }
+            )
     return out
 
 
@@ -182,8 +221,13 @@ class HeadResetState(NamedTuple):
     resets: torch.Tensor
 
 
-def head_reset(inner: GradientTransformation, network: Any, seeds: Sequence[int],
-               layer: str = "output", rng_stream: int = 0) -> GradientTransformation:
+def head_reset(
+    inner: GradientTransformation,
+    network: Any,
+    seeds: Sequence[int],
+    layer: str = "output",
+    rng_stream: int = 0,
+) -> GradientTransformation:
     """Re-initialise the output layer at every visible task start.
 
     When ``update`` gets ``task_start=True`` (the agent passes it on the first update of a
@@ -203,18 +247,29 @@ def head_reset(inner: GradientTransformation, network: Any, seeds: Sequence[int]
 
     def init(params: Params) -> HeadResetState:
         bias = params[f"{layer}.bias"]
-        return HeadResetState(inner.init(params), replica_rng_states(seeds, rng_stream),
-                              torch.zeros(bias.shape[0], dtype=torch.int64, device=bias.device))
+        return HeadResetState(
+            inner.init(params),
+            replica_rng_states(seeds, rng_stream),
+            torch.zeros(bias.shape[0], dtype=torch.int64, device=bias.device),
+        )
 
-    def update(grads: Params, state: HeadResetState, params: Params, *,
-               task_start: bool = False, **extra: Any):
-        updates, inner_state = inner.update(grads, state.inner, params, task_start=task_start,
-                                            **extra)
+    def update(
+        grads: Params,
+        state: HeadResetState,
+        params: Params,
+        *,
+        task_start: bool = False,
+        **extra: Any,
+    ):
+        updates, inner_state = inner.update(
+            grads, state.inner, params, task_start=task_start, **extra
+        )
         if task_start:
             bias = params[f"{layer}.bias"]
             mask = torch.ones(bias.shape, dtype=torch.bool, device=bias.device)  # (R, C)
-            updates = reset_units(params, updates, inner_state, network, layer, mask, state.rng,
-                                  init_bias=True)
+            updates = reset_units(
+                params, updates, inner_state, network, layer, mask, state.rng, init_bias=True
+            )
             state.resets.add_(1)
         return updates, HeadResetState(inner_state, state.rng, state.resets)
 

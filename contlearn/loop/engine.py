@@ -65,8 +65,9 @@ class DivergenceError(ContlearnError):
     """A replica's loss became NaN or infinite and the run was set to stop on divergence."""
 
 
-def probe_records(schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: Agent,
-                  step: int, task: int) -> list[Record]:
+def probe_records(
+    schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: Agent, step: int, task: int
+) -> list[Record]:
     """Run the scheduled probes that precede the probe step's update, on a fresh probe batch of
     the current task and the agent's ``update_stats()`` since the last probe."""
     return results_records(step, task, scheduled_results(schedule, stream, agent))
@@ -84,8 +85,14 @@ class SteppingLoop:
     diverged: torch.Tensor  # (R,) bool
     on_divergence: str
 
-    def __init__(self, stream: Stream, agent: Agent, emit: Callable[[Record], None],
-                 progress: Progress | None, on_divergence: str) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        agent: Agent,
+        emit: Callable[[Record], None],
+        progress: Progress | None,
+        on_divergence: str,
+    ) -> None:
         self.stream, self.agent, self.emit = stream, agent, emit
         self.progress, self.on_divergence = progress, on_divergence
         self.info = stream.info
@@ -128,21 +135,28 @@ class SteppingLoop:
         step = self.stream.step if step is None else step
         replicas = [int(r) for r in bad.nonzero().flatten()]
         for r in replicas:
-            self.emit(Record("diverged", step, self.replica_task(r),
-                             {"diverged": torch.ones(1)}, replica=r))
+            self.emit(
+                Record(
+                    "diverged", step, self.replica_task(r), {"diverged": torch.ones(1)}, replica=r
+                )
+            )
         if self.on_divergence == "stop":
             seeds = [self.stream.seeds[r] for r in replicas]
             raise DivergenceError(
                 f"seed {', '.join(map(str, seeds))} diverged (non-finite loss) at step "
-                f"{step}; lower lr, or set on_divergence=mark to let the other seeds go on")
+                f"{step}; lower lr, or set on_divergence=mark to let the other seeds go on"
+            )
         self.diverged |= bad
         if isinstance(self.agent, SupportsStopReplicas):
             self.agent.stop_replicas(self.diverged.clone())
 
-
-    def run(self, steps: int, stop: Callable[[], bool] | None = None,
-            checkpoint: Callable[[], None] | None = None,
-            checkpoint_due: Callable[[int], bool] | None = None) -> bool:
+    def run(
+        self,
+        steps: int,
+        stop: Callable[[], bool] | None = None,
+        checkpoint: Callable[[], None] | None = None,
+        checkpoint_due: Callable[[int], bool] | None = None,
+    ) -> bool:
         """Step until ``steps`` steps are done (global count) or ``stop()`` says so.
 
         Args:
@@ -163,8 +177,11 @@ class SteppingLoop:
                 upcoming = getattr(checkpoint_due, "steps_to_next", lambda step: 1)
                 limit = min(limit, upcoming(self.stream.step))
             self.advance(limit)
-            if checkpoint is not None and checkpoint_due is not None and checkpoint_due(
-                    self.stream.step):
+            if (
+                checkpoint is not None
+                and checkpoint_due is not None
+                and checkpoint_due(self.stream.step)
+            ):
                 self.settle()
                 checkpoint()
         self.settle()
@@ -186,32 +203,46 @@ class SupervisedLoop(SteppingLoop):
 
     stream: SupervisedStreamProtocol
 
-    def __init__(self, stream: SupervisedStreamProtocol, agent: Agent,
-                 emit: Callable[[Record], None], progress: Progress | None = None,
-                 probes: ProbeSchedule | None = None, on_divergence: str = "mark") -> None:
+    def __init__(
+        self,
+        stream: SupervisedStreamProtocol,
+        agent: Agent,
+        emit: Callable[[Record], None],
+        progress: Progress | None = None,
+        probes: ProbeSchedule | None = None,
+        on_divergence: str = "mark",
+    ) -> None:
         super().__init__(stream, agent, emit, progress, on_divergence)
         self.probes = probes
         self.totals = TaskTotals(self.info.num_replicas)
         self.task = stream.task
         self._diagnostics = agent.diagnostics if isinstance(agent, SupportsDiagnostics) else None
-        self._on_task_start = (agent.on_task_start if self.info.boundaries_visible
-                               and isinstance(agent, SupportsTaskStart) else None)
+        self._on_task_start = (
+            agent.on_task_start
+            if self.info.boundaries_visible and isinstance(agent, SupportsTaskStart)
+            else None
+        )
         # (blocks of steps when the stream and the agent both can: see advance)
         self._blocks = isinstance(stream, BlockStream) and isinstance(agent, SupportsBlocks)
         self._step_seconds = 0.01  # running estimate of a step's time in blocks
         names = probes.names if probes is not None else ()
         # after-step probes (plasticity) need the loss of a sample after its update
         self._after_step = bool(AFTER_STEP.intersection(names)) and isinstance(
-            agent, SupportsProbeLoss)
+            agent, SupportsProbeLoss
+        )
         self._probe_point: tuple[int, int] | None = None  # (step, task) awaiting them
         # probes computed on another thread while a block learns (learn_block only): the
         # built-in ones, on agents that can copy their network, when a probe uses one thread
         # (and only when some probe needs the probe batch: the in-line path draws none else)
-        self._concurrent = any(n not in AFTER_STEP for n in names) \
-            and isinstance(agent, SupportsProbeSnapshot) \
-            and all(n in SNAPSHOT_SAFE or n in AFTER_STEP for n in names) \
-            and probes is not None and probes.threads <= 1 \
-            and isinstance(agent, SupportsProbeThreads) and agent.probe_threads() == 1
+        self._concurrent = (
+            any(n not in AFTER_STEP for n in names)
+            and isinstance(agent, SupportsProbeSnapshot)
+            and all(n in SNAPSHOT_SAFE or n in AFTER_STEP for n in names)
+            and probes is not None
+            and probes.threads <= 1
+            and isinstance(agent, SupportsProbeThreads)
+            and agent.probe_threads() == 1
+        )
         self._in_flight: tuple[int, int, Future] | None = None
         if "grad_magnitude" in names and isinstance(agent, SupportsGradientWatch):
             agent.watch_gradients(True)
@@ -237,8 +268,11 @@ class SupervisedLoop(SteppingLoop):
             return 0.0
         start = time.perf_counter()
         self.settle()  # (the previous probe's records first)
-        future = submit_probes(self.probes, self.stream, self.agent) if (
-            concurrent and self._concurrent) else None
+        future = (
+            submit_probes(self.probes, self.stream, self.agent)
+            if (concurrent and self._concurrent)
+            else None
+        )
         if future is not None:
             self._in_flight = (done, self.task, future)
         else:
@@ -257,8 +291,9 @@ class SupervisedLoop(SteppingLoop):
             for record in results_records(step, task, future.result()):
                 self.emit(record)
 
-    def _after_step_probes(self, obs: torch.Tensor, target: torch.Tensor,
-                           metrics: dict[str, torch.Tensor]) -> None:
+    def _after_step_probes(
+        self, obs: torch.Tensor, target: torch.Tensor, metrics: dict[str, torch.Tensor]
+    ) -> None:
         """The after-step probes of the probe point just passed: the step's loss before its
         update (``metrics["loss"]``, ``(R,)``) and after it, on the same sample."""
         point, self._probe_point = self._probe_point, None
@@ -310,8 +345,9 @@ class SupervisedLoop(SteppingLoop):
         else:  # the first step alone, then its after-step probes (the same numbers: blocks
             # of any split give the same bits)
             pred, metrics = agent.learn_block(batch.obs[:1], batch.target[:1])
-            self._after_step_probes(batch.obs[0], batch.target[0],
-                                    {k: v[0] for k, v in metrics.items()})
+            self._after_step_probes(
+                batch.obs[0], batch.target[0], {k: v[0] for k, v in metrics.items()}
+            )
             if batch.obs.shape[0] > 1:
                 rest, more = agent.learn_block(batch.obs[1:], batch.target[1:])
                 pred = torch.cat([pred, rest])
@@ -342,9 +378,14 @@ class SupervisedLoop(SteppingLoop):
         running are emitted first: :meth:`run` has done so before its checkpoints)."""
         self.settle()
         t = self.totals
-        return {"task": self.task, "diverged": self.diverged.clone(),
-                "score": t.score.clone(), "examples": t.examples,
-                "steps": t.steps, "metrics": {k: v.clone() for k, v in t.metrics.items()}}
+        return {
+            "task": self.task,
+            "diverged": self.diverged.clone(),
+            "score": t.score.clone(),
+            "examples": t.examples,
+            "steps": t.steps,
+            "metrics": {k: v.clone() for k, v in t.metrics.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -358,9 +399,14 @@ class SupervisedLoop(SteppingLoop):
         self.totals.metrics = {k: v.clone() for k, v in state["metrics"].items()}
 
 
-def run_loop(stream: SupervisedStreamProtocol, agent: Agent, steps: int,
-             emit: Callable[[Record], None],
-             progress: Progress | None = None, probes: ProbeSchedule | None = None) -> None:
+def run_loop(
+    stream: SupervisedStreamProtocol,
+    agent: Agent,
+    steps: int,
+    emit: Callable[[Record], None],
+    progress: Progress | None = None,
+    probes: ProbeSchedule | None = None,
+) -> None:
     """Run a supervised stream to ``steps`` steps and emit the last task's end."""
     loop = SupervisedLoop(stream, agent, emit, progress, probes)
     loop.run(steps)

@@ -26,16 +26,23 @@ class Progress:
         initial: steps already done (when resuming).
     """
 
-    def __init__(self, total: int, metric: str, enabled: bool, initial: int = 0,
-                 desc: str = "") -> None:
+    def __init__(
+        self, total: int, metric: str, enabled: bool, initial: int = 0, desc: str = ""
+    ) -> None:
         self.metric = metric
         self.bar: Any = None
         self._next = 0.0
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            desc=desc or None, file=sys.stderr)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                desc=desc or None,
+                file=sys.stderr,
+            )
         self._shown = initial
 
     def update(self, step: int, task: int, running: Callable[[], float] | None = None) -> None:

@@ -41,8 +41,15 @@ class Record(NamedTuple):
 class RowSink(Protocol):
     """Where rows go: :class:`contlearn.results.store.MetricWriter`."""
 
-    def append(self, seeds: Sequence[int], step: int, task: int, metric: str,
-               values: Iterable[float], layer: str = "") -> None:
+    def append(
+        self,
+        seeds: Sequence[int],
+        step: int,
+        task: int,
+        metric: str,
+        values: Iterable[float],
+        layer: str = "",
+    ) -> None:
         """One row per seed: ``values[r]`` is seed ``seeds[r]``'s value."""
         ...
 
@@ -65,11 +72,15 @@ def record_writer(writer: RowSink, seeds: Sequence[int]) -> Callable[[Record], N
     return emit
 
 
-def results_records(step: int, task: int, results: dict[str, dict[str, torch.Tensor]]
-                    ) -> list[Record]:
+def results_records(
+    step: int, task: int, results: dict[str, dict[str, torch.Tensor]]
+) -> list[Record]:
     """``probe`` records of probe results ``{metric: {layer: (R,)}}``."""
-    return [Record("probe", step, task, {metric: values}, layer)
-            for metric, by_layer in results.items() for layer, values in by_layer.items()]
+    return [
+        Record("probe", step, task, {metric: values}, layer)
+        for metric, by_layer in results.items()
+        for layer, values in by_layer.items()
+    ]
 
 
 class TaskTotals:

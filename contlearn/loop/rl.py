@@ -61,8 +61,9 @@ RL_PROBE_EVERY = 10_000
 DORMANT_ACTIVITY = 0.01
 
 
-def activity_dormant_fraction(features: dict[str, torch.Tensor],
-                              threshold: float = DORMANT_ACTIVITY) -> dict[str, torch.Tensor]:
+def activity_dormant_fraction(
+    features: dict[str, torch.Tensor], threshold: float = DORMANT_ACTIVITY
+) -> dict[str, torch.Tensor]:
     """Share of units active (activation ≠ 0) on at most ``threshold`` of the inputs.
 
     Args:
@@ -94,9 +95,15 @@ class RLLoop(SteppingLoop):
 
     stream: RLStreamProtocol
 
-    def __init__(self, stream: RLStreamProtocol, agent: Agent, emit: Callable[[Record], None],
-                 progress: Progress | None = None, probes: ProbeSchedule | None = None,
-                 on_divergence: str = "mark") -> None:
+    def __init__(
+        self,
+        stream: RLStreamProtocol,
+        agent: Agent,
+        emit: Callable[[Record], None],
+        progress: Progress | None = None,
+        probes: ProbeSchedule | None = None,
+        on_divergence: str = "mark",
+    ) -> None:
         super().__init__(stream, agent, emit, progress, on_divergence)
         self.names = probes.names if probes is not None else ()
         self.every = (probes.every or RL_PROBE_EVERY) if self.names else 0
@@ -125,16 +132,20 @@ class RLLoop(SteppingLoop):
     def _running(self) -> float:
         return float(np.mean(self.recent)) if self.recent else float("nan")
 
-    def _emit_all(self, kind: str, step: int, values: dict[str, torch.Tensor],
-                  layer: str = "") -> None:
+    def _emit_all(
+        self, kind: str, step: int, values: dict[str, torch.Tensor], layer: str = ""
+    ) -> None:
         """Emit values ``(R,)`` with each replica's task (split per replica if they differ)."""
         tasks = self.stream.task
         if (tasks == tasks[0]).all():
             self.emit(Record(kind, step, int(tasks[0]), values, layer))
             return
         for r, task in enumerate(tasks.tolist()):
-            self.emit(Record(kind, step, task, {k: v[r:r + 1] for k, v in values.items()},
-                             layer, replica=r))
+            self.emit(
+                Record(
+                    kind, step, task, {k: v[r : r + 1] for k, v in values.items()}, layer, replica=r
+                )
+            )
 
     def replica_task(self, replica: int) -> int:
         """The friction index of the replica's world."""
@@ -145,15 +156,23 @@ class RLLoop(SteppingLoop):
         for r in sorted({e.replica for e in ended}):
             mine = [e for e in ended if e.replica == r]
             ret = float(np.mean([e.ret for e in mine]))
-            values = {"episode_return": ret,
-                      "episode_length": float(np.mean([e.length for e in mine]))}
+            values = {
+                "episode_return": ret,
+                "episode_length": float(np.mean([e.length for e in mine])),
+            }
             friction = float(np.mean([e.friction for e in mine]))
             if not np.isnan(friction):
                 values["friction"] = friction
             self.recent.extend(e.ret for e in mine)
-            self.emit(Record("episode", step, max(e.task for e in mine),
-                             {k: torch.tensor([v], dtype=torch.float64)
-                              for k, v in values.items()}, replica=r))
+            self.emit(
+                Record(
+                    "episode",
+                    step,
+                    max(e.task for e in mine),
+                    {k: torch.tensor([v], dtype=torch.float64) for k, v in values.items()},
+                    replica=r,
+                )
+            )
 
     def _probe(self, step: int) -> None:
         """Probe the agent on the stream's recent observations (see the module docstring)."""
@@ -167,8 +186,11 @@ class RLLoop(SteppingLoop):
             params = {k: v for k, v in all_params.items() if k.endswith((".weight", ".bias"))}
             ctx = ProbeContext(features, params, activation, agent, obs)
             for name in self.names:
-                values = (activity_dormant_fraction(features) if name == "dormant_fraction"
-                          else PROBES[name](ctx))
+                values = (
+                    activity_dormant_fraction(features)
+                    if name == "dormant_fraction"
+                    else PROBES[name](ctx)
+                )
                 if values:
                     results[name] = values
         for metric, by_layer in update_stats(agent).items():
@@ -188,8 +210,11 @@ class RLLoop(SteppingLoop):
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state: last probe, diverged replicas, returns shown by the bar."""
-        return {"last_probe": self.last_probe, "diverged": self.diverged.clone(),
-                "recent": list(self.recent)}
+        return {
+            "last_probe": self.last_probe,
+            "diverged": self.diverged.clone(),
+            "recent": list(self.recent),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""

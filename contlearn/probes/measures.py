@@ -76,13 +76,22 @@ AFTER_STEP: set[str] = set()
 #: can run on a snapshot of the network while learning goes on (the engine does so)
 SNAPSHOT_SAFE: set[str] = set()
 #: Probes run by default (``--set probes=default``).
-DEFAULT_PROBES = ("dead_fraction", "dormant_fraction", "saturation", "effective_rank",
-                  "approx_rank", "stable_rank", "weight_magnitude", "grad_magnitude",
-                  "plasticity")
+DEFAULT_PROBES = (
+    "dead_fraction",
+    "dormant_fraction",
+    "saturation",
+    "effective_rank",
+    "approx_rank",
+    "stable_rank",
+    "weight_magnitude",
+    "grad_magnitude",
+    "plasticity",
+)
 
 
-def register_probe(name: str, fn: ProbeFn, after_step: bool = False,
-                   snapshot_safe: bool = False) -> None:
+def register_probe(
+    name: str, fn: ProbeFn, after_step: bool = False, snapshot_safe: bool = False
+) -> None:
     """Make ``fn`` available as probe ``name`` (selectable with ``--set probes=...``).
 
     Args:
@@ -112,17 +121,22 @@ def parse_probes(text: str) -> list[str]:
     text = text.strip()
     if text in ("", "none"):
         return []
-    names = list(DEFAULT_PROBES) if text == "default" else [
-        n.strip() for n in text.split(",") if n.strip()]
+    names = (
+        list(DEFAULT_PROBES)
+        if text == "default"
+        else [n.strip() for n in text.split(",") if n.strip()]
+    )
     unknown = [n for n in names if n not in PROBES]
     if unknown:
-        raise ConfigError(f"unknown probe {unknown[0]!r}; choose from {', '.join(PROBES)}, "
-                          "default or none")
+        raise ConfigError(
+            f"unknown probe {unknown[0]!r}; choose from {', '.join(PROBES)}, default or none"
+        )
     return names
 
 
-def _with_aggregate(per_layer: dict[str, torch.Tensor], weights: dict[str, float]
-                    ) -> dict[str, torch.Tensor]:
+def _with_aggregate(
+    per_layer: dict[str, torch.Tensor], weights: dict[str, float]
+) -> dict[str, torch.Tensor]:
     if not per_layer:
         return {}
     total = sum(weights.values())
@@ -160,8 +174,10 @@ def saturation(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     if ctx.activation not in _BOUNDED:
         return {}
     lo, hi = _BOUNDED[ctx.activation]
-    out = {layer: ((h < lo) | (h > hi)).to(torch.float64).mean((1, 2))
-           for layer, h in ctx.features.items()}
+    out = {
+        layer: ((h < lo) | (h > hi)).to(torch.float64).mean((1, 2))
+        for layer, h in ctx.features.items()
+    }
     return _with_aggregate(out, {k: v.shape[-1] for k, v in ctx.features.items()})
 
 
@@ -247,7 +263,7 @@ def _svals(ctx: ProbeContext) -> dict[str, torch.Tensor]:
         out = {}
         for (R, *_), names in shapes.items():
             s = singular_values(torch.cat([ctx.features[k] for k in names]))
-            out.update({k: s[i * R:(i + 1) * R] for i, k in enumerate(names)})
+            out.update({k: s[i * R : (i + 1) * R] for i, k in enumerate(names)})
         ctx.cache["svals"] = {k: out[k] for k in ctx.features}
     return ctx.cache["svals"]
 
@@ -326,17 +342,27 @@ def plasticity(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return {"": 1.0 - after / before.clamp_min(1e-12)}
 
 
-for _name, _fn in [("dead_fraction", dead_fraction), ("dormant_fraction", dormant_fraction),
-                   ("saturation", saturation), ("effective_rank", effective_rank),
-                   ("approx_rank", approx_rank), ("stable_rank", stable_rank),
-                   ("weight_magnitude", weight_magnitude), ("grad_magnitude", grad_magnitude)]:
+for _name, _fn in [
+    ("dead_fraction", dead_fraction),
+    ("dormant_fraction", dormant_fraction),
+    ("saturation", saturation),
+    ("effective_rank", effective_rank),
+    ("approx_rank", approx_rank),
+    ("stable_rank", stable_rank),
+    ("weight_magnitude", weight_magnitude),
+    ("grad_magnitude", grad_magnitude),
+]:
     register_probe(_name, _fn, snapshot_safe=True)
 register_probe("plasticity", plasticity, after_step=True)
 
 
-def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torch.Tensor,
-               stats: dict[str, dict[str, torch.Tensor]] | None = None
-               ) -> dict[str, dict[str, torch.Tensor]]:
+def run_probes(
+    names: Sequence[str],
+    agent: Any,
+    obs: torch.Tensor,
+    target: torch.Tensor,
+    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Run the probes that look at the network before the probe step (all but the
     :data:`AFTER_STEP` ones) on an agent and a probe batch.
 
@@ -355,8 +381,13 @@ def run_probes(names: Sequence[str], agent: Any, obs: torch.Tensor, target: torc
     params, activation = network_of(agent)
     ctx = ProbeContext(
         features=agent.features(obs) if isinstance(agent, SupportsFeatures) else {},
-        params=params, activation=activation,
-        agent=agent, obs=obs, target=target, stats=stats or {})
+        params=params,
+        activation=activation,
+        agent=agent,
+        obs=obs,
+        target=target,
+        stats=stats or {},
+    )
     return _collect(names, ctx)
 
 
@@ -375,14 +406,16 @@ def network_of(agent: Any) -> tuple[dict[str, torch.Tensor], str]:
     return getattr(net, "params", {}), getattr(net, "activation", "")
 
 
-def run_step_probes(names: Sequence[str], agent: Any, before: torch.Tensor,
-                    after: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+def run_step_probes(
+    names: Sequence[str], agent: Any, before: torch.Tensor, after: torch.Tensor
+) -> dict[str, dict[str, torch.Tensor]]:
     """Run the :data:`AFTER_STEP` probes among ``names``, given the probe step's loss
     ``(R,)`` before and after its update."""
     names = [n for n in names if n in AFTER_STEP]
     params, activation = network_of(agent)
-    ctx = ProbeContext(features={}, params=params, activation=activation, agent=agent,
-                       step_loss=(before, after))
+    ctx = ProbeContext(
+        features={}, params=params, activation=activation, agent=agent, step_loss=(before, after)
+    )
     return _collect(names, ctx)
 
 

@@ -79,8 +79,9 @@ def probe_threads(agent: object) -> int:
     return agent.probe_threads() if isinstance(agent, SupportsProbeThreads) else 0
 
 
-def scheduled_results(schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: Agent
-                      ) -> dict[str, dict[str, torch.Tensor]]:
+def scheduled_results(
+    schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: Agent
+) -> dict[str, dict[str, torch.Tensor]]:
     """The scheduled probes that precede the probe step's update, run now on a fresh probe
     batch of the current task and the agent's ``update_stats()`` since the last probe:
     ``{metric: {layer: (R,)}}``."""
@@ -92,9 +93,9 @@ def scheduled_results(schedule: ProbeSchedule, stream: SupervisedStreamProtocol,
         return run_probes(schedule.names, agent, obs, target, stats)
 
 
-def submit_probes(schedule: ProbeSchedule, stream: SupervisedStreamProtocol,
-                  agent: SupportsProbeSnapshot
-                  ) -> Future[dict[str, dict[str, torch.Tensor]]] | None:
+def submit_probes(
+    schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: SupportsProbeSnapshot
+) -> Future[dict[str, dict[str, torch.Tensor]]] | None:
     """:func:`scheduled_results`' work on a thread of its own, over a copy of the network
     (``agent.probe_snapshot()``), so that learning can go on meanwhile: the statistics and the
     probe batch are taken now, in order; the results (``{metric: {layer: (R,)}}``) are the
@@ -126,8 +127,12 @@ def _probe_pool() -> ThreadPoolExecutor:
     """The thread concurrent probes run on (made anew in a forked child)."""
     global _PROBE_POOL
     if _PROBE_POOL is None or _PROBE_POOL[0] != os.getpid():
-        _PROBE_POOL = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="contlearn-probe",
-                                                       initializer=_lower_priority))
+        _PROBE_POOL = (
+            os.getpid(),
+            ThreadPoolExecutor(
+                1, thread_name_prefix="contlearn-probe", initializer=_lower_priority
+            ),
+        )
     return _PROBE_POOL[1]
 
 

@@ -34,10 +34,27 @@ SCORE_METRICS = ("accuracy", "squared_error", "episode_return")
 NON_PROBE_METRICS = (*SCORE_METRICS, "loss")
 BASE_COLUMNS = ("run", "stream", "learner", "seed", "step", "task", "metric", "layer", "value")
 # Config keys that never make runs incomparable (bookkeeping, not hyper-parameters).
-IGNORED_CONFIG = frozenset({
-    "seeds", "tasks", "steps", "probes", "probe_every", "probe_size", "on_divergence",
-    "checkpoint_every", "checkpoint_minutes", "checkpoint_keep", "flush_rows", "flush_seconds",
-    "data_dir", "device", "out", "overwrite", "progress"})
+IGNORED_CONFIG = frozenset(
+    {
+        "seeds",
+        "tasks",
+        "steps",
+        "probes",
+        "probe_every",
+        "probe_size",
+        "on_divergence",
+        "checkpoint_every",
+        "checkpoint_minutes",
+        "checkpoint_keep",
+        "flush_rows",
+        "flush_seconds",
+        "data_dir",
+        "device",
+        "out",
+        "overwrite",
+        "progress",
+    }
+)
 
 
 def check_comparable(df: pd.DataFrame) -> None:
@@ -47,8 +64,10 @@ def check_comparable(df: pd.DataFrame) -> None:
         ContlearnError: the runs mix streams, or the frame holds no rows.
     """
     if df.empty:
-        raise ContlearnError("no metric rows to plot; check the run directories (runs still "
-                             "starting have no metrics yet)")
+        raise ContlearnError(
+            "no metric rows to plot; check the run directories (runs still "
+            "starting have no metrics yet)"
+        )
     streams = [str(s) for s in pd.unique(df["stream"].dropna())]
     if len(streams) > 1:
         names = ", ".join(streams[:-1]) + f" and {streams[-1]}"
@@ -65,8 +84,10 @@ def default_metric(df: pd.DataFrame) -> str:
     for metric in SCORE_METRICS:
         if metric in present:
             return metric
-    raise ContlearnError(f"no score metric ({', '.join(SCORE_METRICS)}) in the runs; pass "
-                         f"metric= one of: {', '.join(sorted(present)) or 'none'}")
+    raise ContlearnError(
+        f"no score metric ({', '.join(SCORE_METRICS)}) in the runs; pass "
+        f"metric= one of: {', '.join(sorted(present)) or 'none'}"
+    )
 
 
 def probe_metrics(df: pd.DataFrame) -> list[str]:
@@ -92,8 +113,11 @@ def group_keys(df: pd.DataFrame, by: str | Sequence[str]) -> list[str]:
     for key in keys:
         if key not in df.columns:
             extra = [c for c in df.columns if c not in BASE_COLUMNS]
-            hint = f"config columns loaded: {', '.join(extra)}" if extra else (
-                "load the runs with load_runs(..., config=True) to group by config keys")
+            hint = (
+                f"config columns loaded: {', '.join(extra)}"
+                if extra
+                else ("load the runs with load_runs(..., config=True) to group by config keys")
+            )
             raise ContlearnError(f"cannot group by {key!r}: no such column; {hint}")
     # the learner first: its own options (learner.*) then split a group only when they vary
     # among runs of one learner, not merely because another learner lacks them
@@ -111,16 +135,21 @@ def group_labels(df: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
     if len(keys) == 1 and keys[0] in ("learner", "run", "stream"):
         return df[keys[0]].map(_format_value)
     values = zip(*(df[k].map(_format_value) for k in keys), strict=True)
-    return pd.Series([", ".join(f"{k}={v}" for k, v in zip(keys, row, strict=True))
-                      for row in values], index=df.index, dtype=object)
+    return pd.Series(
+        [", ".join(f"{k}={v}" for k, v in zip(keys, row, strict=True)) for row in values],
+        index=df.index,
+        dtype=object,
+    )
 
 
 def _select(df: pd.DataFrame, metric: str, layer: str | None) -> pd.DataFrame:
     """Rows of ``metric`` for ``layer``: None (whole network / mean of layers), a name, "all"."""
     rows = df[df["metric"] == metric]
     if rows.empty:
-        raise ContlearnError(f"no rows of metric {metric!r}; metrics present: "
-                             f"{', '.join(sorted(df['metric'].unique()))}")
+        raise ContlearnError(
+            f"no rows of metric {metric!r}; metrics present: "
+            f"{', '.join(sorted(df['metric'].unique()))}"
+        )
     layers = sorted(rows["layer"].unique())
     if layer is None:
         if "" in layers:
@@ -132,8 +161,10 @@ def _select(df: pd.DataFrame, metric: str, layer: str | None) -> pd.DataFrame:
     if layer == "all":
         return rows
     if layer not in layers:
-        raise ContlearnError(f"metric {metric!r} has no rows for layer {layer!r}; layers: "
-                             f"{', '.join(repr(n) for n in layers)}")
+        raise ContlearnError(
+            f"metric {metric!r} has no rows for layer {layer!r}; layers: "
+            f"{', '.join(repr(n) for n in layers)}"
+        )
     return rows[rows["layer"] == layer]
 
 
@@ -150,8 +181,14 @@ def _bin_x(rows: pd.DataFrame, x: str, bin: int) -> pd.DataFrame:
     return rows.assign(xbin=xbin, xpos=pd.Series(xbin).map(xpos).to_numpy())
 
 
-def replicate_curves(df: pd.DataFrame, metric: str, by: str | Sequence[str] = "learner",
-                     x: str = "task", bin: int = 1, layer: str | None = None) -> pd.DataFrame:
+def replicate_curves(
+    df: pd.DataFrame,
+    metric: str,
+    by: str | Sequence[str] = "learner",
+    x: str = "task",
+    bin: int = 1,
+    layer: str | None = None,
+) -> pd.DataFrame:
     """Per (group, layer, replicate, x-bin) mean of ``metric`` (steps 1-2 of the module doc).
 
     ``by`` as in :func:`group_keys`; ``x`` ``"task"`` or ``"step"``; ``bin`` tasks (or recorded
@@ -166,13 +203,13 @@ def replicate_curves(df: pd.DataFrame, metric: str, by: str | Sequence[str] = "l
     rows = _bin_x(rows.assign(group=group_labels(rows, keys)), x, bin)
     cols = ["group", "layer", "run", "seed", "xbin"]
     firsts = {k: (k, "first") for k in keys if k not in cols}
-    out = rows.groupby(cols, sort=True).agg(**firsts, x=("xpos", "first"),
-                                            value=("value", "mean"))
+    out = rows.groupby(cols, sort=True).agg(**firsts, x=("xpos", "first"), value=("value", "mean"))
     return out.reset_index()
 
 
-def bootstrap_ci(values: np.ndarray, ci: float = 0.95, n_boot: int = 1000,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_ci(
+    values: np.ndarray, ci: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap CI of the mean over replicates, for every column at once.
 
     Resampling replicates with replacement is drawn as multinomial counts ``W`` (n_boot, n):
@@ -204,9 +241,17 @@ def bootstrap_ci(values: np.ndarray, ci: float = 0.95, n_boot: int = 1000,
     return lo, hi
 
 
-def curve_stats(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[str] = "learner",
-                x: str = "task", bin: int = 1, layer: str | None = None, ci: float = 0.95,
-                n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def curve_stats(
+    df: pd.DataFrame,
+    metric: str | None = None,
+    by: str | Sequence[str] = "learner",
+    x: str = "task",
+    bin: int = 1,
+    layer: str | None = None,
+    ci: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """The numbers behind a curve: per (group, layer, x) mean over replicates and its CI.
 
     Args are those of :func:`replicate_curves` and :func:`bootstrap_ci`; ``metric`` defaults to
@@ -220,13 +265,22 @@ def curve_stats(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[
     reps = replicate_curves(df, metric, by, x, bin, layer)
     parts = []
     for (group, lay), frame in reps.groupby(["group", "layer"], sort=True):
-        wide = frame.pivot_table(index=["run", "seed"], columns="x", values="value",
-                                 aggfunc="mean", dropna=False)
+        wide = frame.pivot_table(
+            index=["run", "seed"], columns="x", values="value", aggfunc="mean", dropna=False
+        )
         matrix = wide.to_numpy()  # (replicates, n_x)
         lo, hi = bootstrap_ci(matrix, ci, n_boot, seed)
-        parts.append(pd.DataFrame({
-            "group": group, "layer": lay, "x": wide.columns.to_numpy(dtype=float),
-            "mean": np.nanmean(matrix, axis=0), "lo": lo, "hi": hi,
-            "seeds": (~np.isnan(matrix)).sum(axis=0),
-        }))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "group": group,
+                    "layer": lay,
+                    "x": wide.columns.to_numpy(dtype=float),
+                    "mean": np.nanmean(matrix, axis=0),
+                    "lo": lo,
+                    "hi": hi,
+                    "seeds": (~np.isnan(matrix)).sum(axis=0),
+                }
+            )
+        )
     return pd.concat(parts, ignore_index=True)

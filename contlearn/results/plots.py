@@ -25,14 +25,22 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure
 
 METRIC_LABELS = {  # axis labels with units; other metrics get their name, spaced
-    "accuracy": "online accuracy (fraction correct)", "squared_error": "mean squared error",
-    "episode_return": "episode return", "loss": "online loss",
-    "dead_fraction": "dead units (fraction)", "dormant_fraction": "dormant units (fraction)",
-    "effective_rank": "effective rank", "approx_rank": "approximate rank (99% energy)",
-    "stable_rank": "stable rank", "weight_magnitude": "mean |weight|",
-    "grad_magnitude": "mean |gradient|", "plasticity": "plasticity (1 - L_after / L_before)",
-    "saturation": "saturated units (fraction)", "replacements": "replacements (cumulative)",
-    "eligible_units": "eligible units", "mean_age": "mean unit age (steps)",
+    "accuracy": "online accuracy (fraction correct)",
+    "squared_error": "mean squared error",
+    "episode_return": "episode return",
+    "loss": "online loss",
+    "dead_fraction": "dead units (fraction)",
+    "dormant_fraction": "dormant units (fraction)",
+    "effective_rank": "effective rank",
+    "approx_rank": "approximate rank (99% energy)",
+    "stable_rank": "stable rank",
+    "weight_magnitude": "mean |weight|",
+    "grad_magnitude": "mean |gradient|",
+    "plasticity": "plasticity (1 - L_after / L_before)",
+    "saturation": "saturated units (fraction)",
+    "replacements": "replacements (cumulative)",
+    "eligible_units": "eligible units",
+    "mean_age": "mean unit age (steps)",
     "utility_q50": "median utility",
 }
 LINESTYLES = ("-", "--", ":", "-.")
@@ -59,22 +67,34 @@ def _colors(groups: Sequence[str]) -> dict[str, object]:
     return {g: cmap(i % cmap.N) for i, g in enumerate(groups)}
 
 
-def _draw(ax: Axes, stats: pd.DataFrame, colors: dict[str, object], x: str,
-          label_layers: bool) -> None:
+def _draw(
+    ax: Axes, stats: pd.DataFrame, colors: dict[str, object], x: str, label_layers: bool
+) -> None:
     """One line (and CI band when there are >= 2 replicates) per (group, layer)."""
     from matplotlib.ticker import EngFormatter, MaxNLocator
 
-    layer_style = {lay: LINESTYLES[i % len(LINESTYLES)]
-                   for i, lay in enumerate(sorted(stats["layer"].unique()))}
+    layer_style = {
+        lay: LINESTYLES[i % len(LINESTYLES)]
+        for i, lay in enumerate(sorted(stats["layer"].unique()))
+    }
     for (group, lay), curve in stats.groupby(["group", "layer"], sort=True):
         color, style = colors[group], layer_style[lay] if label_layers else "-"
         label = f"{group} · {lay or 'network'}" if label_layers else group
         marker = "o" if len(curve) <= 40 and not label_layers else None
-        ax.plot(curve["x"], curve["mean"], color=color, linestyle=style, marker=marker,
-                markersize=3, linewidth=1.6, label=label)
+        ax.plot(
+            curve["x"],
+            curve["mean"],
+            color=color,
+            linestyle=style,
+            marker=marker,
+            markersize=3,
+            linewidth=1.6,
+            label=label,
+        )
         if curve["lo"].notna().any():
-            ax.fill_between(curve["x"], curve["lo"], curve["hi"], color=color, alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(
+                curve["x"], curve["lo"], curve["hi"], color=color, alpha=0.2, linewidth=0
+            )
     ax.grid(True, color="0.9", linewidth=0.8)
     ax.set_axisbelow(True)
     if x == "task":
@@ -114,17 +134,44 @@ def mark_task_changes(ax: Axes, df: pd.DataFrame, limit: int = 200) -> None:
 
 
 @overload
-def plot_decay(df: pd.DataFrame, metric: str | None = ..., by: str | Sequence[str] = ...,
-               bin: int = ..., x: str = ..., ax: None = ..., ci: float = ..., n_boot: int = ...,
-               seed: int = ..., layer: str | None = ...) -> Figure: ...
+def plot_decay(
+    df: pd.DataFrame,
+    metric: str | None = ...,
+    by: str | Sequence[str] = ...,
+    bin: int = ...,
+    x: str = ...,
+    ax: None = ...,
+    ci: float = ...,
+    n_boot: int = ...,
+    seed: int = ...,
+    layer: str | None = ...,
+) -> Figure: ...
 @overload
-def plot_decay(df: pd.DataFrame, metric: str | None = ..., by: str | Sequence[str] = ...,
-               bin: int = ..., x: str = ..., *, ax: Axes, ci: float = ..., n_boot: int = ...,
-               seed: int = ..., layer: str | None = ...) -> Figure | SubFigure: ...
-def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[str] = "learner",
-               bin: int = 1, x: str = "task", ax: Axes | None = None, ci: float = 0.95,
-               n_boot: int = 1000, seed: int = 0, layer: str | None = None
-               ) -> Figure | SubFigure:
+def plot_decay(
+    df: pd.DataFrame,
+    metric: str | None = ...,
+    by: str | Sequence[str] = ...,
+    bin: int = ...,
+    x: str = ...,
+    *,
+    ax: Axes,
+    ci: float = ...,
+    n_boot: int = ...,
+    seed: int = ...,
+    layer: str | None = ...,
+) -> Figure | SubFigure: ...
+def plot_decay(
+    df: pd.DataFrame,
+    metric: str | None = None,
+    by: str | Sequence[str] = "learner",
+    bin: int = 1,
+    x: str = "task",
+    ax: Axes | None = None,
+    ci: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    layer: str | None = None,
+) -> Figure | SubFigure:
     """The plasticity-decay curve: a per-task score against task index, one line per group.
 
     Args:
@@ -158,16 +205,33 @@ def plot_decay(df: pd.DataFrame, metric: str | None = None, by: str | Sequence[s
     ax.set_xlabel(x_label(x, metric, bin))
     ax.set_ylabel(metric_label(metric))
     over = "per task" if x == "task" else "over steps"
-    ax.set_title(f"{df['stream'].iloc[0]}: {metric_label(metric).split(' (')[0]} {over}\n"
-                 f"{_band_note(stats, ci)}", fontsize=11)
-    ax.legend(title=_legend_title(by, layer), loc="upper left", bbox_to_anchor=(1.02, 1.0),
-              frameon=False, fontsize=9, title_fontsize=9)
+    ax.set_title(
+        f"{df['stream'].iloc[0]}: {metric_label(metric).split(' (')[0]} {over}\n"
+        f"{_band_note(stats, ci)}",
+        fontsize=11,
+    )
+    ax.legend(
+        title=_legend_title(by, layer),
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        frameon=False,
+        fontsize=9,
+        title_fontsize=9,
+    )
     return fig
 
 
-def plot_probes(df: pd.DataFrame, probes: Sequence[str] | None = None,
-                by: str | Sequence[str] = "learner", layer: str | None = None, x: str = "task",
-                bin: int = 1, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> Figure:
+def plot_probes(
+    df: pd.DataFrame,
+    probes: Sequence[str] | None = None,
+    by: str | Sequence[str] = "learner",
+    layer: str | None = None,
+    x: str = "task",
+    bin: int = 1,
+    ci: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Figure:
     """A panel of probe metrics against task (or step): one subplot per probe.
 
     Args:
@@ -189,8 +253,10 @@ def plot_probes(df: pd.DataFrame, probes: Sequence[str] | None = None,
     check_comparable(df)
     probes = list(probes) if probes is not None else probe_metrics(df)
     if not probes:
-        raise ContlearnError("no probe metrics in the runs (only scores: "
-                             f"{', '.join(sorted(df['metric'].unique()))}); enable probes")
+        raise ContlearnError(
+            "no probe metrics in the runs (only scores: "
+            f"{', '.join(sorted(df['metric'].unique()))}); enable probes"
+        )
     stats = {p: curve_stats(df, p, by, x, bin, layer, ci, n_boot, seed) for p in probes}
     groups = sorted(set().union(*(s["group"] for s in stats.values())))
     colors = _colors(groups)
@@ -231,8 +297,16 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes], title: str, ncols: int = 0
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
     # with layers, one column per group keeps each group's layers below each other
-    fig.legend(list(seen.values()), list(seen), title=title, loc="outside lower center",
-               frameon=False, fontsize=9, title_fontsize=9, ncols=ncols or min(len(seen), 4))
+    fig.legend(
+        list(seen.values()),
+        list(seen),
+        title=title,
+        loc="outside lower center",
+        frameon=False,
+        fontsize=9,
+        title_fontsize=9,
+        ncols=ncols or min(len(seen), 4),
+    )
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
@@ -247,8 +321,10 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in (".png", ".svg", ".pdf"):
-        raise ContlearnError(f"cannot save a figure as {path}: unknown format "
-                             f"{ext or '(no extension)'!r}; use .png, .svg or .pdf")
+        raise ContlearnError(
+            f"cannot save a figure as {path}: unknown format "
+            f"{ext or '(no extension)'!r}; use .png, .svg or .pdf"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format=ext[1:], dpi=dpi)
     return path

@@ -32,11 +32,19 @@ import pyarrow.parquet as pq
 from contlearn.errors import DataError, RunDirError, StoreError
 
 COLUMNS = ("run", "stream", "learner", "seed", "step", "task", "metric", "layer", "value")
-SCHEMA = pa.schema([
-    ("run", pa.string()), ("stream", pa.string()), ("learner", pa.string()),
-    ("seed", pa.int64()), ("step", pa.int64()), ("task", pa.int64()),
-    ("metric", pa.string()), ("layer", pa.string()), ("value", pa.float64()),
-])
+SCHEMA = pa.schema(
+    [
+        ("run", pa.string()),
+        ("stream", pa.string()),
+        ("learner", pa.string()),
+        ("seed", pa.int64()),
+        ("step", pa.int64()),
+        ("task", pa.int64()),
+        ("metric", pa.string()),
+        ("layer", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
 METRICS_DIR = "metrics"
@@ -115,15 +123,21 @@ def package_versions() -> dict[str, str]:
 def git_commit() -> str | None:
     """The commit of the contlearn checkout, if it is one (None otherwise)."""
     try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=Path(__file__).resolve().parent)
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
-def write_config(path: Path, config: Mapping[str, Any], seeds: Sequence[int],
-                 device: str = "cpu") -> None:
+def write_config(
+    path: Path, config: Mapping[str, Any], seeds: Sequence[int], device: str = "cpu"
+) -> None:
     """Write ``config.json`` and ``meta.json`` of a new run."""
     path = Path(path)
     write_atomic(path / CONFIG_FILE, json.dumps(dict(config), indent=2).encode())
@@ -180,15 +194,23 @@ class MetricWriter:
         flush_seconds: longest time rows stay only in memory.
     """
 
-    def __init__(self, path: Path, run: str, stream: str, learner: str,
-                 flush_rows: int = 50_000, flush_seconds: float = 60.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        run: str,
+        stream: str,
+        learner: str,
+        flush_rows: int = 50_000,
+        flush_seconds: float = 60.0,
+    ) -> None:
         self.dir = Path(path) / METRICS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.constants = {"run": run, "stream": stream, "learner": learner}
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
-        self._cols: dict[str, list] = {c: [] for c in ("seed", "step", "task", "metric",
-                                                       "layer", "value")}
+        self._cols: dict[str, list] = {
+            c: [] for c in ("seed", "step", "task", "metric", "layer", "value")
+        }
         self._last_flush = time.monotonic()
         self._next_part = self._first_free_part()
 
@@ -196,8 +218,15 @@ class MetricWriter:
         parts = sorted(self.dir.glob("part-*.parquet"))
         return int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
 
-    def append(self, seeds: Sequence[int], step: int, task: int, metric: str,
-               values: Iterable[float], layer: str = "") -> None:
+    def append(
+        self,
+        seeds: Sequence[int],
+        step: int,
+        task: int,
+        metric: str,
+        values: Iterable[float],
+        layer: str = "",
+    ) -> None:
         """Add one row per replica: ``values[r]`` is replica r's (seed ``seeds[r]``) value."""
         cols = self._cols
         for seed, value in zip(seeds, values, strict=True):
@@ -207,8 +236,10 @@ class MetricWriter:
             cols["metric"].append(metric)
             cols["layer"].append(layer)
             cols["value"].append(float(value))
-        if (len(cols["seed"]) >= self.flush_rows
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
+        if (
+            len(cols["seed"]) >= self.flush_rows
+            or time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
             self.flush()
 
     @property
@@ -365,9 +396,15 @@ def load_runs(paths: str | Path | Sequence[str | Path], config: bool | Sequence[
     if config:
         configs = {str(r.name): read_config(r) for r in runs}
         if config is True:
-            keys = sorted({k for c in configs.values() for k in c
-                           if len({json.dumps(cc.get(k)) for cc in configs.values()}) > 1}
-                          - set(COLUMNS))
+            keys = sorted(
+                {
+                    k
+                    for c in configs.values()
+                    for k in c
+                    if len({json.dumps(cc.get(k)) for cc in configs.values()}) > 1
+                }
+                - set(COLUMNS)
+            )
         else:
             keys = list(config)
         for key in keys:

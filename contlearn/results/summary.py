@@ -22,8 +22,16 @@ from contlearn.results.curves import check_comparable, default_metric, group_key
 LOWER_IS_BETTER = frozenset({"squared_error", "loss"})
 """Metrics whose best value is the smallest."""
 FINAL_PROBES = ("dead_fraction", "effective_rank")
-STAT_COLUMNS = ("metric", "seeds", "tasks", "first_task", "peak", "final", "drop_from_peak",
-                *(f"final_{p}" for p in FINAL_PROBES))
+STAT_COLUMNS = (
+    "metric",
+    "seeds",
+    "tasks",
+    "first_task",
+    "peak",
+    "final",
+    "drop_from_peak",
+    *(f"final_{p}" for p in FINAL_PROBES),
+)
 
 
 def final_tasks(n_tasks: int) -> int:
@@ -34,11 +42,15 @@ def final_tasks(n_tasks: int) -> int:
 def _score_stats(curve: pd.Series, lower_is_better: bool) -> dict[str, float]:
     """first_task, peak, final, drop_from_peak of a seed-mean curve indexed by task."""
     curve = curve.sort_index()
-    final = float(curve.iloc[-final_tasks(len(curve)):].mean())
+    final = float(curve.iloc[-final_tasks(len(curve)) :].mean())
     peak = float(curve.min() if lower_is_better else curve.max())
     drop = final - peak if lower_is_better else peak - final
-    return {"first_task": float(curve.iloc[0]), "peak": peak, "final": final,
-            "drop_from_peak": drop}
+    return {
+        "first_task": float(curve.iloc[0]),
+        "peak": peak,
+        "final": final,
+        "drop_from_peak": drop,
+    }
 
 
 def _final_probe(df: pd.DataFrame, probe: str, keys: list[str]) -> pd.Series:
@@ -54,8 +66,9 @@ def _final_probe(df: pd.DataFrame, probe: str, keys: list[str]) -> pd.Series:
     return last.groupby("group")["value"].mean()
 
 
-def summary_table(df: pd.DataFrame, by: str | Sequence[str] = "learner",
-                  metric: str | None = None) -> pd.DataFrame:
+def summary_table(
+    df: pd.DataFrame, by: str | Sequence[str] = "learner", metric: str | None = None
+) -> pd.DataFrame:
     """Per group: how well it learned at first, at best, at the end, and its probes at the end.
 
     Args:
@@ -88,8 +101,9 @@ def summary_table(df: pd.DataFrame, by: str | Sequence[str] = "learner",
     for group, frame in reps.groupby("group", sort=True):
         curve = frame.groupby("x")["value"].mean()
         row = {k: frame[k].iloc[0] for k in keys}
-        row.update(metric=metric, seeds=len(frame[["run", "seed"]].drop_duplicates()),
-                   tasks=len(curve))
+        row.update(
+            metric=metric, seeds=len(frame[["run", "seed"]].drop_duplicates()), tasks=len(curve)
+        )
         row.update(_score_stats(curve, metric in LOWER_IS_BETTER))
         for probe, values in probes.items():
             row[f"final_{probe}"] = float(values.get(group, np.nan))
@@ -112,8 +126,10 @@ def format_summary(table: pd.DataFrame) -> str:
     if "metric" in table.columns and table["metric"].nunique() == 1:
         metric = table["metric"].iloc[0]
         better = "lower" if metric in LOWER_IS_BETTER else "higher"
-        header.append(f"score: {metric} per task, mean over seeds ({better} is better; "
-                      "drop_from_peak > 0: final worse than peak)")
+        header.append(
+            f"score: {metric} per task, mean over seeds ({better} is better; "
+            "drop_from_peak > 0: final worse than peak)"
+        )
         table = table.drop(columns="metric")
     cols = list(table.columns)
     cells = [[_cell(v) for v in row] for row in table.itertuples(index=False)]
@@ -121,8 +137,10 @@ def format_summary(table: pd.DataFrame) -> str:
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w)
-                 for v, w, num in zip(values, widths, numeric, strict=True)]
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
         return "  ".join(parts).rstrip()
 
     body = [line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)]

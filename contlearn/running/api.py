@@ -98,13 +98,22 @@ def run(
     """
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     values.update(config or {})
-    explicit = {"stream": stream, "learner": learner, "agent": agent, "seeds": seeds,
-                "seed": seed, "tasks": tasks, "steps": steps}
+    explicit = {
+        "stream": stream,
+        "learner": learner,
+        "agent": agent,
+        "seeds": seeds,
+        "seed": seed,
+        "tasks": tasks,
+        "steps": steps,
+    }
     values.update({k: v for k, v in explicit.items() if v is not None})
     cfg = resolve(values)
     if "learner" in values and not takes_learner(cfg.agent_cls):
-        raise ConfigError(f"agent {cfg.agent} takes no learner; drop --learner or add a "
-                          "`learner` parameter to its __init__")
+        raise ConfigError(
+            f"agent {cfg.agent} takes no learner; drop --learner or add a "
+            "`learner` parameter to its __init__"
+        )
     label = learner_label(cfg)
     path = Path(out) if out is not None else default_run_dir(cfg.stream, label)
     flat = stored_config(cfg)
@@ -120,8 +129,13 @@ def run(
     return RunResult(path, flat)
 
 
-def resume(path: str | Path, *, tasks: int | None = None, steps: int | None = None,
-           progress: bool | None = None) -> RunResult:
+def resume(
+    path: str | Path,
+    *,
+    tasks: int | None = None,
+    steps: int | None = None,
+    progress: bool | None = None,
+) -> RunResult:
     """Continue a run from its newest checkpoint, optionally to a new length.
 
     The result equals that of a run that never stopped (bit for bit on CPU).
@@ -142,14 +156,25 @@ def resume(path: str | Path, *, tasks: int | None = None, steps: int | None = No
 
 
 #: keys that may change when a run is continued (its length and I/O settings)
-RESUMABLE_KEYS = ("tasks", "steps", "flush_rows", "flush_seconds", "checkpoint_every",
-                  "checkpoint_minutes", "checkpoint_keep", "threads", "device", "fast")
+RESUMABLE_KEYS = (
+    "tasks",
+    "steps",
+    "flush_rows",
+    "flush_seconds",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "checkpoint_keep",
+    "threads",
+    "device",
+    "fast",
+)
 
 
 def changed_keys(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Config keys whose values differ, other than those a continued run may change."""
-    return sorted(k for k in set(stored) | set(new)
-                  if k not in RESUMABLE_KEYS and stored.get(k) != new.get(k))
+    return sorted(
+        k for k in set(stored) | set(new) if k not in RESUMABLE_KEYS and stored.get(k) != new.get(k)
+    )
 
 
 def _continue(path: Path, flat: dict[str, Any], progress: bool | None) -> RunResult:
@@ -157,14 +182,18 @@ def _continue(path: Path, flat: dict[str, Any], progress: bool | None) -> RunRes
     changed = changed_keys(stored, flat)
     if changed:
         k = changed[0]
-        raise RunDirError(f"{path} holds a run with {k}={stored.get(k)!r}, not {flat.get(k)!r}; "
-                          "resume it with its own config or choose another --out")
+        raise RunDirError(
+            f"{path} holds a run with {k}={stored.get(k)!r}, not {flat.get(k)!r}; "
+            "resume it with its own config or choose another --out"
+        )
     cfg = resolve(flat)
-    length = {k: stored.get(k) for k in ("tasks", "steps")} != {k: flat[k] for k in
-                                                                 ("tasks", "steps")}
+    length = {k: stored.get(k) for k in ("tasks", "steps")} != {
+        k: flat[k] for k in ("tasks", "steps")
+    }
     if length and len(stream_groups(cfg)) > 1:
-        raise RunDirError("a run of an agent without replica support cannot be extended; "
-                          "start a new run")
+        raise RunDirError(
+            "a run of an agent without replica support cannot be extended; start a new run"
+        )
     with RunLock(path):
         write_atomic(path / "config.json", json.dumps(flat, indent=2).encode())
         _execute(cfg, path, flat, progress, resuming=True)
@@ -179,10 +208,17 @@ def stored_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
-def _execute(cfg: RunConfig, path: Path, flat: dict[str, Any], progress: bool | None,
-             resuming: bool, streams: list[Stream] | None = None) -> None:
-    writer = MetricWriter(path, path.name, cfg.stream, learner_label(cfg),
-                          cfg.run.flush_rows, cfg.run.flush_seconds)
+def _execute(
+    cfg: RunConfig,
+    path: Path,
+    flat: dict[str, Any],
+    progress: bool | None,
+    resuming: bool,
+    streams: list[Stream] | None = None,
+) -> None:
+    writer = MetricWriter(
+        path, path.name, cfg.stream, learner_label(cfg), cfg.run.flush_rows, cfg.run.flush_seconds
+    )
     try:
         execute(cfg, path, writer, want_progress(progress), resuming=resuming, streams=streams)
     finally:

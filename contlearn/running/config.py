@@ -45,18 +45,28 @@ class RunSpec:
     probes: str = param("default", "probes to record: default, none, or a comma-separated list")
     probe_every: int = param(0, "probe every N steps (0: at the start of every task)", low=0)
     probe_size: int = param(2000, "inputs per probe batch (per seed)", low=1)
-    on_divergence: str = param("mark", "a NaN/inf loss marks that seed diverged and stops its "
-                               "learning (mark) or stops the run (stop)", choices=("mark", "stop"))
+    on_divergence: str = param(
+        "mark",
+        "a NaN/inf loss marks that seed diverged and stops its "
+        "learning (mark) or stops the run (stop)",
+        choices=("mark", "stop"),
+    )
     checkpoint_every: int = param(0, "checkpoint every N steps (0: by time only)", low=0)
     checkpoint_minutes: float = param(10.0, "checkpoint every so many minutes (0: never)", low=0.0)
     checkpoint_keep: int = param(2, "newest checkpoints kept", low=1)
     flush_rows: int = param(50_000, "metric rows buffered before a parquet part is written", low=1)
-    flush_seconds: float = param(60.0, "longest time metric rows stay only in memory (s)",
-                                 low=0.0)
-    threads: int = param(0, "intra-op CPU threads (0: auto, 1 for small networks, every core "
-                         "for large ones; see docs/performance.md)", low=0)
-    device: str = param("cpu", "torch device of the network and learner state (cpu, cuda, "
-                        "cuda:1, ...); streams stay on the CPU")
+    flush_seconds: float = param(60.0, "longest time metric rows stay only in memory (s)", low=0.0)
+    threads: int = param(
+        0,
+        "intra-op CPU threads (0: auto, 1 for small networks, every core "
+        "for large ones; see docs/performance.md)",
+        low=0,
+    )
+    device: str = param(
+        "cpu",
+        "torch device of the network and learner state (cpu, cuda, "
+        "cuda:1, ...); streams stay on the CPU",
+    )
 
     def validate(self) -> None:
         """Tasks and steps are alternatives; the device exists."""
@@ -70,11 +80,11 @@ class RunSpec:
         try:
             device = torch.device(self.device)
         except RuntimeError:
-            raise ConfigError(f"device={self.device!r} is not a torch device; e.g. cpu or "
-                              "cuda") from None
+            raise ConfigError(
+                f"device={self.device!r} is not a torch device; e.g. cpu or cuda"
+            ) from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={self.device} but torch sees no CUDA device; use "
-                              "device=cpu")
+            raise ConfigError(f"device={self.device} but torch sees no CUDA device; use device=cpu")
 
 
 DEFAULT_TASKS = 100
@@ -109,8 +119,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat ``key -> value`` with every resolved option (what ``config.json`` holds)."""
-        out: dict[str, Any] = {"stream": self.stream, "agent": self.agent,
-                               "learner": self.learner.name}
+        out: dict[str, Any] = {
+            "stream": self.stream,
+            "agent": self.agent,
+            "learner": self.learner.name,
+        }
         out.update(asdict(self.run))
         out.update(asdict(self.stream_spec))
         agent = self.agent_spec if isinstance(self.agent_spec, dict) else asdict(self.agent_spec)
@@ -170,8 +183,9 @@ def parse_set(items: list[str]) -> dict[str, str]:
 def _unknown(key: str, known: list[str], context: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown config key {key!r} for {context}{hint}; "
-                       "see `contlearn list` for the options")
+    return ConfigError(
+        f"unknown config key {key!r} for {context}{hint}; see `contlearn list` for the options"
+    )
 
 
 def _agent_fields(agent_cls: type) -> list[FieldInfo]:
@@ -236,8 +250,9 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
             groups["learner"][key.removeprefix("learner.")] = value
         else:
             known = run_fields + stream_fields + list(agent_fields) + learner_fields
-            raise _unknown(key, known, f"stream {stream!r}, agent {agent!r}, "
-                           f"learner {learner_name!r}")
+            raise _unknown(
+                key, known, f"stream {stream!r}, agent {agent!r}, learner {learner_name!r}"
+            )
 
     suggested = {**getattr(stream_cls, "agent_defaults", {}), **ldef.agent_defaults}
     agent_values = {k: v for k, v in suggested.items() if k in agent_fields}

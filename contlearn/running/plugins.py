@@ -80,8 +80,9 @@ def takes_learner(cls: type) -> bool:
     return "learner" in inspect.signature(cls.__init__).parameters
 
 
-def build_plugin_agent(cls: type, info: Any, seeds: Any, options: dict[str, Any],
-                       learner: Any) -> Agent:
+def build_plugin_agent(
+    cls: type, info: Any, seeds: Any, options: dict[str, Any], learner: Any
+) -> Agent:
     """Instantiate a plug-in agent with its options (and the learner if it asks for one)."""
     kwargs = dict(options)
     if takes_learner(cls):

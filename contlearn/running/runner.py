@@ -106,7 +106,8 @@ class CheckpointDue:
     def __call__(self, step: int) -> bool:
         now = time.monotonic()
         if (self.every and step % self.every == 0) or (
-                self.seconds and now - self.last >= self.seconds):
+            self.seconds and now - self.last >= self.seconds
+        ):
             self.last = now
             return True
         return False
@@ -161,8 +162,9 @@ def make_agent(cfg: RunConfig, stream: Stream) -> Agent:
     elif supports_replicas(cfg.agent_cls):
         agent = build_plugin_agent(cfg.agent_cls, stream.info, seeds, cfg.agent_spec, cfg.learner)
     else:
-        agent = build_plugin_agent(cfg.agent_cls, stream.info, seeds[0], cfg.agent_spec,
-                                   cfg.learner)
+        agent = build_plugin_agent(
+            cfg.agent_cls, stream.info, seeds[0], cfg.agent_spec, cfg.learner
+        )
     check_agent(agent)
     if not supports_replicas(cfg.agent_cls):
         agent = SingleReplicaAdapter(agent)
@@ -174,8 +176,10 @@ def place_agent(cfg: RunConfig, agent: Agent) -> Agent:
     if cfg.run.device == "cpu":
         return agent
     if not isinstance(agent, SupportsDevice):
-        raise ContlearnError(f"agent {cfg.agent} cannot run on device={cfg.run.device}: it has "
-                             "no to() method; use device=cpu")
+        raise ContlearnError(
+            f"agent {cfg.agent} cannot run on device={cfg.run.device}: it has "
+            "no to() method; use device=cpu"
+        )
     return agent.to(cfg.run.device)
 
 
@@ -197,20 +201,42 @@ def probe_schedule(cfg: RunConfig) -> ProbeSchedule:
     ``threads`` keys."""
     from contlearn.probes.measures import parse_probes
 
-    return ProbeSchedule(tuple(parse_probes(cfg.run.probes)), cfg.run.probe_every,
-                         cfg.run.probe_size, cfg.run.threads)
+    return ProbeSchedule(
+        tuple(parse_probes(cfg.run.probes)),
+        cfg.run.probe_every,
+        cfg.run.probe_size,
+        cfg.run.threads,
+    )
 
 
-def make_loop(stream: Stream, agent: Agent, emit: Callable[[Record], None], bar: Progress,
-              probes: ProbeSchedule, cfg: RunConfig) -> SteppingLoop:
+def make_loop(
+    stream: Stream,
+    agent: Agent,
+    emit: Callable[[Record], None],
+    bar: Progress,
+    probes: ProbeSchedule,
+    cfg: RunConfig,
+) -> SteppingLoop:
     """The loop for a stream's kind."""
     if stream.info.kind == "rl":
         from contlearn.loop.rl import RLLoop
 
-        return RLLoop(stream, agent, emit, bar, probes,  # type: ignore[arg-type]
-                      cfg.run.on_divergence)
-    return SupervisedLoop(stream, agent, emit, bar, probes,  # type: ignore[arg-type]
-                          cfg.run.on_divergence)
+        return RLLoop(
+            stream,
+            agent,
+            emit,
+            bar,
+            probes,  # type: ignore[arg-type]
+            cfg.run.on_divergence,
+        )
+    return SupervisedLoop(
+        stream,
+        agent,
+        emit,
+        bar,
+        probes,  # type: ignore[arg-type]
+        cfg.run.on_divergence,
+    )
 
 
 def agent_backend(agent: Any) -> str:
@@ -234,8 +260,14 @@ def _warn(message: str) -> None:
     print(f"contlearn: warning: {message}", file=sys.stderr)
 
 
-def execute(cfg: RunConfig, path: Path, writer: MetricWriter, show: bool,
-            resuming: bool = False, streams: Sequence[Stream] | None = None) -> None:
+def execute(
+    cfg: RunConfig,
+    path: Path,
+    writer: MetricWriter,
+    show: bool,
+    resuming: bool = False,
+    streams: Sequence[Stream] | None = None,
+) -> None:
     """Run every group of a run to its end, resuming from the newest checkpoint if asked.
 
     Args:
@@ -261,15 +293,32 @@ def execute(cfg: RunConfig, path: Path, writer: MetricWriter, show: bool,
             try:
                 if g >= start:
                     # (every group has the same configuration: the first one run announces it)
-                    _run_group(cfg, g, stream, writer, path, show,
-                               ckpt if g == start else None, stop, announce=g == start)
+                    _run_group(
+                        cfg,
+                        g,
+                        stream,
+                        writer,
+                        path,
+                        show,
+                        ckpt if g == start else None,
+                        stop,
+                        announce=g == start,
+                    )
             finally:
                 stream.close()  # (its workers go now, not at the run's end)
 
 
-def _run_group(cfg: RunConfig, group: int, stream: Stream, writer: MetricWriter, path: Path,
-               show: bool, ckpt: dict[str, Any] | None, stop: SignalStop,
-               announce: bool = False) -> None:
+def _run_group(
+    cfg: RunConfig,
+    group: int,
+    stream: Stream,
+    writer: MetricWriter,
+    path: Path,
+    show: bool,
+    ckpt: dict[str, Any] | None,
+    stop: SignalStop,
+    announce: bool = False,
+) -> None:
     agent = make_agent(cfg, stream)
     try:
         placed = place_agent(cfg, agent)
@@ -281,8 +330,17 @@ def _run_group(cfg: RunConfig, group: int, stream: Stream, writer: MetricWriter,
             agent.close()
 
 
-def _run_agent(cfg: RunConfig, group: int, stream: Stream, agent: Agent, writer: MetricWriter,
-               path: Path, show: bool, ckpt: dict[str, Any] | None, stop: SignalStop) -> None:
+def _run_agent(
+    cfg: RunConfig,
+    group: int,
+    stream: Stream,
+    agent: Agent,
+    writer: MetricWriter,
+    path: Path,
+    show: bool,
+    ckpt: dict[str, Any] | None,
+    stop: SignalStop,
+) -> None:
     steps = total_steps(cfg, stream.steps_per_task)
     seeds = stream.seeds
     emit = record_writer(writer, seeds)
@@ -301,15 +359,28 @@ def _run_agent(cfg: RunConfig, group: int, stream: Stream, agent: Agent, writer:
     def checkpoint() -> None:
         assert isinstance(agent, SupportsCheckpoints)
         writer.flush()
-        save_checkpoint(path, {"group": group, "step": stream.step,
-                               "parts": writer.parts_written, "stream": stream.state_dict(),
-                               "agent": agent.state_dict(), "loop": loop.state_dict()},
-                        stream.step, keep=cfg.run.checkpoint_keep)
+        save_checkpoint(
+            path,
+            {
+                "group": group,
+                "step": stream.step,
+                "parts": writer.parts_written,
+                "stream": stream.state_dict(),
+                "agent": agent.state_dict(),
+                "loop": loop.state_dict(),
+            },
+            stream.step,
+            keep=cfg.run.checkpoint_keep,
+        )
 
     try:
         with intra_op_threads(cfg.run.threads, agent):
-            done = loop.run(steps, stop.requested, checkpoint if savable else None,
-                            CheckpointDue(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes))
+            done = loop.run(
+                steps,
+                stop.requested,
+                checkpoint if savable else None,
+                CheckpointDue(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes),
+            )
             if savable:
                 checkpoint()  # at the end (or the stop), before the partial task's rows
             loop.finish()

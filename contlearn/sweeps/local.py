@@ -63,12 +63,14 @@ class SweepResult:
         """A summary: counts, then one line per failed run with its message."""
         n = len(self.outcomes) + len(self.skipped)
         parts = [f"{len(self.names(s))} {s}" for s in ("finished", "failed", "interrupted")]
-        lines = [f"sweep {self.root}: {n} runs: {len(self.skipped)} already done, "
-                 + ", ".join(parts)]
+        lines = [
+            f"sweep {self.root}: {n} runs: {len(self.skipped)} already done, " + ", ".join(parts)
+        ]
         lines += [f"  failed {o.name}: {o.message}" for o in self.outcomes if o.status == "failed"]
         if self.names("interrupted"):
-            lines.append("  interrupted runs continue from their checkpoints when the sweep "
-                         "is run again")
+            lines.append(
+                "  interrupted runs continue from their checkpoints when the sweep is run again"
+            )
         return "\n".join(lines)
 
 
@@ -129,8 +131,7 @@ class SweepProgress:
 
     def _draw(self) -> None:
         end = "" if self.tty else "\n"
-        print(("\r\033[K" if self.tty else "") + self.line(), end=end, file=sys.stderr,
-              flush=True)
+        print(("\r\033[K" if self.tty else "") + self.line(), end=end, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """End the line (on a terminal)."""
@@ -141,6 +142,7 @@ class SweepProgress:
 @contextlib.contextmanager
 def forward_sigterm() -> Iterator[None]:
     """While active, SIGTERM (a batch system's stop) acts as Ctrl-C in the main thread."""
+
     def handle(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -195,8 +197,11 @@ def run_one(root: str, run: SweepRun, sha: str, threads: int = 0) -> Outcome:
     except Exception as exc:  # noqa: BLE001 - every failure is reported, the sweep goes on
         return Outcome(run.name, "failed", one_line(exc), time.monotonic() - start)
     seconds = time.monotonic() - start
-    done = {"config_sha256": sha, "seconds": round(seconds, 3),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    done = {
+        "config_sha256": sha,
+        "seconds": round(seconds, 3),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     write_atomic(path / DONE_FILE, json.dumps(done, indent=2).encode())
     return Outcome(run.name, "finished", "", seconds)
 
@@ -246,10 +251,13 @@ def run_local(plan: Plan, todo: list[SweepRun], workers: int, bar: SweepProgress
         return _serial(plan, todo, bar)
     ctx = get_context("spawn")  # never fork a process that may hold torch's thread pools
     stop = ctx.Event()
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(max(1, (os.cpu_count() or 1) // workers), stop))
-    futures = {pool.submit(run_one, str(plan.root), r, plan.digests[r.name]): r.name
-               for r in todo}
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(max(1, (os.cpu_count() or 1) // workers), stop),
+    )
+    futures = {pool.submit(run_one, str(plan.root), r, plan.digests[r.name]): r.name for r in todo}
     pending, outcomes = set(futures), []
     try:
         with forward_sigterm():

@@ -46,8 +46,10 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise ContlearnError(f"cannot reach Ray at {address} ({exc.strerror or exc}); start it "
-                             "with `ray start --head` there, or check --address") from None
+        raise ContlearnError(
+            f"cannot reach Ray at {address} ({exc.strerror or exc}); start it "
+            "with `ray start --head` there, or check --address"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -72,8 +74,10 @@ def ray_session(address: str | None) -> Iterator[Any]:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a local Ray instance"
-        raise ContlearnError(f"cannot connect to Ray at {where} ({one_line(exc)}); check "
-                             "--address and that `ray start` is running there") from None
+        raise ContlearnError(
+            f"cannot connect to Ray at {where} ({one_line(exc)}); check "
+            "--address and that `ray start` is running there"
+        ) from None
     try:
         yield ray
     finally:
@@ -100,8 +104,9 @@ def _collect(ray: Any, refs: dict[Any, str], bar: SweepProgress, slots: int) -> 
     return outcomes
 
 
-def run_ray(ray: Any, plan: Plan, todo: list[SweepRun], cpus_per_run: float,
-            bar: SweepProgress) -> list[Outcome]:
+def run_ray(
+    ray: Any, plan: Plan, todo: list[SweepRun], cpus_per_run: float, bar: SweepProgress
+) -> list[Outcome]:
     """Submit one Ray task per run of ``todo`` and wait for them all.
 
     Args:
@@ -123,5 +128,7 @@ def run_ray(ray: Any, plan: Plan, todo: list[SweepRun], cpus_per_run: float,
     except KeyboardInterrupt:
         for ref in refs:
             ray.cancel(ref)
-        return [bar.finish(Outcome(name, "interrupted", "cancelled: the sweep was interrupted"))
-                for name in refs.values()]
+        return [
+            bar.finish(Outcome(name, "interrupted", "cancelled: the sweep was interrupted"))
+            for name in refs.values()
+        ]

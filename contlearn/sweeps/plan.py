@@ -39,8 +39,10 @@ class Plan:
         """One line per run (``status  name``) and a count line."""
         lines = [f"{self.status[r.name]:<8} {r.name}" for r in self.runs]
         counts = {s: sum(v == s for v in self.status.values()) for s in ("done", "partial", "new")}
-        lines.append(f"{len(self.runs)} runs in {self.root}: " +
-                     ", ".join(f"{n} {s}" for s, n in counts.items()))
+        lines.append(
+            f"{len(self.runs)} runs in {self.root}: "
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+        )
         return "\n".join(lines)
 
 
@@ -83,8 +85,10 @@ def run_status(path: Path, expected: dict[str, Any]) -> str:
     changed = changed_keys(stored, expected)
     if changed:
         k = changed[0]
-        raise RunDirError(f"{path} holds a run with {k}={stored.get(k)!r}, not "
-                          f"{expected.get(k)!r}; the spec changed: use another --out")
+        raise RunDirError(
+            f"{path} holds a run with {k}={stored.get(k)!r}, not "
+            f"{expected.get(k)!r}; the spec changed: use another --out"
+        )
     try:
         done = json.loads((path / DONE_FILE).read_text())
     except (OSError, ValueError):
@@ -92,8 +96,11 @@ def run_status(path: Path, expected: dict[str, Any]) -> str:
     return "done" if done.get("config_sha256") == digest(expected) else "partial"
 
 
-def plan_sweep(spec: str | Path | SweepSpec | Mapping[str, Any], out: str | Path,
-               overrides: Mapping[str, Any] | None = None) -> Plan:
+def plan_sweep(
+    spec: str | Path | SweepSpec | Mapping[str, Any],
+    out: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+) -> Plan:
     """Expand and validate a sweep and find where each run stands; writes nothing.
 
     Args:
@@ -107,8 +114,11 @@ def plan_sweep(spec: str | Path | SweepSpec | Mapping[str, Any], out: str | Path
     from contlearn.results.store import is_run_dir
 
     if not isinstance(spec, SweepSpec):
-        spec = (read_spec(spec, overrides) if isinstance(spec, (str, Path))
-                else parse_spec(spec, overrides))
+        spec = (
+            read_spec(spec, overrides)
+            if isinstance(spec, (str, Path))
+            else parse_spec(spec, overrides)
+        )
     root = Path(out).absolute()
     if is_run_dir(root) or root.is_file():
         raise RunDirError(f"{root} is a run or a file; give a folder for the sweep's runs")
@@ -123,9 +133,11 @@ def write_sweep_file(plan: Plan) -> None:
     from contlearn.results.store import write_atomic
 
     plan.root.mkdir(parents=True, exist_ok=True)
-    data = {"written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "spec": plan.spec.to_dict(),
-            "runs": [{"name": r.name, "point": r.point, "config": r.config} for r in plan.runs]}
+    data = {
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "spec": plan.spec.to_dict(),
+        "runs": [{"name": r.name, "point": r.point, "config": r.config} for r in plan.runs],
+    }
     write_atomic(plan.root / SWEEP_FILE, json.dumps(data, indent=2, default=str).encode())
 
 
@@ -141,9 +153,15 @@ def _run(plan: Plan, progress: bool | None, backend: Any) -> SweepResult:
     return SweepResult(plan.root, outcomes, skipped)
 
 
-def run_sweep(plan: Plan, *, backend: str = "local", workers: int | None = None,
-              address: str | None = None, cpus_per_run: float = 1,
-              progress: bool | None = None) -> SweepResult:
+def run_sweep(
+    plan: Plan,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    cpus_per_run: float = 1,
+    progress: bool | None = None,
+) -> SweepResult:
     """Run every run of a plan that is not done; writes ``sweep.json`` first.
 
     Args:
@@ -160,20 +178,31 @@ def run_sweep(plan: Plan, *, backend: str = "local", workers: int | None = None,
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     if backend not in ("local", "ray") or workers < 1 or cpus_per_run <= 0:
-        raise ConfigError(f"sweep needs backend local or ray ({backend!r}), workers ≥ 1 "
-                          f"({workers}) and cpus-per-run > 0 ({cpus_per_run})")
+        raise ConfigError(
+            f"sweep needs backend local or ray ({backend!r}), workers ≥ 1 "
+            f"({workers}) and cpus-per-run > 0 ({cpus_per_run})"
+        )
     if backend == "ray":
         from contlearn.sweeps.on_ray import ray_session, run_ray
 
         with ray_session(address) as ray:
-            return _run(plan, progress, lambda todo, bar: run_ray(ray, plan, todo, cpus_per_run,
-                                                                  bar))
-    return _run(plan, progress, lambda todo, bar: run_local(plan, todo,
-                                                            min(workers, max(1, len(todo))), bar))
+            return _run(
+                plan, progress, lambda todo, bar: run_ray(ray, plan, todo, cpus_per_run, bar)
+            )
+    return _run(
+        plan,
+        progress,
+        lambda todo, bar: run_local(plan, todo, min(workers, max(1, len(todo))), bar),
+    )
 
 
-def sweep(spec: str | Path | Mapping[str, Any], out: str | Path, *,
-          overrides: Mapping[str, Any] | None = None, **options: Any) -> SweepResult:
+def sweep(
+    spec: str | Path | Mapping[str, Any],
+    out: str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> SweepResult:
     """Plan and run a sweep: :func:`plan_sweep` then :func:`run_sweep` (``options``)."""
     return run_sweep(plan_sweep(spec, out, overrides), **options)
 

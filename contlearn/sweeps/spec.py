@@ -66,9 +66,14 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain values (what ``sweep.json`` records)."""
-        return {"base": self.base, "axes": self.axes,
-                "variants": [{"set": fixed, "axes": axes} for fixed, axes in self.variants],
-                "seed": self.seed, "seeds": self.seeds, "seeds_per_run": self.seeds_per_run}
+        return {
+            "base": self.base,
+            "axes": self.axes,
+            "variants": [{"set": fixed, "axes": axes} for fixed, axes in self.variants],
+            "seed": self.seed,
+            "seeds": self.seeds,
+            "seeds_per_run": self.seeds_per_run,
+        }
 
 
 @dataclass(frozen=True)
@@ -89,24 +94,32 @@ class SweepRun:
 def _axes(table: Mapping[str, Any], where: str) -> Axes:
     """The ``grid`` and ``zip`` of a table as axis groups."""
     grid, zips = table.get("grid", {}), table.get("zip", [])
-    if not isinstance(grid, Mapping) or not isinstance(zips, list) or not all(
-            isinstance(z, Mapping) for z in zips):
-        raise ConfigError(f"sweep spec: [{where}grid] must be a table and [[{where}zip]] an "
-                          "array of tables")
+    if (
+        not isinstance(grid, Mapping)
+        or not isinstance(zips, list)
+        or not all(isinstance(z, Mapping) for z in zips)
+    ):
+        raise ConfigError(
+            f"sweep spec: [{where}grid] must be a table and [[{where}zip]] an array of tables"
+        )
     groups = [flatten(grid)] + [flatten(z) for z in zips]
     for i, group in enumerate(groups):
         name = f"{where}grid" if i == 0 else f"{where}zip[{i - 1}]"
         for key, values in group.items():
             if key in ("seed", "seeds"):
-                raise ConfigError(f"{name} sets {key!r}; seeds are set by the top-level seed, "
-                                  "seeds and seeds_per_run")
+                raise ConfigError(
+                    f"{name} sets {key!r}; seeds are set by the top-level seed, "
+                    "seeds and seeds_per_run"
+                )
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"{name}.{key} must be a non-empty list of values, "
-                                  f"e.g. {key} = [{values!r}]")
+                raise ConfigError(
+                    f"{name}.{key} must be a non-empty list of values, e.g. {key} = [{values!r}]"
+                )
         if i and len({len(v) for v in group.values()}) > 1:
             lengths = ", ".join(f"{k}: {len(v)}" for k, v in group.items())
-            raise ConfigError(f"{name} lists differ in length ({lengths}); values in a zip "
-                              "group move together")
+            raise ConfigError(
+                f"{name} lists differ in length ({lengths}); values in a zip group move together"
+            )
     return [{k: v} for k, v in groups[0].items()] + [g for g in groups[1:] if g]
 
 
@@ -121,8 +134,11 @@ def _count(data: Mapping[str, Any], key: str, default: int, low: int) -> int:
 
 def _variants(data: Mapping[str, Any]) -> list[tuple[dict[str, Any], Axes]]:
     tables = data.get("variant", [{}])
-    if not isinstance(tables, list) or not tables or not all(
-            isinstance(t, Mapping) for t in tables):
+    if (
+        not isinstance(tables, list)
+        or not tables
+        or not all(isinstance(t, Mapping) for t in tables)
+    ):
         raise ConfigError("sweep spec: [[variant]] must be an array of tables")
     out = []
     for i, table in enumerate(tables):
@@ -134,19 +150,23 @@ def _variants(data: Mapping[str, Any]) -> list[tuple[dict[str, Any], Axes]]:
     return out
 
 
-def _check_keys(axes: Axes, variants: list[tuple[dict[str, Any], Axes]],
-                overrides: Mapping[str, Any]) -> None:
+def _check_keys(
+    axes: Axes, variants: list[tuple[dict[str, Any], Axes]], overrides: Mapping[str, Any]
+) -> None:
     shared = [k for g in axes for k in g]
     for fixed, own in variants:
         keys = shared + list(fixed) + [k for g in own for k in g]
         dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
         if dup:
-            raise ConfigError(f"sweep key {dup!r} is given twice (in two axes, or in an axis "
-                              "and a variant); give it once")
+            raise ConfigError(
+                f"sweep key {dup!r} is given twice (in two axes, or in an axis "
+                "and a variant); give it once"
+            )
         clash = sorted(set(keys) & set(overrides))
         if clash:
-            raise ConfigError(f"--set {clash[0]} overrides a sweep axis or variant key; edit "
-                              "the spec instead")
+            raise ConfigError(
+                f"--set {clash[0]} overrides a sweep axis or variant key; edit the spec instead"
+            )
 
 
 def parse_spec(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> SweepSpec:
@@ -160,9 +180,14 @@ def parse_spec(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = No
     _check_keys(axes, variants, overrides)
     base = {**flatten({k: v for k, v in data.items() if k not in SPEC_KEYS}), **overrides}
     seeds = _count(base, "seeds", 1, 1)
-    return SweepSpec({k: v for k, v in base.items() if k not in ("seed", "seeds")}, axes,
-                     variants, _count(base, "seed", 0, 0), seeds,
-                     _count(data, "seeds_per_run", seeds, 1))
+    return SweepSpec(
+        {k: v for k, v in base.items() if k not in ("seed", "seeds")},
+        axes,
+        variants,
+        _count(base, "seed", 0, 0),
+        seeds,
+        _count(data, "seeds_per_run", seeds, 1),
+    )
 
 
 def read_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
@@ -177,8 +202,9 @@ def read_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> S
     try:
         data = tomllib.loads(file.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read sweep spec {file} ({exc.strerror}); check the path"
-                          ) from None
+        raise ConfigError(
+            f"cannot read sweep spec {file} ({exc.strerror}); check the path"
+        ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"sweep spec {file} is malformed: {exc}") from None
     return parse_spec(data, overrides)
@@ -200,20 +226,26 @@ def run_name(point: Mapping[str, Any], seed: int, seeds: int) -> str:
     name = re.sub(r"[^A-Za-z0-9._,=+-]+", "-", "__".join(parts)).strip("-.")
     if len(name) > NAME_LIMIT:
         digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-        name = f"{name[:NAME_LIMIT - 12]}__{digest}"
+        name = f"{name[: NAME_LIMIT - 12]}__{digest}"
     return name
 
 
 def _points(spec: SweepSpec) -> list[dict[str, Any]]:
     """Every point (variant keys, shared axes, variant axes), in order."""
-    def product(axes: Axes) -> list[dict[str, Any]]:
-        groups = [[dict(zip(g, vals, strict=True)) for vals in zip(*g.values(), strict=True)]
-                  for g in axes]
-        return [{k: v for part in combo for k, v in part.items()}
-                for combo in itertools.product(*groups)]
 
-    return [{**fixed, **point} for fixed, own in spec.variants
-            for point in product(spec.axes + own)]
+    def product(axes: Axes) -> list[dict[str, Any]]:
+        groups = [
+            [dict(zip(g, vals, strict=True)) for vals in zip(*g.values(), strict=True)]
+            for g in axes
+        ]
+        return [
+            {k: v for part in combo for k, v in part.items()}
+            for combo in itertools.product(*groups)
+        ]
+
+    return [
+        {**fixed, **point} for fixed, own in spec.variants for point in product(spec.axes + own)
+    ]
 
 
 def _name_keys(spec: SweepSpec) -> set[str]:
@@ -221,8 +253,12 @@ def _name_keys(spec: SweepSpec) -> set[str]:
     keys = {k for g in spec.axes for k in g}
     keys |= {k for _, own in spec.variants for g in own for k in g}
     fixed = [f for f, _ in spec.variants]
-    keys |= {k for f in fixed for k in f if any(json.dumps(g.get(k), default=str) !=
-                                                json.dumps(f[k], default=str) for g in fixed)}
+    keys |= {
+        k
+        for f in fixed
+        for k in f
+        if any(json.dumps(g.get(k), default=str) != json.dumps(f[k], default=str) for g in fixed)
+    }
     return keys
 
 
@@ -241,8 +277,10 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
             n = min(spec.seeds_per_run, end - first)
             name = run_name(point, first, n)
             if name in names:
-                raise ConfigError(f"sweep runs {names[name]} and {len(runs)} are both named "
-                                  f"{name!r}; remove the duplicate value")
+                raise ConfigError(
+                    f"sweep runs {names[name]} and {len(runs)} are both named "
+                    f"{name!r}; remove the duplicate value"
+                )
             names[name] = len(runs)
             runs.append(SweepRun(name, point, {**spec.base, **full, "seed": first, "seeds": n}))
     return runs
