@@ -55,17 +55,14 @@ class PPOSpec:
     hidden: str = param("256,256", "hidden widths of the policy and of the value net")
     activation: str = param("relu", "hidden nonlinearity", choices=tuple(ACTIVATIONS))
     init: str = param("lecun_uniform", "weight init distribution", choices=INITS)
-    optimizer: str = param(
-        "adam", "base optimizer (one, over both networks)", choices=("sgd", "adam")
-    )
+    optimizer: str = param("adam", "base optimizer (one, over both networks)",
+                           choices=("sgd", "adam"))
     lr: float = param(1e-4, "learning rate (step size)", low=0.0, low_open=True)
     momentum: float = param(0.0, "SGD momentum", low=0.0, high=1.0)
-    beta1: float = param(
-        0.9, "Adam β1 (paper: 0.9 for PPO, 0.99 with CBP, L2, proper Adam)", low=0.0, high=1.0
-    )
-    beta2: float = param(
-        0.999, "Adam β2 (paper: 0.999 for PPO, 0.99 with CBP, L2, proper Adam)", low=0.0, high=1.0
-    )
+    beta1: float = param(0.9, "Adam β1 (paper: 0.9 for PPO, 0.99 with CBP, L2, proper Adam)",
+                         low=0.0, high=1.0)
+    beta2: float = param(0.999, "Adam β2 (paper: 0.999 for PPO, 0.99 with CBP, L2, proper Adam)",
+                         low=0.0, high=1.0)
     eps: float = param(1e-8, "Adam ε", low=0.0, low_open=True)
     rollout: int = param(2048, "transitions per replica between updates (all env copies)", low=1)
     epochs: int = param(10, "passes over each rollout", low=1)
@@ -78,41 +75,25 @@ class PPOSpec:
     norm_adv: bool = param(True, "normalise advantages over each rollout, per replica")
     max_grad_norm: float = param(0.0, "clip each replica's gradient norm (0: off)", low=0.0)
     init_log_std: float = param(0.0, "initial log standard deviation of the policy")
-    bootstrap_truncated: bool = param(
-        False,
-        "bootstrap from V(final obs) at time-limit"
-        " truncations (paper: no, a truncation ends the return)",
-    )
-    fast: bool = param(
-        True,
-        "hand-written forward/backward of the minibatch loss (false: the"
-        " autograd reference; same numbers to float rounding)",
-    )
-    update_threads: int = param(
-        0,
-        "torch threads during the update phase only (0: the run's"
-        " setting; acting and env stepping keep the run's threads)",
-        low=0,
-    )
-    parallel_nets: bool = param(
-        False,
-        "run the policy's and the value net's passes of each"
-        " minibatch in two threads (fast path; for 2 free cores)",
-    )
-    value_worker: bool = param(
-        False,
-        "run the value net's minibatch updates in a second"
-        " process while this one runs the policy's (2 cores; learners"
-        " bp, adam, proper-adam; same numbers)",
-    )
+    bootstrap_truncated: bool = param(False, "bootstrap from V(final obs) at time-limit"
+                                      " truncations (paper: no, a truncation ends the return)")
+    fast: bool = param(True, "hand-written forward/backward of the minibatch loss (false: the"
+                       " autograd reference; same numbers to float rounding)")
+    update_threads: int = param(0, "torch threads during the update phase only (0: the run's"
+                                " setting; acting and env stepping keep the run's threads)",
+                                low=0)
+    parallel_nets: bool = param(False, "run the policy's and the value net's passes of each"
+                                " minibatch in two threads (fast path; for 2 free cores)")
+    value_worker: bool = param(False, "run the value net's minibatch updates in a second"
+                               " process while this one runs the policy's (2 cores; learners"
+                               " bp, adam, proper-adam; same numbers)")
 
     def validate(self) -> None:
         """Hidden widths parse; minibatches tile the rollout."""
         parse_int_list(self.hidden, "hidden")
         if self.rollout % self.minibatch_size:
-            raise ConfigError(
-                f"rollout={self.rollout} is not a multiple of minibatch_size={self.minibatch_size}"
-            )
+            raise ConfigError(f"rollout={self.rollout} is not a multiple of "
+                              f"minibatch_size={self.minibatch_size}")
 
     def base_optimizer(self) -> GradientTransformation:
         """The base optimizer transform (the learner chain wraps it)."""
@@ -121,24 +102,17 @@ class PPOSpec:
         return sgd(self.lr, self.momentum)
 
 
-def gaussian_log_prob(
-    action: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
-) -> torch.Tensor:
+def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+                      ) -> torch.Tensor:
     """log N(action; mean, exp(log_std)²) summed over action dims: ``(R, B, A) -> (R, B)``;
     ``log_std`` is ``(R, A)``."""
     z = (action - mean) * torch.exp(-log_std).unsqueeze(1)
     return -(0.5 * z.pow(2) + log_std.unsqueeze(1) + 0.5 * _LOG_2PI).sum(-1)
 
 
-def gae(
-    reward: torch.Tensor,
-    value: torch.Tensor,
-    next_value: torch.Tensor,
-    terminal: torch.Tensor,
-    episode_end: torch.Tensor,
-    gamma: float,
-    lam: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(reward: torch.Tensor, value: torch.Tensor, next_value: torch.Tensor,
+        terminal: torch.Tensor, episode_end: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates (Schulman et al. 2016) over a rollout.
 
     ``δ_t = r_t + γ (1 − terminal_t) V(s'_t) − V(s_t)``,
@@ -164,9 +138,8 @@ def gae(
     return adv, adv + value
 
 
-def clipped_policy_loss(
-    logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float
-) -> torch.Tensor:
+def clipped_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
+                        clip: float) -> torch.Tensor:
     """PPO's clipped surrogate, to minimise: ``mean_b max(−ρA, −clip(ρ, 1−ε, 1+ε)A)``, with
     ``ρ = exp(logp − logp_old)``; ``(R, B)`` inputs, ``(R,)`` out."""
     ratio = torch.exp(logp - logp_old)
@@ -188,16 +161,8 @@ class ActorCritic:
         init_log_std: initial log standard deviation.
     """
 
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        hidden: Sequence[int],
-        activation: str,
-        init: str,
-        generators: Sequence[torch.Generator],
-        init_log_std: float,
-    ) -> None:
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], activation: str,
+                 init: str, generators: Sequence[torch.Generator], init_log_std: float) -> None:
         self.policy = BatchedMLP(obs_dim, hidden, act_dim, activation, init, generators)
         self.value = BatchedMLP(obs_dim, hidden, 1, activation, init, generators)
         self.nets = {"policy": self.policy, "value": self.value}
@@ -205,13 +170,9 @@ class ActorCritic:
         self.log_std = torch.full((len(generators), act_dim), float(init_log_std))  # (R, A)
         self.params = {f"{p}.{k}": v for p, net in self.nets.items() for k, v in net.params.items()}
         self.params["policy.log_std"] = self.log_std
-        self.layers = [
-            replace(
-                layer, name=f"{p}.{layer.name}", next=f"{p}.{layer.next}" if layer.next else None
-            )
-            for p, net in self.nets.items()
-            for layer in net.layers
-        ]
+        self.layers = [replace(layer, name=f"{p}.{layer.name}",
+                               next=f"{p}.{layer.next}" if layer.next else None)
+                       for p, net in self.nets.items() for layer in net.layers]
         self.by_name = {layer.name: layer for layer in self.layers}
 
     def to(self, device: torch.device) -> None:
@@ -227,9 +188,8 @@ class ActorCritic:
         """Hidden layers of both nets (``policy.hidden1``, ..., ``value.hidden2``)."""
         return [layer for layer in self.layers if layer.next is not None]
 
-    def sample_init(
-        self, name: str, rows: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_init(self, name: str, rows: int, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh rows for prefixed layer ``name`` from its net's own init distribution."""
         net, _, layer = name.partition(".")
         return self.nets[net].sample_init(layer, rows, generator)
@@ -250,10 +210,8 @@ class ActorCritic:
         """Action means ``(R, B, A)``, values ``(R, B)`` and prefixed hidden activations."""
         mean, f_pol = self.policy.forward(obs)
         value, f_val = self.values(obs)
-        feats = {
-            **{f"policy.{k}": v for k, v in f_pol.items()},
-            **{f"value.{k}": v for k, v in f_val.items()},
-        }
+        feats = {**{f"policy.{k}": v for k, v in f_pol.items()},
+                 **{f"value.{k}": v for k, v in f_val.items()}}
         return mean, value, feats
 
 
@@ -275,31 +233,20 @@ class PPOAgent:
     supports_replicas = True
     Spec = PPOSpec
     #: learners that do not apply, with the reason (checked when a run's config is resolved)
-    unsupported_learners = {
-        "head-reset": "it needs visible task boundaries and an output "
-        "head; RL streams have neither; use cbp, redo, snp or l2"
-    }
+    unsupported_learners = {"head-reset": "it needs visible task boundaries and an output "
+                            "head; RL streams have neither; use cbp, redo, snp or l2"}
 
-    def __init__(
-        self, info: StreamInfo, seeds: Sequence[int], spec: PPOSpec, learner: Learner
-    ) -> None:
+    def __init__(self, info: StreamInfo, seeds: Sequence[int], spec: PPOSpec,
+                 learner: Learner) -> None:
         if learner.name in self.unsupported_learners:
-            raise ConfigError(
-                f"learner {learner.name} does not apply to PPO: "
-                f"{self.unsupported_learners[learner.name]}"
-            )
+            raise ConfigError(f"learner {learner.name} does not apply to PPO: "
+                              f"{self.unsupported_learners[learner.name]}")
         self.info, self.spec, self.seeds = info, spec, list(seeds)
         self.learner_spec = learner
         self.gens = [torch_generator(s, "agent") for s in self.seeds]
-        self.net = ActorCritic(
-            math.prod(info.input_shape),
-            info.num_outputs,
-            parse_int_list(spec.hidden, "hidden"),
-            spec.activation,
-            spec.init,
-            self.gens,
-            spec.init_log_std,
-        )
+        self.net = ActorCritic(math.prod(info.input_shape), info.num_outputs,
+                               parse_int_list(spec.hidden, "hidden"), spec.activation, spec.init,
+                               self.gens, spec.init_log_std)
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         self._keys = list(self.net.params)
         self.device = torch.device("cpu")
@@ -310,11 +257,8 @@ class PPOAgent:
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._stopped: torch.Tensor | None = None
         self._fast = spec.fast and ppo_fast.supports(self.net)
-        self._pool = (
-            ThreadPoolExecutor(1, thread_name_prefix="ppo-value")
-            if self._fast and spec.parallel_nets
-            else None
-        )
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="ppo-value")
+                      if self._fast and spec.parallel_nets else None)
         self._worker: ppo_worker.ValueWorker | None = None
         if spec.value_worker:
             ppo_worker.check_supported(self)
@@ -365,32 +309,24 @@ class PPOAgent:
     def _zero_stats(self) -> dict[str, Any]:
         R = len(self.seeds)
         dev = getattr(self, "device", None)
-        return {
-            "grad_sum": {k: torch.zeros(R, dtype=torch.float64, device=dev) for k in self._keys},
-            "change_sum": {k: torch.zeros(R, dtype=torch.float64, device=dev) for k in self._keys},
-            "minibatches": 0,
-            "rollouts": 0,
-        }
+        return {"grad_sum": {k: torch.zeros(R, dtype=torch.float64, device=dev)
+                             for k in self._keys},
+                "change_sum": {k: torch.zeros(R, dtype=torch.float64, device=dev)
+                               for k in self._keys},
+                "minibatches": 0, "rollouts": 0}
 
     def _allocate(self, num_envs: int) -> None:
         """Rollout storage for ``num_envs`` copies: ``(R, T, E, ...)``."""
         if self.spec.rollout % num_envs:
-            raise ConfigError(
-                f"rollout={self.spec.rollout} is not a multiple of the stream's num_envs={num_envs}"
-            )
+            raise ConfigError(f"rollout={self.spec.rollout} is not a multiple of the stream's "
+                              f"num_envs={num_envs}")
         R, T, E = len(self.seeds), self.spec.rollout // num_envs, num_envs
         D, A = math.prod(self.info.input_shape), self.info.num_outputs
         z = functools.partial(torch.zeros, device=self.device)
-        self.buf = {
-            "obs": z(R, T, E, D),
-            "next_obs": z(R, T, E, D),
-            "action": z(R, T, E, A),
-            "logp": z(R, T, E),
-            "reward": z(R, T, E),
-            "terminated": z(R, T, E, dtype=torch.bool),
-            "truncated": z(R, T, E, dtype=torch.bool),
-            "noise": z(R, T, E, A),
-        }
+        self.buf = {"obs": z(R, T, E, D), "next_obs": z(R, T, E, D), "action": z(R, T, E, A),
+                    "logp": z(R, T, E), "reward": z(R, T, E),
+                    "terminated": z(R, T, E, dtype=torch.bool),
+                    "truncated": z(R, T, E, dtype=torch.bool), "noise": z(R, T, E, A)}
         self._draw_noise()
 
     def _draw_noise(self) -> None:
@@ -413,9 +349,8 @@ class PPOAgent:
         self._last = (obs, action, logp)
         return action
 
-    def observe(
-        self, obs: torch.Tensor, action: torch.Tensor, feedback: Sequence[torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: Sequence[torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
         """Store one transition; after ``rollout`` transitions, update and return the means.
 
         Args:
@@ -428,22 +363,13 @@ class PPOAgent:
             logp = self._last[2]
         else:  # an action this agent did not just sample: score it under the current policy
             with torch.no_grad():
-                logp = gaussian_log_prob(
-                    self._dev(action),
-                    self.net.policy.forward(self._dev(obs))[0],
-                    self._views["policy.log_std"],
-                )
+                logp = gaussian_log_prob(self._dev(action), self.net.policy.forward(
+                    self._dev(obs))[0], self._views["policy.log_std"])
         self._last = None
         b, t = self.buf, self.t
-        for key, value in (
-            ("obs", obs),
-            ("next_obs", next_obs),
-            ("action", action),
-            ("logp", logp),
-            ("reward", reward),
-            ("terminated", terminated),
-            ("truncated", truncated),
-        ):
+        for key, value in (("obs", obs), ("next_obs", next_obs), ("action", action),
+                           ("logp", logp), ("reward", reward), ("terminated", terminated),
+                           ("truncated", truncated)):
             b[key][:, t] = value  # (a copy to the device)
         self.t += 1
         if self.t < b["obs"].shape[1]:
@@ -480,13 +406,8 @@ class PPOAgent:
         R, T, E, D = b["obs"].shape
         N = T * E
         adv, ret = self._targets()
-        data = {
-            "obs": b["obs"].view(R, N, D),
-            "action": b["action"].view(R, N, -1),
-            "logp": b["logp"].view(R, N),
-            "adv": adv,
-            "ret": ret,
-        }
+        data = {"obs": b["obs"].view(R, N, D), "action": b["action"].view(R, N, -1),
+                "logp": b["logp"].view(R, N), "adv": adv, "ret": ret}
         before = [self._views[k].clone() for k in self._keys]
         if s.value_worker and self.device.type == "cpu":
             totals = ppo_worker.split_update(self, data)
@@ -497,10 +418,8 @@ class PPOAgent:
                 order = self._dev(self._order(N))
                 shuffled = {k: v[rows, order] for k, v in data.items()}  # (R, N, ...)
                 for start in range(0, N, s.minibatch_size):
-                    out = self._minibatch(
-                        {k: v[:, start : start + s.minibatch_size] for k, v in shuffled.items()},
-                        record=start == 0,
-                    )
+                    out = self._minibatch({k: v[:, start:start + s.minibatch_size]
+                                           for k, v in shuffled.items()}, record=start == 0)
                     for k, v in out.items():
                         totals[k] = totals[k] + v if k in totals else v
         self._count_change(before)
@@ -511,9 +430,8 @@ class PPOAgent:
         """One epoch's minibatch order ``(R, n)``, each replica from its generator."""
         return torch.stack([torch.randperm(n, generator=g) for g in self.gens])
 
-    def _loss(
-        self, mb: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _loss(self, mb: dict[str, torch.Tensor]
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-replica loss ``(R,)``, statistics and hidden activations of one minibatch."""
         s = self.spec
         log_std = self.net.params["policy.log_std"]
@@ -525,14 +443,9 @@ class PPOAgent:
         loss = policy_loss + s.vf_coef * value_loss - s.ent_coef * entropy
         with torch.no_grad():
             log_ratio = logp - mb["logp"]
-            stats = {
-                "loss": loss,
-                "policy_loss": policy_loss,
-                "value_loss": value_loss,
-                "entropy": entropy,
-                "approx_kl": (log_ratio.exp() - 1 - log_ratio).mean(1),
-                "clip_fraction": ((log_ratio.exp() - 1).abs() > s.clip).float().mean(1),
-            }
+            stats = {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
+                     "entropy": entropy, "approx_kl": (log_ratio.exp() - 1 - log_ratio).mean(1),
+                     "clip_fraction": ((log_ratio.exp() - 1).abs() > s.clip).float().mean(1)}
         return loss, {k: v.detach() for k, v in stats.items()}, feats
 
     def _minibatch(self, mb: dict[str, torch.Tensor], record: bool) -> dict[str, torch.Tensor]:
@@ -542,8 +455,8 @@ class PPOAgent:
         if self._fast:
             with torch.no_grad():
                 loss, stats, grads_by_name, feats = ppo_fast.loss_and_grads(
-                    self.net, mb, self.spec.clip, self.spec.vf_coef, self.spec.ent_coef, self._pool
-                )
+                    self.net, mb, self.spec.clip, self.spec.vf_coef, self.spec.ent_coef,
+                    self._pool)
             grads = tuple(grads_by_name[k] for k in self._keys)
         else:
             with torch.enable_grad():
@@ -557,19 +470,14 @@ class PPOAgent:
                     self.stats["grad_sum"][k] += g.abs().flatten(1).sum(1, dtype=torch.float64)
                 self.stats["minibatches"] += 1
             updates, self.learner_state = self.learner.update(
-                dict(zip(self._keys, grads, strict=True)),
-                self.learner_state,
-                self._views,
-                features={k: v.detach() for k, v in feats.items()},
-                loss=loss.detach(),
-                task_start=False,
-            )
+                dict(zip(self._keys, grads, strict=True)), self.learner_state, self._views,
+                features={k: v.detach() for k, v in feats.items()}, loss=loss.detach(),
+                task_start=False)
             if self._stopped is not None:
                 for u in updates.values():
                     u[self._stopped] = 0.0
-            torch._foreach_add_(
-                [self._views[k] for k in self._keys], [updates[k] for k in self._keys]
-            )
+            torch._foreach_add_([self._views[k] for k in self._keys],
+                                [updates[k] for k in self._keys])
         return stats
 
     def _clip(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -592,10 +500,8 @@ class PPOAgent:
         since the last call.
         """
         st, out = self.stats, {}
-        for metric, key, n in (
-            ("grad_magnitude", "grad_sum", st["minibatches"]),
-            ("weight_change", "change_sum", st["rollouts"]),
-        ):
+        for metric, key, n in (("grad_magnitude", "grad_sum", st["minibatches"]),
+                               ("weight_change", "change_sum", st["rollouts"])):
             if n:
                 out[metric] = self._per_layer(st[key], n)
         self.stats = self._zero_stats()
@@ -627,17 +533,12 @@ class PPOAgent:
     def state_dict(self) -> dict[str, Any]:
         """Weights, learner state, generators, the open rollout and the probe statistics
         (tensors and plain values only: ``torch.load(weights_only=True)`` reads it)."""
-        return {
-            "params": {k: v.clone() for k, v in self._views.items()},
-            "learner": [t.clone() for t in tree_leaves(self.learner_state)],
-            "generators": [g.get_state() for g in self.gens],
-            "t": self.t,
-            "buffer": {k: v.clone() for k, v in self.buf.items()},
-            "stats": {
-                k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v)
-                for k, v in self.stats.items()
-            },
-        }
+        return {"params": {k: v.clone() for k, v in self._views.items()},
+                "learner": [t.clone() for t in tree_leaves(self.learner_state)],
+                "generators": [g.get_state() for g in self.gens], "t": self.t,
+                "buffer": {k: v.clone() for k, v in self.buf.items()},
+                "stats": {k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v)
+                          for k, v in self.stats.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -649,12 +550,7 @@ class PPOAgent:
             g.set_state(s)
         self.buf = {k: v.to(self.device, copy=True) for k, v in state["buffer"].items()}
         self.t = int(state["t"])
-        self.stats = {
-            k: (
-                {n: t.to(self.device, copy=True) for n, t in v.items()}
-                if isinstance(v, dict)
-                else int(v)
-            )
-            for k, v in state["stats"].items()
-        }
+        self.stats = {k: ({n: t.to(self.device, copy=True) for n, t in v.items()}
+                          if isinstance(v, dict) else int(v))
+                      for k, v in state["stats"].items()}
         self._last = None

@@ -59,10 +59,8 @@ _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailabl
 
 def _flags() -> list[str]:
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
-    if platform.machine().lower() in (
-        "x86_64",
-        "amd64",
-    ) and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if platform.machine().lower() in ("x86_64", "amd64") and \
+            torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
 
@@ -87,23 +85,13 @@ def _build() -> ctypes.CDLL | None:
                 src = folder / f".{digest}.{os.getpid()}.c"
                 src.write_text(source)
                 tmp = lib.with_name(f".{lib.name}.{os.getpid()}")
-                subprocess.run(
-                    [compiler, *flags, str(src), "-o", str(tmp)],
-                    check=True,
-                    capture_output=True,
-                    timeout=120,
-                )
+                subprocess.run([compiler, *flags, str(src), "-o", str(tmp)], check=True,
+                               capture_output=True, timeout=120)
                 src.unlink()
                 os.replace(tmp, lib)
             found = ctypes.CDLL(str(lib))
-            for name in (
-                "cl_layer_update",
-                "cl_input_layer",
-                "cl_adam",
-                "cl_cbp_stats",
-                "cl_online_block",
-                "cl_cbp_replace",
-            ):
+            for name in ("cl_layer_update", "cl_input_layer", "cl_adam", "cl_cbp_stats",
+                         "cl_online_block", "cl_cbp_replace"):
                 getattr(found, name)  # a stale or foreign file: AttributeError
             return found
         except (OSError, subprocess.SubprocessError, AttributeError):
@@ -118,92 +106,44 @@ def library() -> ctypes.CDLL | None:
         _lib = (os.environ.get("CONTLEARN_KERNELS", "1") != "0" and _build()) or False
         if _lib:
             _lib.cl_layer_update.restype = None
-            _lib.cl_layer_update.argtypes = (
-                [ctypes.c_void_p] * 6
-                + [ctypes.c_int64] * 4
-                + [ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_int]
-            )
+            _lib.cl_layer_update.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [
+                ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_int]
             _lib.cl_adam.restype = None
-            _lib.cl_adam.argtypes = (
-                [ctypes.c_void_p] * 5
-                + [ctypes.c_int64]
-                + [ctypes.c_float] * 4
-                + [ctypes.c_void_p, ctypes.c_int64] * 2
-                + [ctypes.c_int]
-            )
+            _lib.cl_adam.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [
+                ctypes.c_float] * 4 + [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_int]
             _lib.cl_cbp_stats.restype = ctypes.c_int64
-            _lib.cl_cbp_stats.argtypes = (
-                [ctypes.c_void_p] * 5
-                + [ctypes.c_int64]
-                + [ctypes.c_void_p] * 4
-                + [ctypes.c_int64] * 2
-                + [
-                    ctypes.c_float,
-                    ctypes.c_int64,
-                    ctypes.c_double,
-                    ctypes.c_void_p,
-                    ctypes.c_int64,
-                    ctypes.c_int,
-                ]
-            )
+            _lib.cl_cbp_stats.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [
+                ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int64,
+                                                                ctypes.c_double,
+                                                                ctypes.c_void_p,
+                                                                ctypes.c_int64, ctypes.c_int]
             _lib.cl_online_block.restype = None
-            _lib.cl_online_block.argtypes = (
-                [ctypes.c_int64] * 3
-                + [ctypes.c_void_p] * 8
-                + [ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-                + [ctypes.c_void_p] * 6
-                + [
-                    ctypes.c_float,
-                    ctypes.c_int64,
-                    ctypes.c_double,
-                    ctypes.c_void_p,
-                    ctypes.c_int64,
-                    ctypes.c_int,
-                    ctypes.c_void_p,
-                    ctypes.c_void_p,
-                ]
-                + [ctypes.c_void_p] * 4
-                + [ctypes.c_int64] * 2
-            )
+            _lib.cl_online_block.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 8 + [
+                ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int] + [
+                ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_double,
+                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                        ctypes.c_void_p, ctypes.c_void_p] + [
+                ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
             _lib.cl_cbp_replace.restype = None
-            _lib.cl_cbp_replace.argtypes = (
-                [ctypes.c_int64] * 2
-                + [ctypes.c_void_p] * 10
-                + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
-            )
+            _lib.cl_cbp_replace.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 10 + [
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
             _lib.cl_input_layer.restype = None
-            _lib.cl_input_layer.argtypes = (
-                [ctypes.c_void_p] * 3
-                + [ctypes.c_int64, ctypes.c_float, ctypes.c_float]
-                + [ctypes.c_void_p] * 3
-                + [ctypes.c_int64] * 4
-                + [ctypes.c_int]
-            )
+            _lib.cl_input_layer.argtypes = [ctypes.c_void_p] * 3 + [
+                ctypes.c_int64, ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 3 + [
+                ctypes.c_int64] * 4 + [ctypes.c_int]
     return _lib or None
 
 
 def applies(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor) -> bool:
     """Whether :func:`layer_update_` can take these tensors (else use torch ops)."""
-    return (
-        w.device.type == "cpu"
-        and w.dtype == torch.float32
-        and delta.dtype == w.dtype
-        and h_in.dtype == w.dtype
-        and delta.shape[1] <= MAX_BATCH
-        and w.is_contiguous()
-        and library() is not None
-    )
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and delta.dtype == w.dtype
+            and h_in.dtype == w.dtype and delta.shape[1] <= MAX_BATCH and w.is_contiguous()
+            and library() is not None)
 
 
-def layer_update_(
-    w: torch.Tensor,
-    delta: torch.Tensor,
-    h_in: torch.Tensor,
-    alpha: float,
-    beta: float,
-    need_below: bool,
-    want_col: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def layer_update_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, alpha: float,
+                  beta: float, need_below: bool, want_col: bool
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The kernel of the module docstring for ``w (R, K, H)``, ``delta (R, B, K)``,
     ``h_in (R, B, H)``; returns ``(below (R, B, H) or None, col (R, H) or None)``.
     Call only if :func:`applies`."""
@@ -216,22 +156,10 @@ def layer_update_(
     col = w.new_empty(R, H) if want_col else None
     chunks = (K + CHUNK - 1) // CHUNK
     scratch = w.new_empty(R * chunks * (B * H + H))
-    lib.cl_layer_update(
-        w.data_ptr(),
-        d.data_ptr(),
-        h.data_ptr(),
-        below.data_ptr() if below is not None else None,
-        col.data_ptr() if col is not None else None,
-        scratch.data_ptr(),
-        R,
-        B,
-        K,
-        H,
-        alpha,
-        1.0 + beta,
-        CHUNK,
-        torch.get_num_threads(),
-    )
+    lib.cl_layer_update(w.data_ptr(), d.data_ptr(), h.data_ptr(),
+                        below.data_ptr() if below is not None else None,
+                        col.data_ptr() if col is not None else None, scratch.data_ptr(),
+                        R, B, K, H, alpha, 1.0 + beta, CHUNK, torch.get_num_threads())
     return below, col
 
 
@@ -239,12 +167,8 @@ def layer_update_(
 Pending = tuple[torch.Tensor, torch.Tensor, float, float]
 
 
-def input_layer_(
-    w: torch.Tensor,
-    pending: Pending | None,
-    x: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor | None:
+def input_layer_(w: torch.Tensor, pending: Pending | None, x: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """Apply ``pending`` (``W ← (1 + β) W + α δᵀ h``) to ``w (R, K, H)`` in place and, given
     new inputs ``x (R, B, H)``, return ``bias + x Wᵀ`` ``(R, B, K)`` from the same pass over
     the weights. Call only if :func:`applies` (with ``x`` as the batch)."""
@@ -260,22 +184,13 @@ def input_layer_(
     if x is not None and bias is not None:
         x, bias = x.contiguous(), bias.contiguous()
         z = w.new_empty(R, x.shape[1], K)
-    lib.cl_input_layer(
-        w.data_ptr(),
-        pd.data_ptr() if pd is not None else None,
-        ph.data_ptr() if ph is not None else None,
-        0 if pd is None else pd.shape[1],
-        alpha,
-        1.0 + beta,
-        x.data_ptr() if z is not None else None,
-        bias.data_ptr() if z is not None else None,
-        z.data_ptr() if z is not None else None,
-        0 if z is None else x.shape[1],
-        R,
-        K,
-        H,
-        torch.get_num_threads(),
-    )
+    lib.cl_input_layer(w.data_ptr(), pd.data_ptr() if pd is not None else None,
+                       ph.data_ptr() if ph is not None else None,
+                       0 if pd is None else pd.shape[1], alpha, 1.0 + beta,
+                       x.data_ptr() if z is not None else None,
+                       bias.data_ptr() if z is not None else None,
+                       z.data_ptr() if z is not None else None,
+                       0 if z is None else x.shape[1], R, K, H, torch.get_num_threads())
     return z
 
 
@@ -295,27 +210,12 @@ _TABLES: dict[tuple[float, bool], torch.Tensor] = {}
 
 def adam_applies(*tensors: torch.Tensor) -> bool:
     """Whether :func:`adam_direction_` can take these tensors (CPU, float32, contiguous)."""
-    return (
-        all(
-            t.device.type == "cpu"
-            and t.dtype == torch.float32
-            and t.is_contiguous()
-            and t.shape == tensors[0].shape
-            for t in tensors
-        )
-        and library() is not None
-    )
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               and t.shape == tensors[0].shape for t in tensors) and library() is not None
 
 
-def adam_direction_(
-    g: torch.Tensor,
-    m: torch.Tensor,
-    v: torch.Tensor,
-    count: torch.Tensor,
-    b1: float,
-    b2: float,
-    eps: float,
-) -> torch.Tensor:
+def adam_direction_(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, count: torch.Tensor,
+                    b1: float, b2: float, eps: float) -> torch.Tensor:
     """Adam's step on one tensor in one pass: updates ``count``, ``m``, ``v`` in place and
     returns ``(m / (1 − β1ⁿ)) / (√v / √(1 − β2ⁿ) + ε)`` (see ``cl_adam``). Call only if
     :func:`adam_applies`."""
@@ -326,23 +226,10 @@ def adam_direction_(
             _TABLES[key] = _table(*key)
     t1, t2 = _TABLES[(b1, False)], _TABLES[(b2, True)]
     u = torch.empty_like(g)
-    lib.cl_adam(
-        g.data_ptr(),
-        m.data_ptr(),
-        v.data_ptr(),
-        count.data_ptr(),
-        u.data_ptr(),
-        g.numel(),
-        1.0 - b1,
-        b2,
-        1.0 - b2,
-        eps,
-        t1.data_ptr(),
-        len(t1),
-        t2.data_ptr(),
-        len(t2),
-        torch.get_num_threads(),
-    )
+    lib.cl_adam(g.data_ptr(), m.data_ptr(), v.data_ptr(), count.data_ptr(), u.data_ptr(),
+                g.numel(), 1.0 - b1, b2, 1.0 - b2, eps, t1.data_ptr(), len(t1), t2.data_ptr(),
+                len(t2),
+                torch.get_num_threads())
     return u
 
 
@@ -361,12 +248,8 @@ def retain_freed_memory() -> None:
     ``CONTLEARN_MALLOC=0`` or off glibc.
     """
     global _MALLOC_TUNED
-    if (
-        _MALLOC_TUNED
-        or os.environ.get("CONTLEARN_MALLOC", "1") == "0"
-        or platform.system() != "Linux"
-        or platform.libc_ver()[0] != "glibc"
-    ):
+    if _MALLOC_TUNED or os.environ.get("CONTLEARN_MALLOC", "1") == "0" or \
+            platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     _MALLOC_TUNED = True
     try:
@@ -379,21 +262,10 @@ def retain_freed_memory() -> None:
         pass
 
 
-def cbp_stats_(
-    age: torch.Tensor,
-    f: torch.Tensor,
-    u: torch.Tensor,
-    u_hat: torch.Tensor,
-    h: torch.Tensor,
-    out: torch.Tensor,
-    carry: torch.Tensor,
-    eligible: torch.Tensor,
-    decay: float,
-    maturity: int,
-    rate: float,
-    table: torch.Tensor,
-    nonnegative: bool,
-) -> tuple[torch.Tensor, int]:
+def cbp_stats_(age: torch.Tensor, f: torch.Tensor, u: torch.Tensor, u_hat: torch.Tensor,
+               h: torch.Tensor, out: torch.Tensor, carry: torch.Tensor,
+               eligible: torch.Tensor, decay: float, maturity: int, rate: float,
+               table: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
     """Continual backprop's steps 1–5 for one layer in one call (see ``cl_cbp_stats``): ages
     ``(R, H)`` int64, running means ``f``, utilities ``u``, ``u_hat`` ``(R, H)``, activations
     ``h (R, B, H)``, outgoing magnitudes ``out (R, H)``, ``carry (R,)`` float64, ``eligible
@@ -403,26 +275,10 @@ def cbp_stats_(
     R, B, H = h.shape
     h, out = h.contiguous(), out.contiguous()
     k = torch.empty(R, dtype=torch.int64)
-    total = lib.cl_cbp_stats(
-        age.data_ptr(),
-        f.data_ptr(),
-        u.data_ptr(),
-        u_hat.data_ptr(),
-        h.data_ptr(),
-        B,
-        out.data_ptr(),
-        carry.data_ptr(),
-        eligible.data_ptr(),
-        k.data_ptr(),
-        R,
-        H,
-        1.0 - decay,
-        maturity,
-        rate,
-        table.data_ptr(),
-        len(table),
-        int(nonnegative),
-    )
+    total = lib.cl_cbp_stats(age.data_ptr(), f.data_ptr(), u.data_ptr(), u_hat.data_ptr(),
+                             h.data_ptr(), B, out.data_ptr(), carry.data_ptr(),
+                             eligible.data_ptr(), k.data_ptr(), R, H, 1.0 - decay, maturity,
+                             rate, table.data_ptr(), len(table), int(nonnegative))
     return k, total
 
 
@@ -472,31 +328,15 @@ class Pending1(NamedTuple):
 
     @classmethod
     def empty(cls, R: int, H1: int) -> Pending1:
-        return cls(
-            torch.zeros(R, H1),
-            torch.full((R,), -1, dtype=torch.int64),
-            torch.zeros(R, H1, dtype=torch.uint8),
-        )
+        return cls(torch.zeros(R, H1), torch.full((R,), -1, dtype=torch.int64),
+                   torch.zeros(R, H1, dtype=torch.uint8))
 
 
-def online_block_(
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    x: torch.Tensor,
-    target: torch.Tensor,
-    classification: bool,
-    alpha: float,
-    beta: float,
-    activation: str,
-    out: torch.Tensor,
-    loss: torch.Tensor,
-    start: torch.Tensor,
-    events: torch.Tensor,
-    cbp: CBPKernelState | None,
-    pending: Pending1,
-    workers: int,
-    grad_l1: torch.Tensor | None = None,
-) -> None:
+def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: torch.Tensor,
+                  target: torch.Tensor, classification: bool, alpha: float, beta: float,
+                  activation: str, out: torch.Tensor, loss: torch.Tensor, start: torch.Tensor,
+                  events: torch.Tensor, cbp: CBPKernelState | None, pending: Pending1,
+                  workers: int, grad_l1: torch.Tensor | None = None) -> None:
     """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
 
     Args:
@@ -528,41 +368,18 @@ def online_block_(
     cls = target if classification else None
     reg = None if classification else target
     c = cbp
-    lists = (
-        ([], [], [], [], [], [])
-        if c is None
-        else (c.age, c.mean_act, c.utility, c.utility_hat, c.carry, c.eligible)
-    )
+    lists = ([], [], [], [], [], []) if c is None else (
+        c.age, c.mean_act, c.utility, c.utility_hat, c.carry, c.eligible)
     args = (
-        R,
-        T,
-        L,
-        widths.data_ptr(),
-        _pointers(weights),
-        _pointers(biases),
-        x.data_ptr(),
-        cls.data_ptr() if cls is not None else None,
-        reg.data_ptr() if reg is not None else None,
-        out.data_ptr(),
-        loss.data_ptr(),
-        alpha,
-        1.0 + beta,
-        BLOCK_ACTIVATIONS[activation],
-        int(c is not None),
-        *[_pointers(t) for t in lists],
-        1.0 - (c.decay if c else 0.0),
-        c.maturity if c else 0,
-        c.rate if c else 0.0,
-        c.table.data_ptr() if c else None,
-        len(c.table) if c else 0,
-        int(c.nonnegative) if c else 0,
-        start.data_ptr(),
-        events.data_ptr(),
-        pending.d.data_ptr(),
-        pending.step.data_ptr(),
-        pending.skip.data_ptr(),
-        grad_l1.data_ptr() if grad_l1 is not None else None,
-    )
+        R, T, L, widths.data_ptr(), _pointers(weights), _pointers(biases), x.data_ptr(),
+        cls.data_ptr() if cls is not None else None, reg.data_ptr() if reg is not None else None,
+        out.data_ptr(), loss.data_ptr(), alpha, 1.0 + beta, BLOCK_ACTIVATIONS[activation],
+        int(c is not None), *[_pointers(t) for t in lists],
+        1.0 - (c.decay if c else 0.0), c.maturity if c else 0, c.rate if c else 0.0,
+        c.table.data_ptr() if c else None, len(c.table) if c else 0,
+        int(c.nonnegative) if c else 0, start.data_ptr(), events.data_ptr(),
+        pending.d.data_ptr(), pending.step.data_ptr(), pending.skip.data_ptr(),
+        grad_l1.data_ptr() if grad_l1 is not None else None)
     todo = [r for r in range(R) if int(start[r]) < T or int(pending.step[r]) >= 0]
     groups = min(max(workers, 1), len(todo))
     if groups <= 1:
@@ -572,9 +389,8 @@ def online_block_(
     # the GIL for the call, so the ranges run in parallel
     cuts = [todo[len(todo) * g // groups] for g in range(groups)] + [R]
     pool = _pool()
-    futures = [
-        pool.submit(lib.cl_online_block, *args, cuts[g], cuts[g + 1]) for g in range(1, groups)
-    ]
+    futures = [pool.submit(lib.cl_online_block, *args, cuts[g], cuts[g + 1])
+               for g in range(1, groups)]
     lib.cl_online_block(*args, cuts[0], cuts[1])
     for f in futures:
         f.result()
@@ -588,25 +404,14 @@ def _pool() -> ThreadPoolExecutor:
     threads do not exist there). Idle workers block on a queue; they never spin."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid():
-        _POOL = (
-            os.getpid(),
-            ThreadPoolExecutor(
-                max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="contlearn-block"
-            ),
-        )
+        _POOL = (os.getpid(), ThreadPoolExecutor(max(1, (os.cpu_count() or 1) - 1),
+                                                 thread_name_prefix="contlearn-block"))
     return _POOL[1]
 
 
-def cbp_replace_(
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    counts: torch.Tensor,
-    fresh: list[torch.Tensor],
-    cbp: CBPKernelState,
-    replacements: list[torch.Tensor],
-    fold: bool,
-    skip: torch.Tensor,
-) -> None:
+def cbp_replace_(weights: list[torch.Tensor], biases: list[torch.Tensor], counts: torch.Tensor,
+                 fresh: list[torch.Tensor], cbp: CBPKernelState,
+                 replacements: list[torch.Tensor], fold: bool, skip: torch.Tensor) -> None:
     """Continual backprop's steps 6–7 (``cl_cbp_replace``) for ``counts (R, L − 1)`` units per
     replica and hidden layer, with ``fresh[l]`` the new incoming rows ``(N_l, fan_in)`` drawn
     in replica order; ``replacements[l] (R,)`` int64 counts up; replaced input-layer units are
@@ -616,22 +421,8 @@ def cbp_replace_(
     widths = _widths(weights)
     counts = counts.contiguous()
     fresh = [t.contiguous() for t in fresh]
-    lib.cl_cbp_replace(
-        len(counts),
-        len(weights),
-        widths.data_ptr(),
-        _pointers(weights),
-        _pointers(biases),
-        counts.data_ptr(),
-        _pointers(fresh),
-        _pointers(cbp.age),
-        _pointers(cbp.mean_act),
-        _pointers(cbp.utility),
-        _pointers(cbp.utility_hat),
-        _pointers(replacements),
-        cbp.maturity,
-        cbp.table.data_ptr(),
-        len(cbp.table),
-        int(fold),
-        skip.data_ptr(),
-    )
+    lib.cl_cbp_replace(len(counts), len(weights), widths.data_ptr(), _pointers(weights),
+                       _pointers(biases), counts.data_ptr(), _pointers(fresh),
+                       _pointers(cbp.age), _pointers(cbp.mean_act), _pointers(cbp.utility),
+                       _pointers(cbp.utility_hat), _pointers(replacements), cbp.maturity,
+                       cbp.table.data_ptr(), len(cbp.table), int(fold), skip.data_ptr())
