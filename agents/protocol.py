@@ -238,6 +238,13 @@ class SupportsStopReplicas(Protocol):
 
 
 @runtime_checkable
+class SupportsBackend(Protocol):
+    """Names the path that runs its steps (:mod:`contlearn.backends`; ``meta.json`` ``backend``)."""
+
+    backend: str
+
+
+@runtime_checkable
 class SupportsClose(Protocol):
     """Holds resources (worker processes) to release at the end of its run."""
 
@@ -291,6 +298,7 @@ CAPABILITIES: tuple[type, ...] = (
     SupportsDevice,
     SupportsBlocks,
     SupportsStopReplicas,
+    SupportsBackend,
     SupportsClose,
 )
 

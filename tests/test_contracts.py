@@ -19,9 +19,15 @@ from contlearn.running.runner import make_agent, open_streams
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the modules that may ask an agent or a stream for something optional
-LOOKERS = ["contlearn/loop/engine.py", "contlearn/loop/rl.py", "contlearn/probes/measures.py",
-           "contlearn/probes/schedule.py", "contlearn/running/runner.py",
-           "contlearn/running/plugins.py", "contlearn/running/api.py"]
+LOOKERS = [
+    "contlearn/loop/engine.py",
+    "contlearn/loop/rl.py",
+    "contlearn/probes/measures.py",
+    "contlearn/probes/schedule.py",
+    "contlearn/running/runner.py",
+    "contlearn/running/plugins.py",
+    "contlearn/running/api.py",
+]
 
 
 class Plain:
@@ -81,22 +87,52 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
     adapter.load_state_dict(adapter.state_dict())
     adapter.close()
     assert inner.saved == {"x": 1} and inner.closed
-    assert adapter.observe(torch.zeros(1, 3, 2), torch.zeros(1, 3, 10),
-                           torch.zeros(1, 3))["loss"].shape == (1,)
+    assert adapter.observe(torch.zeros(1, 3, 2), torch.zeros(1, 3, 10), torch.zeros(1, 3))[
+        "loss"
+    ].shape == (1,)
 
 
-@pytest.mark.parametrize("config, expected", [
-    ({"stream": "permuted-mnist", "examples_per_task": 100},
-     {"SupportsTaskStart", "SupportsCheckpoints", "SupportsFeatures", "SupportsNetwork",
-      "SupportsUpdateStats", "SupportsGradientWatch", "SupportsProbeLoss",
-      "SupportsProbeSnapshot", "SupportsDiagnostics", "SupportsPreferredThreads",
-      "SupportsProbeThreads", "SupportsReplicaWorkers", "SupportsDevice", "SupportsBlocks"}),
-    pytest.param({"stream": "slippery-ant", "hidden": "8,8"},
-                 {"SupportsCheckpoints", "SupportsFeatures", "SupportsNetwork",
-                  "SupportsUpdateStats", "SupportsDiagnostics", "SupportsPreferredThreads",
-                  "SupportsDevice", "SupportsStopReplicas", "SupportsClose"},
-                 marks=pytest.mark.mujoco),
-])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (
+            {"stream": "permuted-mnist", "examples_per_task": 100},
+            {
+                "SupportsTaskStart",
+                "SupportsCheckpoints",
+                "SupportsFeatures",
+                "SupportsNetwork",
+                "SupportsUpdateStats",
+                "SupportsGradientWatch",
+                "SupportsProbeLoss",
+                "SupportsProbeSnapshot",
+                "SupportsDiagnostics",
+                "SupportsPreferredThreads",
+                "SupportsProbeThreads",
+                "SupportsReplicaWorkers",
+                "SupportsDevice",
+                "SupportsBlocks",
+                "SupportsParameters",
+                "SupportsBackend",
+            },
+        ),
+        pytest.param(
+            {"stream": "slippery-ant", "hidden": "8,8"},
+            {
+                "SupportsCheckpoints",
+                "SupportsFeatures",
+                "SupportsNetwork",
+                "SupportsUpdateStats",
+                "SupportsDiagnostics",
+                "SupportsPreferredThreads",
+                "SupportsDevice",
+                "SupportsStopReplicas",
+                "SupportsClose",
+            },
+            marks=pytest.mark.mujoco,
+        ),
+    ],
+)
 def test_the_builtin_agents_declare_their_capabilities(config, expected) -> None:
     cfg = resolve({**config, "seeds": 2})
     with open_streams(cfg) as streams:
@@ -106,7 +142,7 @@ def test_the_builtin_agents_declare_their_capabilities(config, expected) -> None
         finally:
             if isinstance(agent, agent_protocol.SupportsClose):
                 agent.close()
-    assert len(CAPABILITIES) == 16
+    assert len(CAPABILITIES) == 18
 
 
 def test_every_optional_name_looked_up_is_declared_in_a_protocol() -> None:

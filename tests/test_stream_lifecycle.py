@@ -22,9 +22,20 @@ from contlearn.sweeps.plan import sweep
 pytestmark = pytest.mark.mujoco
 
 # two env copies (one here, one in the split worker), a PPO update every 16 steps
-SPLIT = {"stream": "slippery-ant", "seeds": 1, "num_envs": 2, "vector": "split", "steps": 40,
-         "rollout": 16, "minibatch_size": 8, "epochs": 1, "hidden": "8,8",
-         "max_episode_steps": 20, "change_every": 30, "change_immediately": True}
+SPLIT = {
+    "stream": "slippery-ant",
+    "seeds": 1,
+    "num_envs": 2,
+    "vector": "split",
+    "steps": 40,
+    "rollout": 16,
+    "minibatch_size": 8,
+    "epochs": 1,
+    "hidden": "8,8",
+    "max_episode_steps": 20,
+    "change_every": 30,
+    "change_immediately": True,
+}
 
 
 def live_children() -> set[int]:
@@ -92,14 +103,16 @@ class FailingAgent:
 
 
 def test_a_run_that_fails_mid_run_leaves_no_child_process(tmp_path, no_new_children) -> None:
-    config = {k: v for k, v in SPLIT.items()
-              if k not in ("rollout", "minibatch_size", "epochs", "hidden")}
+    config = {
+        k: v for k, v in SPLIT.items() if k not in ("rollout", "minibatch_size", "epochs", "hidden")
+    }
     with pytest.raises(RuntimeError, match="mid-run"):
         contlearn.run(agent=FailingAgent, config=config, out=tmp_path / "run")
 
 
 def test_a_run_refused_after_its_streams_are_built_leaves_no_child_process(
-        tmp_path, no_new_children) -> None:
+    tmp_path, no_new_children
+) -> None:
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "somebody_else.txt").write_text("not a run")
@@ -107,8 +120,9 @@ def test_a_run_refused_after_its_streams_are_built_leaves_no_child_process(
         contlearn.run(config=SPLIT, out=taken)
 
 
-def test_a_sweep_of_split_runs_leaves_no_child_process(tmp_path, no_new_children,
-                                                       monkeypatch) -> None:
+def test_a_sweep_of_split_runs_leaves_no_child_process(
+    tmp_path, no_new_children, monkeypatch
+) -> None:
     """Runs one after another in this process: no run starts with the last one's workers
     alive, and none is left at the end."""
     at_start: list[set[int]] = []
@@ -120,20 +134,25 @@ def test_a_sweep_of_split_runs_leaves_no_child_process(tmp_path, no_new_children
         return real(*args, **kwargs)
 
     monkeypatch.setattr(api, "run", watched)
-    spec = {**{k: v for k, v in SPLIT.items() if k != "stream"}, "stream": "slippery-ant",
-            "grid": {"lr": [1e-4, 3e-4, 1e-3]}}
+    spec = {
+        **{k: v for k, v in SPLIT.items() if k != "stream"},
+        "stream": "slippery-ant",
+        "grid": {"lr": [1e-4, 3e-4, 1e-3]},
+    }
     result = sweep(spec, tmp_path / "root", workers=1, progress=False)
     assert [o.status for o in result.outcomes] == ["finished"] * 3
     assert at_start == [set(), set(), set()]
 
 
-@pytest.mark.parametrize("name, config", [
-    ("permuted-mnist", {"examples_per_task": 100}),
-    ("bit-flipping", {}),
-    ("slippery-ant", {k: SPLIT[k] for k in ("num_envs", "vector", "max_episode_steps")}),
-])
-def test_every_stream_closes_twice_and_is_a_context_manager(name, config, no_new_children
-                                                            ) -> None:
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("permuted-mnist", {"examples_per_task": 100}),
+        ("bit-flipping", {}),
+        ("slippery-ant", {k: SPLIT[k] for k in ("num_envs", "vector", "max_episode_steps")}),
+    ],
+)
+def test_every_stream_closes_twice_and_is_a_context_manager(name, config, no_new_children) -> None:
     cfg = resolve({"stream": name, "seeds": 2, **config})
     with make_stream(cfg.stream, cfg.stream_spec, cfg.seeds) as stream:
         assert isinstance(stream, Stream)

@@ -29,6 +29,7 @@ import torch
 from contlearn.agents.protocol import (
     Agent,
     BuiltinAgentClass,
+    SupportsBackend,
     SupportsCheckpoints,
     SupportsClose,
     SupportsDevice,
@@ -242,8 +243,9 @@ def make_loop(
 def agent_backend(agent: Any) -> str:
     """The name of the path that runs ``agent``'s steps: its ``backend`` attribute
     (:mod:`contlearn.backends`), or ``own`` for an agent that brings its own step."""
-    backend = getattr(agent, "backend", None)
-    return backend if isinstance(backend, str) and backend else "own"
+    if isinstance(agent, SupportsBackend) and isinstance(agent.backend, str) and agent.backend:
+        return agent.backend
+    return "own"
 
 
 def announce_backend(path: Path, agent: Any, show: bool) -> None:
