@@ -33,9 +33,8 @@ from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
-from contlearn.learners.base import GradientTransformation
 from contlearn.learners.fused import fused_plan
-from contlearn.learners.optim import adam, sgd
+from contlearn.learners.optim import OptimizerOptions
 from contlearn.seeding import torch_generator
 from contlearn.spec import param, parse_int_list
 from contlearn.state import load_tree, tree_leaves
@@ -48,18 +47,12 @@ SNAPSHOT_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
-class OnlineAgentSpec:
-    """Options of the online supervised agent (network and base optimizer)."""
+class OnlineAgentSpec(OptimizerOptions):
+    """Options of the online supervised agent (network; the base optimizer's are inherited)."""
 
     hidden: str = param("100,100,100", "hidden widths, comma-separated (paper: 2000,2000,2000)")
     activation: str = param("relu", "hidden nonlinearity", choices=tuple(ACTIVATIONS))
     init: str = param("kaiming_uniform", "weight init distribution", choices=INITS)
-    optimizer: str = param("sgd", "base optimizer", choices=("sgd", "adam"))
-    lr: float = param(0.01, "learning rate (step size)", low=0.0, low_open=True)
-    momentum: float = param(0.0, "SGD momentum", low=0.0, high=1.0)
-    beta1: float = param(0.9, "Adam β1", low=0.0, high=1.0)
-    beta2: float = param(0.999, "Adam β2", low=0.0, high=1.0)
-    eps: float = param(1e-8, "Adam ε", low=0.0, low_open=True)
     fast: bool = param(
         True,
         "hand-written backward and fused updates (false: the autograd "
@@ -69,12 +62,6 @@ class OnlineAgentSpec:
     def validate(self) -> None:
         """Check the hidden widths parse."""
         parse_int_list(self.hidden, "hidden")
-
-    def base_optimizer(self) -> GradientTransformation:
-        """The base optimizer transform these options describe."""
-        if self.optimizer == "adam":
-            return adam(self.lr, self.beta1, self.beta2, self.eps)
-        return sgd(self.lr, self.momentum)
 
 
 class OnlineAgent:

@@ -26,6 +26,9 @@ controls) plus ``data.xpos`` (Ant reads the torso position left by the previous 
 time-limit counter, its ``np_random`` and friction schedule, and the stream's own counters,
 current observations, open episodes' returns and the probe window.
 
+(Over 400 lines: stepping, replicas, frictions and exact-resume state of one stream; they
+share the per-copy bookkeeping.)
+
 Version History:
     * v0: initial version.
 """

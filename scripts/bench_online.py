@@ -19,6 +19,8 @@ probes and of the run store, and the peak RSS of a demo-sized run (docs/performa
 
     python scripts/bench_online.py --quick --json bench.json     # under 5 minutes
     python scripts/bench_online.py --json bench.json --scaling   # everything
+
+(Over 400 lines: one benchmark script a reader runs and reads top to bottom.)
 """
 
 from __future__ import annotations

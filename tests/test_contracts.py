@@ -128,6 +128,7 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
                 "SupportsDevice",
                 "SupportsStopReplicas",
                 "SupportsClose",
+                "SupportsBackend",
             },
             marks=pytest.mark.mujoco,
         ),

@@ -39,10 +39,10 @@ def minibatch(seed: int, R: int = 2, M: int = 64) -> dict[str, torch.Tensor]:
 )
 def test_hand_written_update_equals_autograd(learner: str, options: dict) -> None:
     fast, ref = agent(learner, **options), agent(learner, fast=False, **options)
-    assert fast._fast and not ref._fast
+    assert fast.backend == "ppo-gradients" and ref.backend == "reference"
     for i in range(6):
         mb = minibatch(i)
-        out_f, out_r = fast._minibatch(mb, record=True), ref._minibatch(mb, record=True)
+        out_f, out_r = fast.minibatch(mb, record=True), ref.minibatch(mb, record=True)
         for k in out_r:
             torch.testing.assert_close(out_f[k], out_r[k], rtol=1e-4, atol=1e-5)
         assert 0 < float(out_r["clip_fraction"].mean()) < 1  # both branches of the clip taken
@@ -64,7 +64,7 @@ def test_parallel_nets_give_identical_numbers(learner: str, options: dict) -> No
     seq, par = agent(learner, **options), agent(learner, parallel_nets=True, **options)
     for i in range(5):
         mb = minibatch(10 + i)
-        a, b = seq._minibatch(mb, record=True), par._minibatch(mb, record=True)
+        a, b = seq.minibatch(mb, record=True), par.minibatch(mb, record=True)
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(seq._views[k], par._views[k]) for k in seq._keys)
 

@@ -19,6 +19,7 @@ wrote to it) the corrections are scalars instead. Every form computes the same f
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from contlearn.backends import kernels
 from contlearn.learners.base import GradientTransformation, Params, chain, stateless
 from contlearn.learners.fused import FusedPlan
+from contlearn.spec import param
 
 
 def scale(factor: float) -> GradientTransformation:
@@ -160,3 +162,26 @@ def adam(
 ) -> GradientTransformation:
     """``torch.optim.Adam``; "proper Adam" of Dohare et al. is ``b1 == b2``."""
     return chain(scale_by_adam(b1, b2, eps), scale(-lr))
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """The base optimizer's options, declared once for every agent that has one.
+
+    An agent's Spec inherits these fields (they are listed first by ``contlearn list``) and may
+    redeclare a field to change its default (PPO: ``optimizer=adam``, ``lr=1e-4``); the
+    defaults here are the online agent's. The learner chain wraps :meth:`base_optimizer`.
+    """
+
+    optimizer: str = param("sgd", "base optimizer", choices=("sgd", "adam"))
+    lr: float = param(0.01, "learning rate (step size)", low=0.0, low_open=True)
+    momentum: float = param(0.0, "SGD momentum", low=0.0, high=1.0)
+    beta1: float = param(0.9, "Adam β1 (proper Adam: β1 = β2 = 0.99)", low=0.0, high=1.0)
+    beta2: float = param(0.999, "Adam β2", low=0.0, high=1.0)
+    eps: float = param(1e-8, "Adam ε", low=0.0, low_open=True)
+
+    def base_optimizer(self) -> GradientTransformation:
+        """The base optimizer transform these options describe."""
+        if self.optimizer == "adam":
+            return adam(self.lr, self.beta1, self.beta2, self.eps)
+        return sgd(self.lr, self.momentum)

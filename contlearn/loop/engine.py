@@ -20,6 +20,9 @@ metrics reach the store as their task's means. Consumers (the run store's writer
 
 What the loop asks of the agent beyond ``act``/``observe`` is each an optional capability of
 :mod:`contlearn.agents.protocol`, checked with ``isinstance`` once, when the loop is made.
+
+(Over 400 lines: the supervised loop and the stepping machinery the RL loop shares; split,
+the record order above would be spread over files.)
 """
 
 from __future__ import annotations

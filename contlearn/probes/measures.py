@@ -21,6 +21,9 @@ is a whole-network value. Definitions (docs/design.md §5; Dohare et al. 2024, M
 Users add their own with :func:`register_probe`. Probes read the network; the engine gives them
 inputs drawn with the probe generators, and ``plasticity`` only evaluates a loss after an update
 the run makes anyway, so a run with probes has exactly the trajectory of a run without.
+
+(Over 400 lines: every built-in probe next to the others, so that their definitions above
+read against one shared :class:`ProbeContext` and its helpers.)
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Every metrics part holds the columns ``run, stream, learner, seed, step, task, m
 value`` (``layer`` empty for whole-network metrics). Parts are written to a temporary name,
 fsynced and renamed, so a crash loses at most the rows not yet flushed and never leaves a
 half-written part under a real name.
+
+(Over 400 lines: the whole on-disk format, writer and reader together, so that what is
+written and what is read cannot drift apart.)
 """
 
 from __future__ import annotations

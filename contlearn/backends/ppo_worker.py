@@ -1,0 +1,240 @@
+"""The ``ppo-gradients+value-worker`` backend: the value net's minibatch updates in a second
+process.
+
+With the base-optimizer learners (``bp``, ``adam``, ``proper-adam``) and no gradient clipping,
+PPO's update is two independent sequences of minibatch updates: the policy's (clipped
+surrogate, log-std) and the value net's (squared error). They share only the rollout, the
+advantages and value targets (computed before the update) and the minibatch orders (drawn
+before the update from the replicas' generators, which nothing else draws from during it).
+:class:`ValueWorker` runs the value net's sequence in a forked process while the agent runs
+the policy's, each on one core with one torch thread: no OpenMP barrier per op (2 torch
+threads wait for a time slice at every op when the other core is busy) and no GIL between
+the two (threads of one process ran slower than one thread here).
+
+Both halves run the agent's own minibatch step, :meth:`contlearn.agents.ppo.PPOAgent.learn`,
+on the gradients of :func:`~contlearn.backends.ppo_gradients.policy_part` and
+:func:`~contlearn.backends.ppo_gradients.value_part` (the two halves of the ``ppo-gradients``
+backend, which this one extends). The value net's parameters and its learner state live in
+shared memory (moved there in place, so the agent's tensors are the very ones the worker
+updates); the rollout's observations, value targets and orders are copied into shared buffers
+before each update. Same ops on the same numbers in the same order: the results are those of
+the one-process update, bit for bit (``tests/test_ppo_worker.py``). The worker is forked at the
+first update and again after :meth:`PPOAgent.load_state_dict` or :meth:`PPOAgent.to` (a forked
+process keeps its own python-side learner bookkeeping, which must start from the restored
+state); it blocks between updates and polls (``sched_yield``) during one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from contlearn.agents.ppo_loss import StepResult, combine
+from contlearn.backends.base import StepConfig
+from contlearn.backends.ppo_gradients import PPO_GRADIENTS, policy_part, value_part
+from contlearn.envs.split_vector import wait_reply
+
+#: learners whose update acts on each parameter alone (the base optimizer only)
+SEPARABLE_LEARNERS = ("bp", "adam", "proper-adam")
+
+
+class ValueWorkerBackend:
+    """``ppo-gradients`` with the value net's half of each update in a second process."""
+
+    name = "ppo-gradients+value-worker"
+    description = (
+        "PPO's minibatch gradients by hand, the value net's updates in a second "
+        "process (value_worker=true)"
+    )
+
+    def refusal(self, cfg: StepConfig) -> str | None:
+        """Why this backend does not compute ``cfg``'s reference step (None: it does)."""
+        if not cfg.options.get("value_worker", False):
+            return "value_worker=false"
+        if not cfg.options.get("fast", True) or not PPO_GRADIENTS.supports(cfg):
+            return "value_worker=true needs the hand-written update (fast=true)"
+        if cfg.learner not in SEPARABLE_LEARNERS:
+            return (
+                f"value_worker=true needs a learner acting on each parameter alone "
+                f"({', '.join(SEPARABLE_LEARNERS)}), not {cfg.learner}"
+            )
+        if cfg.options.get("max_grad_norm", 0.0) > 0:
+            return "value_worker=true needs max_grad_norm=0 (a norm over both nets)"
+        if cfg.device != "cpu":
+            return f"value_worker=true runs on the CPU only, not {cfg.device}"
+        return None
+
+    def supports(self, cfg: StepConfig) -> bool:
+        """Asked for (``value_worker=true``), where ``ppo-gradients`` applies, with a learner
+        acting on each parameter alone (:data:`SEPARABLE_LEARNERS`; any base optimizer), no
+        gradient clipping (a norm over both nets couples them), on the CPU (shared memory)."""
+        return self.refusal(cfg) is None
+
+    def loss_and_grads(
+        self,
+        net: Any,
+        mb: Mapping[str, torch.Tensor],
+        clip: float,
+        vf_coef: float,
+        ent_coef: float,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> StepResult:
+        """One minibatch in this process: ``ppo-gradients``'."""
+        return PPO_GRADIENTS.loss_and_grads(net, mb, clip, vf_coef, ent_coef, pool)
+
+    def update(
+        self, agent: Any, data: dict[str, torch.Tensor], orders: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The policy's minibatch steps here, the value net's in the agent's worker."""
+        if agent._worker is None:
+            agent._worker = ValueWorker(agent)
+        agent._worker.start(data["obs"], data["ret"], orders, agent._stopped)
+        s = agent.spec
+        policy = []
+        with torch.no_grad():
+            for mb, first in agent.minibatches(
+                {k: data[k] for k in ("obs", "action", "logp", "adv")}, orders
+            ):
+                stats, grads, features = policy_part(agent.net, mb, s.clip, s.ent_coef)
+                agent.learn(grads, features, record=first)
+                policy.append(stats)
+        value_losses, grad_sums = agent._worker.result()
+        for k, per_epoch in grad_sums.items():
+            for total in per_epoch:
+                agent.stats["grad_sum"][k] += total
+        totals: dict[str, torch.Tensor] = {}
+        for stats, value_loss in zip(policy, value_losses, strict=True):
+            for k, v in combine(stats, value_loss, s.vf_coef, s.ent_coef).items():
+                totals[k] = totals[k] + v if k in totals else v
+        return totals
+
+
+#: the backend
+VALUE_WORKER = ValueWorkerBackend()
+
+
+def value_keys(agent: Any) -> list[str]:
+    """The value net's parameter names, in the agent's order."""
+    return [k for k in agent._keys if k.startswith("value.")]
+
+
+def value_updates(
+    agent: Any, obs: torch.Tensor, ret: torch.Tensor, orders: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The value net's minibatch steps of one PPO update, in the one-process order.
+
+    Args:
+        agent: the :class:`~contlearn.agents.ppo.PPOAgent` (in the worker: its forked copy).
+        obs: ``(R, N, D)`` the rollout's observations; ``ret``: ``(R, N)`` value targets.
+        orders: ``(epochs, R, N)`` each epoch's minibatch order.
+
+    Returns:
+        Each minibatch's value loss ``(updates, R)`` and, per value parameter, Σ|g| of the
+        first minibatch of every epoch ``(epochs, R)`` float64 (added up by the agent, in
+        order).
+    """
+    losses: list[torch.Tensor] = []
+    grad_sums: dict[str, list[torch.Tensor]] = {k: [] for k in value_keys(agent)}
+    with torch.no_grad():
+        for mb, first in agent.minibatches({"obs": obs, "ret": ret}, orders):
+            loss, grads, features = value_part(agent.net, mb, agent.spec.vf_coef)
+            sums = agent.apply_update(grads, features, record=first)
+            losses.append(loss)
+            for k, total in (sums or {}).items():
+                grad_sums[k].append(total)
+    return torch.stack(losses), {k: torch.stack(v) for k, v in grad_sums.items()}
+
+
+def _serve(conn: Any, agent: Any, inputs: dict[str, torch.Tensor]) -> None:
+    """The worker's loop: one :func:`value_updates` per ``stopped`` message until ``None``,
+    or until the agent's process is gone (the fork inherited open pipe ends, so no EOF
+    would tell)."""
+    torch.set_num_threads(1)
+    parent = os.getppid()
+    try:
+        while True:
+            while not conn.poll(1.0):
+                if os.getppid() != parent:
+                    return
+            message = conn.recv()
+            if message is None:
+                break
+            agent._stopped = message[0]  # (this process's copy of the agent)
+            conn.send(("ok", value_updates(agent, inputs["obs"], inputs["ret"], inputs["orders"])))
+    except Exception:  # noqa: BLE001 (handed to the agent, which raises)
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class ValueWorker:
+    """A forked process running the value net's half of each update (module docstring).
+
+    Args:
+        agent: the :class:`~contlearn.agents.ppo.PPOAgent` (its rollout buffer allocated).
+    """
+
+    def __init__(self, agent: Any) -> None:
+        b, s = agent.buf, agent.spec
+        R, T, E, D = b["obs"].shape
+        for k in value_keys(agent):  # in place: the agent keeps the same tensors
+            agent._views[k].share_memory_()
+        for leaf in _state_tensors(agent.learner_state, value_keys(agent)):
+            leaf.share_memory_()
+        self.inputs = {
+            "obs": torch.zeros(R, T * E, D).share_memory_(),
+            "ret": torch.zeros(R, T * E).share_memory_(),
+            "orders": torch.zeros(s.epochs, R, T * E, dtype=torch.long).share_memory_(),
+        }
+        ctx = mp.get_context("fork")  # the child uses the agent's objects as they are
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, agent, self.inputs), daemon=True)
+        self._proc.start()
+        child.close()
+
+    def start(
+        self,
+        obs: torch.Tensor,
+        ret: torch.Tensor,
+        orders: torch.Tensor,
+        stopped: torch.Tensor | None,
+    ) -> None:
+        """Hand the worker one update's inputs; it starts at once."""
+        self.inputs["obs"].copy_(obs)
+        self.inputs["ret"].copy_(ret)
+        self.inputs["orders"].copy_(orders)
+        self._conn.send((stopped,))
+
+    def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Wait (polling) for the update started last; what :func:`value_updates` returns."""
+        return wait_reply(self._conn, self._proc, "PPO value worker")
+
+    def close(self) -> None:
+        """End the worker."""
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self._conn.send(None)
+        self._proc.join(timeout=5)
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._conn.close()
+
+
+def _state_tensors(state: Any, keys: list[str]) -> list[torch.Tensor]:
+    """The learner-state tensors of parameters ``keys`` (dicts keyed by parameter name)."""
+    out: list[torch.Tensor] = []
+    if isinstance(state, dict):
+        out.extend(v for k, v in state.items() if k in keys and isinstance(v, torch.Tensor))
+        for v in state.values():
+            if not isinstance(v, torch.Tensor):
+                out.extend(_state_tensors(v, keys))
+    elif isinstance(state, (tuple, list)):
+        for v in state:
+            out.extend(_state_tensors(v, keys))
+    return out
