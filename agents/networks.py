@@ -206,7 +206,7 @@ class BatchedMLP:
             ``(out (R, B, out_dim), {hidden layer name: activation (R, B, H)})``.
         """
         p = self.params if params is None else params
-        features = {}
+        features: dict[str, torch.Tensor] = {}
         h = x
         for layer in self.layers:
             z = torch.baddbmm(
@@ -324,7 +324,7 @@ class BatchedMLP:
             ``({weight name: (R, in)} for the names in col_l1, the first layer's δ or None)``.
         """
         p = self.params if params is None else params
-        cols = {}
+        cols: dict[str, torch.Tensor] = {}
         for i in range(len(self.layers) - 1, -1, -1):
             name = self.layers[i].name
             w, b = p[f"{name}.weight"], p[f"{name}.bias"]
@@ -342,11 +342,13 @@ class BatchedMLP:
                     want_col=want,
                 )
                 if want:
+                    assert col is not None  # want_col=want
                     cols[f"{name}.weight"] = col
             if beta:
                 b.mul_(1.0 + beta)
             b.add_(delta[:, 0] if delta.shape[1] == 1 else delta.sum(1), alpha=alpha)
             if i > 0:
+                assert below is not None  # need_below=i > 0 above
                 delta = self._delta_below(i, below, hs, zs)
         return cols, (delta if defer_first else None)
 

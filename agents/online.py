@@ -246,8 +246,8 @@ class OnlineAgent:
         layer ``""``: all parameters) averaged over the training steps since the last call,
         which starts the next average (docs/design.md §5). Empty if no step was taken since, or
         gradients are not watched (:meth:`watch_gradients`)."""
-        total, steps = self.grad_l1, self.grad_steps
-        if total is None or steps == 0:
+        grad_l1, steps = self.grad_l1, self.grad_steps
+        if grad_l1 is None or steps == 0:
             return {}
         sizes = torch.tensor(
             [
@@ -257,12 +257,12 @@ class OnlineAgent:
             ],
             dtype=torch.float64,
         )
-        total = self._host(total)
+        total = self._host(grad_l1)
         out = {
             layer.name: total[:, i] / (sizes[i] * steps) for i, layer in enumerate(self.net.layers)
         }
         out[""] = total.sum(1) / (sizes.sum() * steps)
-        self.grad_l1.zero_()
+        grad_l1.zero_()
         self.grad_steps = 0
         return {"grad_magnitude": out}
 
@@ -370,7 +370,7 @@ class OnlineAgent:
         """Parameters, learner state and the gradient sums since the last probe, as plain
         tensors (``weights_only``-loadable)."""
         self.sync()
-        state = {
+        state: dict[str, Any] = {
             "params": {k: v.clone() for k, v in self.views.items()},
             "learner": [t.clone() for t in tree_leaves(self.learner_state)],
         }

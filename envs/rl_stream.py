@@ -49,7 +49,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
 from contlearn.envs.base import StreamInfo
 from contlearn.envs.gym_registration import ENVS
-from contlearn.envs.split_vector import CopiesVectorEnv, SplitVectorEnv
+from contlearn.envs.split_vector import CopiesVectorEnv, SplitVectorEnv, VectorCopies
 from contlearn.errors import ConfigError
 from contlearn.seeding import child_seed
 from contlearn.spec import param
@@ -222,7 +222,8 @@ class MujocoRLStream:
         R, E = len(self.seeds), spec.num_envs
         self.num_envs = E
         self.has_schedule = spec.env_id in _SLIPPERY_IDS
-        reset_seeds, fns = [], []
+        reset_seeds: list[int | None] = []
+        fns: list[Any] = []
         for seed in self.seeds:
             words = child_seed(seed, "stream").generate_state(1 + E, np.uint32)
             kwargs = self._env_kwargs(int(words[0]))
@@ -238,7 +239,7 @@ class MujocoRLStream:
             self.close()
             raise
         obs_dim = int(np.prod(obs.shape[1:]))
-        act_dim = int(np.prod(self.vec.single_action_space.shape))
+        act_dim = int(np.prod(self.vec.single_action_space.shape or ()))
         self.info = StreamInfo(self.name, "rl", (obs_dim,), act_dim, False, R, "episode_return")
         self.steps_per_task = spec.change_every
         self.step = 0
@@ -249,7 +250,7 @@ class MujocoRLStream:
         self.ep_length = np.zeros((R, E), np.int64)
         self.window = torch.zeros(spec.probe_window, R, E, obs_dim)  # (W, R, E, obs_dim)
 
-    def _start(self, reset_seeds: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
+    def _start(self, reset_seeds: list[int | None]) -> tuple[np.ndarray, dict[str, Any]]:
         """Check the action space and reset every copy."""
         space = self.vec.single_action_space
         if not isinstance(space, gym.spaces.Box):
@@ -270,13 +271,13 @@ class MujocoRLStream:
             "schedule_seed": schedule_seed,
         }
 
-    def _vector_env(self, fns: list[Any]) -> gym.vector.VectorEnv:
+    def _vector_env(self, fns: list[Any]) -> VectorCopies:
         try:  # copy=False: the stream copies what it keeps (into torch tensors)
             if self.spec.vector == "async":
                 return AsyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
             if self.spec.vector == "split" and len(fns) > 1:
-                return SplitVectorEnv(fns)  # type: ignore[return-value]
-            return CopiesVectorEnv(fns)  # type: ignore[return-value]
+                return SplitVectorEnv(fns)
+            return CopiesVectorEnv(fns)
         except gym.error.Error as exc:
             raise ConfigError(f"cannot make env {self.spec.env_id!r}: {exc}") from None
 

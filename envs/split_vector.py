@@ -31,13 +31,41 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
 
 #: how long the worker polls for a command before it blocks (a step's turnaround is ~0.1 ms)
 SPIN_SECONDS = 0.002
+
+
+class VectorCopies(Protocol):
+    """What an RL stream asks of its vector of env copies: :class:`CopiesVectorEnv`,
+    :class:`SplitVectorEnv`, or gymnasium's ``AsyncVectorEnv`` (same-step autoreset)."""
+
+    num_envs: int
+    single_action_space: gym.Space[Any]
+
+    def reset(self, *, seed: list[int | None]) -> tuple[Any, dict[str, Any]]:
+        """Reset copy i with ``seed[i]``: ``(observations, infos)``."""
+        ...
+
+    def step(self, actions: np.ndarray) -> tuple[Any, ...]:
+        """Step every copy: ``(obs, reward, terminated, truncated, infos)``."""
+        ...
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        """``name`` of every copy."""
+        ...
+
+    def set_attr(self, name: str, values: list[Any]) -> None:
+        """Set ``name`` of copy i to ``values[i]``."""
+        ...
+
+    def close(self) -> None:
+        """Release the copies (and any worker process)."""
+        ...
 
 
 def local_copies(num_envs: int) -> int:
@@ -90,7 +118,7 @@ class CopiesVectorEnv:
         self.single_action_space = self.envs[0].action_space
         self.single_observation_space = self.envs[0].observation_space
         n, space = self.num_envs, self.single_observation_space
-        self._obs = np.zeros((n, *space.shape), space.dtype)
+        self._obs = np.zeros((n, *(space.shape or ())), space.dtype)
         self._final = np.zeros_like(self._obs)
         self._reward = np.zeros(n)
         self._terminated = np.zeros(n, bool)
@@ -250,7 +278,11 @@ class SplitVectorEnv:
 
     def _merge(self, info: dict[str, Any], info_b: dict[str, Any]) -> dict[str, Any]:
         return _merge_info(
-            info, info_b, self._k, self.num_envs - self._k, self.single_observation_space.shape
+            info,
+            info_b,
+            self._k,
+            self.num_envs - self._k,
+            self.single_observation_space.shape or (),
         )
 
     def reset(

@@ -44,7 +44,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -54,7 +54,7 @@ _SOURCE_PATH = Path(__file__).with_name("kernels.c")
 CHUNK = 256
 #: the kernel loops over the batch per weight; larger batches go to torch's GEMMs.
 MAX_BATCH = 4
-_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+_lib: ctypes.CDLL | Literal[False] | None = None  # None: not tried yet; False: unavailable
 
 
 def _flags() -> list[str]:
@@ -63,6 +63,12 @@ def _flags() -> list[str]:
             torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
+
+
+def _c(*types: type[ctypes._SimpleCData[Any]]) -> list[type[ctypes._SimpleCData[Any]]]:
+    """``list(types)``, typed as argument types (a list display of several ctypes types is
+    inferred as a list of constructors returning ``object``)."""
+    return list(types)
 
 
 def _build() -> ctypes.CDLL | None:
@@ -118,18 +124,18 @@ def library() -> ctypes.CDLL | None:
                                                                 ctypes.c_void_p,
                                                                 ctypes.c_int64, ctypes.c_int]
             _lib.cl_online_block.restype = None
-            _lib.cl_online_block.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 8 + [
-                ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int] + [
-                ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_double,
-                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                        ctypes.c_void_p, ctypes.c_void_p] + [
+            _lib.cl_online_block.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 8 + _c(
+                ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int) + [
+                ctypes.c_void_p] * 6 + _c(ctypes.c_float, ctypes.c_int64, ctypes.c_double,
+                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                          ctypes.c_void_p, ctypes.c_void_p) + [
                 ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
             _lib.cl_cbp_replace.restype = None
             _lib.cl_cbp_replace.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 10 + [
                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
             _lib.cl_input_layer.restype = None
-            _lib.cl_input_layer.argtypes = [ctypes.c_void_p] * 3 + [
-                ctypes.c_int64, ctypes.c_float, ctypes.c_float] + [ctypes.c_void_p] * 3 + [
+            _lib.cl_input_layer.argtypes = [ctypes.c_void_p] * 3 + _c(
+                ctypes.c_int64, ctypes.c_float, ctypes.c_float) + [ctypes.c_void_p] * 3 + [
                 ctypes.c_int64] * 4 + [ctypes.c_int]
     return _lib or None
 
@@ -181,16 +187,16 @@ def input_layer_(w: torch.Tensor, pending: Pending | None, x: torch.Tensor | Non
         pd, ph = pending[0].contiguous(), pending[1].contiguous()
         alpha, beta = pending[2], pending[3]
     z = None
+    xp = bp = zp = None  # the new inputs' pointers (None: no forward pass)
+    nb = 0
     if x is not None and bias is not None:
         x, bias = x.contiguous(), bias.contiguous()
         z = w.new_empty(R, x.shape[1], K)
+        xp, bp, zp, nb = x.data_ptr(), bias.data_ptr(), z.data_ptr(), x.shape[1]
     lib.cl_input_layer(w.data_ptr(), pd.data_ptr() if pd is not None else None,
                        ph.data_ptr() if ph is not None else None,
                        0 if pd is None else pd.shape[1], alpha, 1.0 + beta,
-                       x.data_ptr() if z is not None else None,
-                       bias.data_ptr() if z is not None else None,
-                       z.data_ptr() if z is not None else None,
-                       0 if z is None else x.shape[1], R, K, H, torch.get_num_threads())
+                       xp, bp, zp, nb, R, K, H, torch.get_num_threads())
     return z
 
 

@@ -35,6 +35,7 @@ from contlearn.backends.base import StepConfig
 
 if TYPE_CHECKING:
     from contlearn.agents.online import OnlineAgent
+    from contlearn.learners.fused import FusedPlan
 
 #: the stream kinds whose loss the hand-written backward knows (cross-entropy, squared error)
 _TASKS = ("classification", "regression")
@@ -141,8 +142,9 @@ class FusedBackward(HandBackward):
 
     def __init__(self, agent: OnlineAgent) -> None:
         super().__init__(agent)
-        self.plan = agent.plan
-        assert self.plan is not None
+        plan = agent.plan
+        assert plan is not None
+        self.plan: FusedPlan = plan
         first = agent.net.layers[0].name
         w = agent.views[f"{first}.weight"]
         self._first = (f"{first}.weight", f"{first}.bias")

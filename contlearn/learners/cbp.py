@@ -36,8 +36,9 @@ two can be read against each other.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -218,7 +219,11 @@ class _ContinualBackprop:
         updates, inner_state = self.inner.update(
             grads, state.inner, params, features=features, **extra
         )
-        return self._steps(state._replace(inner=inner_state), params, updates, features, None)
+        # given updates, _steps returns them (edited), never None
+        return cast(
+            "tuple[Params, CBPState]",
+            self._steps(state._replace(inner=inner_state), params, updates, features, None),
+        )
 
     def fused(self) -> FusedPlan | None:
         """The fused form: the inner chain's, with steps 1–7 as the post (None if the inner
@@ -306,9 +311,7 @@ class _ContinualBackprop:
         fresh = []
         for name, k in zip(self.names, counts, strict=True):
             rows = [
-                draw(state.rng, r, lambda g, n=n, name=name: self.network.sample_init(name, n, g))[
-                    0
-                ]
+                draw(state.rng, r, functools.partial(self.network.sample_init, name, n))[0]
                 for r, n in enumerate(k.tolist())
                 if n
             ]
@@ -331,7 +334,7 @@ class _ContinualBackprop:
         updates: Params | None,
         features: dict[str, torch.Tensor],
         col_l1: dict | None,
-    ) -> tuple[Params, CBPState]:
+    ) -> tuple[Params | None, CBPState]:
         """Steps 1–7 on ``params + updates`` (``updates=None``: params are already updated)."""
         if self._compiled(state, features):
             counts = self._compiled_steps(state, params, updates, features, col_l1 or {})
@@ -498,11 +501,12 @@ class _ContinualBackprop:
         out_mag = [
             self._out_mag(params, updates, f"{nxt}.weight", col_l1) for _, nxt in self.layers
         ]
+        y: tuple[torch.Tensor, ...] | list[torch.Tensor]
         if self.utility == "contribution":
             act = h if self.nonnegative else [x.abs() for x in h]  # relu: |h| = h
             y = torch._foreach_mul([_batch_mean(x) for x in act], self._like(ages, out_mag))
         else:
-            f_hat = self._split(torch._foreach_div(f, correction))
+            f_hat = self._split(list(torch._foreach_div(f, correction)))
             y = self._like(
                 ages,
                 [

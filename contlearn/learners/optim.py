@@ -68,7 +68,7 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
 class ScaleByAdamState(NamedTuple):
     """Adam's per-element step counts and first and second moments."""
 
-    count: Params
+    count: Params  # type: ignore[assignment]  # optax's name; shadows tuple.count
     mu: Params
     nu: Params
 
@@ -137,9 +137,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         for ni, mi, di, t in zip(n, m, denom, before, strict=True):
             uniform.record(ni, None if t is None else t + 1.0)
             if t is not None:  # one count for the whole tensor: scalar corrections
-                bc1, bc2 = _corrections(b1, b2, t + 1.0)
-                di.div_(bc2).add_(eps)
-                out.append(mi.div(bc1).div_(di))
+                sc1, sc2 = _corrections(b1, b2, t + 1.0)
+                di.div_(sc2).add_(eps)
+                out.append(mi.div(sc1).div_(di))
                 continue
             bc1 = torch.pow(b1, ni).neg_().add_(1.0)
             bc2 = torch.pow(b2, ni).neg_().add_(1.0).sqrt_()

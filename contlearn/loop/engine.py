@@ -272,7 +272,8 @@ class SupervisedLoop(SteppingLoop):
         start = time.perf_counter()
         self.settle()  # (the previous probe's records first)
         future = (
-            submit_probes(self.probes, self.stream, self.agent)
+            # (_concurrent holds only for a SupportsProbeSnapshot agent)
+            submit_probes(self.probes, self.stream, cast(SupportsProbeSnapshot, self.agent))
             if (concurrent and self._concurrent)
             else None
         )

@@ -106,7 +106,8 @@ class RLLoop(SteppingLoop):
     ) -> None:
         super().__init__(stream, agent, emit, progress, on_divergence)
         self.names = probes.names if probes is not None else ()
-        self.every = (probes.every or RL_PROBE_EVERY) if self.names else 0
+        every = probes.every if probes is not None else None
+        self.every = (every or RL_PROBE_EVERY) if self.names else 0
         self.last_probe = -1
         self.recent: deque[float] = deque(maxlen=10 * self.info.num_replicas)
 
@@ -197,8 +198,8 @@ class RLLoop(SteppingLoop):
             if metric != "grad_magnitude" or metric in self.names:
                 results[metric] = by_layer
         for metric, by_layer in results.items():
-            for layer, values in by_layer.items():
-                self._emit_all("probe", step, {metric: values}, layer)
+            for layer, per_replica in by_layer.items():
+                self._emit_all("probe", step, {metric: per_replica}, layer)
         diagnostics = agent.diagnostics() if isinstance(agent, SupportsDiagnostics) else {}
         for layer, values in diagnostics.items():
             self._emit_all("probe", step, values, layer)

@@ -59,7 +59,7 @@ def load_agent_class(ref: str) -> type:
 
 def agent_options(cls: type) -> list[FieldInfo]:
     """The config options of a plug-in agent: its constructor's keyword parameters."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
+    params = list(inspect.signature(cls).parameters.values())  # (the constructor's, no self)
     out = []
     for p in params[2:]:  # drop info, seed(s)
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "learner":
@@ -77,7 +77,7 @@ def takes_learner(cls: type) -> bool:
     """Whether an agent class uses a learner (built-in agents do; plug-ins if they ask)."""
     if isinstance(cls, BuiltinAgentClass):
         return True
-    return "learner" in inspect.signature(cls.__init__).parameters
+    return "learner" in inspect.signature(cls).parameters
 
 
 def build_plugin_agent(

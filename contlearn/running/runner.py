@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -37,7 +37,7 @@ from contlearn.agents.protocol import (
     SupportsReplicaWorkers,
     supports_replicas,
 )
-from contlearn.envs.protocol import Stream
+from contlearn.envs.protocol import RLStreamProtocol, Stream, SupervisedStreamProtocol
 from contlearn.errors import ContlearnError
 from contlearn.loop.engine import (
     ProbeSchedule,
@@ -222,21 +222,12 @@ def make_loop(
     if stream.info.kind == "rl":
         from contlearn.loop.rl import RLLoop
 
+        # (info.kind is the stream's declaration of which protocol it follows)
         return RLLoop(
-            stream,
-            agent,
-            emit,
-            bar,
-            probes,  # type: ignore[arg-type]
-            cfg.run.on_divergence,
+            cast(RLStreamProtocol, stream), agent, emit, bar, probes, cfg.run.on_divergence
         )
     return SupervisedLoop(
-        stream,
-        agent,
-        emit,
-        bar,
-        probes,  # type: ignore[arg-type]
-        cfg.run.on_divergence,
+        cast(SupervisedStreamProtocol, stream), agent, emit, bar, probes, cfg.run.on_divergence
     )
 
 
