@@ -31,6 +31,8 @@ from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
+from contlearn.credit import build_credit
+from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.fused import fused_plan
@@ -76,6 +78,8 @@ class OnlineAgent:
 
     supports_replicas = True
     Spec = OnlineAgentSpec
+    #: every registered credit rule (:mod:`contlearn.credit`)
+    credit_rules = "*"
     #: threads :meth:`learn_block` runs replicas on (0: one per core); a run sets it
     #: (``contlearn.running.runner.intra_op_threads``)
     replica_workers: int = 0
@@ -100,6 +104,8 @@ class OnlineAgent:
         )
         self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
+        #: the credit-assignment rule (its feedback matrices; backprop: none)
+        self.credit: FeedbackRule = build_credit(learner.credit, self.net, self.seeds, spec.lr)
         #: the learner chain's declared fused form (None: it has none)
         self.plan = fused_plan(self.learner)
         if self.plan is None and sum(p.numel() for p in self.net.params.values()) >= 1 << 20:
@@ -122,7 +128,7 @@ class OnlineAgent:
             task=self.info.kind,
             learner=self.learner_spec.name,
             optimizer=self.spec.optimizer,
-            credit="bp",
+            credit=self.credit.name,
             batch_size=self.info.batch_size,
             device=first.device.type,
             dtype=str(first.dtype).removeprefix("torch."),
@@ -176,6 +182,7 @@ class OnlineAgent:
             params[k] = p.detach().to(self.device)
         if self.grad_l1 is not None:
             self.grad_l1 = self.grad_l1.to(self.device)
+        self.credit.to(self.device)
         self._setup()
         return self
 
@@ -306,13 +313,14 @@ class OnlineAgent:
 
     def apply_updates(
         self, grads: dict[str, torch.Tensor], features: dict[str, torch.Tensor], task_start: bool
-    ) -> None:
+    ) -> dict[str, torch.Tensor]:
         """``learner.update`` on this step's gradients and hidden activations, then
-        ``θ += u``."""
+        ``θ += u``; returns ``u``."""
         updates, self.learner_state = self.learner.update(
             grads, self.learner_state, self.views, features=features, task_start=task_start
         )
         torch._foreach_add_([self.views[k] for k in self._keys], [updates[k] for k in self._keys])
+        return updates
 
     def add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:
         """Add one step's gradient L1 norms per layer (if gradients are watched)."""
@@ -374,6 +382,8 @@ class OnlineAgent:
             "params": {k: v.clone() for k, v in self.views.items()},
             "learner": [t.clone() for t in tree_leaves(self.learner_state)],
         }
+        if not self.credit.is_backprop:
+            state["credit"] = self.credit.state_dict()
         if self.grad_l1 is not None:
             state["grad_l1"] = self.grad_l1.clone()
             state["grad_steps"] = self.grad_steps
@@ -385,33 +395,68 @@ class OnlineAgent:
         for k, v in self.views.items():
             v.copy_(state["params"][k])
         load_tree(self.learner_state, state["learner"])
+        if not self.credit.is_backprop:
+            if "credit" not in state:
+                raise ValueError(
+                    f"the checkpoint holds no feedback for credit rule {self.credit.name}"
+                )
+            self.credit.load_state_dict(state["credit"])
         if "grad_l1" in state:  # (watching since before the checkpoint)
             self.grad_l1 = state["grad_l1"].to(self.device, torch.float64, copy=True)
             self.grad_steps = int(state["grad_steps"])
 
 
 class ReferenceStep:
-    """The online agent's step as defined: autograd's gradients of each replica's mean loss
-    (:meth:`OnlineAgent.loss`), ``learner.update`` with this step's hidden activations,
-    ``θ += u``. Run by ``fast=false`` and by every configuration no backend supports."""
+    """The online agent's step as defined: the gradients of each replica's mean loss
+    (:meth:`OnlineAgent.loss`) that the credit rule assigns (backprop: autograd's), then
+    ``learner.update`` with this step's hidden activations, ``θ += u``, then the rule's
+    feedback learning (:meth:`~contlearn.credit.rules.FeedbackRule.learn`). Run by
+    ``fast=false`` and by every configuration no backend supports."""
 
     name = REFERENCE
 
     def __init__(self, agent: OnlineAgent) -> None:
         self.agent = agent
         self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._rule_cache: tuple[Any, ...] | None = None
 
     def sync(self) -> None:
         """Nothing is deferred on the reference path."""
 
     def act(self, flat: torch.Tensor) -> torch.Tensor:
-        """The forward pass with autograd recording, kept for :meth:`observe`."""
+        """The forward pass, kept for :meth:`observe` (with autograd recording for backprop)."""
+        agent = self.agent
+        if not agent.credit.is_backprop:
+            with torch.no_grad():
+                out, hs, zs = agent.net.forward_train(flat, agent.views)
+            self._rule_cache = (flat, out, hs, zs)
+            return out
         with torch.enable_grad():
-            self._cache = self.agent.net.forward(flat)
+            self._cache = agent.net.forward(flat)
         return self._cache[0]
+
+    def _observe_rule(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:
+        """A step of a credit rule other than backprop (plain torch; autograd only for
+        ``∂L/∂ŷ``)."""
+        assert self._rule_cache is not None
+        (flat, out, hs, zs), self._rule_cache = self._rule_cache, None
+        agent = self.agent
+        with torch.enable_grad():
+            leaf = out.detach().requires_grad_(True)
+            loss = agent.loss(leaf, target)  # (R,)
+            (e,) = torch.autograd.grad(loss.sum(), [leaf])
+        with torch.no_grad():
+            g = rule_gradients(agent.net, agent.views, agent.credit, flat, hs, zs, e)
+            agent.add_grad_l1(g)
+            features = {layer.name: h for layer, h in zip(agent.net.hidden_layers, hs, strict=True)}
+            updates = agent.apply_updates(g, features, task_start)
+            agent.credit.learn(agent.views, updates, [flat, *hs])
+        return loss.detach()
 
     def observe(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:
         """One step on the batch of the last :meth:`act`; returns the loss ``(R,)``."""
+        if not self.agent.credit.is_backprop:
+            return self._observe_rule(target, task_start)
         assert self._cache is not None
         (out, features), self._cache = self._cache, None
         agent = self.agent

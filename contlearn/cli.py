@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--by", default="learner", help="group by this column/config key")
 
     lst = sub.add_parser("list", help="list streams, learners and agents with their options")
-    lst.add_argument("what", nargs="?", choices=("streams", "learners", "agents"))
+    lst.add_argument("what", nargs="?", choices=("streams", "learners", "credit", "agents"))
 
     data = sub.add_parser("data", help="manage datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

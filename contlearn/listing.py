@@ -15,8 +15,9 @@ def _options(fields: list[FieldInfo], prefix: str = "") -> list[str]:
 
 
 def describe(what: str | None = None) -> str:
-    """Streams, learners and agents (or just ``what``) with their options."""
+    """Streams, learners, credit rules and agents (or just ``what``) with their options."""
     from contlearn.agents import agents
+    from contlearn.credit import credit_def, credit_rules
     from contlearn.envs import streams
     from contlearn.learners import learner_def, learners
     from contlearn.running.config import RunSpec
@@ -36,6 +37,13 @@ def describe(what: str | None = None) -> str:
             sets = ", ".join(f"{k}={v}" for k, v in ldef.agent_defaults.items())
             out.append(f"  {name}  {ldef.summary}" + (f"  (sets {sets})" if sets else ""))
             out.extend(_options(spec_fields(ldef.Spec), "learner."))
+    if what in (None, "credit"):
+        out.append("credit rules:  (credit=<name>; options are set as credit.<name>=value)")
+        for name in credit_rules.names():
+            cdef = credit_def(name)
+            learned = "  (learned feedback)" if cdef.learned else ""
+            out.append(f"  {name}  {cdef.summary}{learned}")
+            out.extend(_options(spec_fields(cdef.Spec), "credit."))
     if what in (None, "agents"):
         out.append("agents:  (or your own class: --agent module:Class)")
         for name in agents.names():

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: The children spawned from each replica's root seed, in a fixed order.
-PURPOSES = ("stream", "agent", "probe", "learner")
+#: The children spawned from each replica's root seed, in a fixed order (child k depends on k
+#: only, so purposes are appended, never reordered).
+PURPOSES = ("stream", "agent", "probe", "learner", "credit", "credit-noise")
 
 
 def child_seed(seed: int, purpose: str) -> np.random.SeedSequence:

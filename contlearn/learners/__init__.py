@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from contlearn.credit import Credit
 from contlearn.learners.base import GradientTransformation, chain
 from contlearn.learners.cbp import continual_backprop
 from contlearn.learners.optim import adam, scale, scale_by_adam, sgd, trace
@@ -53,10 +54,13 @@ class LearnerDef:
 
 @dataclass(frozen=True)
 class Learner:
-    """A learner chosen for a run: its registered name and validated options."""
+    """A learner chosen for a run: its registered name and validated options, and the
+    credit-assignment rule whose gradients it turns into updates (:mod:`contlearn.credit`;
+    backprop unless the run sets ``credit``)."""
 
     name: str
     spec: Any
+    credit: Credit = field(default_factory=Credit)
 
 
 learners = Registry("learner")

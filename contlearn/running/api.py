@@ -204,7 +204,11 @@ def stored_config(cfg: RunConfig) -> dict[str, Any]:
     """What ``config.json`` holds for a resolved config."""
     flat = cfg.to_dict()
     if not takes_learner(cfg.agent_cls):  # the learner keys would mean nothing for this agent
-        flat = {k: v for k, v in flat.items() if k != "learner" and not k.startswith("learner.")}
+        flat = {
+            k: v
+            for k, v in flat.items()
+            if k not in ("learner", "credit") and not k.startswith(("learner.", "credit."))
+        }
     return flat
 
 
@@ -226,11 +230,12 @@ def _execute(
 
 
 def learner_label(cfg: RunConfig) -> str:
-    """The ``learner`` column: the learner's name, or a plug-in agent's class name when that
-    agent takes no learner."""
+    """The ``learner`` column: the learner's name, prefixed by the credit rule's unless it is
+    backprop (``dfa+cbp``), or a plug-in agent's class name when that agent takes no learner."""
     if not isinstance(cfg.agent_cls, BuiltinAgentClass) and not takes_learner(cfg.agent_cls):
         return cfg.agent_cls.__name__
-    return cfg.learner.name
+    credit = cfg.learner.credit.name
+    return cfg.learner.name if credit == "bp" else f"{credit}+{cfg.learner.name}"
 
 
 __all__ = ["ConfigError", "RunResult", "default_run_dir", "resume", "run"]

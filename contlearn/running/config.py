@@ -2,11 +2,11 @@
 
 Keys are flat and the same everywhere (CLI ``--set``, config files, ``config.json``):
 
-- identity: ``stream``, ``agent``, ``learner``;
+- identity: ``stream``, ``agent``, ``learner``, ``credit`` (the credit-assignment rule);
 - run: ``seed``, ``seeds``, ``tasks``, ``steps``, ``flush_rows``, ``flush_seconds``;
 - every option of the chosen stream (``examples_per_task``, ``batch_size``, ...);
 - every option of the chosen agent (``hidden``, ``activation``, ``lr``, ``optimizer``, ...);
-- ``learner.<param>`` for the chosen learner's options.
+- ``learner.<param>`` for the chosen learner's options, ``credit.<param>`` for the rule's.
 
 Precedence, lowest first: option defaults < the stream's suggested agent defaults < the
 learner's agent defaults (``proper-adam`` sets Adam) < config file < ``--set``. Unknown keys
@@ -31,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-IDENTITY_KEYS = ("stream", "agent", "learner")
+IDENTITY_KEYS = ("stream", "agent", "learner", "credit")
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,15 @@ class RunConfig:
             "stream": self.stream,
             "agent": self.agent,
             "learner": self.learner.name,
+            "credit": self.learner.credit.name,
         }
         out.update(asdict(self.run))
         out.update(asdict(self.stream_spec))
         agent = self.agent_spec if isinstance(self.agent_spec, dict) else asdict(self.agent_spec)
         out.update(agent)
         out.update({f"learner.{k}": v for k, v in asdict(self.learner.spec).items()})
+        if self.learner.credit.spec is not None:
+            out.update({f"credit.{k}": v for k, v in asdict(self.learner.credit.spec).items()})
         return out
 
 
@@ -207,6 +210,7 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
         ConfigError: missing stream, unknown names or keys, bad values.
     """
     from contlearn.agents import agents
+    from contlearn.credit import Credit, check_agent_credit, credit_def
     from contlearn.envs import streams
     from contlearn.learners import Learner, learner_def
     from contlearn.running.plugins import agent_ref, load_agent_class
@@ -233,12 +237,25 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     if reason:
         raise ConfigError(f"learner {learner_name} does not apply to agent {agent}: {reason}")
 
+    credit_name = values.pop("credit", "bp")
+    if not isinstance(credit_name, str):
+        raise ConfigError(f"credit={credit_name!r} must be a credit rule name")
+    cdef = credit_def(credit_name)
+    check_agent_credit(agent_cls, agent, credit_name)
+
     run_fields = [f.name for f in spec_fields(RunSpec)]
     stream_fields = [f.name for f in spec_fields(stream_cls.Spec)]
     agent_fields = {f.name: f for f in _agent_fields(agent_cls)}
     learner_fields = [f"learner.{f.name}" for f in spec_fields(ldef.Spec)]
+    credit_fields = [f"credit.{f.name}" for f in spec_fields(cdef.Spec)]
 
-    groups: dict[str, dict[str, Any]] = {"run": {}, "stream": {}, "agent": {}, "learner": {}}
+    groups: dict[str, dict[str, Any]] = {
+        "run": {},
+        "stream": {},
+        "agent": {},
+        "learner": {},
+        "credit": {},
+    }
     for key, value in values.items():
         if key in run_fields:
             groups["run"][key] = value
@@ -248,10 +265,15 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
             groups["agent"][key] = value
         elif key in learner_fields:
             groups["learner"][key.removeprefix("learner.")] = value
+        elif key in credit_fields:
+            groups["credit"][key.removeprefix("credit.")] = value
         else:
-            known = run_fields + stream_fields + list(agent_fields) + learner_fields
+            known = run_fields + stream_fields + list(agent_fields) + learner_fields + credit_fields
             raise _unknown(
-                key, known, f"stream {stream!r}, agent {agent!r}, learner {learner_name!r}"
+                key,
+                known,
+                f"stream {stream!r}, agent {agent!r}, learner {learner_name!r}, "
+                f"credit {credit_name!r}",
             )
 
     suggested = {**getattr(stream_cls, "agent_defaults", {}), **ldef.agent_defaults}
@@ -266,7 +288,11 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     return RunConfig(
         stream=stream,
         agent=agent,
-        learner=Learner(learner_name, build_spec(ldef.Spec, groups["learner"], "learner.")),
+        learner=Learner(
+            learner_name,
+            build_spec(ldef.Spec, groups["learner"], "learner."),
+            Credit(credit_name, build_spec(cdef.Spec, groups["credit"], "credit.")),
+        ),
         run=build_spec(RunSpec, groups["run"]),
         stream_spec=build_spec(stream_cls.Spec, groups["stream"]),
         agent_spec=agent_spec,
