@@ -19,6 +19,7 @@ checkpoints — in one class, as the Agent protocol lists it.)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
-from contlearn.credit import build_credit
+from contlearn.credit import build_credit, credit_def
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -121,6 +122,9 @@ class OnlineAgent:
     def _step_config(self) -> StepConfig:
         """What the backends decide on: this agent's resolved configuration."""
         first = next(iter(self.views.values()))
+        credit = self.learner_spec.credit
+        cdef = credit_def(credit.name)
+        spec = credit.spec if credit.spec is not None else cdef.Spec()
         return StepConfig(
             network="mlp",
             activation=self.spec.activation,
@@ -129,6 +133,8 @@ class OnlineAgent:
             learner=self.learner_spec.name,
             optimizer=self.spec.optimizer,
             credit=self.credit.name,
+            credit_learned=cdef.learned,
+            credit_options=dataclasses.asdict(spec),
             batch_size=self.info.batch_size,
             device=first.device.type,
             dtype=str(first.dtype).removeprefix("torch."),
@@ -322,6 +328,24 @@ class OnlineAgent:
         torch._foreach_add_([self.views[k] for k in self._keys], [updates[k] for k in self._keys])
         return updates
 
+    def rule_update(
+        self,
+        flat: torch.Tensor,
+        hs: list[torch.Tensor],
+        zs: list[torch.Tensor] | None,
+        e: torch.Tensor,
+        task_start: bool,
+    ) -> None:
+        """A credit rule's step from the output error ``e = ∂L/∂ŷ`` ``(R, B, C)`` of the forward
+        pass ``(flat, hs, zs)``: the rule's gradients, ``learner.update`` and ``θ += u``, then
+        the rule's feedback learning (the reference's definition; the ``backward`` backend runs
+        it too)."""
+        g = rule_gradients(self.net, self.views, self.credit, flat, hs, zs, e)
+        self.add_grad_l1(g)
+        features = {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
+        updates = self.apply_updates(g, features, task_start)
+        self.credit.learn(self.views, updates, [flat, *hs])
+
     def add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:
         """Add one step's gradient L1 norms per layer (if gradients are watched)."""
         if self.grad_l1 is None:
@@ -446,11 +470,7 @@ class ReferenceStep:
             loss = agent.loss(leaf, target)  # (R,)
             (e,) = torch.autograd.grad(loss.sum(), [leaf])
         with torch.no_grad():
-            g = rule_gradients(agent.net, agent.views, agent.credit, flat, hs, zs, e)
-            agent.add_grad_l1(g)
-            features = {layer.name: h for layer, h in zip(agent.net.hidden_layers, hs, strict=True)}
-            updates = agent.apply_updates(g, features, task_start)
-            agent.credit.learn(agent.views, updates, [flat, *hs])
+            agent.rule_update(flat, hs, zs, e, task_start)
         return loss.detach()
 
     def observe(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:
