@@ -37,6 +37,7 @@ from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import OptimizerOptions
+from contlearn.learners.resets import FeedbackReset
 from contlearn.seeding import torch_generator
 from contlearn.spec import param, parse_int_list
 from contlearn.state import load_tree, tree_leaves
@@ -315,11 +316,22 @@ class OnlineAgent:
         self, grads: dict[str, torch.Tensor], features: dict[str, torch.Tensor], task_start: bool
     ) -> dict[str, torch.Tensor]:
         """``learner.update`` on this step's gradients and hidden activations, then
-        ``θ += u``; returns ``u``."""
+        ``θ += u``; returns ``u``, where a reset wrote ``θ + u`` itself the update it
+        replaced (zero at the reset units: what learned feedback follows)."""
+        extra: dict[str, Any] = {}
+        if self.credit.learned:  # resets re-initialise learned feedback with the units
+            extra["feedback"] = FeedbackReset(self.credit.feedback, {})
         updates, self.learner_state = self.learner.update(
-            grads, self.learner_state, self.views, features=features, task_start=task_start
+            grads,
+            self.learner_state,
+            self.views,
+            features=features,
+            task_start=task_start,
+            **extra,
         )
         torch._foreach_add_([self.views[k] for k in self._keys], [updates[k] for k in self._keys])
+        if extra:
+            return {**updates, **extra["feedback"].updates}
         return updates
 
     def add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:

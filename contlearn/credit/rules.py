@@ -42,6 +42,9 @@ class FeedbackRule:
     name = "bp"
     #: whether the agent may compute this rule's gradients with autograd (backprop only)
     is_backprop = True
+    #: whether the feedback is learned: resets re-initialise it with the units' forward
+    #: weights (:class:`~contlearn.learners.resets.FeedbackReset`); fixed feedback never changes
+    learned = False
 
     def __init__(self, network: BatchedMLP, seeds: Sequence[int]) -> None:
         self.net = network
