@@ -31,7 +31,7 @@ from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
-from contlearn.credit import build_credit
+from contlearn.credit import alignment, build_credit
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -385,6 +385,37 @@ class OnlineAgent:
         self.sync()
         out = self.net.forward_train(self.flat(obs), self.views)[0]
         return self._host(self.loss(out, target.to(self.device)))
+
+    def has_feedback(self) -> bool:
+        """Whether the credit rule is not backprop (the alignment probes apply)."""
+        return not self.credit.is_backprop
+
+    def credit_alignment(
+        self, obs: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"feedback_alignment": {layer: (R,)}, "weight_alignment": ...}`` in degrees on a
+        probe batch (:mod:`contlearn.credit.alignment`; nothing learned); empty for backprop."""
+        if self.credit.is_backprop:
+            return {}
+        self.sync()
+        target = target.to(self.device)
+
+        def output_error(out: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                leaf = out.detach().requires_grad_(True)
+                (e,) = torch.autograd.grad(self.loss(leaf, target).sum(), [leaf])
+            return e
+
+        with torch.no_grad():
+            fa = alignment.feedback_alignment(
+                self.net, self.views, self.credit, self.flat(obs), output_error
+            )
+            wa = alignment.weight_alignment(self.net, self.views, self.credit)
+        host = {k: self._host(v) for k, v in fa.items()}
+        return {
+            "feedback_alignment": host,
+            "weight_alignment": {k: self._host(v) for k, v in wa.items()},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Parameters, learner state and the gradient sums since the last probe, as plain
