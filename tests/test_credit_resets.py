@@ -29,10 +29,13 @@ def make_agent(
     learner_options: dict,
     hidden: str = "5,4",
     seeds=(0, 1),
+    optimizer: str = "sgd",
     **credit_options,
 ) -> OnlineAgent:
     info = StreamInfo("test", "classification", (IN,), C, True, len(seeds), "accuracy", 1)
-    spec = OnlineAgentSpec(hidden=hidden, activation="relu", lr=0.05, fast=False)
+    spec = OnlineAgentSpec(
+        hidden=hidden, activation="relu", lr=0.05, fast=False, optimizer=optimizer
+    )
     cspec = build_spec(credit_def(credit).Spec, credit_options, "credit.")
     lspec = build_spec(learner_def(learner).Spec, learner_options, "learner.")
     return OnlineAgent(info, list(seeds), spec, Learner(learner, lspec, Credit(credit, cspec)))
@@ -167,18 +170,21 @@ def test_replicas_with_resets_equal_seeds_alone(credit: str) -> None:
         torch.testing.assert_close(B2[k][1:], B1[k], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("credit", ["kolen-pollack", "information-alignment"])
-def test_a_restored_agent_with_resets_steps_exactly_as_the_original(credit: str) -> None:
+@pytest.mark.parametrize(
+    "credit, options",
+    [("kolen-pollack", {}), ("information-alignment", {}), ("kolen-pollack", {"regularize": True})],
+)
+def test_a_restored_agent_with_resets_steps_exactly_as_the_original(credit, options) -> None:
     import io
 
-    a = make_agent(credit, "cbp", CBP)
+    a = make_agent(credit, "cbp", {**CBP, "l2": 0.01}, optimizer="adam", **options)
     g = torch.Generator().manual_seed(11)
     for _ in range(6):
         step(a, g)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b = make_agent(credit, "cbp", CBP)
+    b = make_agent(credit, "cbp", {**CBP, "l2": 0.01}, optimizer="adam", **options)
     b.load_state_dict(torch.load(buf, weights_only=True))
     state = g.get_state()
     for agent in (a, b):
@@ -189,3 +195,63 @@ def test_a_restored_agent_with_resets_steps_exactly_as_the_original(credit: str)
         assert torch.equal(a.views[k], b.views[k])
     for k in a.credit.feedback:
         assert torch.equal(a.credit.feedback[k], b.credit.feedback[k])
+
+
+def _pair(credit: str, learner: str, learner_options: dict, **credit_options):
+    on = make_agent(credit, learner, learner_options, regularize=True, **credit_options)
+    off = make_agent(credit, learner, learner_options, **credit_options)
+    return on, off
+
+
+def test_regularize_puts_l2_on_kolen_pollack_feedback_by_hand() -> None:
+    lam, decay, lr = 0.1, 0.01, 0.05
+    on, off = _pair("kolen-pollack", "l2", {"l2": lam}, decay=decay)
+    B0 = {k: v.clone() for k, v in on.credit.feedback.items()}
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    for agent in (on, off):
+        g.set_state(state)
+        step(agent, g)
+    for k in on.views:  # the forward weights do not see the option
+        assert torch.equal(on.views[k], off.views[k])
+    for k, b0 in B0.items():  # B also got −lr·λ·B before the shared decay
+        want = off.credit.feedback[k] - lr * lam * b0 * (1 - decay)
+        torch.testing.assert_close(on.credit.feedback[k], want, rtol=0, atol=1e-6)
+
+
+def test_regularize_shrinks_weight_mirror_feedback_by_hand() -> None:
+    shrink, decay = 0.2, 0.05
+    opts = {"shrink": shrink, "sigma": 0.0}
+    on, off = _pair("weight-mirror", "snp", opts, decay=decay, rate=0.01)
+    B0 = {k: v.clone() for k, v in on.credit.feedback.items()}
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    for agent in (on, off):
+        g.set_state(state)
+        step(agent, g)
+    for k, b0 in B0.items():  # the mirror step is linear in B: the shrink carries through
+        want = off.credit.feedback[k] - shrink * b0 * (1 - decay)
+        torch.testing.assert_close(on.credit.feedback[k], want, rtol=0, atol=1e-6)
+
+
+def test_regularized_feedback_has_optimizer_state_that_resets_clear() -> None:
+    from contlearn.learners.base import per_param_state
+
+    # with Adam the feedback has moments (and step counts) that a reset must clear
+    opts = {**CBP, "l2": 0.01}
+    agent = make_agent("kolen-pollack", "cbp", opts, optimizer="adam", regularize=True)
+    states = per_param_state(agent.learner_state, agent.learner_params())
+    assert states and all("feedback.hidden2" in s for s in states)
+    g = torch.Generator().manual_seed(8)
+    seen = 0
+    for _ in range(20):
+        ages0 = agent.learner_state.stats.age["hidden2"].clone()
+        step(agent, g)
+        reset = agent.learner_state.stats.age["hidden2"] <= ages0  # (R, H)
+        for s in per_param_state(agent.learner_state, agent.learner_params()):
+            rows = s["feedback.hidden2"][reset]
+            cols = s["feedback.output"].transpose(1, 2)[reset]
+            assert torch.all(rows == 0) and torch.all(cols == 0)
+            assert s["feedback.hidden2"].abs().sum() > 0  # (the others are not cleared)
+            seen += int(reset.sum())
+    assert seen > 0

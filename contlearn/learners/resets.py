@@ -42,6 +42,10 @@ from contlearn.learners.base import (
 )
 from contlearn.learners.rng import draw, replica_rng_states
 
+#: the prefix of learned feedback among a learner's parameters (``feedback.<layer>``, when a
+#: credit rule's option ``regularize`` hands the learner its feedback matrices)
+FEEDBACK = "feedback."
+
 
 class FeedbackReset(NamedTuple):
     """The learned feedback of a credit rule, for resets (the extra ``feedback=`` of
@@ -159,13 +163,13 @@ def reset_units(
     wn, bn = f"{nxt}.weight", f"{nxt}.bias"
     if updates is not None:
         names = [w, b] + ([wn, bn] if nxt is not None else [])
+        if feedback is not None:  # feedback the learner updates is reset as θ + u too
+            names += [FEEDBACK + str(n) for n in (layer, nxt) if FEEDBACK + str(n) in params]
         updates = materialize(params, updates, names, feedback)
     new_w, new_b = _fresh_rows(network, layer, mask, rng, init_bias)
     r, i = mask.nonzero(as_tuple=True)  # (N,) each, row-major as the fresh rows
     params[w][r, i] = new_w.to(params[w])  # rows W_l[i, :]
     params[b][r, i] = new_b.to(params[b])
-    if feedback is not None:
-        _reset_feedback(feedback, network, layer, nxt, mask, rng, (r, i))
     rows: dict[str, tuple[torch.Tensor | slice, ...]] = {w: (r, i), b: (r, i)}
     if nxt is not None:
         cols = (r, slice(None), i)  # columns W_{l+1}[:, i] as (N, K)
@@ -174,6 +178,15 @@ def reset_units(
             params[bn].index_add_(0, r, contrib)
         params[wn][cols] = 0.0
         rows[wn] = cols
+    if feedback is not None:
+        _reset_feedback(feedback, network, layer, nxt, mask, rng, (r, i))
+        indexes: list[tuple[str | None, tuple[torch.Tensor | slice, ...]]] = [
+            (layer, (r, i)),
+            (nxt, (r, slice(None), i)),
+        ]
+        for name, index in indexes:
+            if FEEDBACK + str(name) in params:  # the learner acts on feedback: its state too
+                rows[FEEDBACK + str(name)] = index
     for s in per_param_state(inner_state, params):
         for n, index in rows.items():
             s[n][index] = 0
