@@ -145,7 +145,8 @@ def probes_for(names: Sequence[str], agent: Any) -> list[str]:
 
 
 def parse_probes(text: str) -> list[str]:
-    """``"default"``, ``"none"`` or a comma-separated list of probe names.
+    """``"default"``, ``"none"`` or a comma-separated list of probe names (``default`` in the
+    list stands for the default probes: ``default,feature_norm``).
 
     Raises:
         ConfigError: an unknown probe name.
@@ -153,11 +154,11 @@ def parse_probes(text: str) -> list[str]:
     text = text.strip()
     if text in ("", "none"):
         return []
-    names = (
-        list(DEFAULT_PROBES)
-        if text == "default"
-        else [n.strip() for n in text.split(",") if n.strip()]
-    )
+    names: list[str] = []
+    for n in (n.strip() for n in text.split(",")):  # "default" may open a list
+        for name in DEFAULT_PROBES if n == "default" else (n,) if n else ():
+            if name not in names:
+                names.append(name)
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         raise ConfigError(
