@@ -20,7 +20,7 @@ checkpoints — in one class, as the Agent protocol lists it.)
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,15 +94,9 @@ class OnlineAgent:
         in_dim = 1
         for d in info.input_shape:
             in_dim *= d
-        hidden = parse_int_list(spec.hidden, "hidden")
-        self.net = BatchedMLP(
-            in_dim,
-            hidden,
-            info.num_outputs,
-            spec.activation,
-            spec.init,
-            [torch_generator(s, "agent") for s in self.seeds],
-        )
+        self._in_dim = in_dim
+        self.net = self._initial_network()
+        self._initial: dict[str, torch.Tensor] | None = None
         self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         #: the credit-assignment rule (its feedback matrices; backprop: none)
@@ -118,6 +112,25 @@ class OnlineAgent:
         self.grad_steps = 0
         self._setup()
         self._task_started = False
+
+    def _initial_network(self) -> BatchedMLP:
+        """The network as drawn at the start, from the seeds alone (the same every call)."""
+        return BatchedMLP(
+            self._in_dim,
+            parse_int_list(self.spec.hidden, "hidden"),
+            self.info.num_outputs,
+            self.spec.activation,
+            self.spec.init,
+            [torch_generator(s, "agent") for s in self.seeds],
+        )
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters the run started from (redrawn from the seeds on first use, not
+        stored in checkpoints; the ``distance_from_init`` probe)."""
+        if self._initial is None:
+            fresh = self._initial_network().params
+            self._initial = {k: v.detach().to(self.device) for k, v in fresh.items()}
+        return self._initial
 
     def _step_config(self) -> StepConfig:
         """What the backends decide on: this agent's resolved configuration."""
@@ -387,7 +400,8 @@ class OnlineAgent:
         if sum(v.numel() * v.element_size() for v in self.views.values()) > SNAPSHOT_MAX_BYTES:
             return None
         self.sync()
-        return ProbeSnapshot(self.net, {k: v.clone() for k, v in self.views.items()}, self.flat)
+        params = {k: v.clone() for k, v in self.views.items()}
+        return ProbeSnapshot(self.net, params, self.flat, self.initial_parameters)
 
     @torch.no_grad()
     def probe_loss(self, obs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -529,9 +543,17 @@ class ProbeSnapshot:
     forward pass (:meth:`features`) over them; ``parameters()`` and ``activation`` as the
     agent's."""
 
-    def __init__(self, net: BatchedMLP, params: dict[str, torch.Tensor], flat: Any) -> None:
+    def __init__(
+        self,
+        net: BatchedMLP,
+        params: dict[str, torch.Tensor],
+        flat: Any,
+        initial: Callable[[], dict[str, torch.Tensor]],
+    ) -> None:
         self._mlp, self._flat, self._params = net, flat, params
         self.activation = net.activation
+        #: the agent's :meth:`OnlineAgent.initial_parameters` (never changes: safe to share)
+        self.initial_parameters = initial
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The copied parameters."""
