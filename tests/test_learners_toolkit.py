@@ -145,3 +145,46 @@ def test_the_presets_run_on_slippery_ant(name: str, tmp_path) -> None:
     )
     df = contlearn.load_runs([tmp_path / "run"])
     assert len(df) and df["value"].notna().any()
+
+
+def test_regrama_recycles_the_units_a_per_unit_gradient_loop_picks() -> None:
+    from contlearn.learners.redo import redo
+
+    net, lr, tau = _net(), 0.1, 0.6
+    t = redo(sgd(lr), net, [0, 1], threshold=tau, period=3, window=2, score="gradient")
+    params = {k: v.clone() for k, v in net.params.items()}
+    state = t.init(params)
+    feats = {"hidden1": torch.ones(2, 1, 4), "hidden2": torch.ones(2, 1, 3)}
+    seq = []
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        grads["hidden1.weight"][0, 2] *= 0.01  # unit 2 of replica 0 barely gets a gradient
+        grads["hidden2.weight"][1, 0] *= 0.01
+        seq.append(grads)
+        before = {k: v.clone() for k, v in params.items()}
+        updates, state = t.update(
+            {k: v.clone() for k, v in grads.items()}, state, params, features=feats
+        )
+        params = {k: params[k] + updates[k] for k in params}
+    resets: dict[tuple[str, int], set[int]] = {}
+    for name, H in (("hidden1", 4), ("hidden2", 3)):
+        for r in range(2):
+            mags = [
+                sum(float(seq[s][f"{name}.weight"][r, i].abs().mean()) for s in (1, 2)) / 2
+                for i in range(H)
+            ]
+            mean = sum(mags) / H
+            resets[name, r] = {i for i in range(H) if mags[i] / mean <= tau}
+            # columns zeroed by resets of the layer below are not this layer's to check
+            cols = [j for j in range(4 if name == "hidden2" else 5)]
+            if name == "hidden2":
+                cols = [j for j in cols if j not in resets["hidden1", r]]
+            for i in range(H):
+                plain = before[f"{name}.weight"][r, i] - lr * seq[2][f"{name}.weight"][r, i]
+                same = torch.allclose(params[f"{name}.weight"][r, i, cols], plain[cols])
+                assert same != (i in resets[name, r]), (name, r, i, mags[i] / mean)
+    assert not torch.allclose(
+        params["hidden1.weight"][0, 2],
+        before["hidden1.weight"][0, 2] - lr * seq[2]["hidden1.weight"][0, 2],
+    )

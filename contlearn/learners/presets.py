@@ -345,3 +345,37 @@ PARSEVAL = LearnerDef(
     _build_parseval,
     "Parseval regularisation: hidden layers' weight rows pushed toward orthonormal",
 )
+
+
+@dataclass(frozen=True)
+class ReGraMaSpec(ReDoSpec):
+    """Options of ``regrama`` (Liu et al. 2025): ReDo's, scoring gradient magnitudes."""
+
+    threshold: float = param(
+        0.01, "τ: units with gradient score s ≤ τ are recycled (as ReDo's default)", low=0.0
+    )
+    window: int = param(
+        1000, "updates (the last before each check) whose gradients are scored; ≤ period", low=1
+    )
+
+
+def _build_regrama(
+    spec: ReGraMaSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return redo(
+        _with_l2(base, spec.l2),
+        network,
+        seeds,
+        threshold=spec.threshold,
+        period=spec.period,
+        window=spec.window,
+        score="gradient",
+    )
+
+
+REGRAMA = LearnerDef(
+    ReGraMaSpec,
+    _build_regrama,
+    "ReGraMa: ReDo's recycling scored by the units' gradient magnitude",
+    diagnostics=reset_diagnostics,
+)
