@@ -168,6 +168,15 @@ class SupportsInitialParameters(Protocol):
 
 
 @runtime_checkable
+class SupportsHessianTrace(Protocol):
+    """Estimates the trace of its loss Hessian on a batch (the ``hessian_trace`` probe)."""
+
+    def hessian_trace(self, obs: torch.Tensor, target: torch.Tensor, samples: int) -> torch.Tensor:
+        """Hutchinson's estimate of tr(∇²L) per replica ``(R,)`` from ``samples`` probes."""
+        ...
+
+
+@runtime_checkable
 class SupportsCreditAlignment(Protocol):
     """Measures how its credit rule's feedback aligns with backprop (the
     ``feedback_alignment`` and ``weight_alignment`` probes)."""
@@ -318,6 +327,7 @@ CAPABILITIES: tuple[type, ...] = (
     SupportsProbeLoss,
     SupportsCreditAlignment,
     SupportsInitialParameters,
+    SupportsHessianTrace,
     SupportsProbeSnapshot,
     SupportsDiagnostics,
     SupportsPreferredThreads,

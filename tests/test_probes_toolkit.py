@@ -146,3 +146,46 @@ def test_a_run_records_the_toolkit_probes(tmp_path) -> None:
     df = contlearn.load_runs([tmp_path / "run"])
     want = {"feature_norm", "param_norm", "distance_from_init", "duplicate_fraction"}
     assert want <= set(df["metric"])
+
+
+def test_hessian_trace_is_hutchinsons_estimate_with_the_explicit_hessian() -> None:
+    from contlearn.agents.online import OnlineAgent, OnlineAgentSpec
+    from contlearn.envs.base import StreamInfo
+    from contlearn.learners import Learner, learner_def
+
+    info = StreamInfo("t", "classification", (3,), 2, True, 2, "accuracy", 1)
+    agent = OnlineAgent(
+        info,
+        [0, 1],
+        OnlineAgentSpec(hidden="3", activation="tanh"),
+        Learner("bp", learner_def("bp").Spec()),
+    )
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 5, 3, generator=g), torch.randint(0, 2, (2, 5), generator=g)
+    samples = 7
+    got = agent.hessian_trace(x, y, samples)
+    names = list(agent.views)
+    shapes = [agent.views[k].shape[1:] for k in names]
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    # the same Rademacher draws the estimate makes, per parameter tensor of all replicas
+    gen = torch.Generator().manual_seed(0)
+    draws = [
+        [(torch.randint(0, 2, agent.views[k].shape, generator=gen) * 2 - 1).double() for k in names]
+        for _ in range(samples)
+    ]
+    for r in range(2):
+        theta0 = torch.cat([agent.views[k][r].reshape(-1).double() for k in names])
+
+        def loss_of(theta: torch.Tensor, r: int = r) -> torch.Tensor:
+            parts = dict(zip(names, torch.split(theta, sizes), strict=True))
+            h = torch.tanh(
+                x[r].double() @ parts["hidden1.weight"].view(3, 3).T + parts["hidden1.bias"]
+            )
+            out = h @ parts["output.weight"].view(2, 3).T + parts["output.bias"]
+            return torch.nn.functional.cross_entropy(out, y[r])
+
+        H = torch.autograd.functional.hessian(loss_of, theta0)
+        vs = [torch.cat([d[i][r].reshape(-1) for i in range(len(names))]) for d in draws]
+        want = sum(float(v @ H @ v) for v in vs) / samples
+        assert float(got[r]) == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert "hessian_trace" not in parse_probes("default")
