@@ -33,6 +33,7 @@ LEARNERS = [
     "upgd",
     "parseval",
     "regrama",
+    "swr",
 ]
 STREAMS = ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"]
 TINY = {"examples_per_task": 200, "batch_size": 20, "hidden": "16,16"}
@@ -185,6 +186,7 @@ REPLICA_CASES = {
     "weight-clipping": {"learner.kappa": 0.5},
     "parseval": {"learner.lam": 1e-2},
     "regrama": {"learner.period": 10, "learner.window": 5, "learner.threshold": 0.8},
+    "swr": {"learner.rate": 0.02, "learner.decay": 0.5, "optimizer": "adam"},
 }
 
 
