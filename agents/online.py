@@ -19,7 +19,6 @@ checkpoints — in one class, as the Agent protocol lists it.)
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,16 +27,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from contlearn.agents import online_probes
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
+from contlearn.agents.online_probes import ProbeSnapshot
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
-from contlearn.credit import build_credit, credit_def
+from contlearn.credit import build_credit, credit_def, credit_options
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import OptimizerOptions
+from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import torch_generator
 from contlearn.spec import param, parse_int_list
 from contlearn.state import load_tree, tree_leaves
@@ -94,15 +96,9 @@ class OnlineAgent:
         in_dim = 1
         for d in info.input_shape:
             in_dim *= d
-        hidden = parse_int_list(spec.hidden, "hidden")
-        self.net = BatchedMLP(
-            in_dim,
-            hidden,
-            info.num_outputs,
-            spec.activation,
-            spec.init,
-            [torch_generator(s, "agent") for s in self.seeds],
-        )
+        self._in_dim = in_dim
+        self.net = self._initial_network()
+        self._initial: dict[str, torch.Tensor] | None = None
         self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         #: the credit-assignment rule (its feedback matrices; backprop: none)
@@ -119,12 +115,28 @@ class OnlineAgent:
         self._setup()
         self._task_started = False
 
+    def _initial_network(self) -> BatchedMLP:
+        """The network as drawn at the start, from the seeds alone (the same every call)."""
+        return BatchedMLP(
+            self._in_dim,
+            parse_int_list(self.spec.hidden, "hidden"),
+            self.info.num_outputs,
+            self.spec.activation,
+            self.spec.init,
+            [torch_generator(s, "agent") for s in self.seeds],
+        )
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters the run started from (redrawn from the seeds on first use, not
+        stored in checkpoints; the ``distance_from_init`` probe)."""
+        if self._initial is None:
+            fresh = self._initial_network().params
+            self._initial = {k: v.detach().to(self.device) for k, v in fresh.items()}
+        return self._initial
+
     def _step_config(self) -> StepConfig:
         """What the backends decide on: this agent's resolved configuration."""
         first = next(iter(self.views.values()))
-        credit = self.learner_spec.credit
-        cdef = credit_def(credit.name)
-        spec = credit.spec if credit.spec is not None else cdef.Spec()
         return StepConfig(
             network="mlp",
             activation=self.spec.activation,
@@ -133,8 +145,8 @@ class OnlineAgent:
             learner=self.learner_spec.name,
             optimizer=self.spec.optimizer,
             credit=self.credit.name,
-            credit_learned=cdef.learned,
-            credit_options=dataclasses.asdict(spec),
+            credit_learned=credit_def(self.credit.name).learned,
+            credit_options=credit_options(self.learner_spec.credit),
             batch_size=self.info.batch_size,
             device=first.device.type,
             dtype=str(first.dtype).removeprefix("torch."),
@@ -150,7 +162,7 @@ class OnlineAgent:
         self._keys = list(self.net.params)
         #: the parameters as plain tensors (what every path reads and updates in place)
         self.views = {k: p.detach() for k, p in self.net.params.items()}
-        self.learner_state = self.learner.init(self.views)
+        self.learner_state = self.learner.init(self.learner_params())
         self._probe_cache: tuple[Any, ...] | None = None
         self._acted: torch.Tensor | None = None  # the obs the last act() answered
         #: the resolved configuration the backends were asked about
@@ -165,6 +177,13 @@ class OnlineAgent:
         next forward pass). Everything that reads the weights calls this first; it is the only
         place a deferred update is applied outside a step."""
         self._step.sync()
+
+    def learner_params(self) -> dict[str, torch.Tensor]:
+        """What the learner chain acts on: the parameters, and with ``credit.regularize`` the
+        learned feedback as ``feedback.<layer>`` (:data:`~contlearn.learners.resets.FEEDBACK`)."""
+        if not self.credit.regularized:
+            return self.views
+        return {**self.views, **{FEEDBACK + k: b for k, b in self.credit.feedback.items()}}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The current parameters ``{"<layer>.weight": (R, out, in), "<layer>.bias": (R, out)}``
@@ -321,11 +340,25 @@ class OnlineAgent:
         self, grads: dict[str, torch.Tensor], features: dict[str, torch.Tensor], task_start: bool
     ) -> dict[str, torch.Tensor]:
         """``learner.update`` on this step's gradients and hidden activations, then
-        ``θ += u``; returns ``u``."""
+        ``θ += u``; returns ``u``, where a reset wrote ``θ + u`` itself the update it
+        replaced (zero at the reset units: what learned feedback follows)."""
+        extra: dict[str, Any] = {}
+        if self.credit.learned:  # resets re-initialise learned feedback with the units
+            extra["feedback"] = FeedbackReset(self.credit.feedback, {})
+        params = self.learner_params()
+        if self.credit.regularized:  # the feedback, as weights the loss does not reach
+            grads = {**grads, **{k: torch.zeros_like(params[k]) for k in params if k not in grads}}
         updates, self.learner_state = self.learner.update(
-            grads, self.learner_state, self.views, features=features, task_start=task_start
+            grads,
+            self.learner_state,
+            params,
+            features=features,
+            task_start=task_start,
+            **extra,
         )
-        torch._foreach_add_([self.views[k] for k in self._keys], [updates[k] for k in self._keys])
+        torch._foreach_add_([params[k] for k in params], [updates[k] for k in params])
+        if extra:
+            return {**updates, **extra["feedback"].updates}
         return updates
 
     def rule_update(
@@ -388,7 +421,8 @@ class OnlineAgent:
         if sum(v.numel() * v.element_size() for v in self.views.values()) > SNAPSHOT_MAX_BYTES:
             return None
         self.sync()
-        return ProbeSnapshot(self.net, {k: v.clone() for k, v in self.views.items()}, self.flat)
+        params = {k: v.clone() for k, v in self.views.items()}
+        return ProbeSnapshot(self.net, params, self.flat, self.initial_parameters)
 
     @torch.no_grad()
     def probe_loss(self, obs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -397,6 +431,31 @@ class OnlineAgent:
         self.sync()
         out = self.net.forward_train(self.flat(obs), self.views)[0]
         return self._host(self.loss(out, target.to(self.device)))
+
+    def hessian_trace(self, obs: torch.Tensor, target: torch.Tensor, samples: int) -> torch.Tensor:
+        """Hutchinson's estimate of each replica's loss-Hessian trace on a batch ``(R,)``
+        (:func:`~contlearn.agents.online_probes.hessian_trace`; nothing learned)."""
+        self.sync()
+        return online_probes.hessian_trace(
+            self.net, self.views, self.flat(obs), target.to(self.device), self.loss, samples
+        )
+
+    def has_feedback(self) -> bool:
+        """Whether the credit rule is not backprop (the alignment probes apply)."""
+        return not self.credit.is_backprop
+
+    def credit_alignment(
+        self, obs: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"feedback_alignment": {layer: (R,)}, "weight_alignment": ...}`` in degrees on a
+        probe batch (:mod:`contlearn.credit.alignment`; nothing learned); empty for backprop."""
+        if self.credit.is_backprop:
+            return {}
+        self.sync()
+        found = online_probes.credit_alignment(
+            self.net, self.views, self.credit, self.flat(obs), target.to(self.device), self.loss
+        )
+        return {p: {k: self._host(v) for k, v in d.items()} for p, d in found.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Parameters, learner state and the gradient sums since the last probe, as plain
@@ -488,23 +547,3 @@ class ReferenceStep:
             agent.add_grad_l1(g)
             agent.apply_updates(g, {k: v.detach() for k, v in features.items()}, task_start)
         return loss.detach()
-
-
-class ProbeSnapshot:
-    """A copy of an :class:`OnlineAgent`'s parameters at a probe point, with the agent's
-    forward pass (:meth:`features`) over them; ``parameters()`` and ``activation`` as the
-    agent's."""
-
-    def __init__(self, net: BatchedMLP, params: dict[str, torch.Tensor], flat: Any) -> None:
-        self._mlp, self._flat, self._params = net, flat, params
-        self.activation = net.activation
-
-    def parameters(self) -> dict[str, torch.Tensor]:
-        """The copied parameters."""
-        return self._params
-
-    @torch.no_grad()
-    def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Hidden activations ``{layer: (R, B, H)}`` of the copied network for ``obs``."""
-        hs = self._mlp.forward_train(self._flat(obs), self._params)[1]
-        return {layer.name: h for layer, h in zip(self._mlp.hidden_layers, hs, strict=True)}

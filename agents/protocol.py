@@ -158,6 +158,41 @@ class SupportsProbeLoss(Protocol):
 
 
 @runtime_checkable
+class SupportsInitialParameters(Protocol):
+    """Gives the parameters it started from (the ``distance_from_init`` probe); its probe
+    snapshot gives the same."""
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """``{name: (R, ...)}`` as at the start of the run, named as ``parameters()``."""
+        ...
+
+
+@runtime_checkable
+class SupportsHessianTrace(Protocol):
+    """Estimates the trace of its loss Hessian on a batch (the ``hessian_trace`` probe)."""
+
+    def hessian_trace(self, obs: torch.Tensor, target: torch.Tensor, samples: int) -> torch.Tensor:
+        """Hutchinson's estimate of tr(∇²L) per replica ``(R,)`` from ``samples`` probes."""
+        ...
+
+
+@runtime_checkable
+class SupportsCreditAlignment(Protocol):
+    """Measures how its credit rule's feedback aligns with backprop (the
+    ``feedback_alignment`` and ``weight_alignment`` probes)."""
+
+    def credit_alignment(
+        self, obs: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``{probe: {layer: (R,)}}`` in degrees on ``obs``/``target``; empty under backprop."""
+        ...
+
+    def has_feedback(self) -> bool:
+        """Whether its credit rule is not backprop (so there is an alignment to measure)."""
+        ...
+
+
+@runtime_checkable
 class SupportsProbeSnapshot(Protocol):
     """Copies its network so probes can run on another thread while it learns on."""
 
@@ -290,6 +325,9 @@ CAPABILITIES: tuple[type, ...] = (
     SupportsUpdateStats,
     SupportsGradientWatch,
     SupportsProbeLoss,
+    SupportsCreditAlignment,
+    SupportsInitialParameters,
+    SupportsHessianTrace,
     SupportsProbeSnapshot,
     SupportsDiagnostics,
     SupportsPreferredThreads,

@@ -37,6 +37,8 @@ EXERCISE = {
 }
 #: rule options that make their effect show within a few steps
 CREDIT_EXERCISE = {"kolen-pollack": {"credit.decay": 0.02}}
+#: options checked on their own, once per learner (test_every_credit_rule_with_every_learner)
+CREDIT_VARIANTS = {"kolen-pollack": {"credit.regularize": True}}
 OPTIMIZERS = ("sgd", "adam")
 KINDS = ("classification", "regression")
 BATCHES = (1, 3)
@@ -101,6 +103,9 @@ def test_every_credit_rule_with_every_learner(rule):
     for learner, optimizer, batch in itertools.product(learners.names(), OPTIMIZERS, BATCHES):
         cfg = _rule_config(rule, learner, optimizer=optimizer)
         check_online_agent(_info("classification", batch), SEEDS, cfg.agent_spec, cfg.learner)
+    for learner in learners.names() if rule in CREDIT_VARIANTS else ():
+        cfg = _rule_config(rule, learner, **CREDIT_VARIANTS[rule])
+        check_online_agent(_info("classification", 1), SEEDS, cfg.agent_spec, cfg.learner)
 
 
 @pytest.mark.parametrize("rule", credit_rules.names())
@@ -146,6 +151,8 @@ def test_the_backends_chosen_for_the_credit_rules():
     # fused paths, and the hand-written backward runs the reference's own learner call
     assert _agent("cbp", credit="kolen-pollack").backend == HandBackward.name
     assert _agent("snp", credit="kolen-pollack").backend == HandBackward.name
+    regularized = {"credit.regularize": True}
+    assert _agent("l2", credit="kolen-pollack", **regularized).backend == HandBackward.name
     for rule in ("weight-mirror", "symmetric-alignment", "activation-alignment"):
         assert _agent("bp", credit=rule).backend == REFERENCE
         assert _agent("cbp", credit=rule).backend == REFERENCE

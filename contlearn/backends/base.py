@@ -41,7 +41,8 @@ class StepConfig:
         credit: the credit-assignment rule (``bp``: backprop).
         credit_learned: whether the rule's feedback is learned (it changes with the updates:
             Kolen–Pollack's ``ΔB = ΔW``), as :class:`~contlearn.credit.CreditDef` declares.
-        credit_options: the rule's options (``credit.<param>``: ``scale``, ``decay``, ...).
+        credit_options: the rule's options (``credit.<param>`` without the prefix), e.g.
+            ``scale``, ``decay``, ``regularize`` (the learner also acts on learned feedback).
         batch_size: examples per step (for PPO: per minibatch).
         device: the device type (``cpu``, ``cuda``, ...).
         dtype: the parameters' dtype name (``float32``).

@@ -155,11 +155,15 @@ class FusedBackward(HandBackward):
     def supports(cfg: StepConfig) -> bool:
         """As :class:`HandBackward`, for learners that declare a fused form; under a rule whose
         feedback is learned (``kolen-pollack``: ``ΔB = ΔW``), only without a post-update edit
-        (noise, resets), so that the affine step is the whole update B follows."""
+        (noise, resets, which also reset B) and without ``credit.regularize`` (the learner
+        acting on B), so that the affine step on W is the whole update B follows."""
         return (
             HandBackward.supports(cfg)
             and cfg.fused is not None
-            and not (cfg.credit_learned and cfg.fused.post is not None)
+            and not (
+                cfg.credit_learned
+                and (cfg.fused.post is not None or cfg.credit_options.get("regularize", False))
+            )
         )
 
     def __init__(self, agent: OnlineAgent) -> None:
