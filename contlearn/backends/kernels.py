@@ -17,8 +17,9 @@ arithmetic. The loops (C source in ``kernels.c`` next to this module):
 - ``cl_cbp_stats``: continual backprop's steps 1–5 for one layer in one call;
 - ``cl_adam``: Adam's moments, per-element counts and direction in one pass per tensor;
 - ``cl_online_block``: whole batch-1 online steps of an MLP (forward, loss, backward with the
-  fused update, continual backprop's steps 1–5), replica by replica, for a block of steps
-  (:func:`online_block_`, used by ``OnlineAgent.learn_block``);
+  fused update under backprop or a credit rule of :data:`BLOCK_RULES`, continual backprop's
+  steps 1–5), replica by replica, for a block of steps (:func:`online_block_`, used by
+  ``OnlineAgent.learn_block``);
 - ``cl_cbp_replace``: continual backprop's steps 6–7 after such a block stopped for them.
 
 They are compiled on first use with the system C compiler (well under a second) and cached in

@@ -14,9 +14,13 @@ in the order the agent asks them (:data:`BACKENDS`):
 - :class:`HandBackward` (``backward``): the hand-written backward's gradients through
   ``learner.update``, for any learner.
 
+Each takes the credit rules it declares (:data:`RULES`, ``kernels.BLOCK_RULES``;
+docs/credit.md, Backends): the error sent down is the rule's (``δ B``, ``e D``,
+``δ s·sign W``), and Kolen–Pollack's ``B`` learns in the same pass as ``W``.
+
 Each says in :meth:`supports` which configurations it computes exactly (float rounding aside);
 everything else runs the reference. ``tests/test_backends.py`` checks every registered learner ×
-activation × optimizer × stream kind × batch size against the reference.
+credit rule × activation × optimizer × stream kind × batch size against the reference.
 
 A backend is built per agent (``Backend(agent)``) and holds what its steps keep between calls:
 the forward pass ``act`` made for ``observe``, and the fused path's deferred input-layer update
