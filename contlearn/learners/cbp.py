@@ -220,16 +220,9 @@ class _ContinualBackprop:
             grads, state.inner, params, features=features, **extra
         )
         # given updates, _steps returns them (edited), never None
+        state, feedback = state._replace(inner=inner_state), extra.get("feedback")
         return cast(
-            "tuple[Params, CBPState]",
-            self._steps(
-                state._replace(inner=inner_state),
-                params,
-                updates,
-                features,
-                None,
-                extra.get("feedback"),
-            ),
+            "tuple[Params, CBPState]", self._steps(state, params, updates, features, None, feedback)
         )
 
     def fused(self) -> FusedPlan | None:
