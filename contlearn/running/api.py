@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,10 +17,13 @@ from contlearn.loop.progress import want_progress
 from contlearn.results.store import (
     MetricWriter,
     RunLock,
+    check_run_dir,
+    clear_run,
     is_run_dir,
     load_runs,
-    prepare_run_dir,
+    make_run_dir,
     read_config,
+    run_name,
     write_atomic,
     write_config,
 )
@@ -96,6 +99,10 @@ def run(
     Raises:
         ContlearnError: bad names, keys, values or run directory (nothing is written then).
     """
+    if overwrite and resume:
+        raise ConfigError(
+            "--overwrite replaces a run and --resume continues it; give one of them, not both"
+        )
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     values.update(config or {})
     explicit = {
@@ -119,11 +126,14 @@ def run(
     flat = stored_config(cfg)
     if resume and is_run_dir(path):
         return _continue(path, flat, progress)
+    check_run_dir(path, overwrite=overwrite)
     # the streams first, once: bad data files fail before anything is written, and the
     # streams (and any worker processes of theirs) are closed however the run ends
     with open_streams(cfg) as streams:
-        prepare_run_dir(path, overwrite=overwrite)
-        with RunLock(path):
+        make_run_dir(path)
+        with RunLock(path):  # (a live writer of a run in path is refused here, before clear_run)
+            if overwrite:
+                clear_run(path)
             write_config(path, flat, cfg.seeds)
             _execute(cfg, path, flat, progress, resuming=False, streams=streams)
     return RunResult(path, flat)
@@ -194,9 +204,13 @@ def _continue(path: Path, flat: dict[str, Any], progress: bool | None) -> RunRes
         raise RunDirError(
             "a run of an agent without replica support cannot be extended; start a new run"
         )
+
+    def write_new_config() -> None:  # (once the checkpoint is checked: a refused resume
+        if flat != stored:  # leaves config.json as it was)
+            write_atomic(path / "config.json", json.dumps(flat, indent=2).encode())
+
     with RunLock(path):
-        write_atomic(path / "config.json", json.dumps(flat, indent=2).encode())
-        _execute(cfg, path, flat, progress, resuming=True)
+        _execute(cfg, path, flat, progress, resuming=True, started=write_new_config)
     return RunResult(path, flat)
 
 
@@ -219,12 +233,26 @@ def _execute(
     progress: bool | None,
     resuming: bool,
     streams: list[Stream] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> None:
     writer = MetricWriter(
-        path, path.name, cfg.stream, learner_label(cfg), cfg.run.flush_rows, cfg.run.flush_seconds
+        path,
+        run_name(path),
+        cfg.stream,
+        learner_label(cfg),
+        cfg.run.flush_rows,
+        cfg.run.flush_seconds,
     )
     try:
-        execute(cfg, path, writer, want_progress(progress), resuming=resuming, streams=streams)
+        execute(
+            cfg,
+            path,
+            writer,
+            want_progress(progress),
+            resuming=resuming,
+            streams=streams,
+            started=started,
+        )
     finally:
         writer.close()
 
