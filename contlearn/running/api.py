@@ -27,7 +27,7 @@ from contlearn.results.store import (
     write_atomic,
     write_config,
 )
-from contlearn.running.config import RunConfig, read_config_file, resolve
+from contlearn.running.config import RunConfig, RunSpec, read_config_file, resolve
 from contlearn.running.plugins import takes_learner
 from contlearn.running.runner import execute, open_streams, stream_groups
 
@@ -114,7 +114,9 @@ def run(
         "tasks": tasks,
         "steps": steps,
     }
-    values.update({k: v for k, v in explicit.items() if v is not None})
+    given = {k: v for k, v in explicit.items() if v is not None}
+    check_overridden({k: values[k] for k in given if k in values})
+    values.update(given)
     cfg = resolve(values)
     if "learner" in values and not takes_learner(cfg.agent_cls):
         raise ConfigError(
@@ -130,13 +132,53 @@ def run(
     # the streams first, once: bad data files fail before anything is written, and the
     # streams (and any worker processes of theirs) are closed however the run ends
     with open_streams(cfg) as streams:
+        new = [p for p in (path, *path.parents) if not p.exists()]  # (folders made for it)
         make_run_dir(path)
-        with RunLock(path):  # (a live writer of a run in path is refused here, before clear_run)
-            if overwrite:
-                clear_run(path)
-            write_config(path, flat, cfg.seeds)
-            _execute(cfg, path, flat, progress, resuming=False, streams=streams)
+        try:
+            with RunLock(path):  # (a live writer of a run in path is refused, before clear_run)
+                if overwrite:
+                    clear_run(path)
+                write_config(path, flat, cfg.seeds)
+                _execute(cfg, path, flat, progress, resuming=False, streams=streams)
+        except ConfigError:  # refused at its start (e.g. a plug-in agent failing in __init__)
+            _forget_unstarted(path, new)
+            raise
     return RunResult(path, flat)
+
+
+def _forget_unstarted(path: Path, made: list[Path]) -> None:
+    """Remove the run just begun in ``path`` if it wrote no metrics and no checkpoint, and the
+    folders made for it if they are empty again: a run refused at its start leaves nothing
+    behind (and the same --out can be used again)."""
+    if any((path / "metrics").glob("part-*")) or any((path / "checkpoints").glob("*")):
+        return
+    clear_run(path)
+    for folder in made:  # (innermost first)
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def check_overridden(values: Mapping[str, Any]) -> None:
+    """Check config values that an argument overrides (``--set tasks=abc`` with ``--tasks 5``):
+    a bad value is an error even where it would not be used.
+
+    Raises:
+        ConfigError: a value is malformed or out of range, or names no stream or learner.
+    """
+    from contlearn.envs import streams
+    from contlearn.learners import learner_def
+    from contlearn.spec import parse_value, spec_fields
+
+    fields = {f.name: f for f in spec_fields(RunSpec)}
+    for key, value in values.items():
+        if key in fields:
+            parse_value(fields[key], value, key)
+        elif key == "stream" and isinstance(value, str):
+            streams.get(value)
+        elif key == "learner" and isinstance(value, str):
+            learner_def(value)
 
 
 def resume(
