@@ -11,6 +11,9 @@ before it writes anything, so bad data files fail early) and closes each when it
 and all of them when the run ends, however it ends: the worker processes of ``vector=split`` or
 ``async`` RL streams never outlive a run (nor, in a sweep, reach the next run). The agent's
 ``close()`` (:class:`~contlearn.agents.protocol.SupportsClose`) is called at its group's end.
+
+(Over 400 lines: running a group and resuming it, with the checks a resume makes before it
+writes anything — its length, its metric parts, its checkpoint — read as one sequence.)
 """
 
 from __future__ import annotations
