@@ -8,8 +8,8 @@ written:
 - the run length: tasks × examples per task must fit the store's int64 step column;
 - memory: the replicas' networks, learner state and probe batches must fit in the machine's
   memory. The estimate is a lower bound (weights, gradients and two optimizer moments in
-  float32, the probe batch's features twice, a few KiB of stream state per seed), so a run it
-  refuses could never have run; one it lets through can still be too large.
+  float32, the probe batch's and a step's activations twice, a few KiB of stream state per
+  seed), so a run it refuses could never have run; one it lets through can still be too large.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def bytes_per_seed(cfg: RunConfig) -> int:
     widths = _widths(cfg.agent_spec)
     params = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False)) + sum(widths)
     probe = cfg.run.probe_size * sum(widths) if cfg.run.probes != "none" else 0
-    return 4 * (4 * params + 2 * probe) + STREAM_BYTES_PER_SEED
+    batch = getattr(cfg.stream_spec, "batch_size", 1)
+    batch = batch * (sum(widths) + 1) if isinstance(batch, int) else 0  # a step's activations
+    return 4 * (4 * params + 2 * probe + 2 * batch) + STREAM_BYTES_PER_SEED
 
 
 def _gib(n: float) -> str:
