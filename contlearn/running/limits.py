@@ -93,7 +93,8 @@ def check_limits(cfg: RunConfig) -> None:
     need, have = together * per_seed, machine_memory()
     if need > have:
         raise ConfigError(
-            f"seeds={cfg.run.seeds} with these widths needs at least {_gib(need)} "
-            f"({_gib(per_seed)} a seed), more than this machine's {_gib(have)} of memory; "
-            "run fewer seeds per run (a sweep groups them) or smaller networks"
+            f"this run needs at least {_gib(need)} ({_gib(per_seed)} a seed for seeds="
+            f"{cfg.run.seeds} at these widths, batch and probe sizes), more than this machine's "
+            f"{_gib(have)} of memory; run fewer seeds per run (a sweep groups them), smaller "
+            "networks or batches"
         )
