@@ -84,6 +84,8 @@ class PPOAgent:
 
     supports_replicas = True
     Spec = PPOSpec
+    #: the stream kinds it learns on (the config refuses others up front)
+    stream_kinds = ("rl",)
     #: the fast paths, asked in this order (:func:`contlearn.backends.base.choose`)
     backends: tuple[PPOBackend, ...] = (VALUE_WORKER, PPO_GRADIENTS)
     #: the name of the step that runs: ``reference`` (autograd), ``ppo-gradients`` (hand-written
