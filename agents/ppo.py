@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from contlearn.agents.actor_critic import ActorCritic
+from contlearn.agents.ppo_credit import CreditStep, PPOCredit
 from contlearn.agents.ppo_loss import (
     REFERENCE_STEP,
     PPOBackend,
@@ -84,6 +85,9 @@ class PPOAgent:
 
     supports_replicas = True
     Spec = PPOSpec
+    #: every registered credit rule (:mod:`contlearn.credit`; other than backprop: one rule per
+    #: net, :mod:`contlearn.agents.ppo_credit`, on the reference step)
+    credit_rules = "*"
     #: the fast paths, asked in this order (:func:`contlearn.backends.base.choose`)
     backends: tuple[PPOBackend, ...] = (VALUE_WORKER, PPO_GRADIENTS)
     #: the name of the step that runs: ``reference`` (autograd), ``ppo-gradients`` (hand-written
@@ -117,6 +121,12 @@ class PPOAgent:
             spec.init_log_std,
         )
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
+        #: the credit rules of both nets (None: backprop, autograd through the whole loss)
+        self.credit = (
+            None
+            if learner.credit.name == "bp"
+            else PPOCredit(learner.credit, self.net, self.seeds, spec.lr)
+        )
         self._keys = list(self.net.params)
         self.device = torch.device("cpu")
         self._setup()
@@ -142,6 +152,7 @@ class PPOAgent:
             task="rl",
             learner=self.learner_spec.name,
             optimizer=s.optimizer,
+            credit=self.learner_spec.credit.name,
             batch_size=s.minibatch_size,
             device=self.device.type,
             dtype=str(self.net.log_std.dtype).removeprefix("torch."),
@@ -160,7 +171,8 @@ class PPOAgent:
         it is left out silently, as the run asked for the device too)."""
         cfg = self.step_config()
         chosen = choose(self.backends, cfg) if self.spec.fast else None
-        self._step: PPOBackend = chosen or REFERENCE_STEP
+        reference = REFERENCE_STEP if self.credit is None else CreditStep(self.credit)
+        self._step: PPOBackend = chosen or reference
         self.backend = self._step.name
         reason = VALUE_WORKER.refusal(cfg)
         if strict and self.spec.value_worker and chosen is not VALUE_WORKER and reason:
@@ -182,6 +194,8 @@ class PPOAgent:
         self.close()
         self.device = torch.device(device)
         self.net.to(self.device)
+        if self.credit is not None:
+            self.credit.to(self.device)
         self._setup()
         self._choose(strict=False)
         self.buf = {k: v.to(self.device) for k, v in self.buf.items()}
@@ -374,21 +388,24 @@ class PPOAgent:
 
     def learn(
         self, grads: Mapping[str, torch.Tensor], features: Mapping[str, torch.Tensor], record: bool
-    ) -> None:
+    ) -> dict[str, torch.Tensor]:
         """:meth:`apply_update`, adding the gradient magnitudes to the probe statistics if
-        ``record`` (a sample of the minibatches: reading every gradient costs ~10%)."""
-        sums = self.apply_update(grads, features, record)
+        ``record`` (a sample of the minibatches: reading every gradient costs ~10%); returns
+        the update applied."""
+        sums, updates = self.apply_update(grads, features, record)
         if sums is not None:
             for k, total in sums.items():
                 self.stats["grad_sum"][k] += total
             self.stats["minibatches"] += 1
+        return updates
 
     def apply_update(
         self, grads: Mapping[str, torch.Tensor], features: Mapping[str, torch.Tensor], record: bool
-    ) -> dict[str, torch.Tensor] | None:
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
         """Clip ``grads`` (``max_grad_norm``), run the learner's update on the parameters they
         name with ``features`` (hidden activations), add it to the weights (not those of
-        stopped replicas). Returns Σ|g| per parameter ``(R,)`` float64 if ``record``."""
+        stopped replicas). Returns Σ|g| per parameter ``(R,)`` float64 if ``record`` (else
+        None), and the update applied."""
         with torch.no_grad():
             if self.spec.max_grad_norm > 0:
                 grads = clip_by_global_norm(grads, self.spec.max_grad_norm)
@@ -409,7 +426,7 @@ class PPOAgent:
                 for u in updates.values():
                     u[self._stopped] = 0.0
             torch._foreach_add_([self._views[k] for k in keys], [updates[k] for k in keys])
-        return sums
+        return sums, updates
 
     def update_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Means since the last call (:func:`~contlearn.agents.ppo_stats.probe_means`:
@@ -442,6 +459,7 @@ class PPOAgent:
                 k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v)
                 for k, v in self.stats.items()
             },
+            **({} if self.credit is None else {"credit": self.credit.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -452,6 +470,8 @@ class PPOAgent:
         load_tree(self.learner_state, state["learner"])
         for g, s in zip(self.gens, state["generators"], strict=True):
             g.set_state(s)
+        if self.credit is not None:
+            self.credit.load_state_dict(state.get("credit"))
         self.buf = {k: v.to(self.device, copy=True) for k, v in state["buffer"].items()}
         self.t = int(state["t"])
         self.stats = {
