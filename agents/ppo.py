@@ -26,7 +26,8 @@ net's steps in a second process (:mod:`contlearn.backends.ppo_worker`). The agen
 :attr:`PPOAgent.backends` in order, once per placement, and records the choice in
 :attr:`PPOAgent.backend`; ``fast=false`` runs the reference. ``update_threads`` sets more torch
 threads during the update only. :meth:`PPOAgent.to` moves everything but the generators to a
-device (docs/slippery_ant.md).
+device (docs/slippery_ant.md). A credit rule other than backprop (``credit``) runs the
+reference with a rule per net (:mod:`contlearn.agents.ppo_credit`, docs/credit.md).
 
 (Over 400 lines: the agent's rollout, update loop, placement, probing and checkpoints share
 its state; the loss, options, statistics and networks have modules of their own.)
@@ -186,11 +187,12 @@ class PPOAgent:
         self.learner_state = self.learner.init(self._views)
 
     def to(self, device: str | torch.device) -> PPOAgent:
-        """Move the networks, a fresh learner state and the rollout buffer to ``device`` (call
-        before the first step). Streams stay on the CPU: observations and feedback are moved
-        here, and actions, metrics, features and statistics are handed back on the CPU.
-        Generators stay on the CPU (action noise and minibatch orders are drawn there and
-        moved), so a run draws the same numbers on every device."""
+        """Move the networks, their feedback (credit rules), a fresh learner state and the
+        rollout buffer to ``device`` (call before the first step). Streams stay on the CPU:
+        observations and feedback are moved here, and actions, metrics, features and
+        statistics are handed back on the CPU. Generators stay on the CPU (action noise and
+        minibatch orders are drawn there and moved), so a run draws the same numbers on every
+        device."""
         self.close()
         self.device = torch.device(device)
         self.net.to(self.device)
