@@ -31,12 +31,13 @@ from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
-from contlearn.credit import build_credit
+from contlearn.credit import alignment, build_credit, credit_options
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import OptimizerOptions
+from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import torch_generator
 from contlearn.spec import param, parse_int_list
 from contlearn.state import load_tree, tree_leaves
@@ -129,6 +130,7 @@ class OnlineAgent:
             learner=self.learner_spec.name,
             optimizer=self.spec.optimizer,
             credit=self.credit.name,
+            credit_options=credit_options(self.learner_spec.credit),
             batch_size=self.info.batch_size,
             device=first.device.type,
             dtype=str(first.dtype).removeprefix("torch."),
@@ -144,7 +146,7 @@ class OnlineAgent:
         self._keys = list(self.net.params)
         #: the parameters as plain tensors (what every path reads and updates in place)
         self.views = {k: p.detach() for k, p in self.net.params.items()}
-        self.learner_state = self.learner.init(self.views)
+        self.learner_state = self.learner.init(self.learner_params())
         self._probe_cache: tuple[Any, ...] | None = None
         self._acted: torch.Tensor | None = None  # the obs the last act() answered
         #: the resolved configuration the backends were asked about
@@ -159,6 +161,13 @@ class OnlineAgent:
         next forward pass). Everything that reads the weights calls this first; it is the only
         place a deferred update is applied outside a step."""
         self._step.sync()
+
+    def learner_params(self) -> dict[str, torch.Tensor]:
+        """What the learner chain acts on: the parameters, and with ``credit.regularize`` the
+        learned feedback as ``feedback.<layer>`` (:data:`~contlearn.learners.resets.FEEDBACK`)."""
+        if not self.credit.regularized:
+            return self.views
+        return {**self.views, **{FEEDBACK + k: b for k, b in self.credit.feedback.items()}}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The current parameters ``{"<layer>.weight": (R, out, in), "<layer>.bias": (R, out)}``
@@ -315,11 +324,25 @@ class OnlineAgent:
         self, grads: dict[str, torch.Tensor], features: dict[str, torch.Tensor], task_start: bool
     ) -> dict[str, torch.Tensor]:
         """``learner.update`` on this step's gradients and hidden activations, then
-        ``θ += u``; returns ``u``."""
+        ``θ += u``; returns ``u``, where a reset wrote ``θ + u`` itself the update it
+        replaced (zero at the reset units: what learned feedback follows)."""
+        extra: dict[str, Any] = {}
+        if self.credit.learned:  # resets re-initialise learned feedback with the units
+            extra["feedback"] = FeedbackReset(self.credit.feedback, {})
+        params = self.learner_params()
+        if self.credit.regularized:  # the feedback, as weights the loss does not reach
+            grads = {**grads, **{k: torch.zeros_like(params[k]) for k in params if k not in grads}}
         updates, self.learner_state = self.learner.update(
-            grads, self.learner_state, self.views, features=features, task_start=task_start
+            grads,
+            self.learner_state,
+            params,
+            features=features,
+            task_start=task_start,
+            **extra,
         )
-        torch._foreach_add_([self.views[k] for k in self._keys], [updates[k] for k in self._keys])
+        torch._foreach_add_([params[k] for k in params], [updates[k] for k in params])
+        if extra:
+            return {**updates, **extra["feedback"].updates}
         return updates
 
     def add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:
@@ -373,6 +396,37 @@ class OnlineAgent:
         self.sync()
         out = self.net.forward_train(self.flat(obs), self.views)[0]
         return self._host(self.loss(out, target.to(self.device)))
+
+    def has_feedback(self) -> bool:
+        """Whether the credit rule is not backprop (the alignment probes apply)."""
+        return not self.credit.is_backprop
+
+    def credit_alignment(
+        self, obs: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"feedback_alignment": {layer: (R,)}, "weight_alignment": ...}`` in degrees on a
+        probe batch (:mod:`contlearn.credit.alignment`; nothing learned); empty for backprop."""
+        if self.credit.is_backprop:
+            return {}
+        self.sync()
+        target = target.to(self.device)
+
+        def output_error(out: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                leaf = out.detach().requires_grad_(True)
+                (e,) = torch.autograd.grad(self.loss(leaf, target).sum(), [leaf])
+            return e
+
+        with torch.no_grad():
+            fa = alignment.feedback_alignment(
+                self.net, self.views, self.credit, self.flat(obs), output_error
+            )
+            wa = alignment.weight_alignment(self.net, self.views, self.credit)
+        host = {k: self._host(v) for k, v in fa.items()}
+        return {
+            "feedback_alignment": host,
+            "weight_alignment": {k: self._host(v) for k, v in wa.items()},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Parameters, learner state and the gradient sums since the last probe, as plain

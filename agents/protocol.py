@@ -158,6 +158,22 @@ class SupportsProbeLoss(Protocol):
 
 
 @runtime_checkable
+class SupportsCreditAlignment(Protocol):
+    """Measures how its credit rule's feedback aligns with backprop (the
+    ``feedback_alignment`` and ``weight_alignment`` probes)."""
+
+    def credit_alignment(
+        self, obs: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``{probe: {layer: (R,)}}`` in degrees on ``obs``/``target``; empty under backprop."""
+        ...
+
+    def has_feedback(self) -> bool:
+        """Whether its credit rule is not backprop (so there is an alignment to measure)."""
+        ...
+
+
+@runtime_checkable
 class SupportsProbeSnapshot(Protocol):
     """Copies its network so probes can run on another thread while it learns on."""
 
@@ -290,6 +306,7 @@ CAPABILITIES: tuple[type, ...] = (
     SupportsUpdateStats,
     SupportsGradientWatch,
     SupportsProbeLoss,
+    SupportsCreditAlignment,
     SupportsProbeSnapshot,
     SupportsDiagnostics,
     SupportsPreferredThreads,

@@ -372,3 +372,16 @@ def test_a_run_with_a_rule_records_it_and_its_backend(tmp_path) -> None:
 
     df = contlearn.load_runs([out])
     assert set(df["learner"]) == {"dfa+cbp"}
+    fa = df[df["metric"] == "feedback_alignment"]
+    assert set(fa["layer"]) == {"hidden1", "hidden2", ""} and set(fa["seed"]) == {0, 1}
+    assert set(fa["task"]) == {0, 1}  # the default schedule: each task's start
+    assert ((fa["value"] >= 0) & (fa["value"] <= 180)).all()
+    assert (df["metric"] == "weight_alignment").any()
+    png = tmp_path / "probes.png"
+    plot = subprocess.run(
+        [sys.executable, "-m", "contlearn", "plot", str(out), "--probes", "--out", str(png)],
+        capture_output=True,
+        text=True,
+    )
+    assert plot.returncode == 0, plot.stderr
+    assert png.stat().st_size > 0

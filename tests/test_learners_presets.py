@@ -29,6 +29,9 @@ LEARNERS = [
     "cbp",
     "redo",
     "head-reset",
+    "weight-clipping",
+    "upgd",
+    "parseval",
 ]
 STREAMS = ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"]
 TINY = {"examples_per_task": 200, "batch_size": 20, "hidden": "16,16"}
@@ -177,6 +180,9 @@ REPLICA_CASES = {
     "redo": {"learner.period": 10, "learner.window": 5, "learner.threshold": 0.5},
     "snp": {"learner.shrink": 1e-3, "learner.sigma": 1e-2},
     "head-reset": {"boundaries_visible": True},
+    "upgd": {"learner.sigma": 1e-2, "learner.beta": 0.9},
+    "weight-clipping": {"learner.kappa": 0.5},
+    "parseval": {"learner.lam": 1e-2},
 }
 
 

@@ -68,6 +68,19 @@ def test_demo_on_a_tiny_budget(tmp_path):
     assert "bp:" in again.stdout  # re-running resumes the finished runs instead of failing
 
 
+def test_credit_plasticity_on_a_tiny_budget(tmp_path):
+    out = tmp_path / "credit"
+    args = [ROOT / "scripts" / "credit_plasticity.py", "--out", out, "--tasks", "2"]
+    args += ["--examples-per-task", "100", "--seeds", "2", "--hidden", "8,8"]
+    args += ["--probe-size", "32", "--rules", "bp,dfa", "--learners", "bp,cbp"]
+    proc = _run(args, ROOT)
+    for name in ("decay.png", "probes.png", "alignment.png"):
+        assert (out / name).stat().st_size > 10_000
+    for pair in ("bp+bp", "bp+cbp", "dfa+bp", "dfa+cbp"):
+        assert (out / pair / "config.json").is_file()
+    assert "dfa+cbp" in proc.stdout  # the summary's learner label
+
+
 def test_my_agent_script(tmp_path):
     proc = _run([ROOT / "scripts" / "my_agent.py"], tmp_path)
     assert "run written to" in proc.stdout

@@ -74,7 +74,15 @@ def build_credit(credit: Credit, network: Any, seeds: Sequence[int], lr: float) 
     replicas ``seeds``; ``lr`` is the agent's learning rate (learned feedback's default rate)."""
     cdef = credit_def(credit.name)
     spec = credit.spec if credit.spec is not None else cdef.Spec()
-    return cdef.build(spec, network, list(seeds), lr)
+    rule = cdef.build(spec, network, list(seeds), lr)
+    rule.regularized = bool(getattr(spec, "regularize", False))
+    return rule
+
+
+def credit_options(credit: Credit) -> dict[str, Any]:
+    """The options of ``credit`` as ``{param: value}`` (its Spec's defaults where unset)."""
+    spec = credit.spec if credit.spec is not None else credit_def(credit.name).Spec()
+    return dict(vars(spec))
 
 
 def agent_credit_rules(agent_cls: type) -> tuple[str, ...]:
@@ -107,5 +115,6 @@ __all__ = [
     "build_credit",
     "check_agent_credit",
     "credit_def",
+    "credit_options",
     "credit_rules",
 ]

@@ -30,14 +30,25 @@ class SignSymmetrySpec:
 
 
 @dataclass(frozen=True)
-class KolenPollackSpec:
+class LearnedOptions:
+    """The option every rule with learned feedback has."""
+
+    regularize: bool = param(
+        False,
+        "the learner's regularisers and shrink-and-perturb also act on B, as on a weight the "
+        "loss does not reach (false: on the forward weights only)",
+    )
+
+
+@dataclass(frozen=True)
+class KolenPollackSpec(LearnedOptions):
     """Options of ``kolen-pollack``."""
 
     decay: float = param(1e-4, "λ: W and B both shrink by (1 − λ) each step", low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)
-class WeightMirrorSpec:
+class WeightMirrorSpec(LearnedOptions):
     """Options of ``weight-mirror``."""
 
     every: int = param(1, "a mirror step every so many steps", low=1)
@@ -48,7 +59,7 @@ class WeightMirrorSpec:
 
 
 @dataclass(frozen=True)
-class SymmetricSpec:
+class SymmetricSpec(LearnedOptions):
     """Options of ``symmetric-alignment`` (α·decay + β·self)."""
 
     alpha: float = param(1e-3, "α, the weight of decay", low=0.0)
@@ -57,7 +68,7 @@ class SymmetricSpec:
 
 
 @dataclass(frozen=True)
-class ActivationSpec:
+class ActivationSpec(LearnedOptions):
     """Options of ``activation-alignment`` (α·sparse + β·amp)."""
 
     alpha: float = param(1e-3, "α, the weight of sparse", low=0.0)
@@ -66,7 +77,7 @@ class ActivationSpec:
 
 
 @dataclass(frozen=True)
-class InformationSpec:
+class InformationSpec(LearnedOptions):
     """Options of ``information-alignment`` (α·amp + β·null + γ·decay)."""
 
     alpha: float = param(2e-3, "α, the weight of amp", low=0.0)

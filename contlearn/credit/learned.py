@@ -23,6 +23,7 @@ class KolenPollack(FixedFeedback):
     factor: ``W ← (1 − λ) W``, ``B ← (1 − λ) B``, so ``W_i − B_i`` shrinks by ``1 − λ`` a step."""
 
     name = "kolen-pollack"
+    learned = True
 
     def __init__(self, network: BatchedMLP, seeds: Sequence[int], decay: float) -> None:
         super().__init__(network, seeds)
@@ -51,6 +52,7 @@ class WeightMirror(FixedFeedback):
     ``B_i ← (1 − λ) B_i + η Yᵀ X / samples``; in expectation ``B_i → (η σ² / λ) W_i``."""
 
     name = "weight-mirror"
+    learned = True
 
     def __init__(
         self,
@@ -137,6 +139,7 @@ class LearnedAlignment(FixedFeedback):
     forward weights held fixed: ``B_i ← B_i − η ∂L_local/∂B_i``."""
 
     is_backprop = False
+    learned = True
 
     def __init__(
         self,

@@ -42,6 +42,12 @@ class FeedbackRule:
     name = "bp"
     #: whether the agent may compute this rule's gradients with autograd (backprop only)
     is_backprop = True
+    #: whether the feedback is learned: resets re-initialise it with the units' forward
+    #: weights (:class:`~contlearn.learners.resets.FeedbackReset`); fixed feedback never changes
+    learned = False
+    #: whether the learner chain also acts on the feedback (``credit.regularize``): the agent
+    #: then hands it the matrices as parameters ``feedback.<layer>`` with zero gradient
+    regularized = False
 
     def __init__(self, network: BatchedMLP, seeds: Sequence[int]) -> None:
         self.net = network

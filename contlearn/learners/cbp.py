@@ -46,7 +46,7 @@ from contlearn.backends import kernels
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
 from contlearn.learners.fused import FusedPlan, UnitReplacer, fused_plan
-from contlearn.learners.resets import UnitStats, reset_units, unit_stats
+from contlearn.learners.resets import FeedbackReset, UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import draw, replica_rng_states
 from contlearn.state import tree_leaves
 
@@ -222,7 +222,14 @@ class _ContinualBackprop:
         # given updates, _steps returns them (edited), never None
         return cast(
             "tuple[Params, CBPState]",
-            self._steps(state._replace(inner=inner_state), params, updates, features, None),
+            self._steps(
+                state._replace(inner=inner_state),
+                params,
+                updates,
+                features,
+                None,
+                extra.get("feedback"),
+            ),
         )
 
     def fused(self) -> FusedPlan | None:
@@ -247,7 +254,7 @@ class _ContinualBackprop:
                     inner=inner_post(state.inner, params, features=features, col_l1=col_l1, **extra)
                 )
                 col_l1 = None
-            return self._steps(state, params, None, features, col_l1)[1]
+            return self._steps(state, params, None, features, col_l1, extra.get("feedback"))[1]
 
         if inner_post is not None:
             return FusedPlan(inner.grad_scale, inner.param_scale, post)
@@ -334,8 +341,10 @@ class _ContinualBackprop:
         updates: Params | None,
         features: dict[str, torch.Tensor],
         col_l1: dict | None,
+        feedback: FeedbackReset | None = None,
     ) -> tuple[Params | None, CBPState]:
-        """Steps 1–7 on ``params + updates`` (``updates=None``: params are already updated)."""
+        """Steps 1–7 on ``params + updates`` (``updates=None``: params are already updated);
+        ``feedback``: learned feedback reset with the units (:func:`reset_units`)."""
         if self._compiled(state, features):
             counts = self._compiled_steps(state, params, updates, features, col_l1 or {})
         else:
@@ -344,10 +353,15 @@ class _ContinualBackprop:
             counts = self._counts(state, uniforms)
         if counts is None:
             return updates, state
-        return self._replace(state, params, updates, counts), state
+        return self._replace(state, params, updates, counts, feedback), state
 
     def _replace(
-        self, state: CBPState, params: Params, updates: Params | None, counts: list[torch.Tensor]
+        self,
+        state: CBPState,
+        params: Params,
+        updates: Params | None,
+        counts: list[torch.Tensor],
+        feedback: FeedbackReset | None = None,
     ) -> Params | None:
         """Steps 6–7, layer by layer from the input side: replace ``counts[l]`` (``(R,)``)
         units of hidden layer l; returns the (edited) updates."""
@@ -358,7 +372,15 @@ class _ContinualBackprop:
             correction = self._correction(state.stats.age[name], state.mean_act[name].dtype)
             fold = state.mean_act[name] / correction if self.bias_folding else None  # f̂
             updates = reset_units(
-                params, updates, state.inner, self.network, name, mask, state.rng, fold=fold
+                params,
+                updates,
+                state.inner,
+                self.network,
+                name,
+                mask,
+                state.rng,
+                fold=fold,
+                feedback=feedback,
             )
             for t in (
                 state.stats.age[name],

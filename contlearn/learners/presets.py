@@ -25,6 +25,7 @@ from contlearn.learners.regularizers import (
     shrink_toward_init,
 )
 from contlearn.learners.resets import head_reset, head_reset_diagnostics, reset_diagnostics
+from contlearn.learners.toolkit import add_parseval, clip_weights, upgd
 from contlearn.spec import param
 
 
@@ -266,4 +267,81 @@ HEAD_RESET = LearnerDef(
     _build_head_reset,
     "re-initialise the output layer at each visible task start (boundaries_visible)",
     diagnostics=head_reset_diagnostics,
+)
+
+
+@dataclass(frozen=True)
+class WeightClippingSpec:
+    """Options of ``weight-clipping`` (Elsayed et al. 2024)."""
+
+    kappa: float = param(
+        1.0,
+        "κ: weights clipped to ±κ × the layer's init bound after each update (authors' default)",
+        low=0.0,
+        low_open=True,
+    )
+
+
+def _build_weight_clipping(
+    spec: WeightClippingSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return chain(base, clip_weights(network, spec.kappa))
+
+
+WEIGHT_CLIPPING = LearnerDef(
+    WeightClippingSpec,
+    _build_weight_clipping,
+    "weight clipping: every weight kept within ±κ × its layer's init bound",
+)
+
+
+@dataclass(frozen=True)
+class UPGDSpec:
+    """Options of ``upgd`` (Elsayed & Mahmood 2024; defaults of the authors' code)."""
+
+    beta: float = param(0.999, "β of the traced utility −g ⊙ θ", low=0.0, high=1.0)
+    sigma: float = param(1e-3, "σ of the N(0, σ²) perturbation", low=0.0)
+    weight_decay: float = param(
+        1e-3, "λ: the direction gets + λθ (decay per update: lr·λ)", low=0.0
+    )
+
+    def validate(self) -> None:
+        """β must be < 1 (the bias correction divides by 1 − β^t)."""
+        if self.beta >= 1.0:
+            raise ConfigError(f"learner.beta={self.beta} must be < 1")
+
+
+def _build_upgd(
+    spec: UPGDSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return chain(upgd(seeds, spec.beta, spec.sigma, spec.weight_decay), base)
+
+
+UPGD = LearnerDef(
+    UPGDSpec,
+    _build_upgd,
+    "utility-based perturbed gradient descent: useful weights protected, the rest perturbed",
+)
+
+
+@dataclass(frozen=True)
+class ParsevalSpec:
+    """Options of ``parseval`` (Chung et al. 2024)."""
+
+    lam: float = param(1e-3, "λ of Σ_l ‖W_l W_lᵀ − s I‖² over the hidden layers", low=0.0)
+    scale: float = param(
+        1.0, "s: the target squared norm of each unit's incoming weights", low=0.0, low_open=True
+    )
+
+
+def _build_parseval(
+    spec: ParsevalSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return chain(add_parseval(network, spec.lam, spec.scale), base)
+
+
+PARSEVAL = LearnerDef(
+    ParsevalSpec,
+    _build_parseval,
+    "Parseval regularisation: hidden layers' weight rows pushed toward orthonormal",
 )

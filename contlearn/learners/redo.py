@@ -136,7 +136,14 @@ class _ReDo:
             masks = [self._score(state, name) <= self.threshold for name in self.layers]
             for name, mask in zip(self.layers, masks, strict=True):
                 updates = reset_units(
-                    params, updates, inner_state, self.network, name, mask, state.rng
+                    params,
+                    updates,
+                    inner_state,
+                    self.network,
+                    name,
+                    mask,
+                    state.rng,
+                    feedback=extra.get("feedback"),
                 )
                 state.stats.age[name].masked_fill_(mask, 0)
                 state.stats.replacements[name].add_(mask.sum(1))

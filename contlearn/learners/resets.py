@@ -17,7 +17,12 @@ their update, so every final value is exact (no float round trip).
 - the inner optimizer state of ``W_l[i, :]``, ``b_l[i]`` and ``W_{l+1}[:, i]`` cleared: every
   per-parameter state tensor (Adam moments and per-element step counts, momentum buffers;
   found by :func:`~contlearn.learners.base.per_param_state`) is zeroed there;
-- anchors (θ₀ of L2-Init / shrink-toward-init) of those weights set to their new values.
+- anchors (θ₀ of L2-Init / shrink-toward-init) of those weights set to their new values;
+- a *learned* feedback matrix (a credit rule's ``B``, docs/credit.md), if the agent passes them
+  (:class:`FeedbackReset`, the extra ``feedback=``), treated like the forward weights of the
+  same shape: ``B_l[i, :]`` redrawn from layer l's init distribution (after the incoming
+  weights, from the same generator) and ``B_{l+1}[:, i] = 0``. Learned feedback keeps no
+  optimizer state, so there is none to clear. Fixed feedback is never passed, never changed.
 """
 
 from __future__ import annotations
@@ -37,10 +42,39 @@ from contlearn.learners.base import (
 )
 from contlearn.learners.rng import draw, replica_rng_states
 
+#: the prefix of learned feedback among a learner's parameters (``feedback.<layer>``, when a
+#: credit rule's option ``regularize`` hands the learner its feedback matrices)
+FEEDBACK = "feedback."
 
-def materialize(params: Params, updates: Params, names: Sequence[str]) -> Params:
-    """Write ``θ + u`` into ``params[n]`` for ``names``; return the updates, zero there."""
+
+class FeedbackReset(NamedTuple):
+    """The learned feedback of a credit rule, for resets (the extra ``feedback=`` of
+    ``learner.update``).
+
+    Attributes:
+        matrices: ``{layer: (R, out, in)}``, ``B_l`` of the shape of ``W_l``; resets edit them
+            in place.
+        updates: filled by resets: for each weight with feedback that a reset materialised
+            (:func:`materialize`), the inner chain's update of it, zero at the reset units'
+            rows and columns. Kolen–Pollack's ``ΔB = ΔW`` reads these where the returned
+            update is zero because the reset wrote ``θ + u`` itself.
+    """
+
+    matrices: Params
+    updates: Params
+
+
+def materialize(
+    params: Params, updates: Params, names: Sequence[str], feedback: FeedbackReset | None = None
+) -> Params:
+    """Write ``θ + u`` into ``params[n]`` for ``names``; return the updates, zero there (the
+    first update of each weight with feedback kept in ``feedback.updates``)."""
     out = dict(updates)
+    if feedback is not None:
+        for n in names:
+            layer = n.rsplit(".", 1)[0]
+            if n.endswith(".weight") and layer in feedback.matrices:
+                feedback.updates.setdefault(n, updates[n].clone())
     for n in names:
         params[n].add_(updates[n])
         out[n] = torch.zeros_like(updates[n])
@@ -73,6 +107,7 @@ def reset_units(
     *,
     fold: torch.Tensor | None = None,
     init_bias: bool = False,
+    feedback: FeedbackReset | None = None,
 ) -> Params: ...
 @overload
 def reset_units(
@@ -86,6 +121,7 @@ def reset_units(
     *,
     fold: torch.Tensor | None = None,
     init_bias: bool = False,
+    feedback: FeedbackReset | None = None,
 ) -> None: ...
 def reset_units(
     params: Params,
@@ -98,6 +134,7 @@ def reset_units(
     *,
     fold: torch.Tensor | None = None,
     init_bias: bool = False,
+    feedback: FeedbackReset | None = None,
 ) -> Params | None:
     """Re-initialise the units ``mask`` of ``layer`` (see the module docstring).
 
@@ -114,6 +151,7 @@ def reset_units(
         rng: ``(R, S)`` generator states of the replicas (advanced in place).
         fold: ``(R, H)`` mean activations f̂ to fold into the next layer's bias, or None.
         init_bias: redraw incoming biases from the init instead of zeroing them.
+        feedback: the learned feedback to reset with the units (None: no learned feedback).
 
     Returns:
         The updates to return to the agent (None if ``updates`` was None).
@@ -124,7 +162,10 @@ def reset_units(
     w, b = f"{layer}.weight", f"{layer}.bias"
     wn, bn = f"{nxt}.weight", f"{nxt}.bias"
     if updates is not None:
-        updates = materialize(params, updates, [w, b] + ([wn, bn] if nxt is not None else []))
+        names = [w, b] + ([wn, bn] if nxt is not None else [])
+        if feedback is not None:  # feedback the learner updates is reset as θ + u too
+            names += [FEEDBACK + str(n) for n in (layer, nxt) if FEEDBACK + str(n) in params]
+        updates = materialize(params, updates, names, feedback)
     new_w, new_b = _fresh_rows(network, layer, mask, rng, init_bias)
     r, i = mask.nonzero(as_tuple=True)  # (N,) each, row-major as the fresh rows
     params[w][r, i] = new_w.to(params[w])  # rows W_l[i, :]
@@ -137,6 +178,15 @@ def reset_units(
             params[bn].index_add_(0, r, contrib)
         params[wn][cols] = 0.0
         rows[wn] = cols
+    if feedback is not None:
+        _reset_feedback(feedback, network, layer, nxt, mask, rng, (r, i))
+        indexes: list[tuple[str | None, tuple[torch.Tensor | slice, ...]]] = [
+            (layer, (r, i)),
+            (nxt, (r, slice(None), i)),
+        ]
+        for name, index in indexes:
+            if FEEDBACK + str(name) in params:  # the learner acts on feedback: its state too
+                rows[FEEDBACK + str(name)] = index
     for s in per_param_state(inner_state, params):
         for n, index in rows.items():
             s[n][index] = 0
@@ -144,6 +194,30 @@ def reset_units(
         for n, index in rows.items():
             anchor.anchor[n][index] = params[n][index]
     return updates
+
+
+def _reset_feedback(
+    feedback: FeedbackReset,
+    network: Any,
+    layer: str,
+    nxt: str | None,
+    mask: torch.Tensor,
+    rng: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """``B_layer[i, :]`` redrawn (drawn after the weights' rows), ``B_nxt[:, i] = 0``, and the
+    kept updates zero there."""
+    r, i = rows
+    fb, kept = feedback.matrices, feedback.updates
+    if layer in fb:
+        fresh, _ = _fresh_rows(network, layer, mask, rng, False)
+        fb[layer][r, i] = fresh.to(fb[layer])
+        if f"{layer}.weight" in kept:
+            kept[f"{layer}.weight"][r, i] = 0
+    if nxt is not None and nxt in fb:
+        fb[nxt][r, slice(None), i] = 0
+        if f"{nxt}.weight" in kept:
+            kept[f"{nxt}.weight"][r, slice(None), i] = 0
 
 
 class UnitStats(NamedTuple):
@@ -268,7 +342,15 @@ def head_reset(
             bias = params[f"{layer}.bias"]
             mask = torch.ones(bias.shape, dtype=torch.bool, device=bias.device)  # (R, C)
             updates = reset_units(
-                params, updates, inner_state, network, layer, mask, state.rng, init_bias=True
+                params,
+                updates,
+                inner_state,
+                network,
+                layer,
+                mask,
+                state.rng,
+                init_bias=True,
+                feedback=extra.get("feedback"),
             )
             state.resets.add_(1)
         return updates, HeadResetState(inner_state, state.rng, state.resets)

@@ -52,7 +52,7 @@ from contlearn.envs.protocol import BlockStream, Stream, SupervisedStreamProtoco
 from contlearn.errors import ContlearnError
 from contlearn.loop.progress import Progress
 from contlearn.loop.records import Record, TaskTotals, results_records
-from contlearn.probes.measures import AFTER_STEP, SNAPSHOT_SAFE, run_step_probes
+from contlearn.probes.measures import AFTER_STEP, SNAPSHOT_SAFE, probes_for, run_step_probes
 from contlearn.probes.schedule import (  # noqa: F401 (the runner takes torch_threads from here)
     ProbeSchedule,
     scheduled_results,
@@ -228,7 +228,8 @@ class SupervisedLoop(SteppingLoop):
         # (blocks of steps when the stream and the agent both can: see advance)
         self._blocks = isinstance(stream, BlockStream) and isinstance(agent, SupportsBlocks)
         self._step_seconds = 0.01  # running estimate of a step's time in blocks
-        names = probes.names if probes is not None else ()
+        # (the probes that measure something on this agent)
+        names = probes_for(probes.names, agent) if probes is not None else []
         # after-step probes (plasticity) need the loss of a sample after its update
         self._after_step = bool(AFTER_STEP.intersection(names)) and isinstance(
             agent, SupportsProbeLoss

@@ -17,6 +17,10 @@ is a whole-network value. Definitions (docs/design.md §5; Dohare et al. 2024, M
   training steps since the last probe (the agent sums them: ``update_stats()``).
 - ``plasticity``: 1 − L_after / L_before on the sample of the step right after the probe:
   its loss before and after its own (real) update.
+- ``feedback_alignment``, ``weight_alignment`` (credit rules other than backprop): the angle in
+  degrees between the error a rule delivers to each hidden layer and backprop's on the probe
+  batch, and between each feedback matrix and the forward weights it stands in for
+  (:mod:`contlearn.credit.alignment`; the agent's ``credit_alignment``).
 
 Users add their own with :func:`register_probe`. Probes read the network; the engine gives them
 inputs drawn with the probe generators, and ``plasticity`` only evaluates a loss after an update
@@ -35,7 +39,12 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from contlearn.agents.protocol import SupportsFeatures, SupportsNetwork, SupportsParameters
+from contlearn.agents.protocol import (
+    SupportsCreditAlignment,
+    SupportsFeatures,
+    SupportsNetwork,
+    SupportsParameters,
+)
 from contlearn.errors import ConfigError
 
 ProbeFn = Callable[["ProbeContext"], dict[str, torch.Tensor]]
@@ -78,6 +87,9 @@ AFTER_STEP: set[str] = set()
 #: probes that read nothing but ``features``, ``params``, ``activation`` and ``stats``: they
 #: can run on a snapshot of the network while learning goes on (the engine does so)
 SNAPSHOT_SAFE: set[str] = set()
+#: probes that apply only to some agents: ``{name: applies(agent) -> bool}`` (the engine
+#: leaves out the others before it decides how to run them)
+APPLIES: dict[str, Callable[[Any], bool]] = {}
 #: Probes run by default (``--set probes=default``).
 DEFAULT_PROBES = (
     "dead_fraction",
@@ -89,11 +101,17 @@ DEFAULT_PROBES = (
     "weight_magnitude",
     "grad_magnitude",
     "plasticity",
+    "feedback_alignment",
+    "weight_alignment",
 )
 
 
 def register_probe(
-    name: str, fn: ProbeFn, after_step: bool = False, snapshot_safe: bool = False
+    name: str,
+    fn: ProbeFn,
+    after_step: bool = False,
+    snapshot_safe: bool = False,
+    applies: Callable[[Any], bool] | None = None,
 ) -> None:
     """Make ``fn`` available as probe ``name`` (selectable with ``--set probes=...``).
 
@@ -106,8 +124,14 @@ def register_probe(
         snapshot_safe: ``fn`` reads only ``ctx.features``, ``ctx.params``, ``ctx.activation``
             and ``ctx.stats`` (not ``ctx.agent``), so the engine may run it on a copy of the
             network while the agent learns on.
+        applies: ``applies(agent)``: whether the probe measures anything on ``agent`` (None:
+            on every agent); where it does not, the run skips it.
     """
     PROBES[name] = fn
+    if applies is None:
+        APPLIES.pop(name, None)
+    else:
+        APPLIES[name] = applies
     for flag, names in ((after_step, AFTER_STEP), (snapshot_safe, SNAPSHOT_SAFE)):
         if flag:
             names.add(name)
@@ -115,8 +139,14 @@ def register_probe(
             names.discard(name)
 
 
+def probes_for(names: Sequence[str], agent: Any) -> list[str]:
+    """The probes among ``names`` that apply to ``agent`` (:func:`register_probe`)."""
+    return [n for n in names if n not in APPLIES or APPLIES[n](agent)]
+
+
 def parse_probes(text: str) -> list[str]:
-    """``"default"``, ``"none"`` or a comma-separated list of probe names.
+    """``"default"``, ``"none"`` or a comma-separated list of probe names (``default`` in the
+    list stands for the default probes: ``default,feature_norm``).
 
     Raises:
         ConfigError: an unknown probe name.
@@ -124,11 +154,11 @@ def parse_probes(text: str) -> list[str]:
     text = text.strip()
     if text in ("", "none"):
         return []
-    names = (
-        list(DEFAULT_PROBES)
-        if text == "default"
-        else [n.strip() for n in text.split(",") if n.strip()]
-    )
+    names: list[str] = []
+    for n in (n.strip() for n in text.split(",")):  # "default" may open a list
+        for name in DEFAULT_PROBES if n == "default" else (n,) if n else ():
+            if name not in names:
+                names.append(name)
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         raise ConfigError(
@@ -345,6 +375,27 @@ def plasticity(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return {"": 1.0 - after / before.clamp_min(1e-12)}
 
 
+def _credit_alignment(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
+    """The agent's ``credit_alignment`` on the probe batch, once per call (both probes)."""
+    if "credit_alignment" not in ctx.cache:
+        agent, found = ctx.agent, {}
+        if _has_feedback(agent) and ctx.obs is not None:
+            assert ctx.target is not None
+            found = agent.credit_alignment(ctx.obs, ctx.target)
+        ctx.cache["credit_alignment"] = found
+    return ctx.cache["credit_alignment"]
+
+
+def feedback_alignment(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Angle (degrees) between the rule's error at each hidden layer and backprop's."""
+    return _credit_alignment(ctx).get("feedback_alignment", {})
+
+
+def weight_alignment(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Angle (degrees) between each feedback matrix and the forward weights it replaces."""
+    return _credit_alignment(ctx).get("weight_alignment", {})
+
+
 for _name, _fn in [
     ("dead_fraction", dead_fraction),
     ("dormant_fraction", dormant_fraction),
@@ -357,6 +408,14 @@ for _name, _fn in [
 ]:
     register_probe(_name, _fn, snapshot_safe=True)
 register_probe("plasticity", plasticity, after_step=True)
+
+
+def _has_feedback(agent: Any) -> bool:
+    return isinstance(agent, SupportsCreditAlignment) and agent.has_feedback()
+
+
+register_probe("feedback_alignment", feedback_alignment, applies=_has_feedback)
+register_probe("weight_alignment", weight_alignment, applies=_has_feedback)
 
 
 def run_probes(

@@ -31,6 +31,8 @@ METRIC_LABELS = {  # axis labels with units; other metrics get their name, space
     "loss": "online loss",
     "dead_fraction": "dead units (fraction)",
     "dormant_fraction": "dormant units (fraction)",
+    "feedback_alignment": "error vs backprop's (degrees)",
+    "weight_alignment": "feedback vs forward weights (degrees)",
     "effective_rank": "effective rank",
     "approx_rank": "approximate rank (99% energy)",
     "stable_rank": "stable rank",

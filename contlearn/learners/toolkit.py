@@ -1,0 +1,145 @@
+"""Methods from the wider plasticity literature (issue #18), as transforms; formulas, papers
+and defaults in docs/learners.md.
+
+- :func:`clip_weights` (Elsayed et al. 2024, "Weight clipping for deep continual and
+  reinforcement learning"): after the update, every weight of layer l into
+  ``[−κ b_l, κ b_l]``, ``b_l`` the bound of the layer's uniform init distribution; biases into
+  ``±κ`` times the layer's bias bound, or ``1/√fan_in`` (``torch.nn.Linear``'s bias bound,
+  the authors' choice) where the init sets biases to zero.
+- :func:`upgd` (Elsayed & Mahmood 2024, "Addressing loss of plasticity and catastrophic
+  forgetting in continual learning"), first-order utility-based perturbed gradient descent with
+  the global (per replica) utility scaling: each weight's utility ``−g ⊙ θ`` is traced,
+  ``ũ ← β ũ + (1 − β)(−g ⊙ θ)``; with ``ū = σ((ũ / (1 − β^t)) / max ũ)`` (the max over every
+  parameter of the replica) the direction handed to the base optimizer is
+  ``(g + σ_n ε)(1 − ū) + λθ``, so with plain SGD (step α)
+  ``θ ← (1 − αλ)θ − α (g + σ_n ε)(1 − ū)``: the paper's update.
+- :func:`add_parseval` (Chung et al. 2024, "Parseval regularization for continual reinforcement
+  learning"): the gradient of ``λ Σ_l ‖W_l W_lᵀ − s I‖_F²`` over the hidden layers' weight
+  matrices (rows, the units' incoming weights, pushed toward orthogonal rows of squared norm
+  s), ``4λ (W Wᵀ − s I) W``, added to the gradient before the optimizer; the output layer is
+  left free, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from contlearn.learners.base import GradientTransformation, Params, stateless
+from contlearn.learners.regularizers import _noise
+from contlearn.learners.rng import replica_rng_states
+
+
+def clip_bounds(network: Any, kappa: float) -> dict[str, float]:
+    """``{parameter: κ · bound}`` for every weight and bias of ``network`` (module docstring)."""
+    from contlearn.agents.networks import init_bounds
+
+    out = {}
+    for layer in network.layers:
+        w_bound, b_bound = init_bounds(network.init, layer)
+        out[f"{layer.name}.weight"] = kappa * w_bound
+        out[f"{layer.name}.bias"] = kappa * (b_bound or 1.0 / math.sqrt(layer.fan_in))
+    return out
+
+
+def clip_weights(network: Any, kappa: float) -> GradientTransformation:
+    """Weight clipping after the update: ``u' = clamp(θ + u, −c, c) − θ`` per parameter, ``c``
+    from :func:`clip_bounds` (put it after the optimizer).
+
+    Args:
+        network: has ``layers`` (each with ``name``, ``fan_in``, ``fan_out``, ``activation``)
+            and ``init``.
+        kappa: κ > 0, the clipping range in units of the init bound.
+    """
+    bounds = clip_bounds(network, kappa)
+
+    def fn(grads: Params, params: Params, **extra: Any) -> Params:
+        out = dict(grads)
+        for k, u in grads.items():
+            if k in bounds:
+                c = bounds[k]
+                out[k] = (params[k] + u).clamp_(-c, c).sub_(params[k])
+        return out
+
+    return stateless(fn)
+
+
+class UPGDState(NamedTuple):
+    """UPGD's traced utilities (one per parameter), its update count and noise generators."""
+
+    utility: Params
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as optax names it
+    rng: torch.Tensor
+
+
+def upgd(
+    seeds: Sequence[int], beta: float, sigma: float, weight_decay: float, rng_stream: int = 2
+) -> GradientTransformation:
+    """First-order global UPGD's direction (module docstring), before the base optimizer.
+
+    Args:
+        seeds: the replicas' root seeds (each replica's noise from its own generator).
+        beta: β of the utility trace, in [0, 1).
+        sigma: σ_n, the noise standard deviation (≥ 0).
+        weight_decay: λ (≥ 0), added as λθ to the direction.
+        rng_stream: which independent learner stream the noise comes from.
+    """
+
+    def init(params: Params) -> UPGDState:
+        return UPGDState(
+            {k: torch.zeros_like(v) for k, v in params.items()},
+            torch.zeros((), dtype=torch.int64),
+            replica_rng_states(seeds, rng_stream),
+        )
+
+    def update(grads: Params, state: UPGDState, params: Params, **extra: Any):
+        keys = list(grads)
+        state.count.add_(1)
+        for k in keys:
+            state.utility[k].mul_(beta).add_(-grads[k] * params[k], alpha=1.0 - beta)
+        R = params[keys[0]].shape[0]
+        top = torch.stack([state.utility[k].reshape(R, -1).amax(1) for k in keys]).amax(
+            0
+        )  # (R,), the max over the replica's parameters
+        correction = 1.0 - beta ** int(state.count)
+        noise = _noise(state.rng, params, keys) if sigma else None
+        out = {}
+        for i, k in enumerate(keys):
+            shape = (R,) + (1,) * (params[k].dim() - 1)
+            scaled = state.utility[k] / correction
+            denom = top.view(shape)
+            ratio = torch.where(denom != 0, scaled / denom, torch.zeros_like(scaled))
+            gate = 1.0 - torch.sigmoid(ratio)
+            g = grads[k] if noise is None else grads[k] + sigma * noise[i]
+            out[k] = g * gate + weight_decay * params[k]
+        return out, state
+
+    return GradientTransformation(init, update)
+
+
+def add_parseval(network: Any, lam: float, scale: float) -> GradientTransformation:
+    """``g_W += 4λ (W Wᵀ − s I) W`` for each hidden layer's weights (put it before the
+    optimizer).
+
+    Args:
+        network: has ``hidden_layers`` (each with a ``name``).
+        lam: λ ≥ 0.
+        scale: s > 0, the rows' target squared norm.
+    """
+    names = [f"{layer.name}.weight" for layer in network.hidden_layers]
+
+    def fn(grads: Params, params: Params, **extra: Any) -> Params:
+        out = dict(grads)
+        for k in names:
+            if k not in grads:
+                continue
+            w = params[k]  # (R, out, in)
+            gram = torch.bmm(w, w.transpose(1, 2))  # (R, out, out)
+            gram.diagonal(dim1=1, dim2=2).sub_(scale)
+            out[k] = grads[k] + (4.0 * lam) * torch.bmm(gram, w)
+        return out
+
+    return stateless(fn)
