@@ -59,6 +59,7 @@ from contlearn.agents.ppo_stats import count_change, probe_means, zero_stats
 from contlearn.backends.base import StepConfig, choose
 from contlearn.backends.ppo_gradients import PPO_GRADIENTS
 from contlearn.backends.ppo_worker import VALUE_WORKER, ValueWorker
+from contlearn.credit import credit_options
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -154,6 +155,7 @@ class PPOAgent:
             learner=self.learner_spec.name,
             optimizer=s.optimizer,
             credit=self.learner_spec.credit.name,
+            credit_options=credit_options(self.learner_spec.credit),
             batch_size=s.minibatch_size,
             device=self.device.type,
             dtype=str(self.net.log_std.dtype).removeprefix("torch."),
@@ -184,7 +186,7 @@ class PPOAgent:
         for p in self.net.params.values():
             p.requires_grad_(True)
         self._views = {k: p.detach() for k, p in self.net.params.items()}
-        self.learner_state = self.learner.init(self._views)
+        self.learner_state = self.learner.init(self._learner_params(self._views))
 
     def to(self, device: str | torch.device) -> PPOAgent:
         """Move the networks, their feedback (credit rules), a fresh learner state and the
@@ -407,7 +409,8 @@ class PPOAgent:
         """Clip ``grads`` (``max_grad_norm``), run the learner's update on the parameters they
         name with ``features`` (hidden activations), add it to the weights (not those of
         stopped replicas). Returns Σ|g| per parameter ``(R,)`` float64 if ``record`` (else
-        None), and the update applied."""
+        None), and the update applied (with learned feedback: where a reset wrote ``θ + u``
+        itself, the update it replaced)."""
         with torch.no_grad():
             if self.spec.max_grad_norm > 0:
                 grads = clip_by_global_norm(grads, self.spec.max_grad_norm)
@@ -417,18 +420,30 @@ class PPOAgent:
                 if record
                 else None
             )
+            params = self._learner_params({k: self._views[k] for k in keys})
+            grads = {**grads, **{k: torch.zeros_like(params[k]) for k in params if k not in grads}}
+            extras = {} if self.credit is None else self.credit.update_extras()
             updates, self.learner_state = self.learner.update(
-                dict(grads),
+                grads,
                 self.learner_state,
-                {k: self._views[k] for k in keys},
+                params,
                 features=dict(features),
                 task_start=False,
+                **extras,
             )
+            # where a reset wrote θ + u itself, the update it replaced: what learned feedback
+            # follows (Kolen–Pollack's ΔB = ΔW); returned, not applied
+            kept = extras["feedback"].updates if "feedback" in extras else {}
             if self._stopped is not None:
-                for u in updates.values():
+                for u in [*updates.values(), *kept.values()]:
                     u[self._stopped] = 0.0
-            torch._foreach_add_([self._views[k] for k in keys], [updates[k] for k in keys])
-        return sums, updates
+            torch._foreach_add_([params[k] for k in params], [updates[k] for k in params])
+        return sums, {**updates, **kept}
+
+    def _learner_params(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``views``, with ``credit.regularize`` and the learned feedback
+        (:meth:`~contlearn.agents.ppo_credit.PPOCredit.learner_params`)."""
+        return views if self.credit is None else self.credit.learner_params(views)
 
     def update_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Means since the last call (:func:`~contlearn.agents.ppo_stats.probe_means`:

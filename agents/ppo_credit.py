@@ -30,6 +30,7 @@ from contlearn.agents.ppo_loss import StepResult, output_loss
 from contlearn.backends.base import REFERENCE, StepConfig
 from contlearn.credit import Credit, build_credit
 from contlearn.credit.rules import FeedbackRule, rule_gradients
+from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import purpose_seed
 
 #: the nets that get a rule each, in the order they are built and their feedback drawn
@@ -74,6 +75,28 @@ class PPOCredit:
     def feedback(self) -> dict[str, torch.Tensor]:
         """Every feedback matrix, ``{prefixed layer name: (R, rows, cols)}`` (the tensors)."""
         return {f"{n}.{k}": v for n, rule in self.rules.items() for k, v in rule.feedback.items()}
+
+    @property
+    def learned(self) -> bool:
+        """Whether the feedback is learned (resets re-initialise it with the units)."""
+        return any(rule.learned for rule in self.rules.values())
+
+    @property
+    def regularized(self) -> bool:
+        """Whether the learner chain also acts on the feedback (``credit.regularize``)."""
+        return any(rule.regularized for rule in self.rules.values())
+
+    def learner_params(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the learner chain acts on: ``params``, and with ``credit.regularize`` the
+        learned feedback as ``feedback.policy.hidden2`` … (zero loss gradient)."""
+        if not self.regularized:
+            return dict(params)
+        return {**params, **{FEEDBACK + k: b for k, b in self.feedback.items()}}
+
+    def update_extras(self) -> dict[str, Any]:
+        """The extras of ``learner.update``: learned feedback for resets (``feedback=``, keyed
+        by the prefixed layer names the learner's network uses), none for fixed feedback."""
+        return {"feedback": FeedbackReset(self.feedback, {})} if self.learned else {}
 
     def learn(
         self,

@@ -305,14 +305,24 @@ def test_stopped_replicas_keep_their_weights_and_feedback() -> None:
         assert torch.equal(v[1], feedback[k][1]) and not torch.equal(v[0], feedback[k][0])
 
 
-@pytest.mark.parametrize("credit", ["fa", "kolen-pollack", "weight-mirror"])
-def test_a_restored_agent_steps_exactly_as_the_original(credit: str) -> None:
-    a = make(credit, "cbp")
+@pytest.mark.parametrize(
+    "credit, learner, options",
+    [
+        ("fa", "cbp", {}),
+        ("kolen-pollack", "cbp", {}),
+        ("weight-mirror", "cbp", {}),
+        ("kolen-pollack", "l2", {"credit.regularize": True, "learner.l2": 0.1}),
+    ],
+)
+def test_a_restored_agent_steps_exactly_as_the_original(
+    credit: str, learner: str, options: dict
+) -> None:
+    a = make(credit, learner, **options)
     play(a, 1)
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
-    b = make(credit, "cbp")
+    b = make(credit, learner, **options)
     b.load_state_dict(torch.load(buffer, weights_only=True))
     assert a.credit is not None and b.credit is not None
     for k in a.credit.feedback:
@@ -322,6 +332,57 @@ def test_a_restored_agent_steps_exactly_as_the_original(credit: str) -> None:
     assert all(torch.equal(a._views[k], b._views[k]) for k in a._keys)
     for k in a.credit.feedback:
         assert torch.equal(a.credit.feedback[k], b.credit.feedback[k])
+
+
+@pytest.mark.parametrize("credit", ["kolen-pollack", "fa"])
+def test_cbp_resets_reinitialise_learned_feedback_and_leave_fixed_feedback(credit: str) -> None:
+    # 4 minibatch updates per rollout; maturity 3 and ρ = 1: the 4th replaces every hidden unit
+    agent = make(credit, "cbp", **{"learner.maturity": 3, "learner.replacement_rate": 1.0})
+    assert agent.credit is not None
+    start = {k: v.clone() for k, v in agent.credit.feedback.items()}
+    after: list[dict] = []  # the feedback after each minibatch update's learning
+    original_learn = agent.credit.learn
+
+    def learn(views, updates, inputs, stopped=None):
+        original_learn(views, updates, inputs, stopped)
+        after.append({k: v.clone() for k, v in agent.credit.feedback.items()})
+
+    agent.credit.learn = learn  # type: ignore[method-assign]
+    play(agent, 1)
+    assert len(after) == 4
+    diag = agent.diagnostics()
+    for layer, d in diag.items():  # every unit of both replicas, once
+        assert d["replacements"].tolist() == [agent.net.by_name[layer].fan_out] * 2
+    fb = agent.credit.feedback
+    if credit == "fa":  # fixed feedback is never changed by resets
+        assert all(torch.equal(fb[k], v) for k, v in start.items())
+        return
+    for n in NETS:
+        # B_output[:, i] = 0 for every reset hidden2 unit (as W_output), and ΔB = ΔW is 0 there
+        assert bool((fb[f"{n}.output"] == 0).all())
+        assert bool((agent._views[f"{n}.output.weight"] == 0).all())
+        assert not bool((after[2][f"{n}.output"] == 0).any())
+        # every row B_hidden2[i, :] redrawn
+        assert bool((fb[f"{n}.hidden2"] != after[2][f"{n}.hidden2"]).any(-1).all())
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_regularize_makes_l2_act_on_learned_feedback(learned: bool) -> None:
+    lam, lr = 0.1, 0.01
+    options = {"learner.l2": lam, "optimizer": "sgd", "credit.decay": 0.0}
+    plain = make("kolen-pollack", "l2", **options)
+    reg = make("kolen-pollack", "l2", **options, **{"credit.regularize": learned})
+    assert plain.credit is not None and reg.credit is not None
+    start = {k: v.clone() for k, v in reg.credit.feedback.items()}
+    mb = minibatch(plain, M=4)
+    orders = torch.arange(4).expand(1, 2, 4)
+    plain._step.update(plain, mb, orders)
+    reg._step.update(reg, mb, orders)
+    for k in plain._keys:
+        assert torch.equal(plain._views[k], reg._views[k])
+    for k, b0 in start.items():  # SGD on g = 0 + λB: B gets −lr·λ·B besides ΔB = ΔW
+        expected = plain.credit.feedback[k] - (lr * lam * b0 if learned else 0.0)
+        torch.testing.assert_close(reg.credit.feedback[k], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_a_checkpoint_without_the_rules_state_is_refused() -> None:
