@@ -116,7 +116,7 @@ def test_parseval_adds_the_penalty_gradient_of_the_hidden_layers() -> None:
             assert torch.equal(out[k], grads[k])
 
 
-@pytest.mark.parametrize("name", ["weight-clipping", "upgd", "parseval"])
+@pytest.mark.parametrize("name", ["weight-clipping", "upgd", "parseval", "swr"])
 def test_the_presets_build_on_the_online_and_ppo_networks(name: str) -> None:
     from contlearn.agents.actor_critic import ActorCritic
 
@@ -130,7 +130,7 @@ def test_the_presets_build_on_the_online_and_ppo_networks(name: str) -> None:
 
 
 @pytest.mark.mujoco
-@pytest.mark.parametrize("name", ["weight-clipping", "upgd", "parseval"])
+@pytest.mark.parametrize("name", ["weight-clipping", "upgd", "parseval", "swr"])
 def test_the_presets_run_on_slippery_ant(name: str, tmp_path) -> None:
     import contlearn
 
@@ -145,3 +145,105 @@ def test_the_presets_run_on_slippery_ant(name: str, tmp_path) -> None:
     )
     df = contlearn.load_runs([tmp_path / "run"])
     assert len(df) and df["value"].notna().any()
+
+
+def test_regrama_recycles_the_units_a_per_unit_gradient_loop_picks() -> None:
+    from contlearn.learners.redo import redo
+
+    net, lr, tau = _net(), 0.1, 0.6
+    t = redo(sgd(lr), net, [0, 1], threshold=tau, period=3, window=2, score="gradient")
+    params = {k: v.clone() for k, v in net.params.items()}
+    state = t.init(params)
+    feats = {"hidden1": torch.ones(2, 1, 4), "hidden2": torch.ones(2, 1, 3)}
+    seq = []
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        grads["hidden1.weight"][0, 2] *= 0.01  # unit 2 of replica 0 barely gets a gradient
+        grads["hidden2.weight"][1, 0] *= 0.01
+        seq.append(grads)
+        before = {k: v.clone() for k, v in params.items()}
+        updates, state = t.update(
+            {k: v.clone() for k, v in grads.items()}, state, params, features=feats
+        )
+        params = {k: params[k] + updates[k] for k in params}
+    resets: dict[tuple[str, int], set[int]] = {}
+    for name, H in (("hidden1", 4), ("hidden2", 3)):
+        for r in range(2):
+            mags = [
+                sum(float(seq[s][f"{name}.weight"][r, i].abs().mean()) for s in (1, 2)) / 2
+                for i in range(H)
+            ]
+            mean = sum(mags) / H
+            resets[name, r] = {i for i in range(H) if mags[i] / mean <= tau}
+            # columns zeroed by resets of the layer below are not this layer's to check
+            cols = [j for j in range(4 if name == "hidden2" else 5)]
+            if name == "hidden2":
+                cols = [j for j in cols if j not in resets["hidden1", r]]
+            for i in range(H):
+                plain = before[f"{name}.weight"][r, i] - lr * seq[2][f"{name}.weight"][r, i]
+                same = torch.allclose(params[f"{name}.weight"][r, i, cols], plain[cols])
+                assert same != (i in resets[name, r]), (name, r, i, mags[i] / mean)
+    assert not torch.allclose(
+        params["hidden1.weight"][0, 2],
+        before["hidden1.weight"][0, 2] - lr * seq[2]["hidden1.weight"][0, 2],
+    )
+
+
+@pytest.mark.parametrize("utility", ["gradient", "magnitude"])
+def test_swr_threshold_reinitialises_exactly_the_low_utility_weights(utility: str) -> None:
+    from contlearn.learners.base import per_param_state
+    from contlearn.learners.toolkit import selective_reinit
+
+    net, lr, rho = _net("torch_default"), 0.1, 0.3
+    t = selective_reinit(
+        sgd(lr, momentum=0.9), net, [0, 1], utility=utility, method="threshold", rate=rho
+    )
+    params = {k: v.clone() for k, v in net.params.items()}
+    state = t.init(params)
+    fan_in = {"hidden1": 5, "hidden2": 4, "output": 3}
+    buffers = {k: torch.zeros_like(v) for k, v in params.items()}  # the loop's momentum
+    total = 0
+    for step in range(2):
+        grads = _grads(params, step)
+        before = {k: v.clone() for k, v in params.items()}  # (a reset writes θ + u in place)
+        updates, state = t.update(grads, state, params)
+        new = {k: params[k] + updates[k] for k in params}
+        momentum = per_param_state(state.inner, params)[0]
+        for k in params:
+            bound = 1 / math.sqrt(fan_in[k.split(".")[0]])
+            buffers[k] = 0.9 * buffers[k] + grads[k] if step else grads[k].clone()
+            plain = before[k] - lr * buffers[k]
+            u = (grads[k] * plain).abs() if utility == "gradient" else plain.abs()
+            for r in range(2):
+                pick = u[r] <= rho * u[r].mean()
+                total += int(pick.sum())
+                torch.testing.assert_close(new[k][r][~pick], plain[r][~pick])
+                assert torch.all(new[k][r][pick].abs() <= bound)
+                assert torch.all(momentum[k][r][pick] == 0)
+                buffers[k][r][pick] = 0  # the reset clears those entries' momentum
+        assert int(state.replaced.sum()) == total
+        params = new
+    assert total > 0
+
+
+def test_swr_proportional_takes_the_lowest_utility_fraction() -> None:
+    from contlearn.learners.toolkit import selective_reinit
+
+    net, rho = _net(), 0.25
+    t = selective_reinit(
+        sgd(0.0), net, [0, 1], utility="magnitude", method="proportional", rate=rho
+    )
+    params = {k: v.clone() for k, v in net.params.items()}
+    old = {k: v.clone() for k, v in params.items()}
+    updates, state = t.update(_grads(params, 0), t.init(params), params)
+    new = {k: params[k] + updates[k] for k in params}
+    for k in ("hidden1.weight", "hidden2.weight", "output.weight"):
+        for r in range(2):
+            changed = new[k][r] != old[k][r]
+            n = old[k][r].numel()
+            assert int(changed.sum()) in (int(n * rho), int(n * rho) + 1)
+            if changed.any():  # every changed weight had a utility no higher than any kept one
+                assert float(old[k][r][changed].abs().max()) <= float(
+                    old[k][r][~changed].abs().min()
+                )

@@ -15,7 +15,13 @@ def _ctx(features: dict, params: dict | None = None, activation: str = "relu") -
 
 
 def test_the_probes_are_registered_and_selectable() -> None:
-    names = ["feature_norm", "param_norm", "linearised_fraction", "duplicate_fraction"]
+    names = [
+        "feature_norm",
+        "param_norm",
+        "distance_from_init",
+        "linearised_fraction",
+        "duplicate_fraction",
+    ]
     assert set(names) <= set(PROBES)
     assert parse_probes(",".join(names)) == names
     assert not set(names) & set(parse_probes("default"))
@@ -82,6 +88,46 @@ def test_duplicate_fraction_against_numpy_corrcoef() -> None:
     assert got["hidden1"].tolist() == pytest.approx([1 / 15, 2 / 15])
 
 
+def test_distance_from_init_against_a_fresh_agent_of_the_same_seeds() -> None:
+    from contlearn.agents.online import OnlineAgent, OnlineAgentSpec
+    from contlearn.envs.base import StreamInfo
+    from contlearn.learners import Learner, learner_def
+
+    info = StreamInfo("t", "classification", (5,), 3, True, 2, "accuracy", 1)
+    spec = OnlineAgentSpec(hidden="4", lr=0.1)
+
+    def agent() -> OnlineAgent:
+        return OnlineAgent(info, [3, 4], spec, Learner("bp", learner_def("bp").Spec()))
+
+    a, fresh = agent(), agent()
+    probe = PROBES["distance_from_init"]
+    start = probe(ProbeContext(features={}, params=a.parameters(), activation="relu", agent=a))
+    assert all(float(v.abs().max()) == 0 for v in start.values())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, y = torch.randn(2, 1, 5, generator=g), torch.randint(0, 3, (2, 1), generator=g)
+        a.act(x)
+        a.observe(x, None, y)
+    got = probe(ProbeContext(features={}, params=a.parameters(), activation="relu", agent=a))
+    snap = a.probe_snapshot()
+    via_snapshot = probe(
+        ProbeContext(features={}, params=snap.parameters(), activation="relu", agent=snap)
+    )
+    theta, theta0 = a.parameters(), fresh.parameters()
+    for r in range(2):
+        total = 0.0
+        for layer in ("hidden1", "output"):
+            sq = sum(
+                float(((theta[f"{layer}.{p}"][r] - theta0[f"{layer}.{p}"][r]) ** 2).sum())
+                for p in ("weight", "bias")
+            )
+            total += sq
+            assert float(got[layer][r]) == pytest.approx(sq**0.5)
+        assert float(got[""][r]) == pytest.approx(total**0.5) and total > 0
+    for k in got:
+        torch.testing.assert_close(via_snapshot[k], got[k])
+
+
 def test_a_run_records_the_toolkit_probes(tmp_path) -> None:
     import contlearn
 
@@ -93,11 +139,53 @@ def test_a_run_records_the_toolkit_probes(tmp_path) -> None:
             "examples_per_task": 50,
             "hidden": "8,8",
             "probe_size": 32,
-            "probes": "feature_norm,param_norm,linearised_fraction,duplicate_fraction",
+            "probes": "feature_norm,param_norm,distance_from_init,duplicate_fraction",
         },
         out=tmp_path / "run",
     )
     df = contlearn.load_runs([tmp_path / "run"])
-    assert {"feature_norm", "param_norm", "linearised_fraction", "duplicate_fraction"} <= set(
-        df["metric"]
+    want = {"feature_norm", "param_norm", "distance_from_init", "duplicate_fraction"}
+    assert want <= set(df["metric"])
+
+
+def test_hessian_trace_is_hutchinsons_estimate_with_the_explicit_hessian() -> None:
+    from contlearn.agents.online import OnlineAgent, OnlineAgentSpec
+    from contlearn.envs.base import StreamInfo
+    from contlearn.learners import Learner, learner_def
+
+    info = StreamInfo("t", "classification", (3,), 2, True, 2, "accuracy", 1)
+    agent = OnlineAgent(
+        info,
+        [0, 1],
+        OnlineAgentSpec(hidden="3", activation="tanh"),
+        Learner("bp", learner_def("bp").Spec()),
     )
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 5, 3, generator=g), torch.randint(0, 2, (2, 5), generator=g)
+    samples = 7
+    got = agent.hessian_trace(x, y, samples)
+    names = list(agent.views)
+    shapes = [agent.views[k].shape[1:] for k in names]
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    # the same Rademacher draws the estimate makes, per parameter tensor of all replicas
+    gen = torch.Generator().manual_seed(0)
+    draws = [
+        [(torch.randint(0, 2, agent.views[k].shape, generator=gen) * 2 - 1).double() for k in names]
+        for _ in range(samples)
+    ]
+    for r in range(2):
+        theta0 = torch.cat([agent.views[k][r].reshape(-1).double() for k in names])
+
+        def loss_of(theta: torch.Tensor, r: int = r) -> torch.Tensor:
+            parts = dict(zip(names, torch.split(theta, sizes), strict=True))
+            h = torch.tanh(
+                x[r].double() @ parts["hidden1.weight"].view(3, 3).T + parts["hidden1.bias"]
+            )
+            out = h @ parts["output.weight"].view(2, 3).T + parts["output.bias"]
+            return torch.nn.functional.cross_entropy(out, y[r])
+
+        H = torch.autograd.functional.hessian(loss_of, theta0)
+        vs = [torch.cat([d[i][r].reshape(-1) for i in range(len(names))]) for d in draws]
+        want = sum(float(v @ H @ v) for v in vs) / samples
+        assert float(got[r]) == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert "hessian_trace" not in parse_probes("default")

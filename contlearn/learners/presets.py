@@ -25,7 +25,13 @@ from contlearn.learners.regularizers import (
     shrink_toward_init,
 )
 from contlearn.learners.resets import head_reset, head_reset_diagnostics, reset_diagnostics
-from contlearn.learners.toolkit import add_parseval, clip_weights, upgd
+from contlearn.learners.toolkit import (
+    add_parseval,
+    clip_weights,
+    selective_reinit,
+    swr_diagnostics,
+    upgd,
+)
 from contlearn.spec import param
 
 
@@ -344,4 +350,89 @@ PARSEVAL = LearnerDef(
     ParsevalSpec,
     _build_parseval,
     "Parseval regularisation: hidden layers' weight rows pushed toward orthonormal",
+)
+
+
+@dataclass(frozen=True)
+class ReGraMaSpec(ReDoSpec):
+    """Options of ``regrama`` (Liu et al. 2025): ReDo's, scoring gradient magnitudes."""
+
+    threshold: float = param(
+        0.01, "τ: units with gradient score s ≤ τ are recycled (as ReDo's default)", low=0.0
+    )
+    window: int = param(
+        1000, "updates (the last before each check) whose gradients are scored; ≤ period", low=1
+    )
+
+
+def _build_regrama(
+    spec: ReGraMaSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return redo(
+        _with_l2(base, spec.l2),
+        network,
+        seeds,
+        threshold=spec.threshold,
+        period=spec.period,
+        window=spec.window,
+        score="gradient",
+    )
+
+
+REGRAMA = LearnerDef(
+    ReGraMaSpec,
+    _build_regrama,
+    "ReGraMa: ReDo's recycling scored by the units' gradient magnitude",
+    diagnostics=reset_diagnostics,
+)
+
+
+@dataclass(frozen=True)
+class SWRSpec:
+    """Options of ``swr``, selective weight reinitialisation (Hernandez-Garcia, Dohare et al.
+    2025; the authors' code sweeps rate and period, so these are starting points)."""
+
+    utility: str = param(
+        "gradient", "weight utility: |g ⊙ θ| or |θ|", choices=("gradient", "magnitude")
+    )
+    method: str = param(
+        "proportional",
+        "which weights: the fraction ρ with the lowest utility, or those ≤ ρ × mean utility",
+        choices=("proportional", "threshold"),
+    )
+    rate: float = param(1e-4, "ρ (fraction of each tensor, or threshold factor)", low=0.0)
+    every: int = param(1, "updates between reinitialisations", low=1)
+    decay: float = param(
+        0.0, "d of the utility trace (0: this update's utility)", low=0.0, high=1.0
+    )
+    l2: float = param(0.0, "λ of coupled L2 added before the optimizer", low=0.0)
+
+    def validate(self) -> None:
+        """The trace's decay must be < 1 and a proportion ≤ 1."""
+        if self.decay >= 1.0:
+            raise ConfigError(f"learner.decay={self.decay} must be < 1")
+        if self.method == "proportional" and self.rate > 1.0:
+            raise ConfigError(f"learner.rate={self.rate} must be <= 1 with method=proportional")
+
+
+def _build_swr(
+    spec: SWRSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return selective_reinit(
+        _with_l2(base, spec.l2),
+        network,
+        seeds,
+        utility=spec.utility,
+        method=spec.method,
+        rate=spec.rate,
+        every=spec.every,
+        decay=spec.decay,
+    )
+
+
+SWR = LearnerDef(
+    SWRSpec,
+    _build_swr,
+    "selective weight reinitialisation: the lowest-utility weights redrawn from the init",
+    diagnostics=swr_diagnostics,
 )

@@ -22,6 +22,7 @@ and defaults in docs/learners.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -143,3 +144,144 @@ def add_parseval(network: Any, lam: float, scale: float) -> GradientTransformati
         return out
 
     return stateless(fn)
+
+
+class SWRState(NamedTuple):
+    """Selective weight reinitialisation's state.
+
+    Attributes:
+        inner: the wrapped chain's state.
+        utility: traced utility per parameter (zeros when the trace is off).
+        count: updates so far (0-d int64).
+        rng: ``(R, S)`` generator states (fractional counts, fresh values).
+        replaced: ``(R,)`` int64, cumulative weights reinitialised.
+    """
+
+    inner: Any
+    utility: Params
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, as optax names it
+    rng: torch.Tensor
+    replaced: torch.Tensor
+
+
+def selective_reinit(
+    inner: GradientTransformation,
+    network: Any,
+    seeds: Sequence[int],
+    *,
+    utility: str = "gradient",
+    method: str = "proportional",
+    rate: float = 1e-4,
+    every: int = 1,
+    decay: float = 0.0,
+    rng_stream: int = 3,
+) -> GradientTransformation:
+    """Wrap ``inner`` into selective weight reinitialisation (SWR; Hernandez-Garcia, Dohare et
+    al. 2025, "Reinitializing weights vs units for maintaining plasticity"): weight-level
+    resets (docs/learners.md).
+
+    After the inner update, on the post-update values θ': each weight's utility is ``|g ⊙ θ'|``
+    (``gradient``) or ``|θ'|`` (``magnitude``), traced ``ū ← d ū + (1 − d) u`` when ``decay``
+    d > 0. Every ``every`` updates, per parameter tensor and replica, the weights to
+    reinitialise are (``proportional``) the ``⌊n ρ⌋`` (plus one with probability of the
+    fraction) lowest-utility ones, or (``threshold``) those with utility ≤ ρ × the tensor's mean
+    utility. They get fresh values from their layer's init distribution (weights
+    U(±bound), biases as the init sets them), their optimizer state cleared and anchors set to
+    the new values; the trace of a tensor with a reinitialised weight restarts at zero.
+
+    Args:
+        inner: the wrapped chain.
+        network: ``layers`` (``name``, ``fan_in``, ``fan_out``, ``activation``) and ``init``.
+        seeds: the replicas' root seeds.
+        utility: ``gradient`` or ``magnitude``.
+        method: ``proportional`` or ``threshold``.
+        rate: ρ.
+        every: updates between reinitialisations.
+        decay: d of the utility trace (0: this update's utility).
+        rng_stream: which independent learner stream to draw from.
+    """
+    from contlearn.agents.networks import init_bounds
+    from contlearn.learners.base import AnchorState, find_states, per_param_state
+    from contlearn.learners.resets import materialize
+    from contlearn.learners.rng import draw
+
+    bounds = {}
+    for layer in network.layers:
+        w_bound, b_bound = init_bounds(network.init, layer)
+        bounds[f"{layer.name}.weight"], bounds[f"{layer.name}.bias"] = w_bound, b_bound
+
+    def init(params: Params) -> SWRState:
+        bias = next(iter(params.values()))
+        return SWRState(
+            inner.init(params),
+            {k: torch.zeros_like(v) for k, v in params.items()},
+            torch.zeros((), dtype=torch.int64),
+            replica_rng_states(seeds, rng_stream),
+            torch.zeros(bias.shape[0], dtype=torch.int64),
+        )
+
+    def chosen(u: torch.Tensor, r: int, state: SWRState) -> torch.Tensor:
+        """Flat indices of the weights of one replica's tensor to reinitialise."""
+        if method == "threshold":
+            return torch.nonzero(u <= rate * u.mean()).flatten()
+        want = u.numel() * rate
+        extra = draw(state.rng, r, lambda g: float(torch.rand((), generator=g)))
+        k = int(want) + int(extra < want % 1)
+        return torch.argsort(u, stable=True)[:k]
+
+    def update(grads: Params, state: SWRState, params: Params, **extra: Any):
+        updates, inner_state = inner.update(grads, state.inner, params, **extra)
+        state = state._replace(inner=inner_state)
+        state.count.add_(1)
+        keys = [k for k in grads if k in bounds]
+        post = {k: params[k] + updates[k] for k in keys}  # θ'
+        now = {
+            k: (grads[k] * post[k]).abs() if utility == "gradient" else post[k].abs() for k in keys
+        }
+        if decay > 0:
+            for k in keys:
+                state.utility[k].mul_(decay).add_(now[k], alpha=1.0 - decay)
+        if int(state.count) % every:
+            return updates, state
+        scores = {k: state.utility[k] for k in keys} if decay > 0 else now
+        picks: dict[str, list[torch.Tensor]] = {}
+        for k in keys:
+            picks[k] = [chosen(scores[k][r].flatten(), r, state) for r in range(len(seeds))]
+        touched = [k for k in keys if any(len(i) for i in picks[k])]
+        if not touched:
+            return updates, state
+        updates = materialize(params, updates, touched)
+        states = per_param_state(state.inner, params)
+        anchors = find_states(state.inner, AnchorState)
+        for k in touched:
+            b = bounds[k]
+            for r, idx in enumerate(picks[k]):
+                if not len(idx):
+                    continue
+                n = len(idx)
+                fresh = draw(state.rng, r, functools.partial(_uniform, n, b))
+                flat = params[k][r].view(-1)
+                flat[idx] = fresh.to(flat)
+                for s in states:
+                    s[k][r].view(-1)[idx] = 0
+                for a in anchors:
+                    a.anchor[k][r].view(-1)[idx] = flat[idx]
+                if decay > 0:
+                    state.utility[k][r].zero_()
+                state.replaced[r] += n
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def _uniform(n: int, bound: float, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws of U(−bound, bound)."""
+    return (torch.rand(n, generator=generator) * 2 - 1) * bound
+
+
+def swr_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"": {"replacements": (R,)}}``: cumulative weights reinitialised by SWR."""
+    from contlearn.learners.base import find_states
+
+    found = find_states(state, SWRState)
+    return {"": {"replacements": found[0].replaced.clone()}} if found else {}

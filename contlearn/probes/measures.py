@@ -122,8 +122,9 @@ def register_probe(
             :attr:`ProbeContext.step_loss` set (and the network as that update left it),
             instead of before it on the probe batch.
         snapshot_safe: ``fn`` reads only ``ctx.features``, ``ctx.params``, ``ctx.activation``
-            and ``ctx.stats`` (not ``ctx.agent``), so the engine may run it on a copy of the
-            network while the agent learns on.
+            and ``ctx.stats`` (of ``ctx.agent`` at most ``initial_parameters()``, which a probe
+            snapshot gives too), so the engine may run it on a copy of the network while the
+            agent learns on.
         applies: ``applies(agent)``: whether the probe measures anything on ``agent`` (None:
             on every agent); where it does not, the run skips it.
     """

@@ -8,6 +8,13 @@ with ``--set probes=...`` (not in ``probes=default``).
   layer ``""``: the mean over layers.
 - ``param_norm``: per layer, ‖θ_l‖₂ over its weights and bias together; ``""``: ‖θ‖₂ of the
   whole network.
+- ``distance_from_init``: per layer ‖θ_l − θ₀_l‖₂, θ₀ the parameters the run started from (the
+  agent's ``initial_parameters()``, redrawn from the seeds; resets do not move θ₀); ``""``:
+  ‖θ − θ₀‖₂ of the whole network.
+- ``hessian_trace`` (costly: one gradient and :data:`HESSIAN_SAMPLES` Hessian-vector products
+  on the probe batch, about 2·S + 1 backward passes per probe point; not snapshot-safe): the
+  Hutchinson estimate ``(1/S) Σ_s vᵀ ∇²L v`` of the trace of the probe batch's loss Hessian, v
+  Rademacher, per replica (layer ``""`` only); agents with ``hessian_trace``.
 - ``linearised_fraction`` (ReLU-like activations: relu, leaky_relu, elu, whose positive side
   is the identity): share of a layer's units whose pre-activation is positive (h > 0) on at
   least 90% of probe inputs, units that act as linear maps on the data (Lyle et al. 2024).
@@ -20,8 +27,11 @@ from __future__ import annotations
 
 import torch
 
+from contlearn.agents.protocol import SupportsHessianTrace, SupportsInitialParameters
 from contlearn.probes.measures import ProbeContext, register_probe
 
+#: Rademacher vectors per ``hessian_trace`` estimate
+HESSIAN_SAMPLES = 10
 #: the share of probe inputs on which a unit must be active to count as linearised
 LINEARISED_SHARE = 0.9
 #: |correlation| at or above which two units count as duplicates
@@ -46,10 +56,25 @@ def feature_norm(ctx: ProbeContext) -> dict[str, torch.Tensor]:
 
 def param_norm(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """‖θ‖₂ per layer (weights and bias together) and of the whole network."""
-    if not ctx.params:
+    return _layer_norms(ctx.params)
+
+
+def distance_from_init(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """‖θ − θ₀‖₂ per layer and of the whole network (agents that give ``initial_parameters``;
+    the agent here may be its probe snapshot, which gives them too)."""
+    agent = ctx.agent
+    if not ctx.params or not isinstance(agent, SupportsInitialParameters):
+        return {}
+    start = agent.initial_parameters()
+    return _layer_norms({k: v - start[k] for k, v in ctx.params.items() if k in start})
+
+
+def _layer_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """‖·‖₂ per layer (``<layer>.weight`` and ``<layer>.bias`` together) and over all."""
+    if not tensors:
         return {}
     squares: dict[str, torch.Tensor] = {}
-    for name, t in ctx.params.items():
+    for name, t in tensors.items():
         layer = name.rsplit(".", 1)[0]
         sq = t.detach().to(torch.float64).reshape(t.shape[0], -1).pow(2).sum(1)
         squares[layer] = squares[layer] + sq if layer in squares else sq
@@ -89,10 +114,20 @@ def duplicate_fraction(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return _mean_over_layers(out)
 
 
+def hessian_trace(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Hutchinson's estimate of tr(∇²L) on the probe batch (agents that give it)."""
+    agent = ctx.agent
+    if not isinstance(agent, SupportsHessianTrace) or ctx.obs is None or ctx.target is None:
+        return {}
+    return {"": agent.hessian_trace(ctx.obs, ctx.target, HESSIAN_SAMPLES)}
+
+
 for _name, _fn in [
     ("feature_norm", feature_norm),
     ("param_norm", param_norm),
+    ("distance_from_init", distance_from_init),
     ("linearised_fraction", linearised_fraction),
     ("duplicate_fraction", duplicate_fraction),
 ]:
     register_probe(_name, _fn, snapshot_safe=True)
+register_probe("hessian_trace", hessian_trace)
