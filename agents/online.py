@@ -81,6 +81,8 @@ class OnlineAgent:
 
     supports_replicas = True
     Spec = OnlineAgentSpec
+    #: the stream kinds it learns on (the config refuses others up front)
+    stream_kinds = ("classification", "regression")
     #: every registered credit rule (:mod:`contlearn.credit`)
     credit_rules = "*"
     #: threads :meth:`learn_block` runs replicas on (0: one per core); a run sets it

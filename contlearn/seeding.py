@@ -13,7 +13,16 @@ import torch
 
 #: The children spawned from each replica's root seed, in a fixed order (child k depends on k
 #: only, so purposes are appended, never reordered).
-PURPOSES = ("stream", "agent", "probe", "learner", "credit", "credit-noise")
+PURPOSES = (
+    "stream",
+    "agent",
+    "probe",
+    "learner",
+    "credit",
+    "credit-noise",
+    "credit-policy",
+    "credit-value",
+)
 
 
 def child_seed(seed: int, purpose: str) -> np.random.SeedSequence:
@@ -42,3 +51,16 @@ def torch_generator(seed: int, purpose: str) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
     return gen
+
+
+def purpose_seed(seed: int, purpose: str) -> int:
+    """An integer root seed for one part of one replica that is itself seeded like a replica
+    (PPO's policy and value nets each get a credit rule built for ``purpose_seed(s,
+    "credit-policy")`` and ``purpose_seed(s, "credit-value")``): it depends only on ``seed``
+    and ``purpose``, and differs between purposes.
+
+    Args:
+        seed: the replica's root seed.
+        purpose: one of :data:`PURPOSES`.
+    """
+    return int(child_seed(seed, purpose).generate_state(1, dtype=np.uint64)[0])

@@ -353,7 +353,11 @@ def test_every_rule_is_registered_listed_and_resolves() -> None:
         ({"credit": "fb"}, "unknown credit rule 'fb'"),
         ({"credit": "kolen-pollack", "credit.decay": "-1"}, "credit.decay"),
         ({"credit": "fa", "credit.decay": "0.1"}, "credit.decay"),
-        ({"stream": "slippery-ant", "credit": "fa"}, "does not apply to agent ppo"),
+        (
+            {"stream": "slippery-ant", "credit": "kolen-pollack", "credit.decay": "2"},
+            "credit.decay",
+        ),
+        ({"stream": "slippery-ant", "credit": "fb"}, "unknown credit rule 'fb'"),
     ],
 )
 def test_bad_credit_settings_are_config_errors(values: dict, message: str) -> None:

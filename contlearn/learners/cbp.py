@@ -221,9 +221,8 @@ class _ContinualBackprop:
         )
         # given updates, _steps returns them (edited), never None
         state, feedback = state._replace(inner=inner_state), extra.get("feedback")
-        return cast(
-            "tuple[Params, CBPState]", self._steps(state, params, updates, features, None, feedback)
-        )
+        steps = self._steps(state, params, updates, features, None, feedback)
+        return cast("tuple[Params, CBPState]", steps)
 
     def fused(self) -> FusedPlan | None:
         """The fused form: the inner chain's, with steps 1–7 as the post (None if the inner
