@@ -13,7 +13,16 @@ import torch
 
 #: The children spawned from each replica's root seed, in a fixed order (child k depends on k
 #: only, so purposes are appended, never reordered).
-PURPOSES = ("stream", "agent", "probe", "learner", "credit", "credit-noise")
+PURPOSES = (
+    "stream",
+    "agent",
+    "probe",
+    "learner",
+    "credit",
+    "credit-noise",
+    "ff-negatives",
+    "ff-probe",
+)
 
 
 def child_seed(seed: int, purpose: str) -> np.random.SeedSequence:
