@@ -45,6 +45,7 @@ import torch
 from contlearn.agents.protocol import (
     SupportsCreditAlignment,
     SupportsFeatures,
+    SupportsGoodnessGap,
     SupportsNetwork,
     SupportsParameters,
 )
@@ -422,13 +423,13 @@ register_probe("weight_alignment", weight_alignment, applies=_has_feedback)
 
 
 def _has_goodness(agent: Any) -> bool:
-    return callable(getattr(agent, "goodness_gap", None))
+    return isinstance(agent, SupportsGoodnessGap)
 
 
 def goodness_gap(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """Mean positive minus mean negative goodness per layer on the probe batch (agents with
     ``goodness_gap(obs, target)``, i.e. Forward-Forward)."""
-    if not _has_goodness(ctx.agent) or ctx.obs is None or ctx.target is None:
+    if not isinstance(ctx.agent, SupportsGoodnessGap) or ctx.obs is None or ctx.target is None:
         return {}
     return ctx.agent.goodness_gap(ctx.obs, ctx.target)
 
