@@ -45,6 +45,8 @@ class ActorCritic:
         self.value = BatchedMLP(obs_dim, hidden, 1, activation, init, generators)
         self.nets = {"policy": self.policy, "value": self.value}
         self.activation = activation
+        #: the init both nets were drawn from (learners that read init bounds need it)
+        self.init = init
         self.log_std = torch.full((len(generators), act_dim), float(init_log_std))  # (R, A)
         self.params = {f"{p}.{k}": v for p, net in self.nets.items() for k, v in net.params.items()}
         self.params["policy.log_std"] = self.log_std

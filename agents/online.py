@@ -27,11 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from contlearn.agents import online_probes
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
+from contlearn.agents.online_probes import ProbeSnapshot
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
-from contlearn.credit import alignment, build_credit, credit_options
+from contlearn.credit import build_credit, credit_options
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -94,15 +96,9 @@ class OnlineAgent:
         in_dim = 1
         for d in info.input_shape:
             in_dim *= d
-        hidden = parse_int_list(spec.hidden, "hidden")
-        self.net = BatchedMLP(
-            in_dim,
-            hidden,
-            info.num_outputs,
-            spec.activation,
-            spec.init,
-            [torch_generator(s, "agent") for s in self.seeds],
-        )
+        self._in_dim = in_dim
+        self.net = self._initial_network()
+        self._initial: dict[str, torch.Tensor] | None = None
         self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         #: the credit-assignment rule (its feedback matrices; backprop: none)
@@ -118,6 +114,25 @@ class OnlineAgent:
         self.grad_steps = 0
         self._setup()
         self._task_started = False
+
+    def _initial_network(self) -> BatchedMLP:
+        """The network as drawn at the start, from the seeds alone (the same every call)."""
+        return BatchedMLP(
+            self._in_dim,
+            parse_int_list(self.spec.hidden, "hidden"),
+            self.info.num_outputs,
+            self.spec.activation,
+            self.spec.init,
+            [torch_generator(s, "agent") for s in self.seeds],
+        )
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters the run started from (redrawn from the seeds on first use, not
+        stored in checkpoints; the ``distance_from_init`` probe)."""
+        if self._initial is None:
+            fresh = self._initial_network().params
+            self._initial = {k: v.detach().to(self.device) for k, v in fresh.items()}
+        return self._initial
 
     def _step_config(self) -> StepConfig:
         """What the backends decide on: this agent's resolved configuration."""
@@ -387,7 +402,8 @@ class OnlineAgent:
         if sum(v.numel() * v.element_size() for v in self.views.values()) > SNAPSHOT_MAX_BYTES:
             return None
         self.sync()
-        return ProbeSnapshot(self.net, {k: v.clone() for k, v in self.views.items()}, self.flat)
+        params = {k: v.clone() for k, v in self.views.items()}
+        return ProbeSnapshot(self.net, params, self.flat, self.initial_parameters)
 
     @torch.no_grad()
     def probe_loss(self, obs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -396,6 +412,14 @@ class OnlineAgent:
         self.sync()
         out = self.net.forward_train(self.flat(obs), self.views)[0]
         return self._host(self.loss(out, target.to(self.device)))
+
+    def hessian_trace(self, obs: torch.Tensor, target: torch.Tensor, samples: int) -> torch.Tensor:
+        """Hutchinson's estimate of each replica's loss-Hessian trace on a batch ``(R,)``
+        (:func:`~contlearn.agents.online_probes.hessian_trace`; nothing learned)."""
+        self.sync()
+        return online_probes.hessian_trace(
+            self.net, self.views, self.flat(obs), target.to(self.device), self.loss, samples
+        )
 
     def has_feedback(self) -> bool:
         """Whether the credit rule is not backprop (the alignment probes apply)."""
@@ -409,24 +433,10 @@ class OnlineAgent:
         if self.credit.is_backprop:
             return {}
         self.sync()
-        target = target.to(self.device)
-
-        def output_error(out: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad():
-                leaf = out.detach().requires_grad_(True)
-                (e,) = torch.autograd.grad(self.loss(leaf, target).sum(), [leaf])
-            return e
-
-        with torch.no_grad():
-            fa = alignment.feedback_alignment(
-                self.net, self.views, self.credit, self.flat(obs), output_error
-            )
-            wa = alignment.weight_alignment(self.net, self.views, self.credit)
-        host = {k: self._host(v) for k, v in fa.items()}
-        return {
-            "feedback_alignment": host,
-            "weight_alignment": {k: self._host(v) for k, v in wa.items()},
-        }
+        found = online_probes.credit_alignment(
+            self.net, self.views, self.credit, self.flat(obs), target.to(self.device), self.loss
+        )
+        return {p: {k: self._host(v) for k, v in d.items()} for p, d in found.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Parameters, learner state and the gradient sums since the last probe, as plain
@@ -522,23 +532,3 @@ class ReferenceStep:
             agent.add_grad_l1(g)
             agent.apply_updates(g, {k: v.detach() for k, v in features.items()}, task_start)
         return loss.detach()
-
-
-class ProbeSnapshot:
-    """A copy of an :class:`OnlineAgent`'s parameters at a probe point, with the agent's
-    forward pass (:meth:`features`) over them; ``parameters()`` and ``activation`` as the
-    agent's."""
-
-    def __init__(self, net: BatchedMLP, params: dict[str, torch.Tensor], flat: Any) -> None:
-        self._mlp, self._flat, self._params = net, flat, params
-        self.activation = net.activation
-
-    def parameters(self) -> dict[str, torch.Tensor]:
-        """The copied parameters."""
-        return self._params
-
-    @torch.no_grad()
-    def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Hidden activations ``{layer: (R, B, H)}`` of the copied network for ``obs``."""
-        hs = self._mlp.forward_train(self._flat(obs), self._params)[1]
-        return {layer.name: h for layer, h in zip(self._mlp.hidden_layers, hs, strict=True)}

@@ -159,6 +159,25 @@ class SupportsProbeLoss(Protocol):
 
 
 @runtime_checkable
+class SupportsInitialParameters(Protocol):
+    """Gives the parameters it started from (the ``distance_from_init`` probe); its probe
+    snapshot gives the same."""
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """``{name: (R, ...)}`` as at the start of the run, named as ``parameters()``."""
+        ...
+
+
+@runtime_checkable
+class SupportsHessianTrace(Protocol):
+    """Estimates the trace of its loss Hessian on a batch (the ``hessian_trace`` probe)."""
+
+    def hessian_trace(self, obs: torch.Tensor, target: torch.Tensor, samples: int) -> torch.Tensor:
+        """Hutchinson's estimate of tr(∇²L) per replica ``(R,)`` from ``samples`` probes."""
+        ...
+
+
+@runtime_checkable
 class SupportsCreditAlignment(Protocol):
     """Measures how its credit rule's feedback aligns with backprop (the
     ``feedback_alignment`` and ``weight_alignment`` probes)."""
@@ -318,6 +337,8 @@ CAPABILITIES: tuple[type, ...] = (
     SupportsGradientWatch,
     SupportsProbeLoss,
     SupportsCreditAlignment,
+    SupportsInitialParameters,
+    SupportsHessianTrace,
     SupportsGoodnessGap,
     SupportsProbeSnapshot,
     SupportsDiagnostics,

@@ -93,11 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="x axis (default: step for RL returns, task otherwise)",
     )
     plot.add_argument("--probes", action="store_true", help="draw the probe panel instead")
+    plot.add_argument(
+        "--stat",
+        default="mean",
+        choices=("mean", "iqm"),
+        help="curve over seeds: mean, or interquartile mean (IQM; band needs >= 3 seeds)",
+    )
     plot.add_argument("--out", help="output file; .png, .svg or .pdf (default RUN/plot.png)")
 
     summary = sub.add_parser("summary", help="print first/peak/final scores per group")
     summary.add_argument("runs", nargs="+", help="run directories or folders of runs")
     summary.add_argument("--by", default="learner", help="group by this column/config key")
+    summary.add_argument(
+        "--stat",
+        default="mean",
+        choices=("mean", "iqm"),
+        help="over seeds: mean, or interquartile mean with stratified bootstrap intervals",
+    )
 
     lst = sub.add_parser("list", help="list streams, learners and agents with their options")
     lst.add_argument("what", nargs="?", choices=("streams", "learners", "credit", "agents"))
@@ -186,9 +198,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     metric = args.metric or curves.default_metric(df)
     x = args.x or ("step" if metric == "episode_return" else "task")
     if args.probes:
-        fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin, x=x)
+        fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin, x=x, stat=args.stat)
     else:
-        fig = plots.plot_decay(df, metric=metric, by=args.by, bin=args.bin, layer=args.layer, x=x)
+        fig = plots.plot_decay(
+            df, metric=metric, by=args.by, bin=args.bin, layer=args.layer, x=x, stat=args.stat
+        )
     out = Path(args.out) if args.out else Path(args.runs[0]) / "plot.png"
     plots.save_figure(fig, out)
     print(out)
@@ -204,7 +218,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     if args.by not in df.columns:
         df = load_runs(args.runs, config=[args.by])
-    print(format_summary(summary_table(df, by=args.by)))
+    print(format_summary(summary_table(df, by=args.by, stat=args.stat)))
     return 0
 
 

@@ -106,6 +106,8 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
                 "SupportsGradientWatch",
                 "SupportsProbeLoss",
                 "SupportsCreditAlignment",
+                "SupportsInitialParameters",
+                "SupportsHessianTrace",
                 "SupportsProbeSnapshot",
                 "SupportsDiagnostics",
                 "SupportsPreferredThreads",
@@ -161,7 +163,7 @@ def test_the_builtin_agents_declare_their_capabilities(config, expected) -> None
         finally:
             if isinstance(agent, agent_protocol.SupportsClose):
                 agent.close()
-    assert len(CAPABILITIES) == 20
+    assert len(CAPABILITIES) == 22
 
 
 def test_every_optional_name_looked_up_is_declared_in_a_protocol() -> None:

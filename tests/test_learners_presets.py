@@ -29,6 +29,11 @@ LEARNERS = [
     "cbp",
     "redo",
     "head-reset",
+    "weight-clipping",
+    "upgd",
+    "parseval",
+    "regrama",
+    "swr",
 ]
 STREAMS = ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"]
 TINY = {"examples_per_task": 200, "batch_size": 20, "hidden": "16,16"}
@@ -55,7 +60,7 @@ def test_every_learner_runs_on_every_stream(learner: str, stream: str, tmp_path:
     rows = df[(df.metric == score) & (df.layer == "")]
     assert sorted(rows.seed.unique()) == [0, 1] and sorted(rows.task.unique()) == [0, 1]
     assert rows.value.notna().all()
-    if learner in ("cbp", "redo"):
+    if learner in ("cbp", "redo", "regrama"):
         for metric in (
             "replacements",
             "eligible_units",
@@ -177,6 +182,11 @@ REPLICA_CASES = {
     "redo": {"learner.period": 10, "learner.window": 5, "learner.threshold": 0.5},
     "snp": {"learner.shrink": 1e-3, "learner.sigma": 1e-2},
     "head-reset": {"boundaries_visible": True},
+    "upgd": {"learner.sigma": 1e-2, "learner.beta": 0.9},
+    "weight-clipping": {"learner.kappa": 0.5},
+    "parseval": {"learner.lam": 1e-2},
+    "regrama": {"learner.period": 10, "learner.window": 5, "learner.threshold": 0.8},
+    "swr": {"learner.rate": 0.02, "learner.decay": 0.5, "optimizer": "adam"},
 }
 
 
@@ -213,7 +223,7 @@ def test_batched_replicas_equal_separate_runs(learner: str) -> None:
         for layer, metrics in alone.diagnostics().items():
             for metric, value in metrics.items():
                 torch.testing.assert_close(diag[layer][metric][r], value[0], rtol=1e-5, atol=1e-6)
-    if learner in ("cbp", "redo"):
+    if learner in ("cbp", "redo", "regrama"):
         assert sum(int(m["replacements"].sum()) for m in diag.values()) > 0
 
 

@@ -13,6 +13,12 @@ zero incoming bias, zero outgoing weights and zeroed optimizer state (:func:`res
 helper continual backprop uses). If every unit of a layer has ``E|h| = 0`` all are dormant
 (s = 0). The score is a plain mean over a window, not an EMA: the state keeps only the running
 sum ``Σ |h|`` of the current window (no activation buffer).
+
+``score="gradient"`` is ReGraMa (Liu et al. 2025, "Measure gradients not activations!
+Enhancing neuronal activity in deep reinforcement learning"): the same recycling, scored by the
+gradient magnitude instead, ``s_i = E|g_i| / ((1/H) Σ_j E|g_j|)`` with ``|g_i|`` the mean
+absolute loss gradient of unit i's incoming weights ``W_l[i, :]`` on an update (the gradient
+the learner receives, before the optimizer), E over the window.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ class ReDoState(NamedTuple):
         inner: the wrapped chain's state.
         rng: ``(R, S)`` generator states.
         count: updates so far (0-d int64).
-        act_sum: ``{layer: (R, H)}`` sum of the per-update mean |h| in the current window.
+        act_sum: ``{layer: (R, H)}`` sum of the per-update mean |h| (ReGraMa: mean |g| of the
+            incoming weights) in the current window.
         stats: ages, last scores s, units scored, cumulative replacements.
     """
 
@@ -55,6 +62,7 @@ def redo(
     period: int = 1000,
     window: int = 1000,
     rng_stream: int = 0,
+    score: str = "activation",
 ) -> GradientTransformation:
     """Wrap ``inner`` into ReDo (see the module docstring).
 
@@ -69,6 +77,8 @@ def redo(
         window: updates (the last ones before each check) whose activations are scored;
             1 ≤ window ≤ period.
         rng_stream: which independent learner stream of each seed to draw from.
+        score: ``activation`` (ReDo's E|h|) or ``gradient`` (ReGraMa's incoming-weight
+            gradient magnitude).
 
     Raises:
         ConfigError: an option is out of range.
@@ -79,7 +89,9 @@ def redo(
         raise ConfigError(
             f"need period >= 1 and 1 <= window <= period; got period={period}, window={window}"
         )
-    impl = _ReDo(inner, network, list(seeds), threshold, period, window, rng_stream)
+    if score not in ("activation", "gradient"):
+        raise ConfigError(f"score={score!r} must be activation or gradient")
+    impl = _ReDo(inner, network, list(seeds), threshold, period, window, rng_stream, score)
     return GradientTransformation(impl.init, impl.update)
 
 
@@ -95,8 +107,10 @@ class _ReDo:
         period: int,
         window: int,
         rng_stream: int,
+        score: str = "activation",
     ) -> None:
         self.inner, self.network, self.seeds = inner, network, seeds
+        self.score = score
         self.threshold, self.period, self.window = threshold, period, window
         self.rng_stream = rng_stream
         self.layers = [layer.name for layer in network.hidden_layers]
@@ -120,9 +134,14 @@ class _ReDo:
         features: dict[str, torch.Tensor] | None = None,
         **extra: Any,
     ) -> tuple[Params, ReDoState]:
-        """The inner update; accumulate |h| in the window; every F updates, recycle."""
+        """The inner update; accumulate |h| (or |g|) in the window; every F updates, recycle."""
         if features is None:
             raise ValueError("redo needs the hidden activations: update(..., features=...)")
+        magnitude = (  # (before the inner chain, which may reuse the gradient's memory)
+            {n: grads[f"{n}.weight"].abs().mean(2) for n in self.layers}  # (R, H)
+            if self.score == "gradient"
+            else None
+        )
         updates, inner_state = self.inner.update(
             grads, state.inner, params, features=features, **extra
         )
@@ -130,7 +149,9 @@ class _ReDo:
         in_window = (t - 1) % self.period >= self.period - self.window
         for name in self.layers:
             state.stats.age[name].add_(1)
-            if in_window:
+            if in_window and magnitude is not None:
+                state.act_sum[name].add_(magnitude[name])
+            elif in_window:
                 state.act_sum[name].add_(features[name].abs().mean(1))  # (R, H)
         if t % self.period == 0:
             masks = [self._score(state, name) <= self.threshold for name in self.layers]

@@ -127,8 +127,9 @@ def register_probe(
             :attr:`ProbeContext.step_loss` set (and the network as that update left it),
             instead of before it on the probe batch.
         snapshot_safe: ``fn`` reads only ``ctx.features``, ``ctx.params``, ``ctx.activation``
-            and ``ctx.stats`` (not ``ctx.agent``), so the engine may run it on a copy of the
-            network while the agent learns on.
+            and ``ctx.stats`` (of ``ctx.agent`` at most ``initial_parameters()``, which a probe
+            snapshot gives too), so the engine may run it on a copy of the network while the
+            agent learns on.
         applies: ``applies(agent)``: whether the probe measures anything on ``agent`` (None:
             on every agent); where it does not, the run skips it.
     """
@@ -150,7 +151,8 @@ def probes_for(names: Sequence[str], agent: Any) -> list[str]:
 
 
 def parse_probes(text: str) -> list[str]:
-    """``"default"``, ``"none"`` or a comma-separated list of probe names.
+    """``"default"``, ``"none"`` or a comma-separated list of probe names (``default`` in the
+    list stands for the default probes: ``default,feature_norm``).
 
     Raises:
         ConfigError: an unknown probe name.
@@ -158,11 +160,11 @@ def parse_probes(text: str) -> list[str]:
     text = text.strip()
     if text in ("", "none"):
         return []
-    names = (
-        list(DEFAULT_PROBES)
-        if text == "default"
-        else [n.strip() for n in text.split(",") if n.strip()]
-    )
+    names: list[str] = []
+    for n in (n.strip() for n in text.split(",")):  # "default" may open a list
+        for name in DEFAULT_PROBES if n == "default" else (n,) if n else ():
+            if name not in names:
+                names.append(name)
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         raise ConfigError(

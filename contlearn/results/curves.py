@@ -13,7 +13,12 @@ How a curve is computed (the same for :func:`~contlearn.results.plots.plot_decay
 2. one *replicate* is one (run, seed): its values are averaged within each x-bin
    (``bin`` consecutive tasks, or ``bin`` consecutive recorded steps);
 3. across the replicates of a group: the mean, and a percentile bootstrap CI that resamples
-   replicates (seeds), vectorised in numpy with a fixed seed. One replicate: no band.
+   replicates (seeds), vectorised in numpy with a fixed seed. One replicate: no band. Or, with
+   ``stat="iqm"``, the interquartile mean (Agarwal et al. 2021, "Deep reinforcement learning
+   at the edge of the statistical precipice": the mean of the values left after cutting
+   ⌊n/4⌋ from each end, as ``scipy.stats.trim_mean(x, 0.25)`` and rliable) with the percentile
+   bootstrap of the IQM; fewer than :data:`MIN_SEEDS_FOR_IQM_CI` replicates: no interval (it
+   would not mean anything), which the figures say.
 
 Groups are the values of ``by`` (a column such as ``learner`` or a config key, or a list of
 them). Runs in one group that differ in a loaded config column are split by that column too, so
@@ -22,6 +27,7 @@ different hyper-parameters are never averaged together.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +61,69 @@ IGNORED_CONFIG = frozenset(
         "progress",
     }
 )
+
+
+#: the statistics a curve can show over replicates
+STATS = ("mean", "iqm")
+#: the fewest replicates an IQM interval is drawn for
+MIN_SEEDS_FOR_IQM_CI = 3
+
+
+def check_stat(stat: str) -> None:
+    """ContlearnError unless ``stat`` is one of :data:`STATS`."""
+    if stat not in STATS:
+        raise ContlearnError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
+
+
+def iqm(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Interquartile mean along ``axis``, NaNs skipped: sort the n values, cut ⌊n/4⌋ from each
+    end, average the rest (NaN where no value)."""
+    v = np.moveaxis(np.asarray(values, dtype=float), axis, 0)
+    srt = np.sort(v, axis=0)  # NaN last
+    count = (~np.isnan(v)).sum(axis=0)
+    cut = count // 4
+    pos = np.arange(v.shape[0]).reshape((-1,) + (1,) * (v.ndim - 1))
+    keep = (pos >= cut) & (pos < count - cut)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(keep, np.nan_to_num(srt), 0.0).sum(axis=0) / keep.sum(axis=0)
+
+
+def bootstrap_iqm_ci(
+    values: np.ndarray, ci: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of the IQM over replicates (rows), for every column at once;
+    NaN where fewer than :data:`MIN_SEEDS_FOR_IQM_CI` replicates have a value."""
+    values = np.asarray(values, dtype=float)
+    n, n_x = values.shape
+    lo, hi = np.full(n_x, np.nan), np.full(n_x, np.nan)
+    enough = (~np.isnan(values)).sum(axis=0) >= MIN_SEEDS_FOR_IQM_CI
+    if not enough.any():
+        return lo, hi
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))  # (B, n)
+    boots = iqm(values[idx][:, :, enough], axis=1)  # (B, n_x')
+    q = np.nanquantile(boots, [(1 - ci) / 2, (1 + ci) / 2], axis=0)
+    lo[enough], hi[enough] = q[0], q[1]
+    return lo, hi
+
+
+def stratified_iqm(
+    values: np.ndarray, ci: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """IQM over every (replicate, task) value of ``values`` (replicates × tasks) and its
+    stratified bootstrap CI (Agarwal et al. 2021): each resample draws replicates with
+    replacement independently within each task. ``(iqm, lo, hi)``; the interval is NaN with
+    fewer than :data:`MIN_SEEDS_FOR_IQM_CI` replicates."""
+    values = np.asarray(values, dtype=float)
+    n, m = values.shape
+    point = float(iqm(values.reshape(-1)))
+    if n < MIN_SEEDS_FOR_IQM_CI:
+        return point, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n, m))  # per task its own draw
+    boots = iqm(values[idx, np.arange(m)].reshape(n_boot, n * m), axis=1)
+    lo, hi = np.nanquantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
+    return point, float(lo), float(hi)
 
 
 def check_comparable(df: pd.DataFrame) -> None:
@@ -251,16 +320,20 @@ def curve_stats(
     ci: float = 0.95,
     n_boot: int = 1000,
     seed: int = 0,
+    stat: str = "mean",
 ) -> pd.DataFrame:
-    """The numbers behind a curve: per (group, layer, x) mean over replicates and its CI.
+    """The numbers behind a curve: per (group, layer, x) mean (or IQM) over replicates and its
+    CI.
 
     Args are those of :func:`replicate_curves` and :func:`bootstrap_ci`; ``metric`` defaults to
-    :func:`default_metric`.
+    :func:`default_metric`; ``stat``: ``mean`` or ``iqm`` (module docstring).
 
     Returns:
-        Columns ``group, layer, x, mean, lo, hi, seeds`` (``seeds``: replicates with a value),
+        Columns ``group, layer, x, mean, center, lo, hi, seeds`` (``center``: the value drawn,
+        the mean or the IQM; ``lo``/``hi`` its interval; ``seeds``: replicates with a value),
         sorted by group, layer and x.
     """
+    check_stat(stat)
     metric = metric or default_metric(df)
     reps = replicate_curves(df, metric, by, x, bin, layer)
     parts = []
@@ -269,14 +342,19 @@ def curve_stats(
             index=["run", "seed"], columns="x", values="value", aggfunc="mean", dropna=False
         )
         matrix = wide.to_numpy()  # (replicates, n_x)
-        lo, hi = bootstrap_ci(matrix, ci, n_boot, seed)
+        if stat == "iqm":
+            lo, hi = bootstrap_iqm_ci(matrix, ci, n_boot, seed)
+        else:
+            lo, hi = bootstrap_ci(matrix, ci, n_boot, seed)
+        mean = np.nanmean(matrix, axis=0)
         parts.append(
             pd.DataFrame(
                 {
                     "group": group,
                     "layer": lay,
                     "x": wide.columns.to_numpy(dtype=float),
-                    "mean": np.nanmean(matrix, axis=0),
+                    "mean": mean,
+                    "center": iqm(matrix) if stat == "iqm" else mean,
                     "lo": lo,
                     "hi": hi,
                     "seeds": (~np.isnan(matrix)).sum(axis=0),

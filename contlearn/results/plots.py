@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, overload
 import pandas as pd
 
 from contlearn.errors import ContlearnError
-from contlearn.results.curves import check_comparable, curve_stats, default_metric, probe_metrics
+from contlearn.results.curves import (
+    MIN_SEEDS_FOR_IQM_CI,
+    check_comparable,
+    curve_stats,
+    default_metric,
+    probe_metrics,
+)
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
@@ -85,7 +91,7 @@ def _draw(
         marker = "o" if len(curve) <= 40 and not label_layers else None
         ax.plot(
             curve["x"],
-            curve["mean"],
+            curve["center"],
             color=color,
             linestyle=style,
             marker=marker,
@@ -111,12 +117,15 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _band_note(stats: pd.DataFrame, ci: float) -> str:
+def _band_note(stats: pd.DataFrame, ci: float, stat: str = "mean") -> str:
     seeds = sorted(set(stats.groupby(["group", "layer"])["seeds"].max()))
     n = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    what = "IQM" if stat == "iqm" else "mean"
     if stats["lo"].notna().any():
-        return f"mean of {n} seeds, band: {ci:.0%} bootstrap CI"
-    return f"mean of {n} seed{'s' if n != '1' else ''}"
+        return f"{what} of {n} seeds, band: {ci:.0%} bootstrap CI"
+    if stat == "iqm" and seeds[-1] < MIN_SEEDS_FOR_IQM_CI:
+        return f"IQM of {n} seed{'s' if n != '1' else ''}; no interval: not meaningful below 3"
+    return f"{what} of {n} seed{'s' if n != '1' else ''}"
 
 
 def task_change_steps(df: pd.DataFrame) -> list[int]:
@@ -147,6 +156,7 @@ def plot_decay(
     n_boot: int = ...,
     seed: int = ...,
     layer: str | None = ...,
+    stat: str = ...,
 ) -> Figure: ...
 @overload
 def plot_decay(
@@ -161,6 +171,7 @@ def plot_decay(
     n_boot: int = ...,
     seed: int = ...,
     layer: str | None = ...,
+    stat: str = ...,
 ) -> Figure | SubFigure: ...
 def plot_decay(
     df: pd.DataFrame,
@@ -173,6 +184,7 @@ def plot_decay(
     n_boot: int = 1000,
     seed: int = 0,
     layer: str | None = None,
+    stat: str = "mean",
 ) -> Figure | SubFigure:
     """The plasticity-decay curve: a per-task score against task index, one line per group.
 
@@ -188,6 +200,8 @@ def plot_decay(
         ci: coverage of the bootstrap band over seeds (no band with one seed).
         n_boot: bootstrap resamples. seed: seed of the bootstrap.
         layer: ``None`` for whole-network rows, or a layer name / ``"all"`` for layer metrics.
+        stat: ``mean`` (band: bootstrap CI of the mean) or ``iqm`` (interquartile mean, band:
+            bootstrap CI of the IQM, none below 3 seeds; :mod:`contlearn.results.curves`).
 
     Returns:
         A new figure, or ``ax.figure`` when ``ax`` is given (a ``SubFigure`` for axes of one).
@@ -197,7 +211,7 @@ def plot_decay(
     """
     check_comparable(df)
     metric = metric or default_metric(df)
-    stats = curve_stats(df, metric, by, x, bin, layer, ci, n_boot, seed)
+    stats = curve_stats(df, metric, by, x, bin, layer, ci, n_boot, seed, stat)
     fig = _new_figure(7.5, 4.2) if ax is None else ax.figure
     ax = ax if ax is not None else fig.add_subplot()
     groups = sorted(stats["group"].unique())
@@ -209,7 +223,7 @@ def plot_decay(
     over = "per task" if x == "task" else "over steps"
     ax.set_title(
         f"{df['stream'].iloc[0]}: {metric_label(metric).split(' (')[0]} {over}\n"
-        f"{_band_note(stats, ci)}",
+        f"{_band_note(stats, ci, stat)}",
         fontsize=11,
     )
     ax.legend(
@@ -233,6 +247,7 @@ def plot_probes(
     ci: float = 0.95,
     n_boot: int = 1000,
     seed: int = 0,
+    stat: str = "mean",
 ) -> Figure:
     """A panel of probe metrics against task (or step): one subplot per probe.
 
@@ -244,7 +259,7 @@ def plot_probes(
             one, else the mean over layers; a layer name: that layer; ``"all"``: one line
             style per layer.
         x: ``"task"`` or ``"step"``. bin: tasks (or recorded steps) per point.
-        ci, n_boot, seed: the bootstrap band, as in :func:`plot_decay`.
+        ci, n_boot, seed, stat: the statistic and its bootstrap band, as in :func:`plot_decay`.
 
     Returns:
         The figure; subplots share the x axis and are titled by probe.
@@ -259,7 +274,7 @@ def plot_probes(
             "no probe metrics in the runs (only scores: "
             f"{', '.join(sorted(df['metric'].unique()))}); enable probes"
         )
-    stats = {p: curve_stats(df, p, by, x, bin, layer, ci, n_boot, seed) for p in probes}
+    stats = {p: curve_stats(df, p, by, x, bin, layer, ci, n_boot, seed, stat) for p in probes}
     groups = sorted(set().union(*(s["group"] for s in stats.values())))
     colors = _colors(groups)
     fig, axes, ncols = _panel_grid(len(probes))
@@ -271,7 +286,7 @@ def plot_probes(
             ax.set_xlabel(x_label(x, bin=bin))
     wheres = {None: "whole network / mean of layers", "all": "per layer"}
     where = wheres.get(layer, f"layer {layer}")
-    note = _band_note(pd.concat(stats.values()), ci)
+    note = _band_note(pd.concat(stats.values()), ci, stat)
     fig.suptitle(f"{df['stream'].iloc[0]}: probes ({where})\n{note}", fontsize=11)
     _figure_legend(fig, axes, _legend_title(by, layer), len(groups) if layer == "all" else 0)
     return fig

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from contlearn.results.curves import check_comparable, default_metric, group_keys, replicate_curves
+from contlearn.results.curves import (
+    check_comparable,
+    check_stat,
+    default_metric,
+    group_keys,
+    iqm,
+    replicate_curves,
+    stratified_iqm,
+)
 
 LOWER_IS_BETTER = frozenset({"squared_error", "loss"})
 """Metrics whose best value is the smallest."""
@@ -67,7 +75,10 @@ def _final_probe(df: pd.DataFrame, probe: str, keys: list[str]) -> pd.Series:
 
 
 def summary_table(
-    df: pd.DataFrame, by: str | Sequence[str] = "learner", metric: str | None = None
+    df: pd.DataFrame,
+    by: str | Sequence[str] = "learner",
+    metric: str | None = None,
+    stat: str = "mean",
 ) -> pd.DataFrame:
     """Per group: how well it learned at first, at best, at the end, and its probes at the end.
 
@@ -87,28 +98,44 @@ def summary_table(
         ``drop_from_peak`` (positive = final worse than peak; see the module docstring),
         ``final_dead_fraction`` and ``final_effective_rank`` (on the last probed task, mean
         over seeds, of the whole-network value, or the mean over layers where the probe has
-        none; NaN if not recorded).
+        none; NaN if not recorded). With ``stat="iqm"`` the per-task curve is the
+        interquartile mean over seeds instead of the mean, ``final`` is the IQM of every
+        (seed, task) score of the last 10% of tasks, and ``final_lo``/``final_hi`` its 95%
+        stratified bootstrap interval (NaN, "not meaningful", below 3 seeds;
+        :func:`contlearn.results.curves.stratified_iqm`).
 
     Raises:
         ContlearnError: mixed streams, no score metric, unknown ``by`` column.
     """
     check_comparable(df)
+    check_stat(stat)
     metric = metric or default_metric(df)
     keys = group_keys(df[df["metric"] == metric], by)
     reps = replicate_curves(df, metric, keys, x="task")
     probes = {p: _final_probe(df, p, keys) for p in FINAL_PROBES}
     rows = []
     for group, frame in reps.groupby("group", sort=True):
-        curve = frame.groupby("x")["value"].mean()
-        row = {k: frame[k].iloc[0] for k in keys}
-        row.update(
-            metric=metric, seeds=len(frame[["run", "seed"]].drop_duplicates()), tasks=len(curve)
+        wide = frame.pivot_table(index=["run", "seed"], columns="x", values="value", aggfunc="mean")
+        curve = pd.Series(
+            iqm(wide.to_numpy()) if stat == "iqm" else np.nanmean(wide.to_numpy(), axis=0),
+            index=wide.columns,
         )
+        row = {k: frame[k].iloc[0] for k in keys}
+        row.update(metric=metric, seeds=len(wide), tasks=len(curve))
         row.update(_score_stats(curve, metric in LOWER_IS_BETTER))
+        if stat == "iqm":
+            last = wide.to_numpy()[:, -final_tasks(len(curve)) :]
+            final, lo, hi = stratified_iqm(last)
+            peak = row["peak"]
+            drop = final - peak if metric in LOWER_IS_BETTER else peak - final
+            row.update(final=final, drop_from_peak=drop, final_lo=lo, final_hi=hi)
         for probe, values in probes.items():
             row[f"final_{probe}"] = float(values.get(group, np.nan))
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*keys, *STAT_COLUMNS])
+    columns = [*keys, *STAT_COLUMNS]
+    if stat == "iqm":
+        columns[columns.index("final") + 1 : columns.index("final") + 1] = ["final_lo", "final_hi"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _cell(value: object) -> str:
@@ -126,10 +153,16 @@ def format_summary(table: pd.DataFrame) -> str:
     if "metric" in table.columns and table["metric"].nunique() == 1:
         metric = table["metric"].iloc[0]
         better = "lower" if metric in LOWER_IS_BETTER else "higher"
+        over = "IQM over seeds" if "final_lo" in table.columns else "mean over seeds"
         header.append(
-            f"score: {metric} per task, mean over seeds ({better} is better; "
+            f"score: {metric} per task, {over} ({better} is better; "
             "drop_from_peak > 0: final worse than peak)"
         )
+        if "final_lo" in table.columns and table["final_lo"].isna().any():
+            header.append(
+                "final_lo/final_hi: 95% stratified bootstrap interval; n/a below 3 seeds "
+                "(not meaningful)"
+            )
         table = table.drop(columns="metric")
     cols = list(table.columns)
     cells = [[_cell(v) for v in row] for row in table.itertuples(index=False)]
