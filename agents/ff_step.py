@@ -56,12 +56,15 @@ class LocalStep(NamedTuple):
         features: ``{layer: (R, 2B, H)}`` activities on the positive then negative inputs.
         losses: ``(R, L)`` each layer's L_l (without the peer term).
         running: ``{layer: (R, H)}`` the running mean activities after this step.
+        deltas: ``{layer: ((R, 2B, H) δ, (R, 2B, in) input)}``, whose product is the weight
+            gradient (hand-written step only; what a fused update applies in place).
     """
 
     grads: dict[str, torch.Tensor]
     features: dict[str, torch.Tensor]
     losses: torch.Tensor
     running: dict[str, torch.Tensor]
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def ff_loss(g: torch.Tensor, batch: int, theta: float) -> torch.Tensor:
@@ -128,9 +131,11 @@ def hand_step(
     batch: int,
     opts: LayerOptions,
     running: dict[str, torch.Tensor],
+    materialize: bool = True,
 ) -> LocalStep:
-    """:func:`reference_step` in closed form (see the module docstring); same arguments."""
-    grads, feats, losses, new_running = {}, {}, [], {}
+    """:func:`reference_step` in closed form (see the module docstring); same arguments, and
+    ``materialize=False`` to return each layer's δ and input instead of its gradients."""
+    grads, feats, losses, new_running, deltas = {}, {}, [], {}, {}
     h_in = normalise(x, net.norm)
     for i, layer in enumerate(net.hidden_layers):
         z = net.layer_forward(layer.name, h_in, params)  # (R, 2B, H)
@@ -150,11 +155,13 @@ def hand_step(
             dh[:, :batch] += ((m - m.mean(-1, keepdim=True)) * scale).unsqueeze(1)
             new_running[layer.name] = m
         delta = activation_backward(net.activation, dh, h, z)
-        grads[f"{layer.name}.weight"] = torch.bmm(delta.transpose(1, 2), h_in)  # (R, H, in)
-        grads[f"{layer.name}.bias"] = delta.sum(1)
+        if materialize:
+            grads[f"{layer.name}.weight"] = torch.bmm(delta.transpose(1, 2), h_in)  # (R, H, in)
+            grads[f"{layer.name}.bias"] = delta.sum(1)
+        deltas[layer.name] = (delta, h_in)
         feats[layer.name] = h
         h_in = normalise(h, net.norm)
-    return LocalStep(grads, feats, torch.stack(losses, 1), new_running)
+    return LocalStep(grads, feats, torch.stack(losses, 1), new_running, deltas)
 
 
 def head_gradients(

@@ -35,15 +35,17 @@ from contlearn.agents.ff_network import EMBEDS, GOODNESS, NORMS, FFNetwork, embe
 from contlearn.agents.ff_network import goodness as goodness_of
 from contlearn.agents.ff_step import (
     LayerOptions,
+    LocalStep,
     ff_loss,
     hand_step,
     head_gradients,
     reference_step,
 )
-from contlearn.agents.networks import ACTIVATIONS, INITS
+from contlearn.agents.networks import ACTIVATIONS, INITS, gradient_l1
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
+from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import OptimizerOptions
 from contlearn.seeding import torch_generator
 from contlearn.spec import param, parse_int_list
@@ -174,7 +176,12 @@ class FFAgent:
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         self.negatives = [torch_generator(s, "ff-negatives") for s in self.seeds]
         self.probe_seeds = [torch_generator(s, "ff-probe").initial_seed() for s in self.seeds]
-        self.backend = "ff-hand" if spec.fast else "ff-reference"
+        #: the learner chain's declared affine form (None: it has none); fast steps with one
+        #: apply ``θ ← (1 + β) θ + α g`` in place from each layer's δ, then its post
+        self.plan = fused_plan(self.learner) if spec.fast else None
+        self.backend = (
+            "ff-fused" if self.plan is not None else "ff-hand" if spec.fast else "ff-reference"
+        )
         self.views = {k: p for k, p in self.net.params.items()}
         self.learner_state = self.learner.init(self.views)
         self.running = {
@@ -274,14 +281,17 @@ class FFAgent:
         labels = feedback.to(torch.int64)
         neg = self.draw_negatives(labels)
         self._last = (obs, neg)
-        step = (hand_step if self.spec.fast else reference_step)(
-            self.net,
-            self.views,
-            self._inputs(flat, labels, neg),
-            labels.shape[1],
-            self.options,
-            self.running,
-        )
+        x = self._inputs(flat, labels, neg)
+        if self.plan is not None:
+            step = hand_step(
+                self.net, self.views, x, labels.shape[1], self.options, self.running, False
+            )
+        elif self.spec.fast:
+            step = hand_step(self.net, self.views, x, labels.shape[1], self.options, self.running)
+        else:
+            step = reference_step(
+                self.net, self.views, x, labels.shape[1], self.options, self.running
+            )
         grads, metrics = dict(step.grads), {"loss": step.losses.sum(1)}
         if self.net.has_head:
             feat = acted[1] if acted is not None and acted[0] is obs else None
@@ -290,8 +300,11 @@ class FFAgent:
                     feat = self.net.head_input(self.neutral_features(flat))
             head, metrics["head_loss"] = head_gradients(self.net, self.views, feat, labels)
             grads.update(head)
-        self._add_grad_l1(grads)
         flag, self._task_started = self._task_started, False
+        if self.plan is not None:
+            self._fused_update(step, grads, flag)
+            return metrics
+        self._add_grad_l1(grads)
         with torch.no_grad():
             updates, self.learner_state = self.learner.update(
                 grads, self.learner_state, self.views, features=step.features, task_start=flag
@@ -301,6 +314,31 @@ class FFAgent:
         for name, m in step.running.items():
             self.running[name].copy_(m)
         return metrics
+
+    @torch.no_grad()
+    def _fused_update(self, step: LocalStep, grads: dict[str, torch.Tensor], flag: bool) -> None:
+        """The learner's affine form in place: ``W ← (1 + β) W + α δᵀ x`` per layer (no
+        gradient materialised; the head's ``grads`` as given), then its post."""
+        assert self.plan is not None and step.deltas is not None
+        alpha, beta = self.plan.grad_scale, self.plan.param_scale
+        l1 = [] if self.grad_l1 is not None else None
+        for name, (delta, h_in) in step.deltas.items():
+            if l1 is not None:
+                l1.append(gradient_l1(delta, h_in))
+            w, b = self.views[f"{name}.weight"], self.views[f"{name}.bias"]
+            w.baddbmm_(delta.transpose(1, 2), h_in, beta=1.0 + beta, alpha=alpha)
+            b.mul_(1.0 + beta).add_(delta.sum(1), alpha=alpha)
+        for k, g in grads.items():  # the head's
+            self.views[k].mul_(1.0 + beta).add_(g, alpha=alpha)
+            if l1 is not None and k == "head.weight":
+                l1.append(g.abs().sum((1, 2)).double() + grads["head.bias"].abs().sum(1).double())
+        if l1 is not None and self.grad_l1 is not None:
+            self.grad_l1 += torch.stack(l1, 1)
+            self.grad_steps += 1
+        if self.plan.post is not None:
+            self.learner_state = self.plan.post(
+                self.learner_state, self.views, features=step.features, task_start=flag
+            )
 
     # -- probing ----------------------------------------------------------------------------
 

@@ -94,7 +94,7 @@ def main() -> None:
             print(f"{agent}+{learner}: {time.monotonic() - start:.0f} s -> {run_dir}", flush=True)
             runs.append(run_dir)
 
-    df = contlearn.load_runs(runs)
+    df = contlearn.load_runs(runs, config=True)
     by = ["agent", "learner"]
     bin = max(1, args.tasks // 25)  # tasks per plotted point
     plots.save_figure(plots.plot_decay(df, by=by, bin=bin), out / "decay.png")

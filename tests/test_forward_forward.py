@@ -135,23 +135,35 @@ def test_goodness_prediction_matches_per_label_loop():
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("options", "learner", "backend"),
     [
-        {"peer_norm": 0.03},
-        {"predict": "head", "goodness": "mean", "activation": "tanh"},
-        {"embed": "append", "norm": "length", "optimizer": "adam", "lr": 1e-3},
+        ({"peer_norm": 0.03}, "bp", "ff-fused"),
+        ({"predict": "head", "goodness": "mean", "activation": "tanh"}, "l2", "ff-fused"),
+        ({"predict": "head"}, "cbp", "ff-fused"),
+        ({}, "snp", "ff-fused"),
+        ({"embed": "append", "norm": "length", "optimizer": "adam", "lr": 1e-3}, "bp", "ff-hand"),
+        ({"predict": "head"}, "redo", "ff-hand"),
     ],
 )
-def test_closed_form_equals_autograd_reference(options):
-    data = batches(2, 3, 6)
-    fast, ref = make_agent(batch=3, **options), make_agent(batch=3, fast=False, **options)
-    assert (fast.backend, ref.backend) == ("ff-hand", "ff-reference")
+def test_fast_paths_equal_autograd_reference(options, learner, backend):
+    lopts = {"cbp": {"maturity": 1, "replacement_rate": 0.3}, "redo": {"period": 2, "window": 2}}
+    data, options = batches(2, 3, 6), {"lr": 0.01, **options}
+    fast = make_agent(batch=3, learner=learner, lopts=lopts.get(learner), **options)
+    ref = make_agent(batch=3, fast=False, learner=learner, lopts=lopts.get(learner), **options)
+    assert (fast.backend, ref.backend) == (backend, "ff-reference")
+    fast.watch_gradients()
+    ref.watch_gradients()
+    # (float32 rounding: the fused update sums the same products in another order, and the
+    # goodness, a sum of squares, amplifies the difference)
     for p, q in zip(learn(fast, data), learn(ref, data), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=2e-4, atol=1e-4)
     for k in fast.views:
-        torch.testing.assert_close(fast.views[k], ref.views[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.views[k], ref.views[k], rtol=1e-4, atol=5e-5)
     for k in fast.running:
-        torch.testing.assert_close(fast.running[k], ref.running[k])
+        torch.testing.assert_close(fast.running[k], ref.running[k], rtol=1e-4, atol=1e-5)
+    a, b = fast.update_stats()["grad_magnitude"], ref.update_stats()["grad_magnitude"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-8)
 
 
 def test_head_learns_on_detached_neutral_features():
