@@ -301,6 +301,8 @@ class FFAgent:
             head, metrics["head_loss"] = head_gradients(self.net, self.views, feat, labels)
             grads.update(head)
         flag, self._task_started = self._task_started, False
+        for name, m in step.running.items():
+            self.running[name].copy_(m)
         if self.plan is not None:
             self._fused_update(step, grads, flag)
             return metrics
@@ -311,8 +313,6 @@ class FFAgent:
             )
             keys = list(self.views)
             torch._foreach_add_([self.views[k] for k in keys], [updates[k] for k in keys])
-        for name, m in step.running.items():
-            self.running[name].copy_(m)
         return metrics
 
     @torch.no_grad()
