@@ -321,7 +321,7 @@ class FFAgent:
         gradient materialised; the head's ``grads`` as given), then its post."""
         assert self.plan is not None and step.deltas is not None
         alpha, beta = self.plan.grad_scale, self.plan.param_scale
-        l1 = [] if self.grad_l1 is not None else None
+        l1: list[torch.Tensor] | None = [] if self.grad_l1 is not None else None
         for name, (delta, h_in) in step.deltas.items():
             if l1 is not None:
                 l1.append(gradient_l1(delta, h_in))
