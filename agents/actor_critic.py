@@ -87,9 +87,16 @@ class ActorCritic:
         whose results differ in the last bits, which would break replica equality.
         """
         _, feats = self.value.forward(obs)
-        h = feats[self.value.layers[-2].name]  # (R, B, H)
-        w, b = self.value.params["output.weight"], self.value.params["output.bias"]  # (R, 1, H)
-        return (h * w).sum(-1) + b, feats
+        return self.value_output(feats[self.value.layers[-2].name]), feats
+
+    def value_output(
+        self, h: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """State values ``(R, B)`` from the value net's last hidden activations ``h (R, B, H)``
+        (:meth:`values`' multiply-and-sum; ``params``: the value net's, default its own)."""
+        p = self.value.params if params is None else params
+        w, b = p["output.weight"], p["output.bias"]  # (R, 1, H), (R, 1)
+        return (h * w).sum(-1) + b
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Action means ``(R, B, A)``, values ``(R, B)`` and prefixed hidden activations."""

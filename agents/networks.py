@@ -15,7 +15,10 @@ backward pass (the derivative of every activation is simple) for agents that lea
 without autograd: :meth:`~BatchedMLP.forward_train` keeps what the backward needs,
 :meth:`~BatchedMLP.backward` returns the gradients, and :meth:`~BatchedMLP.backward_update_`
 applies ``θ ← (1 + β) θ + α g`` in place while back-propagating, without materialising g (see
-:mod:`contlearn.learners.fused`).
+:mod:`contlearn.learners.fused`); a credit rule's error replaces ``δ W`` going down (``signal``).
+
+(Over 400 lines: the network's forward pass and its hand-written backward, plain and fused,
+side by side so that each can be read against the others.)
 """
 
 from __future__ import annotations
@@ -304,6 +307,7 @@ class BatchedMLP:
         params: dict[str, torch.Tensor] | None = None,
         defer_first: bool = False,
         grad_l1: torch.Tensor | None = None,
+        signal: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Back-propagate ``delta`` and apply ``θ ← (1 + β) θ + α g`` to every parameter in
         place, layer by layer from the output (each layer's δ below is taken with its weights
@@ -319,6 +323,8 @@ class BatchedMLP:
                 caller applies the update later, e.g. with the next forward pass).
             grad_l1: ``(R, layers)`` float64 or None: adds each layer's ``‖g‖₁`` (weights and
                 bias, :func:`gradient_l1`) to it.
+            signal: a credit rule's error sent down, ``signal(i, δ_i)`` (called before layer
+                i's update) instead of ``δ_i W_i`` (None: backprop).
 
         Returns:
             ``({weight name: (R, in)} for the names in col_l1, the first layer's δ or None)``.
@@ -331,6 +337,7 @@ class BatchedMLP:
             want = f"{name}.weight" in col_l1
             if grad_l1 is not None:
                 grad_l1[:, i] += gradient_l1(delta, x if i == 0 else hs[i - 1])
+            sent = signal(i, delta) if signal is not None and i > 0 else None
             if i > 0 or not defer_first:
                 below, col = _update_weight_(
                     w,
@@ -338,9 +345,10 @@ class BatchedMLP:
                     x if i == 0 else hs[i - 1],
                     alpha,
                     beta,
-                    need_below=i > 0,
+                    need_below=i > 0 and sent is None,
                     want_col=want,
                 )
+                below = below if sent is None else sent
                 if want:
                     assert col is not None  # want_col=want
                     cols[f"{name}.weight"] = col

@@ -33,7 +33,7 @@ from contlearn.agents.online_probes import ProbeSnapshot
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
-from contlearn.credit import build_credit, credit_options
+from contlearn.credit import build_credit, credit_def, credit_options
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -81,6 +81,8 @@ class OnlineAgent:
 
     supports_replicas = True
     Spec = OnlineAgentSpec
+    #: the stream kinds it learns on (the config refuses others up front)
+    stream_kinds = ("classification", "regression")
     #: every registered credit rule (:mod:`contlearn.credit`)
     credit_rules = "*"
     #: threads :meth:`learn_block` runs replicas on (0: one per core); a run sets it
@@ -145,6 +147,7 @@ class OnlineAgent:
             learner=self.learner_spec.name,
             optimizer=self.spec.optimizer,
             credit=self.credit.name,
+            credit_learned=credit_def(self.credit.name).learned,
             credit_options=credit_options(self.learner_spec.credit),
             batch_size=self.info.batch_size,
             device=first.device.type,
@@ -360,6 +363,24 @@ class OnlineAgent:
             return {**updates, **extra["feedback"].updates}
         return updates
 
+    def rule_update(
+        self,
+        flat: torch.Tensor,
+        hs: list[torch.Tensor],
+        zs: list[torch.Tensor] | None,
+        e: torch.Tensor,
+        task_start: bool,
+    ) -> None:
+        """A credit rule's step from the output error ``e = ∂L/∂ŷ`` ``(R, B, C)`` of the forward
+        pass ``(flat, hs, zs)``: the rule's gradients, ``learner.update`` and ``θ += u``, then
+        the rule's feedback learning (the reference's definition; the ``backward`` backend runs
+        it too)."""
+        g = rule_gradients(self.net, self.views, self.credit, flat, hs, zs, e)
+        self.add_grad_l1(g)
+        features = {layer.name: h for layer, h in zip(self.net.hidden_layers, hs, strict=True)}
+        updates = self.apply_updates(g, features, task_start)
+        self.credit.learn(self.views, updates, [flat, *hs])
+
     def add_grad_l1(self, grads: dict[str, torch.Tensor]) -> None:
         """Add one step's gradient L1 norms per layer (if gradients are watched)."""
         if self.grad_l1 is None:
@@ -510,11 +531,7 @@ class ReferenceStep:
             loss = agent.loss(leaf, target)  # (R,)
             (e,) = torch.autograd.grad(loss.sum(), [leaf])
         with torch.no_grad():
-            g = rule_gradients(agent.net, agent.views, agent.credit, flat, hs, zs, e)
-            agent.add_grad_l1(g)
-            features = {layer.name: h for layer, h in zip(agent.net.hidden_layers, hs, strict=True)}
-            updates = agent.apply_updates(g, features, task_start)
-            agent.credit.learn(agent.views, updates, [flat, *hs])
+            agent.rule_update(flat, hs, zs, e, task_start)
         return loss.detach()
 
     def observe(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:

@@ -26,7 +26,8 @@ net's steps in a second process (:mod:`contlearn.backends.ppo_worker`). The agen
 :attr:`PPOAgent.backends` in order, once per placement, and records the choice in
 :attr:`PPOAgent.backend`; ``fast=false`` runs the reference. ``update_threads`` sets more torch
 threads during the update only. :meth:`PPOAgent.to` moves everything but the generators to a
-device (docs/slippery_ant.md).
+device (docs/slippery_ant.md). A credit rule other than backprop (``credit``) runs the
+reference with a rule per net (:mod:`contlearn.agents.ppo_credit`, docs/credit.md).
 
 (Over 400 lines: the agent's rollout, update loop, placement, probing and checkpoints share
 its state; the loss, options, statistics and networks have modules of their own.)
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 from contlearn.agents.actor_critic import ActorCritic
+from contlearn.agents.ppo_credit import CreditStep, PPOCredit
 from contlearn.agents.ppo_loss import (
     REFERENCE_STEP,
     PPOBackend,
@@ -57,6 +59,7 @@ from contlearn.agents.ppo_stats import count_change, probe_means, zero_stats
 from contlearn.backends.base import StepConfig, choose
 from contlearn.backends.ppo_gradients import PPO_GRADIENTS
 from contlearn.backends.ppo_worker import VALUE_WORKER, ValueWorker
+from contlearn.credit import credit_options
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -84,6 +87,11 @@ class PPOAgent:
 
     supports_replicas = True
     Spec = PPOSpec
+    #: the stream kinds it learns on (the config refuses others up front)
+    stream_kinds = ("rl",)
+    #: every registered credit rule (:mod:`contlearn.credit`; other than backprop: one rule per
+    #: net, :mod:`contlearn.agents.ppo_credit`, on the reference step)
+    credit_rules = "*"
     #: the fast paths, asked in this order (:func:`contlearn.backends.base.choose`)
     backends: tuple[PPOBackend, ...] = (VALUE_WORKER, PPO_GRADIENTS)
     #: the name of the step that runs: ``reference`` (autograd), ``ppo-gradients`` (hand-written
@@ -117,6 +125,12 @@ class PPOAgent:
             spec.init_log_std,
         )
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
+        #: the credit rules of both nets (None: backprop, autograd through the whole loss)
+        self.credit = (
+            None
+            if learner.credit.name == "bp"
+            else PPOCredit(learner.credit, self.net, self.seeds, spec.lr)
+        )
         self._keys = list(self.net.params)
         self.device = torch.device("cpu")
         self._setup()
@@ -142,6 +156,8 @@ class PPOAgent:
             task="rl",
             learner=self.learner_spec.name,
             optimizer=s.optimizer,
+            credit=self.learner_spec.credit.name,
+            credit_options=credit_options(self.learner_spec.credit),
             batch_size=s.minibatch_size,
             device=self.device.type,
             dtype=str(self.net.log_std.dtype).removeprefix("torch."),
@@ -160,7 +176,8 @@ class PPOAgent:
         it is left out silently, as the run asked for the device too)."""
         cfg = self.step_config()
         chosen = choose(self.backends, cfg) if self.spec.fast else None
-        self._step: PPOBackend = chosen or REFERENCE_STEP
+        reference = REFERENCE_STEP if self.credit is None else CreditStep(self.credit)
+        self._step: PPOBackend = chosen or reference
         self.backend = self._step.name
         reason = VALUE_WORKER.refusal(cfg)
         if strict and self.spec.value_worker and chosen is not VALUE_WORKER and reason:
@@ -171,17 +188,20 @@ class PPOAgent:
         for p in self.net.params.values():
             p.requires_grad_(True)
         self._views = {k: p.detach() for k, p in self.net.params.items()}
-        self.learner_state = self.learner.init(self._views)
+        self.learner_state = self.learner.init(self._learner_params(self._views))
 
     def to(self, device: str | torch.device) -> PPOAgent:
-        """Move the networks, a fresh learner state and the rollout buffer to ``device`` (call
-        before the first step). Streams stay on the CPU: observations and feedback are moved
-        here, and actions, metrics, features and statistics are handed back on the CPU.
-        Generators stay on the CPU (action noise and minibatch orders are drawn there and
-        moved), so a run draws the same numbers on every device."""
+        """Move the networks, their feedback (credit rules), a fresh learner state and the
+        rollout buffer to ``device`` (call before the first step). Streams stay on the CPU:
+        observations and feedback are moved here, and actions, metrics, features and
+        statistics are handed back on the CPU. Generators stay on the CPU (action noise and
+        minibatch orders are drawn there and moved), so a run draws the same numbers on every
+        device."""
         self.close()
         self.device = torch.device(device)
         self.net.to(self.device)
+        if self.credit is not None:
+            self.credit.to(self.device)
         self._setup()
         self._choose(strict=False)
         self.buf = {k: v.to(self.device) for k, v in self.buf.items()}
@@ -374,21 +394,25 @@ class PPOAgent:
 
     def learn(
         self, grads: Mapping[str, torch.Tensor], features: Mapping[str, torch.Tensor], record: bool
-    ) -> None:
+    ) -> dict[str, torch.Tensor]:
         """:meth:`apply_update`, adding the gradient magnitudes to the probe statistics if
-        ``record`` (a sample of the minibatches: reading every gradient costs ~10%)."""
-        sums = self.apply_update(grads, features, record)
+        ``record`` (a sample of the minibatches: reading every gradient costs ~10%); returns
+        the update applied."""
+        sums, updates = self.apply_update(grads, features, record)
         if sums is not None:
             for k, total in sums.items():
                 self.stats["grad_sum"][k] += total
             self.stats["minibatches"] += 1
+        return updates
 
     def apply_update(
         self, grads: Mapping[str, torch.Tensor], features: Mapping[str, torch.Tensor], record: bool
-    ) -> dict[str, torch.Tensor] | None:
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
         """Clip ``grads`` (``max_grad_norm``), run the learner's update on the parameters they
         name with ``features`` (hidden activations), add it to the weights (not those of
-        stopped replicas). Returns Σ|g| per parameter ``(R,)`` float64 if ``record``."""
+        stopped replicas). Returns Σ|g| per parameter ``(R,)`` float64 if ``record`` (else
+        None), and the update applied (with learned feedback: where a reset wrote ``θ + u``
+        itself, the update it replaced)."""
         with torch.no_grad():
             if self.spec.max_grad_norm > 0:
                 grads = clip_by_global_norm(grads, self.spec.max_grad_norm)
@@ -398,18 +422,30 @@ class PPOAgent:
                 if record
                 else None
             )
+            params = self._learner_params({k: self._views[k] for k in keys})
+            grads = {**grads, **{k: torch.zeros_like(params[k]) for k in params if k not in grads}}
+            extras = {} if self.credit is None else self.credit.update_extras()
             updates, self.learner_state = self.learner.update(
-                dict(grads),
+                grads,
                 self.learner_state,
-                {k: self._views[k] for k in keys},
+                params,
                 features=dict(features),
                 task_start=False,
+                **extras,
             )
+            # where a reset wrote θ + u itself, the update it replaced: what learned feedback
+            # follows (Kolen–Pollack's ΔB = ΔW); returned, not applied
+            kept = extras["feedback"].updates if "feedback" in extras else {}
             if self._stopped is not None:
-                for u in updates.values():
+                for u in [*updates.values(), *kept.values()]:
                     u[self._stopped] = 0.0
-            torch._foreach_add_([self._views[k] for k in keys], [updates[k] for k in keys])
-        return sums
+            torch._foreach_add_([params[k] for k in params], [updates[k] for k in params])
+        return sums, {**updates, **kept}
+
+    def _learner_params(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``views``, with ``credit.regularize`` and the learned feedback
+        (:meth:`~contlearn.agents.ppo_credit.PPOCredit.learner_params`)."""
+        return views if self.credit is None else self.credit.learner_params(views)
 
     def update_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Means since the last call (:func:`~contlearn.agents.ppo_stats.probe_means`:
@@ -442,6 +478,7 @@ class PPOAgent:
                 k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v)
                 for k, v in self.stats.items()
             },
+            **({} if self.credit is None else {"credit": self.credit.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -452,6 +489,8 @@ class PPOAgent:
         load_tree(self.learner_state, state["learner"])
         for g, s in zip(self.gens, state["generators"], strict=True):
             g.set_state(s)
+        if self.credit is not None:
+            self.credit.load_state_dict(state.get("credit"))
         self.buf = {k: v.to(self.device, copy=True) for k, v in state["buffer"].items()}
         self.t = int(state["t"])
         self.stats = {

@@ -116,8 +116,25 @@ def reference_loss(
         mb: ``obs (R, M, D)``, ``action (R, M, A)``, ``logp``, ``adv``, ``ret`` ``(R, M)``.
         clip, vf_coef, ent_coef: as in :class:`~contlearn.agents.ppo.PPOSpec`.
     """
-    log_std = net.params["policy.log_std"]
     mean, value, feats = net.forward(mb["obs"])
+    loss, stats = output_loss(
+        mean, value, net.params["policy.log_std"], mb, clip, vf_coef, ent_coef
+    )
+    return loss, stats, feats
+
+
+def output_loss(
+    mean: torch.Tensor,
+    value: torch.Tensor,
+    log_std: torch.Tensor,
+    mb: Mapping[str, torch.Tensor],
+    clip: float,
+    vf_coef: float,
+    ent_coef: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One minibatch's loss ``(R,)`` (differentiable) and statistics from the nets' outputs:
+    action means ``(R, M, A)``, values ``(R, M)`` and the log-std ``(R, A)``; ``mb`` and the
+    coefficients as for :func:`reference_loss`."""
     logp = gaussian_log_prob(mb["action"], mean, log_std)  # (R, M)
     with torch.no_grad():
         log_ratio = logp - mb["logp"]
@@ -128,7 +145,7 @@ def reference_loss(
     policy["policy_loss"] = clipped_policy_loss(logp, mb["logp"], mb["adv"], clip)
     policy["entropy"] = gaussian_entropy(log_std)
     stats = combine(policy, (value - mb["ret"]).pow(2).mean(1), vf_coef, ent_coef)
-    return stats["loss"], {k: v.detach() for k, v in stats.items()}, feats
+    return stats["loss"], {k: v.detach() for k, v in stats.items()}
 
 
 def clip_by_global_norm(

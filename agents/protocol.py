@@ -43,7 +43,8 @@ name on an agent:
 
 On the agent's *class* the runner reads ``supports_replicas`` (:func:`supports_replicas`) and,
 for the built-in agents, ``Spec`` (:class:`BuiltinAgentClass`); the config resolver also reads
-``unsupported_learners`` (``{learner: reason}``) where a class declares it.
+``unsupported_learners`` (``{learner: reason}``) and ``stream_kinds`` (the ``StreamInfo.kind``
+values it learns on; others are refused) where a class declares them.
 """
 
 from __future__ import annotations

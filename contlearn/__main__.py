@@ -2,6 +2,10 @@
 
 import sys
 
-from contlearn.cli import main
+try:
+    from contlearn.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the command line is still being imported
+    sys.stderr.write("contlearn: interrupted\n")
+    sys.exit(130)
 
 sys.exit(main())

@@ -192,8 +192,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     if df.empty:
         raise ContlearnError(f"no metrics recorded yet in {' '.join(args.runs)}")
-    if args.by not in df.columns:
-        df = load_runs(args.runs, config=[args.by])
+    df = _with_by(df, args)
     curves.check_comparable(df)
     metric = args.metric or curves.default_metric(df)
     x = args.x or ("step" if metric == "episode_return" else "task")
@@ -209,6 +208,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_by(df, args: argparse.Namespace):  # noqa: ANN001, ANN202 - (pandas is imported late)
+    """The frame with ``--by``'s column: a column, or a config key of the runs (one that no
+    run has is an error, not one group of None)."""
+    from contlearn.results.store import find_runs, load_runs, read_config
+
+    if args.by in df.columns:
+        return df
+    if not any(args.by in read_config(r) for r in find_runs(args.runs)):
+        raise ContlearnError(
+            f"--by {args.by}: no run has a column or config key of that name; use a column "
+            "(learner, stream, run, seed) or a key from the runs' config.json"
+        )
+    return load_runs(args.runs, config=[args.by])
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     """``contlearn summary``."""
     from contlearn.results.store import load_runs
@@ -216,8 +230,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     df = load_runs(args.runs, config=True)
     from contlearn.results.summary import format_summary, summary_table
 
-    if args.by not in df.columns:
-        df = load_runs(args.runs, config=[args.by])
+    df = _with_by(df, args)
     print(format_summary(summary_table(df, by=args.by, stat=args.stat)))
     return 0
 
@@ -234,6 +247,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     """``contlearn data download mnist``."""
     from contlearn.data.datasets import MNIST_MIRRORS, download_mnist
 
+    bad = [m for m in args.mirror or [] if not m.startswith(("http://", "https://", "file:"))]
+    if bad:
+        raise ContlearnError(
+            f"--mirror {bad[0]!r} is not a URL; give one starting with https://, http:// or file:"
+        )
     mirrors = [*(args.mirror or []), *MNIST_MIRRORS]
     path = download_mnist(args.dir and Path(args.dir) / "mnist", mirrors=mirrors)
     print(f"MNIST ready in {path}; use it with --set dataset=full --set data_dir={path}")
@@ -273,22 +291,38 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for user errors, 130 on Ctrl-C)."""
-    from contlearn.running.runner import RunInterrupted
+def _error(message: str) -> int:
+    print(f"contlearn: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
 
-    if hasattr(signal, "SIGXFSZ"):  # a file-size limit raises OSError instead of killing us
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    args = build_parser().parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for user errors, 130 on Ctrl-C).
+
+    A user error is one line on stderr and exit code 2; so is an operating-system error
+    (a path that cannot be read or written, no permission, a full disk) that no check named
+    first: the line names the file and the reason. Ctrl-C at any moment, start-up included,
+    is one line and exit code 130.
+    """
     try:
-        return COMMANDS[args.command](args)
+        from contlearn.running.runner import RunInterrupted
+
+        if hasattr(signal, "SIGXFSZ"):  # a file-size limit raises OSError instead of killing us
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        args = build_parser().parse_args(argv)
+        try:
+            return COMMANDS[args.command](args)
+        except RunInterrupted as exc:
+            print(f"contlearn: {exc}", file=sys.stderr)
+            return exc.code
     except ContlearnError as exc:
-        message = " ".join(str(exc).split())
-        print(f"contlearn: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except RunInterrupted as exc:
-        print(f"contlearn: {exc}", file=sys.stderr)
-        return exc.code
+        return _error(str(exc))
+    except OSError as exc:  # (after ContlearnError: StoreError and DataError are OSErrors)
+        where = f" {exc.filename}" if exc.filename else ""
+        return _error(
+            f"cannot use{where} ({exc.strerror or exc}); check the path, its permissions and "
+            "the free disk space"
+        )
     except KeyboardInterrupt:
         print("contlearn: interrupted", file=sys.stderr)
         return 130

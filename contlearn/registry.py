@@ -49,6 +49,11 @@ def load_entry_point(entry_point: str) -> Any:
             f"cannot import module {module_name!r} ({exc}); check the name and that its folder "
             "is on PYTHONPATH or the current directory"
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - a module that fails to import: say so, in a line
+        first = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(
+            f"module {module_name!r} fails to import ({type(exc).__name__}: {first}); fix it"
+        ) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"module {module_name!r} has no attribute {attr!r}; check the name")

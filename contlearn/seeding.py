@@ -20,6 +20,8 @@ PURPOSES = (
     "learner",
     "credit",
     "credit-noise",
+    "credit-policy",
+    "credit-value",
     "ff-negatives",
     "ff-probe",
 )
@@ -51,3 +53,16 @@ def torch_generator(seed: int, purpose: str) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
     return gen
+
+
+def purpose_seed(seed: int, purpose: str) -> int:
+    """An integer root seed for one part of one replica that is itself seeded like a replica
+    (PPO's policy and value nets each get a credit rule built for ``purpose_seed(s,
+    "credit-policy")`` and ``purpose_seed(s, "credit-value")``): it depends only on ``seed``
+    and ``purpose``, and differs between purposes.
+
+    Args:
+        seed: the replica's root seed.
+        purpose: one of :data:`PURPOSES`.
+    """
+    return int(child_seed(seed, purpose).generate_state(1, dtype=np.uint64)[0])

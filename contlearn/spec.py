@@ -15,6 +15,9 @@ from typing import Any
 
 from contlearn.errors import ConfigError
 
+#: the largest whole number an option takes: the store's step and seed columns are int64, and
+#: counts derived from options (seed + seeds, tasks × examples) must still fit
+MAX_INT = 2**62
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -106,6 +109,11 @@ def parse_value(field: FieldInfo, raw: Any, where: str) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where}={raw!r} must be a finite number")
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise ConfigError(
+                f"{where}={raw!r} is out of range; whole numbers must be at most 2**62 "
+                f"({MAX_INT:.2e}), what the run store's int64 columns hold with room to count"
+            )
         if field.low is not None and (value < field.low or (field.low_open and value == field.low)):
             op = ">" if field.low_open else ">="
             raise ConfigError(f"{where}={raw!r} is out of range; it must be {op} {field.low}")
@@ -190,7 +198,13 @@ def build_spec(spec_cls: type, values: Mapping[str, Any], prefix: str = "") -> A
 
 def parse_int_list(text: str, where: str, *, allow_empty: bool = False) -> tuple[int, ...]:
     """Parse ``"100,100,100"`` into positive ints (the ``hidden`` option's format)."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    parts = [p.strip() for p in str(text).split(",")]
+    if parts == [""]:
+        parts = []
+    if "" in parts:
+        raise ConfigError(
+            f"{where}={text!r} has an empty width between commas; give widths like 100,100,100"
+        )
     if not parts and not allow_empty:
         raise ConfigError(f"{where}={text!r} is empty; give comma-separated widths like 100,100")
     out = []
@@ -203,5 +217,7 @@ def parse_int_list(text: str, where: str, *, allow_empty: bool = False) -> tuple
             ) from None
         if n <= 0:
             raise ConfigError(f"{where}={text!r} has a non-positive width {n}; widths must be > 0")
+        if n > MAX_INT:
+            raise ConfigError(f"{where}={text!r} has a width above 2**62; give a smaller one")
         out.append(n)
     return tuple(out)

@@ -14,7 +14,10 @@ both alike. Timing tools: scripts/bench_timing.py.
 Table columns: ``th`` torch's intra-op threads, ``bw`` the threads learning in blocks runs
 replicas on (``OnlineAgent.block_workers``; 1 where the agent steps one by one).
 
-Also measured: the memory-bandwidth roofline of a width-2000 step, the cost of the default
+Also measured: the credit rules (``fa``, ``dfa``, ``sign-symmetry``, ``kolen-pollack``) against
+a naive loop written for each (scripts/naive_credit.py) and against the roofline of the bytes
+each moves, the reference-path rules' speed, the memory-bandwidth roofline of a width-2000
+step, the cost of the default
 probes and of the run store, and the peak RSS of a demo-sized run (docs/performance.md)::
 
     python scripts/bench_online.py --quick --json bench.json     # under 5 minutes
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import torch
 from bench_timing import Timed, copy_bandwidth, machine, time_calls  # scripts/ is on sys.path
+from naive_credit import NaiveRuleLearner
 from naive_online import NaiveLearner
 
 from contlearn.envs import make_stream
@@ -60,6 +64,19 @@ LEARNERS = {
     "snp-adam": ("snp", "adam"),
     "cbp-adam": ("cbp", "adam"),
 }
+#: credit rules with a fast path, each against its naive loop (bp learner, SGD)
+FAST_RULES = ("fa", "dfa", "sign-symmetry", "kolen-pollack")
+#: rules on the reference path: contlearn's speed alone (no naive loop written for them)
+REFERENCE_RULES = (
+    "weight-mirror",
+    "symmetric-alignment",
+    "activation-alignment",
+    "information-alignment",
+)
+#: bytes per feedback weight a rule moves on top of backprop's 12 per weight: fa reads B in
+#: the backward (and the update must then read W itself), Kolen–Pollack also writes B; sign
+#: symmetry reads W (as backprop), dfa's D is outputs × units (not counted)
+RULE_EXTRA_BYTES = {"fa": 4, "dfa": 0, "sign-symmetry": 0, "kolen-pollack": 8}
 QUICK = {100: ["bp", "l2", "snp", "cbp", "bp-adam", "cbp-adam"], 2000: ["bp", "cbp"]}
 QUICK_R = {100: [1, 32], 2000: [1]}
 FULL_R = {100: [1, 8, 32], 2000: [1, 8, 32]}
@@ -224,6 +241,74 @@ def roofline(args: Args, tmp: Path) -> dict:
     return out
 
 
+def credit_rows(args: Args, tmp: Path) -> list[dict]:
+    """Each credit rule with a fast path against its naive loop at width 100, R = 32
+    (interleaved), the same at width 2000, R = 1 against the roofline of the bytes the rule
+    moves (12 per weight as backprop, plus :data:`RULE_EXTRA_BYTES` per weight of layers 2 …
+    output, which have feedback), and the reference-path rules' speed at width 100, R = 32."""
+    rows = []
+    for rule in FAST_RULES + REFERENCE_RULES:
+        for width, R in ((100, 32), (2000, 1)):
+            if rule in REFERENCE_RULES and width == 2000:
+                continue
+            config = {**run_config("bp", width, R), "credit": rule}
+            loop, threads = contlearn_loop(config, tmp)
+            warm = 200 if width <= 100 else 6
+            timed = Timed(loop_runner(loop), R, threads, warm)
+            naive = None
+            if rule in FAST_RULES:
+                cfg = resolve(run_config("bp", width, 1))
+                naive = Timed(NaiveRuleLearner(cfg, 0, rule).run, 1, threads, warm)
+            bandwidths = []
+            for _ in range(args.repeats):
+                if naive is not None:
+                    naive.repeat(args.seconds)
+                timed.repeat(args.seconds)
+                if width == 2000:
+                    bandwidths.append(copy_bandwidth(threads))
+            params = loop.agent.net.params
+            weights = sum(p[0].numel() for p in params.values())
+            feedback = sum(p[0].numel() for k, p in list(params.items())[2:] if "weight" in k)
+            row = {
+                "rule": rule,
+                "width": width,
+                "R": R,
+                "backend": loop.agent.backend,
+                "learner_steps_per_s": timed.median,
+                "repeats": timed.rates,
+            }
+            if naive is not None:
+                row.update(
+                    naive_learner_steps_per_s=naive.median, ratio=timed.median / naive.median
+                )
+            if bandwidths:
+                moved = 12 * weights + RULE_EXTRA_BYTES[rule] * feedback
+                bw = statistics.median(bandwidths)
+                row.update(
+                    bytes_per_step=moved,
+                    copy_bandwidth_GBps=bw / 1e9,
+                    roofline_steps_per_s=bw / moved,
+                    fraction=timed.median * moved / bw,
+                )
+            rows.append(row)
+            naive_text = (
+                f"naive {row['naive_learner_steps_per_s']:8.0f} = {row['ratio']:5.1f}x"
+                if naive
+                else "(no naive loop)"
+            )
+            roof = (
+                f", {row['fraction']:.0%} of the roofline ({moved / 1e6:.0f} MB/step)"
+                if bandwidths
+                else ""
+            )
+            print(
+                f"credit {rule:>21} width {width:>4} R {R:>2} [{row['backend']}]: "
+                f"{timed.median:9.0f} learner-steps/s; {naive_text}{roof}",
+                flush=True,
+            )
+    return rows
+
+
 def _interleaved_tasks(
     loops: dict[str, tuple[SupervisedLoop, dict]],
 ) -> dict[str, tuple[float, float]]:
@@ -360,7 +445,9 @@ def scaling(args: Args, tmp: Path) -> list[dict]:
     return rows
 
 
-def targets(rows: list[dict], roof: dict, over: dict, mem: dict) -> dict:
+def targets(
+    rows: list[dict], roof: dict, over: dict, mem: dict, credit: list[dict] | None = None
+) -> dict:
     """The performance targets of docs/performance.md, each with its measured value."""
 
     def row(name: str, width: int, R: int) -> dict:
@@ -375,6 +462,11 @@ def targets(rows: list[dict], roof: dict, over: dict, mem: dict) -> dict:
         "store_overhead < 0.02": over["store_inside"],
         "peak_rss_MB < 1536": mem["peak_rss_MB"],
     }
+    for r in credit or []:
+        if "ratio" in r and r["width"] == 100:
+            checks[f"{r['rule']}_w100_R32_vs_naive >= 20"] = r["ratio"]
+        if "fraction" in r:
+            checks[f"{r['rule']}_w2000_R1_roofline_fraction >= 0.6"] = r["fraction"]
     out = {}
     for key, value in checks.items():
         bound = float(key.split()[-1])
@@ -415,12 +507,13 @@ def main() -> None:
                     Rs = FULL_R_ADAM_2000
                 result["rows"] += bench_row(name, width, Rs, args, tmp)
         result["roofline"] = roofline(args, tmp)
+        result["credit"] = credit_rows(args, tmp)
         result["overheads"] = overheads(args, tmp)
         result["overheads_default_run"] = overheads(args, tmp, "default")
         if args.scaling:
             result["scaling"] = scaling(args, tmp)
     result["targets"] = targets(
-        result["rows"], result["roofline"], result["overheads"], result["memory"]
+        result["rows"], result["roofline"], result["overheads"], result["memory"], result["credit"]
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

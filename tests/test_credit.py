@@ -27,10 +27,15 @@ SIMPLE = ("fa", "dfa", "sign-symmetry", "kolen-pollack", "weight-mirror")
 
 
 def make_agent(
-    credit: str, seeds=(0, 1), batch: int = 2, activation: str = "tanh", **options
+    credit: str,
+    seeds=(0, 1),
+    batch: int = 2,
+    activation: str = "tanh",
+    fast: bool = False,
+    **options,
 ) -> OnlineAgent:
     info = StreamInfo("test", "classification", (IN,), C, True, len(seeds), "accuracy", batch)
-    spec = OnlineAgentSpec(hidden=HIDDEN, activation=activation, lr=0.05, fast=False)
+    spec = OnlineAgentSpec(hidden=HIDDEN, activation=activation, lr=0.05, fast=fast)
     cspec = build_spec(credit_def(credit).Spec, options, "credit.")
     learner = Learner("bp", learner_def("bp").Spec(), Credit(credit, cspec))
     return OnlineAgent(info, list(seeds), spec, learner)
@@ -147,6 +152,39 @@ def test_each_rule_matches_a_per_sample_loop(credit: str, activation: str) -> No
             )
             torch.testing.assert_close(
                 agent.views[f"{name}.bias"][r].double(), loop.b[i], rtol=1e-4, atol=1e-6
+            )
+        for k, v in loop.B.items():
+            torch.testing.assert_close(
+                agent.credit.feedback[k][r].double(), v, rtol=1e-4, atol=1e-6
+            )
+
+
+@pytest.mark.parametrize("credit", ("fa", "dfa", "sign-symmetry", "kolen-pollack"))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_fast_backends_match_the_per_sample_loop_too(credit: str, batch: int) -> None:
+    from contlearn.backends import kernels
+
+    options = {"decay": 0.01} if credit == "kolen-pollack" else {}
+    agent = make_agent(credit, batch=batch, activation="relu", fast=True, **options)
+    block = batch == 1 and kernels.library() is not None
+    assert agent.backend == ("block" if block else "fused")
+    loops = [LoopNet(agent, r) for r in range(2)]
+    for x, y in batches(2, batch, 6):
+        if block:  # the C loop, one step per block
+            agent.learn_block(x[None], y[None])
+        else:
+            agent.act(x)
+            agent.observe(x, None, y)
+        for r, loop in enumerate(loops):
+            loop.step(x[r], y[r])
+    params = agent.parameters()
+    for r, loop in enumerate(loops):
+        for i, name in enumerate(loop.names):
+            torch.testing.assert_close(
+                params[f"{name}.weight"][r].double(), loop.W[i], rtol=1e-4, atol=1e-6
+            )
+            torch.testing.assert_close(
+                params[f"{name}.bias"][r].double(), loop.b[i], rtol=1e-4, atol=1e-6
             )
         for k, v in loop.B.items():
             torch.testing.assert_close(
@@ -315,7 +353,11 @@ def test_every_rule_is_registered_listed_and_resolves() -> None:
         ({"credit": "fb"}, "unknown credit rule 'fb'"),
         ({"credit": "kolen-pollack", "credit.decay": "-1"}, "credit.decay"),
         ({"credit": "fa", "credit.decay": "0.1"}, "credit.decay"),
-        ({"stream": "slippery-ant", "credit": "fa"}, "does not apply to agent ppo"),
+        (
+            {"stream": "slippery-ant", "credit": "kolen-pollack", "credit.decay": "2"},
+            "credit.decay",
+        ),
+        ({"stream": "slippery-ant", "credit": "fb"}, "unknown credit rule 'fb'"),
     ],
 )
 def test_bad_credit_settings_are_config_errors(values: dict, message: str) -> None:
@@ -360,10 +402,13 @@ def test_a_run_with_a_rule_records_it_and_its_backend(tmp_path) -> None:
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "contlearn: backend reference" in proc.stderr
+    from contlearn.backends import kernels
+
+    backend = "block" if kernels.library() is not None else "fused"  # dfa + cbp learn fast
+    assert f"contlearn: backend {backend}" in proc.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["credit"] == "dfa"
-    assert json.loads((out / "meta.json").read_text())["backend"] == "reference"
+    assert json.loads((out / "meta.json").read_text())["backend"] == backend
     import contlearn
 
     df = contlearn.load_runs([out])

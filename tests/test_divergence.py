@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import contlearn
+from contlearn.probes.measures import PROBES
 from contlearn.results.store import load_runs
 
 
@@ -104,3 +105,120 @@ def test_bad_on_divergence_value_is_refused(mode, tmp_path):
         contlearn.run(
             "bit-flipping", steps=1, config={"on_divergence": mode + "x"}, out=tmp_path / "x"
         )
+
+
+# --- divergence with probes on (issue #17): every probe skips or marks a diverged replica ---
+
+
+def test_singular_values_of_a_non_finite_replica_are_nan_and_the_others_exact():
+    from contlearn.probes.measures import ProbeContext, effective_rank, singular_values
+
+    a = torch.randn(3, 40, 6, dtype=torch.float64)
+    a[1, 3, 2] = math.nan
+    a[2, 0, 0] = math.inf
+    s = singular_values(a)
+    assert s[1:].isnan().all() and torch.allclose(s[0], torch.linalg.svdvals(a[0]))
+    ranks = effective_rank(ProbeContext({"h": a}, {}, "relu"))["h"]
+    assert ranks[1:].isnan().all() and ranks[0].isfinite()
+
+
+PROBED = {
+    "examples_per_task": 100,
+    "hidden": "8,8",
+    "probe_size": 16,
+    "probe_every": 25,
+    "probes": ",".join(PROBES),
+}
+
+
+def _probes_after_divergence(df):
+    """Probe rows of each diverged seed at or after the step it diverged."""
+    marks = df[df.metric == "diverged"].groupby("seed").step.min()
+    probes = df[df.metric.isin(_PROBE_METRICS)]
+    late = probes.seed.map(marks).le(probes.step)
+    return probes[late & probes.seed.isin(marks.index)]
+
+
+_PROBE_METRICS = set(PROBES)  # every registered probe, the off-by-default ones too
+
+
+def test_the_issue_command_ends_with_the_diverged_seeds_marked(tmp_path, cli):
+    out = tmp_path / "r"
+    args = ["--seeds", "3", "--set", "examples_per_task=500", "--set", "lr=0.3"]
+    code, _, err = cli("run", "permuted-mnist", "--tasks", "3", *args, "--out", out)
+    assert code == 0, err
+    df = load_runs(out)
+    diverged = set(df[df.metric == "diverged"].seed)
+    assert diverged and diverged != {0, 1, 2}  # (with these seeds: some, not all)
+    assert _probes_after_divergence(df).value.isna().all()
+    healthy = df[~df.seed.isin(diverged) & df.metric.isin(_PROBE_METRICS - {"grad_magnitude"})]
+    assert healthy.value.notna().all()
+    acc = df[df.metric == "accuracy"]
+    assert (acc.groupby("seed").task.max() == 2).all()  # every seed ran every task
+    code, _, err = cli("resume", out, "--tasks", "4")  # and the run can go on
+    assert code == 0, err
+    assert (load_runs(out).query("metric == 'accuracy'").groupby("seed").task.max() == 3).all()
+
+
+@pytest.mark.parametrize(
+    "learner, extra",
+    [
+        ("bp", {}),
+        ("adam", {}),
+        ("l2", {}),
+        ("l2-init", {}),
+        ("snp", {}),
+        ("snp-init", {}),
+        ("cbp", {"learner.replacement_rate": 0.05, "learner.maturity": 5}),
+        ("redo", {"learner.period": 20, "learner.window": 10}),
+        ("head-reset", {"boundaries_visible": True}),
+        pytest.param(
+            "weight-clipping",
+            {},
+            marks=pytest.mark.skip(reason="clipping bounds the weights: it does not diverge"),
+        ),
+        ("upgd", {}),
+        ("parseval", {}),
+        ("regrama", {}),
+        ("swr", {}),
+        ("bp", {"credit": "fa"}),  # the alignment probes
+        ("cbp", {"credit": "kolen-pollack", "activation": "tanh", "fast": False}),
+    ],
+)
+def test_every_learner_and_probe_marks_a_diverged_replica_and_resumes(tmp_path, learner, extra):
+    config = {**PROBED, **extra, "lr": 1e6, "checkpoint_every": 100}
+    part = contlearn.run(
+        "bit-flipping", learner=learner, seeds=2, steps=150, config=config, out=tmp_path / "r"
+    )
+    contlearn.resume(part.path, steps=300)
+    df = load_runs(part.path)
+    assert set(df[df.metric == "diverged"].seed)  # (adam: not always both)
+    assert (df[df.metric == "squared_error"].groupby("seed").step.max() == 300).all()
+    late = _probes_after_divergence(df)
+    assert len(late) and late.value.isna().all()
+    assert df.step.max() == 300
+
+
+@pytest.mark.mujoco
+@pytest.mark.parametrize("learner", ["bp", "cbp"])
+def test_rl_divergence_with_probes_marks_and_resumes(tmp_path, learner):
+    config = {
+        "rollout": 64,
+        "minibatch_size": 32,
+        "epochs": 1,
+        "hidden": "16,16",
+        "change_every": 120,
+        "max_episode_steps": 80,
+        "probe_every": 100,
+        "lr": 1e4,
+        "checkpoint_every": 128,
+    }
+    run = contlearn.run(
+        "slippery-ant", learner=learner, seeds=2, steps=200, config=config, out=tmp_path / "r"
+    )
+    contlearn.resume(run.path, steps=300)
+    df = load_runs(run.path)
+    assert set(df[df.metric == "diverged"].seed) == {0, 1}
+    late = _probes_after_divergence(df)
+    assert len(late) and late.value.isna().all()
+    assert df.step.max() == 300

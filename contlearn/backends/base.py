@@ -39,8 +39,10 @@ class StepConfig:
         learner: the registered learner name.
         optimizer: the base optimizer (``sgd``, ``adam``).
         credit: the credit-assignment rule (``bp``: backprop).
+        credit_learned: whether the rule's feedback is learned (it changes with the updates:
+            Kolen–Pollack's ``ΔB = ΔW``), as :class:`~contlearn.credit.CreditDef` declares.
         credit_options: the rule's options (``credit.<param>`` without the prefix), e.g.
-            ``regularize`` (the learner also acts on learned feedback).
+            ``scale``, ``decay``, ``regularize`` (the learner also acts on learned feedback).
         batch_size: examples per step (for PPO: per minibatch).
         device: the device type (``cpu``, ``cuda``, ...).
         dtype: the parameters' dtype name (``float32``).
@@ -57,6 +59,7 @@ class StepConfig:
     learner: str
     optimizer: str
     credit: str = "bp"
+    credit_learned: bool = False
     credit_options: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 1
     device: str = "cpu"

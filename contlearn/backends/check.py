@@ -3,11 +3,12 @@
 :func:`check_online_agent` builds the online agent twice from one configuration, once with its
 backends (``fast=true``: the agent picks the first that supports the configuration) and once
 with the reference step (``fast=false``), feeds both the same batches, and compares every
-step's predictions and loss and, at the end, every parameter and every learner-state tensor
-(floats to a tolerance, integers such as ages and generator states exactly). A backend that
-learns in blocks is driven through :meth:`~contlearn.agents.online.OnlineAgent.learn_block` in
-blocks of uneven lengths, as the engine drives it. ``tests/test_backends.py`` runs it over every
-registered learner × activation × optimizer × stream kind × batch size.
+step's predictions and loss and, at the end, every parameter, every learner-state tensor and
+every feedback matrix of the credit rule (the learned ones too: Kolen–Pollack's B), floats to a
+tolerance, integers such as ages and generator states exactly. A backend that learns in blocks
+is driven through :meth:`~contlearn.agents.online.OnlineAgent.learn_block` in blocks of uneven
+lengths, as the engine drives it. ``tests/test_backends.py`` runs it over every
+registered credit rule × learner × activation × optimizer × stream kind × batch size.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ def check_online_agent(
         zip(tree_leaves(fast.learner_state), tree_leaves(ref.learner_state), strict=True)
     ):
         _close(a, b, f"{where}: learner state tensor {i}", rtol, atol)
+    feedback = ref.credit.state_dict()["feedback"]
+    for k, v in fast.credit.state_dict()["feedback"].items():
+        _close(v, feedback[k], f"{where}: {fast.credit.name} feedback {k}", rtol, atol)
     stats = ref.update_stats()
     for metric, by_layer in fast.update_stats().items():
         for layer, value in by_layer.items():

@@ -106,6 +106,90 @@ ROWS1(rows_b1, 1, 0, UNSCALED)
 ROWS1(rows_c1, 0, 1, UNSCALED)
 ROWS1(rows_n1, 0, 0, UNSCALED)
 
+/* Batch 1 with a credit rule's feedback (four rows per sweep, as ROWS1): the error sent down
+   is pb += Σ_k d[k] F[k, :] with F the feedback B (fa, kolen-pollack: FB_B) or sign(W) (sign
+   symmetry: FB_S, the caller scales pb), read before the update. KP: kolen-pollack's update,
+   u = α d h + β W, B = keep (B + u), W = keep (W + u) (the shared decay keep = 1 − λ). */
+#define FB_B(x, q) (q)
+#define FB_S(x, q) ((float)(((x) > 0.0f) - ((x) < 0.0f)))
+#define ROWSF(NAME, FB, KP, COL, SC)                                                             \
+  static void NAME(float* w, float* fb, const float* d, const float* h, float* pb, float* pc, \
+                   int64_t H, int64_t k0, int64_t k1, float alpha, float scale, float beta,   \
+                   float keep) {                                                               \
+    int64_t k = k0;                                                                            \
+    for (; k + 4 <= k1; k += 4) {                                                              \
+      float *r0 = w + k * H, *r1 = r0 + H, *r2 = r1 + H, *r3 = r2 + H;                         \
+      float *q0 = fb + k * H, *q1 = q0 + H, *q2 = q1 + H, *q3 = q2 + H;                        \
+      const float d0 = d[k], d1 = d[k + 1], d2 = d[k + 2], d3 = d[k + 3];                      \
+      const float a0 = alpha * d0, a1 = alpha * d1, a2 = alpha * d2, a3 = alpha * d3;          \
+      _Pragma("GCC ivdep")                                                                     \
+      for (int64_t i = 0; i < H; ++i) {                                                        \
+        const float x0 = r0[i], x1 = r1[i], x2 = r2[i], x3 = r3[i], hi = h[i];                 \
+        pb[i] += ((d0 * FB(x0, q0[i]) + d1 * FB(x1, q1[i])) + d2 * FB(x2, q2[i]))              \
+                 + d3 * FB(x3, q3[i]);                                                         \
+        float y0, y1, y2, y3;                                                                  \
+        if (KP) {                                                                              \
+          const float u0 = fmaf(a0, hi, beta * x0), u1 = fmaf(a1, hi, beta * x1);              \
+          const float u2 = fmaf(a2, hi, beta * x2), u3 = fmaf(a3, hi, beta * x3);              \
+          q0[i] = keep * (q0[i] + u0); q1[i] = keep * (q1[i] + u1);                            \
+          q2[i] = keep * (q2[i] + u2); q3[i] = keep * (q3[i] + u3);                            \
+          y0 = keep * (x0 + u0); y1 = keep * (x1 + u1);                                        \
+          y2 = keep * (x2 + u2); y3 = keep * (x3 + u3);                                        \
+        } else {                                                                               \
+          y0 = fmaf(a0, hi, SC(x0)); y1 = fmaf(a1, hi, SC(x1));                                \
+          y2 = fmaf(a2, hi, SC(x2)); y3 = fmaf(a3, hi, SC(x3));                                \
+        }                                                                                      \
+        r0[i] = y0; r1[i] = y1; r2[i] = y2; r3[i] = y3;                                        \
+        if (COL) pc[i] += ((fabsf(y0) + fabsf(y1)) + fabsf(y2)) + fabsf(y3);                   \
+      }                                                                                        \
+    }                                                                                          \
+    for (; k < k1; ++k) {                                                                      \
+      float *row = w + k * H, *q = fb + k * H;                                                 \
+      const float dk = d[k], ak = alpha * dk;                                                  \
+      for (int64_t i = 0; i < H; ++i) {                                                        \
+        const float x = row[i];                                                                \
+        pb[i] += dk * FB(x, q[i]);                                                             \
+        float y;                                                                               \
+        if (KP) {                                                                              \
+          const float u = fmaf(ak, h[i], beta * x);                                            \
+          q[i] = keep * (q[i] + u);                                                            \
+          y = keep * (x + u);                                                                  \
+        } else {                                                                               \
+          y = fmaf(ak, h[i], SC(x));                                                           \
+        }                                                                                      \
+        row[i] = y;                                                                            \
+        if (COL) pc[i] += fabsf(y);                                                            \
+      }                                                                                        \
+    }                                                                                          \
+  }
+ROWSF(rows_fa_c, FB_B, 0, 1, SCALED)
+ROWSF(rows_fa_n, FB_B, 0, 0, SCALED)
+ROWSF(rows_fa_c1, FB_B, 0, 1, UNSCALED)
+ROWSF(rows_fa_n1, FB_B, 0, 0, UNSCALED)
+ROWSF(rows_sg_c, FB_S, 0, 1, SCALED)
+ROWSF(rows_sg_n, FB_S, 0, 0, SCALED)
+ROWSF(rows_sg_c1, FB_S, 0, 1, UNSCALED)
+ROWSF(rows_sg_n1, FB_S, 0, 0, UNSCALED)
+ROWSF(rows_kp, FB_B, 1, 0, SCALED)
+
+/* the credit rules of cl_online_block */
+enum { CR_BP = 0, CR_FA = 1, CR_KP = 2, CR_SIGN = 3, CR_DFA = 4 };
+
+/* One layer's backward and update under rule cr (fa, kolen-pollack, sign symmetry) with its
+   feedback fb (sign symmetry: the weights themselves, unread). */
+static void rows_rule(int cr, float* w, float* fb, const float* d, const float* h, float* pb,
+                      float* pc, int64_t H, int64_t K, float alpha, float scale, float keep,
+                      int col) {
+  if (cr == CR_KP) {
+    rows_kp(w, fb, d, h, pb, pc, H, 0, K, alpha, scale, scale - 1.0f, keep);
+    return;
+  }
+  const int one = scale == 1.0f, fa = cr == CR_FA;
+  (fa ? (one ? (col ? rows_fa_c1 : rows_fa_n1) : (col ? rows_fa_c : rows_fa_n))
+      : (one ? (col ? rows_sg_c1 : rows_sg_n1) : (col ? rows_sg_c : rows_sg_n)))(
+      w, fb, d, h, pb, pc, H, 0, K, alpha, scale, scale - 1.0f, keep);
+}
+
 static void rows1(float* w, const float* d, const float* h, float* pb, float* pc, int64_t H,
                   int64_t k0, int64_t k1, float alpha, float scale, int below, int col) {
   if (scale == 1.0f)
@@ -299,8 +383,12 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
                      void** eligp, float decay_w, int64_t maturity, double rate,
                      const float* table, int64_t tsize, int nonneg, int64_t* start,
                      int64_t* events, float* pend_d, int64_t* pend_t, char* skip,
-                     double* gsum, int64_t r0, int64_t r1) {
+                     double* gsum, int cr, void** fbp, float keep, int sunit, int64_t r0,
+                     int64_t r1) {
   const int64_t D = width[0], C = width[L], H1 = width[1];
+  /* kolen-pollack's decay of the input layer's weights, folded into its (deferred) update */
+  const float alpha0 = cr == CR_KP ? keep * alpha : alpha;
+  const float scale0 = cr == CR_KP ? keep * scale : scale;
   int64_t maxw = 0, hsum = 0;
   for (int64_t l = 0; l <= L; ++l) maxw = width[l] > maxw ? width[l] : maxw;
   for (int64_t l = 1; l < L; ++l) hsum += width[l];
@@ -314,20 +402,26 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
     char* sk = skip + r * H1;
     const float* xprev = pend ? x + (pt * R + r) * D : 0;
     /* hidden activations, then z, d, d2, below, input-layer d, then one col per layer >= 1 */
-    float* buf = (float*)malloc(sizeof(float) * (size_t)(2 * hsum + C + 4 * maxw + 64));
+    float* buf = (float*)malloc(sizeof(float) * (size_t)(2 * hsum + 2 * C + 4 * maxw + 64));
     float* hs = buf;
     float* z = hs + hsum;
     float* d = z + C;
     float* d2 = d + maxw;
     float* below = d2 + maxw;
     float* cols = below + maxw;  /* hsum: layer l >= 1's column norms at offset of h[l - 1] */
+    float* eo = cols + hsum;  /* the output error e (dfa) */
     float* h[64];
     float* W[65];
     float* Bv[65];
+    float* Fb[65];  /* layer l's feedback: B_l (fa, kp), D of layer l - 1 (dfa), W_l (sign) */
+    double sabs[65];  /* sign symmetry: Σ |W_l| of the forward pass's weights */
     int64_t off = 0;
     for (int64_t l = 0; l < L; ++l) {
       W[l] = (float*)wp[l] + r * width[l + 1] * width[l];
       Bv[l] = (float*)bp[l] + r * width[l + 1];
+      Fb[l] = W[l];
+      if (l > 0 && (cr == CR_FA || cr == CR_KP)) Fb[l] = (float*)fbp[l] + r * width[l + 1] * width[l];
+      if (l > 0 && cr == CR_DFA) Fb[l] = (float*)fbp[l] + r * C * width[l];
       if (l < L - 1) { h[l] = hs + off; off += width[l + 1]; }
     }
     while (t < T) {
@@ -336,12 +430,16 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
         const int64_t K = width[l + 1], H = width[l];
         const float* in = l == 0 ? xt : h[l - 1];
         float* o = l == L - 1 ? z : h[l];
+        const int mean_abs = cr == CR_SIGN && !sunit && l > 0;
+        double acc = 0.0;
         for (int64_t k = 0; k < K; ++k) {
           float* row = W[l] + k * H;
-          if (l == 0 && pend && !sk[k]) update_row(row, d0, xprev, 1, K, H, k, alpha, scale);
+          if (l == 0 && pend && !sk[k]) update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
           const float v = Bv[l][k] + dot(row, in, H);
           o[k] = l == L - 1 ? v : act_fwd(act, v);
+          if (mean_abs) acc += l1(row, H);
         }
+        sabs[l] = mean_abs ? acc / (double)(K * H) : 1.0;
       }
       if (pend) memset(sk, 0, (size_t)H1);
       pend = 0;
@@ -365,6 +463,7 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
         }
       }
       memcpy(zo, z, sizeof(float) * (size_t)C);
+      memcpy(eo, d, sizeof(float) * (size_t)C);
       loss[t * R + r] = lv;
       for (int64_t l = L - 1; l >= 0; --l) {
         const int64_t K = width[l + 1], H = width[l];
@@ -380,7 +479,19 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
           float* col = cols + (h[l - 1] - hs);
           memset(below, 0, sizeof(float) * (size_t)H);
           if (cbp) memset(col, 0, sizeof(float) * (size_t)H);
-          rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, 1, cbp);
+          if (cr == CR_BP || cr == CR_DFA)
+            rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, cr == CR_BP, cbp);
+          else
+            rows_rule(cr, W[l], Fb[l], d, h[l - 1], below, col, H, K, alpha, scale, keep, cbp);
+          if (cr == CR_SIGN && !sunit) {
+            const float sc = (float)sabs[l];
+            for (int64_t i = 0; i < H; ++i) below[i] *= sc;
+          }
+          if (cr == CR_DFA)  /* below = e D_{l-1} */
+            for (int64_t c = 0; c < C; ++c) {
+              const float ec = eo[c], *Dc = Fb[l] + c * H;
+              for (int64_t i = 0; i < H; ++i) below[i] = fmaf(ec, Dc[i], below[i]);
+            }
         }
         for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
         if (l > 0) {
@@ -406,7 +517,7 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
     }
     if (pend && !stopped) {
       for (int64_t k = 0; k < H1; ++k)
-        if (!sk[k]) update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha, scale);
+        if (!sk[k]) update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
       memset(sk, 0, (size_t)H1);
       pend = 0;
     }

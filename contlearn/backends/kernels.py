@@ -129,7 +129,8 @@ def library() -> ctypes.CDLL | None:
                 ctypes.c_void_p] * 6 + _c(ctypes.c_float, ctypes.c_int64, ctypes.c_double,
                                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                           ctypes.c_void_p, ctypes.c_void_p) + [
-                ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+                ctypes.c_void_p] * 4 + _c(ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
+                                          ctypes.c_int) + [ctypes.c_int64] * 2
             _lib.cl_cbp_replace.restype = None
             _lib.cl_cbp_replace.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 10 + [
                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
@@ -292,6 +293,26 @@ def cbp_stats_(age: torch.Tensor, f: torch.Tensor, u: torch.Tensor, u_hat: torch
 BLOCK_ACTIVATIONS = {"relu": 0, "tanh": 1, "sigmoid": 2, "leaky_relu": 3}
 #: the kernel's fixed-size per-layer arrays (hidden layers + output layer).
 MAX_BLOCK_LAYERS = 64
+#: credit rules the whole-step kernel computes (codes of ``cr`` in the C source)
+BLOCK_RULES = {"bp": 0, "fa": 1, "kolen-pollack": 2, "sign-symmetry": 3, "dfa": 4}
+
+
+class BlockCredit(NamedTuple):
+    """A credit rule as the whole-step kernel takes it (docs/credit.md).
+
+    Attributes:
+        rule: a key of :data:`BLOCK_RULES`.
+        feedback: per layer ``(R, K, H)`` (None where the rule has none): ``B_l`` for fa and
+            kolen-pollack (updated in place by the latter), for dfa ``D (R, C, H)`` of the
+            hidden layer below layer l.
+        keep: kolen-pollack's ``1 − λ`` (every weight matrix and B shrink by it each step).
+        unit: sign symmetry's ``scale=unit`` (else s = mean |W_l|).
+    """
+
+    rule: str = "bp"
+    feedback: tuple[torch.Tensor | None, ...] = ()
+    keep: float = 1.0
+    unit: bool = False
 
 
 class CBPKernelState(NamedTuple):
@@ -342,7 +363,8 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
                   target: torch.Tensor, classification: bool, alpha: float, beta: float,
                   activation: str, out: torch.Tensor, loss: torch.Tensor, start: torch.Tensor,
                   events: torch.Tensor, cbp: CBPKernelState | None, pending: Pending1,
-                  workers: int, grad_l1: torch.Tensor | None = None) -> None:
+                  workers: int, grad_l1: torch.Tensor | None = None,
+                  credit: BlockCredit | None = None) -> None:
     """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
 
     Args:
@@ -365,10 +387,14 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
             (one replica's steps always run on one thread: results do not depend on this).
         grad_l1: ``(R, L)`` float64 or None: each step adds the L1 norm of every layer's loss
             gradient (weights and bias) to it.
+        credit: the credit rule (None: backprop).
     """
     lib = library()
     assert lib is not None
+    credit = credit or BlockCredit()
     L = len(weights)
+    feedback = (ctypes.c_void_p * L)(*[None if f is None else f.data_ptr()
+                                       for f in list(credit.feedback) + [None] * L][:L])
     widths = _widths(weights)
     T, R = x.shape[:2]
     cls = target if classification else None
@@ -385,7 +411,8 @@ def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: to
         c.table.data_ptr() if c else None, len(c.table) if c else 0,
         int(c.nonnegative) if c else 0, start.data_ptr(), events.data_ptr(),
         pending.d.data_ptr(), pending.step.data_ptr(), pending.skip.data_ptr(),
-        grad_l1.data_ptr() if grad_l1 is not None else None)
+        grad_l1.data_ptr() if grad_l1 is not None else None, BLOCK_RULES[credit.rule],
+        feedback, credit.keep, int(credit.unit))
     todo = [r for r in range(R) if int(start[r]) < T or int(pending.step[r]) >= 0]
     groups = min(max(workers, 1), len(todo))
     if groups <= 1:

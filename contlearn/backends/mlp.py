@@ -25,6 +25,7 @@ the forward pass ``act`` made for ``observe``, and the fused path's deferred inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +33,8 @@ import torch
 from contlearn.agents.networks import ACTIVATIONS
 from contlearn.backends import kernels
 from contlearn.backends.base import StepConfig
+from contlearn.credit.learned import KolenPollack
+from contlearn.credit.rules import DirectFeedback, FixedFeedback, SignSymmetry
 
 if TYPE_CHECKING:
     from contlearn.agents.online import OnlineAgent
@@ -39,6 +42,9 @@ if TYPE_CHECKING:
 
 #: the stream kinds whose loss the hand-written backward knows (cross-entropy, squared error)
 _TASKS = ("classification", "regression")
+#: the credit rules the hand-written backward computes (docs/credit.md); weight mirror's and
+#: Kunin et al.'s learned feedback run the reference step
+RULES = ("bp", "fa", "dfa", "sign-symmetry", "kolen-pollack")
 
 
 def loss_and_delta(
@@ -77,10 +83,17 @@ class HandBackward:
 
     @staticmethod
     def supports(cfg: StepConfig) -> bool:
-        """Backprop credit on the MLP, any learner, for the losses it knows."""
+        """The MLP under backprop, ``fa``, ``dfa``, ``sign-symmetry`` or ``kolen-pollack``
+        (:data:`RULES`), any learner, for the losses it knows; ``sign-symmetry`` only with
+        learners that declare a fused form (SGD's family). Its error is a sum of ``±s δ_k``,
+        and the softmax's output error sums to zero, so a unit whose outgoing weights share
+        one sign gets 0 up to rounding, which Adam-like learners scale to a whole step: there
+        the update is decided by float rounding, and only the reference's own arithmetic
+        gives the reference's numbers."""
         return (
             cfg.network == "mlp"
-            and cfg.credit == "bp"
+            and cfg.credit in RULES
+            and (cfg.credit != "sign-symmetry" or cfg.fused is not None)
             and cfg.task in _TASKS
             and cfg.activation in ACTIVATIONS
         )
@@ -120,6 +133,9 @@ class HandBackward:
         (flat, out, hs, zs), self._cache = self._cache, None
         agent = self.agent
         loss, delta = self._loss_and_delta(out, target)
+        if not agent.credit.is_backprop:  # the reference's rule step, from this e = ∂L/∂ŷ
+            agent.rule_update(flat, hs, zs, delta, task_start)
+            return loss
         grads = agent.net.backward(delta, flat, hs, zs, agent.views)
         agent.add_grad_l1(grads)
         agent.apply_updates(grads, _features(agent, hs), task_start)
@@ -137,8 +153,18 @@ class FusedBackward(HandBackward):
 
     @staticmethod
     def supports(cfg: StepConfig) -> bool:
-        """As :class:`HandBackward`, for learners that declare a fused form."""
-        return HandBackward.supports(cfg) and cfg.fused is not None
+        """As :class:`HandBackward`, for learners that declare a fused form; under a rule whose
+        feedback is learned (``kolen-pollack``: ``ΔB = ΔW``), only without a post-update edit
+        (noise, resets, which also reset B) and without ``credit.regularize`` (the learner
+        acting on B), so that the affine step on W is the whole update B follows."""
+        return (
+            HandBackward.supports(cfg)
+            and cfg.fused is not None
+            and not (
+                cfg.credit_learned
+                and (cfg.fused.post is not None or cfg.credit_options.get("regularize", False))
+            )
+        )
 
     def __init__(self, agent: OnlineAgent) -> None:
         super().__init__(agent)
@@ -148,7 +174,13 @@ class FusedBackward(HandBackward):
         first = agent.net.layers[0].name
         w = agent.views[f"{first}.weight"]
         self._first = (f"{first}.weight", f"{first}.bias")
-        self._defer = self.plan.post is None and kernels.applies(w, w[:, :1], w[:, :1])
+        #: kolen-pollack's rule (its B learns with the update, W and B decay), else None
+        self._kp = agent.credit if isinstance(agent.credit, KolenPollack) else None
+        self._defer = (
+            self.plan.post is None
+            and self._kp is None  # (the decay follows the update at once)
+            and kernels.applies(w, w[:, :1], w[:, :1])
+        )
         self._pending: kernels.Pending | None = None
 
     def sync(self) -> None:
@@ -192,7 +224,12 @@ class FusedBackward(HandBackward):
             agent.views,
             defer_first=defer,
             grad_l1=agent.grad_l1,
+            signal=None if agent.credit.is_backprop else self._signal(delta, flat, hs),
         )
+        if self._kp is not None and self._kp.decay:  # W ← (1 − λ) W after B ← (1 − λ)(B + u)
+            torch._foreach_mul_(
+                [agent.views[f"{la.name}.weight"] for la in agent.net.layers], 1.0 - self._kp.decay
+            )
         if agent.grad_l1 is not None:
             agent.grad_steps += 1
         if first is not None:
@@ -206,6 +243,28 @@ class FusedBackward(HandBackward):
                 col_l1=cols,
             )
         return loss
+
+    def _signal(
+        self, e: torch.Tensor, flat: torch.Tensor, hs: list[torch.Tensor]
+    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """The rule's error sent down by layer i, taken before the layer's update
+        (:meth:`~contlearn.credit.rules.FeedbackRule.signal`); for kolen-pollack also
+        ``B_i ← (1 − λ)(B_i + u_i)`` with the layer's fused update ``u = α δᵀh + β W``."""
+        agent, plan, kp = self.agent, self.plan, self._kp
+
+        def signal(i: int, delta: torch.Tensor) -> torch.Tensor:
+            below = agent.credit.signal(i, delta, e, agent.views)
+            if kp is not None:
+                name = agent.net.layers[i].name
+                b, w = kp.feedback[name], agent.views[f"{name}.weight"]
+                if plan.param_scale:
+                    b.add_(w, alpha=plan.param_scale)
+                b.baddbmm_(delta.transpose(1, 2), hs[i - 1], alpha=plan.grad_scale)
+                if kp.decay:
+                    b.mul_(1.0 - kp.decay)
+            return below
+
+        return signal
 
 
 class BlockLoop(FusedBackward):
@@ -230,6 +289,7 @@ class BlockLoop(FusedBackward):
             and cfg.device == "cpu"
             and cfg.dtype == "float32"
             and (plan.post is None or plan.replacer is not None)
+            and cfg.credit in kernels.BLOCK_RULES
             and cfg.activation in kernels.BLOCK_ACTIVATIONS
             and cfg.depth + 1 <= kernels.MAX_BLOCK_LAYERS
         )
@@ -277,6 +337,7 @@ class BlockLoop(FusedBackward):
                 )
         pending = kernels.Pending1.empty(R, weights[0].shape[1])
         workers = agent.block_workers()
+        credit = _block_credit(agent)
         while True:
             kernels.online_block_(
                 weights,
@@ -295,6 +356,7 @@ class BlockLoop(FusedBackward):
                 pending,
                 workers,
                 agent.grad_l1,
+                credit,
             )
             if cbp is not None and bool(events.any()):
                 assert replacer is not None
@@ -307,6 +369,22 @@ class BlockLoop(FusedBackward):
                 break
         agent.grad_steps += T
         return out.unsqueeze(2), {"loss": loss}
+
+
+def _block_credit(agent: OnlineAgent) -> kernels.BlockCredit:
+    """The agent's credit rule as the whole-step kernel takes it (its feedback tensors, which
+    kolen-pollack's steps update in place)."""
+    rule, layers = agent.credit, agent.net.layers
+    feedback: tuple[torch.Tensor | None, ...] = ()
+    if isinstance(rule, DirectFeedback):  # layer i sends e D of the layer below it
+        feedback = (None, *(rule.feedback[layers[i - 1].name] for i in range(1, len(layers))))
+    elif isinstance(rule, FixedFeedback):  # fa, kolen-pollack: B_i
+        feedback = (None, *(rule.feedback[layer.name] for layer in layers[1:]))
+    if not all(f is None or (f.is_contiguous() and f.dtype == torch.float32) for f in feedback):
+        raise RuntimeError("the block backend was chosen but the feedback is not in its form")
+    keep = 1.0 - rule.decay if isinstance(rule, KolenPollack) else 1.0
+    unit = isinstance(rule, SignSymmetry) and rule.scale == "unit"
+    return kernels.BlockCredit(rule.name, feedback, keep, unit)
 
 
 def _features(agent: OnlineAgent, hs: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -58,6 +58,8 @@ class ValueWorkerBackend:
         """Why this backend does not compute ``cfg``'s reference step (None: it does)."""
         if not cfg.options.get("value_worker", False):
             return "value_worker=false"
+        if cfg.credit != "bp":
+            return f"value_worker=true needs credit=bp (the hand-written update), not {cfg.credit}"
         if not cfg.options.get("fast", True) or not PPO_GRADIENTS.supports(cfg):
             return "value_worker=true needs the hand-written update (fast=true)"
         if cfg.learner not in SEPARABLE_LEARNERS:
@@ -145,7 +147,7 @@ def value_updates(
     with torch.no_grad():
         for mb, first in agent.minibatches({"obs": obs, "ret": ret}, orders):
             loss, grads, features = value_part(agent.net, mb, agent.spec.vf_coef)
-            sums = agent.apply_update(grads, features, record=first)
+            sums, _ = agent.apply_update(grads, features, record=first)
             losses.append(loss)
             for k, total in (sums or {}).items():
                 grad_sums[k].append(total)

@@ -186,7 +186,7 @@ def download_mnist(
             url = base.rstrip("/") + "/" + name
             try:
                 _fetch(url, dest, md5, timeout)
-            except (OSError, urllib.error.URLError, DataError) as exc:
+            except (OSError, ValueError, urllib.error.URLError, DataError) as exc:
                 errors.append(f"{url}: {exc}")
                 continue
             log(f"{name}: downloaded from {base}")

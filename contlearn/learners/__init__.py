@@ -75,11 +75,11 @@ learners.register("snp-init", "contlearn.learners.presets:SNP_INIT")
 learners.register("cbp", "contlearn.learners.presets:CBP")
 learners.register("redo", "contlearn.learners.presets:REDO")
 learners.register("head-reset", "contlearn.learners.presets:HEAD_RESET")
-learners.register("weight-clipping", "contlearn.learners.presets:WEIGHT_CLIPPING")
-learners.register("upgd", "contlearn.learners.presets:UPGD")
-learners.register("parseval", "contlearn.learners.presets:PARSEVAL")
-learners.register("regrama", "contlearn.learners.presets:REGRAMA")
-learners.register("swr", "contlearn.learners.presets:SWR")
+learners.register("weight-clipping", "contlearn.learners.toolkit_presets:WEIGHT_CLIPPING")
+learners.register("upgd", "contlearn.learners.toolkit_presets:UPGD")
+learners.register("parseval", "contlearn.learners.toolkit_presets:PARSEVAL")
+learners.register("regrama", "contlearn.learners.toolkit_presets:REGRAMA")
+learners.register("swr", "contlearn.learners.toolkit_presets:SWR")
 
 
 def learner_def(name: str) -> LearnerDef:

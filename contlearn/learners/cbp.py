@@ -217,17 +217,9 @@ class _ContinualBackprop:
             grads, state.inner, params, features=features, **extra
         )
         # given updates, _steps returns them (edited), never None
-        return cast(
-            "tuple[Params, CBPState]",
-            self._steps(
-                state._replace(inner=inner_state),
-                params,
-                updates,
-                features,
-                None,
-                extra.get("feedback"),
-            ),
-        )
+        state, feedback = state._replace(inner=inner_state), extra.get("feedback")
+        steps = self._steps(state, params, updates, features, None, feedback)
+        return cast("tuple[Params, CBPState]", steps)
 
     def fused(self) -> FusedPlan | None:
         """The fused form: the inner chain's, with steps 1–7 as the post (None if the inner

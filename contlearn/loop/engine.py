@@ -69,11 +69,17 @@ class DivergenceError(ContlearnError):
 
 
 def probe_records(
-    schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: Agent, step: int, task: int
+    schedule: ProbeSchedule,
+    stream: SupervisedStreamProtocol,
+    agent: Agent,
+    step: int,
+    task: int,
+    diverged: torch.Tensor | None = None,
 ) -> list[Record]:
     """Run the scheduled probes that precede the probe step's update, on a fresh probe batch of
-    the current task and the agent's ``update_stats()`` since the last probe."""
-    return results_records(step, task, scheduled_results(schedule, stream, agent))
+    the current task and the agent's ``update_stats()`` since the last probe (NaN for the
+    ``diverged`` replicas)."""
+    return results_records(step, task, scheduled_results(schedule, stream, agent), diverged)
 
 
 class SteppingLoop:
@@ -247,7 +253,7 @@ class SupervisedLoop(SteppingLoop):
             and isinstance(agent, SupportsProbeThreads)
             and agent.probe_threads() == 1
         )
-        self._in_flight: tuple[int, int, Future] | None = None
+        self._in_flight: tuple[int, int, Future, torch.Tensor] | None = None
         if "grad_magnitude" in names and isinstance(agent, SupportsGradientWatch):
             agent.watch_gradients(True)
 
@@ -279,9 +285,12 @@ class SupervisedLoop(SteppingLoop):
             else None
         )
         if future is not None:
-            self._in_flight = (done, self.task, future)
+            self._in_flight = (done, self.task, future, self.diverged.clone())
         else:
-            for record in probe_records(self.probes, self.stream, self.agent, done, self.task):
+            records = probe_records(
+                self.probes, self.stream, self.agent, done, self.task, self.diverged
+            )
+            for record in records:
                 self.emit(record)
         if self._after_step:
             self._probe_point = (done, self.task)
@@ -291,9 +300,9 @@ class SupervisedLoop(SteppingLoop):
         """Emit the records of the probes running concurrently, waiting for them if need be
         (before the next probe, a checkpoint, the end)."""
         if self._in_flight is not None:
-            step, task, future = self._in_flight
+            step, task, future, diverged = self._in_flight
             self._in_flight = None
-            for record in results_records(step, task, future.result()):
+            for record in results_records(step, task, future.result(), diverged):
                 self.emit(record)
 
     def _after_step_probes(
@@ -307,7 +316,7 @@ class SupervisedLoop(SteppingLoop):
         assert isinstance(self.agent, SupportsProbeLoss)  # (else no probe point is kept)
         after = self.agent.probe_loss(obs, target)
         results = run_step_probes(self.probes.names, self.agent, metrics["loss"], after)
-        for record in results_records(*point, results):
+        for record in results_records(*point, results, self.diverged):
             self.emit(record)
 
     def step(self) -> None:

@@ -73,14 +73,26 @@ def record_writer(writer: RowSink, seeds: Sequence[int]) -> Callable[[Record], N
 
 
 def results_records(
-    step: int, task: int, results: dict[str, dict[str, torch.Tensor]]
+    step: int,
+    task: int,
+    results: dict[str, dict[str, torch.Tensor]],
+    diverged: torch.Tensor | None = None,
 ) -> list[Record]:
-    """``probe`` records of probe results ``{metric: {layer: (R,)}}``."""
+    """``probe`` records of probe results ``{metric: {layer: (R,)}}``; the values of the
+    replicas marked in ``diverged`` ``(R,)`` bool are NaN (:func:`mark_diverged`)."""
     return [
-        Record("probe", step, task, {metric: values}, layer)
+        Record("probe", step, task, {metric: mark_diverged(values, diverged)}, layer)
         for metric, by_layer in results.items()
         for layer, values in by_layer.items()
     ]
+
+
+def mark_diverged(values: torch.Tensor, diverged: torch.Tensor | None) -> torch.Tensor:
+    """Probe values ``(R,)`` with NaN for every diverged replica: what a probe measures on a
+    network whose loss went non-finite means nothing (docs/reliability.md, Divergence)."""
+    if diverged is None or not bool(diverged.any()) or values.shape != diverged.shape:
+        return values
+    return torch.where(diverged, torch.nan, values.to(torch.float64))
 
 
 class TaskTotals:

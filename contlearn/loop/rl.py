@@ -48,7 +48,7 @@ from contlearn.agents.protocol import Agent, SupportsDiagnostics, SupportsFeatur
 from contlearn.envs.protocol import RLStreamProtocol
 from contlearn.loop.engine import ProbeSchedule, SteppingLoop
 from contlearn.loop.progress import Progress
-from contlearn.loop.records import Record
+from contlearn.loop.records import Record, mark_diverged
 from contlearn.probes.measures import PROBES, ProbeContext, _with_aggregate, network_of
 from contlearn.probes.schedule import update_stats
 
@@ -199,7 +199,8 @@ class RLLoop(SteppingLoop):
                 results[metric] = by_layer
         for metric, by_layer in results.items():
             for layer, per_replica in by_layer.items():
-                self._emit_all("probe", step, {metric: per_replica}, layer)
+                marked = mark_diverged(per_replica, self.diverged)
+                self._emit_all("probe", step, {metric: marked}, layer)
         diagnostics = agent.diagnostics() if isinstance(agent, SupportsDiagnostics) else {}
         for layer, values in diagnostics.items():
             self._emit_all("probe", step, values, layer)

@@ -226,9 +226,16 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
     When ``H ≤ P``, from the eigenvalues of the ``H × H`` Gram matrix AᵀA (about half the time of
     an SVD; :func:`gram_singular_values`) for every replica where that is exact up to rounding;
     the SVD for the others. The SVD falls back to NumPy's LAPACK driver, then to eigenvalues of
-    AᵀA, if it fails to converge.
+    AᵀA, if it fails to converge. A replica whose features are not finite (it diverged) gets
+    NaN values, and so does one where every solver fails: the other replicas are unaffected.
     """
     a64 = a.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(a64).flatten(1).all(1)  # (R,)
+    if not bool(finite.all()):  # a diverged replica: NaN values, the others as usual
+        s = a64.new_full((a64.shape[0], min(a64.shape[1:])), float("nan"))
+        if bool(finite.any()):
+            s[finite] = singular_values(a64[finite])
+        return s
     if 0 < a64.shape[2] <= a64.shape[1]:
         s, exact = gram_singular_values(a64)
         if bool(exact.all()):
@@ -247,9 +254,13 @@ def _svdvals(a64: torch.Tensor) -> torch.Tensor:
     try:
         return torch.from_numpy(np.linalg.svd(a64.numpy(), compute_uv=False))
     except np.linalg.LinAlgError:
-        gram = a64.transpose(1, 2) @ a64
+        pass
+    gram = a64.transpose(1, 2) @ a64
+    try:
         eig = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
-        return eig[:, : min(a64.shape[1:])]
+    except RuntimeError:  # (not even the eigensolver converges: no value rather than a crash)
+        return a64.new_full((a64.shape[0], min(a64.shape[1:])), float("nan"))
+    return eig[:, : min(a64.shape[1:])]
 
 
 #: the largest relative error of the effective rank :func:`gram_singular_values` may leave.
@@ -329,19 +340,24 @@ def stable_rank_of(s: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, s.pow(2).sum(-1) / top.clamp_min(1e-300), torch.zeros_like(top))
 
 
+def _nan_where_unknown(s: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (R,), NaN for the replicas whose singular values ``s`` (R, K) are unknown."""
+    return torch.where(s.isnan().any(-1), torch.nan, values)
+
+
 def effective_rank(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """Effective rank of each hidden layer's features."""
-    return {k: effective_rank_of(s) for k, s in _svals(ctx).items()}
+    return {k: _nan_where_unknown(s, effective_rank_of(s)) for k, s in _svals(ctx).items()}
 
 
 def approx_rank(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """99%-energy rank of each hidden layer's features."""
-    return {k: approx_rank_of(s) for k, s in _svals(ctx).items()}
+    return {k: _nan_where_unknown(s, approx_rank_of(s)) for k, s in _svals(ctx).items()}
 
 
 def stable_rank(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """Stable rank of each hidden layer's features."""
-    return {k: stable_rank_of(s) for k, s in _svals(ctx).items()}
+    return {k: _nan_where_unknown(s, stable_rank_of(s)) for k, s in _svals(ctx).items()}
 
 
 def _layer_means(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -333,7 +333,8 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
         The path written.
 
     Raises:
-        ContlearnError: the extension is not ``.png``, ``.svg`` or ``.pdf``.
+        ContlearnError: the extension is not ``.png``, ``.svg`` or ``.pdf``, or the file
+            cannot be written (a file where a folder should be, no permission, ...).
     """
     path = Path(path)
     ext = path.suffix.lower()
@@ -342,6 +343,11 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
             f"cannot save a figure as {path}: unknown format "
             f"{ext or '(no extension)'!r}; use .png, .svg or .pdf"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=ext[1:], dpi=dpi)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format=ext[1:], dpi=dpi)
+    except OSError as exc:
+        raise ContlearnError(
+            f"cannot save the figure as {path} ({exc.strerror or exc}); choose another --out"
+        ) from None
     return path

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,16 +86,19 @@ def _leftover(entry: Path) -> bool:
     return entry.name == ".lock" or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
 
 
-def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
-    """Make sure ``path`` can take a new run.
-
-    An existing run is refused unless ``overwrite`` (its files are removed). A non-empty folder
-    that is not a run is never touched.
+def check_run_dir(path: Path, *, overwrite: bool = False) -> None:
+    """Whether ``path`` can take a new run, without touching anything.
 
     Raises:
-        RunDirError: the folder holds a run (and neither flag is set) or other files.
+        RunDirError: ``path`` is a file or a dangling symlink, holds a run (and ``overwrite``
+            is not set), or is a non-empty folder that holds no run.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise RunDirError(
+            f"{path} is a symlink to {os.readlink(path)}, which does not exist; create its "
+            "target or choose another --out"
+        )
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} is a file, not a run directory; choose another --out")
     if is_run_dir(path):
@@ -104,10 +107,76 @@ def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
                 f"{path} already holds a run; pass --resume to continue it, --overwrite to "
                 "replace it, or choose another --out"
             )
-        shutil.rmtree(path)
-    elif path.is_dir() and any(not _leftover(p) for p in path.iterdir()):
+    elif path.is_dir() and _entries(path, lambda p: not _leftover(p)):
         raise RunDirError(f"{path} is not empty and holds no run; choose an empty or new --out")
-    path.mkdir(parents=True, exist_ok=True)
+
+
+def _entries(path: Path, keep: Any) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if keep(p)]
+    except OSError as exc:
+        raise RunDirError(f"cannot list {path} ({exc.strerror}); check its permissions") from None
+
+
+def make_run_dir(path: Path) -> None:
+    """Create the run directory (and its parents).
+
+    Raises:
+        RunDirError: it cannot be created (a file on the way, read-only filesystem, no
+            permission, name too long); nothing is left half made.
+    """
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(
+            f"cannot create run directory {path} ({exc.strerror or exc}); choose another --out"
+        ) from None
+
+
+#: a run's folders and the files it writes there; ``--overwrite`` removes these and nothing else
+RUN_FOLDERS = {METRICS_DIR: ("part-*.parquet", ".part-*.tmp"), "checkpoints": ("ckpt-*", ".ckpt-*")}
+
+
+def clear_run(path: Path) -> None:
+    """Remove the run in ``path`` (``--overwrite``): its config, meta, metric parts and
+    checkpoints, and only those; other files in the folder are left where they are. The
+    caller holds the run's lock (:class:`RunLock`), so no live writer loses its run."""
+    path = Path(path)
+    try:
+        for name in (CONFIG_FILE, META_FILE):  # config first: a half-cleared run is no run
+            (path / name).unlink(missing_ok=True)
+        for folder, patterns in RUN_FOLDERS.items():
+            sub = path / folder
+            if not sub.is_dir():
+                continue
+            for pattern in patterns:
+                for file in sub.glob(pattern):
+                    file.unlink(missing_ok=True)
+            if not any(sub.iterdir()):
+                sub.rmdir()
+        for tmp in path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise RunDirError(
+            f"cannot remove the run in {path} ({exc.strerror}); check its permissions"
+        ) from None
+
+
+def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
+    """Make sure ``path`` can take a new run (:func:`check_run_dir`, :func:`make_run_dir`).
+
+    An existing run is refused unless ``overwrite`` (its files are removed, :func:`clear_run`,
+    unless a live process writes it). A non-empty folder that is not a run is never touched.
+
+    Raises:
+        RunDirError: the folder holds a run (and neither flag is set), other files, or is
+            being written by another process; or it cannot be created.
+    """
+    check_run_dir(path, overwrite=overwrite)
+    make_run_dir(path)
+    if overwrite and is_run_dir(path):
+        with RunLock(path):
+            clear_run(path)
 
 
 def package_versions() -> dict[str, str]:
@@ -145,6 +214,8 @@ def write_config(
     path = Path(path)
     write_atomic(path / CONFIG_FILE, json.dumps(dict(config), indent=2).encode())
     meta = {
+        "run_id": uuid.uuid4().hex,
+        "name": path.name,
         "versions": package_versions(),
         "git_commit": git_commit(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -169,6 +240,31 @@ def record_backend(path: Path, backend: str) -> None:
     write_atomic(file, json.dumps(meta, indent=2).encode())
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """The ``meta.json`` of a run; empty if it is missing or unreadable (it only describes)."""
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def run_name(path: Path) -> str:
+    """The ``run`` column a run writes: the name its directory had when the run began
+    (``meta.json``'s ``name``; for runs older than that field, the name in its first metric
+    part), so a moved run keeps writing one name. Readers do not rely on it:
+    :func:`load_runs` labels rows by the directory it loads them from."""
+    name = read_meta(path).get("name")
+    if isinstance(name, str) and name:
+        return name
+    parts = sorted((Path(path) / METRICS_DIR).glob("part-*.parquet"))
+    try:
+        column = pq.read_table(parts[0], columns=["run"]).column("run") if parts else None
+    except (OSError, pa.ArrowException):
+        column = None
+    return str(column[0]) if column is not None and len(column) else Path(path).name
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The ``config.json`` of a run.
 
@@ -177,11 +273,19 @@ def read_config(path: Path) -> dict[str, Any]:
     """
     file = Path(path) / CONFIG_FILE
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except FileNotFoundError:
         raise DataError(f"{path} is not a run directory (no {CONFIG_FILE})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{file} is not valid JSON ({exc}); restore it or start a new run") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {file} ({exc.strerror}); check its permissions") from None
+    if not isinstance(config, dict):
+        raise DataError(
+            f"{file} holds a {type(config).__name__}, not a mapping of config keys; restore it "
+            "or start a new run"
+        )
+    return config
 
 
 class MetricWriter:
@@ -304,7 +408,12 @@ class RunLock:
         for _ in range(2):
             try:
                 fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+            except OSError as exc:
+                if not isinstance(exc, FileExistsError):
+                    raise RunDirError(
+                        f"cannot write {self.file} ({exc.strerror}); the run directory must be "
+                        "writable: check its permissions or choose another --out"
+                    ) from None
                 if self._holder_alive():
                     raise RunDirError(
                         f"{self.file.parent} is being written by process {self._pid()}; "
@@ -379,6 +488,29 @@ def read_metrics(run_dir: Path) -> pa.Table:
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
+def run_labels(runs: Sequence[Path]) -> list[str]:
+    """The ``run`` column :func:`load_runs` gives each run directory: its name, or, where two
+    loaded runs share a name, its path from the folder they all lie in (``a/run``, ``b/run``).
+
+    Rows are labelled by where they are loaded from, not by what their parts say, so a run
+    moved or renamed (``mv A B``, then resumed) reads as one run, and two runs of one name
+    under different roots stay two.
+    """
+    resolved = [Path(os.path.abspath(r)) for r in runs]
+    names = [r.name for r in resolved]
+    if len(set(names)) == len(names):
+        return names
+    common = Path(os.path.commonpath(resolved)) if resolved else Path()
+    labels = []
+    for r in resolved:
+        if names.count(r.name) == 1:
+            labels.append(r.name)
+            continue
+        rel = r.relative_to(common).as_posix() if r != common else r.name
+        labels.append(rel or r.name)
+    return labels
+
+
 def load_runs(paths: str | Path | Sequence[str | Path], config: bool | Sequence[str] = False):
     """Load the metrics of runs as one long pandas DataFrame.
 
@@ -394,10 +526,15 @@ def load_runs(paths: str | Path | Sequence[str | Path], config: bool | Sequence[
     import pandas as pd
 
     runs = find_runs(paths)
-    frames = [read_metrics(r).to_pandas() for r in runs]
+    labels = run_labels(runs)
+    frames = []
+    for r, label in zip(runs, labels, strict=True):
+        frame = read_metrics(r).to_pandas()
+        frame["run"] = label  # (the rows of one directory are one run, whatever they say)
+        frames.append(frame)
     df = pd.concat(frames, ignore_index=True) if frames else SCHEMA.empty_table().to_pandas()
     if config:
-        configs = {str(r.name): read_config(r) for r in runs}
+        configs = {label: read_config(r) for r, label in zip(runs, labels, strict=True)}
         if config is True:
             keys = sorted(
                 {

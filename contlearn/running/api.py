@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,14 +17,17 @@ from contlearn.loop.progress import want_progress
 from contlearn.results.store import (
     MetricWriter,
     RunLock,
+    check_run_dir,
+    clear_run,
     is_run_dir,
     load_runs,
-    prepare_run_dir,
+    make_run_dir,
     read_config,
+    run_name,
     write_atomic,
     write_config,
 )
-from contlearn.running.config import RunConfig, read_config_file, resolve
+from contlearn.running.config import RunConfig, RunSpec, read_config_file, resolve
 from contlearn.running.plugins import takes_learner
 from contlearn.running.runner import execute, open_streams, stream_groups
 
@@ -96,6 +99,10 @@ def run(
     Raises:
         ContlearnError: bad names, keys, values or run directory (nothing is written then).
     """
+    if overwrite and resume:
+        raise ConfigError(
+            "--overwrite replaces a run and --resume continues it; give one of them, not both"
+        )
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     values.update(config or {})
     explicit = {
@@ -107,7 +114,9 @@ def run(
         "tasks": tasks,
         "steps": steps,
     }
-    values.update({k: v for k, v in explicit.items() if v is not None})
+    given = {k: v for k, v in explicit.items() if v is not None}
+    check_overridden({k: values[k] for k in given if k in values})
+    values.update(given)
     cfg = resolve(values)
     if "learner" in values and not takes_learner(cfg.agent_cls):
         raise ConfigError(
@@ -119,14 +128,57 @@ def run(
     flat = stored_config(cfg)
     if resume and is_run_dir(path):
         return _continue(path, flat, progress)
+    check_run_dir(path, overwrite=overwrite)
     # the streams first, once: bad data files fail before anything is written, and the
     # streams (and any worker processes of theirs) are closed however the run ends
     with open_streams(cfg) as streams:
-        prepare_run_dir(path, overwrite=overwrite)
-        with RunLock(path):
-            write_config(path, flat, cfg.seeds)
-            _execute(cfg, path, flat, progress, resuming=False, streams=streams)
+        new = [p for p in (path, *path.parents) if not p.exists()]  # (folders made for it)
+        make_run_dir(path)
+        try:
+            with RunLock(path):  # (a live writer of a run in path is refused, before clear_run)
+                if overwrite:
+                    clear_run(path)
+                write_config(path, flat, cfg.seeds)
+                _execute(cfg, path, flat, progress, resuming=False, streams=streams)
+        except ConfigError:  # refused at its start (e.g. a plug-in agent failing in __init__)
+            _forget_unstarted(path, new)
+            raise
     return RunResult(path, flat)
+
+
+def _forget_unstarted(path: Path, made: list[Path]) -> None:
+    """Remove the run just begun in ``path`` if it wrote no metrics and no checkpoint, and the
+    folders made for it if they are empty again: a run refused at its start leaves nothing
+    behind (and the same --out can be used again)."""
+    if any((path / "metrics").glob("part-*")) or any((path / "checkpoints").glob("*")):
+        return
+    clear_run(path)
+    for folder in made:  # (innermost first)
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def check_overridden(values: Mapping[str, Any]) -> None:
+    """Check config values that an argument overrides (``--set tasks=abc`` with ``--tasks 5``):
+    a bad value is an error even where it would not be used.
+
+    Raises:
+        ConfigError: a value is malformed or out of range, or names no stream or learner.
+    """
+    from contlearn.envs import streams
+    from contlearn.learners import learner_def
+    from contlearn.spec import parse_value, spec_fields
+
+    fields = {f.name: f for f in spec_fields(RunSpec)}
+    for key, value in values.items():
+        if key in fields:
+            parse_value(fields[key], value, key)
+        elif key == "stream" and isinstance(value, str):
+            streams.get(value)
+        elif key == "learner" and isinstance(value, str):
+            learner_def(value)
 
 
 def resume(
@@ -194,9 +246,13 @@ def _continue(path: Path, flat: dict[str, Any], progress: bool | None) -> RunRes
         raise RunDirError(
             "a run of an agent without replica support cannot be extended; start a new run"
         )
+
+    def write_new_config() -> None:  # (once the checkpoint is checked: a refused resume
+        if flat != stored:  # leaves config.json as it was)
+            write_atomic(path / "config.json", json.dumps(flat, indent=2).encode())
+
     with RunLock(path):
-        write_atomic(path / "config.json", json.dumps(flat, indent=2).encode())
-        _execute(cfg, path, flat, progress, resuming=True)
+        _execute(cfg, path, flat, progress, resuming=True, started=write_new_config)
     return RunResult(path, flat)
 
 
@@ -219,12 +275,26 @@ def _execute(
     progress: bool | None,
     resuming: bool,
     streams: list[Stream] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> None:
     writer = MetricWriter(
-        path, path.name, cfg.stream, learner_label(cfg), cfg.run.flush_rows, cfg.run.flush_seconds
+        path,
+        run_name(path),
+        cfg.stream,
+        learner_label(cfg),
+        cfg.run.flush_rows,
+        cfg.run.flush_seconds,
     )
     try:
-        execute(cfg, path, writer, want_progress(progress), resuming=resuming, streams=streams)
+        execute(
+            cfg,
+            path,
+            writer,
+            want_progress(progress),
+            resuming=resuming,
+            streams=streams,
+            started=started,
+        )
     finally:
         writer.close()
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from contlearn.errors import RunDirError
 from contlearn.results.store import write_atomic
 
 CKPT_DIR = "checkpoints"
@@ -103,15 +104,41 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_latest(run_dir: Path, warn: Callable[[str], None]) -> dict[str, Any] | None:
-    """The newest checkpoint that verifies and loads; damaged newer ones are reported.
+def load_latest(
+    run_dir: Path, warn: Callable[[str], None], run_id: str | None = None
+) -> dict[str, Any] | None:
+    """The newest checkpoint that verifies, loads and belongs to this run; damaged or foreign
+    newer ones are reported.
+
+    Args:
+        run_dir: the run directory.
+        warn: called with a line for each checkpoint passed over.
+        run_id: the run's id (``meta.json``); a checkpoint recording another id was written by
+            another run and is passed over (one without an id, from an older version, is
+            taken).
 
     Returns:
-        The checkpoint's state, or None if the run has no usable checkpoint.
+        The checkpoint's state, or None if the run has no checkpoint at all.
+
+    Raises:
+        RunDirError: the run has checkpoints but none of them is usable (resuming would
+            silently start the run over and drop its metrics).
     """
-    for path in reversed(checkpoint_files(run_dir)):
+    files = checkpoint_files(run_dir)
+    for path in reversed(files):
         try:
-            return read_checkpoint(path)
+            state = read_checkpoint(path)
         except ValueError as exc:
             warn(f"checkpoint {exc}; trying the previous one")
+            continue
+        found = state.get("run_id")
+        if run_id is not None and found is not None and found != run_id:
+            warn(f"checkpoint {path.name} belongs to another run ({found}); trying the previous")
+            continue
+        return state
+    if files:
+        raise RunDirError(
+            f"none of the {len(files)} checkpoints in {Path(run_dir) / CKPT_DIR} is usable; "
+            "restore one from a backup, or start the run anew with --overwrite"
+        )
     return None

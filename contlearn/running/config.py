@@ -35,13 +35,15 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 IDENTITY_KEYS = ("stream", "agent", "learner", "credit")
+#: the most intra-op threads a run may ask for (torch crashes, without a message, far above)
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """Options of the run itself."""
 
-    seed: int = param(0, "first seed; replicas use seed, seed+1, ...", low=0)
+    seed: int = param(0, "first seed; replicas use seed, seed+1, ...", low=0, high=2**62)
     seeds: int = param(1, "number of seeds (replicas)", low=1)
     tasks: int = param(0, "tasks to run (0: use steps, or 100 tasks if neither is set)", low=0)
     steps: int = param(0, "steps to run instead of tasks (0: use tasks)", low=0)
@@ -64,6 +66,7 @@ class RunSpec:
         "intra-op CPU threads (0: auto, 1 for small networks, every core "
         "for large ones; see docs/performance.md)",
         low=0,
+        high=MAX_THREADS,
     )
     device: str = param(
         "cpu",
@@ -82,12 +85,22 @@ class RunSpec:
 
         try:
             device = torch.device(self.device)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             raise ConfigError(
                 f"device={self.device!r} is not a torch device; e.g. cpu or cuda"
             ) from None
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(
+                f"device={self.device} is not supported (networks and learner state run on "
+                "cpu or cuda); use device=cpu or device=cuda"
+            )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={self.device} but torch sees no CUDA device; use device=cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={self.device} but torch sees {torch.cuda.device_count()} CUDA "
+                "device(s); use cuda:0 or fewer"
+            )
 
 
 DEFAULT_TASKS = 100
@@ -232,6 +245,12 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
         agent_cls = load_agent_class(agent)
     else:
         agent_cls = agents.get(agent)
+    kinds = getattr(agent_cls, "stream_kinds", None)
+    if kinds is not None and getattr(stream_cls, "kind", None) not in kinds:
+        raise ConfigError(
+            f"agent {agent} learns on {' or '.join(kinds)} streams, and {stream} is a "
+            f"{stream_cls.kind} stream; choose another agent or stream (see `contlearn list`)"
+        )
     learner_name = values.pop("learner", "bp")
     if not isinstance(learner_name, str):
         raise ConfigError(f"learner={learner_name!r} must be a learner name")
@@ -300,7 +319,7 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     problem = getattr(agent_cls, "learner_problem", None)
     if callable(problem) and (why := problem(chosen)):
         raise ConfigError(f"learner {learner_name} does not apply to agent {agent}: {why}")
-    return RunConfig(
+    config = RunConfig(
         stream=stream,
         agent=agent,
         learner=chosen,
@@ -309,6 +328,10 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
         agent_spec=agent_spec,
         agent_cls=agent_cls,
     )
+    from contlearn.running.limits import check_limits
+
+    check_limits(config)
+    return config
 
 
 def _check_stream_kind(agent_cls: type, agent: str, stream_cls: type, stream: str) -> None:

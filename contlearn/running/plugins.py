@@ -39,7 +39,13 @@ def load_agent_class(ref: str) -> type:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - the user's file: any error is theirs to fix
+            sys.modules.pop(name, None)
+            raise ConfigError(
+                f"agent file {file} cannot be loaded ({_where(exc)}); fix it"
+            ) from exc
         if not hasattr(module, attr):
             raise ConfigError(f"{file} has no class {attr!r}; check the name")
         obj = getattr(module, attr)
@@ -87,7 +93,27 @@ def build_plugin_agent(
     kwargs = dict(options)
     if takes_learner(cls):
         kwargs["learner"] = learner
-    return cls(info, seeds, **kwargs)
+    try:
+        return cls(info, seeds, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's constructor: its error, in one line
+        raise ConfigError(
+            f"agent {cls.__name__} failed to start ({_where(exc)}); fix the agent or its options"
+        ) from exc
+
+
+def _where(exc: BaseException) -> str:
+    """``SyntaxError: invalid syntax at my_agent.py:3`` or ``ValueError: msg at file.py:12``:
+    an exception and the user's line it came from, on one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{type(exc).__name__}: {exc.msg} at {Path(exc.filename).name}:{exc.lineno}"
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    at = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb else ""
+    return f"{type(exc).__name__}: {text}{at}"
 
 
 def agent_ref(cls: type) -> str:

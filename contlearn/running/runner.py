@@ -11,6 +11,9 @@ before it writes anything, so bad data files fail early) and closes each when it
 and all of them when the run ends, however it ends: the worker processes of ``vector=split`` or
 ``async`` RL streams never outlive a run (nor, in a sweep, reach the next run). The agent's
 ``close()`` (:class:`~contlearn.agents.protocol.SupportsClose`) is called at its group's end.
+
+(Over 400 lines: running a group and resuming it, with the checks a resume makes before it
+writes anything — its length, its metric parts, its checkpoint — read as one sequence.)
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from contlearn.agents.protocol import (
     supports_replicas,
 )
 from contlearn.envs.protocol import RLStreamProtocol, Stream, SupervisedStreamProtocol
-from contlearn.errors import ContlearnError
+from contlearn.errors import ContlearnError, RunDirError
 from contlearn.loop.engine import (
     ProbeSchedule,
     SingleReplicaAdapter,
@@ -48,7 +51,7 @@ from contlearn.loop.engine import (
 )
 from contlearn.loop.progress import Progress
 from contlearn.loop.records import Record, record_writer
-from contlearn.results.store import MetricWriter, record_backend
+from contlearn.results.store import METRICS_DIR, MetricWriter, read_meta, record_backend
 from contlearn.running.checkpoint import load_latest, save_checkpoint
 from contlearn.running.config import RunConfig, total_steps
 
@@ -260,6 +263,7 @@ def execute(
     show: bool,
     resuming: bool = False,
     streams: Sequence[Stream] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> None:
     """Run every group of a run to its end, resuming from the newest checkpoint if asked.
 
@@ -268,6 +272,8 @@ def execute(
             progress, whether to continue from the newest checkpoint.
         streams: the run's streams, already built (:func:`open_streams`; the caller closes
             them); default: built here, and closed before this returns or raises.
+        started: called once the checkpoint is loaded and checked, before anything is
+            written (a resume writes its new ``config.json`` then, not before).
 
     Raises:
         RunInterrupted: a signal stopped the run (after a checkpoint).
@@ -275,12 +281,18 @@ def execute(
     """
     if streams is None:
         with open_streams(cfg) as built:
-            execute(cfg, path, writer, show, resuming, built)
+            execute(cfg, path, writer, show, resuming, built, started)
         return
-    ckpt = load_latest(path, _warn) if resuming else None
-    if resuming:
-        writer.truncate(ckpt["parts"] if ckpt else 0)  # no checkpoint: start over cleanly
+    ckpt = load_latest(path, _warn, read_meta(path).get("run_id")) if resuming else None
     start = int(ckpt["group"]) if ckpt else 0
+    if resuming:
+        parts = int(ckpt["parts"]) if ckpt else 0
+        check_parts(path, parts)
+        if ckpt is not None and start < len(streams):
+            check_length(cfg, path, int(ckpt["step"]), streams[start].steps_per_task)
+        writer.truncate(parts)  # no checkpoint: start over cleanly
+    if started is not None:
+        started()
     with SignalStop() as stop:
         for g, stream in enumerate(streams):
             try:
@@ -299,6 +311,39 @@ def execute(
                     )
             finally:
                 stream.close()  # (its workers go now, not at the run's end)
+
+
+def check_length(cfg: RunConfig, path: Path, step: int, steps_per_task: int) -> None:
+    """Refuse a resume whose new length is shorter than what the run has already done.
+
+    Raises:
+        RunDirError: the newest checkpoint is past the configured length.
+    """
+    steps = total_steps(cfg, steps_per_task)
+    if step > steps:
+        done = f"{step} steps ({step // max(steps_per_task, 1)} tasks)"
+        raise RunDirError(
+            f"{path} has already run {done}, more than the {steps} steps asked for; "
+            "resume to its own length or a longer one"
+        )
+
+
+def check_parts(path: Path, parts: int) -> None:
+    """Refuse to resume when metric parts the checkpoint counts on are missing (deleted or
+    moved away): the resumed run would leave a hole in the metrics without a word.
+
+    Raises:
+        RunDirError: a part with index < ``parts`` is not on disk.
+    """
+    folder = path / METRICS_DIR
+    have = {p.name for p in folder.glob("part-*.parquet")} if folder.is_dir() else set()
+    missing = [i for i in range(parts) if f"part-{i:05d}.parquet" not in have]
+    if missing:
+        raise RunDirError(
+            f"{len(missing)} of the {parts} metric parts the newest checkpoint follows are "
+            f"missing from {folder} (first: part-{missing[0]:05d}.parquet); put them back, "
+            "or start the run anew with --overwrite"
+        )
 
 
 def _run_group(
@@ -338,11 +383,19 @@ def _run_agent(
     seeds = stream.seeds
     emit = record_writer(writer, seeds)
     savable = isinstance(agent, SupportsCheckpoints)
+    run_id = read_meta(path).get("run_id")
     if ckpt is not None:
         if not isinstance(agent, SupportsCheckpoints):
             raise ContlearnError(f"agent {cfg.agent} has no load_state_dict; cannot resume")
-        stream.load_state_dict(ckpt["stream"])
-        agent.load_state_dict(ckpt["agent"])
+        try:
+            stream.load_state_dict(ckpt["stream"])
+            agent.load_state_dict(ckpt["agent"])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+            raise RunDirError(
+                f"the newest checkpoint in {path} does not fit this run ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); move it aside to resume "
+                "from the previous one"
+            ) from exc
     desc = "" if len(cfg.seeds) == len(seeds) else f"seed {seeds[0]}"
     bar = Progress(steps, stream.info.metric, show, initial=stream.step, desc=desc)
     loop = make_loop(stream, agent, emit, bar, probe_schedule(cfg), cfg)
@@ -355,6 +408,7 @@ def _run_agent(
         save_checkpoint(
             path,
             {
+                "run_id": run_id,  # (a checkpoint of another run put here is passed over)
                 "group": group,
                 "step": stream.step,
                 "parts": writer.parts_written,
