@@ -16,6 +16,11 @@ agents.register(
     "online supervised MLP (replica-batched) trained by a learner",
 )
 agents.register(
+    "ff",
+    "contlearn.agents.forward_forward:FFAgent",
+    "Forward-Forward (Hinton 2022): local goodness learning per layer (replica-batched)",
+)
+agents.register(
     "ppo",
     "contlearn.agents.ppo:PPOAgent",
     "PPO, Gaussian policy + value MLPs (replica-batched) trained by a learner",

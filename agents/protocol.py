@@ -25,6 +25,7 @@ name on an agent:
   as ``grad_magnitude``, read at every probe point), :class:`SupportsGradientWatch`
   ``watch_gradients(on)`` (called first if the run records ``grad_magnitude``),
   :class:`SupportsProbeLoss` ``probe_loss(obs, target)`` (``plasticity``),
+  :class:`SupportsGoodnessGap` ``goodness_gap(obs, target)`` (Forward-Forward's goodness gap),
   :class:`SupportsProbeSnapshot` ``probe_snapshot()`` (a copy of the network that stays valid
   while the agent learns on: the engine then probes on another thread) and
   :class:`SupportsDiagnostics` ``diagnostics()`` (learner bookkeeping such as CBP's
@@ -194,6 +195,16 @@ class SupportsCreditAlignment(Protocol):
 
 
 @runtime_checkable
+class SupportsGoodnessGap(Protocol):
+    """Measures the Forward-Forward goodness gap (the ``goodness_gap`` probe)."""
+
+    def goodness_gap(self, obs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{layer: (R,)}``: mean goodness on positive minus on negative inputs of the probe
+        batch (``obs``, true labels ``target``)."""
+        ...
+
+
+@runtime_checkable
 class SupportsProbeSnapshot(Protocol):
     """Copies its network so probes can run on another thread while it learns on."""
 
@@ -329,6 +340,7 @@ CAPABILITIES: tuple[type, ...] = (
     SupportsCreditAlignment,
     SupportsInitialParameters,
     SupportsHessianTrace,
+    SupportsGoodnessGap,
     SupportsProbeSnapshot,
     SupportsDiagnostics,
     SupportsPreferredThreads,

@@ -22,6 +22,8 @@ PURPOSES = (
     "credit-noise",
     "credit-policy",
     "credit-value",
+    "ff-negatives",
+    "ff-probe",
 )
 
 

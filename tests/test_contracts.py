@@ -120,6 +120,23 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
             },
         ),
         pytest.param(
+            {"stream": "permuted-mnist", "agent": "ff", "hidden": "8,8"},
+            {
+                "SupportsTaskStart",
+                "SupportsCheckpoints",
+                "SupportsFeatures",
+                "SupportsParameters",
+                "SupportsUpdateStats",
+                "SupportsGradientWatch",
+                "SupportsProbeLoss",
+                "SupportsGoodnessGap",
+                "SupportsNetwork",
+                "SupportsDiagnostics",
+                "SupportsPreferredThreads",
+                "SupportsBackend",
+            },
+        ),
+        pytest.param(
             {"stream": "slippery-ant", "hidden": "8,8"},
             {
                 "SupportsCheckpoints",
@@ -146,7 +163,7 @@ def test_the_builtin_agents_declare_their_capabilities(config, expected) -> None
         finally:
             if isinstance(agent, agent_protocol.SupportsClose):
                 agent.close()
-    assert len(CAPABILITIES) == 21
+    assert len(CAPABILITIES) == 22
 
 
 def test_every_optional_name_looked_up_is_declared_in_a_protocol() -> None:

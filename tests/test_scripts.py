@@ -118,3 +118,19 @@ def test_bench_online_helpers_on_a_tiny_budget(monkeypatch):
     timed = Timed(naive.run, 1, 1, warmup=20)
     timed.repeat(0.05)
     assert naive.t > 30 and timed.median > 0
+
+
+def test_ff_plasticity_on_a_tiny_budget(tmp_path):
+    out = tmp_path / "ff"
+    args = [ROOT / "scripts" / "ff_plasticity.py", "--out", out, "--tasks", "2"]
+    args += ["--examples-per-task", "60", "--seeds", "2", "--hidden", "8,8", "--probe-size", "32"]
+    _run(args, ROOT)
+    for name in ("decay.png", "probes.png", "goodness.png"):
+        assert (out / name).stat().st_size > 10_000
+    for pair in ("ff+bp", "ff+cbp", "online+bp", "online+cbp"):
+        assert (out / pair / "config.json").is_file()
+
+
+def test_bench_ff_on_a_tiny_budget():
+    proc = _run([ROOT / "scripts" / "bench_ff.py", "--steps", "5", "--seeds", "2"], ROOT)
+    assert '"speedup"' in proc.stdout

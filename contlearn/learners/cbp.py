@@ -9,7 +9,9 @@ post-update parameters ``θ + u``, using this step's activations ``h`` (``featur
 2. ``f_i ← η f_i + (1−η) mean_b h_i``; ``f̂_i = f_i / (1 − η^{a_i})``.
 3. ``y_i = mean_b |h_i| · Σ_k |W_{l+1}[k, i]|`` (``contribution``, the paper's), or
    ``y_i = mean_b |h_i − f̂_i| · Σ_k |W_{l+1}[k, i]| / mean_j |W_l[i, j]|``
-   (``adaptable_contribution``, Dohare et al. 2021; the reference's MNIST setting).
+   (``adaptable_contribution``, Dohare et al. 2021; the reference's MNIST setting), or
+   ``y_i = mean_b h_i²`` (``goodness``: unit i's term of its layer's Forward-Forward goodness
+   G = Σ_i h_i², for local learning; reads no next layer).
 4. ``u_i ← η u_i + (1−η) y_i``; units are ranked by ``û_i = u_i / (1 − η^{a_i})``.
 5. Eligible ``E = {i : a_i > m}``; ``c ← c + ρ|E|``, ``k = ⌊c⌋``, ``c ← c − k`` (carry; no
    debt builds while no unit is mature), or ``k = ⌊ρ|E| + U⌋`` with ``U ~ U[0, 1)``
@@ -24,11 +26,9 @@ reference code), then steps 5–7 layer by layer from the input side. The replic
 draws, per step: the stochastic-rounding uniforms (one per hidden layer, if used), then the
 fresh rows of each layer in layer order.
 
-Speed: steps 1–5 run for all layers at once (``torch._foreach_*``), and resets touch only the
-replaced rows and columns. When the inner chain is fusable (:mod:`contlearn.learners.fused`:
-SGD, L2, ...) the transform is too: the agent applies the inner update in place and calls the
-same steps 1–7 on the updated weights, passing the outgoing-weight magnitudes it computed while
-updating them (``col_l1``).
+Speed: steps 1–5 run for all layers at once (``torch._foreach_*``); resets touch only the
+replaced rows and columns; a fusable inner chain (:mod:`contlearn.learners.fused`) makes the
+transform fusable too (steps 1–7 on weights updated in place, with their ``col_l1``).
 
 (Over 400 lines: one algorithm, its torch form and its kernel form side by side, so that the
 two can be read against each other.)
@@ -50,7 +50,7 @@ from contlearn.learners.resets import FeedbackReset, UnitStats, reset_units, uni
 from contlearn.learners.rng import draw, replica_rng_states
 from contlearn.state import tree_leaves
 
-UTILITIES = ("contribution", "adaptable_contribution")
+UTILITIES = ("contribution", "adaptable_contribution", "goodness")
 ROUNDINGS = ("carry", "stochastic")
 
 
@@ -114,7 +114,7 @@ def continual_backprop(
         replacement_rate: ρ, units replaced per eligible unit per update (paper: 1e-4).
         maturity: m, updates a unit is protected after (re)initialisation (paper: 100).
         decay: η of the running averages (paper: 0.99).
-        utility: ``contribution`` or ``adaptable_contribution``.
+        utility: ``contribution``, ``adaptable_contribution`` or ``goodness``.
         bias_folding: fold a replaced unit's mean contribution into the next layer's bias.
         rounding: ``carry`` (deterministic) or ``stochastic``.
         rng_stream: which independent learner stream of each seed to draw from.
@@ -140,10 +140,7 @@ def continual_backprop(
 
 def _need_features(features: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     if features is None:
-        raise ValueError(
-            "continual_backprop needs the hidden activations: "
-            "update(..., features={layer: (R, B, H)})"
-        )
+        raise ValueError("continual_backprop needs update(..., features={layer: (R, B, H)})")
     return features
 
 
@@ -250,7 +247,7 @@ class _ContinualBackprop:
 
         if inner_post is not None:
             return FusedPlan(inner.grad_scale, inner.param_scale, post)
-        col = tuple(f"{nxt}.weight" for _, nxt in self.layers)
+        col = tuple(f"{nxt}.weight" for _, nxt in self.layers if nxt is not None)
         replacer = None
         # the whole-step kernel takes the paper's utility with carry rounding, with corrections
         # from a table (η for which 1 − η^a reaches 1 in float32)
@@ -512,11 +509,12 @@ class _ContinualBackprop:
         torch._foreach_add_(ages, 1)
         torch._foreach_lerp_(f, [_batch_mean(x) for x in h], 1.0 - decay)
         correction = [self._correction(a, f[0].dtype) for a in ages]  # 1 − η^a
-        out_mag = [
-            self._out_mag(params, updates, f"{nxt}.weight", col_l1) for _, nxt in self.layers
-        ]
         y: tuple[torch.Tensor, ...] | list[torch.Tensor]
-        if self.utility == "contribution":
+        nexts = [] if self.utility == "goodness" else [n for _, n in self.layers]  # goodness: none
+        out_mag = [self._out_mag(params, updates, f"{n}.weight", col_l1) for n in nexts]
+        if self.utility == "goodness":
+            y = [_batch_mean(x * x) for x in h]
+        elif self.utility == "contribution":
             act = h if self.nonnegative else [x.abs() for x in h]  # relu: |h| = h
             y = torch._foreach_mul([_batch_mean(x) for x in act], self._like(ages, out_mag))
         else:

@@ -21,6 +21,9 @@ is a whole-network value. Definitions (docs/design.md §5; Dohare et al. 2024, M
   degrees between the error a rule delivers to each hidden layer and backprop's on the probe
   batch, and between each feedback matrix and the forward weights it stands in for
   (:mod:`contlearn.credit.alignment`; the agent's ``credit_alignment``).
+- ``goodness_gap`` (Forward-Forward agents): per hidden layer, the mean goodness on positive
+  inputs (true label embedded) minus on negative ones (a wrong label) of the probe batch;
+  layer ``""``: summed over the layers the agent predicts from (the agent's ``goodness_gap``).
 
 Users add their own with :func:`register_probe`. Probes read the network; the engine gives them
 inputs drawn with the probe generators, and ``plasticity`` only evaluates a loss after an update
@@ -42,6 +45,7 @@ import torch
 from contlearn.agents.protocol import (
     SupportsCreditAlignment,
     SupportsFeatures,
+    SupportsGoodnessGap,
     SupportsNetwork,
     SupportsParameters,
 )
@@ -103,6 +107,7 @@ DEFAULT_PROBES = (
     "plasticity",
     "feedback_alignment",
     "weight_alignment",
+    "goodness_gap",
 )
 
 
@@ -433,6 +438,21 @@ def _has_feedback(agent: Any) -> bool:
 
 register_probe("feedback_alignment", feedback_alignment, applies=_has_feedback)
 register_probe("weight_alignment", weight_alignment, applies=_has_feedback)
+
+
+def _has_goodness(agent: Any) -> bool:
+    return isinstance(agent, SupportsGoodnessGap)
+
+
+def goodness_gap(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """Mean positive minus mean negative goodness per layer on the probe batch (agents with
+    ``goodness_gap(obs, target)``, i.e. Forward-Forward)."""
+    if not isinstance(ctx.agent, SupportsGoodnessGap) or ctx.obs is None or ctx.target is None:
+        return {}
+    return ctx.agent.goodness_gap(ctx.obs, ctx.target)
+
+
+register_probe("goodness_gap", goodness_gap, applies=_has_goodness)
 
 
 def run_probes(

@@ -9,8 +9,11 @@ Keys are flat and the same everywhere (CLI ``--set``, config files, ``config.jso
 - ``learner.<param>`` for the chosen learner's options, ``credit.<param>`` for the rule's.
 
 Precedence, lowest first: option defaults < the stream's suggested agent defaults < the
-learner's agent defaults (``proper-adam`` sets Adam) < config file < ``--set``. Unknown keys
-and bad values are :class:`ConfigError`.
+learner's agent defaults (``proper-adam`` sets Adam) < config file < ``--set``; for learner
+options, the agent's ``learner_defaults`` (``ff`` sets CBP's local utility) < config file <
+``--set``. An agent class may declare ``stream_kinds`` (the stream kinds it learns on),
+``unsupported_learners`` and ``learner_problem(learner) -> reason | None``. Unknown keys,
+bad values and such refusals are :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -255,6 +258,7 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     reason = getattr(agent_cls, "unsupported_learners", {}).get(learner_name)
     if reason:
         raise ConfigError(f"learner {learner_name} does not apply to agent {agent}: {reason}")
+    _check_stream_kind(agent_cls, agent, stream_cls, stream)
 
     credit_name = values.pop("credit", "bp")
     if not isinstance(credit_name, str):
@@ -304,14 +308,21 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     else:
         agent_spec = {f.name: f.default for f in agent_fields.values()}
         agent_spec.update({k: parse_value(agent_fields[k], v, k) for k, v in agent_values.items()})
+    # the agent's defaults for this learner's options (ff: CBP's local utility), then the user's
+    learner_values = {**getattr(agent_cls, "learner_defaults", {}).get(learner_name, {})}
+    learner_values.update(groups["learner"])
+    chosen = Learner(
+        learner_name,
+        build_spec(ldef.Spec, learner_values, "learner."),
+        Credit(credit_name, build_spec(cdef.Spec, groups["credit"], "credit.")),
+    )
+    problem = getattr(agent_cls, "learner_problem", None)
+    if callable(problem) and (why := problem(chosen)):
+        raise ConfigError(f"learner {learner_name} does not apply to agent {agent}: {why}")
     config = RunConfig(
         stream=stream,
         agent=agent,
-        learner=Learner(
-            learner_name,
-            build_spec(ldef.Spec, groups["learner"], "learner."),
-            Credit(credit_name, build_spec(cdef.Spec, groups["credit"], "credit.")),
-        ),
+        learner=chosen,
         run=build_spec(RunSpec, groups["run"]),
         stream_spec=build_spec(stream_cls.Spec, groups["stream"]),
         agent_spec=agent_spec,
@@ -321,6 +332,17 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
 
     check_limits(config)
     return config
+
+
+def _check_stream_kind(agent_cls: type, agent: str, stream_cls: type, stream: str) -> None:
+    """An agent class that declares ``stream_kinds`` learns only on streams of those kinds."""
+    kinds = getattr(agent_cls, "stream_kinds", None)
+    kind = getattr(stream_cls, "kind", None)
+    if kinds is not None and kind not in kinds:
+        raise ConfigError(
+            f"agent {agent} learns only on {' or '.join(kinds)} streams; stream {stream} is of "
+            f"kind {kind}"
+        )
 
 
 def total_steps(config: RunConfig, steps_per_task: int) -> int:
