@@ -447,11 +447,11 @@ class OnlineAgent:
         return not self.credit.is_backprop
 
     def credit_alignment(
-        self, obs: torch.Tensor, target: torch.Tensor
+        self, obs: torch.Tensor, target: torch.Tensor | None
     ) -> dict[str, dict[str, torch.Tensor]]:
         """``{"feedback_alignment": {layer: (R,)}, "weight_alignment": ...}`` in degrees on a
         probe batch (:mod:`contlearn.credit.alignment`; nothing learned); empty for backprop."""
-        if self.credit.is_backprop:
+        if self.credit.is_backprop or target is None:
             return {}
         self.sync()
         found = online_probes.credit_alignment(

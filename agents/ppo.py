@@ -460,6 +460,20 @@ class PPOAgent:
         diag = learner_diagnostics(self.learner_spec, self.learner_state)
         return {layer: {k: self._host(v) for k, v in d.items()} for layer, d in diag.items()}
 
+    def has_feedback(self) -> bool:
+        """Whether a credit rule other than backprop runs (the alignment probes apply)."""
+        return self.credit is not None
+
+    def credit_alignment(
+        self, obs: torch.Tensor, target: torch.Tensor | None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"weight_alignment": {prefixed layer: (R,)}}`` in degrees (docs/credit.md); RL
+        probe batches carry no targets, so no ``feedback_alignment``. Empty for backprop."""
+        if self.credit is None:
+            return {}
+        found = self.credit.weight_alignment(self.net)
+        return {"weight_alignment": {k: self._host(v) for k, v in found.items()}}
+
     def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hidden activations of both nets ``{"policy.hidden1": (R, B, H), ...}``; no learning."""
         with torch.no_grad():

@@ -28,7 +28,7 @@ import torch
 from contlearn.agents.actor_critic import ActorCritic
 from contlearn.agents.ppo_loss import StepResult, output_loss
 from contlearn.backends.base import REFERENCE, StepConfig
-from contlearn.credit import Credit, build_credit
+from contlearn.credit import Credit, alignment, build_credit
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import purpose_seed
@@ -92,6 +92,18 @@ class PPOCredit:
         if not self.regularized:
             return dict(params)
         return {**params, **{FEEDBACK + k: b for k, b in self.feedback.items()}}
+
+    def weight_alignment(self, net: ActorCritic) -> dict[str, torch.Tensor]:
+        """``{prefixed layer: (R,)}`` angles (degrees) between each net's feedback and the
+        forward weights it stands in for (:func:`contlearn.credit.alignment.weight_alignment`),
+        and ``""``, their mean over both nets' layers."""
+        per_layer: dict[str, torch.Tensor] = {}
+        for n, rule in self.rules.items():
+            found = alignment.weight_alignment(net.nets[n], net.nets[n].params, rule)
+            per_layer.update({f"{n}.{k}": v for k, v in found.items() if k})
+        if not per_layer:
+            return {}
+        return {**per_layer, "": torch.stack(list(per_layer.values())).mean(0)}
 
     def update_extras(self) -> dict[str, Any]:
         """The extras of ``learner.update``: learned feedback for resets (``feedback=``, keyed

@@ -184,9 +184,10 @@ class SupportsCreditAlignment(Protocol):
     ``feedback_alignment`` and ``weight_alignment`` probes)."""
 
     def credit_alignment(
-        self, obs: torch.Tensor, target: torch.Tensor
+        self, obs: torch.Tensor, target: torch.Tensor | None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """``{probe: {layer: (R,)}}`` in degrees on ``obs``/``target``; empty under backprop."""
+        """``{probe: {layer: (R,)}}`` in degrees on ``obs``/``target`` (``target`` None: an RL
+        probe batch, whose probes need none); empty under backprop."""
         ...
 
     def has_feedback(self) -> bool:

@@ -149,6 +149,7 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
                 "SupportsStopReplicas",
                 "SupportsClose",
                 "SupportsBackend",
+                "SupportsCreditAlignment",
             },
             marks=pytest.mark.mujoco,
         ),

@@ -507,3 +507,53 @@ def test_slippery_ant_replicas_and_resume_mid_rollout_are_exact(credit: str) -> 
     assert agent.credit is not None and agent2.credit is not None
     for k, v in agent.credit.feedback.items():
         assert torch.equal(v, agent2.credit.feedback[k])
+
+
+@pytest.mark.mujoco
+def test_weight_alignment_is_probed_on_ppo_per_net_and_matches_the_angle(tmp_path) -> None:
+    import contlearn
+    from contlearn.credit.alignment import angle
+
+    out = tmp_path / "run"
+    contlearn.run(
+        "slippery-ant",
+        seeds=2,
+        steps=2048,
+        config={"hidden": "8,8", "credit": "kolen-pollack", "probe_every": 1024},
+        out=out,
+        progress=False,
+    )
+    df = contlearn.load_runs([out])
+    wa = df[df["metric"] == "weight_alignment"]
+    assert {"policy.hidden2", "policy.output", "value.hidden2", "value.output", ""} <= set(
+        wa["layer"]
+    )
+    assert not (df["metric"] == "feedback_alignment").any()  # RL probes carry no targets
+    assert ((wa["value"] >= 0) & (wa["value"] <= 180)).all()
+    bp = tmp_path / "bp"
+    contlearn.run(
+        "slippery-ant",
+        seeds=1,
+        steps=1024,
+        config={"hidden": "8,8", "probe_every": 1024},
+        out=bp,
+        progress=False,
+    )
+    assert not (contlearn.load_runs([bp])["metric"] == "weight_alignment").any()
+    # the recorded angle is the angle between B and W of that layer at that step
+    from contlearn.running.config import resolve
+
+    cfg = resolve({"stream": "slippery-ant", "hidden": "8,8", "credit": "fa", "seeds": 2})
+    from contlearn.agents.ppo import PPOAgent
+    from contlearn.envs import make_stream
+
+    stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
+    try:
+        agent = PPOAgent(stream.info, cfg.seeds, cfg.agent_spec, cfg.learner)
+        got = agent.credit_alignment(torch.zeros(2, 1, 1), None)["weight_alignment"]
+        for n in ("policy", "value"):
+            rule = agent.credit.rules[n]
+            w = agent.net.nets[n].params["output.weight"]
+            torch.testing.assert_close(got[f"{n}.output"], angle(rule.feedback["output"], w))
+    finally:
+        stream.close()

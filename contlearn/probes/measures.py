@@ -402,7 +402,6 @@ def _credit_alignment(ctx: ProbeContext) -> dict[str, dict[str, torch.Tensor]]:
     if "credit_alignment" not in ctx.cache:
         agent, found = ctx.agent, {}
         if _has_feedback(agent) and ctx.obs is not None:
-            assert ctx.target is not None
             found = agent.credit_alignment(ctx.obs, ctx.target)
         ctx.cache["credit_alignment"] = found
     return ctx.cache["credit_alignment"]
