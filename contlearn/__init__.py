@@ -25,3 +25,8 @@ def __getattr__(name: str) -> Any:
 
         return ContlearnError
     raise AttributeError(f"module 'contlearn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazily imported ones (``dir(contlearn)``, tab completion)."""
+    return sorted({*__all__, *(n for n in globals() if n.startswith("__"))})

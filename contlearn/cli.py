@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from contlearn.errors import ContlearnError
+from contlearn.errors import ContlearnError, RunInterrupted
 
 EXIT_USAGE = 2
 
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contlearn",
         description="Continual-learning streams and plasticity learners: run, plot, summarise.",
     )
+    from contlearn import __version__
+
+    parser.add_argument("--version", action="version", version=f"contlearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a stream with an agent and learner")
@@ -99,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("mean", "iqm"),
         help="curve over seeds: mean, or interquartile mean (IQM; band needs >= 3 seeds)",
     )
-    plot.add_argument("--out", help="output file; .png, .svg or .pdf (default RUN/plot.png)")
+    plot.add_argument(
+        "--out",
+        help="output file; .png, .svg or .pdf (default RUN/plot.png, with --probes RUN/probes.png)",
+    )
 
     summary = sub.add_parser("summary", help="print first/peak/final scores per group")
     summary.add_argument("runs", nargs="+", help="run directories or folders of runs")
@@ -202,7 +208,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         fig = plots.plot_decay(
             df, metric=metric, by=args.by, bin=args.bin, layer=args.layer, x=x, stat=args.stat
         )
-    out = Path(args.out) if args.out else Path(args.runs[0]) / "plot.png"
+    default = "probes.png" if args.probes else "plot.png"  # (one does not overwrite the other)
+    out = Path(args.out) if args.out else Path(args.runs[0]) / default
     plots.save_figure(fig, out)
     print(out)
     return 0
@@ -305,8 +312,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     is one line and exit code 130.
     """
     try:
-        from contlearn.running.runner import RunInterrupted
-
         if hasattr(signal, "SIGXFSZ"):  # a file-size limit raises OSError instead of killing us
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         args = build_parser().parse_args(argv)

@@ -41,7 +41,7 @@ from contlearn.agents.protocol import (
     supports_replicas,
 )
 from contlearn.envs.protocol import RLStreamProtocol, Stream, SupervisedStreamProtocol
-from contlearn.errors import ContlearnError, RunDirError
+from contlearn.errors import ContlearnError, RunDirError, RunInterrupted
 from contlearn.loop.engine import (
     ProbeSchedule,
     SingleReplicaAdapter,
@@ -54,15 +54,6 @@ from contlearn.loop.records import Record, record_writer
 from contlearn.results.store import METRICS_DIR, MetricWriter, read_meta, record_backend
 from contlearn.running.checkpoint import load_latest, save_checkpoint
 from contlearn.running.config import RunConfig, total_steps
-
-
-class RunInterrupted(Exception):  # noqa: N818 - an outcome, not an error
-    """A run stopped on a signal after saving a checkpoint; ``code`` is 128 + signal."""
-
-    def __init__(self, path: Path, step: int, signum: int, saved: bool) -> None:
-        self.path, self.step, self.code = path, step, 128 + signum
-        how = f"continue with `contlearn resume {path}`" if saved else "no checkpoint was saved"
-        super().__init__(f"interrupted at step {step}; metrics flushed; {how}")
 
 
 class SignalStop:
