@@ -287,6 +287,38 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+#: the heavy modules each command needs, imported first with Ctrl-C held back (an interrupt
+#: inside an import can leave a half-initialised numpy or torch behind, which then fails with
+#: a traceback far from the cause)
+_IMPORTS = {
+    "run": ("contlearn.running.api",),
+    "resume": ("contlearn.running.api",),
+    "sweep": ("contlearn.running.api", "contlearn.sweeps.plan"),
+    "plot": ("contlearn.results.store", "contlearn.results.plots"),
+    "summary": ("contlearn.results.store", "contlearn.results.summary"),
+    "list": ("contlearn.listing",),
+    "data": ("contlearn.data.datasets",),
+}
+
+
+def _import_uninterrupted(command: str) -> bool:
+    """Import ``command``'s modules with SIGINT deferred; True if a Ctrl-C came meanwhile."""
+    import importlib
+
+    pending: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    except ValueError:  # not the main thread (embedded use): import as is
+        previous = None
+    try:
+        for module in _IMPORTS.get(command, ()):
+            importlib.import_module(module)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return bool(pending)
+
+
 COMMANDS = {
     "run": cmd_run,
     "resume": cmd_resume,
@@ -315,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(signal, "SIGXFSZ"):  # a file-size limit raises OSError instead of killing us
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         args = build_parser().parse_args(argv)
+        if _import_uninterrupted(args.command):
+            raise KeyboardInterrupt
         try:
             return COMMANDS[args.command](args)
         except RunInterrupted as exc:
