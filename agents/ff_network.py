@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from contlearn.agents.networks import ACTIVATIONS, Layer, init_bounds
+from contlearn.agents.networks import ACTIVATIONS, Layer, sample_layer_init
 from contlearn.errors import ConfigError
 
 NORMS = ("rms", "length")
@@ -163,13 +163,7 @@ class FFNetwork:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh incoming weights ``(rows, fan_in)`` and biases ``(rows,)`` for layer ``name``
         from its init distribution (as :meth:`BatchedMLP.sample_init`)."""
-        layer = self.by_name[name]
-        w_bound, b_bound = init_bounds(self.init, layer)
-        w = torch.empty(rows, layer.fan_in).uniform_(-w_bound, w_bound, generator=generator)
-        b = torch.zeros(rows)
-        if b_bound:
-            b.uniform_(-b_bound, b_bound, generator=generator)
-        return w, b
+        return sample_layer_init(self.init, self.by_name[name], rows, generator)
 
     def layer_forward(
         self, name: str, x: torch.Tensor, params: dict[str, torch.Tensor]

@@ -122,6 +122,19 @@ def init_bounds(init: str, layer: Layer) -> tuple[float, float]:
     raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
 
 
+def sample_layer_init(
+    init: str, layer: Layer, rows: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` fresh incoming weights ``(rows, fan_in)`` and biases ``(rows,)`` of ``layer``
+    from init ``init``'s uniform distributions (:func:`init_bounds`), weights drawn first."""
+    w_bound, b_bound = init_bounds(init, layer)
+    w = torch.empty(rows, layer.fan_in).uniform_(-w_bound, w_bound, generator=generator)
+    b = torch.zeros(rows)
+    if b_bound:
+        b.uniform_(-b_bound, b_bound, generator=generator)
+    return w, b
+
+
 class BatchedMLP:
     """R replicas of ``in_dim → hidden… → out_dim`` (see the module docstring).
 
@@ -188,13 +201,7 @@ class BatchedMLP:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh incoming weights ``(rows, fan_in)`` and biases ``(rows,)`` for layer ``name``,
         from the layer's own init distribution."""
-        layer = self.by_name[name]
-        w_bound, b_bound = init_bounds(self.init, layer)
-        w = torch.empty(rows, layer.fan_in).uniform_(-w_bound, w_bound, generator=generator)
-        b = torch.zeros(rows)
-        if b_bound:
-            b.uniform_(-b_bound, b_bound, generator=generator)
-        return w, b
+        return sample_layer_init(self.init, self.by_name[name], rows, generator)
 
     def forward(
         self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
