@@ -235,8 +235,13 @@ class ReDoSpec:
 
 
 def _build_redo(
-    spec: ReDoSpec, base: GradientTransformation, network: Any, seeds: list[int]
+    spec: ReDoSpec,
+    base: GradientTransformation,
+    network: Any,
+    seeds: list[int],
+    score: str = "activation",
 ) -> GradientTransformation:
+    """ReDo (``score="gradient"``: ReGraMa, :mod:`contlearn.learners.toolkit_presets`)."""
     return redo(
         _with_l2(base, spec.l2),
         network,
@@ -244,6 +249,7 @@ def _build_redo(
         threshold=spec.threshold,
         period=spec.period,
         window=spec.window,
+        score=score,
     )
 
 

@@ -4,14 +4,14 @@ values like those of :mod:`contlearn.learners.presets`; formulas in docs/learner
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from contlearn.errors import ConfigError
 from contlearn.learners import LearnerDef
 from contlearn.learners.base import GradientTransformation, chain
-from contlearn.learners.presets import ReDoSpec, _with_l2
-from contlearn.learners.redo import redo
+from contlearn.learners.presets import ReDoSpec, _build_redo, _with_l2
 from contlearn.learners.resets import reset_diagnostics
 from contlearn.learners.toolkit import (
     add_parseval,
@@ -112,23 +112,9 @@ class ReGraMaSpec(ReDoSpec):
     )
 
 
-def _build_regrama(
-    spec: ReGraMaSpec, base: GradientTransformation, network: Any, seeds: list[int]
-) -> GradientTransformation:
-    return redo(
-        _with_l2(base, spec.l2),
-        network,
-        seeds,
-        threshold=spec.threshold,
-        period=spec.period,
-        window=spec.window,
-        score="gradient",
-    )
-
-
 REGRAMA = LearnerDef(
     ReGraMaSpec,
-    _build_regrama,
+    functools.partial(_build_redo, score="gradient"),
     "ReGraMa: ReDo's recycling scored by the units' gradient magnitude",
     diagnostics=reset_diagnostics,
 )
