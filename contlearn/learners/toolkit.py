@@ -29,15 +29,22 @@ from typing import Any, NamedTuple
 
 import torch
 
-from contlearn.learners.base import GradientTransformation, Params, stateless
+from contlearn.agents.networks import init_bounds
+from contlearn.learners.base import (
+    AnchorState,
+    GradientTransformation,
+    Params,
+    find_states,
+    per_param_state,
+    stateless,
+)
 from contlearn.learners.regularizers import _noise
-from contlearn.learners.rng import replica_rng_states
+from contlearn.learners.resets import materialize
+from contlearn.learners.rng import draw, replica_rng_states
 
 
 def clip_bounds(network: Any, kappa: float) -> dict[str, float]:
     """``{parameter: κ · bound}`` for every weight and bias of ``network`` (module docstring)."""
-    from contlearn.agents.networks import init_bounds
-
     out = {}
     for layer in network.layers:
         w_bound, b_bound = init_bounds(network.init, layer)
@@ -200,11 +207,6 @@ def selective_reinit(
         decay: d of the utility trace (0: this update's utility).
         rng_stream: which independent learner stream to draw from.
     """
-    from contlearn.agents.networks import init_bounds
-    from contlearn.learners.base import AnchorState, find_states, per_param_state
-    from contlearn.learners.resets import materialize
-    from contlearn.learners.rng import draw
-
     bounds = {}
     for layer in network.layers:
         w_bound, b_bound = init_bounds(network.init, layer)
@@ -281,7 +283,5 @@ def _uniform(n: int, bound: float, generator: torch.Generator) -> torch.Tensor:
 
 def swr_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
     """``{"": {"replacements": (R,)}}``: cumulative weights reinitialised by SWR."""
-    from contlearn.learners.base import find_states
-
     found = find_states(state, SWRState)
     return {"": {"replacements": found[0].replaced.clone()}} if found else {}
