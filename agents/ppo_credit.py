@@ -31,6 +31,7 @@ from contlearn.backends.base import REFERENCE, StepConfig
 from contlearn.credit import Credit, alignment, build_credit
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.learners.resets import FEEDBACK, FeedbackReset
+from contlearn.probes.measures import with_layer_mean
 from contlearn.seeding import purpose_seed
 
 #: the nets that get a rule each, in the order they are built and their feedback drawn
@@ -101,9 +102,7 @@ class PPOCredit:
         for n, rule in self.rules.items():
             found = alignment.weight_alignment(net.nets[n], net.nets[n].params, rule)
             per_layer.update({f"{n}.{k}": v for k, v in found.items() if k})
-        if not per_layer:
-            return {}
-        return {**per_layer, "": torch.stack(list(per_layer.values())).mean(0)}
+        return with_layer_mean(per_layer)
 
     def update_extras(self) -> dict[str, Any]:
         """The extras of ``learner.update``: learned feedback for resets (``feedback=``, keyed

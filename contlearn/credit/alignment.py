@@ -23,6 +23,7 @@ import torch
 
 from contlearn.agents.networks import BatchedMLP, activation_backward
 from contlearn.credit.rules import DirectFeedback, FeedbackRule, SignSymmetry
+from contlearn.probes.measures import with_layer_mean
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -33,12 +34,6 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     norms = a64.norm(dim=1) * b64.norm(dim=1)
     cos = torch.where(norms > 0, (a64 * b64).sum(1) / norms.clamp_min(1e-300), 0.0)
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
-
-
-def _with_mean(per_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not per_layer:
-        return {}
-    return {**per_layer, "": torch.stack(list(per_layer.values())).mean(0)}
 
 
 def feedback_alignment(
@@ -69,7 +64,7 @@ def feedback_alignment(
         z = None if zs is None else zs[i - 1]
         delta_rule = activation_backward(net.activation, g_rule, hs[i - 1], z)
         delta_bp = activation_backward(net.activation, g_bp, hs[i - 1], z)
-    return _with_mean(dict(reversed(list(angles.items()))))
+    return with_layer_mean(dict(reversed(list(angles.items()))))
 
 
 def weight_alignment(
@@ -94,7 +89,7 @@ def weight_alignment(
         for name, b in rule.feedback.items():
             angles[name] = angle(b, params[f"{name}.weight"])
     order = [layer.name for layer in net.layers]
-    return _with_mean({n: angles[n] for n in order if n in angles})
+    return with_layer_mean({n: angles[n] for n in order if n in angles})
 
 
 __all__ = ["angle", "feedback_alignment", "weight_alignment"]

@@ -183,6 +183,13 @@ def _with_aggregate(
     return {**per_layer, "": agg}
 
 
+def with_layer_mean(per_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``per_layer`` plus ``""``: the plain mean of its layers' values (empty stays empty)."""
+    if not per_layer:
+        return {}
+    return {**per_layer, "": torch.stack(list(per_layer.values())).mean(0)}
+
+
 def dead_fraction(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """Share of units dead (or saturated) on every probe input, per layer and overall."""
     out = {}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from contlearn.agents.protocol import SupportsHessianTrace, SupportsInitialParameters
-from contlearn.probes.measures import ProbeContext, register_probe
+from contlearn.probes.measures import ProbeContext, register_probe, with_layer_mean
 
 #: Rademacher vectors per ``hessian_trace`` estimate
 HESSIAN_SAMPLES = 10
@@ -40,18 +40,12 @@ DUPLICATE_CORR = 0.95
 _PIECEWISE_LINEAR = ("relu", "leaky_relu", "elu")
 
 
-def _mean_over_layers(per_layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not per_layer:
-        return {}
-    return {**per_layer, "": torch.stack(list(per_layer.values())).mean(0)}
-
-
 def feature_norm(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """Mean ‖h‖₂ over probe inputs, per hidden layer, and their mean."""
     out = {
         layer: h.detach().to(torch.float64).norm(dim=2).mean(1) for layer, h in ctx.features.items()
     }
-    return _mean_over_layers(out)
+    return with_layer_mean(out)
 
 
 def param_norm(ctx: ProbeContext) -> dict[str, torch.Tensor]:
@@ -91,7 +85,7 @@ def linearised_fraction(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     for layer, h in ctx.features.items():  # (R, P, H)
         active = (h > 0).to(torch.float64).mean(1)  # (R, H)
         out[layer] = (active >= LINEARISED_SHARE).to(torch.float64).mean(1)
-    return _mean_over_layers(out)
+    return with_layer_mean(out)
 
 
 def duplicate_fraction(ctx: ProbeContext) -> dict[str, torch.Tensor]:
@@ -111,7 +105,7 @@ def duplicate_fraction(ctx: ProbeContext) -> dict[str, torch.Tensor]:
         dup = (corr.abs() >= DUPLICATE_CORR) & pair_live & upper
         pairs = H * (H - 1) / 2
         out[layer] = dup.sum((1, 2)).to(torch.float64) / pairs if pairs else norm[:, 0] * 0
-    return _mean_over_layers(out)
+    return with_layer_mean(out)
 
 
 def hessian_trace(ctx: ProbeContext) -> dict[str, torch.Tensor]:
