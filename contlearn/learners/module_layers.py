@@ -26,7 +26,7 @@ are means over the batch and the positions (Dohare et al.'s conv CBP: ``mean`` o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +111,9 @@ class ModuleNetwork:
             raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
         self._init = init
         self.init = init if isinstance(init, str) else "custom"
-        named = dict(module.named_modules())
+        named = dict(module.named_modules(remove_duplicate=False))
         names = _layer_names(named, layers, output)
-        self.modules: dict[str, nn.Linear | nn.Conv2d] = {n: named[n] for n in names}  # type: ignore[misc]
+        self.modules = {n: cast("nn.Linear | nn.Conv2d", named[n]) for n in names}
         self.shapes = _shapes(names, self.modules)
         order = list(named)
         self.acts = {
@@ -157,12 +157,12 @@ class ModuleNetwork:
             w, b = sample_layer_init(self._init, layer, rows, generator)
         return w.reshape(rows, *self.shapes[name][1:]), b.reshape(rows)
 
-    def parameters(self) -> dict[str, nn.Parameter]:
+    def parameters(self) -> dict[str, torch.Tensor]:
         """The module's Parameters by presented key (``<layer>.weight``, ``<layer>.bias``)."""
-        out: dict[str, nn.Parameter] = {}
+        out: dict[str, torch.Tensor] = {}
         for n, m in self.modules.items():
             out[f"{n}.weight"] = m.weight
-            out[f"{n}.bias"] = m.bias
+            out[f"{n}.bias"] = cast(torch.Tensor, m.bias)  # (checked: every layer has one)
         return out
 
     def present(self, key: str, t: torch.Tensor) -> torch.Tensor:

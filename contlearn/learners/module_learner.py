@@ -221,6 +221,9 @@ class ModuleLearner:
         ``head_resets``); empty for learners that keep none."""
         fn = registry.learner_def(self.name).diagnostics
         found = fn(self.state) if fn is not None else {}
+        head = self.network.layers[-1].name
+        if "output" in found and "output" not in self.network.by_name:  # (head reset's key)
+            found[head] = found.pop("output")
         return {
             layer: {k: float(v.reshape(-1)[0]) for k, v in metrics.items()}
             for layer, metrics in found.items()
