@@ -260,3 +260,18 @@ def test_head_reset_on_a_cnn() -> None:
     assert torch.equal(model[0].weight, twin[0].weight)
     assert torch.equal(model[2].weight, twin[2].weight)
     assert learner.diagnostics() == {"5": {"head_resets": 1.0}}
+
+
+@pytest.mark.parametrize("name", ["weight-clipping", "upgd", "parseval", "regrama", "swr"])
+def test_the_other_learners_run_on_a_cnn(name) -> None:
+    model = cnn()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    learner = attach(model, name, optimizer=opt, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        opt.zero_grad()
+        backward(model, g)
+        learner.step()
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.isfinite(p).all() and not torch.equal(p.detach(), b)
