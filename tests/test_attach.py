@@ -91,7 +91,15 @@ EQUAL = [
     ("l2", {"l2": 1e-2}, {"momentum": 0.9}),
     ("l2-init", {"l2_init": 1e-1}, {}),
     ("head-reset", {}, {}),
+    ("l2", {"l2": 1e-2}, {"optimizer": "adam", "lr": 1e-2}),  # no resets: torch's Adam is ours
 ]
+
+
+def torch_opt(model: nn.Module, spec: dict) -> torch.optim.Optimizer:
+    lr = spec.get("lr", 0.05)
+    if spec.get("optimizer") == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=spec.get("momentum", 0.0))
 
 
 @pytest.mark.parametrize(("name", "options", "spec"), EQUAL)
@@ -99,7 +107,7 @@ def test_attach_gives_the_builtin_agents_metrics_and_parameters(name, options, s
     steps = 160
     agent = builtin(name, options, **spec)
     model = module_of(agent)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=spec.get("momentum", 0.0))
+    opt = torch_opt(model, spec)
     learner = attach(model, name, optimizer=opt, seed=0, init="kaiming_uniform", **options)
     ref_loss, ref_hits = run_builtin(agent, steps)
     loss, hits = run_module(model, opt, learner, steps)
@@ -281,3 +289,36 @@ def test_l2_and_l2_init_add_their_gradient_terms() -> None:
             for p, b, gr, s in zip(model.parameters(), before, grads, start, strict=True):
                 pull = b if name == "l2" else b - s
                 torch.testing.assert_close(p.detach(), b - 0.1 * (gr + lam * pull))
+
+
+def test_a_checkpointed_learner_continues_as_if_uninterrupted() -> None:
+    def handle(model: nn.Module):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return opt, attach(model, "cbp", optimizer=opt, seed=0, replacement_rate=0.2, maturity=2)
+
+    def train(model, opt, learner, g, steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            backward(model, g)
+            learner.step()
+
+    model = mlp()
+    opt, learner = handle(model)
+    g = torch.Generator().manual_seed(0)
+    train(model, opt, learner, g, 10)
+    saved = copy.deepcopy(
+        (model.state_dict(), opt.state_dict(), learner.state_dict(), g.get_state())
+    )
+    train(model, opt, learner, g, 10)
+    resumed = mlp(seed=5)
+    ropt, rlearner = handle(resumed)
+    resumed.load_state_dict(saved[0])
+    ropt.load_state_dict(saved[1])
+    rlearner.load_state_dict(saved[2])
+    rg = torch.Generator()
+    rg.set_state(saved[3])
+    train(resumed, ropt, rlearner, rg, 10)
+    assert rlearner.steps == learner.steps == 20
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert rlearner.diagnostics() == learner.diagnostics()

@@ -217,6 +217,10 @@ def test_step_needs_a_forward_and_a_backward_pass() -> None:
         model(x)  # evaluation leaves the activations alone
     with pytest.raises(ConfigError):
         learner.step()
+    model(x).sum().backward()
+    with pytest.raises(ConfigError) as e:
+        learner.step(loss=torch.ones(2))
+    one_line(e, "loss= must be a scalar")
 
 
 @pytest.mark.parametrize(

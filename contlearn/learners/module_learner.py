@@ -30,11 +30,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-import contlearn.learners as registry  # (learner_def: this module is imported by its package)
+import contlearn.learners as learners_pkg  # (learner_def; this module is imported by it)
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
 from contlearn.learners.module_layers import InitFn, ModuleNetwork, unit_major
 from contlearn.spec import build_spec
+from contlearn.state import load_tree, tree_leaves
 
 
 class TorchOptimizerState(NamedTuple):
@@ -158,7 +159,7 @@ class ModuleLearner:
         network: ModuleNetwork,
         options: Mapping[str, Any],
     ) -> None:
-        definition = registry.learner_def(learner)
+        definition = learners_pkg.learner_def(learner)
         if definition.agent_defaults:
             raise ConfigError(
                 f"learner {learner!r} only sets the agent's optimizer"
@@ -207,7 +208,10 @@ class ModuleLearner:
             "task_start": task_start or self._task_started,
         }
         if loss is not None:
-            extra["loss"] = torch.as_tensor(loss).detach().reshape(1)
+            value = torch.as_tensor(loss).detach()
+            if value.numel() != 1:
+                raise ConfigError(f"loss= must be a scalar, got shape {tuple(value.shape)}")
+            extra["loss"] = value.reshape(1)
         with torch.no_grad():
             updates, self.state = self.transform.update(grads, self.state, params, **extra)
             keys = list(params)
@@ -219,7 +223,7 @@ class ModuleLearner:
         """The learner's bookkeeping ``{layer: {metric: value}}`` (CBP/ReDo: ``replacements``
         (cumulative), ``eligible_units``, ``mean_age``, utility quantiles; head reset:
         ``head_resets``); empty for learners that keep none."""
-        fn = registry.learner_def(self.name).diagnostics
+        fn = learners_pkg.learner_def(self.name).diagnostics
         found = fn(self.state) if fn is not None else {}
         head = self.network.layers[-1].name
         if "output" in found and "output" not in self.network.by_name:  # (head reset's key)
@@ -229,9 +233,34 @@ class ModuleLearner:
             for layer, metrics in found.items()
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """The learner's state as plain tensors (``torch.save``, ``weights_only``-loadable):
+        its statistics, anchors and generator states, not the torch optimizer's state (save
+        ``optimizer.state_dict()`` and the module's with it)."""
+        leaves = tree_leaves(_without_optimizer(self.state))
+        return {"steps": self.steps, "learner": [t.clone() for t in leaves]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (into a handle attached the same way)."""
+        load_tree(_without_optimizer(self.state), list(state["learner"]))
+        self.steps = int(state["steps"])
+
     def detach(self) -> None:
         """Remove the forward hooks (the module trains on without the learner)."""
         self._features.remove()
+
+
+def _without_optimizer(tree: Any) -> Any:
+    """``tree`` with every :class:`TorchOptimizerState` emptied (the same tensors elsewhere)."""
+    if isinstance(tree, TorchOptimizerState):
+        return TorchOptimizerState({})
+    if isinstance(tree, dict):
+        return {k: _without_optimizer(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_without_optimizer(v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_without_optimizer(v) for v in tree)
+    return tree
 
 
 def _check_optimizer(optimizer: Any, network: ModuleNetwork) -> None:
@@ -286,6 +315,6 @@ def attach(
         ConfigError: an unknown learner or option, no Linear/Conv2d layers, a layer or
             activation name that does not exist, an optimizer without the layers' parameters.
     """
-    registry.learner_def(learner)  # an unknown name: the registry's one-line error
+    learners_pkg.learner_def(learner)  # an unknown name: the registry's one-line error
     network = ModuleNetwork(module, layers, output, activations, init)
     return ModuleLearner(module, learner, optimizer, seed, network, options)
