@@ -175,6 +175,9 @@ def test_bad_inputs_are_one_line_config_errors() -> None:
         attach(model, "cbp", optimizer=opt, layers=["0", "fc9"])
     one_line(e, "'fc9'", "not a submodule")
     with pytest.raises(ConfigError) as e:
+        attach(model, "cbp", optimizer=opt, layers=["0", "0", "2"])
+    one_line(e, "two layers")
+    with pytest.raises(ConfigError) as e:
         attach(model, "cbp", optimizer=torch.optim.SGD(mlp().parameters(), lr=0.1))
     one_line(e, "does not hold", "module.parameters()")
     with pytest.raises(ConfigError) as e:
@@ -198,6 +201,40 @@ def test_bad_inputs_are_one_line_config_errors() -> None:
     with pytest.raises(ConfigError) as e:
         attach(shared, "cbp", optimizer=torch.optim.SGD(shared.parameters(), lr=0.1))
     one_line(e, "share one activation module", "activations=")
+
+
+class Swapped(nn.Module):
+    """Layers defined in one order, run in another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second, self.act, self.first = nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 5)
+        self.act2, self.head = nn.ReLU(), nn.Linear(5, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act2(self.second(self.act(self.first(x)))))
+
+
+def test_layers_running_in_another_order_than_declared_are_refused() -> None:
+    model = Swapped()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    learner = attach(model, "cbp", optimizer=opt, activations={"second": "act", "first": "act2"})
+    model(torch.randn(2, 5)).sum().backward()
+    with pytest.raises(ConfigError) as e:
+        learner.step()
+    one_line(e, "declare layers=", "['second', 'first', 'head']")
+    learner.detach()
+    fixed = attach(
+        model,
+        "cbp",
+        optimizer=opt,
+        layers=["first", "second", "head"],
+        activations={"first": "act", "second": "act2"},
+    )
+    opt.zero_grad()
+    for _ in range(2):  # accumulated gradients: two whole passes
+        model(torch.randn(2, 5)).sum().backward()
+    fixed.step()
 
 
 def test_step_needs_a_forward_and_a_backward_pass() -> None:

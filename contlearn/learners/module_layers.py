@@ -217,6 +217,11 @@ def _layer_names(
             f"attach needs at least two nn.Linear/nn.Conv2d layers (hidden and output); found"
             f" {names or 'none'} (declare them with layers=[...])"
         )
+    if len({id(named[n]) for n in names}) < len(names):
+        raise ConfigError(
+            f"one module is listed as two layers in {names} (shared weights); attach needs"
+            " distinct layers"
+        )
     for n in names:
         m = named[n]
         if m.bias is None:

@@ -92,12 +92,18 @@ def _state_views(optimizer: torch.optim.Optimizer, network: ModuleNetwork) -> di
 
 class _Features:
     """Forward hooks keeping each hidden layer's activations of the last forward pass run
-    with gradients enabled (evaluation under ``torch.no_grad()`` leaves them alone)."""
+    with gradients enabled (evaluation under ``torch.no_grad()`` leaves them alone), and the
+    order the layers ran in (checked against the declared order at each step)."""
 
     def __init__(self, network: ModuleNetwork) -> None:
         self.network = network
         self.last: dict[str, torch.Tensor] = {}
-        self.handles = []
+        self.calls: list[str] = []
+        self.handles: list[Any] = []
+        for layer in network.layers:
+            self.handles.append(
+                network.modules[layer.name].register_forward_pre_hook(self._call(layer.name))
+            )
         for layer in network.hidden_layers:
             act = network.acts[layer.name]
             conv = isinstance(network.modules[layer.name], nn.Conv2d)
@@ -119,8 +125,28 @@ class _Features:
 
         return hook
 
+    def _call(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            if torch.is_grad_enabled():
+                self.calls.append(name)
+
+        return hook
+
     def take(self) -> dict[str, torch.Tensor]:
-        """This step's activations ``{layer: (1, samples, units)}``; each layer's are used once."""
+        """This step's activations ``{layer: (1, samples, units)}``; each layer's are used once.
+
+        Raises:
+            ConfigError: a hidden layer has not run since the last step, or the layers ran in
+                another order than declared (several whole passes are fine: accumulated
+                gradients; the activations are the last pass's).
+        """
+        names = [layer.name for layer in self.network.layers]
+        calls, self.calls = self.calls, []
+        if calls and calls != names * (len(calls) // len(names)):
+            raise ConfigError(
+                f"the forward pass ran the layers as {calls[: 2 * len(names)]}, not once each in"
+                f" the order {names}: declare layers=[...] in the order forward runs them"
+            )
         missing = [
             layer.name for layer in self.network.hidden_layers if layer.name not in self.last
         ]
