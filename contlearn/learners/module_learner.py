@@ -69,7 +69,9 @@ def torch_optimizer(
     def update(grads: Params, state: TorchOptimizerState, params: Params, **extra: Any):
         module_params = network.parameters()
         for k, g in grads.items():
-            dst = network.present(k, module_params[k].grad)  # type: ignore[arg-type]
+            grad = module_params[k].grad
+            assert grad is not None  # (ModuleNetwork.grads checked)
+            dst = network.present(k, grad)
             if dst.data_ptr() != g.data_ptr():
                 dst.copy_(g)
         optimizer.step()
