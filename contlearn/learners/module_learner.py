@@ -23,8 +23,9 @@ Example::
 
 from __future__ import annotations
 
+
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -307,7 +308,7 @@ def _check_optimizer(optimizer: Any, network: ModuleNetwork) -> None:
 
 def attach(
     module: nn.Module,
-    learner: str,
+    learner: str | learners_pkg.Learner,
     *,
     optimizer: torch.optim.Optimizer,
     seed: int = 0,
@@ -324,7 +325,9 @@ def attach(
 
     Args:
         module: the network; its ``nn.Linear``/``nn.Conv2d`` layers are the learner's layers.
-        learner: a registered learner name (``contlearn list learners``).
+        learner: a registered learner name (``contlearn list learners``), or the run's
+            :class:`~contlearn.learners.Learner` a plug-in agent receives (its name and
+            options; ``options`` given here override them).
         optimizer: a ``torch.optim`` optimizer holding the layers' parameters.
         seed: the learner's root seed (fresh weights, noise): same seed, same results.
         layers: the layers' module names in order, the last the output layer (default: every
@@ -343,6 +346,14 @@ def attach(
         ConfigError: an unknown learner or option, no Linear/Conv2d layers, a layer or
             activation name that does not exist, an optimizer without the layers' parameters.
     """
+    if isinstance(learner, learners_pkg.Learner):
+        if learner.credit.name != "bp":
+            raise ConfigError(
+                f"attach learns from autograd's gradients (backprop), not credit rule "
+                f"{learner.credit.name}; run with credit=bp"
+            )
+        options = {**asdict(learner.spec), **options}
+        learner = learner.name
     learners_pkg.learner_def(learner)  # an unknown name: the registry's one-line error
     network = ModuleNetwork(module, layers, output, activations, init)
     return ModuleLearner(module, learner, optimizer, seed, network, options)
