@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields
 from typing import Any, NamedTuple
