@@ -25,5 +25,6 @@ agents.register(
     "contlearn.agents.ppo:PPOAgent",
     "PPO, Gaussian policy + value MLPs (replica-batched) trained by a learner",
 )
+agents.seal()  # (the built-in entries; later ones are the user's)
 
 __all__ = ["Agent", "Metrics", "agents", "check_agent"]

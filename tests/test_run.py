@@ -136,22 +136,28 @@ def test_python_api_rejects_bad_input_before_writing(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_boundaries_visible_calls_on_task_start(tmp_path):
-    calls = []
+class TaskStartAgent:
+    """Records the tasks it is told of (at module level: a run's agent must be found again)."""
 
-    class Agent:
-        def __init__(self, info, seed):
-            pass
+    calls: list[int] = []
 
-        def act(self, obs):
-            return torch.zeros(obs.shape[0], 1)
+    def __init__(self, info, seed):
+        pass
 
-        def observe(self, obs, action, feedback):
-            return {}
+    def act(self, obs):
+        return torch.zeros(obs.shape[0], 1)
 
-        def on_task_start(self, task):
-            calls.append(task)
+    def observe(self, obs, action, feedback):
+        return {}
 
+    def on_task_start(self, task):
+        self.calls.append(task)
+
+
+def test_boundaries_visible_calls_on_task_start(tmp_path, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(TaskStartAgent, "calls", calls)
+    Agent = TaskStartAgent
     contlearn.run(
         "bit-flipping", agent=Agent, tasks=3, config={"examples_per_task": 5}, out=tmp_path / "a"
     )
