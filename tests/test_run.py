@@ -9,6 +9,7 @@ import torch
 
 import contlearn
 from contlearn.results.store import COLUMNS, load_runs
+from tests.test_streams import STREAMS
 
 SMALL = {"examples_per_task": 200, "hidden": "16,16"}
 
@@ -28,7 +29,7 @@ def test_done_when_three_seeds_five_tasks_give_fifteen_accuracy_rows(tmp_path):
     assert list(acc[acc.seed == 0].step) == [500, 1000, 1500, 2000, 2500]
 
 
-@pytest.mark.parametrize("stream", ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"])
+@pytest.mark.parametrize("stream", STREAMS)  # (every registered supervised stream)
 def test_batched_replicas_equal_seeds_run_one_by_one(tmp_path, stream):
     config = {**SMALL, "hidden": "8"}
     together = contlearn.run(stream, seeds=3, tasks=3, config=config, out=tmp_path / "all")
