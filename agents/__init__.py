@@ -6,7 +6,10 @@ Built-in agents are registered by name; a user's own class is named ``module:Cla
 
 from __future__ import annotations
 
-from contlearn.agents.protocol import Agent, Metrics, check_agent
+from typing import Any
+
+from contlearn.agents.contract import AgentContractError
+from contlearn.agents.protocol import Agent, Metrics
 from contlearn.registry import Registry
 
 agents = Registry("agent")
@@ -27,4 +30,15 @@ agents.register(
 )
 agents.seal()  # (the built-in entries; later ones are the user's)
 
-__all__ = ["Agent", "Metrics", "agents", "check_agent"]
+
+def check_agent(agent: str | type, stream: str = "permuted-mnist", **options: Any) -> Any:
+    """Run ``agent`` (a class or ``module:Class``) a few steps on ``stream`` and raise an
+    :class:`AgentContractError` naming every contract it breaks; else return an
+    :class:`~contlearn.running.agent_check.AgentReport` (see
+    :func:`contlearn.running.agent_check.check_agent` for the checks and options)."""
+    from contlearn.running.agent_check import check_agent as check
+
+    return check(agent, stream, **options)
+
+
+__all__ = ["Agent", "AgentContractError", "Metrics", "agents", "check_agent"]

@@ -86,6 +86,8 @@ class PPOAgent:
     """
 
     supports_replicas = True
+    #: observe returns metrics once per update (recorded as they come, not per episode)
+    rl_metrics = "update"
     Spec = PPOSpec
     #: the stream kinds it learns on (the config refuses others up front)
     stream_kinds = ("rl",)

@@ -38,6 +38,8 @@ name on an agent:
 - :class:`SupportsBlocks` ``block_ready(batch_size)`` / ``learn_block(obs, target)``: learn T
   supervised steps in one call (the stream must have ``next_block``);
 - :class:`SupportsStopReplicas` ``stop_replicas(mask)``: stop learning in diverged replicas;
+- :class:`SupportsRLMetrics` ``rl_metrics``: whether the RL loop records ``observe``'s
+  metrics as they come (``"update"``) or per episode (``"episode"``, the default);
 - :class:`SupportsClose` ``close()``: release what the agent holds (worker processes) at the
   end of its run.
 
@@ -293,6 +295,16 @@ class SupportsBackend(Protocol):
 
 
 @runtime_checkable
+class SupportsRLMetrics(Protocol):
+    """Says how the RL loop records the metrics ``observe`` returns (:mod:`contlearn.loop.rl`)."""
+
+    #: ``"update"``: they come once per update and are recorded as they come (PPO);
+    #: ``"episode"`` (what an agent without this attribute gets): per-step metrics, averaged
+    #: per replica over each episode
+    rl_metrics: str
+
+
+@runtime_checkable
 class SupportsClose(Protocol):
     """Holds resources (worker processes) to release at the end of its run."""
 
@@ -318,8 +330,9 @@ def supports_replicas(agent_cls: type | object) -> bool:
     return bool(getattr(agent_cls, "supports_replicas", False))
 
 
-def check_agent(agent: object) -> None:
-    """Raise TypeError naming what is missing if ``agent`` does not satisfy :class:`Agent`."""
+def require_agent_methods(agent: object) -> None:
+    """Raise TypeError naming what is missing if ``agent`` does not satisfy :class:`Agent`
+    (:func:`contlearn.agents.check_agent` checks much more, by running it)."""
     missing = [m for m in ("act", "observe") if not callable(getattr(agent, m, None))]
     if missing:
         raise TypeError(
@@ -351,6 +364,7 @@ CAPABILITIES: tuple[type, ...] = (
     SupportsBlocks,
     SupportsStopReplicas,
     SupportsBackend,
+    SupportsRLMetrics,
     SupportsClose,
 )
 

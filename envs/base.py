@@ -25,13 +25,15 @@ class StreamInfo:
 
     Attributes:
         name: the registered stream id.
-        kind: ``"classification"`` or ``"regression"``.
+        kind: ``"classification"``, ``"regression"`` or ``"rl"``.
         input_shape: shape of one example (without replica and batch dims).
         num_outputs: number of classes, or of regression targets.
         boundaries_visible: whether agents are told when a task starts.
         num_replicas: R, the leading dimension of every tensor the stream yields.
         metric: the per-task score the engine records (``accuracy`` or ``squared_error``).
         batch_size: examples per step (1: the online protocol).
+        action_low, action_high: RL streams: the bounds of each action dimension (actions
+            are clipped to them); empty for supervised streams.
     """
 
     name: str
@@ -42,6 +44,8 @@ class StreamInfo:
     num_replicas: int
     metric: str
     batch_size: int = 1
+    action_low: tuple[float, ...] = ()
+    action_high: tuple[float, ...] = ()
 
 
 class Batch(NamedTuple):

@@ -247,7 +247,17 @@ class MujocoRLStream:
             raise
         obs_dim = int(np.prod(obs.shape[1:]))
         act_dim = int(np.prod(self.vec.single_action_space.shape or ()))
-        self.info = StreamInfo(self.name, "rl", (obs_dim,), act_dim, False, R, "episode_return")
+        self.info = StreamInfo(
+            self.name,
+            "rl",
+            (obs_dim,),
+            act_dim,
+            False,
+            R,
+            "episode_return",
+            action_low=tuple(float(v) for v in self._low.reshape(-1)),
+            action_high=tuple(float(v) for v in self._high.reshape(-1)),
+        )
         self.steps_per_task = spec.change_every
         self.step = 0
         self.obs = self._tensor(obs)  # (R, E, obs_dim)

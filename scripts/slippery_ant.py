@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import contlearn
-from contlearn.agents import check_agent
+from contlearn.agents.protocol import require_agent_methods
 from contlearn.envs import make_stream
 from contlearn.loop.records import Record, record_writer
 from contlearn.results import plots
@@ -105,7 +105,7 @@ def main() -> None:
     )
     stream = make_stream(cfg.stream, cfg.stream_spec, cfg.seeds)
     agent = cfg.agent_cls(stream.info, stream.seeds, cfg.agent_spec, cfg.learner)
-    check_agent(agent)
+    require_agent_methods(agent)
     prepare_run_dir(path)
     write_config(path, cfg.to_dict(), cfg.seeds)
     writer = MetricWriter(path, run_name, cfg.stream, args.learner)

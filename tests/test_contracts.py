@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from contlearn.agents import Agent, check_agent
+from contlearn.agents import Agent
 from contlearn.agents import protocol as agent_protocol
-from contlearn.agents.protocol import CAPABILITIES, capabilities, supports_replicas
+from contlearn.agents.protocol import (
+    CAPABILITIES,
+    capabilities,
+    require_agent_methods,
+    supports_replicas,
+)
 from contlearn.envs import protocol as stream_protocol
-from contlearn.loop.engine import SingleReplicaAdapter
+from contlearn.loop.adapter import SingleReplicaAdapter
 from contlearn.running.config import resolve
 from contlearn.running.runner import make_agent, open_streams
 
@@ -73,9 +78,9 @@ def declared() -> set[str]:
 def test_plain_agent_is_an_agent_with_no_capabilities() -> None:
     agent = Plain()
     assert isinstance(agent, Agent) and capabilities(agent) == []
-    check_agent(agent)
+    require_agent_methods(agent)
     with pytest.raises(TypeError, match="lacks observe"):
-        check_agent(type("Half", (), {"act": lambda self, obs: obs})())
+        require_agent_methods(type("Half", (), {"act": lambda self, obs: obs})())
     assert not supports_replicas(Plain)
 
 
@@ -150,6 +155,7 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
                 "SupportsClose",
                 "SupportsBackend",
                 "SupportsCreditAlignment",
+                "SupportsRLMetrics",
             },
             marks=pytest.mark.mujoco,
         ),
@@ -164,7 +170,7 @@ def test_the_builtin_agents_declare_their_capabilities(config, expected) -> None
         finally:
             if isinstance(agent, agent_protocol.SupportsClose):
                 agent.close()
-    assert len(CAPABILITIES) == 22
+    assert len(CAPABILITIES) == 23
 
 
 def test_every_optional_name_looked_up_is_declared_in_a_protocol() -> None:

@@ -193,6 +193,11 @@ def test_the_issue_command_ends_with_the_diverged_seeds_marked(tmp_path, cli):
 )
 def test_every_learner_and_probe_marks_a_diverged_replica_and_resumes(tmp_path, learner, extra):
     config = {**PROBED, **extra, "lr": 1e6, "checkpoint_every": 100}
+    # every probe that the online agent can feed (a probe named that it cannot is refused)
+    unfed = {"goodness_gap"}
+    if "credit" not in extra:
+        unfed |= {"feedback_alignment", "weight_alignment"}
+    config["probes"] = ",".join(p for p in PROBES if p not in unfed)
     part = contlearn.run(
         "bit-flipping", learner=learner, seeds=2, steps=150, config=config, out=tmp_path / "r"
     )

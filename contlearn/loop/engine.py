@@ -34,12 +34,10 @@ from typing import Any, cast
 
 import torch
 
+from contlearn.agents.contract import check_action, check_metrics
 from contlearn.agents.protocol import (
     Agent,
-    Metrics,
     SupportsBlocks,
-    SupportsCheckpoints,
-    SupportsClose,
     SupportsDiagnostics,
     SupportsGradientWatch,
     SupportsProbeLoss,
@@ -93,6 +91,10 @@ class SteppingLoop:
     emit: Callable[[Record], None]
     diverged: torch.Tensor  # (R,) bool
     on_divergence: str
+    #: the class name of a plug-in replica agent whose returns are checked every step
+    #: (:mod:`contlearn.agents.contract`); empty: trusted (built-in agents, and one-seed
+    #: agents, which their adapter checks)
+    checked: str = ""
 
     def __init__(
         self,
@@ -325,7 +327,16 @@ class SupervisedLoop(SteppingLoop):
         batch = stream.next()
         self._begin(batch, stream.step - 1)
         pred = agent.act(batch.obs)
-        metrics = agent.observe(batch.obs, pred, batch.target) or {}
+        if self.checked:
+            shape = (*batch.obs.shape[:2], self.info.num_outputs)
+            pred = check_action(f"{self.checked}.act", pred, shape)
+            metrics = check_metrics(
+                f"{self.checked}.observe",
+                agent.observe(batch.obs, pred, batch.target),
+                self.info.num_replicas,
+            )
+        else:
+            metrics = agent.observe(batch.obs, pred, batch.target) or {}
         if "loss" in metrics:
             self._check_divergence(metrics["loss"])
         if self._probe_point is not None:
@@ -425,36 +436,3 @@ def run_loop(
     loop = SupervisedLoop(stream, agent, emit, progress, probes)
     loop.run(steps)
     loop.finish()
-
-
-class SingleReplicaAdapter:
-    """Presents an agent without replica support as an R = 1 replica-batched agent.
-
-    The wrapped agent sees ``(B, ...)`` tensors; its scalar metrics become ``(1,)``.
-    """
-
-    supports_replicas = True
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        # the capabilities that need no replica dim, as the wrapped agent has them
-        if isinstance(agent, SupportsTaskStart):
-            self.on_task_start = agent.on_task_start
-        if isinstance(agent, SupportsCheckpoints):
-            self.state_dict = agent.state_dict
-            self.load_state_dict = agent.load_state_dict
-        if isinstance(agent, SupportsClose):
-            self.close = agent.close
-
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """The wrapped agent's answer for replica 0, ``(1, B, ...)``."""
-        return self.agent.act(obs[0]).unsqueeze(0)
-
-    def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: Any) -> Metrics:
-        """The wrapped agent's ``observe`` on replica 0, its metrics as ``(1,)``."""
-        if isinstance(feedback, tuple):  # RL feedback: (reward, next_obs, terminated, truncated)
-            feedback = type(feedback)(*(f[0] for f in feedback))
-        else:
-            feedback = feedback[0]
-        metrics = self.agent.observe(obs[0], action[0], feedback) or {}
-        return {k: torch.as_tensor(v, dtype=torch.float64).reshape(1) for k, v in metrics.items()}

@@ -12,8 +12,12 @@ Records (values, not hooks):
   each record holds one replica's values ``(1,)``, and ``task`` is that replica's friction
   index. If several copies of a replica end an episode on the same step, the record holds
   their means (one row per seed and step). ``friction`` is left out for envs without one.
-- ``Record("update", ...)`` with the agent's update statistics (PPO: ``policy_loss``, ...)
-  whenever ``observe`` returns some.
+- ``Record("update", ...)`` with the metrics ``observe`` returns. An agent that returns them
+  once per update (its class sets ``rl_metrics = "update"``; PPO: ``policy_loss``, ...) has
+  them recorded as they come. Any other agent (``rl_metrics = "episode"``, the default: a
+  plug-in returning a loss every step) has them averaged per replica over the steps since
+  that replica's last episode end and recorded with the episode (``replica=r``, the episode's
+  task), and the unfinished episodes' at the run's end: rows per episode, not per step.
 - ``Record("diverged", step, task, {"diverged": (1,)}, replica=r)`` when replica r's update
   ``loss`` becomes non-finite (see ``on_divergence``).
 - ``Record("probe", ...)`` every ``probe_every`` steps (default :data:`RL_PROBE_EVERY`), and
@@ -44,7 +48,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from contlearn.agents.protocol import Agent, SupportsDiagnostics, SupportsFeatures
+from contlearn.agents.contract import check_action, check_metrics
+from contlearn.agents.protocol import (
+    Agent,
+    SupportsDiagnostics,
+    SupportsFeatures,
+    SupportsRLMetrics,
+)
 from contlearn.envs.protocol import RLStreamProtocol
 from contlearn.loop.engine import ProbeSchedule, SteppingLoop
 from contlearn.loop.progress import Progress
@@ -110,17 +120,32 @@ class RLLoop(SteppingLoop):
         self.every = (every or RL_PROBE_EVERY) if self.names else 0
         self.last_probe = -1
         self.recent: deque[float] = deque(maxlen=10 * self.info.num_replicas)
+        self.per_episode = not (
+            isinstance(agent, SupportsRLMetrics) and agent.rl_metrics == "update"
+        )
+        #: per-step metrics since each replica's last episode end: sums and counts ``(R,)``
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
 
     def step(self) -> None:
         """One step of every env copy: act, step the stream, observe, record."""
         stream, agent = self.stream, self.agent
         obs = stream.obs
         action = agent.act(obs)
+        if self.checked:
+            shape = (*obs.shape[:2], self.info.num_outputs)
+            action = check_action(f"{self.checked}.act", action, shape)
         feedback, ended = stream.advance(action)
-        metrics = agent.observe(obs, action, feedback) or {}
+        metrics = agent.observe(obs, action, feedback)
+        if self.checked:
+            metrics = check_metrics(f"{self.checked}.observe", metrics, self.info.num_replicas)
+        metrics = metrics or {}
         step = stream.step
         if metrics:
-            self._emit_all("update", step, metrics)
+            if self.per_episode:
+                self._accumulate(metrics)
+            else:
+                self._emit_all("update", step, metrics)
             if "loss" in metrics:
                 self._check_divergence(metrics["loss"])
         if ended:
@@ -129,6 +154,29 @@ class RLLoop(SteppingLoop):
             self._probe(step)
         if self.progress is not None:
             self.progress.update(step, int(stream.task.max()), self._running)
+
+    def _accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+        R = self.info.num_replicas
+        for name, value in metrics.items():
+            v = value.detach().to(torch.float64).reshape(-1).expand(R)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(R, dtype=torch.float64)
+                self.counts[name] = torch.zeros(R, dtype=torch.float64)
+            self.sums[name] += v
+            self.counts[name] += 1
+
+    def _episode_metrics(self, step: int, replica: int, task: int) -> None:
+        """Emit replica ``replica``'s per-step metric means since its last one, and restart."""
+        values = {
+            name: (self.sums[name][replica] / n[replica]).reshape(1)
+            for name, n in self.counts.items()
+            if n[replica] > 0
+        }
+        if values:
+            self.emit(Record("update", step, task, values, replica=replica))
+        for name in self.counts:
+            self.sums[name][replica] = 0.0
+            self.counts[name][replica] = 0.0
 
     def _running(self) -> float:
         return float(np.mean(self.recent)) if self.recent else float("nan")
@@ -165,15 +213,18 @@ class RLLoop(SteppingLoop):
             if not np.isnan(friction):
                 values["friction"] = friction
             self.recent.extend(e.ret for e in mine)
+            task = max(e.task for e in mine)
             self.emit(
                 Record(
                     "episode",
                     step,
-                    max(e.task for e in mine),
+                    task,
                     {k: torch.tensor([v], dtype=torch.float64) for k, v in values.items()},
                     replica=r,
                 )
             )
+            if self.counts:
+                self._episode_metrics(step, r, task)
 
     def _probe(self, step: int) -> None:
         """Probe the agent on the stream's recent observations (see the module docstring)."""
@@ -206,16 +257,22 @@ class RLLoop(SteppingLoop):
             self._emit_all("probe", step, values, layer)
 
     def finish(self) -> None:
-        """Probe once more at the last step, unless that step was just probed."""
+        """Probe once more at the last step, unless that step was just probed; record the
+        unfinished episodes' per-step metric means."""
         if self.every and self.stream.step > 0 and self.last_probe != self.stream.step:
             self._probe(self.stream.step)
+        for r in range(self.info.num_replicas) if self.counts else ():
+            self._episode_metrics(self.stream.step, r, self.replica_task(r))
 
     def state_dict(self) -> dict[str, Any]:
-        """The loop's own state: last probe, diverged replicas, returns shown by the bar."""
+        """The loop's own state: last probe, diverged replicas, returns shown by the bar, and
+        the per-step metrics summed since each replica's last episode end."""
         return {
             "last_probe": self.last_probe,
             "diverged": self.diverged.clone(),
             "recent": list(self.recent),
+            "sums": {k: v.clone() for k, v in self.sums.items()},
+            "counts": {k: v.clone() for k, v in self.counts.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,3 +281,6 @@ class RLLoop(SteppingLoop):
         self.diverged = state["diverged"].clone()
         self.recent.clear()
         self.recent.extend(float(v) for v in state["recent"])
+        # (checkpoints from before per-episode metrics have none pending)
+        self.sums = {k: v.clone() for k, v in state.get("sums", {}).items()}
+        self.counts = {k: v.clone() for k, v in state.get("counts", {}).items()}

@@ -48,6 +48,8 @@ from contlearn.agents.protocol import (
     SupportsGoodnessGap,
     SupportsNetwork,
     SupportsParameters,
+    SupportsProbeLoss,
+    SupportsUpdateStats,
 )
 from contlearn.errors import ConfigError
 
@@ -94,6 +96,10 @@ SNAPSHOT_SAFE: set[str] = set()
 #: probes that apply only to some agents: ``{name: applies(agent) -> bool}`` (the engine
 #: leaves out the others before it decides how to run them)
 APPLIES: dict[str, Callable[[Any], bool]] = {}
+#: what a probe needs of an agent: ``{name: (what, has(agent) -> bool)}``; ``what`` completes
+#: "it needs ..." in the error a run gives when the probe is asked for by name and the agent
+#: lacks it (probes that apply only to some agents without saying what: "what it measures")
+NEEDS: dict[str, tuple[str, Callable[[Any], bool]]] = {}
 #: Probes run by default (``--set probes=default``).
 DEFAULT_PROBES = (
     "dead_fraction",
@@ -117,6 +123,7 @@ def register_probe(
     after_step: bool = False,
     snapshot_safe: bool = False,
     applies: Callable[[Any], bool] | None = None,
+    needs: tuple[str, Callable[[Any], bool]] | None = None,
 ) -> None:
     """Make ``fn`` available as probe ``name`` (selectable with ``--set probes=...``).
 
@@ -132,12 +139,19 @@ def register_probe(
             agent learns on.
         applies: ``applies(agent)``: whether the probe measures anything on ``agent`` (None:
             on every agent); where it does not, the run skips it.
+        needs: ``(what, has)``: what the probe needs of an agent, in words, and
+            ``has(agent)``; a run skips it on agents without, unless it is named in
+            ``probes``, where it is an error naming ``what``.
     """
     PROBES[name] = fn
     if applies is None:
         APPLIES.pop(name, None)
     else:
         APPLIES[name] = applies
+    if needs is None:
+        NEEDS.pop(name, None)
+    else:
+        NEEDS[name] = needs
     for flag, names in ((after_step, AFTER_STEP), (snapshot_safe, SNAPSHOT_SAFE)):
         if flag:
             names.add(name)
@@ -147,7 +161,22 @@ def register_probe(
 
 def probes_for(names: Sequence[str], agent: Any) -> list[str]:
     """The probes among ``names`` that apply to ``agent`` (:func:`register_probe`)."""
-    return [n for n in names if n not in APPLIES or APPLIES[n](agent)]
+    return [n for n in names if not probe_needs(n, agent)]
+
+
+def probe_needs(name: str, agent: Any) -> str:
+    """What probe ``name`` needs of ``agent`` and it lacks, in words ("" if nothing)."""
+    if name in NEEDS and not NEEDS[name][1](agent):
+        return NEEDS[name][0]
+    if name in APPLIES and not APPLIES[name](agent):
+        return "what it measures (it does not apply to this agent)"
+    return ""
+
+
+def explicit_probes(text: str) -> list[str]:
+    """The probe names given one by one in a ``probes`` value (not through ``default``)."""
+    names = [n.strip() for n in text.split(",")]
+    return [n for n in names if n and n not in ("default", "none")]
 
 
 def parse_probes(text: str) -> list[str]:
@@ -424,26 +453,55 @@ def weight_alignment(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return _credit_alignment(ctx).get("weight_alignment", {})
 
 
-for _name, _fn in [
-    ("dead_fraction", dead_fraction),
-    ("dormant_fraction", dormant_fraction),
-    ("saturation", saturation),
-    ("effective_rank", effective_rank),
-    ("approx_rank", approx_rank),
-    ("stable_rank", stable_rank),
-    ("weight_magnitude", weight_magnitude),
-    ("grad_magnitude", grad_magnitude),
+def _has_features(agent: Any) -> bool:
+    return isinstance(agent, SupportsFeatures)
+
+
+def _has_parameters(agent: Any) -> bool:
+    return isinstance(agent, SupportsParameters | SupportsNetwork)
+
+
+def _has_stats(agent: Any) -> bool:
+    return isinstance(agent, SupportsUpdateStats)
+
+
+def _has_loss(agent: Any) -> bool:
+    return isinstance(agent, SupportsProbeLoss)
+
+
+#: what the built-in probes need (:func:`register_probe` ``needs``)
+FEATURES = ("features(obs) returning {layer: (B, H) activations}", _has_features)
+PARAMETERS = (
+    "parameters() returning {name: tensor} (or to be, or have as net, a torch.nn.Module)",
+    _has_parameters,
+)
+STATS = ("update_stats() returning {'grad_magnitude': {layer: value}}", _has_stats)
+LOSS = ("probe_loss(obs, target) returning the loss without learning", _has_loss)
+
+for _name, _fn, _needs in [
+    ("dead_fraction", dead_fraction, FEATURES),
+    ("dormant_fraction", dormant_fraction, FEATURES),
+    ("saturation", saturation, FEATURES),
+    ("effective_rank", effective_rank, FEATURES),
+    ("approx_rank", approx_rank, FEATURES),
+    ("stable_rank", stable_rank, FEATURES),
+    ("weight_magnitude", weight_magnitude, PARAMETERS),
+    ("grad_magnitude", grad_magnitude, STATS),
 ]:
-    register_probe(_name, _fn, snapshot_safe=True)
-register_probe("plasticity", plasticity, after_step=True)
+    register_probe(_name, _fn, snapshot_safe=True, needs=_needs)
+register_probe("plasticity", plasticity, after_step=True, needs=LOSS)
 
 
 def _has_feedback(agent: Any) -> bool:
     return isinstance(agent, SupportsCreditAlignment) and agent.has_feedback()
 
 
-register_probe("feedback_alignment", feedback_alignment, applies=_has_feedback)
-register_probe("weight_alignment", weight_alignment, applies=_has_feedback)
+FEEDBACK = (
+    "a credit rule other than bp (credit=fa, dfa, ...) and credit_alignment()",
+    _has_feedback,
+)
+register_probe("feedback_alignment", feedback_alignment, needs=FEEDBACK)
+register_probe("weight_alignment", weight_alignment, needs=FEEDBACK)
 
 
 def _has_goodness(agent: Any) -> bool:
@@ -458,7 +516,11 @@ def goodness_gap(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return ctx.agent.goodness_gap(ctx.obs, ctx.target)
 
 
-register_probe("goodness_gap", goodness_gap, applies=_has_goodness)
+register_probe(
+    "goodness_gap",
+    goodness_gap,
+    needs=("goodness_gap(obs, target) (Forward-Forward agents, e.g. agent=ff)", _has_goodness),
+)
 
 
 def run_probes(

@@ -28,7 +28,13 @@ from __future__ import annotations
 import torch
 
 from contlearn.agents.protocol import SupportsHessianTrace, SupportsInitialParameters
-from contlearn.probes.measures import ProbeContext, register_probe, with_layer_mean
+from contlearn.probes.measures import (
+    FEATURES,
+    PARAMETERS,
+    ProbeContext,
+    register_probe,
+    with_layer_mean,
+)
 
 #: Rademacher vectors per ``hessian_trace`` estimate
 HESSIAN_SAMPLES = 10
@@ -116,12 +122,21 @@ def hessian_trace(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     return {"": agent.hessian_trace(ctx.obs, ctx.target, HESSIAN_SAMPLES)}
 
 
-for _name, _fn in [
-    ("feature_norm", feature_norm),
-    ("param_norm", param_norm),
-    ("distance_from_init", distance_from_init),
-    ("linearised_fraction", linearised_fraction),
-    ("duplicate_fraction", duplicate_fraction),
+def _has_start(agent: object) -> bool:
+    return PARAMETERS[1](agent) and isinstance(agent, SupportsInitialParameters)
+
+
+START = ("parameters() and initial_parameters() (the parameters it started from)", _has_start)
+HESSIAN = (
+    "hessian_trace(obs, target, samples)",
+    lambda agent: isinstance(agent, SupportsHessianTrace),
+)
+for _name, _fn, _needs in [
+    ("feature_norm", feature_norm, FEATURES),
+    ("param_norm", param_norm, PARAMETERS),
+    ("distance_from_init", distance_from_init, START),
+    ("linearised_fraction", linearised_fraction, FEATURES),
+    ("duplicate_fraction", duplicate_fraction, FEATURES),
 ]:
-    register_probe(_name, _fn, snapshot_safe=True)
-register_probe("hessian_trace", hessian_trace)
+    register_probe(_name, _fn, snapshot_safe=True, needs=_needs)
+register_probe("hessian_trace", hessian_trace, needs=HESSIAN)

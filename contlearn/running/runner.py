@@ -41,10 +41,10 @@ from contlearn.agents.protocol import (
     supports_replicas,
 )
 from contlearn.envs.protocol import RLStreamProtocol, Stream, SupervisedStreamProtocol
-from contlearn.errors import ContlearnError, RunDirError, RunInterrupted
+from contlearn.errors import ConfigError, ContlearnError, RunDirError, RunInterrupted
+from contlearn.loop.adapter import SingleReplicaAdapter
 from contlearn.loop.engine import (
     ProbeSchedule,
-    SingleReplicaAdapter,
     SteppingLoop,
     SupervisedLoop,
     torch_threads,
@@ -146,8 +146,9 @@ def open_streams(cfg: RunConfig) -> Iterator[list[Stream]]:
 
 
 def make_agent(cfg: RunConfig, stream: Stream) -> Agent:
-    """The run's agent for one stream (plug-in agents wrapped to look replica-batched)."""
-    from contlearn.agents import check_agent
+    """The run's agent for one stream (plug-in agents wrapped to look replica-batched), with
+    the probes named explicitly in ``probes`` checked against what it provides."""
+    from contlearn.agents.protocol import require_agent_methods
     from contlearn.running.plugins import build_plugin_agent
 
     seeds = stream.seeds
@@ -160,10 +161,37 @@ def make_agent(cfg: RunConfig, stream: Stream) -> Agent:
         agent = build_plugin_agent(
             cfg.agent_cls, stream.info, seeds[0], cfg.agent_spec, cfg.learner
         )
-    check_agent(agent)
+    require_agent_methods(agent)
     if not supports_replicas(cfg.agent_cls):
-        agent = SingleReplicaAdapter(agent)
+        agent = SingleReplicaAdapter(agent, (stream.info.num_outputs,))
+    check_requested_probes(cfg, agent)
     return agent
+
+
+def check_requested_probes(cfg: RunConfig, agent: Agent) -> None:
+    """Refuse a probe named in ``probes`` (not through ``default``) that cannot run on the
+    agent, naming what the agent must provide (``default`` runs those that can).
+
+    Raises:
+        ConfigError: such a probe.
+    """
+    from contlearn.probes.measures import explicit_probes, probe_needs
+
+    for name in explicit_probes(cfg.run.probes):
+        needs = probe_needs(name, agent)
+        if needs:
+            raise ConfigError(
+                f"probe {name} cannot run on agent {cfg.agent}: it needs {needs}; "
+                "add it to the agent or drop the probe from probes="
+            )
+
+
+def plugin_checked(cfg: RunConfig) -> str:
+    """The class name whose returns the loop checks: a plug-in agent's with replicas (an
+    agent of one seed is checked by its adapter; built-in agents are trusted)."""
+    if isinstance(cfg.agent_cls, BuiltinAgentClass) or not supports_replicas(cfg.agent_cls):
+        return ""
+    return cfg.agent_cls.__name__
 
 
 def place_agent(cfg: RunConfig, agent: Agent) -> Agent:
@@ -179,14 +207,19 @@ def place_agent(cfg: RunConfig, agent: Agent) -> Agent:
 
 
 @contextlib.contextmanager
-def intra_op_threads(requested: int, agent: Agent) -> Iterator[int]:
+def intra_op_threads(requested: int, agent: Agent, plugin: bool = False) -> Iterator[int]:
     """torch's intra-op threads while a run's loop runs: ``requested``, or (0) the agent's
-    ``preferred_threads()`` (0 there, or no such method: leave the setting as it is). An agent
-    with threads of its own (``replica_workers``) gets ``requested``, or (0) the process's
-    setting before the run (torch's default: the cores; a sweep worker: its share of them)."""
+    ``preferred_threads()``; without that method, a plug-in agent gets 1 (online learning on
+    small batches: more threads only add their hand-offs) and a built-in one leaves the
+    setting as it is. An agent with threads of its own (``replica_workers``) gets
+    ``requested``, or (0) the process's setting before the run (torch's default: the cores; a
+    sweep worker: its share of them)."""
     if isinstance(agent, SupportsReplicaWorkers):
         agent.replica_workers = requested or torch.get_num_threads()
-    preferred = agent.preferred_threads() if isinstance(agent, SupportsPreferredThreads) else 0
+    if isinstance(agent, SupportsPreferredThreads):
+        preferred = agent.preferred_threads()
+    else:
+        preferred = 1 if plugin else 0
     with torch_threads(requested or preferred) as n:
         yield n
 
@@ -213,16 +246,20 @@ def make_loop(
     cfg: RunConfig,
 ) -> SteppingLoop:
     """The loop for a stream's kind."""
+    loop: SteppingLoop
     if stream.info.kind == "rl":
         from contlearn.loop.rl import RLLoop
 
         # (info.kind is the stream's declaration of which protocol it follows)
-        return RLLoop(
+        loop = RLLoop(
             cast(RLStreamProtocol, stream), agent, emit, bar, probes, cfg.run.on_divergence
         )
-    return SupervisedLoop(
-        cast(SupervisedStreamProtocol, stream), agent, emit, bar, probes, cfg.run.on_divergence
-    )
+    else:
+        loop = SupervisedLoop(
+            cast(SupervisedStreamProtocol, stream), agent, emit, bar, probes, cfg.run.on_divergence
+        )
+    loop.checked = plugin_checked(cfg)
+    return loop
 
 
 def agent_backend(agent: Any) -> str:
@@ -412,7 +449,8 @@ def _run_agent(
         )
 
     try:
-        with intra_op_threads(cfg.run.threads, agent):
+        plugin = not isinstance(cfg.agent_cls, BuiltinAgentClass)
+        with intra_op_threads(cfg.run.threads, agent, plugin):
             done = loop.run(
                 steps,
                 stop.requested,
