@@ -138,7 +138,10 @@ def resolve_stream(stream: str | type, *, portable: bool = True) -> tuple[Any, s
         raise ConfigError(f"stream={stream!r} must be a stream id, module:Class or a class")
     if ":" in stream:
         return load_stream_class(stream), absolute_ref(stream)
-    return streams.get(stream), stream
+    cls = streams.get(stream)
+    if not getattr(cls, "__module__", "").startswith("contlearn."):  # (a user's registration)
+        check_stream_class(cls, stream)
+    return cls, stream
 
 
 def build_stream(cls: Any, spec: Any, seeds: list[int], name: str) -> Any:

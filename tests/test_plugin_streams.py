@@ -221,6 +221,14 @@ def test_run_time_registrations_and_plug_ins_reach_spawned_sweep_workers(
     assert df.run.nunique() == 2 and set(df.stream) == {"drift-v0"}
 
 
+def test_a_registered_class_that_is_no_stream_is_refused_by_name(own_registries, tmp_path):
+    stream_registry, _ = own_registries
+    stream_registry.register("no-score", "tests.plugin_stream_examples:NoScore")
+    with pytest.raises(ConfigError, match=r"^stream no-score is not a stream: \(1\) it lacks"):
+        contlearn.run("no-score", steps=2, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_registration_in_main_is_refused_at_sweep_start_and_writes_nothing(
     own_registries, tmp_path, monkeypatch
 ):

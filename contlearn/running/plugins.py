@@ -1,4 +1,5 @@
-"""Loading a user's own agent class and turning its constructor into config options.
+"""Loading a user's own agent class, turning its constructor into config options, and naming a
+class so that a resume or a sweep worker finds it again (:func:`class_ref`).
 
 A plug-in agent's constructor is ``Class(info, seed, **options)`` (or ``Class(info, seeds,
 **options)`` when the class sets ``supports_replicas = True``). Each keyword option with a
@@ -19,6 +20,7 @@ from contlearn.registry import file_module_path, is_file_ref, load_entry_point, 
 from contlearn.spec import FieldInfo
 
 _SIMPLE = (bool, int, float, str)
+_where = where  # (its old name here: contlearn.running.agent_check imports it)
 
 
 def load_agent_class(ref: str) -> type:
