@@ -3,9 +3,17 @@ each is one line on stderr and exit code 2, and no run directory changes."""
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
 import hashlib
+import io
 import os
+import resource
+import signal
 import string
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -172,18 +180,91 @@ def _commands(w: str):
     )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+#: environment faults a command may meet (each drawn as often as no fault at all)
+FAULTS = ["none", "disk full", "permission denied", "interrupted"]
+
+
+def _denied(path: object) -> OSError:
+    return PermissionError(errno.EACCES, "Permission denied", str(path))
+
+
+@contextlib.contextmanager
+def environment_fault(kind: str, delay: float) -> Iterator[None]:
+    """The fault ``kind`` while the block runs.
+
+    - ``disk full``: a file-size limit of 4 kB (RLIMIT_FSIZE): every write past it fails, as
+      on a full disk;
+    - ``permission denied``: every folder made and file opened for writing is refused (root
+      ignores file modes, so the calls themselves refuse, as the OS does for another user);
+    - ``interrupted``: a real SIGINT (Ctrl-C) after ``delay`` seconds, start-up included.
+    """
+    if kind == "disk full":
+        old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    elif kind == "permission denied":
+        real = os.mkdir, os.open, io.open, builtins.open
+
+        def mkdir(path, *args, **kwargs):
+            raise _denied(path)
+
+        def low_open(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise _denied(path)
+            return real[1](path, flags, *args, **kwargs)
+
+        def open_(file, mode="r", *args, **kwargs):
+            if any(m in mode for m in "wax+"):
+                raise _denied(file)
+            return real[2](file, mode, *args, **kwargs)
+
+        os.mkdir, os.open, io.open, builtins.open = mkdir, low_open, open_, open_
+        try:
+            yield
+        finally:
+            os.mkdir, os.open, io.open, builtins.open = real
+    elif kind == "interrupted":
+
+        def ctrl_c(signum, frame):
+            while frame is not None and frame.f_code is not main.__code__:
+                frame = frame.f_back
+            if frame is not None:  # (in the command: Ctrl-C; one that lands after it: dropped)
+                raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, ctrl_c)
+        timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
+            signal.signal(signal.SIGINT, previous)
+    else:
+        yield
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzzed_commands_never_traceback_nor_touch_a_run(capsys, world, data, tmp_path_factory):
     args = data.draw(_commands(str(world)))
+    fault = data.draw(st.sampled_from(FAULTS))
+    delay = data.draw(st.floats(0.0, 0.3))
     before, cwd = tree_hash(world / "run"), os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cwd"))  # (runs without --out go to ./runs)
     try:
-        code = main(args)
+        with environment_fault(fault, delay):
+            code = main(args)
     finally:
         os.chdir(cwd)
     _, err = capsys.readouterr()
-    assert tree_hash(world / "run") == before, args
-    if code != 0:
-        assert code == 2, (args, err)
-        assert err.count("\n") == 1 and err.startswith("contlearn: error: "), (args, err)
+    assert tree_hash(world / "run") == before, (args, fault)
+    if code == 130:  # (Ctrl-C: one line saying so)
+        assert fault == "interrupted" and err.count("\n") == 1, (args, err)
+        assert err.startswith("contlearn: "), (args, err)
+    elif code != 0:
+        assert code == 2, (args, fault, err)
+        assert err.count("\n") == 1 and err.startswith("contlearn: error: "), (args, fault, err)

@@ -16,6 +16,7 @@ from typing import Any
 from contlearn.credit import Credit
 from contlearn.learners.base import GradientTransformation, chain
 from contlearn.learners.cbp import continual_backprop
+from contlearn.learners.module_learner import ModuleLearner, attach
 from contlearn.learners.optim import adam, scale, scale_by_adam, sgd, trace
 from contlearn.learners.redo import redo
 from contlearn.learners.regularizers import (
@@ -105,10 +106,12 @@ __all__ = [
     "GradientTransformation",
     "Learner",
     "LearnerDef",
+    "ModuleLearner",
     "adam",
     "add_decayed_weights",
     "add_l2",
     "add_l2_init",
+    "attach",
     "build_learner",
     "chain",
     "continual_backprop",

@@ -438,11 +438,12 @@ class _ContinualBackprop:
     def _out_mag(
         self, params: Params, updates: Params | None, key: str, col_l1: dict
     ) -> torch.Tensor:
-        """``Σ_k |W[k, i]|`` of the post-update weight ``key`` ``(R, K, H)``: ``(R, H)``."""
+        """``Σ_k |W[k, i]|`` of the post-update weight ``key`` ``(R, K, H)``: ``(R, H)`` (a
+        weight ``(R, K, H, S)``, e.g. a conv kernel's positions, also sums over S)."""
         if key in col_l1:
             return col_l1[key]
         w = params[key] if updates is None else torch.add(params[key], updates[key])
-        return w.abs().sum(1)
+        return w.abs().sum(1) if w.dim() == 3 else w.abs().sum((1, 3))
 
     def _correction(self, age: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``1 − η^a`` for integer ages, read from a table of its values for a = 0, 1, ... up to
@@ -542,8 +543,8 @@ class _ContinualBackprop:
     ) -> torch.Tensor:
         """``mean_b |h − f̂| · Σ_k |W_{l+1}[k, i]| / mean_j |W_l[i, j]|``: ``(R, H)``."""
         key = f"{name}.weight"
-        w_in = params[key] if updates is None else params[key] + updates[key]  # (R, H, D)
-        in_mag = w_in.abs().mean(2).clamp_min(torch.finfo(w_in.dtype).tiny)
+        w_in = params[key] if updates is None else params[key] + updates[key]  # (R, H, D[, S])
+        in_mag = w_in.abs().flatten(2).mean(2).clamp_min(torch.finfo(w_in.dtype).tiny)
         return (h - f_hat.unsqueeze(1)).abs().mean(1) * out_mag / in_mag
 
     def _uniforms(self, rng: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,7 @@ class _ReDo:
         if features is None:
             raise ValueError("redo needs the hidden activations: update(..., features=...)")
         magnitude = (  # (before the inner chain, which may reuse the gradient's memory)
-            {n: grads[f"{n}.weight"].abs().mean(2) for n in self.layers}  # (R, H)
+            {n: grads[f"{n}.weight"].abs().flatten(2).mean(2) for n in self.layers}  # (R, H)
             if self.score == "gradient"
             else None
         )

@@ -174,7 +174,10 @@ def reset_units(
     if nxt is not None:
         cols = (r, slice(None), i)  # columns W_{l+1}[:, i] as (N, K)
         if fold is not None:
-            contrib = params[wn][cols] * fold[r, i].unsqueeze(1)  # (N, K)
+            w_cols = params[wn][cols]  # (N, K), or (N, K, S): a unit read at S positions
+            if w_cols.dim() > 2:
+                w_cols = w_cols.sum(2)
+            contrib = w_cols * fold[r, i].unsqueeze(1)  # (N, K)
             params[bn].index_add_(0, r, contrib)
         params[wn][cols] = 0.0
         rows[wn] = cols
@@ -299,7 +302,7 @@ def head_reset(
     inner: GradientTransformation,
     network: Any,
     seeds: Sequence[int],
-    layer: str = "output",
+    layer: str | None = None,
     rng_stream: int = 0,
 ) -> GradientTransformation:
     """Re-initialise the output layer at every visible task start.
@@ -315,12 +318,14 @@ def head_reset(
         inner: the wrapped chain (optimizer and regularisers).
         network: the network (``by_name``, ``sample_init``).
         seeds: the replicas' root seeds.
-        layer: the layer to reset (the output layer).
+        layer: the layer to reset (default: the network's output layer, the last of
+            ``network.layers``).
         rng_stream: which independent learner stream to draw from.
     """
+    head = layer if layer is not None else str(network.layers[-1].name)
 
     def init(params: Params) -> HeadResetState:
-        bias = params[f"{layer}.bias"]
+        bias = params[f"{head}.bias"]
         return HeadResetState(
             inner.init(params),
             replica_rng_states(seeds, rng_stream),
@@ -339,14 +344,14 @@ def head_reset(
             grads, state.inner, params, task_start=task_start, **extra
         )
         if task_start:
-            bias = params[f"{layer}.bias"]
+            bias = params[f"{head}.bias"]
             mask = torch.ones(bias.shape, dtype=torch.bool, device=bias.device)  # (R, C)
             updates = reset_units(
                 params,
                 updates,
                 inner_state,
                 network,
-                layer,
+                head,
                 mask,
                 state.rng,
                 init_bias=True,

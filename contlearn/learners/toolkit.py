@@ -144,10 +144,10 @@ def add_parseval(network: Any, lam: float, scale: float) -> GradientTransformati
         for k in names:
             if k not in grads:
                 continue
-            w = params[k]  # (R, out, in)
+            w = params[k].flatten(2)  # (R, out, in) (a conv's (R, out, in, k): its rows)
             gram = torch.bmm(w, w.transpose(1, 2))  # (R, out, out)
             gram.diagonal(dim1=1, dim2=2).sub_(scale)
-            out[k] = grads[k] + (4.0 * lam) * torch.bmm(gram, w)
+            out[k] = grads[k] + (4.0 * lam) * torch.bmm(gram, w).view_as(grads[k])
         return out
 
     return stateless(fn)
