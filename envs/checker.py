@@ -57,6 +57,8 @@ def check_stream(
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"check_stream needs two or more distinct seeds, not {seeds}")
+    if steps is not None and steps < 2:
+        raise ConfigError(f"check_stream needs steps >= 2 (or None), not {steps}")
     if spec is None:
         spec = build_spec(cls.Spec, {**getattr(cls, "check_settings", {}), **(settings or {})})
 

@@ -86,9 +86,17 @@ def test_a_stream_without_info_is_refused_at_start_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_check_stream_needs_two_distinct_seeds():
+def test_check_stream_needs_two_distinct_seeds_and_two_steps():
     with pytest.raises(ConfigError, match="two or more distinct seeds"):
         check_stream("bit-flipping", seeds=(1, 1))
+    with pytest.raises(ConfigError, match="steps >= 2"):
+        check_stream("bit-flipping", steps=1)
+
+
+def test_check_stream_takes_a_spec_and_names_a_bad_setting():
+    check_stream(examples.DriftStream, spec=examples.DriftSpec(examples_per_task=4, batch_size=4))
+    with pytest.raises(ConfigError, match="unknown option 'nope' for DriftSpec"):
+        check_stream(examples.DriftStream, settings={"nope": 1})
 
 
 def test_cli_runs_a_file_stream_and_resumes_it_from_another_directory(tmp_path, monkeypatch):
