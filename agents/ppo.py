@@ -469,12 +469,24 @@ class PPOAgent:
     def credit_alignment(
         self, obs: torch.Tensor, target: torch.Tensor | None
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """``{"weight_alignment": {prefixed layer: (R,)}}`` in degrees (docs/credit.md); RL
-        probe batches carry no targets, so no ``feedback_alignment``. Empty for backprop."""
+        """``{"weight_alignment": ..., "feedback_alignment": ...}``, each ``{prefixed layer:
+        (R,)}`` in degrees (docs/credit.md). RL probe batches carry no targets, so the error
+        angle is taken on the last update's last minibatch (none before the first update).
+        Empty for backprop."""
         if self.credit is None:
             return {}
-        found = self.credit.weight_alignment(self.net)
-        return {"weight_alignment": {k: self._host(v) for k, v in found.items()}}
+        s = self.spec
+        found = {
+            "weight_alignment": self.credit.weight_alignment(self.net),
+            "feedback_alignment": self.credit.feedback_alignment(
+                self.net, s.clip, s.vf_coef, s.ent_coef
+            ),
+        }
+        return {
+            probe: {k: self._host(v) for k, v in values.items()}
+            for probe, values in found.items()
+            if values
+        }
 
     def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hidden activations of both nets ``{"policy.hidden1": (R, B, H), ...}``; no learning."""

@@ -39,6 +39,9 @@ NETS = ("policy", "value")
 #: the parameter outside both MLPs (its gradient is autograd's)
 LOG_STD = "policy.log_std"
 
+#: the key of the minibatch kept for the probes in :meth:`PPOCredit.state_dict`
+PROBE_MINIBATCH = "probe_minibatch"
+
 #: each net's layer inputs of a minibatch, ``{net: [x, h_1, ..., h_L]}`` (each ``(R, M, ·)``)
 Inputs = dict[str, list[torch.Tensor]]
 
@@ -71,6 +74,9 @@ class PPOCredit:
             )
             for n in NETS
         }
+        #: the last update's last minibatch, kept for the ``feedback_alignment`` probe (RL
+        #: probe batches hold observations only; the angle needs a loss)
+        self.probe_minibatch: dict[str, torch.Tensor] | None = None
 
     @property
     def feedback(self) -> dict[str, torch.Tensor]:
@@ -104,6 +110,31 @@ class PPOCredit:
             per_layer.update({f"{n}.{k}": v for k, v in found.items() if k})
         return with_layer_mean(per_layer)
 
+    def feedback_alignment(
+        self, net: ActorCritic, clip: float, vf_coef: float, ent_coef: float
+    ) -> dict[str, torch.Tensor]:
+        """``{prefixed hidden layer: (R,)}`` angles (degrees) between the error each net's
+        rule sends to its hidden layers and backprop's, on the last update's last minibatch
+        with the current networks (:func:`contlearn.credit.alignment.feedback_alignment`; the
+        output errors ``e_π``, ``e_V`` as in training), and ``""``, their mean; empty before
+        the first update."""
+        mb = self.probe_minibatch
+        if mb is None:
+            return {}
+        params = {n: {k: v.detach() for k, v in net.nets[n].params.items()} for n in NETS}
+        with torch.no_grad():
+            passes = {n: net.nets[n].forward_train(mb["obs"], params[n]) for n in NETS}
+        errors = output_errors(net, params, passes, mb, clip, vf_coef, ent_coef)[2]
+        per_layer: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for n, rule in self.rules.items():
+                e = errors[n]
+                found = alignment.feedback_alignment(
+                    net.nets[n], params[n], rule, mb["obs"], lambda out, e=e: e
+                )
+                per_layer.update({f"{n}.{k}": v for k, v in found.items() if k})
+        return with_layer_mean(per_layer)
+
     def update_extras(self) -> dict[str, Any]:
         """The extras of ``learner.update``: learned feedback for resets (``feedback=``, keyed
         by the prefixed layer names the learner's network uses), none for fixed feedback."""
@@ -133,22 +164,52 @@ class PPOCredit:
             t[stopped] = saved
 
     def state_dict(self) -> dict[str, Any]:
-        """Each rule's :meth:`~contlearn.credit.rules.FeedbackRule.state_dict`, by net."""
-        return {n: rule.state_dict() for n, rule in self.rules.items()}
+        """Each rule's :meth:`~contlearn.credit.rules.FeedbackRule.state_dict`, by net, and
+        the minibatch kept for the probes (``probe_minibatch``, if any)."""
+        state: dict[str, Any] = {n: rule.state_dict() for n, rule in self.rules.items()}
+        if self.probe_minibatch is not None:
+            state[PROBE_MINIBATCH] = {k: v.clone() for k, v in self.probe_minibatch.items()}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """Restore what :meth:`state_dict` returned (None: a checkpoint without it)."""
         if state is None:
             raise ValueError(f"the checkpoint holds no feedback for credit rule {self.name}")
-        if set(state) != set(NETS):
-            raise ValueError(f"the checkpoint's credit state has nets {sorted(state)}, not {NETS}")
+        nets = set(state) - {PROBE_MINIBATCH}
+        if nets != set(NETS):
+            raise ValueError(f"the checkpoint's credit state has nets {sorted(nets)}, not {NETS}")
         for n, rule in self.rules.items():
             rule.load_state_dict(state[n])
+        kept = state.get(PROBE_MINIBATCH)
+        self.probe_minibatch = None if kept is None else {k: v.clone() for k, v in kept.items()}
 
     def to(self, device: torch.device) -> None:
         """Move every rule's feedback to ``device`` (generators stay on the CPU)."""
         for rule in self.rules.values():
             rule.to(device)
+
+
+def output_errors(
+    net: ActorCritic,
+    params: Mapping[str, Mapping[str, torch.Tensor]],
+    passes: Mapping[str, Any],
+    mb: Mapping[str, torch.Tensor],
+    clip: float,
+    vf_coef: float,
+    ent_coef: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """The minibatch loss ``(R,)``, its statistics, each net's output error ``{net: (R, M,
+    outputs)}`` (``e_π = ∂L/∂μ``, ``e_V = ∂L/∂V``, by autograd through the loss alone) and
+    the log-std's gradient, from each net's ``forward_train`` pass ``passes[net]``."""
+    with torch.no_grad():
+        mean = passes["policy"][0]  # (R, M, A)
+        value = net.value_output(passes["value"][1][-1], dict(params["value"]))  # (R, M)
+    with torch.enable_grad():
+        mu, v, s = (t.detach().requires_grad_(True) for t in (mean, value, net.params[LOG_STD]))
+        loss, stats = output_loss(mu, v, s, mb, clip, vf_coef, ent_coef)
+        e_mean, e_value, g_log_std = torch.autograd.grad(loss.sum(), [mu, v, s])
+    errors = {"policy": e_mean, "value": e_value.unsqueeze(-1)}
+    return loss.detach(), stats, errors, g_log_std
 
 
 def credit_loss_and_grads(
@@ -172,13 +233,7 @@ def credit_loss_and_grads(
     params = {n: {k: v.detach() for k, v in net.nets[n].params.items()} for n in NETS}
     with torch.no_grad():
         passes = {n: net.nets[n].forward_train(x, params[n]) for n in NETS}  # (out, hs, zs)
-        mean = passes["policy"][0]  # (R, M, A)
-        value = net.value_output(passes["value"][1][-1], params["value"])  # (R, M)
-    with torch.enable_grad():
-        mu, v, s = (t.detach().requires_grad_(True) for t in (mean, value, net.params[LOG_STD]))
-        loss, stats = output_loss(mu, v, s, mb, clip, vf_coef, ent_coef)
-        e_mean, e_value, g_log_std = torch.autograd.grad(loss.sum(), [mu, v, s])
-    errors = {"policy": e_mean, "value": e_value.unsqueeze(-1)}  # (R, M, outputs)
+    loss, stats, errors, g_log_std = output_errors(net, params, passes, mb, clip, vf_coef, ent_coef)
     grads, feats, inputs = {LOG_STD: g_log_std}, {}, {}
     with torch.no_grad():
         for n in NETS:
@@ -234,6 +289,9 @@ class CreditStep:
             updates = agent.learn(grads, features, first)
             with torch.no_grad():
                 self.credit.learn(agent._views, updates, inputs, agent._stopped)
+            last = mb
             for k, v in stats.items():
                 totals[k] = totals[k] + v if k in totals else v
+        if totals:  # (the feedback_alignment probe's minibatch)
+            self.credit.probe_minibatch = {k: v.detach().clone() for k, v in last.items()}
         return totals
