@@ -28,6 +28,7 @@ agents.register(
     "contlearn.agents.ppo:PPOAgent",
     "PPO, Gaussian policy + value MLPs (replica-batched) trained by a learner",
 )
+agents.seal()  # (the built-in entries; later ones are the user's)
 
 
 def check_agent(agent: str | type, stream: str = "permuted-mnist", **options: Any) -> Any:

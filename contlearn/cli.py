@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a stream with an agent and learner")
-    run.add_argument("stream", nargs="?", help="stream id (see `contlearn list streams`)")
+    run.add_argument(
+        "stream",
+        nargs="?",
+        help="stream id (see `contlearn list streams`), or module:Class / file.py:Class",
+    )
     run.add_argument("--learner", help="learner name (default bp)")
     run.add_argument("--agent", help="agent name or module:Class / file.py:Class")
     run.add_argument("--seeds", type=str, help="number of seeds, run as one batched model")

@@ -1,7 +1,9 @@
 """contlearn's streams: the registry of never-ending non-stationary tasks.
 
 Streams are registered by id with a string entry point, so importing this package is cheap
-(no torch model, no mujoco) until a stream is built with :func:`make_stream`.
+(no torch model, no mujoco) until a stream is built with :func:`make_stream`. A user's own
+stream is named ``module:Class`` or ``file.py:Class`` (:mod:`contlearn.envs.plugins`);
+:func:`check_stream` checks any stream against its protocol.
 """
 
 from __future__ import annotations
@@ -32,14 +34,29 @@ streams.register(
     "contlearn.envs.rl_stream:SlipperyAntStream",
     "RL: MuJoCo Ant whose friction changes every 2M steps (Dohare et al. 2024)",
 )
+streams.seal()  # (the built-in entries; later ones are the user's)
 
 
-def make_stream(name: str, spec: Any, seeds: Sequence[int]) -> Any:
-    """Build the registered stream ``name`` with a validated ``spec`` for replicas ``seeds``."""
-    return streams.get(name)(spec, list(seeds))
+def make_stream(name: str | type, spec: Any, seeds: Sequence[int]) -> Any:
+    """Build the stream ``name`` (a registered id, ``module:Class``, ``file.py:Class`` or a
+    class) with a validated ``spec`` for replicas ``seeds``."""
+    from contlearn.envs.plugins import build_stream, resolve_stream
+
+    cls, ref = resolve_stream(name, portable=False)
+    if cls.__module__.startswith("contlearn."):  # (built in: trusted, its errors its own)
+        return cls(spec, list(seeds))
+    return build_stream(cls, spec, list(seeds), ref)
 
 
-__all__ = ["make_stream", "streams"]
+def __getattr__(attr: str) -> Any:
+    if attr in ("check_stream", "StreamCheckError"):  # (imports torch: only when asked)
+        from contlearn.envs import checker
+
+        return getattr(checker, attr)
+    raise AttributeError(f"module 'contlearn.envs' has no attribute {attr!r}")
+
+
+__all__ = ["StreamCheckError", "check_stream", "make_stream", "streams"]
 
 from contlearn.envs.gym_registration import register_envs as _register_envs  # noqa: E402
 

@@ -80,6 +80,8 @@ class BitFlippingStream(SupervisedStream):
     Spec: ClassVar[type] = BitFlippingSpec
     #: the CBP paper's learner: one hidden layer of 5 units.
     agent_defaults: ClassVar[dict] = {"hidden": "5"}
+    #: small settings for :func:`contlearn.envs.check_stream`
+    check_settings: ClassVar[dict] = {"examples_per_task": 4, "batch_size": 2, "target_hidden": 8}
     name = "bit-flipping"
     kind = "regression"
     metric = "squared_error"

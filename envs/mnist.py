@@ -64,6 +64,8 @@ class MNISTStreamSpec:
 
 class _MNISTStream(SupervisedStream):
     Spec: ClassVar[type] = MNISTStreamSpec
+    #: small settings for :func:`contlearn.envs.check_stream`
+    check_settings: ClassVar[dict] = {"examples_per_task": 8, "batch_size": 2}
 
     def __init__(self, spec: MNISTStreamSpec, seeds) -> None:
         super().__init__(seeds, spec.examples_per_task, spec.batch_size, spec.boundaries_visible)

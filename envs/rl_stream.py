@@ -215,6 +215,13 @@ class MujocoRLStream:
     name: ClassVar[str] = "mujoco-rl"
     default_agent: ClassVar[str] = "ppo"
     Spec: ClassVar[type] = RLStreamSpec
+    #: small settings for :func:`contlearn.envs.check_stream`: short tasks and episodes
+    check_settings: ClassVar[dict] = {
+        "change_every": 3,
+        "change_immediately": True,
+        "max_episode_steps": 5,
+        "probe_window": 4,
+    }
 
     def __init__(self, spec: RLStreamSpec, seeds: Sequence[int]) -> None:
         self.spec = spec

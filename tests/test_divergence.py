@@ -38,14 +38,20 @@ class _Breaks:
         self.stopped = mask
 
 
-def test_mark_records_the_diverged_seed_and_the_others_go_on(tmp_path):
-    agents = []
+class _Tracked(_Breaks):
+    """Keeps its instances (at module level: a run's agent must be found again)."""
 
-    class Agent(_Breaks):
-        def __init__(self, info, seeds):
-            super().__init__(info, seeds)
-            agents.append(self)
+    instances: list[_Breaks] = []
 
+    def __init__(self, info, seeds):
+        super().__init__(info, seeds)
+        self.instances.append(self)
+
+
+def test_mark_records_the_diverged_seed_and_the_others_go_on(tmp_path, monkeypatch):
+    agents: list[_Breaks] = []
+    monkeypatch.setattr(_Tracked, "instances", agents)
+    Agent = _Tracked
     res = contlearn.run(
         "bit-flipping",
         agent=Agent,

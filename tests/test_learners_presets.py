@@ -17,6 +17,7 @@ from contlearn.loop.engine import run_loop
 from contlearn.results.store import load_runs
 from contlearn.running.config import resolve
 from contlearn.spec import spec_fields
+from tests.test_streams import STREAMS  # (every registered supervised stream)
 
 LEARNERS = [
     "bp",
@@ -35,7 +36,6 @@ LEARNERS = [
     "regrama",
     "swr",
 ]
-STREAMS = ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"]
 TINY = {"examples_per_task": 200, "batch_size": 20, "hidden": "16,16"}
 
 

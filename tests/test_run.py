@@ -9,6 +9,7 @@ import torch
 
 import contlearn
 from contlearn.results.store import COLUMNS, load_runs
+from tests.test_streams import STREAMS
 
 SMALL = {"examples_per_task": 200, "hidden": "16,16"}
 
@@ -28,7 +29,7 @@ def test_done_when_three_seeds_five_tasks_give_fifteen_accuracy_rows(tmp_path):
     assert list(acc[acc.seed == 0].step) == [500, 1000, 1500, 2000, 2500]
 
 
-@pytest.mark.parametrize("stream", ["permuted-mnist", "label-shuffled-mnist", "bit-flipping"])
+@pytest.mark.parametrize("stream", STREAMS)  # (every registered supervised stream)
 def test_batched_replicas_equal_seeds_run_one_by_one(tmp_path, stream):
     config = {**SMALL, "hidden": "8"}
     together = contlearn.run(stream, seeds=3, tasks=3, config=config, out=tmp_path / "all")
@@ -136,22 +137,28 @@ def test_python_api_rejects_bad_input_before_writing(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_boundaries_visible_calls_on_task_start(tmp_path):
-    calls = []
+class TaskStartAgent:
+    """Records the tasks it is told of (at module level: a run's agent must be found again)."""
 
-    class Agent:
-        def __init__(self, info, seed):
-            pass
+    calls: list[int] = []
 
-        def act(self, obs):
-            return torch.zeros(obs.shape[0], 1)
+    def __init__(self, info, seed):
+        pass
 
-        def observe(self, obs, action, feedback):
-            return {}
+    def act(self, obs):
+        return torch.zeros(obs.shape[0], 1)
 
-        def on_task_start(self, task):
-            calls.append(task)
+    def observe(self, obs, action, feedback):
+        return {}
 
+    def on_task_start(self, task):
+        self.calls.append(task)
+
+
+def test_boundaries_visible_calls_on_task_start(tmp_path, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(TaskStartAgent, "calls", calls)
+    Agent = TaskStartAgent
     contlearn.run(
         "bit-flipping", agent=Agent, tasks=3, config={"examples_per_task": 5}, out=tmp_path / "a"
     )

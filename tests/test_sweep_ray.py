@@ -121,6 +121,21 @@ def test_ray_sweep_reports_failures_resumes_and_skips_finished_runs(tmp_path, ra
     assert load_runs(root).run.nunique() == 4
 
 
+def test_run_time_registrations_and_file_plug_ins_reach_ray_tasks(
+    tmp_path, monkeypatch, ray_address
+):
+    from contlearn.envs import streams
+    from tests.test_plugin_streams import EXAMPLES
+
+    monkeypatch.setattr(streams, "_entries", dict(streams._entries))  # (undone afterwards)
+    (tmp_path / "drift.py").write_text(EXAMPLES.read_text())
+    streams.register("drift-ray-v0", f"{tmp_path / 'drift.py'}:DriftStream")
+    spec = {"stream": "drift-ray-v0", "tasks": 2, "probes": "none", "grid": {"hidden": [4, 8]}}
+    result = run_sweep(plan_sweep(spec, tmp_path / "root"), backend="ray")  # (the module's Ray)
+    assert result.exit_code == 0, result.report()
+    assert set(load_runs(tmp_path / "root").stream) == {"drift-ray-v0"}
+
+
 def test_unreachable_ray_address_is_one_line_and_writes_nothing(cli, tmp_path, monkeypatch):
     for key, value in RAY_ENV.items():  # in case this is the first test to import ray
         monkeypatch.setenv(key, value)

@@ -36,6 +36,7 @@ credit_rules.register("weight-mirror", "contlearn.credit.defs:WEIGHT_MIRROR")
 credit_rules.register("symmetric-alignment", "contlearn.credit.defs:SYMMETRIC_ALIGNMENT")
 credit_rules.register("activation-alignment", "contlearn.credit.defs:ACTIVATION_ALIGNMENT")
 credit_rules.register("information-alignment", "contlearn.credit.defs:INFORMATION_ALIGNMENT")
+credit_rules.seal()  # (the built-in entries; later ones are the user's)
 
 
 @dataclass(frozen=True)

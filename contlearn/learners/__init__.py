@@ -81,6 +81,7 @@ learners.register("upgd", "contlearn.learners.toolkit_presets:UPGD")
 learners.register("parseval", "contlearn.learners.toolkit_presets:PARSEVAL")
 learners.register("regrama", "contlearn.learners.toolkit_presets:REGRAMA")
 learners.register("swr", "contlearn.learners.toolkit_presets:SWR")
+learners.seal()  # (the built-in entries; later ones are the user's)
 
 
 def learner_def(name: str) -> LearnerDef:

@@ -14,6 +14,7 @@ from contlearn.agents.protocol import BuiltinAgentClass
 from contlearn.envs.protocol import Stream
 from contlearn.errors import ConfigError, RunDirError
 from contlearn.loop.progress import want_progress
+from contlearn.registry import absolute_ref
 from contlearn.results.store import (
     MetricWriter,
     RunLock,
@@ -60,7 +61,7 @@ def default_run_dir(stream: str, learner: str, root: str | Path = "runs") -> Pat
 
 
 def run(
-    stream: str | None = None,
+    stream: str | type | None = None,
     *,
     learner: str | None = None,
     agent: str | type | None = None,
@@ -78,7 +79,8 @@ def run(
     """Run a stream with an agent and learner, writing a run directory.
 
     Args:
-        stream: registered stream id (or ``stream`` in ``config``/``config_file``).
+        stream: registered stream id, ``module:Class``, ``file.py:Class`` or a stream class
+            (or ``stream`` in ``config``/``config_file``).
         learner: learner name (default ``bp``).
         agent: registered agent name, ``module:Class``, or a class satisfying the Agent
             Protocol (default: the built-in ``online`` agent).
@@ -124,7 +126,7 @@ def run(
             "`learner` parameter to its __init__"
         )
     label = learner_label(cfg)
-    path = Path(out) if out is not None else default_run_dir(cfg.stream, label)
+    path = Path(out) if out is not None else default_run_dir(cfg.stream_label, label)
     flat = stored_config(cfg)
     if resume and is_run_dir(path):
         return _continue(path, flat, progress)
@@ -167,7 +169,7 @@ def check_overridden(values: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: a value is malformed or out of range, or names no stream or learner.
     """
-    from contlearn.envs import streams
+    from contlearn.envs.plugins import resolve_stream
     from contlearn.learners import learner_def
     from contlearn.spec import parse_value, spec_fields
 
@@ -175,8 +177,8 @@ def check_overridden(values: Mapping[str, Any]) -> None:
     for key, value in values.items():
         if key in fields:
             parse_value(fields[key], value, key)
-        elif key == "stream" and isinstance(value, str):
-            streams.get(value)
+        elif key == "stream" and isinstance(value, (str, type)):
+            resolve_stream(value)
         elif key == "learner" and isinstance(value, str):
             learner_def(value)
 
@@ -223,9 +225,19 @@ RESUMABLE_KEYS = (
 
 
 def changed_keys(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Config keys whose values differ, other than those a continued run may change."""
+    """Config keys whose values differ, other than those a continued run may change.
+
+    A plug-in's ``file.py:Class`` is the same as its absolute form (older runs recorded the
+    path as given, relative to the directory they were started in)."""
+
+    def value(config: Mapping[str, Any], k: str) -> Any:
+        v = config.get(k)
+        return absolute_ref(v) if k in ("stream", "agent") and isinstance(v, str) else v
+
     return sorted(
-        k for k in set(stored) | set(new) if k not in RESUMABLE_KEYS and stored.get(k) != new.get(k)
+        k
+        for k in set(stored) | set(new)
+        if k not in RESUMABLE_KEYS and value(stored, k) != value(new, k)
     )
 
 
@@ -280,7 +292,7 @@ def _execute(
     writer = MetricWriter(
         path,
         run_name(path),
-        cfg.stream,
+        cfg.stream_label,
         learner_label(cfg),
         cfg.run.flush_rows,
         cfg.run.flush_seconds,

@@ -111,13 +111,16 @@ class RunConfig:
     """A fully resolved run configuration.
 
     Attributes:
-        stream: registered stream id.
-        agent: registered agent name or ``module:Class`` of a plug-in agent.
+        stream: registered stream id, or ``module:Class`` / ``/abs/file.py:Class`` of a
+            plug-in stream.
+        agent: registered agent name or ``module:Class`` / ``/abs/file.py:Class`` of a
+            plug-in agent.
         learner: a :class:`contlearn.learners.Learner` (name + options).
         run: the :class:`RunSpec`.
         stream_spec: the stream's Spec instance.
         agent_spec: the agent's Spec instance (built-in) or option dict (plug-in).
         agent_cls: the agent class.
+        stream_cls: the stream class (None: look ``stream`` up again).
     """
 
     stream: str
@@ -127,6 +130,12 @@ class RunConfig:
     stream_spec: Any
     agent_spec: Any
     agent_cls: type
+    stream_cls: type | None = None
+
+    @property
+    def stream_label(self) -> str:
+        """The stream's short name: its id, or a plug-in's class name (run names, metrics)."""
+        return self.stream.rpartition(":")[2] if ":" in self.stream else self.stream
 
     @property
     def seeds(self) -> list[int]:
@@ -227,22 +236,23 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     """
     from contlearn.agents import agents
     from contlearn.credit import Credit, check_agent_credit, credit_def
-    from contlearn.envs import streams
+    from contlearn.envs.plugins import resolve_stream
     from contlearn.learners import Learner, learner_def
+    from contlearn.registry import absolute_ref
     from contlearn.running.plugins import agent_ref, load_agent_class
 
     values = dict(values)
     stream = values.pop("stream", None)
-    if not isinstance(stream, str) or not stream:
+    if not isinstance(stream, (str, type)) or not stream:
         raise ConfigError("no stream given; name one, e.g. `contlearn run permuted-mnist`")
-    stream_cls = streams.get(stream)
+    stream_cls, stream = resolve_stream(stream)
     agent = values.pop("agent", getattr(stream_cls, "default_agent", "online"))
     if isinstance(agent, type):
         agent_cls, agent = agent, agent_ref(agent)
     elif not isinstance(agent, str):
         raise ConfigError(f"agent={agent!r} must be a registered name or module:Class")
     elif ":" in agent:
-        agent_cls = load_agent_class(agent)
+        agent_cls, agent = load_agent_class(agent), absolute_ref(agent)
     else:
         agent_cls = agents.get(agent)
     kinds = getattr(agent_cls, "stream_kinds", None)
@@ -327,6 +337,7 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
         stream_spec=build_spec(stream_cls.Spec, groups["stream"]),
         agent_spec=agent_spec,
         agent_cls=agent_cls,
+        stream_cls=stream_cls,
     )
     from contlearn.running.limits import check_limits
 

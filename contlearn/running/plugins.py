@@ -1,4 +1,5 @@
-"""Loading a user's own agent class and turning its constructor into config options.
+"""Loading a user's own agent class, turning its constructor into config options, and naming a
+class so that a resume or a sweep worker finds it again (:func:`class_ref`).
 
 A plug-in agent's constructor is ``Class(info, seed, **options)`` (or ``Class(info, seeds,
 **options)`` when the class sets ``supports_replicas = True``). Each keyword option with a
@@ -8,7 +9,6 @@ default becomes a config key (``--set name=value``), typed by its default. A par
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import sys
 from pathlib import Path
@@ -16,43 +16,24 @@ from typing import Any
 
 from contlearn.agents.protocol import Agent, BuiltinAgentClass
 from contlearn.errors import ConfigError
-from contlearn.registry import load_entry_point
+from contlearn.registry import file_module_path, is_file_ref, load_entry_point, where
 from contlearn.spec import FieldInfo
 
 _SIMPLE = (bool, int, float, str)
+_where = where  # (its old name here: contlearn.running.agent_check imports it)
 
 
 def load_agent_class(ref: str) -> type:
     """Import ``module:Class`` or ``path/to/file.py:Class``.
 
-    The current directory is put on ``sys.path`` so scripts next to the user resolve.
+    The current directory is put on ``sys.path`` so modules next to the user resolve.
     """
     path_part, sep, attr = ref.rpartition(":")
     if not sep or not path_part or not attr:
         raise ConfigError(f"agent {ref!r} is not of the form module:Class or file.py:Class")
-    if path_part.endswith(".py"):
-        file = Path(path_part)
-        if not file.is_file():
-            raise ConfigError(f"agent file {file} does not exist; check the path")
-        name = f"contlearn_user_{file.stem}"
-        spec = importlib.util.spec_from_file_location(name, file)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's file: any error is theirs to fix
-            sys.modules.pop(name, None)
-            raise ConfigError(
-                f"agent file {file} cannot be loaded ({_where(exc)}); fix it"
-            ) from exc
-        if not hasattr(module, attr):
-            raise ConfigError(f"{file} has no class {attr!r}; check the name")
-        obj = getattr(module, attr)
-    else:
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
-        obj = load_entry_point(ref)
+    if not is_file_ref(ref) and "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    obj = load_entry_point(ref, "agent")
     if not inspect.isclass(obj):
         raise ConfigError(f"agent {ref!r} is not a class")
     missing = [m for m in ("act", "observe") if not callable(getattr(obj, m, None))]
@@ -99,23 +80,46 @@ def build_plugin_agent(
         raise
     except Exception as exc:  # noqa: BLE001 - the user's constructor: its error, in one line
         raise ConfigError(
-            f"agent {cls.__name__} failed to start ({_where(exc)}); fix the agent or its options"
+            f"agent {cls.__name__} failed to start ({where(exc)}); fix the agent or its options"
         ) from exc
-
-
-def _where(exc: BaseException) -> str:
-    """``SyntaxError: invalid syntax at my_agent.py:3`` or ``ValueError: msg at file.py:12``:
-    an exception and the user's line it came from, on one line."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, SyntaxError) and exc.filename:
-        return f"{type(exc).__name__}: {exc.msg} at {Path(exc.filename).name}:{exc.lineno}"
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    at = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb else ""
-    return f"{type(exc).__name__}: {text}{at}"
 
 
 def agent_ref(cls: type) -> str:
     """``module:Class`` for a class (what config.json records for a plug-in agent)."""
-    return f"{cls.__module__}:{cls.__qualname__}"
+    return class_ref(cls, "agent")
+
+
+def class_ref(cls: type, what: str) -> str:
+    """A reference that finds ``cls`` again in another process or directory.
+
+    ``module:Class`` for a class of an importable module; ``/abs/file.py:Class`` for one loaded
+    from a file, or defined at the top of the script being run (``__main__`` with a file).
+
+    Raises:
+        ConfigError: the class cannot be found again (defined in a notebook or an interactive
+            session, or inside a function).
+    """
+    module = sys.modules.get(cls.__module__)
+    file = file_module_path(cls.__module__)
+    if file is None and cls.__module__ == "__main__":
+        main_file = vars(module).get("__file__") if module is not None else None
+        if main_file and main_file.endswith(".py") and Path(main_file).is_file():
+            file = str(Path(main_file).absolute())
+    ref = f"{file}:{cls.__qualname__}" if file else f"{cls.__module__}:{cls.__qualname__}"
+    if "<locals>" not in cls.__qualname__ and (file or cls.__module__ != "__main__"):
+        found = _found(module, cls.__qualname__)
+        if found is cls:
+            return ref
+    place = "a function" if "<locals>" in cls.__qualname__ else cls.__module__
+    raise ConfigError(
+        f"{what} class {cls.__name__} is defined in {place}, where a resume or a sweep worker "
+        "cannot find it again; define it in a module or file and pass module:Class / "
+        "file.py:Class"
+    )
+
+
+def _found(module: object, qualname: str) -> object:
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj

@@ -121,7 +121,7 @@ def make_streams(cfg: RunConfig) -> list[Stream]:
     streams: list[Stream] = []
     try:
         for seeds in stream_groups(cfg):
-            streams.append(make_stream(cfg.stream, cfg.stream_spec, seeds))
+            streams.append(make_stream(cfg.stream_cls or cfg.stream, cfg.stream_spec, seeds))
     except BaseException:
         close_streams(streams)
         raise

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +25,7 @@ from contlearn.errors import ContlearnError
 from contlearn.loop.progress import want_progress
 
 if TYPE_CHECKING:
+    from contlearn.registry import Registration
     from contlearn.sweeps.plan import Plan
     from contlearn.sweeps.spec import SweepRun
 
@@ -171,13 +172,22 @@ def one_line(exc: BaseException) -> str:
 _STOP: Any = None  # in pool workers: an Event the parent sets to stop runs not yet started
 
 
-def run_one(root: str, run: SweepRun, sha: str, threads: int = 0) -> Outcome:
+def run_one(
+    root: str,
+    run: SweepRun,
+    sha: str,
+    threads: int = 0,
+    registrations: Sequence[Registration] = (),
+) -> Outcome:
     """Run (or continue) one run of a sweep and mark it done; never raises.
 
     Args:
         root: the sweep root. run: the run. sha: its config digest (for ``done.json``).
         threads: torch threads for this process (0: leave as is).
+        registrations: the sweep's registrations made at run time, made again here (in a
+            worker process, which imported only the built-in ones).
     """
+    from contlearn.registry import restore
     from contlearn.results.store import write_atomic
     from contlearn.running.api import run as run_config
     from contlearn.running.runner import RunInterrupted
@@ -191,6 +201,7 @@ def run_one(root: str, run: SweepRun, sha: str, threads: int = 0) -> Outcome:
         torch.set_num_threads(threads)
     path = Path(root) / run.name
     try:
+        restore(list(registrations))
         run_config(config=run.config, out=path, resume=True, progress=False)
     except (RunInterrupted, KeyboardInterrupt) as exc:
         return Outcome(run.name, "interrupted", one_line(exc), time.monotonic() - start)
@@ -223,7 +234,7 @@ def _serial(plan: Plan, todo: list[SweepRun], bar: SweepProgress) -> list[Outcom
             outcome = Outcome(run.name, "interrupted", "not started: the sweep was interrupted")
         else:
             bar.update(running=1)
-            outcome = run_one(str(plan.root), run, plan.digests[run.name])
+            outcome = run_one(str(plan.root), run, plan.digests[run.name])  # (this process)
         outcomes.append(bar.finish(outcome))
     return outcomes
 
@@ -257,7 +268,10 @@ def run_local(plan: Plan, todo: list[SweepRun], workers: int, bar: SweepProgress
         initializer=_init_worker,
         initargs=(max(1, (os.cpu_count() or 1) // workers), stop),
     )
-    futures = {pool.submit(run_one, str(plan.root), r, plan.digests[r.name]): r.name for r in todo}
+    regs = plan.registrations
+    futures = {
+        pool.submit(run_one, str(plan.root), r, plan.digests[r.name], 0, regs): r.name for r in todo
+    }
     pending, outcomes = set(futures), []
     try:
         with forward_sigterm():

@@ -121,7 +121,10 @@ def run_ray(
     """
     threads = max(1, int(cpus_per_run))
     task = ray.remote(num_cpus=cpus_per_run)(run_one)
-    refs = {task.remote(str(plan.root), r, plan.digests[r.name], threads): r.name for r in todo}
+    regs = plan.registrations  # (each task makes the sweep's run-time registrations again)
+    refs = {
+        task.remote(str(plan.root), r, plan.digests[r.name], threads, regs): r.name for r in todo
+    }
     try:
         with forward_sigterm():
             return _collect(ray, refs, bar, _slots(ray, cpus_per_run))

@@ -13,12 +13,13 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from contlearn.errors import ConfigError, ContlearnError, RunDirError
+from contlearn.registry import Registration, check_portable, runtime_registrations
 from contlearn.sweeps.local import DONE_FILE, SweepProgress, SweepResult, run_local
 from contlearn.sweeps.spec import SweepRun, SweepSpec, expand, parse_spec, read_spec
 
@@ -27,13 +28,31 @@ SWEEP_FILE = "sweep.json"
 
 @dataclass
 class Plan:
-    """An expanded, validated sweep and where each run stands (done, partial or new)."""
+    """An expanded, validated sweep and where each run stands (done, partial or new), with the
+    registrations made at run time that its worker processes make again."""
 
     spec: SweepSpec
     root: Path
     runs: list[SweepRun]
     status: dict[str, str]
     digests: dict[str, str] = field(default_factory=dict)
+    registrations: list[Registration] = field(default_factory=list)
+
+    def names_used(self) -> set[tuple[str, str]]:
+        """The ``(registry kind, name)`` of every stream, agent, learner and credit rule its
+        runs name."""
+        kinds = {
+            "stream": "stream",
+            "agent": "agent",
+            "learner": "learner",
+            "credit": "credit rule",
+        }
+        return {
+            (kind, r.config[key])
+            for r in self.runs
+            for key, kind in kinds.items()
+            if isinstance(r.config.get(key), str)
+        }
 
     def describe(self) -> str:
         """One line per run (``status  name``) and a count line."""
@@ -124,8 +143,22 @@ def plan_sweep(
         raise RunDirError(f"{root} is a run or a file; give a folder for the sweep's runs")
     runs = expand(spec)
     expected = {r.name: expected_config(r) for r in runs}
+    runs = [portable(r, expected[r.name]) for r in runs]
     status = {r.name: run_status(root / r.name, expected[r.name]) for r in runs}
-    return Plan(spec, root, runs, status, {n: digest(c) for n, c in expected.items()})
+    digests = {n: digest(c) for n, c in expected.items()}
+    return Plan(spec, root, runs, status, digests, runtime_registrations())
+
+
+def portable(run: SweepRun, expected: Mapping[str, Any]) -> SweepRun:
+    """The run with its plug-in stream and agent named as its ``config.json`` names them: a
+    class by its reference, a ``file.py:Class`` by its absolute path (a worker may start
+    elsewhere)."""
+    fixed: dict[str, Any] = {
+        k: expected[k]
+        for k in ("stream", "agent")
+        if k in run.config and not (isinstance(run.config[k], str) and ":" not in run.config[k])
+    }
+    return replace(run, config={**run.config, **fixed}) if fixed else run
 
 
 def write_sweep_file(plan: Plan) -> None:
@@ -173,7 +206,8 @@ def run_sweep(
         progress: show the progress line (default: on a terminal and not under CI).
 
     Raises:
-        ContlearnError: a bad backend or worker count, Ray missing or unreachable (nothing is
+        ContlearnError: a bad backend or worker count, Ray missing or unreachable, or a
+            registration made at run time that worker processes cannot import (nothing is
             written then).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -182,6 +216,9 @@ def run_sweep(
             f"sweep needs backend local or ray ({backend!r}), workers ≥ 1 "
             f"({workers}) and cpus-per-run > 0 ({cpus_per_run})"
         )
+    left = sum(s != "done" for s in plan.status.values())
+    if backend == "ray" or min(workers, left) > 1:  # (runs in other processes)
+        check_portable(plan.registrations, plan.names_used())
     if backend == "ray":
         from contlearn.sweeps.on_ray import ray_session, run_ray
 
