@@ -19,6 +19,7 @@ and replica r's from its own seed only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -128,9 +129,8 @@ class PPOCredit:
         per_layer: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for n, rule in self.rules.items():
-                e = errors[n]
                 found = alignment.feedback_alignment(
-                    net.nets[n], params[n], rule, mb["obs"], lambda out, e=e: e
+                    net.nets[n], params[n], rule, mb["obs"], functools.partial(_given, errors[n])
                 )
                 per_layer.update({f"{n}.{k}": v for k, v in found.items() if k})
         return with_layer_mean(per_layer)
@@ -187,6 +187,11 @@ class PPOCredit:
         """Move every rule's feedback to ``device`` (generators stay on the CPU)."""
         for rule in self.rules.values():
             rule.to(device)
+
+
+def _given(error: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The output error ``error``, computed beforehand (whatever the outputs ``out``)."""
+    return error
 
 
 def output_errors(

@@ -3,8 +3,8 @@
 
 The agent is a one-seed torch MLP with its own ``torch.optim.SGD`` (the shape of the README's
 ``MLPAgent``, without a learner), run online (batch size 1) on permuted MNIST through
-``contlearn.run``, one run per setting, each timed from start to end (start-up included), after one small untimed run that loads the
-data::
+``contlearn.run``, one run per setting, each timed from start to end (start-up included),
+after one small untimed run that loads the data::
 
     python scripts/bench_plugin.py                   # 2 seeds x 2 tasks of 2,000 examples
     python scripts/bench_plugin.py --examples 500    # a quick look
