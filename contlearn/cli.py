@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--bin",
         type=int,
-        default=1,
-        help="tasks per plotted point (with --x step: steps per point)",
+        default=None,
+        help="tasks per plotted point (default 1); with --x step: steps per point (default: "
+        "about 50 points over the runs, so each holds every seed's episodes)",
     )
     plot.add_argument(
         "--x",
