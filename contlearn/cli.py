@@ -196,26 +196,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """``contlearn plot``."""
-    from contlearn.results.store import load_runs
+    from contlearn.results.figures import plot_runs
 
-    df = load_runs(args.runs, config=True)
-    from contlearn.results import curves, plots
-
-    if df.empty:
-        raise ContlearnError(f"no metrics recorded yet in {' '.join(args.runs)}")
-    df = _with_by(df, args)
-    curves.check_comparable(df)
-    metric = args.metric or curves.default_metric(df)
-    x = args.x or ("step" if metric == "episode_return" else "task")
-    if args.probes:
-        fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin, x=x, stat=args.stat)
-    else:
-        fig = plots.plot_decay(
-            df, metric=metric, by=args.by, bin=args.bin, layer=args.layer, x=x, stat=args.stat
-        )
     default = "probes.png" if args.probes else "plot.png"  # (one does not overwrite the other)
     out = Path(args.out) if args.out else Path(args.runs[0]) / default
-    plots.save_figure(fig, out)
+    plot_runs(
+        args.runs,
+        probes=args.probes,
+        metric=args.metric,
+        by=args.by,
+        x=args.x,
+        bin=args.bin,
+        layer=args.layer,
+        stat=args.stat,
+        out=out,
+    )
     print(out)
     return 0
 

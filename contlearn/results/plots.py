@@ -115,7 +115,17 @@ def _draw(
 def _new_figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    class InlineFigure(Figure):
+        """A figure that a notebook shows inline as the value of a cell (without pyplot)."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return InlineFigure(figsize=(width, height), layout="constrained")
 
 
 def _band_note(stats: pd.DataFrame, ci: float, stat: str = "mean") -> str:
