@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="over seeds: mean, or interquartile mean with stratified bootstrap intervals",
     )
 
+    exp = sub.add_parser("export", help="write a run's metrics to TensorBoard or W&B")
+    exp.add_argument("run_dir", help="the run directory")
+    exp.add_argument("--to", required=True, choices=("tensorboard", "wandb"), help="tracker")
+    exp.add_argument(
+        "--out",
+        help="TensorBoard: folder of the event files (default RUN/tensorboard); "
+        "W&B: where W&B keeps its files (default the run directory)",
+    )
+
     lst = sub.add_parser("list", help="list streams, learners and agents with their options")
     lst.add_argument("what", nargs="?", choices=("streams", "learners", "credit", "agents"))
 
@@ -298,6 +307,7 @@ _IMPORTS = {
     "summary": ("contlearn.results.store", "contlearn.results.summary"),
     "list": ("contlearn.listing",),
     "data": ("contlearn.data.datasets",),
+    "export": ("contlearn.results.store", "contlearn.results.trackers"),
 }
 
 
@@ -319,7 +329,19 @@ def _import_uninterrupted(command: str) -> bool:
     return bool(pending)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``contlearn export``: prints the folder written."""
+    from contlearn.results.store import read_config
+    from contlearn.results.trackers import export_run
+
+    path = Path(args.run_dir)
+    read_config(path)  # (not a run: one line naming it)
+    print(export_run(path, args.to, Path(args.out) if args.out else None))
+    return 0
+
+
 COMMANDS = {
+    "export": cmd_export,
     "run": cmd_run,
     "resume": cmd_resume,
     "plot": cmd_plot,
