@@ -368,7 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if hasattr(signal, "SIGXFSZ"):  # a file-size limit raises OSError instead of killing us
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # (--help, --version, a usage error: printed already)
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         if _import_uninterrupted(args.command):
             raise KeyboardInterrupt
         try:
