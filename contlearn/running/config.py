@@ -349,6 +349,13 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     from contlearn.running.limits import check_limits
 
     check_limits(config)
+    copies = getattr(config.stream_spec, "num_envs", 1)
+    if getattr(stream_cls, "kind", None) == "rl" and config.run.steps % copies:
+        raise ConfigError(
+            f"steps={config.run.steps} must be a multiple of num_envs={copies}: RL steps count "
+            "the environment steps of a seed over all its copies, and a loop step takes one "
+            "of each"
+        )
     return config
 
 
