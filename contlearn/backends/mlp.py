@@ -36,7 +36,7 @@ import torch
 
 from contlearn.agents.networks import ACTIVATIONS
 from contlearn.backends import kernels
-from contlearn.backends.base import StepConfig
+from contlearn.backends.base import StepConfig, declares
 from contlearn.credit.learned import KolenPollack
 from contlearn.credit.rules import DirectFeedback, FixedFeedback, SignSymmetry
 
@@ -100,6 +100,7 @@ class HandBackward:
             and (cfg.credit != "sign-symmetry" or cfg.fused is not None)
             and cfg.task in _TASKS
             and cfg.activation in ACTIVATIONS
+            and declares(cfg)  # (no layer norm)
         )
 
     def __init__(self, agent: OnlineAgent) -> None:
