@@ -159,9 +159,9 @@ class BatchedMLP:
             (:mod:`~contlearn.agents.network_options`).
 
     ``activation`` may also be ``crelu`` or ``fourier`` (two features per unit: the next layer's
-    fan-in is twice the width). Those and ``layer_norm`` run only through :meth:`forward` (and
-    :meth:`forward_train`, which then keeps no pre-activations); the hand-written backward
-    refuses them.
+    fan-in is twice the width). Under those and ``layer_norm``, :meth:`backward` hands over to
+    :func:`~contlearn.agents.network_backward.backward_with_options`; the fused
+    :meth:`backward_update_` refuses them.
     """
 
     def __init__(
@@ -270,12 +270,11 @@ class BatchedMLP:
             ``(out (R, B, out_dim), hidden activations [(R, B, H)], pre-activations or None)``;
             pre-activations are kept only for activations whose derivative needs them.
         """
+        p = self.params if params is None else params
         if self.autograd_only:  # (no backend that passes ``first`` runs these options)
             if first is not None:
                 raise ValueError("forward_train(first=...) has no layer norm, crelu or fourier")
-            out, feats = self.forward(x, params)
-            return out, list(feats.values()), None
-        p = self.params if params is None else params
+            return self._forward_options(x, p)
         keep_pre = self.activation in _NEEDS_PRE
         hs: list[torch.Tensor] = []
         zs: list[torch.Tensor] | None = [] if keep_pre else None
@@ -298,12 +297,33 @@ class BatchedMLP:
             hs.append(h)
         raise AssertionError("unreachable: the last layer is the output layer")
 
+    def _forward_options(
+        self, x: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+        """:meth:`forward_train` under layer norm, crelu or fourier: ``zs`` are the raw
+        pre-activations (before the norm) with layer norm, else None
+        (:mod:`~contlearn.agents.network_backward`)."""
+        hs: list[torch.Tensor] = []
+        zs: list[torch.Tensor] | None = [] if self.layer_norm else None
+        h = x
+        for layer in self.layers:
+            w, b = p[f"{layer.name}.weight"], p[f"{layer.name}.bias"]
+            z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if layer.next is None:
+                return z, hs, zs
+            if zs is not None:
+                zs.append(z)
+                z = layer_norm(z, p[f"{layer.name}.{LN_WEIGHT}"], p[f"{layer.name}.{LN_BIAS}"])
+            h = self.act_fn(z)
+            hs.append(h)
+        raise AssertionError("unreachable: the last layer is the output layer")
+
     def _delta_below(
         self, i: int, d: torch.Tensor, hs: list[torch.Tensor], zs: list[torch.Tensor] | None
     ) -> torch.Tensor:
         """δ of hidden layer ``i - 1`` from ``d = δ_i W_i`` (the input gradient of layer i)."""
         if self.autograd_only:
-            raise ConfigError("the hand-written backward has no layer norm, crelu or fourier")
+            raise ConfigError("the fused backward has no layer norm, crelu or fourier")
         return activation_backward(self.activation, d, hs[i - 1], None if zs is None else zs[i - 1])
 
     def backward(
@@ -325,6 +345,10 @@ class BatchedMLP:
             ``{name: gradient}`` in the order of :attr:`params` (weights ``(R, out, in)``).
         """
         p = self.params if params is None else params
+        if self.autograd_only:
+            from contlearn.agents.network_backward import backward_with_options
+
+            return backward_with_options(self, delta, x, hs, zs, p)
         grads: dict[str, torch.Tensor] = {}
         for i in range(len(self.layers) - 1, -1, -1):
             name = self.layers[i].name

@@ -19,13 +19,14 @@ from contlearn.agents.networks import BatchedMLP
 from contlearn.agents.online import OnlineAgent
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.check import check_online_agent, synthetic_batches
-from contlearn.backends.mlp import BACKENDS
+from contlearn.backends.mlp import BACKENDS, BlockLoop, HandBackward
 from contlearn.backends.ppo_gradients import PPOGradients
 from contlearn.cli import main
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import learners
-from contlearn.learners.optim import adam
+from contlearn.learners.fused import fused_plan
+from contlearn.learners.optim import adam, sgd
 from contlearn.learners.resets import reset_units
 from contlearn.learners.rng import replica_rng_states
 from contlearn.listing import describe
@@ -119,7 +120,24 @@ def test_forward_and_gradients_match_a_per_example_computation(act, ln):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=k)  # (∂/∂b ≈ 0 under LN)
     train_out, hs, zs = net.forward_train(x, net.params)  # what probes read: the same
     torch.testing.assert_close(train_out, out.detach())
-    assert zs is None and len(hs) == 2
+    assert (zs is not None) == ln and len(hs) == 2
+    by_hand = net.backward(w, x, hs, zs, net.params)  # the `backward` backend's gradients
+    for k, a in zip(params, got, strict=True):
+        torch.testing.assert_close(by_hand[k], a, rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("act", ["tanh", "elu", "swish"])
+def test_the_hand_written_backward_under_layer_norm_with_other_activations(act):
+    net = _net(act, True)
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(3))
+    params = {k: v.clone().requires_grad_(True) for k, v in net.params.items()}
+    out, _ = net.forward(x, params)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad((out * w).sum(), list(params.values()))
+    _, hs, zs = net.forward_train(x, net.params)
+    by_hand = net.backward(w, x, hs, zs, net.params)
+    for k, a in zip(params, got, strict=True):
+        torch.testing.assert_close(by_hand[k], a, rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_a_reset_unit_gets_its_layer_norm_gain_one_offset_zero_and_clean_state():
@@ -166,7 +184,7 @@ def _refusal(learner: str, options: dict) -> str | None:
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 @pytest.mark.parametrize("learner", learners.names())
-def test_every_learner_runs_or_is_refused_under_each_option_on_the_reference(learner, option):
+def test_every_learner_runs_or_is_refused_under_each_option_and_backward_is_exact(learner, option):
     why = _refusal(learner, OPTIONS[option])
     if why is not None:  # crelu/fourier with unit scorers: one line naming the fix
         assert learner in ("cbp", "redo", "regrama") and "activation" in OPTIONS[option]
@@ -174,25 +192,33 @@ def test_every_learner_runs_or_is_refused_under_each_option_on_the_reference(lea
         return
     for kind in ("classification", "regression"):  # permuted MNIST, bit-flipping's kind
         cfg = _config(learner, **OPTIONS[option])
-        backend = check_online_agent(_info(kind), SEEDS, cfg.agent_spec, cfg.learner, steps=8)
-        assert backend == REFERENCE
+        for batch in (1, 3):
+            info = _info(kind, batch)
+            backend = check_online_agent(info, SEEDS, cfg.agent_spec, cfg.learner, steps=8)
+            assert backend == HandBackward.name
 
 
-def test_fast_backends_refuse_each_option():
+def test_only_the_hand_written_backward_takes_the_options_and_only_under_bp():
     for act in ("relu", "crelu", "fourier"):
         for ln in (False, True):
             cfg = StepConfig(
                 "mlp", act, 2, "classification", "bp", "sgd",
-                network_options=frozenset({"layer_norm"} if ln else ()),
+                network_options=frozenset({"layer_norm"} if ln else ()), fused=fused_plan(sgd(0.1)),
+                kernels=True,
             )  # fmt: skip
-            assert (choose(BACKENDS, cfg) is None) == (act != "relu" or ln)
+            plain = act == "relu" and not ln
+            assert choose(BACKENDS, cfg) is (BlockLoop if plain else HandBackward)
+            fa = dataclasses.replace(cfg, credit="fa")
+            assert (choose(BACKENDS, fa) is None) == (not plain)
+            unknown = dataclasses.replace(cfg, network_options=frozenset({"batch_norm"}))
+            assert choose(BACKENDS, unknown) is None  # an option no backend declares
             ppo = dataclasses.replace(cfg, network="actor-critic", task="rl")
-            assert PPOGradients().supports(ppo) == (act == "relu" and not ln)
+            assert PPOGradients().supports(ppo) == plain
     for option in OPTIONS.values():
         for batch in (1, 3):
-            assert _agent(batch=batch, **option).backend == REFERENCE
-    assert _agent("normalize-and-project").backend == REFERENCE
-    assert _agent().backend != REFERENCE  # (the common path keeps its backend)
+            assert _agent(batch=batch, **option).backend == HandBackward.name
+            assert _agent(batch=batch, fast=False, **option).backend == REFERENCE
+    assert _agent("normalize-and-project").backend == HandBackward.name
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))

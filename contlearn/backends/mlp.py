@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from contlearn.agents.network_options import CONCAT_ACTIVATIONS
 from contlearn.agents.networks import ACTIVATIONS
 from contlearn.backends import kernels
 from contlearn.backends.base import StepConfig, declares
@@ -49,6 +50,9 @@ _TASKS = ("classification", "regression")
 #: the credit rules the hand-written backward computes (docs/credit.md); weight mirror's and
 #: Kunin et al.'s learned feedback run the reference step
 RULES = ("bp", "fa", "dfa", "sign-symmetry", "kolen-pollack")
+#: the network options the hand-written backward computes (under backprop; with crelu and
+#: fourier, :mod:`contlearn.agents.network_backward`)
+NETWORK_OPTIONS = frozenset({"layer_norm"})
 
 
 def loss_and_delta(
@@ -93,14 +97,21 @@ class HandBackward:
         and the softmax's output error sums to zero, so a unit whose outgoing weights share
         one sign gets 0 up to rounding, which Adam-like learners scale to a whole step: there
         the update is decided by float rounding, and only the reference's own arithmetic
-        gives the reference's numbers."""
+        gives the reference's numbers. Under backprop also the network options: ``layer_norm``
+        and the activations crelu and fourier (:mod:`contlearn.agents.network_backward`)."""
         return (
             cfg.network == "mlp"
             and cfg.credit in RULES
             and (cfg.credit != "sign-symmetry" or cfg.fused is not None)
             and cfg.task in _TASKS
-            and cfg.activation in ACTIVATIONS
-            and declares(cfg)  # (no layer norm)
+            and (
+                (cfg.activation in ACTIVATIONS and declares(cfg))
+                or (  # the network options, under backprop (agents/network_backward.py)
+                    cfg.credit == "bp"
+                    and cfg.activation in (*ACTIVATIONS, *CONCAT_ACTIVATIONS)
+                    and declares(cfg, NETWORK_OPTIONS)
+                )
+            )
         )
 
     def __init__(self, agent: OnlineAgent) -> None:
@@ -164,6 +175,8 @@ class FusedBackward(HandBackward):
         acting on B), so that the affine step on W is the whole update B follows."""
         return (
             HandBackward.supports(cfg)
+            and cfg.activation in ACTIVATIONS
+            and declares(cfg)  # (no layer norm: BatchedMLP.backward_update_ has none)
             and cfg.fused is not None
             and not (
                 cfg.credit_learned
