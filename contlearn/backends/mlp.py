@@ -25,6 +25,9 @@ credit rule × activation × optimizer × stream kind × batch size against the 
 A backend is built per agent (``Backend(agent)``) and holds what its steps keep between calls:
 the forward pass ``act`` made for ``observe``, and the fused path's deferred input-layer update
 (:meth:`FusedBackward.sync` applies it; the agent calls ``sync`` before anything reads weights).
+
+(Over 400 lines: the three backends side by side, each narrowing the one before, so that what
+each declares supported can be read against the others.)
 """
 
 from __future__ import annotations
