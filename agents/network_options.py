@@ -80,7 +80,7 @@ def options_problem(activation: str, use_layer_norm: bool, learner: str, credit:
         )
     if opts and credit != "bp":
         return (
-            f"credit={credit} uses the hand-written backward, which has no {' or '.join(opts)}; "
-            "use credit=bp or drop the option"
+            f"credit={credit}'s error path is written for elementwise activations without layer "
+            f"norm, so not for {' and '.join(opts)}; use credit=bp or drop the option"
         )
     return None

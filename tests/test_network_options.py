@@ -325,3 +325,12 @@ def test_bit_flipping_runs_each_option():
         assert cfg.agent_spec.layer_norm == option.get("layer_norm", False)
     assert math.isfinite(float(_agent(kind="regression", layer_norm=True).probe_loss(
         *synthetic_batches(_info("regression"), 1)[0]).sum()))  # fmt: skip
+
+
+@pytest.mark.parametrize("learner", ["cbp", "redo"])
+def test_unit_resets_happen_under_layer_norm(learner):
+    agent = _agent(learner, layer_norm=True)
+    for obs, y in synthetic_batches(agent.info, 12):
+        agent.observe(obs, agent.act(obs), y)
+    replaced = sum(int(d["replacements"].sum()) for d in agent.diagnostics().values())
+    assert replaced > 0  # (what a reset sets: test_a_reset_unit_gets_its_layer_norm_gain_...)
