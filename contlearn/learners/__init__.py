@@ -81,6 +81,9 @@ learners.register("upgd", "contlearn.learners.toolkit_presets:UPGD")
 learners.register("parseval", "contlearn.learners.toolkit_presets:PARSEVAL")
 learners.register("regrama", "contlearn.learners.toolkit_presets:REGRAMA")
 learners.register("swr", "contlearn.learners.toolkit_presets:SWR")
+learners.register(
+    "normalize-and-project", "contlearn.learners.toolkit_presets:NORMALIZE_AND_PROJECT"
+)
 learners.seal()  # (the built-in entries; later ones are the user's)
 
 

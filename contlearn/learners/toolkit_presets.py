@@ -1,6 +1,7 @@
 """The named learners from the wider plasticity literature (issue #18): weight clipping, UPGD,
-Parseval regularisation, ReGraMa and selective weight reinitialisation, as :class:`LearnerDef`
-values like those of :mod:`contlearn.learners.presets`; formulas in docs/learners.md."""
+Parseval regularisation, ReGraMa, selective weight reinitialisation and normalize-and-project,
+as :class:`LearnerDef` values like those of :mod:`contlearn.learners.presets`; formulas in
+docs/learners.md."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from contlearn.learners.resets import reset_diagnostics
 from contlearn.learners.toolkit import (
     add_parseval,
     clip_weights,
+    project_norms,
     selective_reinit,
     swr_diagnostics,
     upgd,
@@ -168,4 +170,29 @@ SWR = LearnerDef(
     _build_swr,
     "selective weight reinitialisation: the lowest-utility weights redrawn from the init",
     diagnostics=swr_diagnostics,
+)
+
+
+@dataclass(frozen=True)
+class NormalizeAndProjectSpec:
+    """Options of ``normalize-and-project`` (Lyle et al. 2024); it turns on the agent's
+    ``layer_norm`` and refuses ``layer_norm=false``."""
+
+    output: bool = param(
+        True, "project the output layer's weights too (false: the hidden layers' only)"
+    )
+
+
+def _build_nap(
+    spec: NormalizeAndProjectSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    layers = network.layers if spec.output else network.hidden_layers
+    return chain(base, project_norms([f"{layer.name}.weight" for layer in layers]))
+
+
+NORMALIZE_AND_PROJECT = LearnerDef(
+    NormalizeAndProjectSpec,
+    _build_nap,
+    "normalize-and-project: layer norm, and weight matrices rescaled to their initial norm",
+    agent_defaults={"layer_norm": True},
 )

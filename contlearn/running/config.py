@@ -12,7 +12,9 @@ Precedence, lowest first: option defaults < the stream's suggested agent default
 learner's agent defaults (``proper-adam`` sets Adam) < config file < ``--set``; for learner
 options, the agent's ``learner_defaults`` (``ff`` sets CBP's local utility) < config file <
 ``--set``. An agent class may declare ``stream_kinds`` (the stream kinds it learns on),
-``unsupported_learners`` and ``learner_problem(learner) -> reason | None``. Unknown keys,
+``unsupported_learners``, ``learner_problem(learner) -> reason | None`` and
+``options_problem(agent_spec, learner) -> reason | None`` (combinations of its options with
+the learner). Unknown keys,
 bad values and such refusals are :class:`ConfigError`.
 """
 
@@ -336,6 +338,9 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     problem = getattr(agent_cls, "learner_problem", None)
     if callable(problem) and (why := problem(chosen)):
         raise ConfigError(f"learner {learner_name} does not apply to agent {agent}: {why}")
+    options = getattr(agent_cls, "options_problem", None)
+    if callable(options) and (why := options(agent_spec, chosen)):
+        raise ConfigError(f"agent {agent}: {why}")
     config = RunConfig(
         stream=stream,
         agent=agent,
