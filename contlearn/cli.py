@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="manage datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     dl = data_sub.add_parser("download", help="download a dataset into the cache")
-    dl.add_argument("dataset", choices=("mnist",))
+    dl.add_argument("dataset", choices=("mnist", "cifar10", "cifar100", "imagenet32"))
     dl.add_argument("--dir", help="target folder (default $CONTLEARN_DATA or ~/.cache/contlearn)")
     dl.add_argument("--mirror", action="append", help="base URL to try first (repeatable)")
 
@@ -260,17 +260,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """``contlearn data download mnist``."""
-    from contlearn.data.datasets import MNIST_MIRRORS, download_mnist
+    """``contlearn data download mnist|cifar10|cifar100`` (``imagenet32``: checks your copy)."""
+    from contlearn.data.images import download_dataset
 
     bad = [m for m in args.mirror or [] if not m.startswith(("http://", "https://", "file:"))]
     if bad:
         raise ContlearnError(
             f"--mirror {bad[0]!r} is not a URL; give one starting with https://, http:// or file:"
         )
-    mirrors = [*(args.mirror or []), *MNIST_MIRRORS]
-    path = download_mnist(args.dir and Path(args.dir) / "mnist", mirrors=mirrors)
-    print(f"MNIST ready in {path}; use it with --set dataset=full --set data_dir={path}")
+    print(download_dataset(args.dataset, args.dir and Path(args.dir), args.mirror or ()))
     return 0
 
 
@@ -306,7 +304,7 @@ _IMPORTS = {
     "plot": ("contlearn.results.store", "contlearn.results.plots"),
     "summary": ("contlearn.results.store", "contlearn.results.summary"),
     "list": ("contlearn.listing",),
-    "data": ("contlearn.data.datasets",),
+    "data": ("contlearn.data.datasets", "contlearn.data.images"),
     "export": ("contlearn.results.store", "contlearn.results.trackers"),
 }
 

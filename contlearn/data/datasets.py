@@ -177,23 +177,54 @@ def download_mnist(
     target = Path(directory) if directory is not None else default_cache_dir() / "mnist"
     target.mkdir(parents=True, exist_ok=True)
     for name, md5 in (MNIST_FILES if files is None else files).items():
-        dest = target / name
-        if dest.is_file() and md5_of(dest) == md5:
-            log(f"{name}: present, md5 ok")
-            continue
-        errors = []
-        for base in mirrors:
-            url = base.rstrip("/") + "/" + name
-            try:
-                _fetch(url, dest, md5, timeout)
-            except (OSError, ValueError, urllib.error.URLError, DataError) as exc:
-                errors.append(f"{url}: {exc}")
-                continue
-            log(f"{name}: downloaded from {base}")
-            break
-        else:
-            raise DataError(
-                f"could not download {name} from any mirror ({'; '.join(errors)}); "
-                "check the network or copy the files into " + str(target)
-            )
+        download_verified(name, md5, target, mirrors, timeout=timeout, log=log)
     return target
+
+
+def download_verified(
+    name: str,
+    md5: str,
+    target: Path,
+    mirrors: Sequence[str],
+    *,
+    timeout: float = 30.0,
+    log=print,
+) -> Path:
+    """Fetch ``name`` into the folder ``target``, md5-verified, trying each mirror in turn.
+
+    A file already there with the right md5 is kept. The download goes to a temporary name and
+    is renamed only after its checksum matches, so a failure never leaves a partial file under
+    the real name (nor replaces a file already there).
+
+    Args:
+        name: the file name, both on the mirror (``base + name``) and in ``target``.
+        md5: its expected md5 hex digest.
+        target: an existing folder.
+        mirrors: base URLs tried in order.
+        timeout: seconds per HTTP request.
+        log: called with one line saying where the file came from.
+
+    Returns:
+        The verified file's path.
+
+    Raises:
+        DataError: no mirror served the file intact (the message lists each mirror's failure).
+    """
+    dest = target / name
+    if dest.is_file() and md5_of(dest) == md5:
+        log(f"{name}: present, md5 ok")
+        return dest
+    errors = []
+    for base in mirrors:
+        url = base.rstrip("/") + "/" + name
+        try:
+            _fetch(url, dest, md5, timeout)
+        except (OSError, ValueError, urllib.error.URLError, DataError) as exc:
+            errors.append(f"{url}: {exc}")
+            continue
+        log(f"{name}: downloaded from {base}")
+        return dest
+    raise DataError(
+        f"could not download {name} from any mirror ({'; '.join(errors) or 'none given'}); "
+        "check the network or copy the file into " + str(target)
+    )
