@@ -6,6 +6,7 @@ import http.server
 import io
 import os
 import pickle
+import struct
 import tarfile
 import threading
 from pathlib import Path
@@ -40,6 +41,29 @@ def _cifar_batches(name: str) -> dict[str, dict]:
         }
         for i, f in enumerate(["train", "test"])
     }
+
+
+def _py2_pickle(data: np.ndarray, labels: list[int], label_key: bytes = b"labels") -> bytes:
+    """A batch dict as Python 2's cPickle (protocol 2) wrote the official files: numpy.core
+    names and the pixels as a Python 2 str (which the loader must read as latin1)."""
+
+    def text(raw: bytes) -> bytes:  # SHORT_BINSTRING / BINSTRING
+        if len(raw) < 256:
+            return b"U" + bytes([len(raw)]) + raw
+        return b"T" + struct.pack("<i", len(raw)) + raw
+
+    def uint(v: int) -> bytes:  # BININT1 / BININT2
+        return b"K" + bytes([v]) if v < 256 else b"M" + struct.pack("<H", v)
+
+    # _reconstruct(ndarray, (0,), "b"), then BUILD (1, (N, 3072), dtype("u1"), False, raw)
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + text(b"b")
+        + b"\x87R(K\x01" + uint(data.shape[0]) + uint(data.shape[1]) + b"\x86"
+        + b"cnumpy\ndtype\n" + text(b"u1") + b"K\x00K\x01\x87R(K\x03" + text(b"|")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + text(data.tobytes()) + b"tb"
+    )  # fmt: skip
+    items = b"".join(uint(v) for v in labels)
+    return b"\x80\x02}(" + text(b"data") + array + text(label_key) + b"](" + items + b"eu."
 
 
 def _write_archive(path: Path, name: str, batches: dict[str, dict], protocol: int = 2) -> Path:
@@ -139,7 +163,28 @@ def test_malformed_archive_with_matching_md5_is_refused(tmp_path, monkeypatch):
         im.load_cifar("cifar10", "test", tmp_path)
     with pytest.raises(DataError, match="no file cifar-10-batches-py/data_batch_1"):
         im.load_cifar("cifar10", "train", tmp_path)
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[: len(raw) // 2])  # a truncated gzip that passes the md5 check
+    monkeypatch.setitem(im.CIFAR, "cifar10", spec._replace(md5=md5_of(archive)))
+    with pytest.raises(DataError, match="cannot read .*delete it and download it again"):
+        im.load_cifar("cifar10", "test", tmp_path)
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_python2_pickles_as_in_the_official_files(tmp_path, monkeypatch):
+    spec = im.CIFAR["cifar100"]
+    data = _rows(2, 5)
+    raw = _py2_pickle(data, [98, 3], b"fine_labels")
+    with tarfile.open(tmp_path / spec.archive, "w:gz") as tar:
+        info = tarfile.TarInfo(f"{spec.folder}/test")
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+    monkeypatch.setitem(im.CIFAR, "cifar100", spec._replace(md5=md5_of(tmp_path / spec.archive)))
+    x, y = im.load_cifar("cifar100", "test", tmp_path)
+    assert np.array_equal(x.reshape(2, -1), data) and list(y) == [98, 3]
+    (tmp_path / "val_data").write_bytes(_py2_pickle(data, [1000, 1]))
+    x, y = im.load_imagenet32(tmp_path, "val")
+    assert np.array_equal(x.reshape(2, -1), data) and list(y) == [999, 0]
 
 
 class _Evil:
@@ -230,7 +275,7 @@ def test_cli_downloads_cifar_and_reports_errors_in_one_line(server, tmp_path, cl
     )
     assert code == 0, err
     assert (tmp_path / "cifar100" / "cifar-100-python.tar.gz").is_file()
-    assert f"data_dir={tmp_path / 'cifar100'}" in out
+    assert f"data_dir={tmp_path / 'cifar100'}" in out and "CIFAR-100 ready" in out
     code, _, err = cli(
         "data", "download", "cifar10", "--dir", tmp_path / "x", "--mirror", f"{server}/bad/"
     )

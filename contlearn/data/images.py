@@ -177,9 +177,9 @@ def _read_cifar_archive(archive: Path, spec: CifarSpec, split: str, labels: str)
                 data = _field(batch, "data", where)
                 y = _field(batch, spec.label_keys[labels], where)
                 parts.append(_decode(data, y, where, spec.num_classes[labels]))
+    except DataError:
+        raise
     except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, DataError):
-            raise
         raise DataError(f"cannot read {archive} ({exc}); delete it and download it again") from exc
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -357,10 +357,12 @@ def download_dataset(
         return f"MNIST ready in {path}; use it with --set dataset=full --set data_dir={path}"
     if name in CIFAR:
         path = download_cifar(name, target, mirrors=[*extra_mirrors, *CIFAR_MIRRORS])
-        return f"{CIFAR[name].title} ready in {path}; use it with --set data_dir={path}"
+        return (
+            f"{CIFAR[name].title} ready in {path}; load_cifar({name!r}, data_dir={path}) reads it"
+        )
     if name == "imagenet32":
         folder = target or imagenet32_dir()
         for split in IMAGENET32_FILES:
             imagenet32_files(folder, split)
-        return f"ImageNet32 found in {folder}; use it with --set data_dir={folder}"
+        return f"ImageNet32 found in {folder}; load_imagenet32({folder}) reads it"
     raise DataError(f"unknown dataset {name!r}; use one of mnist, cifar10, cifar100, imagenet32")
