@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     dl = data_sub.add_parser("download", help="download a dataset into the cache")
     dl.add_argument("dataset", choices=("mnist", "cifar10", "cifar100", "imagenet32"))
-    dl.add_argument("--dir", help="target folder (default $CONTLEARN_DATA or ~/.cache/contlearn)")
+    dl.add_argument("--dir", help="parent folder: DIR/<dataset> (default $CONTLEARN_DATA)")
     dl.add_argument("--mirror", action="append", help="base URL to try first (repeatable)")
 
     swp = sub.add_parser("sweep", help="run a sweep spec: configs × seed groups, locally or on Ray")
