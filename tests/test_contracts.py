@@ -110,6 +110,7 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
                 "SupportsUpdateStats",
                 "SupportsGradientWatch",
                 "SupportsProbeLoss",
+                "SupportsOutputs",
                 "SupportsCreditAlignment",
                 "SupportsInitialParameters",
                 "SupportsHessianTrace",
@@ -170,7 +171,7 @@ def test_the_builtin_agents_declare_their_capabilities(config, expected) -> None
         finally:
             if isinstance(agent, agent_protocol.SupportsClose):
                 agent.close()
-    assert len(CAPABILITIES) == 23
+    assert len(CAPABILITIES) == 24
 
 
 def test_every_optional_name_looked_up_is_declared_in_a_protocol() -> None:
