@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"  # ray: the real Ray sweep test
+	$(BIN)/python -m pip install --quiet -e ".[dev,ray,tensorboard,wandb]"  # (the extras' tests)
 	touch $@
 
 setup: $(BIN)/.installed

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ContlearnError", "RunResult", "load_runs", "resume", "run"]
+__all__ = ["ContlearnError", "RunResult", "load_runs", "plot", "resume", "run"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from contlearn.results.store import load_runs
 
         return load_runs
+    if name == "plot":
+        from contlearn.results.figures import plot_runs
+
+        return plot_runs
     if name == "ContlearnError":
         from contlearn.errors import ContlearnError
 

@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--bin",
         type=int,
-        default=1,
-        help="tasks per plotted point (with --x step: steps per point)",
+        default=None,
+        help="tasks per plotted point (default 1); with --x step: steps per point (default: "
+        "about 50 points over the runs, so each holds every seed's episodes)",
     )
     plot.add_argument(
         "--x",
@@ -119,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="mean",
         choices=("mean", "iqm"),
         help="over seeds: mean, or interquartile mean with stratified bootstrap intervals",
+    )
+
+    exp = sub.add_parser("export", help="write a run's metrics to TensorBoard or W&B")
+    exp.add_argument("run_dir", help="the run directory")
+    exp.add_argument("--to", required=True, choices=("tensorboard", "wandb"), help="tracker")
+    exp.add_argument(
+        "--out",
+        help="TensorBoard: folder of the event files (default RUN/tensorboard); "
+        "W&B: where W&B keeps its files (default the run directory)",
     )
 
     lst = sub.add_parser("list", help="list streams, learners and agents with their options")
@@ -195,26 +205,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """``contlearn plot``."""
-    from contlearn.results.store import load_runs
+    from contlearn.results.figures import plot_runs
 
-    df = load_runs(args.runs, config=True)
-    from contlearn.results import curves, plots
-
-    if df.empty:
-        raise ContlearnError(f"no metrics recorded yet in {' '.join(args.runs)}")
-    df = _with_by(df, args)
-    curves.check_comparable(df)
-    metric = args.metric or curves.default_metric(df)
-    x = args.x or ("step" if metric == "episode_return" else "task")
-    if args.probes:
-        fig = plots.plot_probes(df, by=args.by, layer=args.layer, bin=args.bin, x=x, stat=args.stat)
-    else:
-        fig = plots.plot_decay(
-            df, metric=metric, by=args.by, bin=args.bin, layer=args.layer, x=x, stat=args.stat
-        )
     default = "probes.png" if args.probes else "plot.png"  # (one does not overwrite the other)
     out = Path(args.out) if args.out else Path(args.runs[0]) / default
-    plots.save_figure(fig, out)
+    plot_runs(
+        args.runs,
+        probes=args.probes,
+        metric=args.metric,
+        by=args.by,
+        x=args.x,
+        bin=args.bin,
+        layer=args.layer,
+        stat=args.stat,
+        out=out,
+    )
     print(out)
     return 0
 
@@ -302,6 +307,7 @@ _IMPORTS = {
     "summary": ("contlearn.results.store", "contlearn.results.summary"),
     "list": ("contlearn.listing",),
     "data": ("contlearn.data.datasets",),
+    "export": ("contlearn.results.store", "contlearn.results.trackers"),
 }
 
 
@@ -323,7 +329,19 @@ def _import_uninterrupted(command: str) -> bool:
     return bool(pending)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``contlearn export``: prints the folder written."""
+    from contlearn.results.store import read_config
+    from contlearn.results.trackers import export_run
+
+    path = Path(args.run_dir)
+    read_config(path)  # (not a run: one line naming it)
+    print(export_run(path, args.to, Path(args.out) if args.out else None))
+    return 0
+
+
 COMMANDS = {
+    "export": cmd_export,
     "run": cmd_run,
     "resume": cmd_resume,
     "plot": cmd_plot,
@@ -350,7 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if hasattr(signal, "SIGXFSZ"):  # a file-size limit raises OSError instead of killing us
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # (--help, --version, a usage error: printed already)
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         if _import_uninterrupted(args.command):
             raise KeyboardInterrupt
         try:

@@ -152,6 +152,7 @@ KEYS = [
     "learner.replacement_rate",
     "credit",
     "num_bits",
+    "log",
 ]
 BAD_LENGTHS = st.sampled_from(["-1", "abc", "1e400", "nan", "2e19", "1.5", ""])
 
@@ -176,6 +177,9 @@ def _commands(w: str):
         st.tuples(pth, NUMBERS).map(lambda t: ["sweep", t[0] or "x.toml", "--out", t[1]]),
         pth.map(lambda p: ["data", "download", "mnist", "--dir", p, "--mirror", "ftp:x"]),
         pth.map(lambda p: ["run", "--config", p]),
+        st.tuples(pth, st.sampled_from(["tensorboard", "wandb", "mlflow", ""])).map(
+            lambda t: ["export", t[0] or f"{w}/nowhere", "--to", t[1]]
+        ),
         NUMBERS.map(lambda n: ["run", "bit-flipping", "--seeds", n, "--out", f"{w}/run"]),
     )
 

@@ -100,3 +100,51 @@ def test_a_ctrl_c_inside_a_commands_imports_waits_for_them(tmp_path, monkeypatch
     assert cl_fake_heavy.FINISHED
     assert capsys.readouterr().err.strip() == "contlearn: interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class _Shell:
+    """What IPython's get_ipython() returns in a Jupyter kernel (its config names the app)."""
+
+    config = {"IPKernelApp": {"connection_file": "kernel.json"}}
+
+
+def test_a_notebook_gets_a_progress_bar_by_default(monkeypatch) -> None:
+    import types
+
+    from contlearn.loop import progress
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not progress.in_notebook() and not progress.want_progress()
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: _Shell()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert progress.in_notebook() and progress.want_progress()
+    monkeypatch.setenv("CI", "true")
+    assert not progress.want_progress()  # (never under CI)
+    try:
+        import ipywidgets  # noqa: F401
+
+        expected = "tqdm.notebook"
+    except ImportError:
+        expected = "tqdm.std"  # (no widget library: the text bar)
+    assert progress._bar_class().__module__ == expected
+    fake.get_ipython = lambda: None  # type: ignore[attr-defined]  # (IPython, no kernel)
+    assert not progress.in_notebook()
+
+
+def test_figures_show_inline_in_a_notebook_and_contlearn_plot_draws_runs(tmp_path) -> None:
+    out = tmp_path / "run"
+    contlearn.run(
+        "bit-flipping",
+        seeds=2,
+        tasks=2,
+        config={"examples_per_task": 50, "hidden": "5", "probe_size": 10},
+        out=out,
+    )
+    fig = contlearn.plot(out)
+    png = fig._repr_png_()  # (what IPython displays as a cell's value)
+    assert png.startswith(b"\x89PNG")
+    assert "mean of 2 seeds" in fig.axes[0].get_title()
+    probes = contlearn.plot(out, probes=True, out=tmp_path / "p.svg")
+    assert (tmp_path / "p.svg").is_file() and len(probes.axes) > 1

@@ -103,7 +103,7 @@ def test_decay_binning_reduces_points_to_bin_centres():
 def test_decay_x_step_and_error_metric_defaults():
     ax = plot_decay(frame(stream="bit-flipping", metric="squared_error"), x="step").axes[0]
     assert ax.get_ylabel() == "mean squared error"
-    assert ax.get_xlabel() == "steps"
+    assert ax.get_xlabel() == "steps (means over 20-step bins)"  # (the default: ~50 points)
     np.testing.assert_allclose(data_lines(ax)[0].get_xdata(), [100, 200, 300, 400, 500, 600])
 
 
@@ -244,4 +244,50 @@ def test_step_axis_uses_fixed_width_bins_and_marks_task_changes():
     ax = fig.axes[0]
     assert len(data_lines(ax)[0].get_xdata()) == 3  # steps 0-199, 200-399, 400-599
     markers = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
-    assert sorted(ln.get_xdata()[0] for ln in markers) == [260, 480]
+    # every seed's task changes (seed 1's episodes reach each friction a step later)
+    assert sorted(ln.get_xdata()[0] for ln in markers) == [260, 261, 480, 481]
+
+
+def test_rl_episodes_of_two_seeds_are_binned_into_a_mean_with_a_band():
+    """Episodes end at different steps in each seed: by default the step axis is binned so
+    that every point holds both seeds (not a zigzag through alternate seeds' episodes)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1):
+        ends = np.cumsum(rng.integers(40, 120, size=120)) + seed * 7
+        for step in ends[ends < 6000]:
+            rows.append(
+                dict(
+                    run="r",
+                    stream="slippery-ant",
+                    learner="bp",
+                    seed=seed,
+                    step=int(step),
+                    task=int(step // 2000),
+                    metric="episode_return",
+                    layer="",
+                    value=float(step) / 10 + rng.normal(0, 5),
+                )
+            )
+    df = pd.DataFrame(rows)
+    fig = plot_decay(df, x="step")
+    ax = fig.axes[0]
+    assert "mean of 2 seeds" in ax.get_title()
+    assert len(bands(ax)) == 1
+    xs = data_lines(ax)[0].get_xdata()
+    assert 25 <= len(xs) <= 50 and np.all(np.diff(xs) > 0)  # (6000 steps in 200-step bins)
+    stats = curve_stats(df, "episode_return", x="step", bin=100)
+    assert (stats["seeds"] == 2).mean() > 0.8  # (episodes last 40-120 steps: most bins hold both)
+
+
+@pytest.mark.mujoco
+def test_a_two_seed_slippery_ant_run_plots_the_mean_of_both_seeds_with_a_band(tmp_path):
+    import contlearn
+    from contlearn.cli import main
+
+    config = {"hidden": "8,8", "max_episode_steps": 50, "change_every": 1000, "probes": "none"}
+    run = contlearn.run("slippery-ant", seeds=2, steps=2000, config=config, out=tmp_path / "r")
+    assert main(["plot", str(run.path)]) == 0 and (run.path / "plot.png").is_file()
+    ax = plot_decay(load_runs(run.path), x="step").axes[0]  # (what the command draws)
+    assert "mean of 2 seeds" in ax.get_title()
+    assert len(bands(ax)) == 1

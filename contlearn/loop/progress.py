@@ -1,4 +1,8 @@
-"""A progress bar that stays quiet when nobody is watching (no TTY, or under CI)."""
+"""A progress bar that stays quiet when nobody is watching (no TTY and no notebook, or under CI).
+
+In a Jupyter notebook the bar is tqdm's notebook widget where ``ipywidgets`` is installed
+(else the text bar), shown by default like on a terminal.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,40 @@ from collections.abc import Callable
 from typing import Any
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (IPython already imported, with a kernel
+    shell; nothing is imported to find out)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # noqa: BLE001 - any failure: not a notebook
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def want_progress(requested: bool | None = None) -> bool:
-    """Show a bar? ``requested`` wins; by default only on a TTY and not under CI."""
+    """Show a bar? ``requested`` wins; by default only on a TTY or in a notebook, and not
+    under CI."""
     if requested is not None:
         return requested
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    return (sys.stderr.isatty() or in_notebook()) and not os.environ.get("CI")
+
+
+def _bar_class() -> Any:
+    """tqdm's notebook widget in a notebook with ``ipywidgets``, else the text bar."""
+    if in_notebook():
+        try:
+            import ipywidgets  # noqa: F401 - (the widget needs it)
+            from tqdm.notebook import tqdm as widget
+
+            return widget
+        except ImportError:
+            pass
+    from tqdm import tqdm
+
+    return tqdm
 
 
 class Progress:
@@ -33,16 +66,11 @@ class Progress:
         self.bar: Any = None
         self._next = 0.0
         if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total,
-                initial=initial,
-                unit="step",
-                dynamic_ncols=True,
-                desc=desc or None,
-                file=sys.stderr,
-            )
+            bar = _bar_class()
+            options: dict[str, Any] = {"file": sys.stderr, "dynamic_ncols": True}
+            if bar.__module__ == "tqdm.notebook":
+                options = {}  # (a widget: no stream, no columns)
+            self.bar = bar(total=total, initial=initial, unit="step", desc=desc or None, **options)
         self._shown = initial
 
     def update(self, step: int, task: int, running: Callable[[], float] | None = None) -> None:

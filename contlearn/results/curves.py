@@ -237,6 +237,21 @@ def _select(df: pd.DataFrame, metric: str, layer: str | None) -> pd.DataFrame:
     return rows[rows["layer"] == layer]
 
 
+#: the number of points :func:`default_bin` aims at on a step axis
+STEP_POINTS = 50
+
+
+def default_bin(df: pd.DataFrame, x: str) -> int:
+    """The default points' width: 1 task on a task axis; on a step axis a round width (1, 2 or
+    5 times a power of ten) giving about :data:`STEP_POINTS` points over the recorded steps,
+    so that a point holds the episode ends of every seed (they end at different steps)."""
+    if x != "step" or df.empty:
+        return 1
+    target = max(float(df["step"].max()) / STEP_POINTS, 1.0)
+    power = 10 ** math.floor(math.log10(target))
+    return int(min((m * power for m in (1, 2, 5, 10) if m * power >= target), default=power))
+
+
 def _bin_x(rows: pd.DataFrame, x: str, bin: int) -> pd.DataFrame:
     """Add ``xbin`` (bin id) and ``xpos`` (mean of the distinct x values in the bin)."""
     if x not in ("task", "step"):

@@ -21,6 +21,7 @@ from contlearn.results.curves import (
     MIN_SEEDS_FOR_IQM_CI,
     check_comparable,
     curve_stats,
+    default_bin,
     default_metric,
     probe_metrics,
 )
@@ -114,7 +115,17 @@ def _draw(
 def _new_figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    class InlineFigure(Figure):
+        """A figure that a notebook shows inline as the value of a cell (without pyplot)."""
+
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return InlineFigure(figsize=(width, height), layout="constrained")
 
 
 def _band_note(stats: pd.DataFrame, ci: float, stat: str = "mean") -> str:
@@ -129,11 +140,14 @@ def _band_note(stats: pd.DataFrame, ci: float, stat: str = "mean") -> str:
 
 
 def task_change_steps(df: pd.DataFrame) -> list[int]:
-    """Steps at which the first replicate's task index increases (its task changes)."""
-    first = df[["run", "seed"]].drop_duplicates().iloc[0]
-    rows = df[(df["run"] == first["run"]) & (df["seed"] == first["seed"])]
-    starts = rows.groupby("task")["step"].min().sort_index()
-    return [int(s) for s in starts.iloc[1:]]
+    """Steps at which some replicate's task index increases (each seed's task changes: on RL
+    streams the seeds' episode rows reach a new friction at different steps), distinct and
+    sorted."""
+    starts = df.groupby(["run", "seed", "task"])["step"].min()
+    changes: set[int] = set()
+    for _, per_task in starts.groupby(level=["run", "seed"]):
+        changes.update(int(s) for s in per_task.sort_index().iloc[1:])
+    return sorted(changes)
 
 
 def mark_task_changes(ax: Axes, df: pd.DataFrame, limit: int = 200) -> None:
@@ -149,7 +163,7 @@ def plot_decay(
     df: pd.DataFrame,
     metric: str | None = ...,
     by: str | Sequence[str] = ...,
-    bin: int = ...,
+    bin: int | None = ...,
     x: str = ...,
     ax: None = ...,
     ci: float = ...,
@@ -163,7 +177,7 @@ def plot_decay(
     df: pd.DataFrame,
     metric: str | None = ...,
     by: str | Sequence[str] = ...,
-    bin: int = ...,
+    bin: int | None = ...,
     x: str = ...,
     *,
     ax: Axes,
@@ -177,7 +191,7 @@ def plot_decay(
     df: pd.DataFrame,
     metric: str | None = None,
     by: str | Sequence[str] = "learner",
-    bin: int = 1,
+    bin: int | None = None,
     x: str = "task",
     ax: Axes | None = None,
     ci: float = 0.95,
@@ -192,8 +206,9 @@ def plot_decay(
         df: a frame from :func:`contlearn.load_runs` (one stream).
         metric: default ``accuracy``, else ``squared_error``, else ``episode_return``.
         by: column or config key (or a list of them) whose values make the lines.
-        bin: tasks per point, or with ``x="step"`` the width of a point in steps (x at the mean
-            of the recorded steps in it).
+        bin: tasks per point (default 1), or with ``x="step"`` the width of a point in steps
+            (x at the mean of the recorded steps in it; default :func:`default_bin`: about 50
+            points over the runs' steps, so that each holds every seed's episode ends).
         x: ``"task"`` or ``"step"``; on a step axis the task changes (e.g. friction changes)
             are marked with faint vertical lines.
         ax: draw into these axes instead of a new figure.
@@ -211,6 +226,7 @@ def plot_decay(
     """
     check_comparable(df)
     metric = metric or default_metric(df)
+    bin = default_bin(df, x) if bin is None else bin
     stats = curve_stats(df, metric, by, x, bin, layer, ci, n_boot, seed, stat)
     fig = _new_figure(7.5, 4.2) if ax is None else ax.figure
     ax = ax if ax is not None else fig.add_subplot()
@@ -243,7 +259,7 @@ def plot_probes(
     by: str | Sequence[str] = "learner",
     layer: str | None = None,
     x: str = "task",
-    bin: int = 1,
+    bin: int | None = None,
     ci: float = 0.95,
     n_boot: int = 1000,
     seed: int = 0,
@@ -258,7 +274,8 @@ def plot_probes(
         layer: ``None``: the whole-network value (``layer == ""``) where the probe records
             one, else the mean over layers; a layer name: that layer; ``"all"``: one line
             style per layer.
-        x: ``"task"`` or ``"step"``. bin: tasks (or recorded steps) per point.
+        x: ``"task"`` or ``"step"``. bin: tasks (or steps) per point, as in
+            :func:`plot_decay`.
         ci, n_boot, seed, stat: the statistic and its bootstrap band, as in :func:`plot_decay`.
 
     Returns:
@@ -274,6 +291,7 @@ def plot_probes(
             "no probe metrics in the runs (only scores: "
             f"{', '.join(sorted(df['metric'].unique()))}); enable probes"
         )
+    bin = default_bin(df, x) if bin is None else bin
     stats = {p: curve_stats(df, p, by, x, bin, layer, ci, n_boot, seed, stat) for p in probes}
     groups = sorted(set().union(*(s["group"] for s in stats.values())))
     colors = _colors(groups)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 import uuid
@@ -135,11 +136,15 @@ def make_run_dir(path: Path) -> None:
 
 #: a run's folders and the files it writes there; ``--overwrite`` removes these and nothing else
 RUN_FOLDERS = {METRICS_DIR: ("part-*.parquet", ".part-*.tmp"), "checkpoints": ("ckpt-*", ".ckpt-*")}
+#: the folders a run's live trackers write (``log=tensorboard``, ``log=wandb``): the run's own,
+#: removed whole with it
+TRACKER_FOLDERS = ("tensorboard", "wandb")
 
 
 def clear_run(path: Path) -> None:
-    """Remove the run in ``path`` (``--overwrite``): its config, meta, metric parts and
-    checkpoints, and only those; other files in the folder are left where they are. The
+    """Remove the run in ``path`` (``--overwrite``): its config, meta, metric parts,
+    checkpoints and trackers' folders, and only those; other files in the folder are left
+    where they are. The
     caller holds the run's lock (:class:`RunLock`), so no live writer loses its run."""
     path = Path(path)
     try:
@@ -156,6 +161,9 @@ def clear_run(path: Path) -> None:
                 sub.rmdir()
         for tmp in path.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        for folder in TRACKER_FOLDERS:
+            if (path / folder).is_dir() and not (path / folder).is_symlink():
+                shutil.rmtree(path / folder)
     except OSError as exc:
         raise RunDirError(
             f"cannot remove the run in {path} ({exc.strerror}); check its permissions"
@@ -299,6 +307,8 @@ class MetricWriter:
         run, stream, learner: constant columns of every row.
         flush_rows: rows per part at most.
         flush_seconds: longest time rows stay only in memory.
+        trackers: experiment trackers each row is also handed to, as it is appended
+            (:mod:`contlearn.results.trackers`; the caller closes them).
     """
 
     def __init__(
@@ -309,6 +319,7 @@ class MetricWriter:
         learner: str,
         flush_rows: int = 50_000,
         flush_seconds: float = 60.0,
+        trackers: Sequence[Any] = (),
     ) -> None:
         self.dir = Path(path) / METRICS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -320,6 +331,7 @@ class MetricWriter:
         }
         self._last_flush = time.monotonic()
         self._next_part = self._first_free_part()
+        self.trackers = list(trackers)
 
     def _first_free_part(self) -> int:
         parts = sorted(self.dir.glob("part-*.parquet"))
@@ -336,6 +348,10 @@ class MetricWriter:
     ) -> None:
         """Add one row per replica: ``values[r]`` is replica r's (seed ``seeds[r]``) value."""
         cols = self._cols
+        if self.trackers:
+            values = list(values)
+            for tracker in self.trackers:
+                tracker.append(seeds, step, task, metric, values, layer)
         for seed, value in zip(seeds, values, strict=True):
             cols["seed"].append(int(seed))
             cols["step"].append(int(step))

@@ -221,6 +221,7 @@ RESUMABLE_KEYS = (
     "threads",
     "device",
     "fast",
+    "log",
 )
 
 
@@ -289,6 +290,14 @@ def _execute(
     streams: list[Stream] | None = None,
     started: Callable[[], None] | None = None,
 ) -> None:
+    from contlearn.results.store import read_meta
+    from contlearn.results.trackers import make_trackers, parse_trackers
+
+    meta = read_meta(path)
+    name = str(meta.get("name") or path.name)
+    trackers = make_trackers(
+        parse_trackers(cfg.run.log), path, name, str(meta.get("run_id", name)), flat
+    )
     writer = MetricWriter(
         path,
         run_name(path),
@@ -296,6 +305,7 @@ def _execute(
         learner_label(cfg),
         cfg.run.flush_rows,
         cfg.run.flush_seconds,
+        trackers=trackers,
     )
     try:
         execute(
@@ -308,7 +318,11 @@ def _execute(
             started=started,
         )
     finally:
-        writer.close()
+        try:
+            writer.close()
+        finally:
+            for tracker in trackers:
+                tracker.close()
 
 
 def learner_label(cfg: RunConfig) -> str:

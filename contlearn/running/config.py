@@ -73,14 +73,21 @@ class RunSpec:
         "torch device of the network and learner state (cpu, cuda, "
         "cuda:1, ...); streams stay on the CPU",
     )
+    log: str = param(
+        "none",
+        "stream every metric live to experiment trackers: none, tensorboard, wandb or "
+        "tensorboard,wandb (one tracker run per seed; docs/trackers.md)",
+    )
 
     def validate(self) -> None:
-        """Tasks and steps are alternatives; the device exists."""
+        """Tasks and steps are alternatives; the trackers are installed; the device exists."""
         if self.tasks and self.steps:
             raise ConfigError(f"give tasks ({self.tasks}) or steps ({self.steps}), not both")
         from contlearn.probes.measures import parse_probes
+        from contlearn.results.trackers import parse_trackers
 
         parse_probes(self.probes)
+        parse_trackers(self.log)
         import torch
 
         try:
