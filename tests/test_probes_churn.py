@@ -109,3 +109,49 @@ def test_churn_is_refused_on_ppo_with_the_reason(tmp_path) -> None:
             config={"hidden": "8", "probes": "churn"},
             out=tmp_path / "r",
         )
+
+
+PLUGIN = '''
+import torch
+from torch import nn
+
+
+class Linear:
+    """One seed, no replica dim, with outputs(obs) for churn."""
+
+    def __init__(self, info, seed):
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, info.num_outputs))
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.05)
+
+    def act(self, obs):
+        with torch.no_grad():
+            return self.net(obs)
+
+    def observe(self, obs, action, target):
+        loss = nn.functional.cross_entropy(self.net(obs), target)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": loss.item()}
+
+    def outputs(self, obs):
+        with torch.no_grad():
+            return self.net(obs)
+'''
+
+
+def test_churn_runs_on_a_one_seed_plugin_agent_with_outputs(tmp_path, monkeypatch) -> None:
+    (tmp_path / "churn_agents.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    result = contlearn.run(
+        "permuted-mnist",
+        agent=f"{tmp_path / 'churn_agents.py'}:Linear",
+        seeds=2,
+        tasks=3,
+        config={"examples_per_task": 40, "probe_size": 20, "probes": "churn"},
+        out="p",
+    )
+    df = _churn(result.path)
+    assert set(df["seed"]) == {0, 1} and set(df["task"]) == {1, 2}
+    assert (df["value"] > 0).all()
