@@ -135,6 +135,8 @@ class FFAgent:
         "(its readout head is optional); use cbp, redo, snp, l2 or l2-init",
         "plasticity-injection": "it injects a fresh output layer, and FF has no output layer "
         "learned from the stream's loss; use snr, cbp or redo",
+        "normalize-and-project": "its layer norm is a network option of the online agent "
+        "only (FF normalises each layer's output already); use cbp, redo, snp, l2 or l2-init",
     }
     #: defaults this agent sets on learner options (users may still override them)
     learner_defaults = {"cbp": {"utility": "goodness", "bias_folding": False}}

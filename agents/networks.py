@@ -30,6 +30,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from contlearn.agents.network_options import (
+    CONCAT_ACTIVATIONS,
+    CONCAT_GAINS,
+    LN_BIAS,
+    LN_WEIGHT,
+    features_per_unit,
+    layer_norm,
+)
 from contlearn.backends import kernels
 from contlearn.errors import ConfigError
 
@@ -50,6 +58,7 @@ GAINS = {
     "elu": math.sqrt(2.0),
     "swish": math.sqrt(2.0),
     "linear": 1.0,
+    **CONCAT_GAINS,
 }
 INITS = ("kaiming_uniform", "lecun_uniform", "xavier_uniform", "torch_default")
 #: activations whose derivative the backward pass takes from the pre-activation z (others: h).
@@ -145,6 +154,14 @@ class BatchedMLP:
         activation: a key of :data:`ACTIVATIONS`.
         init: one of :data:`INITS`.
         generators: one torch Generator per replica (R = len(generators)).
+        layer_norm: layer norm before each hidden activation, with parameters
+            ``<layer>.ln_weight``/``.ln_bias`` ``(R, H)``
+            (:mod:`~contlearn.agents.network_options`).
+
+    ``activation`` may also be ``crelu`` or ``fourier`` (two features per unit: the next layer's
+    fan-in is twice the width). Under those and ``layer_norm``, :meth:`backward` hands over to
+    :func:`~contlearn.agents.network_backward.backward_with_options`; the fused
+    :meth:`backward_update_` refuses them.
     """
 
     def __init__(
@@ -155,21 +172,25 @@ class BatchedMLP:
         activation: str,
         init: str,
         generators: Sequence[torch.Generator],
+        layer_norm: bool = False,
     ) -> None:
-        if activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
-            )
+        acts = {**ACTIVATIONS, **CONCAT_ACTIVATIONS}
+        if activation not in acts:
+            raise ConfigError(f"unknown activation {activation!r}; choose one of {', '.join(acts)}")
         self.activation = activation
-        self.act_fn = ACTIVATIONS[activation]
+        self.act_fn = acts[activation]
+        self.layer_norm = layer_norm
+        #: whether an option the hand-written backward lacks is on (layer norm, crelu, fourier)
+        self.autograd_only = layer_norm or activation in CONCAT_ACTIVATIONS
         self.init = init
         self.num_replicas = len(generators)
+        per = features_per_unit(activation)
         widths = [in_dim, *hidden, out_dim]
         names = [f"hidden{i + 1}" for i in range(len(hidden))] + ["output"]
         self.layers = [
             Layer(
                 names[i],
-                widths[i],
+                widths[i] * (per if i else 1),
                 widths[i + 1],
                 names[i + 1] if i + 1 < len(names) else None,
                 activation if names[i] != "output" else "linear",
@@ -184,6 +205,9 @@ class BatchedMLP:
             b = torch.empty(self.num_replicas, layer.fan_out)
             self.params[f"{layer.name}.weight"] = w
             self.params[f"{layer.name}.bias"] = b
+            if layer_norm and layer.next is not None:
+                self.params[f"{layer.name}.{LN_WEIGHT}"] = torch.ones(self.num_replicas, b.shape[1])
+                self.params[f"{layer.name}.{LN_BIAS}"] = torch.zeros(self.num_replicas, b.shape[1])
         # Draw replica by replica, layer by layer, so replica r's numbers depend on its seed only.
         for r, gen in enumerate(generators):
             for layer in self.layers:
@@ -224,6 +248,8 @@ class BatchedMLP:
             )
             if layer.next is None:
                 return z, features
+            if self.layer_norm:
+                z = layer_norm(z, p[f"{layer.name}.{LN_WEIGHT}"], p[f"{layer.name}.{LN_BIAS}"])
             h = self.act_fn(z)
             features[layer.name] = h
         raise AssertionError("unreachable: the last layer is the output layer")
@@ -245,6 +271,10 @@ class BatchedMLP:
             pre-activations are kept only for activations whose derivative needs them.
         """
         p = self.params if params is None else params
+        if self.autograd_only:  # (no backend that passes ``first`` runs these options)
+            if first is not None:
+                raise ValueError("forward_train(first=...) has no layer norm, crelu or fourier")
+            return self._forward_options(x, p)
         keep_pre = self.activation in _NEEDS_PRE
         hs: list[torch.Tensor] = []
         zs: list[torch.Tensor] | None = [] if keep_pre else None
@@ -267,10 +297,33 @@ class BatchedMLP:
             hs.append(h)
         raise AssertionError("unreachable: the last layer is the output layer")
 
+    def _forward_options(
+        self, x: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+        """:meth:`forward_train` under layer norm, crelu or fourier: ``zs`` are the raw
+        pre-activations (before the norm) with layer norm, else None
+        (:mod:`~contlearn.agents.network_backward`)."""
+        hs: list[torch.Tensor] = []
+        zs: list[torch.Tensor] | None = [] if self.layer_norm else None
+        h = x
+        for layer in self.layers:
+            w, b = p[f"{layer.name}.weight"], p[f"{layer.name}.bias"]
+            z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if layer.next is None:
+                return z, hs, zs
+            if zs is not None:
+                zs.append(z)
+                z = layer_norm(z, p[f"{layer.name}.{LN_WEIGHT}"], p[f"{layer.name}.{LN_BIAS}"])
+            h = self.act_fn(z)
+            hs.append(h)
+        raise AssertionError("unreachable: the last layer is the output layer")
+
     def _delta_below(
         self, i: int, d: torch.Tensor, hs: list[torch.Tensor], zs: list[torch.Tensor] | None
     ) -> torch.Tensor:
         """δ of hidden layer ``i - 1`` from ``d = δ_i W_i`` (the input gradient of layer i)."""
+        if self.autograd_only:
+            raise ConfigError("the fused backward has no layer norm, crelu or fourier")
         return activation_backward(self.activation, d, hs[i - 1], None if zs is None else zs[i - 1])
 
     def backward(
@@ -292,6 +345,10 @@ class BatchedMLP:
             ``{name: gradient}`` in the order of :attr:`params` (weights ``(R, out, in)``).
         """
         p = self.params if params is None else params
+        if self.autograd_only:
+            from contlearn.agents.network_backward import backward_with_options
+
+            return backward_with_options(self, delta, x, hs, zs, p)
         grads: dict[str, torch.Tensor] = {}
         for i in range(len(self.layers) - 1, -1, -1):
             name = self.layers[i].name

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from contlearn.agents import online_probes
+from contlearn.agents.network_options import CONCAT_ACTIVATIONS, options_problem
 from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
 from contlearn.agents.online_probes import ProbeSnapshot
 from contlearn.backends import kernels
@@ -36,6 +37,7 @@ from contlearn.backends.mlp import BACKENDS, HandBackward
 from contlearn.credit import build_credit, credit_def, credit_options
 from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
+from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import OptimizerOptions
@@ -56,8 +58,13 @@ class OnlineAgentSpec(OptimizerOptions):
     """Options of the online supervised agent (network; the base optimizer's are inherited)."""
 
     hidden: str = param("100,100,100", "hidden widths, comma-separated (paper: 2000,2000,2000)")
-    activation: str = param("relu", "hidden nonlinearity", choices=tuple(ACTIVATIONS))
+    activation: str = param(
+        "relu",
+        "hidden nonlinearity (crelu, fourier: two features per unit, the next fan-in 2×)",
+        choices=(*ACTIVATIONS, *CONCAT_ACTIVATIONS),
+    )
     init: str = param("kaiming_uniform", "weight init distribution", choices=INITS)
+    layer_norm: bool = param(False, "layer norm before each hidden activation (gain, offset)")
     fast: bool = param(
         True,
         "hand-written backward and fused updates (false: the autograd "
@@ -89,9 +96,16 @@ class OnlineAgent:
     #: (``contlearn.running.runner.intra_op_threads``)
     replica_workers: int = 0
 
+    @staticmethod
+    def options_problem(spec: OnlineAgentSpec, learner: Learner) -> str | None:
+        """Why ``spec``'s network options cannot run with ``learner`` (None: they can)."""
+        return options_problem(spec.activation, spec.layer_norm, learner.name, learner.credit.name)
+
     def __init__(
         self, info: StreamInfo, seeds: Sequence[int], spec: OnlineAgentSpec, learner: Learner
     ) -> None:
+        if why := self.options_problem(spec, learner):
+            raise ConfigError(why)
         self.info = info
         self.spec = spec
         self.seeds = list(seeds)
@@ -126,6 +140,7 @@ class OnlineAgent:
             self.spec.activation,
             self.spec.init,
             [torch_generator(s, "agent") for s in self.seeds],
+            layer_norm=self.spec.layer_norm,
         )
 
     def initial_parameters(self) -> dict[str, torch.Tensor]:
@@ -154,6 +169,7 @@ class OnlineAgent:
             dtype=str(first.dtype).removeprefix("torch."),
             fused=self.plan,
             kernels=kernels.library() is not None,
+            network_options=frozenset({"layer_norm"} if self.spec.layer_norm else ()),
         )
 
     def _setup(self) -> None:

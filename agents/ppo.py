@@ -103,7 +103,9 @@ class PPOAgent:
     #: learners that do not apply, with the reason (checked when a run's config is resolved)
     unsupported_learners = {
         "head-reset": "it needs visible task boundaries and an output "
-        "head; RL streams have neither; use cbp, redo, snp or l2"
+        "head; RL streams have neither; use cbp, redo, snp or l2",
+        "normalize-and-project": "its layer norm is a network option of the online agent "
+        "only (PPO's nets have no layer_norm); use cbp, redo, snp or l2",
     }
 
     def __init__(

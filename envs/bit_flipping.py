@@ -129,6 +129,18 @@ class BitFlippingStream(SupervisedStream):
         bits = torch.cat([slow, fast], -1)  # (R, B, m)
         return bits, ltu_target(bits, self.w, self.theta, self.v)
 
+    def _draw_block(self, steps: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``steps`` batches of the current task at once (the slow bits are the task's): the
+        fast bits of ``steps · batch_size`` examples from the same buffer, in the same order,
+        as ``steps`` calls of :meth:`_draw`, and the target network's outputs for them all in
+        one pass: ``((T, R, B, m), (T, R, B, 1))``."""
+        bits, target = self._draw(steps * batch_size)  # (R, T·B, m), (R, T·B, 1)
+        R = self.num_replicas
+        return (
+            bits.view(R, steps, batch_size, -1).transpose(0, 1),
+            target.view(R, steps, batch_size, -1).transpose(0, 1),
+        )
+
     def _probe_draw(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.spec.num_bits - self.spec.slow_bits
         fast = torch.tensor(

@@ -15,10 +15,18 @@ this process; ``split``: a few here and the rest in one worker process; ``async`
 ends, the copy is reset within the same step, ``Feedback.next_obs`` holds the episode's final
 observation and :attr:`obs` the new one.
 
-**Frictions and tasks.** ``change_every`` counts the steps of each copy (= loop steps). By
-default a copy changes friction at its first episode end after ``change_every`` steps, so an
-episode never mixes two frictions; a replica's copies change to the same value, each at its own
-episode end. A replica's task is the newest friction index among its copies.
+**One step unit: environment steps** (as stable-baselines3 and cleanrl count them). Every step
+count of an RL stream counts the environment steps of one seed, summed over its ``num_envs``
+copies: :attr:`step` (and so a run's ``steps``, ``probe_every``, ``checkpoint_every`` and the
+store's ``step`` column), ``change_every``, ``probe_window`` and PPO's ``rollout``. One step of
+the loop steps every copy once: ``num_envs`` environment steps. (With one copy, the paper's
+setting, loop steps and environment steps coincide.)
+
+**Frictions and tasks.** A seed's world changes friction every ``change_every`` environment
+steps: each of its E copies after ``change_every / E`` steps of its own (so ``change_every``
+must be a multiple of ``num_envs``). By default a copy changes at its first episode end after
+that, so an episode never mixes two frictions; a replica's copies change to the same value,
+each at its own episode end. A replica's task is the newest friction index among its copies.
 
 **Checkpoints** may be taken after any step: the state holds every copy's MuJoCo integration
 state (``mj_getState(mjSTATE_INTEGRATION)``: time, qpos, qvel, actuator state, warm start,
@@ -67,7 +75,10 @@ class RLStreamSpec:
         "gymnasium id: a contlearn/Slippery*-v0 id, or any other id for a stationary control run",
     )
     change_every: int = param(
-        2_000_000, "steps of each env copy between friction changes (paper: 2M)", low=1
+        2_000_000,
+        "environment steps of a seed (summed over its num_envs copies) between friction "
+        "changes (paper: 2M); a multiple of num_envs",
+        low=1,
     )
     friction_range_low: float = param(
         0.02, "lowest friction of the log-uniform draws (paper)", low=0.0, low_open=True
@@ -93,16 +104,25 @@ class RLStreamSpec:
     )
     max_episode_steps: int = param(0, "time limit per episode (0: the env's own, 1000)", low=0)
     probe_window: int = param(
-        1000, "recent steps whose observations probes use (paper: 1000)", low=1
+        1000, "recent environment steps whose observations probes use (paper: 1000)", low=1
     )
 
     def validate(self) -> None:
-        """The friction range must be ordered."""
+        """The friction range must be ordered; friction changes fall on whole loop steps."""
+        if self.change_every % self.num_envs:
+            raise ConfigError(
+                f"change_every={self.change_every} must be a multiple of num_envs="
+                f"{self.num_envs} (it counts the environment steps of all of a seed's copies)"
+            )
         if self.friction_range_low > self.friction_range_high:
             raise ConfigError(
                 f"friction_range_low={self.friction_range_low} must be <= "
                 f"friction_range_high={self.friction_range_high}"
             )
+
+
+#: what :attr:`MujocoRLStream.step` counts (recorded in checkpoints: older ones counted loop steps)
+STEP_UNIT = "env"
 
 
 class Feedback(NamedTuple):
@@ -265,7 +285,8 @@ class MujocoRLStream:
         self.copy_task = np.asarray(info["task"], np.int64).reshape(R, E)
         self.ep_return = np.zeros((R, E))
         self.ep_length = np.zeros((R, E), np.int64)
-        self.window = torch.zeros(spec.probe_window, R, E, obs_dim)  # (W, R, E, obs_dim)
+        # the last probe_window environment steps: ceil(probe_window / E) loop steps
+        self.window = torch.zeros(-(-spec.probe_window // E), R, E, obs_dim)  # (W, R, E, D)
 
     def _start(self, reset_seeds: list[int | None]) -> tuple[np.ndarray, dict[str, Any]]:
         """Check the action space and reset every copy."""
@@ -280,7 +301,7 @@ class MujocoRLStream:
         if not self.has_schedule:
             return {}
         return {
-            "change_every": spec.change_every,
+            "change_every": spec.change_every // spec.num_envs,  # (each copy's own steps)
             "friction_range": (spec.friction_range_low, spec.friction_range_high),
             "initial_friction": spec.initial_friction or None,
             "change_immediately": spec.change_immediately,
@@ -322,11 +343,12 @@ class MujocoRLStream:
         act = action.detach().reshape(R * E, -1).to(torch.float64).numpy()
         if not np.isfinite(act).all():  # a diverged replica: keep NaN away from MuJoCo
             act = np.nan_to_num(act)
-        self.window[self.step % len(self.window)] = self.obs  # what the agent acted on
+        ticks = self.step // E  # (loop steps so far)
+        self.window[ticks % len(self.window)] = self.obs  # what the agent acted on
         obs, reward, terminated, truncated, info = self.vec.step(
             np.clip(act, self._low, self._high, out=act)
         )
-        self.step += 1
+        self.step += E  # (environment steps of each seed)
         self.obs = self._tensor(obs)  # (R, E, obs_dim), reset observations where done
         next_obs = self.obs
         done = terminated | truncated
@@ -366,17 +388,18 @@ class MujocoRLStream:
         return ended
 
     def probe_batch(self, size: int | None = None) -> torch.Tensor:
-        """The observations acted on in the last ``probe_window`` steps (fewer early on).
+        """The observations acted on in the last ``probe_window`` environment steps (fewer
+        early on; with E copies, the last ``ceil(probe_window / E)`` loop steps' E each).
 
         Args:
             size: ignored (the window is ``probe_window``); kept for the stream interface.
 
         Returns:
-            ``(R, P, obs_dim)`` with ``P = steps · num_envs``, oldest first.
+            ``(R, P, obs_dim)``, oldest first.
         """
-        W = len(self.window)
-        filled = min(self.step, W)
-        order = torch.arange(self.step - filled, self.step) % W
+        W, ticks = len(self.window), self.step // self.num_envs
+        filled = min(ticks, W)
+        order = torch.arange(ticks - filled, ticks) % W
         obs = self.window[order]  # (P_steps, R, E, obs_dim)
         return obs.permute(1, 0, 2, 3).reshape(self.num_replicas, -1, obs.shape[-1])
 
@@ -388,6 +411,7 @@ class MujocoRLStream:
         ]
         return {
             "step": self.step,
+            "step_unit": STEP_UNIT,
             "obs": self.obs.clone(),
             "friction": torch.from_numpy(self.friction.copy()),
             "copy_task": torch.from_numpy(self.copy_task.copy()),
@@ -404,6 +428,12 @@ class MujocoRLStream:
         ]
         if len(copies) != self.vec.num_envs:
             raise ValueError(f"state has {len(copies)} env copies, stream {self.vec.num_envs}")
+        if state.get("step_unit") != STEP_UNIT and self.num_envs > 1:
+            raise ValueError(
+                "the checkpoint counts loop steps (a run of contlearn before steps became "
+                f"environment steps) and this stream has num_envs={self.num_envs}; finish it "
+                "with the version that made it, or start it anew"
+            )
         self.vec.set_attr("sim_state", copies)
         self.step = int(state["step"])
         self.obs = state["obs"].clone()

@@ -60,9 +60,9 @@ class Args:
     seeds: int = 1
     """seeds, run as one replica-batched model (each with its own envs and frictions)"""
     total_steps: int = 1_000_000
-    """steps of each env copy"""
+    """environment steps of each seed (summed over its copies; a multiple of num_envs)"""
     change_every: int = 200_000
-    """steps between friction changes (paper: 2,000,000)"""
+    """environment steps between friction changes (paper: 2,000,000)"""
     num_envs: int = 1
     """env copies per seed (paper: 1); a PPO rollout is 2048 transitions over all copies"""
     vector: str = "sync"
@@ -112,10 +112,11 @@ def main() -> None:
     emit = record_writer(writer, stream.seeds)  # records to rows, as contlearn.run writes them
 
     start = time.monotonic()
-    for step in range(1, args.total_steps + 1):
+    while stream.step < args.total_steps:  # (stream.step: environment steps of each seed)
         obs = stream.obs  # (R, E, obs_dim)
         action = agent.act(obs)  # (R, E, act_dim)
         feedback, ended = stream.advance(action)  # (reward, next_obs, terminated, truncated)
+        step = stream.step
         update = agent.observe(obs, action, feedback)  # a PPO update every rollout
         for ep in ended:  # one row per finished episode, task = that seed's friction index
             values = {
@@ -134,7 +135,7 @@ def main() -> None:
             )
         if update:
             emit(Record("update", step, int(stream.task.max()), update))
-            rate = step * args.num_envs * args.seeds / (time.monotonic() - start)
+            rate = step * args.seeds / (time.monotonic() - start)
             print(
                 f"step {step:>9,}  {rate:6.0f} env-steps/s  friction index "
                 f"{stream.task.tolist()}  value loss {update['value_loss'].mean():.1f}",

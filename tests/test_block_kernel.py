@@ -121,11 +121,19 @@ def test_splitting_into_blocks_or_threads_changes_no_bit():
     assert int(a.diagnostics()["hidden1"]["replacements"].sum()) > 0
 
 
-def test_next_block_shows_the_examples_of_next():
-    cfg = resolve({"stream": "permuted-mnist", "examples_per_task": 3000})
+@pytest.mark.parametrize(
+    "stream, options, until",
+    [
+        ("permuted-mnist", {"examples_per_task": 3000}, 12_500),  # (and a new pass over 10k)
+        ("label-shuffled-mnist", {"examples_per_task": 3000}, 12_500),
+        ("bit-flipping", {"examples_per_task": 3000, "batch_size": 3}, 4_500),  # (4 flips)
+    ],
+)
+def test_next_block_shows_the_examples_of_next(stream, options, until):
+    cfg = resolve({"stream": stream, **options})
     one, many = (make_stream(cfg.stream, cfg.stream_spec, [4, 5]) for _ in range(2))
     rng = random.Random(0)
-    while many.step < 12_500:  # four task starts and a new pass over the 10k examples
+    while many.step < until:  # four task starts
         block = many.next_block(rng.choice([1, 3, 100, 300]))
         assert 1 <= block.obs.shape[0] <= 300
         for t in range(block.obs.shape[0]):

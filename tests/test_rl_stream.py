@@ -43,7 +43,7 @@ def test_info_and_shapes() -> None:
     assert s.obs.shape == (2, 2, 105) and s.obs.dtype == torch.float32
     fb, _ = s.advance(torch.zeros(2, 2, 8))
     assert fb.reward.shape == fb.terminated.shape == fb.truncated.shape == (2, 2)
-    assert fb.next_obs.shape == (2, 2, 105) and s.step == 1
+    assert fb.next_obs.shape == (2, 2, 105) and s.step == 2  # (environment steps: 2 copies)
     assert resolve({"stream": "slippery-ant"}).agent == "ppo"
 
 
@@ -59,7 +59,8 @@ def test_replica_in_batch_equals_seed_alone() -> None:
 
 
 def test_copies_of_a_replica_share_the_friction_schedule() -> None:
-    s = stream([0, 1], num_envs=3, change_every=40, change_immediately=True)
+    # (every 120 environment steps of a seed: 40 of each of its 3 copies)
+    s = stream([0, 1], num_envs=3, change_every=120, change_immediately=True)
     first = s.friction.copy()
     play(s, actions(s, 100))
     assert np.all(s.friction == s.friction[:, :1])  # one world per replica
@@ -78,7 +79,7 @@ def test_episodes_end_with_final_obs_and_restart() -> None:
 
 
 def test_probe_batch_is_the_recent_observations_acted_on() -> None:
-    s = stream([0, 1], num_envs=2, probe_window=5)
+    s = stream([0, 1], num_envs=2, probe_window=10)  # (10 environment steps: 5 loop steps)
     seen = []
     for a in actions(s, 7):
         seen.append(s.obs.clone())
@@ -89,15 +90,31 @@ def test_probe_batch_is_the_recent_observations_acted_on() -> None:
     assert torch.equal(window, expected)
 
 
+def test_every_rl_count_is_environment_steps() -> None:
+    """steps, change_every and the probe window count a seed's environment steps over all
+    of its copies (as stable-baselines3 and cleanrl count them)."""
+    s = stream([0], num_envs=4, change_every=40, change_immediately=True)
+    play(s, actions(s, 10))  # 10 loop steps: 40 environment steps, 10 of each copy
+    assert s.step == 40 and s.task.tolist() == [1]  # (the world changed after 40 of them)
+    with pytest.raises(ConfigError, match="multiple of num_envs=4"):
+        stream([0], num_envs=4, change_every=30)
+    with pytest.raises(ConfigError, match="steps=30 must be a multiple of num_envs=4"):
+        resolve({"stream": "slippery-ant", "num_envs": 4, "change_every": 40, "steps": 30})
+    old = s.state_dict()
+    del old["step_unit"]  # (a checkpoint of a run made before: loop steps)
+    with pytest.raises(ValueError, match="counts loop steps"):
+        stream([0], num_envs=4, change_every=40).load_state_dict(old)
+
+
 def test_state_round_trip_continues_identically() -> None:
-    s = stream([4], num_envs=2, change_every=30, max_episode_steps=50)
+    s = stream([4], num_envs=2, change_every=60, max_episode_steps=50)
     acts = actions(s, 120)
     play(s, acts[:45])
     buffer = io.BytesIO()
     torch.save(s.state_dict(), buffer)
     rest = play(s, acts[45:])
     buffer.seek(0)
-    s2 = stream([4], num_envs=2, change_every=30, max_episode_steps=50)
+    s2 = stream([4], num_envs=2, change_every=60, max_episode_steps=50)
     s2.load_state_dict(torch.load(buffer, weights_only=True))
     rest2 = play(s2, acts[45:])
     assert rest[1] == rest2[1] and rest[1]
@@ -133,3 +150,23 @@ def test_bad_options_are_config_errors() -> None:
         resolve({"stream": "slippery-ant", "vector": "threads"})
     with pytest.raises(ConfigError, match="cannot make env"):
         MujocoRLStream(RLStreamSpec(env_id="NoSuchEnv-v0"), [0])
+
+
+def test_a_run_records_environment_steps_and_older_runs_load_in_them(tmp_path) -> None:
+    import json
+
+    import contlearn
+
+    config = {"num_envs": 2, "change_every": 100, "max_episode_steps": 20, "hidden": "4"}
+    config.update({"rollout": 32, "minibatch_size": 16, "epochs": 1, "probes": "none"})
+    run = contlearn.run("slippery-ant", steps=80, config=config, out=tmp_path / "r")
+    df = contlearn.load_runs(run.path)
+    ends = df[df.metric == "episode_length"]
+    assert df.step.max() == 80 and (ends.step % 2 == 0).all()  # (a loop step: 2 of them)
+    assert ends.step.min() == 40  # (each copy's first 20-step episode ends at loop step 20)
+    meta = json.loads((run.path / "meta.json").read_text())
+    assert meta["step_unit"] == "env"
+    del meta["step_unit"]  # (a run made before: its rows count loop steps)
+    (run.path / "meta.json").write_text(json.dumps(meta))
+    old = contlearn.load_runs(run.path)
+    assert old.step.max() == 160  # (converted: the stored steps times the copies)

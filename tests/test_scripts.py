@@ -134,3 +134,38 @@ def test_ff_plasticity_on_a_tiny_budget(tmp_path):
 def test_bench_ff_on_a_tiny_budget():
     proc = _run([ROOT / "scripts" / "bench_ff.py", "--steps", "5", "--seeds", "2"], ROOT)
     assert '"speedup"' in proc.stdout
+
+
+def test_bench_streams_and_bench_plugin_on_a_tiny_budget():
+    import json
+
+    proc = _run(
+        [
+            ROOT / "scripts" / "bench_streams.py",
+            "--seeds",
+            "2",
+            "--tasks",
+            "1",
+            "--naive-steps",
+            "20",
+        ],
+        ROOT,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["rows"]) == 2 and out["speedup"] > 0
+    proc = _run(
+        [
+            ROOT / "scripts" / "bench_plugin.py",
+            "--examples",
+            "20",
+            "--tasks",
+            "1",
+            "--seeds",
+            "1",
+            "--repeats",
+            "1",
+        ],
+        ROOT,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["threads"] for r in out["rows"]] == ["default", 1, 2]

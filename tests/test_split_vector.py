@@ -101,7 +101,7 @@ def test_stream_steps_as_with_gymnasium_sync(monkeypatch: pytest.MonkeyPatch) ->
             "num_envs": 2,
             "vector": "sync",
             "max_episode_steps": 30,
-            "change_every": 25,
+            "change_every": 50,  # (25 of each copy)
             "change_immediately": True,
         }
     )

@@ -88,10 +88,14 @@ def _same(tracked: pd.DataFrame, stored: pd.DataFrame, tol: float) -> None:
 
 def test_tensorboard_gets_every_row_live_one_run_per_seed(tmp_path):
     run = contlearn.run(
-        "bit-flipping", seeds=2, tasks=2, config={**SMALL, "log": "tensorboard"}, out=tmp_path / "r"
+        "permuted-mnist",
+        seeds=2,
+        tasks=2,
+        config={**SMALL, "log": "tensorboard"},
+        out=tmp_path / "r",
     )
     tracked = tensorboard_rows(run.path / "tensorboard")
-    assert {"squared_error", "loss", "effective_rank/hidden1", "dead_fraction"} <= set(tracked.tag)
+    assert {"accuracy", "loss", "effective_rank/hidden1", "dead_fraction"} <= set(tracked.tag)
     assert set(tracked.seed) == {0, 1}
     _same(tracked, store_rows(run.path), 1e-6)  # (TensorBoard keeps float32)
     # --overwrite removes the run's tracker folder with it (no mix of two runs' events)

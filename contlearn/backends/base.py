@@ -50,6 +50,8 @@ class StepConfig:
             (:func:`contlearn.learners.fused.fused_plan`; None: it has none).
         kernels: whether the compiled kernels are available (:mod:`contlearn.backends.kernels`).
         options: other agent options a backend may need to see (PPO: ``clip_grad``, ...).
+        network_options: the network's structural options (``layer_norm``); a backend
+            supports a configuration only if it declares every one of them (:func:`declares`).
     """
 
     network: str
@@ -67,6 +69,13 @@ class StepConfig:
     fused: Any = None
     kernels: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    network_options: frozenset[str] = frozenset()
+
+
+def declares(cfg: StepConfig, known: frozenset[str] = frozenset()) -> bool:
+    """Whether a backend that computes the network options ``known`` may run ``cfg``: every
+    option ``cfg`` has is among them (a backend told of none refuses every option)."""
+    return cfg.network_options <= known
 
 
 @runtime_checkable

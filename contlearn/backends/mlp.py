@@ -25,6 +25,9 @@ credit rule × activation × optimizer × stream kind × batch size against the 
 A backend is built per agent (``Backend(agent)``) and holds what its steps keep between calls:
 the forward pass ``act`` made for ``observe``, and the fused path's deferred input-layer update
 (:meth:`FusedBackward.sync` applies it; the agent calls ``sync`` before anything reads weights).
+
+(Over 400 lines: the three backends side by side, each narrowing the one before, so that what
+each declares supported can be read against the others.)
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from contlearn.agents.network_options import CONCAT_ACTIVATIONS
 from contlearn.agents.networks import ACTIVATIONS
 from contlearn.backends import kernels
-from contlearn.backends.base import StepConfig
+from contlearn.backends.base import StepConfig, declares
 from contlearn.credit.learned import KolenPollack
 from contlearn.credit.rules import DirectFeedback, FixedFeedback, SignSymmetry
 
@@ -49,6 +53,9 @@ _TASKS = ("classification", "regression")
 #: the credit rules the hand-written backward computes (docs/credit.md); weight mirror's and
 #: Kunin et al.'s learned feedback run the reference step
 RULES = ("bp", "fa", "dfa", "sign-symmetry", "kolen-pollack")
+#: the network options the hand-written backward computes (under backprop; with crelu and
+#: fourier, :mod:`contlearn.agents.network_backward`)
+NETWORK_OPTIONS = frozenset({"layer_norm"})
 
 
 def loss_and_delta(
@@ -93,13 +100,21 @@ class HandBackward:
         and the softmax's output error sums to zero, so a unit whose outgoing weights share
         one sign gets 0 up to rounding, which Adam-like learners scale to a whole step: there
         the update is decided by float rounding, and only the reference's own arithmetic
-        gives the reference's numbers."""
+        gives the reference's numbers. Under backprop also the network options: ``layer_norm``
+        and the activations crelu and fourier (:mod:`contlearn.agents.network_backward`)."""
         return (
             cfg.network == "mlp"
             and cfg.credit in RULES
             and (cfg.credit != "sign-symmetry" or cfg.fused is not None)
             and cfg.task in _TASKS
-            and cfg.activation in ACTIVATIONS
+            and (
+                (cfg.activation in ACTIVATIONS and declares(cfg))
+                or (  # the network options, under backprop (agents/network_backward.py)
+                    cfg.credit == "bp"
+                    and cfg.activation in (*ACTIVATIONS, *CONCAT_ACTIVATIONS)
+                    and declares(cfg, NETWORK_OPTIONS)
+                )
+            )
         )
 
     def __init__(self, agent: OnlineAgent) -> None:
@@ -163,6 +178,8 @@ class FusedBackward(HandBackward):
         acting on B), so that the affine step on W is the whole update B follows."""
         return (
             HandBackward.supports(cfg)
+            and cfg.activation in ACTIVATIONS
+            and declares(cfg)  # (no layer norm: BatchedMLP.backward_update_ has none)
             and cfg.fused is not None
             and not (
                 cfg.credit_learned

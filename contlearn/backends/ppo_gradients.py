@@ -32,7 +32,7 @@ import torch
 
 from contlearn.agents.networks import activation_backward
 from contlearn.agents.ppo_loss import StepResult, combine, gaussian_entropy, standard_log_prob
-from contlearn.backends.base import StepConfig
+from contlearn.backends.base import StepConfig, declares
 
 #: the activations whose derivative :func:`~contlearn.agents.networks.activation_backward` has
 HAND_WRITTEN_ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "swish")
@@ -59,6 +59,7 @@ class PPOGradients:
             and cfg.activation in HAND_WRITTEN_ACTIVATIONS
             and cfg.depth >= 1
             and cfg.dtype in ("float32", "float64")
+            and declares(cfg)
         )
 
     def loss_and_grads(

@@ -85,6 +85,9 @@ learners.register("spectral", "contlearn.learners.toolkit_presets:SPECTRAL")
 learners.register("snr", "contlearn.learners.toolkit_presets:SNR")
 learners.register("hare-tortoise", "contlearn.learners.toolkit_presets:HARE_TORTOISE")
 learners.register("plasticity-injection", "contlearn.learners.toolkit_presets:PLASTICITY_INJECTION")
+learners.register(
+    "normalize-and-project", "contlearn.learners.toolkit_presets:NORMALIZE_AND_PROJECT"
+)
 learners.seal()  # (the built-in entries; later ones are the user's)
 
 

@@ -18,6 +18,11 @@ and defaults in docs/learners.md.
   matrices (rows, the units' incoming weights, pushed toward orthogonal rows of squared norm
   s), ``4λ (W Wᵀ − s I) W``, added to the gradient before the optimizer; the output layer is
   left free, as in the paper.
+- :func:`project_norms` (Lyle et al. 2024, "Normalization and effective learning rates in
+  reinforcement learning", normalize-and-project's projection): after the update, each weight
+  matrix rescaled to the Frobenius norm it had at init, per replica,
+  ``W ← W ‖W₀‖_F / ‖W‖_F``, so that behind layer norm (scale-invariant in W) the effective
+  learning rate stays constant.
 """
 
 from __future__ import annotations
@@ -285,3 +290,39 @@ def swr_diagnostics(state: Any) -> dict[str, dict[str, torch.Tensor]]:
     """``{"": {"replacements": (R,)}}``: cumulative weights reinitialised by SWR."""
     found = find_states(state, SWRState)
     return {"": {"replacements": found[0].replaced.clone()}} if found else {}
+
+
+class ProjectState(NamedTuple):
+    """Normalize-and-project's target norms: ``{weight name: (R,)}``, ``‖W₀‖_F`` at init."""
+
+    norms: Params
+
+
+def project_norms(names: Sequence[str]) -> GradientTransformation:
+    """``u' = (θ + u) ‖θ₀‖_F / ‖θ + u‖_F − θ`` for the weights ``names`` (put it after the
+    optimizer); ``θ₀`` is what ``init`` sees. A matrix of norm 0 is left as it is.
+
+    Args:
+        names: the parameters to project (``<layer>.weight``, ``(R, out, in)``).
+    """
+
+    def init(params: Params) -> ProjectState:
+        return ProjectState({k: _frobenius(params[k]) for k in names})
+
+    def update(grads: Params, state: ProjectState, params: Params, **extra: Any):
+        out = dict(grads)
+        for k in names:
+            if k not in grads:
+                continue
+            new = params[k] + grads[k]  # (R, out, in)
+            norm = _frobenius(new)  # (R,)
+            ratio = torch.where(norm > 0, state.norms[k] / norm, torch.ones_like(norm))
+            out[k] = new.mul_(ratio.view(-1, *([1] * (new.dim() - 1)))).sub_(params[k])
+        return out, state
+
+    return GradientTransformation(init, update)
+
+
+def _frobenius(w: torch.Tensor) -> torch.Tensor:
+    """``‖w[r]‖_F`` per replica ``(R,)``."""
+    return torch.linalg.vector_norm(w.flatten(1), dim=1)

@@ -1,7 +1,8 @@
 """The named learners from the wider plasticity literature (issue #18): weight clipping, UPGD,
-Parseval regularisation, ReGraMa, selective weight reinitialisation, spectral regularisation,
-self-normalised resets, hare & tortoise and plasticity injection, as :class:`LearnerDef`
-values like those of :mod:`contlearn.learners.presets`; formulas in docs/learners.md."""
+Parseval regularisation, ReGraMa, selective weight reinitialisation, normalize-and-project,
+spectral regularisation, self-normalised resets, hare & tortoise and plasticity injection, as
+:class:`LearnerDef` values like those of :mod:`contlearn.learners.presets`; formulas in
+docs/learners.md."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from contlearn.learners.resets import reset_diagnostics
 from contlearn.learners.toolkit import (
     add_parseval,
     clip_weights,
+    project_norms,
     selective_reinit,
     swr_diagnostics,
     upgd,
@@ -286,4 +288,29 @@ PLASTICITY_INJECTION = LearnerDef(
     _build_injection,
     "plasticity injection: a fresh trainable output layer added, output unchanged at injection",
     diagnostics=injection_diagnostics,
+)
+
+
+@dataclass(frozen=True)
+class NormalizeAndProjectSpec:
+    """Options of ``normalize-and-project`` (Lyle et al. 2024); it turns on the agent's
+    ``layer_norm`` and refuses ``layer_norm=false``."""
+
+    output: bool = param(
+        True, "project the output layer's weights too (false: the hidden layers' only)"
+    )
+
+
+def _build_nap(
+    spec: NormalizeAndProjectSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    layers = network.layers if spec.output else network.hidden_layers
+    return chain(base, project_norms([f"{layer.name}.weight" for layer in layers]))
+
+
+NORMALIZE_AND_PROJECT = LearnerDef(
+    NormalizeAndProjectSpec,
+    _build_nap,
+    "normalize-and-project: layer norm, and weight matrices rescaled to their initial norm",
+    agent_defaults={"layer_norm": True},
 )

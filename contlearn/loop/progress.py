@@ -6,6 +6,7 @@ In a Jupyter notebook the bar is tqdm's notebook widget where ``ipywidgets`` is 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -36,14 +37,10 @@ def want_progress(requested: bool | None = None) -> bool:
 
 def _bar_class() -> Any:
     """tqdm's notebook widget in a notebook with ``ipywidgets``, else the text bar."""
-    if in_notebook():
-        try:
-            import ipywidgets  # noqa: F401 - (the widget needs it)
-            from tqdm.notebook import tqdm as widget
+    if in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as widget  # (the widget needs ipywidgets)
 
-            return widget
-        except ImportError:
-            pass
+        return widget
     from tqdm import tqdm
 
     return tqdm

@@ -130,6 +130,7 @@ class RLLoop(SteppingLoop):
     def step(self) -> None:
         """One step of every env copy: act, step the stream, observe, record."""
         stream, agent = self.stream, self.agent
+        before = stream.step
         obs = stream.obs
         action = agent.act(obs)
         if self.checked:
@@ -150,7 +151,7 @@ class RLLoop(SteppingLoop):
                 self._check_divergence(metrics["loss"])
         if ended:
             self._episodes(step, ended)
-        if self.every and step % self.every == 0:
+        if self.every and step // self.every > before // self.every:  # (steps of E at once)
             self._probe(step)
         if self.progress is not None:
             self.progress.update(step, int(stream.task.max()), self._running)

@@ -136,6 +136,9 @@ def make_run_dir(path: Path) -> None:
 
 #: a run's folders and the files it writes there; ``--overwrite`` removes these and nothing else
 RUN_FOLDERS = {METRICS_DIR: ("part-*.parquet", ".part-*.tmp"), "checkpoints": ("ckpt-*", ".ckpt-*")}
+#: what the ``step`` column counts (``meta.json``): on RL streams, environment steps of a seed
+#: over all its copies (runs without it counted loop steps, which :func:`load_runs` converts)
+STEP_UNIT = "env"
 #: the folders a run's live trackers write (``log=tensorboard``, ``log=wandb``): the run's own,
 #: removed whole with it
 TRACKER_FOLDERS = ("tensorboard", "wandb")
@@ -230,6 +233,7 @@ def write_config(
         "seeds": list(seeds),
         "device": device,
         "host": platform.node(),
+        "step_unit": STEP_UNIT,
     }
     write_atomic(path / META_FILE, json.dumps(meta, indent=2).encode())
 
@@ -527,6 +531,19 @@ def run_labels(runs: Sequence[Path]) -> list[str]:
     return labels
 
 
+def _loop_step_copies(path: Path) -> int:
+    """For an RL run made before RL steps counted environment steps (no ``step_unit`` in its
+    ``meta.json``) with several env copies per seed: that number, by which its recorded steps
+    are multiplied to read as environment steps; else 1."""
+    if read_meta(path).get("step_unit") == STEP_UNIT:
+        return 1
+    try:
+        copies = read_config(path).get("num_envs", 1)
+    except DataError:
+        return 1
+    return copies if isinstance(copies, int) and copies > 1 else 1
+
+
 def load_runs(paths: str | Path | Sequence[str | Path], config: bool | Sequence[str] = False):
     """Load the metrics of runs as one long pandas DataFrame.
 
@@ -547,6 +564,9 @@ def load_runs(paths: str | Path | Sequence[str | Path], config: bool | Sequence[
     for r, label in zip(runs, labels, strict=True):
         frame = read_metrics(r).to_pandas()
         frame["run"] = label  # (the rows of one directory are one run, whatever they say)
+        copies = _loop_step_copies(r)
+        if copies > 1:  # (an RL run recorded in loop steps: in environment steps now)
+            frame["step"] = frame["step"] * copies
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True) if frames else SCHEMA.empty_table().to_pandas()
     if config:

@@ -12,7 +12,9 @@ Precedence, lowest first: option defaults < the stream's suggested agent default
 learner's agent defaults (``proper-adam`` sets Adam) < config file < ``--set``; for learner
 options, the agent's ``learner_defaults`` (``ff`` sets CBP's local utility) < config file <
 ``--set``. An agent class may declare ``stream_kinds`` (the stream kinds it learns on),
-``unsupported_learners`` and ``learner_problem(learner) -> reason | None``. Unknown keys,
+``unsupported_learners``, ``learner_problem(learner) -> reason | None`` and
+``options_problem(agent_spec, learner) -> reason | None`` (combinations of its options with
+the learner). Unknown keys,
 bad values and such refusals are :class:`ConfigError`.
 """
 
@@ -336,6 +338,9 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     problem = getattr(agent_cls, "learner_problem", None)
     if callable(problem) and (why := problem(chosen)):
         raise ConfigError(f"learner {learner_name} does not apply to agent {agent}: {why}")
+    options = getattr(agent_cls, "options_problem", None)
+    if callable(options) and (why := options(agent_spec, chosen)):
+        raise ConfigError(f"agent {agent}: {why}")
     config = RunConfig(
         stream=stream,
         agent=agent,
@@ -349,6 +354,13 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     from contlearn.running.limits import check_limits
 
     check_limits(config)
+    copies = getattr(config.stream_spec, "num_envs", 1)
+    if getattr(stream_cls, "kind", None) == "rl" and config.run.steps % copies:
+        raise ConfigError(
+            f"steps={config.run.steps} must be a multiple of num_envs={copies}: RL steps count "
+            "the environment steps of a seed over all its copies, and a loop step takes one "
+            "of each"
+        )
     return config
 
 

@@ -92,6 +92,7 @@ class CheckpointDue:
     def __init__(self, every: int, minutes: float) -> None:
         self.every, self.seconds = every, minutes * 60.0
         self.last = time.monotonic()
+        self.seen: int | None = None  # the step of the previous call
 
     def steps_to_next(self, step: int) -> int:
         """Steps from ``step`` to the next step-count checkpoint (a large number if none; the
@@ -99,8 +100,12 @@ class CheckpointDue:
         return self.every - step % self.every if self.every else 1 << 62
 
     def __call__(self, step: int) -> bool:
+        """Whether to checkpoint after ``step``: a multiple of ``every`` reached since the
+        previous call (RL loops advance ``num_envs`` steps at once), or the minutes passed."""
         now = time.monotonic()
-        if (self.every and step % self.every == 0) or (
+        before = step - 1 if self.seen is None else self.seen
+        self.seen = step
+        if (self.every and step // self.every > before // self.every) or (
             self.seconds and now - self.last >= self.seconds
         ):
             self.last = now
