@@ -133,6 +133,8 @@ class FFAgent:
     unsupported_learners = {
         "head-reset": "FF has no output layer learned from the stream's loss "
         "(its readout head is optional); use cbp, redo, snp, l2 or l2-init",
+        "plasticity-injection": "it injects a fresh output layer, and FF has no output layer "
+        "learned from the stream's loss; use snr, cbp or redo",
         "normalize-and-project": "its layer norm is a network option of the online agent "
         "only (FF normalises each layer's output already); use cbp, redo, snp, l2 or l2-init",
     }

@@ -52,7 +52,7 @@ CONCAT_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 CONCAT_GAINS = {"crelu": math.sqrt(2.0), "fourier": 1.0}
 #: registered learners that score or reset hidden units by their features (the feature of
 #: unit i is not one column under a concatenating activation)
-UNIT_LEARNERS = ("cbp", "redo", "regrama")
+UNIT_LEARNERS = ("cbp", "redo", "regrama", "snr")
 
 
 def features_per_unit(activation: str) -> int:

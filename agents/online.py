@@ -426,6 +426,13 @@ class OnlineAgent:
         self._probe_cache = (obs, versions, hs)
         return hs
 
+    @torch.no_grad()
+    def outputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """The network's outputs ``(R, B, C)`` for ``obs`` (logits or predictions; no
+        learning, nothing kept for ``observe``)."""
+        self.sync()
+        return self.net.forward(self.flat(obs), self.views)[0]
+
     def features(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hidden activations ``{layer: (R, B, H)}`` for ``obs`` (no learning)."""
         hs = self._probe_forward(obs)

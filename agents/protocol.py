@@ -25,6 +25,8 @@ name on an agent:
   as ``grad_magnitude``, read at every probe point), :class:`SupportsGradientWatch`
   ``watch_gradients(on)`` (called first if the run records ``grad_magnitude``),
   :class:`SupportsProbeLoss` ``probe_loss(obs, target)`` (``plasticity``),
+  :class:`SupportsOutputs` ``outputs(obs)`` (the network's outputs without learning:
+  ``churn``),
   :class:`SupportsGoodnessGap` ``goodness_gap(obs, target)`` (Forward-Forward's goodness gap),
   :class:`SupportsProbeSnapshot` ``probe_snapshot()`` (a copy of the network that stays valid
   while the agent learns on: the engine then probes on another thread) and
@@ -158,6 +160,15 @@ class SupportsProbeLoss(Protocol):
 
     def probe_loss(self, obs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss ``(R,)`` on ``obs``/``target``."""
+        ...
+
+
+@runtime_checkable
+class SupportsOutputs(Protocol):
+    """Computes its network's outputs on a batch without learning (the ``churn`` probe)."""
+
+    def outputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """The outputs ``(R, B, C)`` for ``obs`` (logits, or predictions for regression)."""
         ...
 
 
@@ -351,6 +362,7 @@ CAPABILITIES: tuple[type, ...] = (
     SupportsUpdateStats,
     SupportsGradientWatch,
     SupportsProbeLoss,
+    SupportsOutputs,
     SupportsCreditAlignment,
     SupportsInitialParameters,
     SupportsHessianTrace,

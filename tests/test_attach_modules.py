@@ -303,7 +303,20 @@ def test_head_reset_on_a_cnn() -> None:
     assert learner.diagnostics() == {"5": {"head_resets": 1.0}}
 
 
-@pytest.mark.parametrize("name", ["weight-clipping", "upgd", "parseval", "regrama", "swr"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "weight-clipping",
+        "upgd",
+        "parseval",
+        "regrama",
+        "swr",
+        "spectral",
+        "snr",
+        "hare-tortoise",
+        "plasticity-injection",
+    ],
+)
 def test_the_other_learners_run_on_a_cnn(name) -> None:
     model = cnn()
     before = [p.detach().clone() for p in model.parameters()]

@@ -86,6 +86,11 @@ def test_plain_agent_is_an_agent_with_no_capabilities() -> None:
 
 def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
     assert capabilities(SingleReplicaAdapter(Plain())) == []
+    assert capabilities(SingleReplicaAdapter(Plain(), (10,))) == []  # (act's shape: no outputs)
+    with_outputs = type("WithOutputs", (Plain,), {"outputs": lambda self, obs: obs[:, :2] * 2})
+    adapter = SingleReplicaAdapter(with_outputs(), (10,))
+    assert capabilities(adapter) == ["SupportsOutputs"]
+    assert torch.equal(adapter.outputs(torch.ones(1, 3, 4)), torch.full((1, 3, 2), 2.0))
     inner = Full()
     adapter = SingleReplicaAdapter(inner)
     assert capabilities(adapter) == ["SupportsTaskStart", "SupportsCheckpoints", "SupportsClose"]
@@ -110,6 +115,7 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
                 "SupportsUpdateStats",
                 "SupportsGradientWatch",
                 "SupportsProbeLoss",
+                "SupportsOutputs",
                 "SupportsCreditAlignment",
                 "SupportsInitialParameters",
                 "SupportsHessianTrace",
@@ -170,7 +176,7 @@ def test_the_builtin_agents_declare_their_capabilities(config, expected) -> None
         finally:
             if isinstance(agent, agent_protocol.SupportsClose):
                 agent.close()
-    assert len(CAPABILITIES) == 23
+    assert len(CAPABILITIES) == 24
 
 
 def test_every_optional_name_looked_up_is_declared_in_a_protocol() -> None:

@@ -60,7 +60,7 @@ def test_every_learner_runs_on_every_stream(learner: str, stream: str, tmp_path:
     rows = df[(df.metric == score) & (df.layer == "")]
     assert sorted(rows.seed.unique()) == [0, 1] and sorted(rows.task.unique()) == [0, 1]
     assert rows.value.notna().all()
-    if learner in ("cbp", "redo", "regrama"):
+    if learner in ("cbp", "redo", "regrama", "snr"):
         for metric in (
             "replacements",
             "eligible_units",
@@ -187,6 +187,10 @@ REPLICA_CASES = {
     "parseval": {"learner.lam": 1e-2},
     "regrama": {"learner.period": 10, "learner.window": 5, "learner.threshold": 0.8},
     "swr": {"learner.rate": 0.02, "learner.decay": 0.5, "optimizer": "adam"},
+    "spectral": {"learner.lam": 1e-2},
+    "snr": {"learner.eta": 0.1},
+    "hare-tortoise": {"learner.period": 15, "learner.ema": 0.8},
+    "plasticity-injection": {"learner.at": 20, "learner.every": 25, "optimizer": "adam"},
 }
 
 
@@ -223,7 +227,7 @@ def test_batched_replicas_equal_separate_runs(learner: str) -> None:
         for layer, metrics in alone.diagnostics().items():
             for metric, value in metrics.items():
                 torch.testing.assert_close(diag[layer][metric][r], value[0], rtol=1e-5, atol=1e-6)
-    if learner in ("cbp", "redo", "regrama"):
+    if learner in ("cbp", "redo", "regrama", "snr"):
         assert sum(int(m["replacements"].sum()) for m in diag.values()) > 0
 
 

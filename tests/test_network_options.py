@@ -47,6 +47,9 @@ EXERCISE = {
     "redo": {"learner.period": 4, "learner.window": 4, "learner.threshold": 0.9},
     "regrama": {"learner.period": 4, "learner.window": 4, "learner.threshold": 0.9},
     "swr": {"learner.rate": 0.1},
+    "snr": {"learner.eta": 0.3},
+    "hare-tortoise": {"learner.period": 3, "learner.ema": 0.5},
+    "plasticity-injection": {"learner.at": 3, "learner.every": 2},
 }
 
 
@@ -187,7 +190,7 @@ def _refusal(learner: str, options: dict) -> str | None:
 def test_every_learner_runs_or_is_refused_under_each_option_and_backward_is_exact(learner, option):
     why = _refusal(learner, OPTIONS[option])
     if why is not None:  # crelu/fourier with unit scorers: one line naming the fix
-        assert learner in ("cbp", "redo", "regrama") and "activation" in OPTIONS[option]
+        assert learner in ("cbp", "redo", "regrama", "snr") and "activation" in OPTIONS[option]
         assert "\n" not in why and "choose" in why
         return
     for kind in ("classification", "regression"):  # permuted MNIST, bit-flipping's kind

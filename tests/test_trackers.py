@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -35,40 +36,61 @@ def tensorboard_rows(folder: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def wandb_rows(folder: Path) -> pd.DataFrame:
-    """The history rows of W&B's offline runs below ``folder`` (their ``.wandb`` files: a
-    LevelDB-style log of protobuf records in 32 KiB blocks, after a 7-byte header)."""
+def _wandb_records(file: Path) -> list:
+    """The protobuf records of a W&B ``.wandb`` file: a LevelDB-style log of records in
+    32 KiB blocks, after a 7-byte header."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    records = []
+    data, pos, payload = file.read_bytes(), 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # (a whole record, or its last piece)
+            record = pb.Record()
+            record.ParseFromString(payload)
+            payload = b""
+            records.append(record)
+    return records
+
+
+def wandb_rows(folder: Path, seeds: int) -> pd.DataFrame:
+    """The history rows of the W&B offline runs below ``folder``, once each of ``seeds`` runs'
+    files holds its exit record (W&B's service process writes them after ``finish``)."""
+    deadline = time.monotonic() + 60
+    while True:
+        files = sorted(folder.glob("offline-run-*/*.wandb"))
+        done = [
+            f
+            for f in files
+            if any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(f))
+        ]
+        if len(done) >= seeds or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     rows = []
-    for file in sorted(folder.glob("offline-run-*/*.wandb")):
+    for file in done:
         seed = int(file.stem.rsplit("-", 1)[1])
-        data, pos, payload = file.read_bytes(), 7, b""
-        while pos + 7 <= len(data):
-            left = 32768 - pos % 32768
-            if left < 7:
-                pos += left
+        for record in _wandb_records(file):
+            if record.WhichOneof("record_type") != "history":
                 continue
-            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-            if length == 0 and kind == 0:
-                pos += left
+            item = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
+            if "step" not in item:  # (W&B's own bookkeeping rows)
                 continue
-            payload += data[pos + 7 : pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):  # (a whole record, or its last piece)
-                record = pb.Record()
-                record.ParseFromString(payload)
-                payload = b""
-                if record.WhichOneof("record_type") == "history":
-                    item = {
-                        i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                        for i in record.history.item
-                    }
-                    if "step" not in item:  # (W&B's own bookkeeping rows)
-                        continue
-                    step = item.pop("step")
-                    for k in [k for k in item if k not in ("task",) and not k.startswith("_")]:
-                        rows.append({"seed": seed, "tag": k, "step": step, "value": item[k]})
+            step = item.pop("step")
+            for k in [k for k in item if k != "task" and not k.startswith("_")]:
+                rows.append({"seed": seed, "tag": k, "step": step, "value": item[k]})
     return pd.DataFrame(rows)
 
 
@@ -109,7 +131,7 @@ def test_wandb_offline_gets_every_row_live(tmp_path, monkeypatch):
     run = contlearn.run(
         "bit-flipping", seeds=2, tasks=2, config={**SMALL, "log": "wandb"}, out=tmp_path / "r"
     )
-    tracked = wandb_rows(run.path / "wandb")
+    tracked = wandb_rows(run.path / "wandb", 2)
     assert set(tracked.seed) == {0, 1}
     _same(tracked, store_rows(run.path), 1e-12)
 
@@ -125,7 +147,7 @@ def test_export_writes_a_finished_run_and_never_over_event_files(tmp_path, capsy
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert main(["export", str(run.path), "--to", "wandb", "--out", str(tmp_path / "w")]) == 0
-    _same(wandb_rows(tmp_path / "w" / "wandb"), store_rows(run.path), 1e-12)
+    _same(wandb_rows(tmp_path / "w" / "wandb", 2), store_rows(run.path), 1e-12)
     assert main(["export", str(tmp_path / "nothing"), "--to", "wandb"]) == 2
 
 

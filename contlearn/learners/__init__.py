@@ -81,6 +81,10 @@ learners.register("upgd", "contlearn.learners.toolkit_presets:UPGD")
 learners.register("parseval", "contlearn.learners.toolkit_presets:PARSEVAL")
 learners.register("regrama", "contlearn.learners.toolkit_presets:REGRAMA")
 learners.register("swr", "contlearn.learners.toolkit_presets:SWR")
+learners.register("spectral", "contlearn.learners.toolkit_presets:SPECTRAL")
+learners.register("snr", "contlearn.learners.toolkit_presets:SNR")
+learners.register("hare-tortoise", "contlearn.learners.toolkit_presets:HARE_TORTOISE")
+learners.register("plasticity-injection", "contlearn.learners.toolkit_presets:PLASTICITY_INJECTION")
 learners.register(
     "normalize-and-project", "contlearn.learners.toolkit_presets:NORMALIZE_AND_PROJECT"
 )

@@ -1,6 +1,7 @@
 """The named learners from the wider plasticity literature (issue #18): weight clipping, UPGD,
-Parseval regularisation, ReGraMa, selective weight reinitialisation and normalize-and-project,
-as :class:`LearnerDef` values like those of :mod:`contlearn.learners.presets`; formulas in
+Parseval regularisation, ReGraMa, selective weight reinitialisation, normalize-and-project,
+spectral regularisation, self-normalised resets, hare & tortoise and plasticity injection, as
+:class:`LearnerDef` values like those of :mod:`contlearn.learners.presets`; formulas in
 docs/learners.md."""
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from contlearn.learners.toolkit import (
     selective_reinit,
     swr_diagnostics,
     upgd,
+)
+from contlearn.learners.toolkit_resets import (
+    add_spectral,
+    hare_tortoise,
+    hare_tortoise_diagnostics,
+    injection_diagnostics,
+    plasticity_injection,
+    self_normalized_resets,
+    snr_diagnostics,
 )
 from contlearn.spec import param
 
@@ -170,6 +180,114 @@ SWR = LearnerDef(
     _build_swr,
     "selective weight reinitialisation: the lowest-utility weights redrawn from the init",
     diagnostics=swr_diagnostics,
+)
+
+
+@dataclass(frozen=True)
+class SpectralSpec:
+    """Options of ``spectral`` (Lewandowski et al. 2024; k = 2 as the paper's, λ a starting
+    point: the paper tunes it per problem)."""
+
+    lam: float = param(1e-4, "λ of Σ_l (σ₁([W_l | b_l])^k − 1)² over every layer", low=0.0)
+    power: float = param(
+        2.0, "k: the exponent of the largest singular value", low=0.0, low_open=True
+    )
+
+
+def _build_spectral(
+    spec: SpectralSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return chain(add_spectral(network, seeds, spec.lam, spec.power), base)
+
+
+SPECTRAL = LearnerDef(
+    SpectralSpec,
+    _build_spectral,
+    "spectral regularisation: each layer's largest singular value kept near 1",
+)
+
+
+@dataclass(frozen=True)
+class SNRSpec:
+    """Options of ``snr``, self-normalised resets (Farias & Jozefiak 2025)."""
+
+    eta: float = param(
+        0.01,
+        "η: reset a unit idle for a inputs when (1 − its firing rate)^a ≤ η",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    l2: float = param(0.0, "λ of coupled L2 added before the optimizer", low=0.0)
+
+    def validate(self) -> None:
+        """η must be < 1 (η = 1 would reset every idle unit at once)."""
+        if self.eta >= 1.0:
+            raise ConfigError(f"learner.eta={self.eta} must be < 1")
+
+
+def _build_snr(
+    spec: SNRSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return self_normalized_resets(_with_l2(base, spec.l2), network, seeds, spec.eta)
+
+
+SNR = LearnerDef(
+    SNRSpec,
+    _build_snr,
+    "self-normalised resets: units idle improbably long for their own firing rate reset",
+    diagnostics=snr_diagnostics,
+)
+
+
+@dataclass(frozen=True)
+class HareTortoiseSpec:
+    """Options of ``hare-tortoise`` (Lee et al. 2024; ρ as the authors' code; the period maps
+    their 10 epochs of CIFAR-10 at batch 256, about 2000 updates)."""
+
+    ema: float = param(0.999, "ρ: the tortoise θ̄ ← ρ θ̄ + (1 − ρ) θ after each update", low=0.0)
+    period: int = param(2000, "F: updates between resets of the hare (the network) to θ̄", low=1)
+
+    def validate(self) -> None:
+        """ρ must be < 1 (ρ = 1 never moves the tortoise)."""
+        if self.ema >= 1.0:
+            raise ConfigError(f"learner.ema={self.ema} must be < 1")
+
+
+def _build_hare_tortoise(
+    spec: HareTortoiseSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return hare_tortoise(base, spec.ema, spec.period)
+
+
+HARE_TORTOISE = LearnerDef(
+    HareTortoiseSpec,
+    _build_hare_tortoise,
+    "hare & tortoise: an EMA of the weights, to which the network is reset every F updates",
+    diagnostics=hare_tortoise_diagnostics,
+)
+
+
+@dataclass(frozen=True)
+class InjectionSpec:
+    """Options of ``plasticity-injection`` (Nikishin et al. 2023, on the output layer)."""
+
+    at: int = param(10_000, "the update after which a fresh output layer is injected", low=1)
+    every: int = param(0, "updates between later injections (0: inject once)", low=0)
+    l2: float = param(0.0, "λ of coupled L2 added before the optimizer", low=0.0)
+
+
+def _build_injection(
+    spec: InjectionSpec, base: GradientTransformation, network: Any, seeds: list[int]
+) -> GradientTransformation:
+    return plasticity_injection(_with_l2(base, spec.l2), network, seeds, spec.at, spec.every)
+
+
+PLASTICITY_INJECTION = LearnerDef(
+    InjectionSpec,
+    _build_injection,
+    "plasticity injection: a fresh trainable output layer added, output unchanged at injection",
+    diagnostics=injection_diagnostics,
 )
 
 

@@ -13,6 +13,7 @@ the probes see a one-seed agent as they see any other:
   each as ``(1, ...)``; the activation is the agent's ``activation`` attribute (default relu);
 - ``update_stats()``, ``diagnostics()``: numbers per layer, as ``(1,)``;
 - ``probe_loss(obs, target)``: the loss, as ``(1,)``;
+- ``outputs(obs)``: the agent's ``(B, C)`` outputs as ``(1, B, C)`` (``churn``);
 - ``on_task_start``, ``state_dict``/``load_state_dict``, ``preferred_threads``, ``to`` and
   ``close``, as they are.
 """
@@ -33,6 +34,7 @@ from contlearn.agents.protocol import (
     SupportsDevice,
     SupportsDiagnostics,
     SupportsFeatures,
+    SupportsOutputs,
     SupportsPreferredThreads,
     SupportsProbeLoss,
     SupportsRLMetrics,
@@ -86,7 +88,8 @@ class SingleReplicaAdapter:
 
     def __init__(self, agent: Agent, outputs: tuple[int, ...] | None = None) -> None:
         self.agent = agent
-        self.outputs = outputs
+        #: (not ``outputs``: that name is the optional capability ``outputs(obs)``)
+        self.action_shape = outputs
         self.name = type(agent).__name__
         # the capabilities that need no replica dim, as the wrapped agent has them
         if isinstance(agent, SupportsTaskStart):
@@ -114,12 +117,14 @@ class SingleReplicaAdapter:
             self.diagnostics = self._diagnostics
         if isinstance(agent, SupportsProbeLoss):
             self.probe_loss = self._probe_loss
+        if isinstance(agent, SupportsOutputs):
+            self.outputs = self._outputs
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """The wrapped agent's answer for replica 0, ``(1, B, ...)``."""
         action = self.agent.act(obs[0])
-        if self.outputs is not None:
-            check_action(f"{self.name}.act", action, (obs.shape[1], *self.outputs))
+        if self.action_shape is not None:
+            check_action(f"{self.name}.act", action, (obs.shape[1], *self.action_shape))
         return action.unsqueeze(0)
 
     def observe(self, obs: torch.Tensor, action: torch.Tensor, feedback: Any) -> Metrics:
@@ -162,8 +167,18 @@ class SingleReplicaAdapter:
         loss = self.agent.probe_loss(obs[0], target[0])  # type: ignore[attr-defined]
         return check_metrics(f"{self.name}.probe_loss", {"loss": loss}, None)["loss"]
 
+    def _outputs(self, obs: torch.Tensor) -> torch.Tensor:
+        out = self.agent.outputs(obs[0])  # type: ignore[attr-defined]
+        if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != obs.shape[1]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise AgentContractError(
+                f"{self.name}.outputs returned {shape}; return a (B, C) tensor for inputs "
+                f"(B, ...) = ({obs.shape[1]}, ...)"
+            )
+        return out.detach().reshape(1, out.shape[0], -1)
+
     def _to(self, device: str | torch.device) -> SingleReplicaAdapter:
         moved = self.agent.to(device)  # type: ignore[attr-defined]
         if moved is not None and moved is not self.agent:
-            return SingleReplicaAdapter(moved, self.outputs)
+            return SingleReplicaAdapter(moved, self.action_shape)
         return self

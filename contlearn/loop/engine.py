@@ -73,11 +73,13 @@ def probe_records(
     step: int,
     task: int,
     diverged: torch.Tensor | None = None,
+    memory: dict[str, torch.Tensor] | None = None,
 ) -> list[Record]:
     """Run the scheduled probes that precede the probe step's update, on a fresh probe batch of
     the current task and the agent's ``update_stats()`` since the last probe (NaN for the
-    ``diverged`` replicas)."""
-    return results_records(step, task, scheduled_results(schedule, stream, agent), diverged)
+    ``diverged`` replicas; ``memory``: what probes keep across probe points)."""
+    results = scheduled_results(schedule, stream, agent, memory)
+    return results_records(step, task, results, diverged)
 
 
 class SteppingLoop:
@@ -256,6 +258,8 @@ class SupervisedLoop(SteppingLoop):
             and agent.probe_threads() == 1
         )
         self._in_flight: tuple[int, int, Future, torch.Tensor] | None = None
+        #: what probes keep from one probe point to the next (checkpointed)
+        self.probe_memory: dict[str, torch.Tensor] = {}
         if "grad_magnitude" in names and isinstance(agent, SupportsGradientWatch):
             agent.watch_gradients(True)
 
@@ -290,7 +294,13 @@ class SupervisedLoop(SteppingLoop):
             self._in_flight = (done, self.task, future, self.diverged.clone())
         else:
             records = probe_records(
-                self.probes, self.stream, self.agent, done, self.task, self.diverged
+                self.probes,
+                self.stream,
+                self.agent,
+                done,
+                self.task,
+                self.diverged,
+                self.probe_memory,
             )
             for record in records:
                 self.emit(record)
@@ -410,6 +420,7 @@ class SupervisedLoop(SteppingLoop):
             "examples": t.examples,
             "steps": t.steps,
             "metrics": {k: v.clone() for k, v in t.metrics.items()},
+            "probe_memory": {k: v.clone() for k, v in self.probe_memory.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -422,6 +433,7 @@ class SupervisedLoop(SteppingLoop):
         self.totals.examples = int(state["examples"])
         self.totals.steps = int(state["steps"])
         self.totals.metrics = {k: v.clone() for k, v in state["metrics"].items()}
+        self.probe_memory = {k: v.clone() for k, v in state.get("probe_memory", {}).items()}
 
 
 def run_loop(

@@ -74,6 +74,7 @@ class ProbeContext:
         step_loss: for probes run after the step (:func:`register_probe` ``after_step``): the
             loss ``(R,)`` of that step's sample before and after its update.
         cache: scratch space shared by the probes of one call (e.g. singular values).
+        memory: tensors probes keep across probe points (``churn``'s); the loop checkpoints it.
     """
 
     features: dict[str, torch.Tensor]
@@ -85,6 +86,7 @@ class ProbeContext:
     stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     step_loss: tuple[torch.Tensor, torch.Tensor] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 PROBES: dict[str, ProbeFn] = {}
@@ -529,6 +531,7 @@ def run_probes(
     obs: torch.Tensor,
     target: torch.Tensor,
     stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    memory: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Run the probes that look at the network before the probe step (all but the
     :data:`AFTER_STEP` ones) on an agent and a probe batch.
@@ -538,6 +541,7 @@ def run_probes(
         agent: needs ``features(obs)``; ``net.params``/``net.activation`` for weight probes.
         obs, target: the probe batch ``(R, P, ...)``.
         stats: the agent's ``update_stats()`` since the last probe (for ``grad_magnitude``).
+        memory: :attr:`ProbeContext.memory` (edited in place; None: a fresh one).
 
     Returns:
         ``{metric: {layer: values (R,)}}``; probes the agent cannot support are left out.
@@ -554,6 +558,7 @@ def run_probes(
         obs=obs,
         target=target,
         stats=stats or {},
+        memory=memory if memory is not None else {},
     )
     return _collect(names, ctx)
 

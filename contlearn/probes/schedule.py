@@ -80,17 +80,20 @@ def probe_threads(agent: object) -> int:
 
 
 def scheduled_results(
-    schedule: ProbeSchedule, stream: SupervisedStreamProtocol, agent: Agent
+    schedule: ProbeSchedule,
+    stream: SupervisedStreamProtocol,
+    agent: Agent,
+    memory: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The scheduled probes that precede the probe step's update, run now on a fresh probe
     batch of the current task and the agent's ``update_stats()`` since the last probe:
-    ``{metric: {layer: (R,)}}``."""
+    ``{metric: {layer: (R,)}}`` (``memory``: what probes keep across probe points)."""
     stats = update_stats(agent)
     if all(name in AFTER_STEP for name in schedule.names):
         return {}
     obs, target = stream.probe_batch(schedule.size)
     with torch_threads(schedule.threads or probe_threads(agent)):
-        return run_probes(schedule.names, agent, obs, target, stats)
+        return run_probes(schedule.names, agent, obs, target, stats, memory)
 
 
 def submit_probes(
