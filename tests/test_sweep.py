@@ -271,3 +271,19 @@ def test_a_paper_style_grid_runs_locally_and_plots_as_one_figure(cli, tmp_path):
     if importlib.util.find_spec("contlearn.results.summary") is not None:
         code, out, _ = cli("summary", root, "--by", "learner")
         assert code == 0 and "bp" in out and "cbp" in out
+
+
+COMPARISON = Path(__file__).resolve().parents[1] / "docs" / "comparison"
+
+
+@pytest.mark.parametrize("spec", sorted(COMPARISON.glob("*.toml")), ids=lambda p: p.stem)
+def test_the_comparison_specs_hold_every_learner_and_resolve(spec, capsys, tmp_path):
+    """docs/comparison/*.toml (issue #18's comparison table) name every registered learner,
+    and every run of them resolves (a dry run validates each config)."""
+    from contlearn.cli import main
+    from contlearn.learners import learners
+
+    text = spec.read_text()
+    assert all(f'learner = "{name}"' in text for name in learners.names())
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "cmp"), "--dry-run"]) == 0
+    assert f"{len(learners.names())} runs" in capsys.readouterr().out
