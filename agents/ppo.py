@@ -107,6 +107,11 @@ class PPOAgent:
         "normalize-and-project": "its layer norm is a network option of the online agent "
         "only (PPO's nets have no layer_norm); use cbp, redo, snp or l2",
     }
+    #: options of the online agent's network that PPO's nets do not have, with the reason
+    refused_options = {
+        "layer_norm": "PPO's policy and value nets have no layer norm (a network option of the "
+        "online agent, docs/learners.md 'Network options'); drop it",
+    }
 
     def __init__(
         self, info: StreamInfo, seeds: Sequence[int], spec: PPOSpec, learner: Learner

@@ -47,7 +47,8 @@ name on an agent:
 
 On the agent's *class* the runner reads ``supports_replicas`` (:func:`supports_replicas`) and,
 for the built-in agents, ``Spec`` (:class:`BuiltinAgentClass`); the config resolver also reads
-``unsupported_learners`` (``{learner: reason}``) and ``stream_kinds`` (the ``StreamInfo.kind``
+``unsupported_learners`` (``{learner: reason}``), ``refused_options`` (``{config key: reason}``:
+options other agents have that it lacks) and ``stream_kinds`` (the ``StreamInfo.kind``
 values it learns on; others are refused) where a class declares them.
 """
 

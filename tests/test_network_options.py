@@ -337,3 +337,13 @@ def test_unit_resets_happen_under_layer_norm(learner):
         agent.observe(obs, agent.act(obs), y)
     replaced = sum(int(d["replacements"].sum()) for d in agent.diagnostics().values())
     assert replaced > 0  # (what a reset sets: test_a_reset_unit_gets_its_layer_norm_gain_...)
+
+
+def test_ppo_refuses_the_online_agents_network_options_with_the_reason(tmp_path, capsys):
+    from contlearn.cli import main
+
+    out = tmp_path / "r"
+    assert main(["run", "slippery-ant", "--set", "layer_norm=true", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layer_norm does not apply to agent ppo" in err
+    assert not out.exists()

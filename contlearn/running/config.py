@@ -310,6 +310,9 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
         elif key in credit_fields:
             groups["credit"][key.removeprefix("credit.")] = value
         else:
+            reason = getattr(agent_cls, "refused_options", {}).get(key)
+            if reason:  # (an option other agents have, which this one declares it lacks)
+                raise ConfigError(f"{key} does not apply to agent {agent}: {reason}")
             known = run_fields + stream_fields + list(agent_fields) + learner_fields + credit_fields
             raise _unknown(
                 key,
