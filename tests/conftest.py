@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,26 @@ def snapshot(path: Path) -> dict[str, bytes]:
         for p in sorted(Path(path).rglob("*"))
         if p.is_file()
     }
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(root: Path):
+    """A local HTTP server on 127.0.0.1 serving ``root``; yields its base URL (the download
+    tests' mirrors: nothing is fetched from outside)."""
+
+    def handler(*args, **kwargs):
+        return _QuietHandler(*args, directory=str(root), **kwargs)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gzip
-import http.server
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from contlearn.data.datasets import (
     md5_of,
 )
 from contlearn.errors import DataError
+from tests.conftest import serve_directory
 
 TEST_FILES = {k: v for k, v in MNIST_FILES.items() if k.startswith("t10k")}
 
@@ -57,11 +56,6 @@ def test_truncated_file_is_refused(tmp_path):
         load_mnist_split("test", tmp_path)
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-
 @pytest.fixture
 def server(tmp_path):
     """A local HTTP server on 127.0.0.1 with three mirrors: missing, corrupt and good."""
@@ -73,15 +67,8 @@ def server(tmp_path):
         shutil.copy(PACKAGED_DIR / name, root / "good" / name)
         (root / "bad" / name).write_bytes(gzip.compress(b"not mnist"))
 
-    def handler(*args, **kwargs):
-        return _Handler(*args, directory=str(root), **kwargs)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_directory(root) as url:
+        yield url
 
 
 def test_download_falls_back_across_mirrors_and_verifies(server, tmp_path):

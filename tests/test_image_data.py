@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import http.server
 import io
 import os
 import pickle
 import struct
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import contlearn.data.images as im
 from contlearn.data.datasets import md5_of
 from contlearn.data.pickles import load_batch
 from contlearn.errors import DataError
+from tests.conftest import serve_directory
 
 
 def _rows(n: int, seed: int) -> np.ndarray:
@@ -219,11 +218,6 @@ def test_unpickler_reads_numpy_arrays_of_each_protocol(tmp_path, protocol):
 # --- downloads from a local server ---
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-
 @pytest.fixture
 def server(cifar, tmp_path):
     """127.0.0.1 with three mirrors: empty (404), bad (wrong bytes) and good."""
@@ -233,15 +227,8 @@ def server(cifar, tmp_path):
     for spec in im.CIFAR.values():
         (root / "bad" / spec.archive).write_bytes(b"not an archive")
 
-    def handler(*args, **kwargs):
-        return _Handler(*args, directory=str(root), **kwargs)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_directory(root) as url:
+        yield url
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
