@@ -3,9 +3,9 @@
 import sys
 
 try:
-    from contlearn.cli import main
+    from contlearn.cli import entry
 except KeyboardInterrupt:  # Ctrl-C while the command line is still being imported
     sys.stderr.write("contlearn: interrupted\n")
     sys.exit(130)
 
-sys.exit(main())
+entry()
