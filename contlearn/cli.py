@@ -391,13 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> NoReturn:
-    """The ``contlearn`` program: :func:`main`, then exit with its code. A Ctrl-C that lands
-    once the command is done (while the interpreter shuts down and joins its threads) is
-    ignored, so it cannot print Python's traceback after contlearn's last line."""
+    """The ``contlearn`` program: :func:`main`, then exit, ignoring a Ctrl-C that lands while
+    the interpreter shuts down (it would print Python's traceback after the last line)."""
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    entry()
