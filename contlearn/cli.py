@@ -224,29 +224,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_by(df, args: argparse.Namespace):  # noqa: ANN001, ANN202 - (pandas is imported late)
-    """The frame with ``--by``'s column: a column, or a config key of the runs (one that no
-    run has is an error, not one group of None)."""
-    from contlearn.results.store import find_runs, load_runs, read_config
-
-    if args.by in df.columns:
-        return df
-    if not any(args.by in read_config(r) for r in find_runs(args.runs)):
-        raise ContlearnError(
-            f"--by {args.by}: no run has a column or config key of that name; use a column "
-            "(learner, stream, run, seed) or a key from the runs' config.json"
-        )
-    return load_runs(args.runs, config=[args.by])
-
-
 def cmd_summary(args: argparse.Namespace) -> int:
     """``contlearn summary``."""
-    from contlearn.results.store import load_runs
-
-    df = load_runs(args.runs, config=True)
+    from contlearn.results.figures import load_runs_by
     from contlearn.results.summary import format_summary, summary_table
 
-    df = _with_by(df, args)
+    df = load_runs_by(args.runs, args.by)
     print(format_summary(summary_table(df, by=args.by, stat=args.stat)))
     return 0
 

@@ -1,5 +1,6 @@
 """``contlearn.plot``: what ``contlearn plot`` draws, from run directories, as a figure (shown
-inline in a notebook; :mod:`contlearn.results.plots` draws it)."""
+inline in a notebook; :mod:`contlearn.results.plots` draws it), and the runs' frame that
+``plot`` and ``summary`` group (:func:`load_runs_by`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from contlearn.results.curves import check_comparable, default_metric
 from contlearn.results.plots import plot_decay, plot_probes, save_figure
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
 
@@ -43,18 +45,9 @@ def plot_runs(
         ContlearnError: no metrics, a ``by`` that no run has, mixed streams, and as
             :func:`plot_decay` / :func:`plot_probes`.
     """
-    from contlearn.results.store import find_runs, load_runs, read_config
-
-    df = load_runs(runs, config=True)
+    df = load_runs_by(runs, by)
     if df.empty:
         raise ContlearnError(f"no metrics recorded yet in {runs}")
-    if by not in df.columns:
-        if not any(by in read_config(r) for r in find_runs(runs)):
-            raise ContlearnError(
-                f"--by {by}: no run has a column or config key of that name; use a column "
-                "(learner, stream, run, seed) or a key from the runs' config.json"
-            )
-        df = load_runs(runs, config=[by])
     check_comparable(df)
     metric = metric or default_metric(df)
     x = x or ("step" if metric == "episode_return" else "task")
@@ -65,3 +58,24 @@ def plot_runs(
     if out is not None:
         save_figure(fig, out)
     return fig
+
+
+def load_runs_by(paths: str | Path | Sequence[str | Path], by: str) -> pd.DataFrame:
+    """:func:`load_runs` with every varying config key as a column, and ``by`` as one too: a
+    column (``learner``, ``stream``, ``run``, ``seed``) or a config key of the runs, even one
+    that all of them share (what ``plot`` and ``summary`` group by).
+
+    Raises:
+        ContlearnError: no run has a column or config key ``by`` (not one group of None).
+    """
+    from contlearn.results.store import find_runs, load_runs, read_config
+
+    df = load_runs(paths, config=True)
+    if by in df.columns:
+        return df
+    if not any(by in read_config(r) for r in find_runs(paths)):
+        raise ContlearnError(
+            f"--by {by}: no run has a column or config key of that name; use a column "
+            "(learner, stream, run, seed) or a key from the runs' config.json"
+        )
+    return load_runs(paths, config=[by])

@@ -30,6 +30,7 @@ from contlearn.errors import ConfigError
 from contlearn.loop.adapter import SingleReplicaAdapter
 from contlearn.loop.progress import Progress
 from contlearn.probes.measures import network_of
+from contlearn.running.plugins import _where
 
 
 @dataclass
@@ -46,12 +47,6 @@ class AgentReport:
     agent: str
     capabilities: list[str]
     notes: list[str] = field(default_factory=list)
-
-
-def _where(exc: BaseException) -> str:
-    from contlearn.running.plugins import _where as where
-
-    return where(exc)
 
 
 def check_agent(
