@@ -259,6 +259,16 @@ class FFAgent:
         self._acted = (obs, feat)
         return self.net.layer_forward("head", feat, self.views)
 
+    @torch.no_grad()
+    def outputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """:meth:`act`'s scores ``(R, B, C)`` without keeping anything for ``observe`` (the
+        held-out score of the image streams, ``churn``)."""
+        flat = self._flat(obs)
+        if self.spec.predict == "goodness":
+            return self.goodness_scores(flat)
+        feat = self.net.head_input(self.neutral_features(flat))
+        return self.net.layer_forward("head", feat, self.views)
+
     def draw_negatives(self, labels: torch.Tensor) -> torch.Tensor:
         """A uniformly drawn wrong label per example: ``(y + 1 + k) mod C``, k ~ U{0..C−2}
         from replica r's own generator: ``(R, B)``."""

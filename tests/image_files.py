@@ -55,7 +55,8 @@ def write_cifar(folder: Path, name: str, train_per_class: int, test_per_class: i
             labels = shuffled_labels(classes, per_class, s)
             rows = labelled_rows(labels, 10 + s)
             members = train_files if split == "train" else spec.splits["test"]
-            for part, idx in zip(members, np.array_split(np.arange(len(labels)), len(members))):
+            parts = np.array_split(np.arange(len(labels)), len(members))
+            for part, idx in zip(members, parts, strict=True):
                 batch = {key: [int(v) for v in labels[idx]], "data": rows[idx]}
                 if name == "cifar100":
                     batch["coarse_labels"] = [int(v) // 5 for v in labels[idx]]
@@ -73,7 +74,7 @@ def write_imagenet32(folder: Path, per_class: int) -> Path:
     labels = shuffled_labels(im.IMAGENET32_CLASSES, per_class, 7)
     rows = labelled_rows(labels, 8)
     files = im.IMAGENET32_FILES["train"]
-    for name, idx in zip(files, np.array_split(np.arange(len(labels)), len(files))):
+    for name, idx in zip(files, np.array_split(np.arange(len(labels)), len(files)), strict=True):
         np.savez(folder / f"{name}.npz", data=rows[idx], labels=labels[idx] + 1)
     val = np.arange(im.IMAGENET32_CLASSES)
     np.savez(folder / "val_data.npz", data=labelled_rows(val, 9), labels=val + 1)

@@ -342,3 +342,19 @@ def test_runs_are_deterministic_and_resume_mid_epoch_exactly(image_data, tmp_pat
     contlearn.resume(part, tasks=3)
     pd.testing.assert_frame_equal(_frame(part), _frame(full.path))
     assert json.loads(Path(part / "config.json").read_text())["stream"] == "incremental-cifar100"
+
+
+@pytest.mark.parametrize("predict", ["goodness", "head"])
+def test_forward_forward_outputs_are_its_answers_without_learning(predict):
+    from contlearn.running.runner import make_agent, open_streams
+
+    cfg = resolve(
+        {"stream": "continual-mnist-pairs", "agent": "ff", "hidden": "8,8", "seeds": 2, **PAIRS}
+        | {"predict": predict}
+    )
+    with open_streams(cfg) as streams:
+        agent = make_agent(cfg, streams[0])
+        batch = streams[0].next()
+        out = agent.outputs(batch.obs)
+        assert torch.equal(out, agent.outputs(batch.obs))
+        assert torch.equal(out, agent.act(batch.obs))

@@ -385,8 +385,12 @@ def download_dataset(
         return f"MNIST ready in {path}; use it with --set dataset=full --set data_dir={path}"
     if name in CIFAR:
         path = download_cifar(name, target, mirrors=[*extra_mirrors, *CIFAR_MIRRORS])
+        streams = (
+            "incremental-cifar100, permuted-cifar100" if name == "cifar100" else "permuted-cifar10"
+        )
         return (
-            f"{CIFAR[name].title} ready in {path}; load_cifar({name!r}, data_dir={path}) reads it"
+            f"{CIFAR[name].title} ready in {path}; streams ({streams}, …) read it with "
+            f"--set data_dir={path}"
         )
     if name == "imagenet32":
         folder = target or imagenet32_dir()
