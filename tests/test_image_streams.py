@@ -358,3 +358,15 @@ def test_forward_forward_outputs_are_its_answers_without_learning(predict):
         out = agent.outputs(batch.obs)
         assert torch.equal(out, agent.outputs(batch.obs))
         assert torch.equal(out, agent.act(batch.obs))
+
+
+def test_cli_refuses_a_plug_in_agent_without_outputs_before_writing(cli, tmp_path):
+    agent = Path(__file__).resolve().parents[1] / "scripts" / "my_agent.py"
+    sets = [x for k, v in PAIRS.items() for x in ("--set", f"{k}={v}")]
+    base = ["run", "continual-mnist-pairs", "--agent", f"{agent}:LinearAgent", *sets]
+    code, out, err = cli(*base, "--tasks", 1, "--out", tmp_path / "r")
+    assert code == 2 and "outputs(obs)" in err and "held_out=false" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+    code, out, err = cli(*base, "--tasks", 1, "--set", "held_out=false", "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "test_accuracy" not in set(load_runs(tmp_path / "r")["metric"])

@@ -6,8 +6,9 @@ last step of every task and without learning, on every held-out example of that 
 agent's ``outputs(obs)`` (:class:`~contlearn.agents.protocol.SupportsOutputs`) in chunks of
 :data:`HELD_OUT_CHUNK` examples per replica, rated by the stream's ``score``, averaged. The
 loop emits it as a ``task_end`` record of its own, at the task's last step. A task cut short
-by the run's end gets none (it never ended). An agent without ``outputs`` is refused before
-the first step: the stream's ``held_out=false`` runs it without the held-out score.
+by the run's end gets none (it never ended). An agent without ``outputs`` is refused when the
+configuration is resolved (:func:`check_held_out`) and again when the loop is made (an agent
+built by hand): the stream's ``held_out=false`` runs it without the held-out score.
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ def held_out_metric(stream: Any, agent: Any) -> str:
             "set held_out=false"
         )
     return stream.held_out_metric
+
+
+def check_held_out(agent_cls: Any, agent: str, stream_cls: Any, stream_spec: Any) -> None:
+    """Refuse, before anything is written, an agent class without ``outputs`` on a stream
+    that scores a held-out split (the same refusal :func:`held_out_metric` makes in the loop).
+
+    Raises:
+        ConfigError: one line naming the stream, the agent and both ways out.
+    """
+    scores = callable(getattr(stream_cls, "held_out_batches", None))
+    scores = scores and bool(getattr(stream_spec, "held_out", True))
+    if scores and not callable(getattr(agent_cls, "outputs", None)):
+        raise ConfigError(
+            f"stream {getattr(stream_cls, 'name', stream_cls)} scores a held-out split at "
+            f"each task's end, which needs the agent's outputs(obs) (no learning); agent "
+            f"{agent} has none: add outputs() or set held_out=false"
+        )
 
 
 @torch.no_grad()

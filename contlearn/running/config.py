@@ -354,9 +354,11 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
         agent_cls=agent_cls,
         stream_cls=stream_cls,
     )
+    from contlearn.loop.held_out import check_held_out
     from contlearn.running.limits import check_limits
 
     check_limits(config)
+    check_held_out(config.agent_cls, agent, stream_cls, config.stream_spec)
     copies = getattr(config.stream_spec, "num_envs", 1)
     if getattr(stream_cls, "kind", None) == "rl" and config.run.steps % copies:
         raise ConfigError(
