@@ -132,7 +132,13 @@ def test_ff_plasticity_on_a_tiny_budget(tmp_path):
 
 
 def test_bench_ff_on_a_tiny_budget():
-    proc = _run([ROOT / "scripts" / "bench_ff.py", "--steps", "5", "--seeds", "2"], ROOT)
+    proc = _run(
+        [
+            ROOT / "scripts" / "bench_ff.py",
+            *"--steps 5 --seeds 2 --repeats 1 --seconds 0.05".split(),
+        ],
+        ROOT,
+    )
     assert '"speedup"' in proc.stdout
 
 
