@@ -23,6 +23,7 @@ from contlearn.envs.epoch_stream import CROP_PAD
 from contlearn.envs.protocol import BlockStream, HeldOutStream, ScheduledTaskStream
 from contlearn.errors import ConfigError
 from contlearn.loop.engine import SupervisedLoop
+from contlearn.results.curves import default_metric
 from contlearn.results.store import load_runs
 from contlearn.running.config import resolve
 from tests.conftest import snapshot
@@ -304,6 +305,7 @@ def test_cli_runs_two_seeds_two_tasks_with_held_out_scores(
         2
     )  # --tasks counts whole increments
     assert held["value"].between(0, 1).all()
+    assert default_metric(df) == "test_accuracy"  # what summary and plot score these runs by
     code, out, err = cli("summary", tmp_path / "r")
     assert code == 0 and "score: test_accuracy" in out
 
