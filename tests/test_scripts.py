@@ -135,7 +135,7 @@ def test_bench_ff_on_a_tiny_budget():
     proc = _run(
         [
             ROOT / "scripts" / "bench_ff.py",
-            *"--steps 5 --seeds 2 --repeats 1 --seconds 0.05".split(),
+            *["--steps", "5", "--seeds", "2", "--repeats", "1", "--seconds", "0.05"],
         ],
         ROOT,
     )
