@@ -372,3 +372,35 @@ def test_cli_refuses_a_plug_in_agent_without_outputs_before_writing(cli, tmp_pat
     code, out, err = cli(*base, "--tasks", 1, "--set", "held_out=false", "--out", tmp_path / "r")
     assert code == 0, err
     assert "test_accuracy" not in set(load_runs(tmp_path / "r")["metric"])
+
+
+def test_permuted_cifar_moves_pixel_positions_and_keeps_colours(image_data):
+    from contlearn.data.images import load_cifar
+
+    images, labels = load_cifar("cifar10", "train")
+    s = _stream("permuted-cifar10", [0], examples_per_task=10)
+    b = s.next()
+    assert b.obs.shape == (1, 1, 3, 32, 32)
+    idx = int(s.order[0, 0])
+    x = (b.obs[0, 0] * 255).round().to(torch.uint8).numpy().reshape(3, 1024)
+    perm = s.perm[0].numpy().reshape(3, 1024)
+    assert (perm[1] == perm[0] + 1024).all() and (perm[2] == perm[0] + 2048).all()
+    plane = perm[0]
+    assert sorted(plane) == list(range(1024))
+    original = images[idx].reshape(3, 1024)
+    for c in range(3):  # position j of every colour plane shows the original's position plane[j]
+        assert np.array_equal(x[c], original[c, plane])
+    assert int(b.target[0, 0]) == int(labels[idx])
+
+
+def test_label_shuffled_cifar100_maps_labels_per_task(image_data):
+    from contlearn.data.images import load_cifar
+
+    _, labels = load_cifar("cifar100", "train")
+    s = _stream("label-shuffled-cifar100", [1], examples_per_task=4)
+    assert s.info.num_outputs == 100
+    for _ in range(3):
+        b = s.next()
+        idx = s.order[0, s.pos - 1]
+        assert int(b.target[0, 0]) == int(s.label_map[0, labels[idx]])
+    assert sorted(s.label_map[0].tolist()) == list(range(100))
