@@ -1,4 +1,5 @@
-"""The image streams' epoch protocol, held-out scores and runs (generated data; no download).
+"""The image streams' epoch protocol and held-out scores on generated data (runs and the CLI:
+tests/test_image_stream_runs.py; nothing is downloaded).
 
 Independent references: the shipped MNIST arrays and the generated files' tags (which image a
 stream showed: tests/image_files.py), per-example loops for the held-out score and the
