@@ -90,7 +90,12 @@ class MNISTPairsSpec(ClassPairsSpec):
         "after a cycle: redraw (new order and label orders) or same",
         choices=("same", "redraw"),
     )
-    data_dir: str = param("", "unused: the MNIST test set shipped in the package")
+    dataset: str = param(
+        "test",
+        "MNIST split: test (10k, shipped), train (60k) or full (70k)",
+        choices=("test", "train", "full"),
+    )
+    data_dir: str = param("", "folder with the MNIST gzip files (empty: shipped / cache dir)")
 
 
 class _ClassPairsStream(EpochStream):
@@ -177,14 +182,15 @@ class ContinualImageNetStream(_ClassPairsStream):
 
 
 class ContinualMNISTPairsStream(_ClassPairsStream):
-    """The Continual ImageNet protocol on the shipped MNIST test set (offline)."""
+    """The Continual ImageNet protocol on MNIST (default: the shipped test set, offline)."""
 
     Spec = MNISTPairsSpec
     name = "continual-mnist-pairs"
     num_classes = 10
 
     def _load(self, spec: ClassPairsSpec) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = load_mnist("test", None)
+        assert isinstance(spec, MNISTPairsSpec)
+        images, labels = load_mnist(spec.dataset, spec.data_dir or None)
         return images.reshape(-1, 1, 28, 28), labels
 
     def _normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
