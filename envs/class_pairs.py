@@ -34,7 +34,7 @@ import torch
 
 from contlearn.data.datasets import load_mnist
 from contlearn.data.images import indices_by_class, load_imagenet32_first
-from contlearn.envs.epoch_stream import EpochStream, TaskSets, first_rows
+from contlearn.envs.epoch_stream import EpochStream, TaskSets, check_class_sizes, first_rows
 from contlearn.errors import ConfigError
 from contlearn.spec import param
 
@@ -114,6 +114,8 @@ class _ClassPairsStream(EpochStream):
         self.spec = spec
         images, labels = self._load(spec)
         self.by_class = indices_by_class(labels, self.num_classes)
+        need = spec.train_per_class + spec.test_per_class
+        check_class_sizes(self.by_class, need, "train_per_class or test_per_class")
         k = spec.classes_per_task
         if k > self.num_classes:
             raise ConfigError(f"classes_per_task={k} is more than the {self.num_classes} classes")

@@ -237,6 +237,23 @@ class EpochStream(SupervisedStream):
         self._ends_at = int(state["ends_at"])
 
 
+def check_class_sizes(
+    by_class: Sequence[np.ndarray], need: int, what: str, where: str = "the data set"
+) -> None:
+    """Refuse, when the stream is built, a class with fewer than ``need`` rows.
+
+    Raises:
+        ConfigError: names the smallest class, its size and the options to lower.
+    """
+    sizes = np.array([len(rows) for rows in by_class])
+    small = int(sizes.argmin()) if len(sizes) else 0
+    if len(sizes) and sizes[small] < need:
+        raise ConfigError(
+            f"class {small} has {sizes[small]} images in {where}, fewer than the {need} each "
+            f"class needs; lower {what}"
+        )
+
+
 def first_rows(
     by_class: Sequence[np.ndarray], classes: Sequence[int], start: int, count: int, what: str
 ) -> np.ndarray:

@@ -30,7 +30,7 @@ import torch
 
 from contlearn.data.images import indices_by_class
 from contlearn.envs.cifar import load_cifar_split
-from contlearn.envs.epoch_stream import EpochStream, TaskSets, first_rows
+from contlearn.envs.epoch_stream import EpochStream, TaskSets, check_class_sizes, first_rows
 from contlearn.errors import ConfigError
 from contlearn.spec import param
 
@@ -90,6 +90,13 @@ class IncrementalCIFAR100Stream(EpochStream):
         train, test = (load_cifar_split("cifar100", s, spec.data_dir) for s in ("train", "test"))
         self.by_class = indices_by_class(train[1], _CLASSES)
         self.test_by_class = [rows + len(train[1]) for rows in indices_by_class(test[1], _CLASSES)]
+        need = spec.validation_per_class + spec.train_per_class
+        check_class_sizes(
+            self.by_class, need, "train_per_class or validation_per_class", "the train split"
+        )
+        check_class_sizes(
+            self.test_by_class, spec.test_per_class, "test_per_class", "the test split"
+        )
         mean, std = (CIFAR100_MEAN, CIFAR100_STD) if spec.normalize else ((0.0,) * 3, (1.0,) * 3)
         super().__init__(
             seeds,

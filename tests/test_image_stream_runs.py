@@ -117,3 +117,21 @@ def test_cli_refuses_a_plug_in_agent_without_outputs_before_writing(cli, tmp_pat
     code, out, err = cli(*base, "--tasks", 1, "--set", "held_out=false", "--out", tmp_path / "r")
     assert code == 0, err
     assert "test_accuracy" not in set(load_runs(tmp_path / "r")["metric"])
+
+
+@pytest.mark.parametrize(
+    "name, option, data",
+    [
+        ("incremental-cifar100", "train_per_class=8", "cifar100"),  # + 50 validation > 8
+        ("incremental-cifar100", "test_per_class=4", "cifar100"),
+        ("continual-imagenet", "train_per_class=8", "imagenet32"),
+    ],
+)
+def test_splits_larger_than_a_class_are_refused_before_the_run(
+    name, option, data, image_data, cli, tmp_path
+):
+    args = ["--set", option, "--set", "batch_size=2", "--set", f"data_dir={image_data / data}"]
+    args += ["--out", tmp_path / "r"]
+    code, out, err = cli("run", name, "--tasks", 1, *args)
+    assert code == 2 and "fewer than the" in err and "lower" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
