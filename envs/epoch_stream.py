@@ -66,6 +66,7 @@ class EpochStream(SupervisedStream):
         augment: bool = False,
         held_out: bool = True,
     ) -> None:
+        # (the base's examples_per_task is moot here: task lengths come from _task_length)
         super().__init__(seeds, batch_size, batch_size, boundaries_visible)
         self.epochs = epochs
         self.shape = tuple(int(d) for d in pool.shape[1:])  # (C, H, W)
