@@ -25,6 +25,13 @@ from contlearn.errors import ConfigError
 HELD_OUT_CHUNK = 1000
 
 
+def _refusal(stream: str, agent: str) -> ConfigError:
+    return ConfigError(
+        f"stream {stream} scores a held-out split at each task's end, which needs the agent's "
+        f"outputs(obs) (no learning); agent {agent} has none: add outputs() or set held_out=false"
+    )
+
+
 def held_out_metric(stream: Any, agent: Any) -> str:
     """The metric the loop records at each task's end for ``stream`` (``""``: none).
 
@@ -35,12 +42,7 @@ def held_out_metric(stream: Any, agent: Any) -> str:
     if not isinstance(stream, HeldOutStream) or not stream.held_out_metric:
         return ""
     if not isinstance(agent, SupportsOutputs):
-        name = getattr(agent, "name", type(agent).__name__)
-        raise ConfigError(
-            f"stream {stream.info.name} scores a held-out split at each task's end, which needs "
-            f"the agent's outputs(obs) (no learning); agent {name} has none: add outputs() or "
-            "set held_out=false"
-        )
+        raise _refusal(stream.info.name, getattr(agent, "name", type(agent).__name__))
     return stream.held_out_metric
 
 
@@ -54,11 +56,7 @@ def check_held_out(agent_cls: Any, agent: str, stream_cls: Any, stream_spec: Any
     scores = callable(getattr(stream_cls, "held_out_batches", None))
     scores = scores and bool(getattr(stream_spec, "held_out", True))
     if scores and not callable(getattr(agent_cls, "outputs", None)):
-        raise ConfigError(
-            f"stream {getattr(stream_cls, 'name', stream_cls)} scores a held-out split at "
-            f"each task's end, which needs the agent's outputs(obs) (no learning); agent "
-            f"{agent} has none: add outputs() or set held_out=false"
-        )
+        raise _refusal(str(getattr(stream_cls, "name", stream_cls)), agent)
 
 
 @torch.no_grad()
