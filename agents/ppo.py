@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from contlearn.agents.actor_critic import ActorCritic
+from contlearn.agents.ppo_auto import resolve_auto, step_config
 from contlearn.agents.ppo_credit import CreditStep, PPOCredit
 from contlearn.agents.ppo_loss import (
     REFERENCE_STEP,
@@ -59,7 +60,6 @@ from contlearn.agents.ppo_stats import count_change, probe_means, zero_stats
 from contlearn.backends.base import StepConfig, choose
 from contlearn.backends.ppo_gradients import PPO_GRADIENTS
 from contlearn.backends.ppo_worker import VALUE_WORKER, ValueWorker
-from contlearn.credit import credit_def, credit_options
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -121,6 +121,7 @@ class PPOAgent:
                 f"learner {learner.name} does not apply to PPO: "
                 f"{self.unsupported_learners[learner.name]}"
             )
+        spec = resolve_auto(spec, learner)  # (a no-op for a spec the run's config resolved)
         self.info, self.spec, self.seeds = info, spec, list(seeds)
         self.learner_spec = learner
         self.gens = [torch_generator(s, "agent") for s in self.seeds]
@@ -147,6 +148,8 @@ class PPOAgent:
         self.t = 0  # steps stored in the current rollout
         self.stats = self._zero_stats()
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: σ and the rollout's noise log-probabilities (:meth:`_noise_terms`; None: to compute)
+        self._rollout_consts: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stopped: torch.Tensor | None = None
         # (a backend that does not split the nets over threads ignores the pool)
         self._pool = (
@@ -157,27 +160,12 @@ class PPOAgent:
 
     def step_config(self) -> StepConfig:
         """The resolved configuration of the minibatch step, as backends see it."""
-        s = self.spec
-        return StepConfig(
-            network="actor-critic",
-            activation=s.activation,
-            depth=len(parse_int_list(s.hidden, "hidden")),
-            task="rl",
-            learner=self.learner_spec.name,
-            optimizer=s.optimizer,
-            credit=self.learner_spec.credit.name,
-            credit_learned=credit_def(self.learner_spec.credit.name).learned,
-            credit_options=credit_options(self.learner_spec.credit),
-            batch_size=s.minibatch_size,
-            device=self.device.type,
-            dtype=str(self.net.log_std.dtype).removeprefix("torch."),
-            options={
-                "fast": s.fast,
-                "value_worker": s.value_worker,
-                "max_grad_norm": s.max_grad_norm,
-                "parallel_nets": s.parallel_nets,
-            },
-        )
+        dtype = str(self.net.log_std.dtype).removeprefix("torch.")
+        return step_config(self.spec, self.learner_spec, self.device.type, dtype)
+
+    #: ``value_worker=auto`` resolved from the options (``ppo_auto.resolve_auto``; the run's
+    #: config calls it with the run's ``threads`` and ``device``)
+    resolve_auto = staticmethod(resolve_auto)
 
     def _choose(self, strict: bool) -> None:
         """Pick the step: the first of :attr:`backends` that supports :meth:`step_config`
@@ -190,7 +178,7 @@ class PPOAgent:
         self._step: PPOBackend = chosen or reference
         self.backend = self._step.name
         reason = VALUE_WORKER.refusal(cfg)
-        if strict and self.spec.value_worker and chosen is not VALUE_WORKER and reason:
+        if strict and self.spec.value_worker == "true" and chosen is not VALUE_WORKER and reason:
             raise ConfigError(reason)
 
     def _setup(self) -> None:
@@ -216,6 +204,7 @@ class PPOAgent:
         self._choose(strict=False)
         self.buf = {k: v.to(self.device) for k, v in self.buf.items()}
         self.stats = self._zero_stats()
+        self._rollout_consts = None
         return self
 
     def close(self) -> None:
@@ -266,23 +255,37 @@ class PPOAgent:
 
     def _draw_noise(self) -> None:
         """The next rollout's standard normal action noise, each replica from its generator."""
+        self._rollout_consts = None  # (σ may change in the update; new noise)
         noise = self.buf["noise"]
         for r, gen in enumerate(self.gens):
             noise[r] = torch.randn(noise.shape[1:], generator=gen)  # (CPU generator)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """Sample actions ``(R, E, A)`` for observations ``(R, E, obs_dim)``."""
+        """Sample actions ``(R, E, A)`` for observations ``(R, E, obs_dim)``: ``μ(obs) + σ z``
+        with this step's noise z; its log-probability is kept for :meth:`observe`."""
         if not self.buf:
             self._allocate(obs.shape[1])
-        log_std = self._views["policy.log_std"]
+        if self._rollout_consts is None:
+            self._rollout_consts = self._noise_terms()
+        std, logps = self._rollout_consts
         with torch.no_grad():
             mean, _ = self.net.policy.forward(self._dev(obs))  # (R, E, A)
-            noise = self.buf["noise"][:, self.t]  # (R, E, A)
-            action = torch.addcmul(mean, noise, log_std.exp().unsqueeze(1))
-            logp = standard_log_prob(noise, log_std)  # (R, E)
+            action = torch.addcmul(mean, self.buf["noise"][:, self.t], std)
         action = self._host(action)
-        self._last = (obs, action, logp)
+        self._last = (obs, action, logps[:, self.t])
         return action
+
+    def _noise_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """σ ``(R, 1, A)`` and the log-probability of every step's noise ``(R, T, E)``, for the
+        rest of the rollout: σ changes only in an update, and the noise is drawn for the whole
+        rollout, so acting computes neither per step (the same elementwise ops and sums as a
+        per-step ``standard_log_prob``, bit for bit: ``tests/test_ppo.py``)."""
+        log_std = self._views["policy.log_std"]  # (R, A)
+        noise = self.buf["noise"]  # (R, T, E, A)
+        R, T, E, A = noise.shape
+        with torch.no_grad():
+            logps = standard_log_prob(noise.view(R, T * E, A), log_std).view(R, T, E)
+            return log_std.exp().unsqueeze(1), logps
 
     def observe(
         self, obs: torch.Tensor, action: torch.Tensor, feedback: Sequence[torch.Tensor]
@@ -538,3 +541,4 @@ class PPOAgent:
             for k, v in state["stats"].items()
         }
         self._last = None
+        self._rollout_consts = None  # (the restored σ and noise)

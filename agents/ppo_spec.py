@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from contlearn.agents.networks import ACTIVATIONS, INITS
+from contlearn.backends.auto import AUTO_CHOICES
 from contlearn.errors import ConfigError
 from contlearn.learners.optim import OptimizerOptions
 from contlearn.spec import param, parse_int_list
@@ -55,12 +56,19 @@ class PPOSpec(OptimizerOptions):
         "run the policy's and the value net's passes of each"
         " minibatch in two threads (fast path; for 2 free cores)",
     )
-    value_worker: bool = param(
-        False,
+    value_worker: str = param(
+        "auto",
         "run the value net's minibatch updates in a second"
-        " process while this one runs the policy's (2 cores; learners"
-        " bp, adam, proper-adam; same numbers)",
+        " process while this one runs the policy's (learners bp, adam,"
+        " proper-adam; same numbers); auto: where it applies, 2+ cores"
+        " and threads != 1",
+        choices=AUTO_CHOICES,
     )
+
+    def __post_init__(self) -> None:
+        # a bool (Python callers, TOML's true/false) names the same choice as its string
+        if isinstance(self.value_worker, bool):
+            object.__setattr__(self, "value_worker", str(self.value_worker).lower())
 
     def validate(self) -> None:
         """Hidden widths parse; minibatches tile the rollout."""

@@ -102,6 +102,8 @@ def parse_value(field: FieldInfo, raw: Any, where: str) -> Any:
     Raises:
         ConfigError: the value has the wrong type, is out of range or not an allowed choice.
     """
+    if isinstance(raw, bool) and field.type is str and field.choices and "true" in field.choices:
+        raw = str(raw).lower()  # (a tri-state option: true/false/auto)
     value = _convert(field.type, raw, where)
     if field.choices is not None and value not in field.choices:
         allowed = ", ".join(str(c) for c in field.choices)

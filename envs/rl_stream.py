@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
+from contlearn.backends.auto import auto_vector
 from contlearn.envs.base import StreamInfo
 from contlearn.envs.gym_registration import ENVS
 from contlearn.envs.split_vector import CopiesVectorEnv, SplitVectorEnv, VectorCopies
@@ -97,10 +98,11 @@ class RLStreamSpec:
     friction_in_obs: bool = param(False, "append log(friction) to the observation (paper: no)")
     num_envs: int = param(1, "env copies per replica, stepped together (paper: 1)", low=1)
     vector: str = param(
-        "sync",
-        "step the copies in this process, one process per copy"
-        " (async), or half here and half in one worker process (split: 2 cores)",
-        choices=("sync", "async", "split"),
+        "auto",
+        "step the copies in this process (sync), one process per copy"
+        " (async), or half here and half in one worker process (split: 2 cores);"
+        " auto: split for num_envs > 1 with 2+ cores and threads != 1, else sync",
+        choices=("auto", "sync", "async", "split"),
     )
     max_episode_steps: int = param(0, "time limit per episode (0: the env's own, 1000)", low=0)
     probe_window: int = param(
@@ -313,7 +315,8 @@ class MujocoRLStream:
         try:  # copy=False: the stream copies what it keeps (into torch tensors)
             if self.spec.vector == "async":
                 return AsyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
-            if self.spec.vector == "split" and len(fns) > 1:
+            vector = auto_vector(self.spec.vector, len(fns), threads=0)  # (the config's choice)
+            if vector == "split" and len(fns) > 1:
                 return SplitVectorEnv(fns)
             return CopiesVectorEnv(fns)
         except gym.error.Error as exc:

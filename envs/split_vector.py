@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 
-#: how long the worker polls for a command before it blocks (a step's turnaround is ~0.1 ms)
+#: how long a waiting side polls before it blocks (a step's turnaround is ~0.1 ms)
 SPIN_SECONDS = 0.002
 
 
@@ -78,19 +78,38 @@ def local_copies(num_envs: int) -> int:
     return max(1, (num_envs - 1) // 2)
 
 
-def wait_reply(conn: Any, proc: Any, name: str) -> Any:
-    """The payload of a worker process's next ``(status, payload)`` reply on ``conn``. The
-    worker is busy on the caller's behalf, so this polls (``sched_yield``) instead of sleeping.
+def wait_ready(conn: Any, spin: float, alive: Callable[[], bool], block: float = 1.0) -> bool:
+    """Wait until ``conn`` has a message: poll (``sched_yield``) for up to ``spin`` seconds,
+    then block on the pipe in ``block``-second waits. Returns False (nothing to read) as soon
+    as ``alive()`` says the other side is gone.
+
+    Back-off: a reply due within a step's turnaround (~0.1 ms) is caught by the spin without
+    a wake-up's latency; one that is not ready by then (the other side is busy, or has no core
+    to run on because other jobs hold them) is waited for asleep, so a waiting process never
+    takes a core from the process it waits for, nor from anything else on a busy machine.
+    """
+    deadline = time.perf_counter() + spin
+    while not conn.poll(0):
+        if time.perf_counter() >= deadline:
+            break
+        os.sched_yield()  # let a runnable process on this core go first
+    else:
+        return True
+    while not conn.poll(block):  # (wakes as the message arrives)
+        if not alive():
+            return bool(conn.poll(0))
+    return True
+
+
+def wait_reply(conn: Any, proc: Any, name: str, spin: float = SPIN_SECONDS) -> Any:
+    """The payload of a worker process's next ``(status, payload)`` reply on ``conn``, waited
+    for by :func:`wait_ready` (a brief spin, then asleep).
 
     Raises:
         RuntimeError: the worker died, or replied ``("error", traceback)``.
     """
-    spins = 0
-    while not conn.poll(0):
-        os.sched_yield()
-        spins += 1
-        if spins % 4096 == 0 and not proc.is_alive() and not conn.poll(0):
-            raise RuntimeError(f"the {name} process died")
+    if not wait_ready(conn, spin, proc.is_alive):
+        raise RuntimeError(f"the {name} process died")
     status, out = conn.recv()
     if status == "error":
         raise RuntimeError(f"{name} failed:\n{out}")
@@ -196,12 +215,10 @@ def _worker(conn: Any, fns: Sequence[Callable[[], gym.Env]]) -> None:
         vec = CopiesVectorEnv(fns)
         conn.send(("ok", None))
         while True:
-            deadline = time.perf_counter() + SPIN_SECONDS
-            while not conn.poll(0) and time.perf_counter() < deadline:
-                os.sched_yield()  # let a runnable process on this core go first
-            while not conn.poll(1.0):  # then block, but leave if the stream's process is gone
-                if os.getppid() != parent:  # (a later fork may hold our pipe's other end)
-                    return
+            # a brief spin, then asleep; leave if the stream's process is gone (a later fork
+            # may hold our pipe's other end, so no EOF would tell)
+            if not wait_ready(conn, SPIN_SECONDS, lambda: os.getppid() == parent):
+                return
             command, data = conn.recv()
             if command == "close":
                 break

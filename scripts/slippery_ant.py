@@ -65,8 +65,9 @@ class Args:
     """environment steps between friction changes (paper: 2,000,000)"""
     num_envs: int = 1
     """env copies per seed (paper: 1); a PPO rollout is 2048 transitions over all copies"""
-    vector: str = "sync"
-    """step the copies in this process (sync) or one process per copy (async)"""
+    vector: str = "auto"
+    """step the copies in this process (sync), one process per copy (async), half in one
+    worker process (split), or auto (split for num_envs > 1 with 2+ cores)"""
     lr: float = 1e-4
     """Adam step size (paper: 1e-4)"""
     torch_threads: int = 1

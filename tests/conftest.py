@@ -18,6 +18,15 @@ torch.set_num_threads(1)
 os.environ.setdefault("CI", "true")  # no progress bars in tests
 
 
+@pytest.fixture(autouse=True)
+def one_usable_core(monkeypatch):
+    """Speed options left at ``auto`` see one core, so tests fork no value worker or env
+    worker unless they ask for one (``tests/test_speed_auto.py`` sets the count itself)."""
+    from contlearn.backends import auto
+
+    monkeypatch.setattr(auto, "usable_cores", lambda: 1)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run ``contlearn ARGS`` in-process; returns (exit code, stdout, stderr)."""

@@ -231,3 +231,35 @@ def test_head_reset_is_refused_before_the_run_dir_is_made(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not apply to agent ppo"):
         contlearn.run("slippery-ant", learner="head-reset", steps=10, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("seeds, copies", [([0], 1), ([3, 4], 2)])
+def test_act_is_the_per_step_sample_bit_for_bit(seeds: list[int], copies: int) -> None:
+    """Acting with σ and the noise log-probabilities computed once per rollout gives, at every
+    step and across updates and a resume, what the per-step formulas give: a = μ(s) + σ z
+    (``addcmul``) and log N(a; μ, σ²) = −Σ (z²/2 + log σ + log(2π)/2); and the latter equals
+    ``gaussian_log_prob`` of the action to float rounding."""
+    stream, agent, _, _ = build(seeds, num_envs=copies, vector="sync", value_worker=False)
+    updates = 0
+    try:
+        for step in range(3 * 64 // copies):
+            if step == 100 // copies:  # a checkpoint mid-rollout, restored
+                agent.load_state_dict(agent.state_dict())
+            obs = stream.obs
+            log_std = agent._views["policy.log_std"].clone()
+            with torch.no_grad():
+                mean = agent.net.policy.forward(obs)[0]
+            z = agent.buf["noise"][:, agent.t] if agent.buf else None
+            action = agent.act(obs)
+            z = agent.buf["noise"][:, agent.t] if z is None else z
+            want = torch.addcmul(mean, z, log_std.exp().unsqueeze(1))
+            want_logp = -(0.5 * z.pow(2) + log_std.unsqueeze(1) + 0.5 * math.log(2 * math.pi))
+            assert torch.equal(action, want)
+            assert torch.equal(agent._last[2], want_logp.sum(-1))
+            torch.testing.assert_close(agent._last[2], gaussian_log_prob(action, mean, log_std))
+            feedback, _ = stream.advance(action)
+            updates += bool(agent.observe(obs, action, feedback))
+        assert updates == 3  # σ changed twice in between
+    finally:
+        stream.close()
+        agent.close()

@@ -21,7 +21,10 @@ before each update. Same ops on the same numbers in the same order: the results 
 the one-process update, bit for bit (``tests/test_ppo_worker.py``). The worker is forked at the
 first update and again after :meth:`PPOAgent.load_state_dict` or :meth:`PPOAgent.to` (a forked
 process keeps its own python-side learner bookkeeping, which must start from the restored
-state); it blocks between updates and polls (``sched_yield``) during one.
+state); it blocks between updates. The agent waits for the value half by
+:func:`~contlearn.envs.split_vector.wait_ready`: a brief spin, then asleep, so a busy machine
+never loses a core to the waiting side. ``value_worker=auto`` (the default) chooses it where it
+applies and a second core is usable (:mod:`contlearn.backends.auto`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import traceback
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -56,7 +60,7 @@ class ValueWorkerBackend:
 
     def refusal(self, cfg: StepConfig) -> str | None:
         """Why this backend does not compute ``cfg``'s reference step (None: it does)."""
-        if not cfg.options.get("value_worker", False):
+        if not cfg.options.get("value_worker", False):  # (auto: resolved before, ppo_auto.py)
             return "value_worker=false"
         if cfg.credit != "bp":
             return f"value_worker=true needs credit=bp (the hand-written update), not {cfg.credit}"
@@ -198,8 +202,10 @@ class ValueWorker:
         ctx = mp.get_context("fork")  # the child uses the agent's objects as they are
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, agent, self.inputs), daemon=True)
-        self._proc.start()
+        self._proc.start()  # (start drops the process's reference to its args, the agent)
         child.close()
+        # an agent dropped without close() ends its worker when it is collected
+        self._finalizer = weakref.finalize(agent, _end_worker, self._conn, self._proc)
 
     def start(
         self,
@@ -215,17 +221,23 @@ class ValueWorker:
         self._conn.send((stopped,))
 
     def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Wait (polling) for the update started last; what :func:`value_updates` returns."""
+        """Wait (a brief spin, then asleep) for the update started last; what
+        :func:`value_updates` returns."""
         return wait_reply(self._conn, self._proc, "PPO value worker")
 
     def close(self) -> None:
         """End the worker."""
-        with contextlib.suppress(BrokenPipeError, OSError):
-            self._conn.send(None)
-        self._proc.join(timeout=5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-        self._conn.close()
+        self._finalizer()  # (once: a later call, or the agent's collection, does nothing)
+
+
+def _end_worker(conn: Any, proc: Any) -> None:
+    """Tell the worker to stop; end it if it does not within 5 s."""
+    with contextlib.suppress(BrokenPipeError, OSError):
+        conn.send(None)
+    proc.join(timeout=5)
+    if proc.is_alive():
+        proc.terminate()
+    conn.close()
 
 
 def _state_tensors(state: Any, keys: list[str]) -> list[torch.Tensor]:

@@ -14,7 +14,9 @@ options, the agent's ``learner_defaults`` (``ff`` sets CBP's local utility) < co
 ``--set``. An agent class may declare ``stream_kinds`` (the stream kinds it learns on),
 ``unsupported_learners``, ``learner_problem(learner) -> reason | None`` and
 ``options_problem(agent_spec, learner) -> reason | None`` (combinations of its options with
-the learner). Unknown keys,
+the learner) and ``resolve_auto(agent_spec, learner, threads=, device=)`` (its speed options
+left at ``auto``, chosen here so that ``config.json`` records the choice:
+:mod:`contlearn.backends.auto`; an RL stream's ``vector=auto`` likewise). Unknown keys,
 bad values and such refusals are :class:`ConfigError`.
 """
 
@@ -24,10 +26,11 @@ import difflib
 import json
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from contlearn.backends.auto import auto_vector
 from contlearn.errors import ConfigError
 from contlearn.spec import FieldInfo, build_spec, param, parse_value, spec_fields
 
@@ -344,12 +347,21 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
     options = getattr(agent_cls, "options_problem", None)
     if callable(options) and (why := options(agent_spec, chosen)):
         raise ConfigError(f"agent {agent}: {why}")
+    run_spec = build_spec(RunSpec, groups["run"])
+    stream_spec = build_spec(stream_cls.Spec, groups["stream"])
+    # speed options left at auto, chosen here so that config.json records the choice
+    auto = getattr(agent_cls, "resolve_auto", None)
+    if callable(auto) and spec_cls is not None:
+        agent_spec = auto(agent_spec, chosen, threads=run_spec.threads, device=run_spec.device)
+    if getattr(stream_spec, "vector", None) == "auto":
+        vector = auto_vector("auto", stream_spec.num_envs, run_spec.threads)
+        stream_spec = replace(stream_spec, vector=vector)
     config = RunConfig(
         stream=stream,
         agent=agent,
         learner=chosen,
-        run=build_spec(RunSpec, groups["run"]),
-        stream_spec=build_spec(stream_cls.Spec, groups["stream"]),
+        run=run_spec,
+        stream_spec=stream_spec,
         agent_spec=agent_spec,
         agent_cls=agent_cls,
         stream_cls=stream_cls,

@@ -1,0 +1,58 @@
+"""The speed options left at ``auto``: on where they apply and the cores are there.
+
+Speed options change how fast a run goes, never its numbers (each is a backend or a process
+layout tested bit for bit against the plain setting). Left at ``auto`` (the default), each is
+chosen when the run is resolved, and the choice is written to the run's ``config.json`` (so a
+resumed or repeated run makes the same one) and, as the backend, to ``meta.json``:
+
+- ``value_worker=auto`` (PPO) is ``true`` when the value worker computes this run's step (its
+  :meth:`~contlearn.backends.ppo_worker.ValueWorkerBackend.refusal` is None: credit ``bp``,
+  ``fast=true``, a learner acting on each parameter alone, ``max_grad_norm=0``, the CPU), the
+  process may use at least 2 cores (:func:`usable_cores`) and the run does not ask for
+  ``threads=1``; otherwise ``false``.
+- ``vector=auto`` (RL streams) is ``split`` when ``num_envs > 1``, at least 2 cores are usable
+  and ``threads`` is not 1; otherwise ``sync``.
+
+``threads=1`` is how a run (or a sweep giving each run one core) says "one core": it turns
+both off. ``true``/``false`` (``split``/``sync``/``async``) are honoured as given.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: the values of a tri-state speed option
+AUTO_CHOICES = ("auto", "true", "false")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; the CPU count where there is
+    none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (no affinity masks, e.g. macOS)
+        return os.cpu_count() or 1
+
+
+def second_core_free(threads: int, cores: int | None = None) -> bool:
+    """Whether a speed option that keeps a second core busy may be chosen: ``cores``
+    (default :func:`usable_cores`) is at least 2 and ``threads`` (the run's; 0: auto) is not
+    1."""
+    cores = usable_cores() if cores is None else cores
+    return cores >= 2 and threads != 1
+
+
+def auto_flag(value: str, applies: bool, threads: int, cores: int | None = None) -> str:
+    """Resolve a tri-state option: ``value`` unless it is ``auto``, then ``true`` where it
+    ``applies`` and :func:`second_core_free`, else ``false``."""
+    if value != "auto":
+        return value
+    return "true" if applies and second_core_free(threads, cores) else "false"
+
+
+def auto_vector(value: str, num_envs: int, threads: int, cores: int | None = None) -> str:
+    """Resolve ``vector``: ``value`` unless it is ``auto``, then ``split`` for ``num_envs > 1``
+    where :func:`second_core_free`, else ``sync``."""
+    if value != "auto":
+        return value
+    return "split" if num_envs > 1 and second_core_free(threads, cores) else "sync"
