@@ -101,7 +101,8 @@ def test_bench_rl_on_a_tiny_budget():
         ],
         ROOT,
     )
-    assert "value_worker=1" in proc.stdout and "median: raw" in proc.stdout
+    assert "paper-auto: num_envs=1" in proc.stdout and "paper-plain: num_envs=1" in proc.stdout
+    assert "median paper-auto:" in proc.stdout and "of raw" in proc.stdout
 
 
 def test_bench_online_helpers_on_a_tiny_budget(monkeypatch):
