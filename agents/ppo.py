@@ -150,6 +150,8 @@ class PPOAgent:
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         #: σ and the rollout's noise log-probabilities (:meth:`_noise_terms`; None: to compute)
         self._rollout_consts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views_of: dict[str, torch.Tensor] | None = None  # (the buffer _np_buf views)
+        self._np_buf: dict[str, Any] = {}
         self._stopped: torch.Tensor | None = None
         # (a backend that does not split the nets over threads ignores the pool)
         self._pool = (
@@ -309,6 +311,7 @@ class PPOAgent:
                 )
         self._last = None
         b, t = self.buf, self.t
+        host = self._host_views()
         for key, value in (
             ("obs", obs),
             ("next_obs", next_obs),
@@ -318,7 +321,10 @@ class PPOAgent:
             ("terminated", terminated),
             ("truncated", truncated),
         ):
-            b[key][:, t] = value  # (a copy to the device)
+            if host is not None and value.device.type == "cpu" and not value.requires_grad:
+                host[key][:, t] = value.numpy()  # (the same copy, without torch's dispatch)
+            else:
+                b[key][:, t] = value  # (a copy to the device)
         self.t += 1
         if self.t < b["obs"].shape[1]:
             return {}
@@ -332,6 +338,16 @@ class PPOAgent:
         self.t = 0
         self._draw_noise()
         return {k: self._host(v) for k, v in metrics.items()}
+
+    def _host_views(self) -> dict[str, Any] | None:
+        """numpy views of the rollout buffer on the CPU (None on another device), kept while
+        :attr:`buf` is the same dict."""
+        if self.device.type != "cpu":
+            return None
+        if self._views_of is not self.buf:
+            self._np_buf = {k: v.numpy() for k, v in self.buf.items()}
+            self._views_of = self.buf
+        return self._np_buf
 
     def _targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantages and value targets of the stored rollout, flattened to ``(R, N)``."""

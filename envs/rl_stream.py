@@ -333,8 +333,10 @@ class MujocoRLStream:
         return self.copy_task.max(1)
 
     def _tensor(self, obs: np.ndarray) -> torch.Tensor:
+        # (cast and reshape in numpy: the same IEEE rounding as torch's, without a torch op's
+        # dispatch per step; astype copies, so the tensor has its own memory)
         R, E = self.num_replicas, self.num_envs
-        return torch.from_numpy(obs).to(torch.float32, copy=True).view(R, E, -1)  # own memory
+        return torch.from_numpy(obs.astype(np.float32).reshape(R, E, -1))
 
     def advance(self, action: torch.Tensor) -> tuple[Feedback, list[EpisodeEnd]]:
         """Step every copy with ``action`` ``(R, E, act_dim)`` (clipped to the action space).
@@ -347,7 +349,8 @@ class MujocoRLStream:
         if not np.isfinite(act).all():  # a diverged replica: keep NaN away from MuJoCo
             act = np.nan_to_num(act)
         ticks = self.step // E  # (loop steps so far)
-        self.window[ticks % len(self.window)] = self.obs  # what the agent acted on
+        # what the agent acted on (through numpy views: a plain copy, no torch dispatch)
+        self.window.numpy()[ticks % len(self.window)] = self.obs.numpy()
         obs, reward, terminated, truncated, info = self.vec.step(
             np.clip(act, self._low, self._high, out=act)
         )
@@ -366,10 +369,10 @@ class MujocoRLStream:
         self.friction[:] = info["friction"].reshape(R, E)
         self.copy_task[:] = info["task"].reshape(R, E)
         feedback = Feedback(
-            torch.from_numpy(reward).to(torch.float32).view(R, E),
+            torch.from_numpy(reward.astype(np.float32).reshape(R, E)),
             next_obs,
-            torch.from_numpy(terminated).view(R, E),
-            torch.from_numpy(truncated).view(R, E),
+            torch.from_numpy(terminated.reshape(R, E)),
+            torch.from_numpy(truncated.reshape(R, E)),
         )
         return feedback, ended
 

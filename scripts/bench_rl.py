@@ -159,7 +159,9 @@ def main() -> None:
         for r in range(args.rounds):
             raws.append(raw_rate(env, args.raw_steps))
             line = [f"round {r}: raw Ant-v5 {raws[-1]:6.0f}/s"]
-            for name, (stream, agent) in runs.items():
+            order = names if r % 2 == 0 else names[::-1]  # (no setting always runs first)
+            for name in order:
+                stream, agent = runs[name]
                 copies = stream.num_envs * stream.num_replicas
                 rate, phases = ppo_rate(stream, agent, max(1, args.steps // copies))
                 rates[name].append(rate)

@@ -170,3 +170,44 @@ def test_a_run_records_environment_steps_and_older_runs_load_in_them(tmp_path) -
     (run.path / "meta.json").write_text(json.dumps(meta))
     old = contlearn.load_runs(run.path)
     assert old.step.max() == 160  # (converted: the stored steps times the copies)
+
+
+def test_the_stream_steps_as_a_naive_loop_over_its_env_copies() -> None:
+    """Feedback, observations and the probe window against the env copies stepped by hand
+    (seeded as the stream seeds them, reset where an episode ends, numbers cast to float32)."""
+    from contlearn.envs.rl_stream import make_copy
+    from contlearn.seeding import child_seed
+
+    options = {"num_envs": 2, "vector": "sync", "max_episode_steps": 15, "change_every": 20}
+    s = stream([5], change_immediately=True, probe_window=6, **options)
+    words = child_seed(5, "stream").generate_state(3, np.uint32)
+    kwargs = s._env_kwargs(int(words[0]))
+    envs = [make_copy("contlearn/SlipperyAnt-v0", kwargs, 15) for _ in range(2)]
+    obs = np.stack([env.reset(seed=int(w))[0] for env, w in zip(envs, words[1:], strict=True)])
+    seen, ends = [], 0
+    try:
+        for a in actions(s, 40, seed=2) * 1.5:  # (some beyond the bounds: clipped)
+            seen.append(torch.from_numpy(obs.astype(np.float32)))
+            assert torch.equal(s.obs[0], seen[-1])
+            fb, _ = s.advance(a)
+            clipped = np.clip(a[0].double().numpy(), -1.0, 1.0)
+            rows = [env.step(clipped[e]) for e, env in enumerate(envs)]
+            final = np.stack([r[0] for r in rows])
+            for e, (_, _, term, trunc, _) in enumerate(rows):
+                if term or trunc:
+                    ends += 1
+                    final[e] = rows[e][0]
+            nxt = np.stack(
+                [envs[e].reset()[0] if r[2] or r[3] else r[0] for e, r in enumerate(rows)]
+            )
+            reward = np.array([r[1] for r in rows], np.float32)
+            assert torch.equal(fb.reward[0], torch.from_numpy(reward))
+            assert torch.equal(fb.terminated[0], torch.tensor([bool(r[2]) for r in rows]))
+            assert torch.equal(fb.truncated[0], torch.tensor([bool(r[3]) for r in rows]))
+            assert torch.equal(fb.next_obs[0], torch.from_numpy(final.astype(np.float32)))
+            obs = nxt
+        assert ends > 0  # episodes ended (the time limit), so resets were compared too
+        want = torch.stack(seen[-3:]).reshape(1, 6, -1)  # the last 6 env steps, oldest first
+        assert torch.equal(s.probe_batch(), want)
+    finally:
+        s.close()
