@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from contlearn.agents import online_probes
-from contlearn.agents.network_options import CONCAT_ACTIVATIONS, options_problem
-from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
+from contlearn.agents.conv_networks import BatchedConvNet, build_network
+from contlearn.agents.networks import BatchedMLP
 from contlearn.agents.online_probes import ProbeSnapshot
+from contlearn.agents.online_spec import OnlineAgentSpec, spec_problem
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
@@ -40,10 +40,9 @@ from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.fused import fused_plan
-from contlearn.learners.optim import OptimizerOptions
 from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import torch_generator
-from contlearn.spec import param, parse_int_list
+from contlearn.spec import parse_int_list
 from contlearn.state import load_tree, tree_leaves
 
 #: below this many parameters (all replicas) a step is dominated by per-op overhead, which
@@ -51,29 +50,6 @@ from contlearn.state import load_tree, tree_leaves
 SINGLE_THREAD_PARAMS = 4_000_000
 #: the largest parameter set (bytes, all replicas) :meth:`OnlineAgent.probe_snapshot` copies
 SNAPSHOT_MAX_BYTES = 256 << 20
-
-
-@dataclass(frozen=True)
-class OnlineAgentSpec(OptimizerOptions):
-    """Options of the online supervised agent (network; the base optimizer's are inherited)."""
-
-    hidden: str = param("100,100,100", "hidden widths, comma-separated (paper: 2000,2000,2000)")
-    activation: str = param(
-        "relu",
-        "hidden nonlinearity (crelu, fourier: two features per unit, the next fan-in 2×)",
-        choices=(*ACTIVATIONS, *CONCAT_ACTIVATIONS),
-    )
-    init: str = param("kaiming_uniform", "weight init distribution", choices=INITS)
-    layer_norm: bool = param(False, "layer norm before each hidden activation (gain, offset)")
-    fast: bool = param(
-        True,
-        "hand-written backward and fused updates (false: the autograd "
-        "reference path; same results to float rounding)",
-    )
-
-    def validate(self) -> None:
-        """Check the hidden widths parse."""
-        parse_int_list(self.hidden, "hidden")
 
 
 class OnlineAgent:
@@ -99,7 +75,7 @@ class OnlineAgent:
     @staticmethod
     def options_problem(spec: OnlineAgentSpec, learner: Learner) -> str | None:
         """Why ``spec``'s network options cannot run with ``learner`` (None: they can)."""
-        return options_problem(spec.activation, spec.layer_norm, learner.name, learner.credit.name)
+        return spec_problem(spec, learner)
 
     def __init__(
         self, info: StreamInfo, seeds: Sequence[int], spec: OnlineAgentSpec, learner: Learner
@@ -132,14 +108,28 @@ class OnlineAgent:
         self._task_started = False
 
     def _initial_network(self) -> BatchedMLP:
-        """The network as drawn at the start, from the seeds alone (the same every call)."""
+        """The network as drawn at the start, from the seeds alone (the same every call). A
+        conv network (docs/conv_networks.md) has the surface the reference step and the
+        probes use (``params``, ``layers``, ``forward``, ``forward_train``, ``sample_init``);
+        the backends that use the MLP's hand-written backward refuse it (``network``)."""
+        gens = [torch_generator(s, "agent") for s in self.seeds]
+        if self.spec.network != "mlp":
+            conv: BatchedConvNet = build_network(
+                self.spec.network,
+                self.info.input_shape,
+                self.info.num_outputs,
+                self.spec.activation,
+                self.spec.init,
+                gens,
+            )
+            return cast(BatchedMLP, conv)
         return BatchedMLP(
             self._in_dim,
             parse_int_list(self.spec.hidden, "hidden"),
             self.info.num_outputs,
             self.spec.activation,
             self.spec.init,
-            [torch_generator(s, "agent") for s in self.seeds],
+            gens,
             layer_norm=self.spec.layer_norm,
         )
 
@@ -155,7 +145,7 @@ class OnlineAgent:
         """What the backends decide on: this agent's resolved configuration."""
         first = next(iter(self.views.values()))
         return StepConfig(
-            network="mlp",
+            network=self.spec.network,
             activation=self.spec.activation,
             depth=len(self.net.hidden_layers),
             task=self.info.kind,
