@@ -21,12 +21,13 @@ channel,
   columns ``[:, :, j]`` (``torch.flatten``'s channel-major order of ``(C, H, W)``);
 - ``fc2.weight``, ``output.weight`` ``(R, out, in)``; biases ``(R, out)``.
 
-Replicas run as grouped convolutions: the R replicas' inputs are stacked along the channel
-dim, ``(B, R·C, H, W)``, and each conv is one ``conv2d(groups=R)`` with the R filter banks
-stacked as ``(R·out, in, kh, kw)``; the fully connected layers are ``baddbmm``. The
-alternative, ``torch.func.vmap`` over stacked parameters (:meth:`BatchedConvNet.forward_vmap`),
-computes the same (tested) and was slower on the CPU (``scripts/bench_conv.py``,
-docs/conv_networks.md).
+The fully connected layers run the R replicas as one ``baddbmm``. The convs run either as
+grouped convolutions (``replica_convs="grouped"``: the R replicas' inputs stacked along the
+channel dim, ``(B, R·C, H, W)``, each conv one ``conv2d(groups=R)`` with the R filter banks
+stacked as ``(R·out, in, kh, kw)``) or one ``conv2d`` per replica (``"loop"``); by default
+``loop`` on the CPU, where it measured faster than grouped convs and than ``torch.func.vmap``
+over stacked parameters (:meth:`BatchedConvNet.forward_vmap`), and ``grouped`` on CUDA. All
+three compute the same (tested); figures in docs/conv_networks.md (``scripts/bench_conv.py``).
 
 Activations (what learners and probes read) are those after each hidden layer's pool (the
 reference returns the pooled maps, ``x1, x2, x3``): :meth:`BatchedConvNet.forward` hands the
@@ -127,6 +128,10 @@ class BatchedConvNet:
         self.act_fn = ACTIVATIONS[activation]
         self.init = init
         self.num_replicas = len(generators)
+        #: how replicas' convs run: ``grouped`` (one ``conv2d(groups=R)``), ``loop`` (one
+        #: ``conv2d`` per replica), or None: ``loop`` on the CPU, where it measured faster
+        #: (``scripts/bench_conv.py``), ``grouped`` on CUDA (one kernel per layer)
+        self.replica_convs: str | None = None
         self.convs = convnet_layers(c)
         sh, sw = conv_output_size(h, self.convs), conv_output_size(w, self.convs)
         if sh < 1 or sw < 1:
@@ -198,15 +203,9 @@ class BatchedConvNet:
         """The forward pass: outputs ``(R, B, out)`` and each hidden layer's activation, a conv
         layer's as ``(B, R, C, h, w)`` maps, an fc layer's as ``(R, B, H)``."""
         R, B = x.shape[:2]
-        a = self._images(x)  # (B, R·C, H, W)
-        acts: list[torch.Tensor] = []
-        for cv in self.convs:
-            w = p[f"{cv.name}.weight"].reshape(R * cv.out_ch, cv.in_ch, cv.kernel, cv.kernel)
-            a = self.act_fn(F.conv2d(a, w, p[f"{cv.name}.bias"].reshape(-1), groups=R))
-            if cv.pool > 1:
-                a = F.max_pool2d(a, cv.pool)
-            acts.append(a.view(B, R, cv.out_ch, *a.shape[-2:]))
-        h = a.reshape(B, R, -1).transpose(0, 1)  # (R, B, C·S), channel-major per replica
+        mode = self.replica_convs or ("grouped" if x.is_cuda else "loop")
+        acts = self._convs_grouped(x, p) if mode == "grouped" else self._convs_loop(x, p)
+        h = acts[-1].reshape(B, R, -1).transpose(0, 1)  # (R, B, C·S), channel-major
         for layer in self.layers[len(self.convs) :]:
             w = p[f"{layer.name}.weight"].reshape(R, layer.fan_out, layer.fan_in)
             z = torch.baddbmm(p[f"{layer.name}.bias"].unsqueeze(1), h, w.transpose(1, 2))
@@ -215,6 +214,35 @@ class BatchedConvNet:
             h = self.act_fn(z)
             acts.append(h)
         raise AssertionError("unreachable: the last layer is the output layer")
+
+    def _convs_grouped(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The conv layers as ``conv2d(groups=R)`` on ``(B, R·C, H, W)``; maps ``(B, R, C, h,
+        w)``."""
+        R, B = x.shape[:2]
+        a = self._images(x)  # (B, R·C, H, W)
+        acts: list[torch.Tensor] = []
+        for cv in self.convs:
+            w = p[f"{cv.name}.weight"].reshape(R * cv.out_ch, cv.in_ch, cv.kernel, cv.kernel)
+            a = self.act_fn(F.conv2d(a, w, p[f"{cv.name}.bias"].reshape(-1), groups=R))
+            if cv.pool > 1:
+                a = F.max_pool2d(a, cv.pool)
+            acts.append(a.view(B, R, cv.out_ch, *a.shape[-2:]))
+        return acts
+
+    def _convs_loop(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The conv layers replica by replica (one ``conv2d`` each), stacked to ``(B, R, C, h,
+        w)`` after each layer."""
+        R, B = x.shape[:2]
+        per = list(x.reshape(R, B, *self.input_shape).unbind(0))  # R × (B, C, H, W)
+        acts: list[torch.Tensor] = []
+        for cv in self.convs:
+            w = p[f"{cv.name}.weight"].reshape(R, cv.out_ch, cv.in_ch, cv.kernel, cv.kernel)
+            b = p[f"{cv.name}.bias"]
+            per = [self.act_fn(F.conv2d(a, w[r], b[r])) for r, a in enumerate(per)]
+            if cv.pool > 1:
+                per = [F.max_pool2d(a, cv.pool) for a in per]
+            acts.append(torch.stack(per, 1))
+        return acts
 
     def forward(
         self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None

@@ -41,10 +41,12 @@ def modules(agent: OnlineAgent) -> list[TorchConvNet]:
     ]
 
 
+@pytest.mark.parametrize("mode", ["grouped", "loop"])
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
-def test_forward_equals_each_seeds_torch_module(shape):
+def test_forward_equals_each_seeds_torch_module(shape, mode):
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     net = BatchedConvNet(shape, 5, "relu", "torch_default", gens)
+    net.replica_convs = mode
     x = torch.rand(3, 4, *shape)
     out, feats = net.forward(x)
     pooled = net.forward_train(x.reshape(3, 4, -1))[1]

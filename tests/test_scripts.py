@@ -169,3 +169,9 @@ def test_bench_streams_and_bench_plugin_on_a_tiny_budget():
     )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["threads"] for r in out["rows"]] == ["default", 1, 2]
+
+
+def test_bench_conv_on_a_tiny_budget():
+    args = ["--steps", "1", "--seeds", "1,2", "--batch", "2", "--side", "24"]
+    proc = _run([ROOT / "scripts" / "bench_conv.py", *args], ROOT)
+    assert '"convnet R=2"' in proc.stdout and '"vmap"' in proc.stdout
