@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,11 @@ import torch.nn.functional as F
 from contlearn.agents.networks import ACTIVATIONS, Layer, sample_layer_init
 from contlearn.errors import ConfigError
 
+if TYPE_CHECKING:
+    from contlearn.agents.resnet import BatchedResNet18
+
 #: the network families a conv agent builds (``network=`` of the online agent)
-CONV_NETWORKS = ("convnet",)
+CONV_NETWORKS = ("convnet", "resnet18")
 #: every value of the online agent's ``network`` option
 NETWORKS = ("mlp", *CONV_NETWORKS)
 
@@ -311,13 +315,17 @@ def build_network(
     activation: str,
     init: str,
     generators: Sequence[torch.Generator],
-) -> BatchedConvNet:
+) -> BatchedConvNet | BatchedResNet18:
     """The conv network ``network`` (one of :data:`CONV_NETWORKS`)."""
     if network == "convnet":
         return BatchedConvNet(input_shape, out_dim, activation, init, generators, network)
+    if network == "resnet18":
+        from contlearn.agents.resnet import BatchedResNet18
+
+        return BatchedResNet18(input_shape, out_dim, activation, init, generators)
     raise ConfigError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
 
 
-def parameter_count(net: BatchedConvNet) -> int:
+def parameter_count(net: BatchedConvNet | BatchedResNet18) -> int:
     """Parameters of one replica."""
     return sum(math.prod(v.shape[1:]) for v in net.params.values())

@@ -63,3 +63,85 @@ class TorchConvNet(nn.Module):
                 module.weight.copy_(params[f"{key}.weight"][r].reshape(module.weight.shape))
                 module.bias.copy_(params[f"{key}.bias"][r])  # type: ignore[union-attr]
         return self
+
+
+class _Block(nn.Module):
+    """torchvision's BasicBlock with biased convs (the reference's change)."""
+
+    def __init__(self, inp: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, planes, 3, stride, 1)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or inp != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inp, planes, 1, stride), nn.BatchNorm2d(planes)
+            )
+        self.hidden: torch.Tensor | None = None  # conv1's activation of the last forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        self.hidden = out
+        out = self.bn2(self.conv2(out))
+        skip = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + skip)
+
+
+class TorchResNet18(nn.Module):
+    """The reference's ResNet-18 for one seed: a 3×3 stride-1 stem with bias and BN, no
+    max-pool, layers of two BasicBlocks (64, 128, 256, 512), global average pool, fc."""
+
+    def __init__(self, in_ch: int, classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(64)
+        blocks, inp = [], 64
+        for s, planes in enumerate((64, 128, 256, 512)):
+            for b in range(2):
+                blocks.append(_Block(inp, planes, 2 if s > 0 and b == 0 else 1))
+                inp = planes
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The outputs ``(B, classes)``; each block's conv1 activation is kept (``hidden``)."""
+        a = torch.relu(self.bn1(self.conv1(x)))
+        for block in self.blocks:
+            a = block(a)
+        return self.fc(a.mean((2, 3)))
+
+    def pairs(self) -> dict[str, tuple[nn.Conv2d | nn.Linear, nn.BatchNorm2d | None]]:
+        """Each batched layer name with its conv (or fc) and batch norm."""
+        out: dict[str, tuple[nn.Conv2d | nn.Linear, nn.BatchNorm2d | None]] = {
+            "stem": (self.conv1, self.bn1)
+        }
+        for k, block in enumerate(self.blocks):
+            assert isinstance(block, _Block)
+            p = f"layer{k // 2 + 1}.{k % 2}"
+            out[f"{p}.conv1"] = (block.conv1, block.bn1)
+            out[f"{p}.conv2"] = (block.conv2, block.bn2)
+            if block.downsample is not None:
+                conv, bn = block.downsample[0], block.downsample[1]
+                assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                out[f"{p}.downsample"] = (conv, bn)
+        out["output"] = (self.fc, None)
+        return out
+
+    def load_replica(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], r: int
+    ) -> TorchResNet18:
+        """Copy replica ``r`` of a batched ResNet's parameters and statistics; returns it."""
+        with torch.no_grad():
+            for name, (conv, bn) in self.pairs().items():
+                conv.weight.copy_(params[f"{name}.weight"][r].reshape(conv.weight.shape))
+                conv.bias.copy_(params[f"{name}.bias"][r])  # type: ignore[union-attr]
+                if bn is not None:
+                    bn.weight.copy_(params[f"{name}.bn_weight"][r])
+                    bn.bias.copy_(params[f"{name}.bn_bias"][r])
+                    mean, var = bn.running_mean, bn.running_var
+                    assert mean is not None and var is not None  # (track_running_stats)
+                    mean.copy_(buffers[f"{name}.running_mean"][r])
+                    var.copy_(buffers[f"{name}.running_var"][r])
+        return self

@@ -31,6 +31,7 @@ from contlearn.agents.conv_networks import BatchedConvNet, build_network
 from contlearn.agents.networks import BatchedMLP
 from contlearn.agents.online_probes import ProbeSnapshot
 from contlearn.agents.online_spec import OnlineAgentSpec, spec_problem
+from contlearn.agents.resnet import BatchedResNet18
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
@@ -114,7 +115,7 @@ class OnlineAgent:
         the backends that use the MLP's hand-written backward refuse it (``network``)."""
         gens = [torch_generator(s, "agent") for s in self.seeds]
         if self.spec.network != "mlp":
-            conv: BatchedConvNet = build_network(
+            conv: BatchedConvNet | BatchedResNet18 = build_network(
                 self.spec.network,
                 self.info.input_shape,
                 self.info.num_outputs,
@@ -213,6 +214,9 @@ class OnlineAgent:
         params = self.net.params
         for k, p in params.items():
             params[k] = p.detach().to(self.device)
+        buffers = getattr(self.net, "buffers", {})  # (batch norm's statistics)
+        for k, b in buffers.items():
+            buffers[k] = b.to(self.device)
         if self.grad_l1 is not None:
             self.grad_l1 = self.grad_l1.to(self.device)
         self.credit.to(self.device)
@@ -482,6 +486,8 @@ class OnlineAgent:
         }
         if not self.credit.is_backprop:
             state["credit"] = self.credit.state_dict()
+        if buffers := getattr(self.net, "buffers", None):  # batch norm's running statistics
+            state["buffers"] = {k: v.clone() for k, v in buffers.items()}
         if self.grad_l1 is not None:
             state["grad_l1"] = self.grad_l1.clone()
             state["grad_steps"] = self.grad_steps
@@ -493,6 +499,8 @@ class OnlineAgent:
         for k, v in self.views.items():
             v.copy_(state["params"][k])
         load_tree(self.learner_state, state["learner"])
+        for k, v in getattr(self.net, "buffers", {}).items():
+            v.copy_(state["buffers"][k])
         if not self.credit.is_backprop:
             if "credit" not in state:
                 raise ValueError(

@@ -15,8 +15,8 @@ from contlearn.spec import param, parse_int_list
 #: learners that do not apply to the conv networks, and why (every other registered learner
 #: acts on the conv layers' presented weights; docs/conv_networks.md)
 CONV_UNSUPPORTED: dict[str, str] = {
-    "normalize-and-project": "it projects the gains of layer norms, which network=convnet has "
-    "none of; use network=mlp with layer_norm=true",
+    "normalize-and-project": "it projects the gains of layer norms, which the conv networks "
+    "lack; use network=mlp with layer_norm=true",
 }
 
 
@@ -26,8 +26,8 @@ class OnlineAgentSpec(OptimizerOptions):
 
     network: str = param(
         "mlp",
-        "mlp (hidden= widths), or convnet: the paper's conv net for images (C, H, W) "
-        "(docs/conv_networks.md)",
+        "mlp (hidden= widths); for images (C, H, W): convnet (the paper's conv net for "
+        "Continual ImageNet) or resnet18 (its ResNet-18 for CIFAR-100; docs/conv_networks.md)",
         choices=NETWORKS,
     )
     hidden: str = param("100,100,100", "hidden widths, comma-separated (paper: 2000,2000,2000)")
