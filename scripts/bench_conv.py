@@ -12,7 +12,10 @@ backward, SGD update):
 - ``vmap``: ``torch.func.vmap`` of one replica's forward over the stacked parameters,
   autograd, the same update;
 - ``agent``: the online agent's whole step (``network=convnet``, learner ``bp``; its reference
-  step: act, observe, the learner chain)::
+  step: act, observe, the learner chain).
+
+ResNet-18 (``network=resnet18``) gets the ``naive`` row (``TorchResNet18`` per seed) and the
+``agent`` row, over ``--resnet-steps`` steps::
 
     python scripts/bench_conv.py                        # docs/conv_networks.md's figures
     python scripts/bench_conv.py --steps 3 --seeds 1,2  # a quick look
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from contlearn.agents.conv_networks import BatchedConvNet
-from contlearn.agents.conv_reference import TorchConvNet
+from contlearn.agents.conv_reference import TorchConvNet, TorchResNet18
 from contlearn.agents.online import OnlineAgent, OnlineAgentSpec
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, learner_def
@@ -55,6 +58,8 @@ class Args:
     """torch intra-op threads (1: the figures in docs/conv_networks.md)"""
     lr: float = 0.01
     """SGD step size"""
+    resnet_steps: int = 3
+    """timed steps per ResNet-18 row (0: no ResNet rows)"""
 
 
 def timed(step: Callable[[int], None], steps: int) -> float:
@@ -67,20 +72,22 @@ def timed(step: Callable[[int], None], steps: int) -> float:
     return time.perf_counter() - start
 
 
-def naive(args: Args, R: int, x: torch.Tensor, y: torch.Tensor) -> float:
+def naive(args: Args, R: int, x: torch.Tensor, y: torch.Tensor, network: str) -> float:
     """Seconds of the per-seed loop (seeds one after another)."""
     total = 0.0
     for r in range(R):
         torch.manual_seed(r)
-        net = TorchConvNet(3, args.side, 2)
+        net = TorchConvNet(3, args.side, 2) if network == "convnet" else TorchResNet18(3, 2)
         opt = torch.optim.SGD(net.parameters(), lr=args.lr)
 
-        def step(t: int, net: TorchConvNet = net, opt: torch.optim.SGD = opt, r: int = r) -> None:
+        def step(
+            t: int, net: torch.nn.Module = net, opt: torch.optim.SGD = opt, r: int = r
+        ) -> None:
             opt.zero_grad()
             F.cross_entropy(net(x[r]), y[r]).backward()
             opt.step()
 
-        total += timed(step, args.steps)
+        total += timed(step, args.steps if network == "convnet" else args.resnet_steps)
     return total
 
 
@@ -101,17 +108,17 @@ def batched(args: Args, R: int, x: torch.Tensor, y: torch.Tensor, mode: str) -> 
     return timed(step, args.steps)
 
 
-def agent(args: Args, R: int, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Seconds of the online agent's steps (network=convnet, learner bp)."""
+def agent(args: Args, R: int, x: torch.Tensor, y: torch.Tensor, network: str) -> float:
+    """Seconds of the online agent's steps (``network``, learner bp)."""
     shape = (3, args.side, args.side)
     info = StreamInfo("bench", "classification", shape, 2, True, R, "accuracy", args.batch)
-    spec = OnlineAgentSpec(network="convnet", init="torch_default", lr=args.lr)
+    spec = OnlineAgentSpec(network=network, init="torch_default", lr=args.lr)
     a = OnlineAgent(info, list(range(R)), spec, Learner("bp", learner_def("bp").Spec()))
 
     def step(t: int) -> None:
         a.observe(x, a.act(x), y)
 
-    return timed(step, args.steps)
+    return timed(step, args.steps if network == "convnet" else args.resnet_steps)
 
 
 def main() -> None:
@@ -126,16 +133,22 @@ def main() -> None:
         y = torch.randint(2, (R, args.batch), generator=gen)
         images = R * args.batch * args.steps
         secs = {
-            "naive": naive(args, R, x, y),
+            "naive": naive(args, R, x, y, "convnet"),
             "grouped": batched(args, R, x, y, "grouped"),
             "loop": batched(args, R, x, y, "loop"),
             "vmap": batched(args, R, x, y, "vmap"),
-            "agent": agent(args, R, x, y),
+            "agent": agent(args, R, x, y, "convnet"),
         }
         rows[f"convnet R={R}"] = {k: round(images / v, 1) for k, v in secs.items()}
-        speedup[f"convnet R={R} agent"] = round(secs["naive"] / secs["agent"], 2)
-        for mode in ("grouped", "loop", "vmap"):
+        for mode in ("agent", "grouped", "loop", "vmap"):
             speedup[f"convnet R={R} {mode}"] = round(secs["naive"] / secs[mode], 2)
+        if args.resnet_steps:
+            images = R * args.batch * args.resnet_steps
+            secs = {
+                m: f(args, R, x, y, "resnet18") for m, f in (("naive", naive), ("agent", agent))
+            }
+            rows[f"resnet18 R={R}"] = {k: round(images / v, 1) for k, v in secs.items()}
+            speedup[f"resnet18 R={R} agent"] = round(secs["naive"] / secs["agent"], 2)
     result = {"batch": args.batch, "side": args.side, "threads": args.threads, "rows": rows}
     print(json.dumps({**result, "speedup": speedup}, indent=1))
 

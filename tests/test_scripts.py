@@ -172,6 +172,6 @@ def test_bench_streams_and_bench_plugin_on_a_tiny_budget():
 
 
 def test_bench_conv_on_a_tiny_budget():
-    args = ["--steps", "1", "--seeds", "1,2", "--batch", "2", "--side", "24"]
+    args = ["--steps", "1", "--seeds", "1,2", "--batch", "2", "--side", "24", "--resnet-steps", "1"]
     proc = _run([ROOT / "scripts" / "bench_conv.py", *args], ROOT)
-    assert '"convnet R=2"' in proc.stdout and '"vmap"' in proc.stdout
+    assert '"convnet R=2"' in proc.stdout and '"resnet18 R=2"' in proc.stdout
