@@ -436,8 +436,10 @@ class OnlineAgent:
         """The network as it stands, copied: what probes read (``features``, ``parameters()``,
         ``activation``), safe to use on another thread while this agent learns on; None
         above :data:`SNAPSHOT_MAX_BYTES` of parameters (all replicas), where a copy would cost
-        more memory than probing in line costs time."""
-        if sum(v.numel() * v.element_size() for v in self.views.values()) > SNAPSHOT_MAX_BYTES:
+        more memory than probing in line costs time, and for a network with running statistics
+        (ResNet-18's batch norm), which the learning thread would change under the probe."""
+        size = sum(v.numel() * v.element_size() for v in self.views.values())
+        if size > SNAPSHOT_MAX_BYTES or getattr(self.net, "buffers", None):
             return None
         self.sync()
         params = {k: v.clone() for k, v in self.views.items()}

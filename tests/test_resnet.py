@@ -154,3 +154,26 @@ def test_resume_restores_the_batch_norm_statistics():
         assert torch.equal(v, second.parameters()[k]), k
     for k, v in whole.net.buffers.items():  # type: ignore[attr-defined]
         assert torch.equal(v, second.net.buffers[k]), k  # type: ignore[attr-defined]
+
+
+def test_a_resnet_run_is_deterministic_and_probes_each_block(tmp_path):
+    from contlearn import load_runs, run
+    from tests.conv_stream_examples import TinyImageStream
+
+    config = {
+        "network": "resnet18",
+        "learner": "cbp",
+        "seeds": 2,
+        "probe_size": 8,
+        "channels": 3,
+        "side": 8,
+        "learner.maturity": 1,
+        "learner.replacement_rate": 0.05,
+    }
+    for name in ("a", "b"):
+        run(TinyImageStream, tasks=2, config=config, out=tmp_path / name)
+    a, b = (load_runs(tmp_path / n).sort_values(["metric", "layer", "seed", "step"]) for n in "ab")
+    assert a.value.tolist() == b.value.tolist()
+    ranks = a[a.metric == "effective_rank"]
+    assert len(set(ranks.layer) - {""}) == 8
+    assert float(a[(a.metric == "replacements") & (a.layer == "layer4.1.conv1")].value.max()) > 0
