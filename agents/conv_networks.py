@@ -240,9 +240,10 @@ class BatchedConvNet:
         per = list(x.reshape(R, B, *self.input_shape).unbind(0))  # R × (B, C, H, W)
         acts: list[torch.Tensor] = []
         for cv in self.convs:
+            # unbind, not w[r]: indexing's backward writes a whole-size zero gradient per replica
             w = p[f"{cv.name}.weight"].reshape(R, cv.out_ch, cv.in_ch, cv.kernel, cv.kernel)
-            b = p[f"{cv.name}.bias"]
-            per = [self.act_fn(F.conv2d(a, w[r], b[r])) for r, a in enumerate(per)]
+            pairs = zip(per, w.unbind(0), p[f"{cv.name}.bias"].unbind(0), strict=True)
+            per = [self.act_fn(F.conv2d(a, wr, br)) for a, wr, br in pairs]
             if cv.pool > 1:
                 per = [F.max_pool2d(a, cv.pool) for a in per]
             acts.append(torch.stack(per, 1))
@@ -315,14 +316,16 @@ def build_network(
     activation: str,
     init: str,
     generators: Sequence[torch.Generator],
+    batch_size: int = 1,
 ) -> BatchedConvNet | BatchedResNet18:
-    """The conv network ``network`` (one of :data:`CONV_NETWORKS`)."""
+    """The conv network ``network`` (one of :data:`CONV_NETWORKS`) for steps of
+    ``batch_size`` examples."""
     if network == "convnet":
         return BatchedConvNet(input_shape, out_dim, activation, init, generators, network)
     if network == "resnet18":
         from contlearn.agents.resnet import BatchedResNet18
 
-        return BatchedResNet18(input_shape, out_dim, activation, init, generators)
+        return BatchedResNet18(input_shape, out_dim, activation, init, generators, batch_size)
     raise ConfigError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
 
 

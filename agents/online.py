@@ -122,6 +122,7 @@ class OnlineAgent:
                 self.spec.activation,
                 self.spec.init,
                 gens,
+                self.info.batch_size,
             )
             return cast(BatchedMLP, conv)
         return BatchedMLP(

@@ -86,6 +86,8 @@ class BatchedResNet18:
             LeCun inits; the reference draws Kaiming-normal weights with fan-in, whose variance
             ``kaiming_uniform`` has).
         generators: one torch Generator per replica.
+        batch_size: examples per learning step (batch norm in training mode needs more than
+            one value per channel at the last stage).
     """
 
     family = "resnet18"
@@ -97,6 +99,7 @@ class BatchedResNet18:
         activation: str,
         init: str,
         generators: Sequence[torch.Generator],
+        batch_size: int = 2,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ConfigError(
@@ -108,6 +111,13 @@ class BatchedResNet18:
             raise ConfigError(
                 f"network=resnet18 needs images of at least 8×8 pixels (three stride-2 "
                 f"stages), and this stream's are {h}×{w}; use network=mlp or larger images"
+            )
+        last = ((h + 7) // 8) * ((w + 7) // 8)  # positions after the three stride-2 stages
+        if batch_size * last < 2:
+            raise ConfigError(
+                f"network=resnet18 at batch_size={batch_size} on {h}×{w} images leaves one value "
+                "per channel at its last stage, where batch norm needs more; use batch_size >= 2 "
+                "or images of at least 9×9"
             )
         self.input_shape = (c, h, w)
         self.activation, self.act_fn, self.init = activation, ACTIVATIONS[activation], init
@@ -169,40 +179,45 @@ class BatchedResNet18:
             self.buffers[f"{layer}.running_var"][r, i] = 1.0
 
     def _conv_bn(
-        self, a: torch.Tensor, name: str, p: dict[str, torch.Tensor], train: bool
-    ) -> torch.Tensor:
-        """conv then batch norm of ``a`` ``(R, B, C, H, W)``, replica by replica."""
+        self, a: list[torch.Tensor], name: str, p: dict[str, torch.Tensor], train: bool
+    ) -> list[torch.Tensor]:
+        """conv then batch norm of each replica's ``(B, C, H, W)`` input (a list over R: the
+        replicas stay separate tensors between layers, no stacking copies)."""
         cv = self.conv_by_name[name]
-        w = p[f"{name}.weight"].reshape(-1, cv.out_ch, cv.in_ch, cv.kernel, cv.kernel)
-        b, g, o = p[f"{name}.bias"], p[f"{name}.{BN_WEIGHT}"], p[f"{name}.{BN_BIAS}"]
+        # unbind, not w[r]: indexing's backward writes a whole-size zero gradient per replica
+        w = p[f"{name}.weight"].reshape(-1, cv.out_ch, cv.in_ch, cv.kernel, cv.kernel).unbind(0)
+        b, g, o = (p[f"{name}.{k}"].unbind(0) for k in ("bias", BN_WEIGHT, BN_BIAS))
         rm, rv = self.buffers[f"{name}.running_mean"], self.buffers[f"{name}.running_var"]
         outs = []
-        for r in range(a.shape[0]):
-            z = F.conv2d(a[r], w[r], b[r], stride=cv.stride, padding=cv.padding)
-            z = F.batch_norm(z, rm[r], rv[r], g[r], o[r], train, BN_MOMENTUM, BN_EPS)
-            outs.append(z)
-        return torch.stack(outs)
+        for r, x in enumerate(a):
+            z = F.conv2d(x, w[r], b[r], stride=cv.stride, padding=cv.padding)
+            outs.append(F.batch_norm(z, rm[r], rv[r], g[r], o[r], train, BN_MOMENTUM, BN_EPS))
+        return outs
 
     def _run(
         self, x: torch.Tensor, p: dict[str, torch.Tensor], train: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs ``(R, B, out)`` and each block's conv1 activation ``(R, B, C, h, w)``."""
         R, B = x.shape[:2]
-        a = self.act_fn(self._conv_bn(x.reshape(R, B, *self.input_shape), "stem", p, train))
+        act = self.act_fn
+        a = [
+            act(z)
+            for z in self._conv_bn(list(x.reshape(R, B, *self.input_shape)), "stem", p, train)
+        ]
         acts = []
         for s in range(1, 5):
             for blk in range(2):
                 pre = f"layer{s}.{blk}"
-                h = self.act_fn(self._conv_bn(a, f"{pre}.conv1", p, train))
-                acts.append(h)
+                h = [act(z) for z in self._conv_bn(a, f"{pre}.conv1", p, train)]
+                acts.append(torch.stack(h))
                 out = self._conv_bn(h, f"{pre}.conv2", p, train)
                 skip = (
                     self._conv_bn(a, f"{pre}.downsample", p, train)
                     if f"{pre}.downsample" in self.conv_by_name
                     else a
                 )
-                a = self.act_fn(out + skip)
-        pooled = a.mean((-2, -1))  # (R, B, 512)
+                a = [act(u + v) for u, v in zip(out, skip, strict=True)]
+        pooled = torch.stack([t.mean((-2, -1)) for t in a])  # (R, B, 512)
         w, b = p["output.weight"], p["output.bias"]
         return torch.baddbmm(b.unsqueeze(1), pooled, w.transpose(1, 2)), acts
 

@@ -147,11 +147,13 @@ def test_resume_from_state_dict_is_exact():
         ((1, 16, 16), SPEC, "at least 24×24 pixels, and this stream's are 16×16"),
         ((1, 28, 28), dataclasses.replace(SPEC, layer_norm=True), "has no layer_norm"),
         ((1, 28, 28), dataclasses.replace(SPEC, activation="crelu"), "activation=crelu"),
+        ((3, 4, 4), dataclasses.replace(SPEC, network="resnet18"), "at least 8×8 pixels"),
+        ((3, 8, 8), dataclasses.replace(SPEC, network="resnet18"), "use batch_size >= 2"),
     ],
 )
 def test_refusals_name_the_problem_and_the_fix(shape, spec, words):
     with pytest.raises(ConfigError) as err:
-        OnlineAgent(info(shape), [0], spec, learner())
+        OnlineAgent(info(shape, B=1), [0], spec, learner())
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
