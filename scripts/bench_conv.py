@@ -56,19 +56,28 @@ class Args:
     """image side (3 channels; Continual ImageNet's 32 × 32)"""
     threads: int = 1
     """torch intra-op threads (1: the figures in docs/conv_networks.md)"""
+    device: str = "cpu"
+    """torch device of the networks (cuda: synchronised before each clock reading)"""
     lr: float = 0.01
     """SGD step size"""
     resnet_steps: int = 3
     """timed steps per ResNet-18 row (0: no ResNet rows)"""
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(step: Callable[[int], None], steps: int) -> float:
     """Seconds for ``steps`` calls of ``step(t)`` after two warm-up calls."""
     step(0)
     step(1)
+    _sync()
     start = time.perf_counter()
     for t in range(steps):
         step(t)
+    _sync()
     return time.perf_counter() - start
 
 
@@ -78,6 +87,7 @@ def naive(args: Args, R: int, x: torch.Tensor, y: torch.Tensor, network: str) ->
     for r in range(R):
         torch.manual_seed(r)
         net = TorchConvNet(3, args.side, 2) if network == "convnet" else TorchResNet18(3, 2)
+        net = net.to(x.device)
         opt = torch.optim.SGD(net.parameters(), lr=args.lr)
 
         def step(
@@ -96,7 +106,7 @@ def batched(args: Args, R: int, x: torch.Tensor, y: torch.Tensor, mode: str) -> 
     gens = [torch.Generator().manual_seed(r) for r in range(R)]
     net = BatchedConvNet((3, args.side, args.side), 2, "relu", "torch_default", gens)
     net.replica_convs = mode if mode != "vmap" else None
-    params = {k: v.requires_grad_(True) for k, v in net.params.items()}
+    params = {k: v.to(x.device).requires_grad_(True) for k, v in net.params.items()}
 
     def step(t: int) -> None:
         out = net.forward_vmap(x, params) if mode == "vmap" else net.forward(x, params)[0]
@@ -114,6 +124,7 @@ def agent(args: Args, R: int, x: torch.Tensor, y: torch.Tensor, network: str) ->
     info = StreamInfo("bench", "classification", shape, 2, True, R, "accuracy", args.batch)
     spec = OnlineAgentSpec(network=network, init="torch_default", lr=args.lr)
     a = OnlineAgent(info, list(range(R)), spec, Learner("bp", learner_def("bp").Spec()))
+    a.to(x.device)
 
     def step(t: int) -> None:
         a.observe(x, a.act(x), y)
@@ -129,8 +140,8 @@ def main() -> None:
     speedup: dict[str, float] = {}
     for R in (int(s) for s in args.seeds.split(",")):
         gen = torch.Generator().manual_seed(0)
-        x = torch.rand(R, args.batch, 3, args.side, args.side, generator=gen)
-        y = torch.randint(2, (R, args.batch), generator=gen)
+        x = torch.rand(R, args.batch, 3, args.side, args.side, generator=gen).to(args.device)
+        y = torch.randint(2, (R, args.batch), generator=gen).to(args.device)
         images = R * args.batch * args.steps
         secs = {
             "naive": naive(args, R, x, y, "convnet"),
@@ -150,6 +161,7 @@ def main() -> None:
             rows[f"resnet18 R={R}"] = {k: round(images / v, 1) for k, v in secs.items()}
             speedup[f"resnet18 R={R} agent"] = round(secs["naive"] / secs["agent"], 2)
     result = {"batch": args.batch, "side": args.side, "threads": args.threads, "rows": rows}
+    result["device"] = args.device
     print(json.dumps({**result, "speedup": speedup}, indent=1))
 
 
