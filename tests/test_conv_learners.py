@@ -210,3 +210,22 @@ def test_a_run_on_a_conv_net_probes_every_conv_layer_and_cbp_replaces_channels(t
     assert float(reps.value.max()) > 0
     contlearn.resume(tmp_path / "r", tasks=4)
     assert sorted(contlearn.load_runs(tmp_path / "r").task.unique()) == [0, 1, 2, 3]
+
+
+def test_cbp_adaptable_utility_of_each_channel_equals_a_per_channel_loop():
+    cbp = learner("cbp", maturity=10, utility="adaptable_contribution")
+    agent = OnlineAgent(INFO, [41, 42], SPEC, cbp)
+    refs = [module(agent.parameters(), r) for r in range(2)]
+    obs, target = synthetic_batches(INFO, 1, seed=8)[0]
+    agent.observe(obs, agent.act(obs), target)
+    for r, m in enumerate(refs):
+        hs = sgd_step(m, obs[r], target[r])
+        post = presented(m)
+        for n, h in zip(NEXT, hs, strict=False):
+            y = []
+            for i in range(h.shape[1]):  # f̂ after one step (age 1) is this step's mean
+                hi = h[:, i]
+                spread = (hi - hi.mean()).abs().mean()
+                y.append(spread * post[NEXT[n]][:, i].abs().sum() / post[n][i].abs().mean())
+            got = agent.learner_state.utility[n][r]
+            torch.testing.assert_close(got, (1 - ETA) * torch.stack(y), rtol=1e-4, atol=1e-7)
