@@ -167,3 +167,9 @@ def test_refusals_name_the_problem_and_the_fix(shape, spec, words):
 def test_refused_combinations_are_refused_when_resolved(values, words):
     with pytest.raises(ConfigError, match=words):
         resolve({"stream": "permuted-mnist", "network": "convnet", **values})
+
+
+def test_more_seeds_of_a_resnet_than_memory_holds_are_refused_up_front():
+    values = {"stream": "permuted-mnist", "network": "resnet18", "seeds": 100_000}
+    with pytest.raises(ConfigError, match="more than this machine's"):
+        resolve(values)
