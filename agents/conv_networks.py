@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ from contlearn.errors import ConfigError
 
 if TYPE_CHECKING:
     from contlearn.agents.resnet import BatchedResNet18
+    from contlearn.envs.base import StreamInfo
 
 #: the network families a conv agent builds (``network=`` of the online agent)
 CONV_NETWORKS = ("convnet", "resnet18")
@@ -327,6 +328,22 @@ def build_network(
 
         return BatchedResNet18(input_shape, out_dim, activation, init, generators, batch_size)
     raise ConfigError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+
+
+def network_for(
+    spec: Any, info: StreamInfo, generators: Sequence[torch.Generator]
+) -> BatchedConvNet | BatchedResNet18:
+    """The online agent's conv network for its options ``spec`` (``network``, ``activation``,
+    ``init``) on the stream ``info``."""
+    return build_network(
+        spec.network,
+        info.input_shape,
+        info.num_outputs,
+        spec.activation,
+        spec.init,
+        generators,
+        info.batch_size,
+    )
 
 
 def parameter_count(net: BatchedConvNet | BatchedResNet18) -> int:

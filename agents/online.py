@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from contlearn.agents import online_probes
-from contlearn.agents.conv_networks import BatchedConvNet, build_network
+from contlearn.agents.conv_networks import network_for
 from contlearn.agents.networks import BatchedMLP
 from contlearn.agents.online_probes import ProbeSnapshot
 from contlearn.agents.online_spec import OnlineAgentSpec, spec_problem
-from contlearn.agents.resnet import BatchedResNet18
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
@@ -115,16 +114,7 @@ class OnlineAgent:
         the backends that use the MLP's hand-written backward refuse it (``network``)."""
         gens = [torch_generator(s, "agent") for s in self.seeds]
         if self.spec.network != "mlp":
-            conv: BatchedConvNet | BatchedResNet18 = build_network(
-                self.spec.network,
-                self.info.input_shape,
-                self.info.num_outputs,
-                self.spec.activation,
-                self.spec.init,
-                gens,
-                self.info.batch_size,
-            )
-            return cast(BatchedMLP, conv)
+            return cast(BatchedMLP, network_for(self.spec, self.info, gens))
         return BatchedMLP(
             self._in_dim,
             parse_int_list(self.spec.hidden, "hidden"),
