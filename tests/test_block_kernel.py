@@ -1,4 +1,4 @@
-"""Learning in blocks of steps (``OnlineAgent.learn_block``, ``kernels.online_block_``) gives
+"""Learning in blocks of steps (``OnlineAgent.learn_block``, ``block_kernel.online_block_``) gives
 the results of the autograd reference step by step, and the same bits however the steps are
 split into blocks or replicas into threads (docs/performance.md)."""
 

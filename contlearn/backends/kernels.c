@@ -376,15 +376,110 @@ static float act_bwd(int act, float g, float h) {
   }
 }
 
-void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void** wp,
-                     void** bp, const float* x, const int64_t* ycls, const float* yreg,
-                     float* out, float* loss, float alpha, float scale, int act, int cbp,
-                     void** agep, void** fp, void** up, void** uhp, void** carryp,
-                     void** eligp, float decay_w, int64_t maturity, double rate,
-                     const float* table, int64_t tsize, int nonneg, int64_t* start,
-                     int64_t* events, float* pend_d, int64_t* pend_t, char* skip,
-                     double* gsum, int cr, void** fbp, float keep, int sunit, int64_t r0,
-                     int64_t r1) {
+/* Adam over the whole-step kernel's gradients (cl_online_block with adam set): per element
+   g' = pre_a g + pre_b w (the affine parts before Adam: coupled L2), then cl_adam's arithmetic
+   (c += 1; m += w1 (g' - m); v = b2 v + w2 g' g'; d = (m / bc1[c]) / (sqrt(v) / sbc2[c] + eps)),
+   then w += lr d + post_b w (the affine parts after: the step size, decoupled decay). */
+typedef struct {
+  float pre_a, pre_b, w1, b2, w2, eps, lr, post_b;
+  const float* bc1;
+  int64_t n1;
+  const float* sbc2;
+  int64_t n2;
+} AdamOpt;
+
+/* Every argument of cl_online_block (kernels.py's BlockArgs mirrors it field by field and
+   checks its size against cl_block_args_size at load). */
+typedef struct {
+  int64_t R, T, L;
+  const int64_t* width;
+  void** wp;
+  void** bp;
+  const float* x;
+  const int64_t* ycls;
+  const float* yreg;
+  float* out;
+  float* loss;
+  float alpha, scale;
+  int32_t act, cbp;
+  void** agep;
+  void** fp;
+  void** up;
+  void** uhp;
+  void** carryp;
+  void** eligp;
+  float decay_w;
+  int64_t maturity;
+  double rate;
+  const float* table;
+  int64_t tsize;
+  int32_t nonneg;
+  int64_t* start;
+  int64_t* events;
+  float* pend_d;
+  int64_t* pend_t;
+  char* skip;
+  double* gsum;
+  int32_t cr;
+  void** fbp;
+  float keep;
+  int32_t sunit;
+  int32_t adam;
+  void** amw;  /* per layer: Adam's m, v, counts of the weights (R, K, H), of the biases (R, K) */
+  void** avw;
+  void** anw;
+  void** amb;
+  void** avb;
+  void** anb;
+  AdamOpt ao;
+} BlockArgs;
+
+int64_t cl_block_args_size(void) { return (int64_t)sizeof(BlockArgs); }
+
+/* Adam's update of n weights x with gradients g[i] = dk * h[i] (m, v, counts c beside them);
+   pb += dk * x (before the update) and pc += |x| (after) where not NULL. Spans whose counts
+   are all equal (no reset touched them) read the tables once. */
+static void adam_span(float* x, float* m, float* v, float* c, const float* h, float dk,
+                      int64_t n, float* pb, float* pc, const AdamOpt* o) {
+  const float c0 = c[0];
+  int same = 1;
+  for (int64_t i = 0; i < n; ++i) same &= c[i] == c0;
+  const float b1c = same ? entry(o->bc1, o->n1, c0 + 1.0f) : 0.0f;
+  const float s2c = same ? entry(o->sbc2, o->n2, c0 + 1.0f) : 0.0f;
+  const float pa = o->pre_a, pr = o->pre_b, w1 = o->w1, b2 = o->b2, w2 = o->w2;
+  const float eps = o->eps, lr = o->lr, post = o->post_b;
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i], g = dk * h[i];
+    const float gp = pr != 0.0f || pa != 1.0f ? pa * g + pr * xi : g;
+    const float ci = c[i] + 1.0f;
+    const float mi = m[i] + w1 * (gp - m[i]), vi = v[i] * b2 + w2 * (gp * gp);
+    const float e1 = same ? b1c : entry(o->bc1, o->n1, ci);
+    const float e2 = same ? s2c : entry(o->sbc2, o->n2, ci);
+    const float u = lr * ((mi / e1) / (sqrtf(vi) / e2 + eps));
+    const float y = xi + (post != 0.0f ? u + post * xi : u);
+    c[i] = ci; m[i] = mi; v[i] = vi; x[i] = y;
+    if (pb) pb[i] += dk * xi;
+    if (pc) pc[i] += fabsf(y);
+  }
+}
+
+void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
+  const int64_t R = A->R, T = A->T, L = A->L;
+  const int64_t* width = A->width;
+  void **wp = A->wp, **bp = A->bp, **agep = A->agep, **fp = A->fp, **up = A->up;
+  void **uhp = A->uhp, **carryp = A->carryp, **eligp = A->eligp, **fbp = A->fbp;
+  const float *x = A->x, *yreg = A->yreg, *table = A->table;
+  const int64_t* ycls = A->ycls;
+  float *out = A->out, *loss = A->loss, *pend_d = A->pend_d;
+  const float alpha = A->alpha, scale = A->scale, decay_w = A->decay_w, keep = A->keep;
+  const int act = A->act, cbp = A->cbp, nonneg = A->nonneg, cr = A->cr, sunit = A->sunit;
+  const int adam = A->adam;
+  const int64_t maturity = A->maturity, tsize = A->tsize;
+  const double rate = A->rate;
+  int64_t *start = A->start, *events = A->events, *pend_t = A->pend_t;
+  char* skip = A->skip;
+  double* gsum = A->gsum;
+  const AdamOpt* ao = &A->ao;
   const int64_t D = width[0], C = width[L], H1 = width[1];
   /* kolen-pollack's decay of the input layer's weights, folded into its (deferred) update */
   const float alpha0 = cr == CR_KP ? keep * alpha : alpha;
@@ -415,9 +510,16 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
     float* Bv[65];
     float* Fb[65];  /* layer l's feedback: B_l (fa, kp), D of layer l - 1 (dfa), W_l (sign) */
     double sabs[65];  /* sign symmetry: Σ |W_l| of the forward pass's weights */
+    float *Mw[65], *Vw[65], *Nw[65], *Mb[65], *Vb[65], *Nb[65];  /* Adam's state (adam) */
     int64_t off = 0;
     for (int64_t l = 0; l < L; ++l) {
       W[l] = (float*)wp[l] + r * width[l + 1] * width[l];
+      if (adam) {
+        const int64_t nw = r * width[l + 1] * width[l], nb = r * width[l + 1];
+        Mw[l] = (float*)A->amw[l] + nw; Vw[l] = (float*)A->avw[l] + nw;
+        Nw[l] = (float*)A->anw[l] + nw; Mb[l] = (float*)A->amb[l] + nb;
+        Vb[l] = (float*)A->avb[l] + nb; Nb[l] = (float*)A->anb[l] + nb;
+      }
       Bv[l] = (float*)bp[l] + r * width[l + 1];
       Fb[l] = W[l];
       if (l > 0 && (cr == CR_FA || cr == CR_KP)) Fb[l] = (float*)fbp[l] + r * width[l + 1] * width[l];
@@ -434,7 +536,13 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
         double acc = 0.0;
         for (int64_t k = 0; k < K; ++k) {
           float* row = W[l] + k * H;
-          if (l == 0 && pend && !sk[k]) update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
+          if (l == 0 && pend && !sk[k]) {
+            if (adam)
+              adam_span(row, Mw[0] + k * H, Vw[0] + k * H, Nw[0] + k * H, xprev, d0[k], H, 0, 0,
+                        ao);
+            else
+              update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
+          }
           const float v = Bv[l][k] + dot(row, in, H);
           o[k] = l == L - 1 ? v : act_fwd(act, v);
           if (mean_abs) acc += l1(row, H);
@@ -479,7 +587,11 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
           float* col = cols + (h[l - 1] - hs);
           memset(below, 0, sizeof(float) * (size_t)H);
           if (cbp) memset(col, 0, sizeof(float) * (size_t)H);
-          if (cr == CR_BP || cr == CR_DFA)
+          if (adam)  /* (backprop only: kernels.py checks) */
+            for (int64_t k = 0; k < K; ++k)
+              adam_span(W[l] + k * H, Mw[l] + k * H, Vw[l] + k * H, Nw[l] + k * H, h[l - 1], d[k],
+                        H, below, cbp ? col : 0, ao);
+          else if (cr == CR_BP || cr == CR_DFA)
             rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, cr == CR_BP, cbp);
           else
             rows_rule(cr, W[l], Fb[l], d, h[l - 1], below, col, H, K, alpha, scale, keep, cbp);
@@ -493,7 +605,10 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
               for (int64_t i = 0; i < H; ++i) below[i] = fmaf(ec, Dc[i], below[i]);
             }
         }
-        for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
+        if (adam)
+          adam_span(Bv[l], Mb[l], Vb[l], Nb[l], d, 1.0f, K, 0, 0, ao);
+        else
+          for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
         if (l > 0) {
           const float* hl = h[l - 1];
           for (int64_t i = 0; i < H; ++i) d2[i] = act_bwd(act, below[i], hl[i]);
@@ -516,8 +631,14 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
       }
     }
     if (pend && !stopped) {
-      for (int64_t k = 0; k < H1; ++k)
-        if (!sk[k]) update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
+      for (int64_t k = 0; k < H1; ++k) {
+        if (sk[k]) continue;
+        if (adam)
+          adam_span(W[0] + k * D, Mw[0] + k * D, Vw[0] + k * D, Nw[0] + k * D, xprev, d0[k], D, 0,
+                    0, ao);
+        else
+          update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
+      }
       memset(sk, 0, (size_t)H1);
       pend = 0;
     }

@@ -5,7 +5,7 @@ each replica's mean loss, hands them to ``learner.update`` and adds the updates.
 in the order the agent asks them (:data:`BACKENDS`):
 
 - :class:`BlockLoop` (``block``): whole batch-1 steps in one compiled loop per replica
-  (:func:`contlearn.backends.kernels.online_block_`: forward, loss, backward with the fused
+  (:func:`contlearn.backends.block_kernel.online_block_`: forward, loss, backward with the fused
   update, continual backprop's steps 1–5), for learners whose fused form needs nothing per
   step but continual backprop's unit bookkeeping;
 - :class:`FusedBackward` (``fused``): the network's hand-written backward applying the
@@ -14,7 +14,7 @@ in the order the agent asks them (:data:`BACKENDS`):
 - :class:`HandBackward` (``backward``): the hand-written backward's gradients through
   ``learner.update``, for any learner.
 
-Each takes the credit rules it declares (:data:`RULES`, ``kernels.BLOCK_RULES``;
+Each takes the credit rules it declares (:data:`RULES`, ``block_kernel.BLOCK_RULES``;
 docs/credit.md, Backends): the error sent down is the rule's (``δ B``, ``e D``,
 ``δ s·sign W``), and Kolen–Pollack's ``B`` learns in the same pass as ``W``.
 
@@ -39,7 +39,7 @@ import torch
 
 from contlearn.agents.network_options import CONCAT_ACTIVATIONS
 from contlearn.agents.networks import ACTIVATIONS
-from contlearn.backends import kernels
+from contlearn.backends import block_kernel, kernels
 from contlearn.backends.base import StepConfig, declares
 from contlearn.credit.learned import KolenPollack
 from contlearn.credit.rules import DirectFeedback, FixedFeedback, SignSymmetry
@@ -310,9 +310,9 @@ class BlockLoop(FusedBackward):
             and cfg.device == "cpu"
             and cfg.dtype == "float32"
             and (plan.post is None or plan.replacer is not None)
-            and cfg.credit in kernels.BLOCK_RULES
-            and cfg.activation in kernels.BLOCK_ACTIVATIONS
-            and cfg.depth + 1 <= kernels.MAX_BLOCK_LAYERS
+            and cfg.credit in block_kernel.BLOCK_RULES
+            and cfg.activation in block_kernel.BLOCK_ACTIVATIONS
+            and cfg.depth + 1 <= block_kernel.MAX_BLOCK_LAYERS
         )
 
     @torch.no_grad()
@@ -356,11 +356,11 @@ class BlockLoop(FusedBackward):
                     "the block backend was chosen but continual backprop's "
                     "state is not in the kernel's form"
                 )
-        pending = kernels.Pending1.empty(R, weights[0].shape[1])
+        pending = block_kernel.Pending1.empty(R, weights[0].shape[1])
         workers = agent.block_workers()
         credit = _block_credit(agent)
         while True:
-            kernels.online_block_(
+            block_kernel.online_block_(
                 weights,
                 biases,
                 x,
@@ -392,7 +392,7 @@ class BlockLoop(FusedBackward):
         return out.unsqueeze(2), {"loss": loss}
 
 
-def _block_credit(agent: OnlineAgent) -> kernels.BlockCredit:
+def _block_credit(agent: OnlineAgent) -> block_kernel.BlockCredit:
     """The agent's credit rule as the whole-step kernel takes it (its feedback tensors, which
     kolen-pollack's steps update in place)."""
     rule, layers = agent.credit, agent.net.layers
@@ -405,7 +405,7 @@ def _block_credit(agent: OnlineAgent) -> kernels.BlockCredit:
         raise RuntimeError("the block backend was chosen but the feedback is not in its form")
     keep = 1.0 - rule.decay if isinstance(rule, KolenPollack) else 1.0
     unit = isinstance(rule, SignSymmetry) and rule.scale == "unit"
-    return kernels.BlockCredit(rule.name, feedback, keep, unit)
+    return block_kernel.BlockCredit(rule.name, feedback, keep, unit)
 
 
 def _features(agent: OnlineAgent, hs: list[torch.Tensor]) -> dict[str, torch.Tensor]:

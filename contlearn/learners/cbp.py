@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, cast
 
 import torch
 
-from contlearn.backends import kernels
+from contlearn.backends import block_kernel, kernels
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
 from contlearn.learners.fused import FusedPlan, UnitReplacer, fused_plan
@@ -259,7 +259,7 @@ class _ContinualBackprop:
             replacer = UnitReplacer(self._kernel_state, self._replace_counts)
         return FusedPlan(inner.grad_scale, inner.param_scale, post, col, replacer)
 
-    def _kernel_state(self, state: CBPState) -> kernels.CBPKernelState | None:
+    def _kernel_state(self, state: CBPState) -> block_kernel.CBPKernelState | None:
         """The per-layer tensors of ``state`` for the whole-step kernel, or None if they are
         not CPU float32 (int64 ages, float64 carries) and contiguous, or the inner chain keeps
         state (optimizer moments, anchors: the kernel's resets would not clear them)."""
@@ -291,7 +291,7 @@ class _ContinualBackprop:
             for t in ts
         ):
             return None
-        return kernels.CBPKernelState(
+        return block_kernel.CBPKernelState(
             *lists, self.decay, self.maturity, self.rate, table, self.nonnegative
         )
 
@@ -300,7 +300,7 @@ class _ContinualBackprop:
     ) -> None:
         """Steps 6–7 on ``params`` as the whole-step kernel left them, for ``counts`` (one
         ``(R,)`` per layer): the fresh rows drawn here, the rest in one compiled call, which
-        marks replaced input-layer units in ``skip`` (see ``kernels.Pending1``)."""
+        marks replaced input-layer units in ``skip`` (see ``block_kernel.Pending1``)."""
         kernel_state = self._kernel_state(state)
         assert kernel_state is not None
         layers = self.network.layers
@@ -312,7 +312,7 @@ class _ContinualBackprop:
                 if n
             ]
             fresh.append(torch.cat(rows) if rows else torch.empty(0))
-        kernels.cbp_replace_(
+        block_kernel.cbp_replace_(
             [params[f"{layer.name}.weight"] for layer in layers],
             [params[f"{layer.name}.bias"] for layer in layers],
             torch.stack(counts, 1),
