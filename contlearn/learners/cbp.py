@@ -45,6 +45,7 @@ import torch
 from contlearn.backends import block_kernel, kernels
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
+from contlearn.learners.cbp_adam import adam_form
 from contlearn.learners.fused import FusedPlan, UnitReplacer, fused_plan
 from contlearn.learners.resets import FeedbackReset, UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import draw, replica_rng_states
@@ -135,7 +136,7 @@ def continual_backprop(
         rounding,
         rng_stream,
     )
-    return GradientTransformation(cbp.init, cbp.update, cbp.fused())
+    return GradientTransformation(cbp.init, cbp.update, cbp.fused() or adam_form(cbp))
 
 
 def _need_features(features: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -174,6 +175,7 @@ class _ContinualBackprop:
         self.names = [n for n, _ in self.layers]
         self.nonnegative = getattr(network, "activation", None) == "relu"
         self._tables: dict[tuple, torch.Tensor] = {}
+        self.adam_inner = False  # the block kernel runs the inner Adam (cbp_adam.adam_form)
 
     def init(self, params: Params) -> CBPState:
         """Zero statistics, the inner chain's state and the replicas' generators. When every
@@ -262,10 +264,10 @@ class _ContinualBackprop:
     def _kernel_state(self, state: CBPState) -> block_kernel.CBPKernelState | None:
         """The per-layer tensors of ``state`` for the whole-step kernel, or None if they are
         not CPU float32 (int64 ages, float64 carries) and contiguous, or the inner chain keeps
-        state (optimizer moments, anchors: the kernel's resets would not clear them)."""
-        n = self.names[0]
-        f = state.mean_act[n]
-        if f.device.type != "cpu" or f.dtype != torch.float32 or tree_leaves(state.inner):
+        state the kernel's resets would not clear (Adam's: :mod:`~contlearn.learners.cbp_adam`)."""
+        f = state.mean_act[self.names[0]]
+        inner = tree_leaves(state.inner) and not self.adam_inner
+        if f.device.type != "cpu" or f.dtype != torch.float32 or inner:
             return None
         table = self._correction_table(f.dtype, f.device)
         s = state.stats

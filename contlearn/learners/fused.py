@@ -73,8 +73,8 @@ class FusedPlan(NamedTuple):
 def fused_plan(transform: GradientTransformation) -> FusedPlan | None:
     """The fused form of ``transform``: its declared one, or for a chain the composition of
     its parts' (None if it, or any part of it, has none)."""
-    if not transform.parts:
-        return transform.fused
+    if not transform.parts:  # (another kind of declaration, e.g. Adam's: not affine)
+        return transform.fused if isinstance(transform.fused, FusedPlan) else None
     plans = [fused_plan(t) for t in transform.parts]
     if any(p is None for p in plans):
         return None
