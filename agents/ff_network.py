@@ -184,6 +184,46 @@ class FFNetwork:
             h = normalise(a, self.norm)
         return hs
 
+    @torch.no_grad()
+    def label_pass(
+        self, x: torch.Tensor, classes: int, mode: str, params: dict[str, torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every hidden layer's ``(z, h)`` on every label embedded into every input, ``(R, C·B,
+        H_l)`` each (rows label-major as :func:`embed_all`), the first layer in one product.
+
+        Every embedded input ``x_c`` has the same squared length (the one-hot adds 1 whatever
+        c is), so its normalisation scale s is shared, and ``W·x_c/s = (W·x₀ + W[:, c])/s``
+        with x₀ the input without its label: one row of products per input instead of C (the
+        same numbers as :meth:`activities` on :func:`embed_all`'s batch, to float rounding).
+
+        Args:
+            x: ``(R, B, D)`` inputs without a label.
+            classes: C.
+            mode: the label embedding (one of :data:`EMBEDS`).
+            params: the parameters.
+        """
+        R, B = x.shape[:2]
+        first, rest = self.hidden_layers[0], self.hidden_layers[1:]
+        w, b = params[f"{first.name}.weight"], params[f"{first.name}.bias"]
+        if mode == "append":
+            bare = torch.cat([x, x.new_zeros(R, B, classes)], -1)
+            code = w[:, :, x.shape[-1] :]  # (R, H, C)
+        else:
+            bare = x.clone()
+            bare[..., :classes] = 0.0
+            code = w[:, :, :classes]
+        sq = bare.pow(2).sum(-1, keepdim=True) + 1.0  # (R, B, 1): ‖x_c‖² for every c
+        scale = sq.sqrt() if self.norm == "length" else (sq / bare.shape[-1]).sqrt()
+        inv = (scale + NORM_EPS).reciprocal().unsqueeze(1)  # (R, 1, B, 1)
+        base = torch.bmm(bare, w.transpose(1, 2)).unsqueeze(1)  # (R, 1, B, H)
+        z = (base + code.transpose(1, 2).unsqueeze(2)) * inv + b[:, None, None, :]
+        z = z.reshape(R, classes * B, -1)
+        out = [(z, self.act_fn(z))]
+        for layer in rest:
+            z = self.layer_forward(layer.name, normalise(out[-1][1], self.norm), params)
+            out.append((z, self.act_fn(z)))
+        return out
+
     def head_input(self, hs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The head's input: the normalised activities of the layers from ``from_layer`` on,
         concatenated ``(R, B, ΣH)``."""

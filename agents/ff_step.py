@@ -23,6 +23,7 @@ Closed form, with c_b = ∂L_l/∂G_b (−½σ(θ − G⁺_b)/B, or ½σ(G⁻_b 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -132,14 +133,20 @@ def hand_step(
     opts: LayerOptions,
     running: dict[str, torch.Tensor],
     materialize: bool = True,
+    forward: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> LocalStep:
     """:func:`reference_step` in closed form (see the module docstring); same arguments, and
-    ``materialize=False`` to return each layer's δ and input instead of its gradients."""
+    ``materialize=False`` to return each layer's δ and input instead of its gradients;
+    ``forward``: each layer's ``(z, h)`` on ``x`` already computed with ``params`` (the
+    prediction's pass), so that only the backward part runs here."""
     grads, feats, losses, new_running, deltas = {}, {}, [], {}, {}
     h_in = normalise(x, net.norm)
     for i, layer in enumerate(net.hidden_layers):
-        z = net.layer_forward(layer.name, h_in, params)  # (R, 2B, H)
-        h = net.act_fn(z)
+        if forward is None:
+            z = net.layer_forward(layer.name, h_in, params)  # (R, 2B, H)
+            h = net.act_fn(z)
+        else:
+            z, h = forward[i]
         g = goodness(h, opts.goodness)  # (R, 2B)
         theta = opts.thresholds[i]
         losses.append(ff_loss(g, batch, theta))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,6 +52,14 @@ from contlearn.spec import param, parse_int_list
 from contlearn.state import load_tree, tree_leaves
 
 PREDICTS = ("goodness", "head")
+
+
+class Acted(NamedTuple):
+    """What ``act`` computed that ``observe`` reuses for the same inputs."""
+
+    obs: torch.Tensor
+    features: torch.Tensor | None  # the head's input on the neutral-label pass
+    passes: list[tuple[torch.Tensor, torch.Tensor]] | None  # every layer's (z, h), all labels
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,8 @@ class FFAgent:
         }
         self.grad_l1: torch.Tensor | None = None
         self.grad_steps = 0
-        self._acted: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # what act computed for observe: (obs, the head's features, the all-label pass)
+        self._acted: Acted | None = None
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (obs, negatives)
         self._task_started = False
 
@@ -234,11 +243,15 @@ class FFAgent:
     def _flat(self, obs: torch.Tensor) -> torch.Tensor:
         return obs.reshape(obs.shape[0], obs.shape[1], -1)
 
-    def goodness_scores(self, flat: torch.Tensor) -> torch.Tensor:
+    def goodness_scores(
+        self, flat: torch.Tensor, hs: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Goodness summed over the layers from ``from_layer`` on for every label:
-        ``(R, B, D) -> (R, B, C)``, all C labels as one batch of C·B inputs."""
+        ``(R, B, D) -> (R, B, C)``, all C labels as one batch of C·B inputs (or from ``hs``,
+        that batch's activities)."""
         R, B = flat.shape[:2]
-        hs = self.net.activities(embed_all(flat, self.classes, self.spec.embed), self.views)
+        if hs is None:
+            hs = self.net.activities(embed_all(flat, self.classes, self.spec.embed), self.views)
         total = sum(goodness_of(h, self.spec.goodness) for h in hs[self.first - 1 :])
         assert isinstance(total, torch.Tensor)
         return total.view(R, self.classes, B).transpose(1, 2)
@@ -253,11 +266,35 @@ class FFAgent:
         head's logits); keeps the head's features for ``observe``."""
         flat = self._flat(obs)
         if self.spec.predict == "goodness":
-            self._acted = (obs, None)
-            return self.goodness_scores(flat)
+            if not self.spec.fast:  # (the reference: every embedded input through every layer)
+                self._acted = Acted(obs, None, None)
+                return self.goodness_scores(flat)
+            # the hand-written step: one pass serves the prediction and the step's positive
+            # and negative inputs (their rows of it)
+            passes = self.net.label_pass(flat, self.classes, self.spec.embed, self.views)
+            self._acted = Acted(obs, None, passes)
+            return self.goodness_scores(flat, [h for _, h in passes])
         feat = self.net.head_input(self.neutral_features(flat))
-        self._acted = (obs, feat)
+        self._acted = Acted(obs, feat, None)
         return self.net.layer_forward("head", feat, self.views)
+
+    def _step_rows(
+        self, acted: Acted | None, obs: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The positive then negative rows ``(R, 2B, H)`` of act's all-label pass, if act
+        made one for these inputs (with the parameters not yet updated)."""
+        if acted is None or acted.passes is None or acted.obs is not obs:
+            return None
+        B = labels.shape[1]
+        at = torch.arange(B, device=labels.device)
+        rows = torch.cat([labels * B + at, neg * B + at], 1).unsqueeze(-1)  # (R, 2B, 1)
+        return [
+            (
+                z.gather(1, rows.expand(-1, -1, z.shape[-1])),
+                h.gather(1, rows.expand(-1, -1, h.shape[-1])),
+            )
+            for z, h in acted.passes
+        ]
 
     def draw_negatives(self, labels: torch.Tensor) -> torch.Tensor:
         """A uniformly drawn wrong label per example: ``(y + 1 + k) mod C``, k ~ U{0..C−2}
@@ -286,19 +323,19 @@ class FFAgent:
         neg = self.draw_negatives(labels)
         self._last = (obs, neg)
         x = self._inputs(flat, labels, neg)
-        if self.plan is not None:
+        if self.spec.fast:
+            rows = self._step_rows(acted, obs, labels, neg)
             step = hand_step(
-                self.net, self.views, x, labels.shape[1], self.options, self.running, False
-            )
-        elif self.spec.fast:
-            step = hand_step(self.net, self.views, x, labels.shape[1], self.options, self.running)
+                self.net, self.views, x, labels.shape[1], self.options, self.running,
+                materialize=self.plan is None, forward=rows,
+            )  # fmt: skip
         else:
             step = reference_step(
                 self.net, self.views, x, labels.shape[1], self.options, self.running
             )
         grads, metrics = dict(step.grads), {"loss": step.losses.sum(1)}
         if self.net.has_head:
-            feat = acted[1] if acted is not None and acted[0] is obs else None
+            feat = acted.features if acted is not None and acted.obs is obs else None
             if feat is None:
                 with torch.no_grad():
                     feat = self.net.head_input(self.neutral_features(flat))

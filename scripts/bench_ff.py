@@ -3,8 +3,9 @@
 The naive loop is FF as one writes it without contlearn: one seed at a time, ``nn.Linear``
 layers, autograd on each layer's local loss, ``torch.optim.SGD``, batch size 1, the same
 goodness prediction (C labels as one batch). Both run online steps on MNIST inputs (act, then
-learn) at the same widths; rows give steps per second summed over seeds, and the cost of
-``predict=goodness`` (one pass per label) against ``predict=head``::
+learn) at the same widths; rows give steps per second summed over seeds (the median of timed
+repeats, the rows' repeats interleaved), and the cost of ``predict=goodness`` (one pass per
+label) against ``predict=head``::
 
     python scripts/bench_ff.py                       # width 100, R = 32 (docs/forward_forward.md)
     python scripts/bench_ff.py --steps 50 --seeds 4  # a quick look
@@ -15,12 +16,13 @@ Prints one JSON object (``rows``, ``speedup``).
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bench_timing import Timed  # scripts/ is on sys.path
 
 from contlearn.agents.forward_forward import FFAgent, FFAgentSpec
 from contlearn.data.datasets import load_mnist
@@ -38,7 +40,11 @@ class Args:
     seeds: int = 32
     """replicas R (the naive loop runs them one after another)"""
     steps: int = 300
-    """timed online steps"""
+    """MNIST examples cycled through"""
+    repeats: int = 5
+    """timed repeats per row, interleaved (the median is reported)"""
+    seconds: float = 1.0
+    """wall time of one timed repeat"""
     lr: float = 0.01
     """SGD step size"""
 
@@ -80,20 +86,27 @@ class NaiveFF:
         self.opt.step()
 
 
-def naive_rate(args: Args, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Steps per second (all seeds) of the naive loop, seeds one after another."""
+def naive_runner(args: Args, images: torch.Tensor, labels: torch.Tensor) -> Callable[[int], None]:
+    """``run(n)``: n online steps of every seed's naive loop, seeds one after another."""
     nets = [NaiveFF(args.width, args.lr, s) for s in range(args.seeds)]
-    start = time.perf_counter()
-    for net in nets:
-        for t in range(args.steps):
-            x, y = images[t : t + 1], labels[t : t + 1]
-            net.predict(x)
-            net.learn(x, y)
-    return args.seeds * args.steps / (time.perf_counter() - start)
+    position = [0]
+
+    def run(steps: int) -> None:
+        start = position[0]
+        for net in nets:
+            for t in range(start, start + steps):
+                x, y = images[t % len(images)].unsqueeze(0), labels[t % len(labels)].unsqueeze(0)
+                net.predict(x)
+                net.learn(x, y)
+        position[0] = start + steps
+
+    return run
 
 
-def ff_rate(args: Args, images: torch.Tensor, labels: torch.Tensor, predict: str) -> float:
-    """Steps per second (all seeds) of the replica-batched agent."""
+def ff_runner(
+    args: Args, images: torch.Tensor, labels: torch.Tensor, predict: str
+) -> Callable[[int], None]:
+    """``run(n)``: n online steps of the replica-batched agent (all seeds at once)."""
     R = args.seeds
     info = StreamInfo("bench", "classification", (784,), 10, False, R, "accuracy", 1)
     spec = FFAgentSpec(
@@ -103,12 +116,18 @@ def ff_rate(args: Args, images: torch.Tensor, labels: torch.Tensor, predict: str
         lr=args.lr,
     )
     agent = FFAgent(info, list(range(R)), spec, Learner("bp", learner_def("bp").Spec()))
-    xs = images[: args.steps].view(args.steps, 1, 1, 784).expand(-1, R, -1, -1)
-    ys = labels[: args.steps].view(args.steps, 1, 1).expand(-1, R, -1)
-    start = time.perf_counter()
-    for t in range(args.steps):
-        agent.observe(xs[t], agent.act(xs[t]), ys[t])
-    return R * args.steps / (time.perf_counter() - start)
+    xs = images.view(-1, 1, 1, 784).expand(-1, R, -1, -1)
+    ys = labels.view(-1, 1, 1).expand(-1, R, -1)
+    position = [0]
+
+    def run(steps: int) -> None:
+        start = position[0]
+        for t in range(start, start + steps):
+            obs = xs[t % len(xs)]  # (one object, as the engine passes batch.obs to both)
+            agent.observe(obs, agent.act(obs), ys[t % len(ys)])
+        position[0] = start + steps
+
+    return run
 
 
 def main() -> None:
@@ -118,11 +137,17 @@ def main() -> None:
     images, labels = load_mnist()
     images = torch.as_tensor(images[: args.steps]).reshape(-1, 784).float() / 255.0
     labels = torch.as_tensor(labels[: args.steps]).long()
-    rows = {
-        "naive (goodness)": naive_rate(args, images, labels),
-        "ff (goodness)": ff_rate(args, images, labels, "goodness"),
-        "ff (head)": ff_rate(args, images, labels, "head"),
+    runners = {
+        "naive (goodness)": (naive_runner(args, images, labels), args.seeds),
+        "ff (goodness)": (ff_runner(args, images, labels, "goodness"), args.seeds),
+        "ff (head)": (ff_runner(args, images, labels, "head"), args.seeds),
     }
+    # repeats interleaved, so that load from other processes hits every row alike
+    timed = {name: Timed(run, R, 1, 20) for name, (run, R) in runners.items()}
+    for _ in range(args.repeats):
+        for t in timed.values():
+            t.repeat(args.seconds)
+    rows = {name: t.median for name, t in timed.items()}
     result = {
         "width": args.width,
         "seeds": args.seeds,

@@ -114,20 +114,26 @@ def test_step_matches_per_sample_loop(options):
             torch.testing.assert_close(agent.views[k][r], v, rtol=1e-5, atol=1e-6)
 
 
-def test_goodness_prediction_matches_per_label_loop():
-    agent = make_agent(hidden="5,4,3", from_layer=2)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"embed": "append", "norm": "length"}, {"activation": "tanh", "fast": False}],
+)
+def test_goodness_prediction_matches_per_label_loop(options):
+    # (the fast path's first layer takes W·x₀ once and adds each label's column)
+    agent = make_agent(hidden="5,4,3", from_layer=2, **options)
+    act = {"relu": torch.relu, "tanh": torch.tanh}[agent.spec.activation]
     ((x, _),) = batches(2, 3, 1)
     scores = agent.act(x)  # (R, B, C)
     for r in range(2):
         for b in range(3):
             for c in range(C):
-                v, total = _embed(x[r, b], c, "replace"), 0.0
+                v, total = _embed(x[r, b], c, agent.spec.embed), 0.0
                 for i, layer in enumerate(agent.net.hidden_layers):
                     w, bias = (
                         agent.views[f"{layer.name}.weight"][r],
                         agent.views[f"{layer.name}.bias"][r],
                     )
-                    h = torch.relu(w @ _norm(v, "rms") + bias)
+                    h = act(w @ _norm(v, agent.spec.norm) + bias)
                     if i >= 1:
                         total += float(h.pow(2).sum())
                     v = h

@@ -132,7 +132,13 @@ def test_ff_plasticity_on_a_tiny_budget(tmp_path):
 
 
 def test_bench_ff_on_a_tiny_budget():
-    proc = _run([ROOT / "scripts" / "bench_ff.py", "--steps", "5", "--seeds", "2"], ROOT)
+    proc = _run(
+        [
+            ROOT / "scripts" / "bench_ff.py",
+            *"--steps 5 --seeds 2 --repeats 1 --seconds 0.05".split(),
+        ],
+        ROOT,
+    )
     assert '"speedup"' in proc.stdout
 
 
@@ -169,3 +175,16 @@ def test_bench_streams_and_bench_plugin_on_a_tiny_budget():
     )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["threads"] for r in out["rows"]] == ["default", 1, 2]
+
+
+def test_bench_cuda_rows_on_the_cpu_and_the_gpu_check_parses(tmp_path):
+    import json
+
+    out = tmp_path / "cuda.json"
+    args = ["--device", "cpu", "--seconds", "0.05", "--repeats", "1", "--json", out]
+    _run([ROOT / "scripts" / "bench_cuda.py", *args], ROOT / "scripts")
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["width"], r["R"]) for r in rows] == [(100, 32), (100, 256), (2000, 1), (2000, 8)]
+    assert all(r["learner_steps_per_s"] > 0 and r["device"] == "cpu" for r in rows)
+    for script in ("gpu_check.sh", "gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", ROOT / "scripts" / script], check=True)

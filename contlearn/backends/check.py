@@ -46,6 +46,7 @@ def synthetic_batches(
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float, atol: float) -> None:
+    a, b = a.cpu(), b.cpu()  # (the agent under check may be on another device)
     if a.is_floating_point():
         ok = torch.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
         diff = float((a - b).abs().max()) if a.numel() else 0.0
@@ -100,6 +101,7 @@ def check_online_agent(
     steps: int = 12,
     rtol: float = 1e-4,
     atol: float = 2e-5,
+    device: str | None = None,
 ) -> str:
     """Compare the online agent's chosen backend with its reference step.
 
@@ -111,6 +113,8 @@ def check_online_agent(
         learner: the learner (:class:`~contlearn.learners.Learner`).
         steps: learning steps (the first and the middle one start a task).
         rtol, atol: the float tolerance.
+        device: move the agent under check to this device (``cuda``: its backends there
+            against the reference on the CPU); default: both on the CPU.
 
     Returns:
         The name of the backend that was checked.
@@ -123,6 +127,8 @@ def check_online_agent(
     fast, ref = (
         OnlineAgent(info, seeds, dataclasses.replace(spec, fast=f), learner) for f in (True, False)
     )
+    if device is not None:
+        fast.to(device)
     for agent in (fast, ref):
         agent.watch_gradients()
     batches = synthetic_batches(info, steps)
