@@ -72,7 +72,7 @@ class BlockArgs(ctypes.Structure):
         ("keep", ctypes.c_float),
         ("sunit", ctypes.c_int32),
         ("adam", ctypes.c_int32),
-        *[(n, _P) for n in ("amw", "avw", "anw", "amb", "avb", "anb")],
+        *[(n, _P) for n in ("amw", "avw", "anw", "amb", "avb", "anb", "ucount")],
         ("ao", _AdamOpt),
     ]
 
@@ -247,13 +247,35 @@ def _fill_adam(a: BlockArgs, adam: BlockAdam | None, R: int, widths: list[int], 
         binding.tensors("adam.count_b", adam.count_b, _F32, bs),
     ]
     a.amw, a.avw, a.anw, a.amb, a.avb, a.anb = (ctypes.addressof(k) for k in keep)
+    ucount = _uniform_counts(adam)
+    a.ucount = ucount.data_ptr()
     t1, t2 = adam_tables(adam.b1, adam.b2)
     a.adam = 1
     a.ao = _AdamOpt(
         adam.pre_a, adam.pre_b, 1.0 - adam.b1, adam.b2, 1.0 - adam.b2, adam.eps, adam.lr,
         adam.post_b, t1.data_ptr(), len(t1), t2.data_ptr(), len(t2),
     )  # fmt: skip
-    return [*keep, t1, t2]
+    return [*keep, t1, t2, ucount]
+
+
+def _uniform_counts(adam: BlockAdam) -> torch.Tensor:
+    """``(R, L, 2)``: per replica and layer the one count of all the weights' (biases')
+    elements, or −1 where they differ. Where they agree the kernel keeps the count itself
+    instead of reading and writing every element's (:func:`_store_counts` writes it back)."""
+    out = []
+    for t in (*adam.count_w, *adam.count_b):
+        lo, hi = t.reshape(t.shape[0], -1).aminmax(dim=1)
+        out.append(torch.where(lo == hi, lo, -1.0))
+    L = len(adam.count_w)
+    return torch.stack(out, 1).reshape(-1, 2, L).transpose(1, 2).contiguous()
+
+
+def _store_counts(adam: BlockAdam, ucount: torch.Tensor) -> None:
+    """Write the counts the kernel kept (``ucount ≥ 0``) into every element of theirs."""
+    for j, ts in enumerate((adam.count_w, adam.count_b)):
+        for i, t in enumerate(ts):
+            value = ucount[:, i, j].view(-1, *[1] * (t.dim() - 1))  # (R, 1, ...)
+            t.copy_(torch.where(value >= 0, value, t))
 
 
 def online_block_(
@@ -343,6 +365,17 @@ def online_block_(
     a.gsum = binding.optional("grad_l1", grad_l1, _F64, (R, L))
     keep += _fill_credit(a, credit, R, widths)
     keep += _fill_adam(a, adam, R, widths, credit.rule)
+    try:
+        _run(lib, a, R, T, start, pending, workers)
+    finally:
+        if adam is not None:  # (the counts the kernel kept, before anyone reads them)
+            _store_counts(adam, keep[-1])
+
+
+def _run(
+    lib: ctypes.CDLL, a: BlockArgs, R: int, T: int, start: torch.Tensor, pending: Pending1,
+    workers: int,
+) -> None:  # fmt: skip
     todo = [r for r in range(R) if int(start[r]) < T or int(pending.step[r]) >= 0]
     groups = min(max(workers, 1), len(todo))
     ref = ctypes.byref(a)

@@ -434,6 +434,7 @@ typedef struct {
   void** amb;
   void** avb;
   void** anb;
+  float* ucount;  /* (R, L, 2) or NULL: see cl_online_block */
   AdamOpt ao;
 } BlockArgs;
 
@@ -444,14 +445,14 @@ int64_t cl_block_args_size(void) { return (int64_t)sizeof(BlockArgs); }
    1 / s2c: one division and one square root per weight instead of three and one; the result
    differs from the per-element form by float rounding), and the loop vectorises. AFF: the
    affine parts (pre_a, pre_b, post_b) are not the identity; PB, PC: accumulate pb, pc. */
-#define ADAM_SAME(NAME, AFF, PB, PC)                                                           \
+#define ADAM_SAME(NAME, AFF, PB, PC, CNT)                                                      \
   static void NAME(float* restrict x, float* restrict m, float* restrict v, float* restrict c, \
                    const float* restrict h, float dk, int64_t n, float* restrict pb,          \
                    float* restrict pc, const AdamOpt* o, float cn, float b1c, float s2c) {    \
     const float r1 = o->lr / b1c, r2 = 1.0f / s2c;                                           \
     const float pa = o->pre_a, pr = o->pre_b, w1 = o->w1, b2 = o->b2, w2 = o->w2;            \
     const float eps = o->eps, post = o->post_b;                                                \
-    (void)pa; (void)pr; (void)post; (void)pb; (void)pc;                                        \
+    (void)pa; (void)pr; (void)post; (void)pb; (void)pc; (void)c;                               \
     _Pragma("GCC ivdep")                                                                       \
     for (int64_t i = 0; i < n; ++i) {                                                          \
       const float xi = x[i], g = dk * h[i];                                                    \
@@ -459,29 +460,45 @@ int64_t cl_block_args_size(void) { return (int64_t)sizeof(BlockArgs); }
       const float mi = m[i] + w1 * (gp - m[i]), vi = v[i] * b2 + w2 * (gp * gp);               \
       const float u = (mi * r1) / (sqrtf(vi) * r2 + eps);                                      \
       const float y = AFF ? xi + (u + post * xi) : xi + u;                                     \
-      c[i] = cn; m[i] = mi; v[i] = vi; x[i] = y;                                               \
+      if (CNT) c[i] = cn;                                                                      \
+      m[i] = mi; v[i] = vi; x[i] = y;                                                          \
       if (PB) pb[i] += dk * xi;                                                                \
       if (PC) pc[i] += fabsf(y);                                                               \
     }                                                                                          \
   }
-ADAM_SAME(adam_same, 0, 0, 0)
-ADAM_SAME(adam_same_b, 0, 1, 0)
-ADAM_SAME(adam_same_bc, 0, 1, 1)
-ADAM_SAME(adam_same_a, 1, 0, 0)
-ADAM_SAME(adam_same_ab, 1, 1, 0)
-ADAM_SAME(adam_same_abc, 1, 1, 1)
+ADAM_SAME(adam_same, 0, 0, 0, 1)
+ADAM_SAME(adam_same_b, 0, 1, 0, 1)
+ADAM_SAME(adam_same_bc, 0, 1, 1, 1)
+ADAM_SAME(adam_same_a, 1, 0, 0, 1)
+ADAM_SAME(adam_same_ab, 1, 1, 0, 1)
+ADAM_SAME(adam_same_abc, 1, 1, 1, 1)
+/* the same where the caller keeps the counts (one value for the whole tensor: CNT = 0) */
+ADAM_SAME(adam_uni, 0, 0, 0, 0)
+ADAM_SAME(adam_uni_b, 0, 1, 0, 0)
+ADAM_SAME(adam_uni_bc, 0, 1, 1, 0)
+ADAM_SAME(adam_uni_a, 1, 0, 0, 0)
+ADAM_SAME(adam_uni_ab, 1, 1, 0, 0)
+ADAM_SAME(adam_uni_abc, 1, 1, 1, 0)
 
 /* Adam's update of n weights x with gradients g[i] = dk * h[i] (m, v, counts c beside them):
    g' = pre_a g + pre_b x, cl_adam's arithmetic, x += lr d + post_b x (with the identity's
    parts skipped, as the reference's chain has no such step); pb += dk * x (before the update)
-   and pc += |x| (after) where not NULL (pc only with pb). */
+   and pc += |x| (after) where not NULL (pc only with pb). ucn > 0: every count of the tensor
+   is ucn after this update and the caller keeps it (c is neither read nor written). */
 static void adam_span(float* x, float* m, float* v, float* c, const float* h, float dk,
-                      int64_t n, float* pb, float* pc, const AdamOpt* o) {
+                      int64_t n, float* pb, float* pc, const AdamOpt* o, float ucn) {
   if (n <= 0) return;
+  const int aff = o->pre_a != 1.0f || o->pre_b != 0.0f || o->post_b != 0.0f;
+  if (ucn > 0.0f) {
+    const float b1c = entry(o->bc1, o->n1, ucn), s2c = entry(o->sbc2, o->n2, ucn);
+    (aff ? (pb ? (pc ? adam_uni_abc : adam_uni_ab) : adam_uni_a)
+         : (pb ? (pc ? adam_uni_bc : adam_uni_b) : adam_uni))(
+        x, m, v, c, h, dk, n, pb, pc, o, ucn, b1c, s2c);
+    return;
+  }
   const float c0 = c[0];
   int same = 1;
   for (int64_t i = 0; i < n; ++i) same &= c[i] == c0;
-  const int aff = o->pre_a != 1.0f || o->pre_b != 0.0f || o->post_b != 0.0f;
   if (same) {
     const float cn = c0 + 1.0f;
     const float b1c = entry(o->bc1, o->n1, cn), s2c = entry(o->sbc2, o->n2, cn);
@@ -576,8 +593,14 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
       if (l > 0 && cr == CR_DFA) Fb[l] = (float*)fbp[l] + r * C * width[l];
       if (l < L - 1) { h[l] = hs + off; off += width[l + 1]; }
     }
+    /* uniform counts (Python checked): uc[2 l], uc[2 l + 1] the counts of layer l's weights
+       and biases, kept here instead of per element (< 0: per element) */
+    float* uc = adam && A->ucount ? A->ucount + r * L * 2 : 0;
+#define UCN(j) (uc && uc[j] >= 0.0f ? uc[j] + 1.0f : 0.0f)
+#define UCSET(j, value) do { if ((value) > 0.0f) uc[j] = (value); } while (0)
     while (t < T) {
       const float* xt = x + (t * R + r) * D;
+      const float ucn0 = pend ? UCN(0) : 0.0f;  /* the pending input-layer update's count */
       for (int64_t l = 0; l < L; ++l) {
         const int64_t K = width[l + 1], H = width[l];
         const float* in = l == 0 ? xt : h[l - 1];
@@ -589,7 +612,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
           if (l == 0 && pend && !sk[k]) {
             if (adam)
               adam_span(row, Mw[0] + k * H, Vw[0] + k * H, Nw[0] + k * H, xprev, d0[k], H, 0, 0,
-                        ao);
+                        ao, ucn0);
             else
               update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
           }
@@ -600,6 +623,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
         sabs[l] = mean_abs ? acc / (double)(K * H) : 1.0;
       }
       if (pend) memset(sk, 0, (size_t)H1);
+      UCSET(0, ucn0);
       pend = 0;
       float* zo = out + (t * R + r) * C;
       float lv = 0.0f;
@@ -637,11 +661,13 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
           float* col = cols + (h[l - 1] - hs);
           memset(below, 0, sizeof(float) * (size_t)H);
           if (cbp) memset(col, 0, sizeof(float) * (size_t)H);
-          if (adam)  /* (backprop only: kernels.py checks) */
+          if (adam) {  /* (backprop only: kernels.py checks) */
+            const float ucw = UCN(2 * l);
             for (int64_t k = 0; k < K; ++k)
               adam_span(W[l] + k * H, Mw[l] + k * H, Vw[l] + k * H, Nw[l] + k * H, h[l - 1], d[k],
-                        H, below, cbp ? col : 0, ao);
-          else if (cr == CR_BP || cr == CR_DFA)
+                        H, below, cbp ? col : 0, ao, ucw);
+            UCSET(2 * l, ucw);
+          } else if (cr == CR_BP || cr == CR_DFA)
             rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, cr == CR_BP, cbp);
           else
             rows_rule(cr, W[l], Fb[l], d, h[l - 1], below, col, H, K, alpha, scale, keep, cbp);
@@ -655,9 +681,11 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
               for (int64_t i = 0; i < H; ++i) below[i] = fmaf(ec, Dc[i], below[i]);
             }
         }
-        if (adam)
-          adam_span(Bv[l], Mb[l], Vb[l], Nb[l], d, 1.0f, K, 0, 0, ao);
-        else
+        if (adam) {
+          const float ucb = UCN(2 * l + 1);
+          adam_span(Bv[l], Mb[l], Vb[l], Nb[l], d, 1.0f, K, 0, 0, ao, ucb);
+          UCSET(2 * l + 1, ucb);
+        } else
           for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
         if (l > 0) {
           const float* hl = h[l - 1];
@@ -681,17 +709,21 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
       }
     }
     if (pend && !stopped) {
+      const float ucn0 = UCN(0);
       for (int64_t k = 0; k < H1; ++k) {
         if (sk[k]) continue;
         if (adam)
           adam_span(W[0] + k * D, Mw[0] + k * D, Vw[0] + k * D, Nw[0] + k * D, xprev, d0[k], D, 0,
-                    0, ao);
+                    0, ao, ucn0);
         else
           update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
       }
       memset(sk, 0, (size_t)H1);
       pend = 0;
+      UCSET(0, ucn0);
     }
+#undef UCN
+#undef UCSET
     pend_t[r] = pend ? pt : -1;
     start[r] = t;
     free(buf);
