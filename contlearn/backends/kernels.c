@@ -507,18 +507,42 @@ static void adam_span(float* x, float* m, float* v, float* c, const float* h, fl
         x, m, v, c, h, dk, n, pb, pc, o, cn, b1c, s2c);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) {  /* counts differ (a reset cleared some): per element */
-    const float xi = x[i], g = dk * h[i];
-    const float gp = aff ? o->pre_a * g + o->pre_b * xi : g;
-    const float ci = c[i] + 1.0f;
-    const float mi = m[i] + o->w1 * (gp - m[i]), vi = v[i] * o->b2 + o->w2 * (gp * gp);
-    const float d = (mi / entry(o->bc1, o->n1, ci)) /
-                    (sqrtf(vi) / entry(o->sbc2, o->n2, ci) + o->eps);
-    const float u = o->lr * d;
-    const float y = aff ? xi + (u + o->post_b * xi) : xi + u;
-    c[i] = ci; m[i] = mi; v[i] = vi; x[i] = y;
-    if (pb) pb[i] += dk * xi;
-    if (pc) pc[i] += fabsf(y);
+  /* counts differ (a reset cleared some): per element, the table entries gathered for a chunk
+     first so that the arithmetic still vectorises */
+  const float pa = o->pre_a, pr = o->pre_b, w1 = o->w1, b2 = o->b2, w2 = o->w2;
+  const float eps = o->eps, lr = o->lr, post = o->post_b;
+  float e1[256], e2[256], junk[256];  /* junk: where pb, pc are NULL (no branch in the loop) */
+  for (int64_t s0 = 0; s0 < n; s0 += 256) {
+    const int64_t len = n - s0 < 256 ? n - s0 : 256;
+    float *xs = x + s0, *ms = m + s0, *vs = v + s0, *cs = c + s0;
+    const float* hs = h + s0;
+    for (int64_t i = 0; i < len; ++i) {
+      const float ci = cs[i] + 1.0f;
+      e1[i] = entry(o->bc1, o->n1, ci);
+      e2[i] = entry(o->sbc2, o->n2, ci);
+      cs[i] = ci;
+    }
+    if (!pb || !pc) memset(junk, 0, sizeof junk);
+    float* pbs = pb ? pb + s0 : junk;
+    float* pcs = pc ? pc + s0 : junk;
+#define MIXED_LOOP(AFF)                                                                        \
+    _Pragma("GCC ivdep")                                                                       \
+    for (int64_t i = 0; i < len; ++i) {                                                        \
+      const float xi = xs[i], g = dk * hs[i];                                                  \
+      const float gp = AFF ? pa * g + pr * xi : g;                                             \
+      const float mi = ms[i] + w1 * (gp - ms[i]), vi = vs[i] * b2 + w2 * (gp * gp);            \
+      const float u = lr * ((mi / e1[i]) / (sqrtf(vi) / e2[i] + eps));                         \
+      const float y = AFF ? xi + (u + post * xi) : xi + u;                                     \
+      ms[i] = mi; vs[i] = vi; xs[i] = y;                                                       \
+      pbs[i] += dk * xi;                                                                       \
+      pcs[i] += fabsf(y);                                                                      \
+    }
+    if (aff) {
+      MIXED_LOOP(1)
+    } else {
+      MIXED_LOOP(0)
+    }
+#undef MIXED_LOOP
   }
 }
 
