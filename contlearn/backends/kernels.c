@@ -360,7 +360,9 @@ void cl_layer_update(float* w, const float* d, const float* h, float* below, flo
    run disjoint ranges on several threads (no OpenMP here: its idle threads spin-wait, which
    on a machine with few cores takes the CPU the other threads need). If gsum is not NULL,
    every step adds sum |dL/dW_l| + sum |dL/db_l| to gsum[r, l] (the loss gradient, before the
-   update's scaling). */
+   update's scaling). With adam (backprop only) every update is Adam's instead (adam_span: the
+   moments and counts of BlockArgs' amw ... anb; where ucount[r, l, j] >= 0 that tensor's
+   counts all equal it, and the count is kept there, not per element). */
 static float act_fwd(int act, float z) {
   switch (act) {
     case 0: return z > 0.0f ? z : 0.0f;

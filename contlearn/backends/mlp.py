@@ -7,7 +7,8 @@ in the order the agent asks them (:data:`BACKENDS`):
 - :class:`BlockLoop` (``block``): whole batch-1 steps in one compiled loop per replica
   (:func:`contlearn.backends.block_kernel.online_block_`: forward, loss, backward with the fused
   update, continual backprop's steps 1–5), for learners whose fused form needs nothing per
-  step but continual backprop's unit bookkeeping;
+  step but continual backprop's unit bookkeeping, and under backprop for Adam between affine
+  maps (:mod:`contlearn.learners.adam_form`, its moments and counts in the same pass);
 - :class:`FusedBackward` (``fused``): the network's hand-written backward applying the
   learner's declared affine update ``θ ← (1 + β) θ + α g`` in place while it back-propagates
   (no gradient or update tensor), then the learner's post-update edit;
