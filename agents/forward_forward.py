@@ -264,19 +264,27 @@ class FFAgent:
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Scores ``(R, B, C)`` whose argmax is the prediction (goodness per label, or the
         head's logits); keeps the head's features for ``observe``."""
+        scores, self._acted = self._answer(obs)
+        return scores
+
+    @torch.no_grad()
+    def outputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """:meth:`act`'s scores ``(R, B, C)`` without keeping anything for ``observe`` (the
+        held-out score of the image streams, ``churn``)."""
+        return self._answer(obs)[0]
+
+    def _answer(self, obs: torch.Tensor) -> tuple[torch.Tensor, Acted]:
+        """The scores for ``obs`` and what ``observe`` may reuse of their computation."""
         flat = self._flat(obs)
         if self.spec.predict == "goodness":
             if not self.spec.fast:  # (the reference: every embedded input through every layer)
-                self._acted = Acted(obs, None, None)
-                return self.goodness_scores(flat)
+                return self.goodness_scores(flat), Acted(obs, None, None)
             # the hand-written step: one pass serves the prediction and the step's positive
             # and negative inputs (their rows of it)
             passes = self.net.label_pass(flat, self.classes, self.spec.embed, self.views)
-            self._acted = Acted(obs, None, passes)
-            return self.goodness_scores(flat, [h for _, h in passes])
+            return self.goodness_scores(flat, [h for _, h in passes]), Acted(obs, None, passes)
         feat = self.net.head_input(self.neutral_features(flat))
-        self._acted = Acted(obs, feat, None)
-        return self.net.layer_forward("head", feat, self.views)
+        return self.net.layer_forward("head", feat, self.views), Acted(obs, feat, None)
 
     def _step_rows(
         self, acted: Acted | None, obs: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor

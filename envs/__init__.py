@@ -25,6 +25,41 @@ streams.register(
     "MNIST with a new random permutation of the labels per task",
 )
 streams.register(
+    "permuted-cifar10",
+    "contlearn.envs.cifar:PermutedCIFAR10Stream",
+    "CIFAR-10 with a new random permutation of the pixel positions per task",
+)
+streams.register(
+    "permuted-cifar100",
+    "contlearn.envs.cifar:PermutedCIFAR100Stream",
+    "CIFAR-100 with a new random permutation of the pixel positions per task",
+)
+streams.register(
+    "label-shuffled-cifar10",
+    "contlearn.envs.cifar:LabelShuffledCIFAR10Stream",
+    "CIFAR-10 with a new random permutation of the labels per task",
+)
+streams.register(
+    "label-shuffled-cifar100",
+    "contlearn.envs.cifar:LabelShuffledCIFAR100Stream",
+    "CIFAR-100 with a new random permutation of the labels per task",
+)
+streams.register(
+    "continual-imagenet",
+    "contlearn.envs.class_pairs:ContinualImageNetStream",
+    "binary tasks over pairs of ImageNet32 classes, E epochs each (Dohare et al. 2024)",
+)
+streams.register(
+    "continual-mnist-pairs",
+    "contlearn.envs.class_pairs:ContinualMNISTPairsStream",
+    "the Continual ImageNet protocol on pairs of MNIST digits (offline)",
+)
+streams.register(
+    "incremental-cifar100",
+    "contlearn.envs.incremental:IncrementalCIFAR100Stream",
+    "class-incremental CIFAR-100: 5 classes, +5 every 200 epochs (Dohare et al. 2024)",
+)
+streams.register(
     "bit-flipping",
     "contlearn.envs.bit_flipping:BitFlippingStream",
     "slowly changing regression: one slow input bit flips every T examples",

@@ -25,6 +25,7 @@ from contlearn.envs.checker import (
     round_trip,
     same,
 )
+from contlearn.envs.protocol import HeldOutStream, ScheduledTaskStream
 
 _PROBE = 3  # probe examples per replica
 
@@ -62,13 +63,48 @@ def batch_problems(stream: Any, batches: list[Any], kind: str) -> Problems:
         elif b.obs.dtype != torch.float32:
             problems.append(f"next().obs at step {i} is {b.obs.dtype}, not torch.float32")
         problems += _target_problems(b.target, i, kind, R, B, info.num_outputs)
-        if (bool(b.new_task), int(b.task)) != (i % spt == 0, i // spt):
+        task, new = expected_task(stream, i)
+        if (bool(b.new_task), int(b.task)) != (new, task):
+            rule = "its steps_until" if isinstance(stream, ScheduledTaskStream) else None
             problems.append(
-                f"step {i} has task={b.task}, new_task={b.new_task}; with steps_per_task={spt} "
-                f"it should be task={i // spt}, new_task={i % spt == 0}"
+                f"step {i} has task={b.task}, new_task={b.new_task}; with "
+                f"{rule or f'steps_per_task={spt}'} it should be task={task}, new_task={new}"
             )
         if problems:
             return problems  # (the first step that breaks the protocol, not every one)
+    return []
+
+
+def expected_task(stream: Any, i: int) -> tuple[int, bool]:
+    """The task step ``i`` (from 0) belongs to, and whether it is that task's first step."""
+    if isinstance(stream, ScheduledTaskStream):
+        task = 0
+        while stream.steps_until(task + 1) <= i:
+            task += 1
+        return task, stream.steps_until(task) == i
+    spt = stream.steps_per_task
+    return i // spt, i % spt == 0
+
+
+def held_out_problems(stream: Any, kind: str) -> Problems:
+    """A held-out stream's ``held_out_batches`` give well-formed examples of the current task
+    and leave the stream where it was."""
+    if not isinstance(stream, HeldOutStream) or not stream.held_out_metric:
+        return []
+    info, before = stream.info, stream.step
+    R = info.num_replicas
+    chunks = list(stream.held_out_batches(3))
+    if not chunks:
+        return ["held_out_batches gave no examples"]
+    for obs, target in chunks:
+        n = obs.shape[1] if obs.ndim > 1 else -1
+        if tuple(obs.shape) != (R, n, *info.input_shape) or obs.dtype != torch.float32:
+            return [f"held_out_batches gave obs {tuple(obs.shape)}, not (R, n, *input_shape)"]
+        problems = _target_problems(target, 0, kind, R, n, info.num_outputs)
+        if problems:
+            return [f"held_out_batches: {p}" for p in problems]
+    if stream.step != before:
+        return ["held_out_batches moved the stream"]
     return []
 
 
@@ -212,6 +248,7 @@ def supervised_problems(make: Make, seeds: Sequence[int], steps: int | None, kin
         if problems:
             return problems  # (the comparisons below need well-formed batches)
         problems += score_problems(stream, batches[-1])
+        problems += held_out_problems(stream, kind)
     problems += probe_problems(make, seeds, n)
     problems += determinism_problems(make, seeds, batches)
     problems += state_problems(make, seeds, n)

@@ -11,6 +11,9 @@ the data (each replica in its own order, reshuffled at each new pass). A task la
 Pixels are scaled to [0, 1]. The offline default data is the MNIST test set shipped in the
 package; ``dataset=full`` uses the 70k set from ``contlearn data download mnist``.
 
+The classes are written over the data set (``_load``, ``input_shape``, ``num_classes``,
+``_new_permutation``): :mod:`contlearn.envs.cifar` gives the CIFAR-10/100 streams with them.
+
 Speed: examples are gathered for up to a few hundred steps at once (never past the end of the
 task or of the pass over the data, so no random number is drawn early); each step then hands
 out a view. The stream's state (``order``, ``pos``) stays that of the steps actually taken.
@@ -66,12 +69,16 @@ class _MNISTStream(SupervisedStream):
     Spec: ClassVar[type] = MNISTStreamSpec
     #: small settings for :func:`contlearn.envs.check_stream`
     check_settings: ClassVar[dict] = {"examples_per_task": 8, "batch_size": 2}
+    #: one example's shape, and its number of values D
+    input_shape: ClassVar[tuple[int, ...]] = (_PIXELS,)
+    pixels: ClassVar[int] = _PIXELS
+    num_classes: ClassVar[int] = 10
 
-    def __init__(self, spec: MNISTStreamSpec, seeds) -> None:
+    def __init__(self, spec: Any, seeds) -> None:
         super().__init__(seeds, spec.examples_per_task, spec.batch_size, spec.boundaries_visible)
         self.spec = spec
-        images, labels = load_mnist(spec.dataset, spec.data_dir or None)
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).reshape(-1)  # (N*784,) u8
+        images, labels = self._load(spec)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).reshape(-1)  # (N*D,) u8
         self.labels = torch.from_numpy(labels)  # (N,)
         self.num_examples = len(labels)
         R = self.num_replicas
@@ -80,8 +87,8 @@ class _MNISTStream(SupervisedStream):
         self.info = StreamInfo(
             self.name,
             "classification",
-            (_PIXELS,),
-            10,
+            self.input_shape,
+            self.num_classes,
             spec.boundaries_visible,
             R,
             "accuracy",
@@ -89,6 +96,18 @@ class _MNISTStream(SupervisedStream):
         )
         self._ahead: tuple[torch.Tensor, torch.Tensor] | None = None  # (n, R, B, ...) each
         self._ahead_at = 0
+
+    def _load(self, spec: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The data set: ``(images (N, D) uint8, labels (N,) int64)``."""
+        return load_mnist(spec.dataset, spec.data_dir or None)
+
+    def _new_permutation(self, rng: np.random.Generator) -> np.ndarray:
+        """A task's permutation of the D input values (MNIST: of the 784 pixels)."""
+        return rng.permutation(self.pixels)
+
+    def _shaped(self, obs: torch.Tensor) -> torch.Tensor:
+        """Inputs ``(..., D)`` as ``(..., *input_shape)``."""
+        return obs.view(*obs.shape[:-1], *self.input_shape)
 
     def _indices(self, batch_size: int) -> torch.Tensor:
         """Next ``batch_size`` example indices per replica: ``(R, B)``."""
@@ -148,7 +167,7 @@ class _MNISTStream(SupervisedStream):
         """The examples of the next steps of this task and pass, ``((n, R, B, 784), (n, R, B))``
         gathered at once from ``order`` (no random draws), or None if fewer than 2 steps fit."""
         left_in_task = self.steps_per_task - self.step % self.steps_per_task
-        per_step = self.num_replicas * batch_size * _PIXELS * 4
+        per_step = self.num_replicas * batch_size * self.pixels * 4
         n = min(
             _AHEAD_STEPS,
             left_in_task,
@@ -168,11 +187,10 @@ class _MNISTStream(SupervisedStream):
         raise NotImplementedError
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """The unpermuted images of ``idx (...)``: ``(..., 784)`` uint8 (``index_select``: ~15x
+        """The unpermuted images of ``idx (...)``: ``(..., D)`` uint8 (``index_select``: ~15x
         faster than advanced indexing)."""
-        return (
-            self.images.view(-1, _PIXELS).index_select(0, idx.reshape(-1)).view(*idx.shape, _PIXELS)
-        )
+        D = self.pixels
+        return self.images.view(-1, D).index_select(0, idx.reshape(-1)).view(*idx.shape, D)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"order": self.order.clone(), "pos": self.pos}
@@ -190,10 +208,10 @@ class PermutedMNISTStream(_MNISTStream):
 
     def __init__(self, spec: MNISTStreamSpec, seeds) -> None:
         super().__init__(spec, seeds)
-        self.perm = torch.zeros(self.num_replicas, _PIXELS, dtype=torch.int64)  # (R, 784)
+        self.perm = torch.zeros(self.num_replicas, self.pixels, dtype=torch.int64)  # (R, D)
 
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
-        self.perm[replica] = torch.from_numpy(rng.permutation(_PIXELS))
+        self.perm[replica] = torch.from_numpy(self._new_permutation(rng))
 
     def _task_tensor(self) -> torch.Tensor:
         return self.perm
@@ -207,7 +225,7 @@ class PermutedMNISTStream(_MNISTStream):
         rows = self._rows(idx)  # (..., R, B, 784) u8
         cols = (self.perm if task is None else task).unsqueeze(1).expand(rows.shape)
         obs = torch.gather(rows, -1, cols).to(torch.float32).div_(255.0)
-        return obs, self.labels[idx]
+        return self._shaped(obs), self.labels[idx]
 
     def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "perm": self.perm.clone()}
@@ -224,10 +242,10 @@ class LabelShuffledMNISTStream(_MNISTStream):
 
     def __init__(self, spec: MNISTStreamSpec, seeds) -> None:
         super().__init__(spec, seeds)
-        self.label_map = torch.arange(10).repeat(self.num_replicas, 1)  # (R, 10)
+        self.label_map = torch.arange(self.num_classes).repeat(self.num_replicas, 1)  # (R, K)
 
     def _begin_task(self, replica: int, rng: np.random.Generator) -> None:
-        self.label_map[replica] = torch.from_numpy(rng.permutation(10))
+        self.label_map[replica] = torch.from_numpy(rng.permutation(self.num_classes))
 
     def _task_tensor(self) -> torch.Tensor:
         return self.label_map
@@ -235,7 +253,7 @@ class LabelShuffledMNISTStream(_MNISTStream):
     def _examples(
         self, idx: torch.Tensor, task: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        obs = self._rows(idx).to(torch.float32).div_(255.0)  # (..., R, B, 784)
+        obs = self._shaped(self._rows(idx).to(torch.float32).div_(255.0))  # (..., R, B, ...)
         rows = torch.arange(self.num_replicas).unsqueeze(1)  # (R, 1)
         label_map = self.label_map if task is None else task
         target = label_map[rows, self.labels[idx]]  # (..., R, B): map of each replica

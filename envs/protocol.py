@@ -13,7 +13,10 @@ however it ends (:func:`contlearn.running.runner.open_streams`).
   probe inputs of the current task; optionally :class:`BlockStream` (``next_block``,
   ``batch_size``: T steps at once for agents that learn in blocks) and
   :class:`DeferredProbeStream` (``probe_batch_later``: the draws now, the gathering later, on
-  the probe thread).
+  the probe thread), :class:`HeldOutStream` (``held_out_batches``: the current task's
+  held-out test split, which the loop scores without learning at each task's end) and
+  :class:`ScheduledTaskStream` (``steps_until``: tasks of different lengths, e.g. the growing
+  increments of ``incremental-cifar100``; ``steps_per_task`` is then the first task's length).
 - :class:`RLStreamProtocol` (``info.kind == "rl"``): ``obs`` to act on, ``advance(action)``
   steps every env copy and returns the feedback and the episodes that ended, ``task`` is each
   replica's friction index, ``probe_batch()`` the observations of the recent window.
@@ -21,7 +24,7 @@ however it ends (:func:`contlearn.running.runner.open_streams`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -94,6 +97,37 @@ class DeferredProbeStream(Protocol):
 
 
 @runtime_checkable
+class HeldOutStream(SupervisedStreamProtocol, Protocol):
+    """A supervised stream with a held-out test split per task (docs/image_streams.md).
+
+    At the end of each task (after the step that makes ``step == task_ends_at``) the loop
+    scores the agent's ``outputs`` on every held-out example with ``score``, without learning,
+    and records the mean as ``held_out_metric`` (``""``: the stream has none this run).
+    """
+
+    held_out_metric: str
+
+    @property
+    def task_ends_at(self) -> int:
+        """The step count at which the current task ends."""
+        ...
+
+    def held_out_batches(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The current task's held-out examples in a fixed order, ``size`` per replica at a
+        time: ``(obs (R, n, *input_shape), target (R, n))``; the stream does not move."""
+        ...
+
+
+@runtime_checkable
+class ScheduledTaskStream(Protocol):
+    """A stream whose tasks differ in length (the runner counts ``--tasks`` with it)."""
+
+    def steps_until(self, tasks: int) -> int:
+        """The steps of the first ``tasks`` tasks together."""
+        ...
+
+
+@runtime_checkable
 class RLStreamProtocol(Stream, Protocol):
     """An RL stream: env copies whose dynamics change on a schedule."""
 
@@ -117,7 +151,9 @@ class RLStreamProtocol(Stream, Protocol):
 __all__ = [
     "BlockStream",
     "DeferredProbeStream",
+    "HeldOutStream",
     "RLStreamProtocol",
+    "ScheduledTaskStream",
     "Stream",
     "SupervisedStreamProtocol",
 ]

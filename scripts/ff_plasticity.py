@@ -41,7 +41,7 @@ class Args:
     """seeds per pair, run as one batched model"""
     tasks: int = 50
     """tasks (pixel permutations) per run"""
-    examples_per_task: int = 600
+    examples_per_task: int = 5000
     """examples shown per task, one at a time"""
     hidden: str = "100,100,100"
     """hidden widths (the same for both agents)"""
@@ -50,6 +50,9 @@ class Args:
     ff_lr: float = 1e-3
     """Adam step size of Forward-Forward (the agent's default; SGD at 0.003-0.03 kills its
     units with the sum goodness, see docs/forward_forward.md)"""
+    ff_goodness: str = "mean"
+    """Forward-Forward's goodness (mean: online FF learns at this budget, sum barely does; see
+    docs/forward_forward.md)"""
     replacement_rate: float = 1e-4
     """continual backprop's ρ"""
     probe_size: int = 500
@@ -75,7 +78,7 @@ def main() -> None:
         for learner in args.learners.split(","):
             extra = {"learner.replacement_rate": args.replacement_rate} if learner == "cbp" else {}
             opt = (
-                {"optimizer": "adam", "lr": args.ff_lr}
+                {"optimizer": "adam", "lr": args.ff_lr, "goodness": args.ff_goodness}
                 if agent == "ff"
                 else {"optimizer": "sgd", "lr": args.lr}
             )

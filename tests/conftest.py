@@ -60,3 +60,31 @@ def serve_directory(root: Path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory) -> Path:
+    """Generated CIFAR-10/100 archives and ImageNet32 files in the official formats (once per
+    session; :mod:`tests.image_files`): ``<root>/cifar10``, ``cifar100``, ``imagenet32``."""
+    from tests.image_files import write_cifar, write_imagenet32
+
+    root = tmp_path_factory.mktemp("image-data")
+    write_cifar(root / "cifar10", "cifar10", 12, 4)
+    write_cifar(root / "cifar100", "cifar100", 8, 3)
+    write_imagenet32(root / "imagenet32", 8)
+    return root
+
+
+@pytest.fixture
+def image_data(image_files, monkeypatch) -> Path:
+    """:func:`image_files` as the default data folders ($CONTLEARN_DATA, $CONTLEARN_IMAGENET32),
+    with the CIFAR md5s set to the generated archives'."""
+    import contlearn.data.images as im
+    from contlearn.data.datasets import md5_of
+
+    for name, spec in list(im.CIFAR.items()):
+        archive = image_files / name / spec.archive
+        monkeypatch.setitem(im.CIFAR, name, spec._replace(md5=md5_of(archive)))
+    monkeypatch.setenv("CONTLEARN_DATA", str(image_files))
+    monkeypatch.setenv("CONTLEARN_IMAGENET32", str(image_files / "imagenet32"))
+    return image_files

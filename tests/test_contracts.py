@@ -141,6 +141,7 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
                 "SupportsGradientWatch",
                 "SupportsProbeLoss",
                 "SupportsGoodnessGap",
+                "SupportsOutputs",
                 "SupportsNetwork",
                 "SupportsDiagnostics",
                 "SupportsPreferredThreads",

@@ -35,7 +35,7 @@ def _params() -> list:
 
 
 @pytest.mark.parametrize("name", _params())
-def test_every_registered_stream_keeps_its_protocol(name):
+def test_every_registered_stream_keeps_its_protocol(name, image_data):
     check_stream(name)  # (the registry's every stream: a new one is checked without a word)
 
 

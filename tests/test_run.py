@@ -14,6 +14,11 @@ from tests.test_streams import STREAMS
 SMALL = {"examples_per_task": 200, "hidden": "16,16"}
 
 
+@pytest.fixture(autouse=True)
+def _generated_image_data(image_data):
+    """The CIFAR streams among STREAMS read generated archives (tests/conftest.py)."""
+
+
 def test_done_when_three_seeds_five_tasks_give_fifteen_accuracy_rows(tmp_path):
     res = contlearn.run(
         "permuted-mnist", seeds=3, tasks=5, config={"examples_per_task": 500}, out=tmp_path / "run"

@@ -10,8 +10,19 @@ from contlearn.envs import make_stream, streams
 from contlearn.envs.bit_flipping import ltu_target
 from contlearn.running.config import resolve
 
-#: every registered supervised stream, from the registry (a new one is tested without a word)
-STREAMS = [n for n in streams.names() if streams.get(n).kind != "rl"]
+#: every registered supervised stream of ``examples_per_task`` examples a task, from the
+#: registry (a new one is tested without a word; the epoch streams: tests/test_image_streams.py)
+STREAMS = [
+    n
+    for n in streams.names()
+    if streams.get(n).kind != "rl"
+    and "examples_per_task" in streams.get(n).Spec.__dataclass_fields__
+]
+
+
+@pytest.fixture(autouse=True)
+def _generated_image_data(image_data):
+    """The CIFAR streams read generated archives (tests/conftest.py: image_data)."""
 
 
 def _stream(name: str, seeds, **options):

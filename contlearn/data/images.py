@@ -331,6 +331,34 @@ def load_imagenet32(
     return np.concatenate(images), np.concatenate(labels)
 
 
+def load_imagenet32_first(
+    per_class: int, data_dir: str | Path | None = None, split: str = "train"
+) -> Arrays:
+    """The first ``per_class`` images of every ImageNet32 class, in file order (what the
+    Continual ImageNet stream splits into train and test), read batch by batch so memory holds
+    one batch plus what is kept (1000 × ``per_class`` images).
+
+    Returns:
+        ``(images, labels)`` as :func:`load_imagenet32`; a class with fewer images keeps all.
+
+    Raises:
+        DataError: files are missing (all named, with where to get them) or malformed.
+    """
+    taken = np.zeros(IMAGENET32_CLASSES, dtype=np.int64)
+    images, labels = [], []
+    for path in imagenet32_files(data_dir, split):
+        x, y = _read_imagenet32_batch(path)
+        order = np.argsort(y, kind="stable")
+        first = np.searchsorted(y[order], y[order])  # where each row's class starts in order
+        rank = np.empty(len(y), dtype=np.int64)
+        rank[order] = np.arange(len(y)) - first + taken[y[order]]
+        keep = rank < per_class
+        taken += np.bincount(y, minlength=IMAGENET32_CLASSES)
+        images.append(x[keep])
+        labels.append(y[keep])
+    return np.concatenate(images), np.concatenate(labels)
+
+
 def indices_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     """For each class ``c`` the positions ``i`` with ``labels[i] == c``, in order."""
     order = np.argsort(labels, kind="stable")
@@ -357,8 +385,12 @@ def download_dataset(
         return f"MNIST ready in {path}; use it with --set dataset=full --set data_dir={path}"
     if name in CIFAR:
         path = download_cifar(name, target, mirrors=[*extra_mirrors, *CIFAR_MIRRORS])
+        streams = (
+            "incremental-cifar100, permuted-cifar100" if name == "cifar100" else "permuted-cifar10"
+        )
         return (
-            f"{CIFAR[name].title} ready in {path}; load_cifar({name!r}, data_dir={path}) reads it"
+            f"{CIFAR[name].title} ready in {path}; streams ({streams}, …) read it with "
+            f"--set data_dir={path}"
         )
     if name == "imagenet32":
         folder = target or imagenet32_dir()

@@ -6,6 +6,8 @@ The engine counts steps and tasks and emits records (values, not hooks;
     Record("task_start", step, task, {})                  # before the task's first step
     Record("probe", step, task, {metric: (R,)}, layer)     # at probe points (see below)
     Record("task_end", step, task, {"accuracy": (R,), "loss": (R,), ...})
+    Record("task_end", step, task, {"test_accuracy": (R,)})  # held-out streams, after the
+                                                          # task's last step
     Record("diverged", step, task, {"diverged": (1,)}, replica=r)  # a non-finite loss
 
 ``task_end`` carries the task's online score (scored on the answer given *before* each update)
@@ -40,16 +42,18 @@ from contlearn.agents.protocol import (
     SupportsBlocks,
     SupportsDiagnostics,
     SupportsGradientWatch,
+    SupportsOutputs,
     SupportsProbeLoss,
     SupportsProbeSnapshot,
     SupportsProbeThreads,
     SupportsStopReplicas,
     SupportsTaskStart,
 )
-from contlearn.envs.protocol import BlockStream, Stream, SupervisedStreamProtocol
+from contlearn.envs.protocol import BlockStream, HeldOutStream, Stream, SupervisedStreamProtocol
 from contlearn.errors import ContlearnError
+from contlearn.loop.held_out import held_out_metric, held_out_score
 from contlearn.loop.progress import Progress
-from contlearn.loop.records import Record, TaskTotals, results_records
+from contlearn.loop.records import Record, TaskTotals, mark_diverged, results_records
 from contlearn.probes.measures import AFTER_STEP, SNAPSHOT_SAFE, probes_for, run_step_probes
 from contlearn.probes.schedule import (  # noqa: F401 (the runner takes torch_threads from here)
     ProbeSchedule,
@@ -229,6 +233,8 @@ class SupervisedLoop(SteppingLoop):
         self.probes = probes
         self.totals = TaskTotals(self.info.num_replicas)
         self.task = stream.task
+        #: the held-out score recorded after each task's last step ("": none; held_out.py)
+        self.held_out = held_out_metric(stream, agent)
         self._diagnostics = agent.diagnostics if isinstance(agent, SupportsDiagnostics) else None
         self._on_task_start = (
             agent.on_task_start
@@ -352,8 +358,17 @@ class SupervisedLoop(SteppingLoop):
         if self._probe_point is not None:
             self._after_step_probes(batch.obs, batch.target, metrics)
         self.totals.add(stream.score(pred, batch.target), metrics)
+        self._held_out_if_due()
         if self.progress is not None:
             self.progress.update(stream.step, self.task, self.totals.running)
+
+    def _held_out_if_due(self) -> None:
+        """After a task's last step: its held-out score (``contlearn/loop/held_out.py``)."""
+        stream = cast(HeldOutStream, self.stream)
+        if self.held_out and stream.step == stream.task_ends_at:
+            score = held_out_score(stream, cast(SupportsOutputs, self.agent))
+            values = {self.held_out: mark_diverged(score, self.diverged)}
+            self.emit(Record("task_end", stream.step, self.task, values))
 
     def advance(self, limit: int) -> None:
         """A block of up to ``limit`` steps when the stream and the agent can take one
@@ -392,6 +407,7 @@ class SupervisedLoop(SteppingLoop):
             for t in range(loss.shape[0]):
                 self._check_divergence(loss[t], done + t + 1)
         self.totals.add_block(stream.score(pred, batch.target), metrics)
+        self._held_out_if_due()
         per_step = (time.perf_counter() - started) / batch.obs.shape[0]
         self._step_seconds = 0.5 * self._step_seconds + 0.5 * per_step
         if self.progress is not None:

@@ -35,8 +35,9 @@ import pandas as pd
 
 from contlearn.errors import ContlearnError
 
-SCORE_METRICS = ("accuracy", "squared_error", "episode_return")
-"""Per-task online scores, in the order :func:`default_metric` prefers them."""
+SCORE_METRICS = ("test_accuracy", "accuracy", "squared_error", "episode_return")
+"""Per-task scores, in the order :func:`default_metric` prefers them: the held-out accuracy
+at each task's end where a stream has one (the image streams), else the online score."""
 NON_PROBE_METRICS = (*SCORE_METRICS, "loss")
 BASE_COLUMNS = ("run", "stream", "learner", "seed", "step", "task", "metric", "layer", "value")
 # Config keys that never make runs incomparable (bookkeeping, not hyper-parameters).
@@ -144,7 +145,8 @@ def check_comparable(df: pd.DataFrame) -> None:
 
 
 def default_metric(df: pd.DataFrame) -> str:
-    """The score to plot: ``accuracy``, else ``squared_error``, else ``episode_return``.
+    """The score to plot: ``test_accuracy``, else ``accuracy``, else ``squared_error``, else
+    ``episode_return``.
 
     Raises:
         ContlearnError: none of them is present.

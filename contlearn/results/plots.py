@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 METRIC_LABELS = {  # axis labels with units; other metrics get their name, spaced
     "accuracy": "online accuracy (fraction correct)",
+    "test_accuracy": "held-out accuracy at task end (fraction correct)",
     "squared_error": "mean squared error",
     "episode_return": "episode return",
     "loss": "online loss",
@@ -204,7 +205,8 @@ def plot_decay(
 
     Args:
         df: a frame from :func:`contlearn.load_runs` (one stream).
-        metric: default ``accuracy``, else ``squared_error``, else ``episode_return``.
+        metric: default ``test_accuracy``, else ``accuracy``, else ``squared_error``, else
+            ``episode_return``.
         by: column or config key (or a list of them) whose values make the lines.
         bin: tasks per point (default 1), or with ``x="step"`` the width of a point in steps
             (x at the mean of the recorded steps in it; default :func:`default_bin`: about 50

@@ -87,8 +87,8 @@ def summary_table(
         by: column or config key (or a list of them) that defines the groups; config columns
             that vary inside a group split it further (see
             :func:`contlearn.results.curves.group_keys`).
-        metric: the per-task score; default ``accuracy``, else ``squared_error``, else
-            ``episode_return``.
+        metric: the per-task score; default ``test_accuracy`` (the held-out score), else
+            ``accuracy``, else ``squared_error``, else ``episode_return``.
 
     Returns:
         One row per group: the group key columns, then ``metric``, ``seeds`` (replicates: one

@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -354,9 +354,11 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
         agent_cls=agent_cls,
         stream_cls=stream_cls,
     )
+    from contlearn.loop.held_out import check_held_out
     from contlearn.running.limits import check_limits
 
     check_limits(config)
+    check_held_out(config.agent_cls, agent, stream_cls, config.stream_spec)
     copies = getattr(config.stream_spec, "num_envs", 1)
     if getattr(stream_cls, "kind", None) == "rl" and config.run.steps % copies:
         raise ConfigError(
@@ -378,8 +380,12 @@ def _check_stream_kind(agent_cls: type, agent: str, stream_cls: type, stream: st
         )
 
 
-def total_steps(config: RunConfig, steps_per_task: int) -> int:
-    """Steps the run takes: ``steps``, or ``tasks`` × steps per task (100 tasks by default)."""
+def total_steps(
+    config: RunConfig, steps_per_task: int, steps_until: Callable[[int], int] | None = None
+) -> int:
+    """Steps the run takes: ``steps``, or ``tasks`` × steps per task (100 tasks by default),
+    or ``steps_until(tasks)`` for a stream whose tasks differ in length."""
     if config.run.steps:
         return config.run.steps
-    return (config.run.tasks or DEFAULT_TASKS) * steps_per_task
+    tasks = config.run.tasks or DEFAULT_TASKS
+    return steps_until(tasks) if steps_until is not None else tasks * steps_per_task

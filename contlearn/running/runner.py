@@ -40,7 +40,12 @@ from contlearn.agents.protocol import (
     SupportsReplicaWorkers,
     supports_replicas,
 )
-from contlearn.envs.protocol import RLStreamProtocol, Stream, SupervisedStreamProtocol
+from contlearn.envs.protocol import (
+    RLStreamProtocol,
+    ScheduledTaskStream,
+    Stream,
+    SupervisedStreamProtocol,
+)
 from contlearn.errors import ConfigError, ContlearnError, RunDirError, RunInterrupted
 from contlearn.loop.adapter import SingleReplicaAdapter
 from contlearn.loop.engine import (
@@ -322,7 +327,7 @@ def execute(
         parts = int(ckpt["parts"]) if ckpt else 0
         check_parts(path, parts)
         if ckpt is not None and start < len(streams):
-            check_length(cfg, path, int(ckpt["step"]), streams[start].steps_per_task)
+            check_length(cfg, path, int(ckpt["step"]), streams[start])
         writer.truncate(parts)  # no checkpoint: start over cleanly
     if started is not None:
         started()
@@ -346,13 +351,21 @@ def execute(
                 stream.close()  # (its workers go now, not at the run's end)
 
 
-def check_length(cfg: RunConfig, path: Path, step: int, steps_per_task: int) -> None:
+def stream_steps(cfg: RunConfig, stream: Stream) -> int:
+    """The steps ``cfg`` runs on ``stream`` (tasks of different lengths counted by the
+    stream's ``steps_until``: :class:`~contlearn.envs.protocol.ScheduledTaskStream`)."""
+    until = stream.steps_until if isinstance(stream, ScheduledTaskStream) else None
+    return total_steps(cfg, stream.steps_per_task, until)
+
+
+def check_length(cfg: RunConfig, path: Path, step: int, stream: Stream) -> None:
     """Refuse a resume whose new length is shorter than what the run has already done.
 
     Raises:
         RunDirError: the newest checkpoint is past the configured length.
     """
-    steps = total_steps(cfg, steps_per_task)
+    steps_per_task = stream.steps_per_task
+    steps = stream_steps(cfg, stream)
     if step > steps:
         done = f"{step} steps ({step // max(steps_per_task, 1)} tasks)"
         raise RunDirError(
@@ -412,7 +425,7 @@ def _run_agent(
     ckpt: dict[str, Any] | None,
     stop: SignalStop,
 ) -> None:
-    steps = total_steps(cfg, stream.steps_per_task)
+    steps = stream_steps(cfg, stream)
     seeds = stream.seeds
     emit = record_writer(writer, seeds)
     savable = isinstance(agent, SupportsCheckpoints)
