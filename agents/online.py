@@ -39,6 +39,7 @@ from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
+from contlearn.learners.adam_form import adam_plan
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import torch_generator
@@ -97,6 +98,8 @@ class OnlineAgent:
         self.credit: FeedbackRule = build_credit(learner.credit, self.net, self.seeds, spec.lr)
         #: the learner chain's declared fused form (None: it has none)
         self.plan = fused_plan(self.learner)
+        #: its declared Adam form (Adam between affine maps; None: it has none)
+        self.adam_plan = adam_plan(self.learner) if self.plan is None else None
         if self.plan is None and sum(p.numel() for p in self.net.params.values()) >= 1 << 20:
             kernels.retain_freed_memory()  # unfused learners allocate weight-sized temporaries
         self.device = torch.device("cpu")
@@ -150,6 +153,7 @@ class OnlineAgent:
             device=first.device.type,
             dtype=str(first.dtype).removeprefix("torch."),
             fused=self.plan,
+            adam=self.adam_plan,
             kernels=kernels.library() is not None,
             network_options=frozenset({"layer_norm"} if self.spec.layer_norm else ()),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,21 @@ def test_bench_online_helpers_on_a_tiny_budget(monkeypatch):
     timed = Timed(naive.run, 1, 1, warmup=20)
     timed.repeat(0.05)
     assert naive.t > 30 and timed.median > 0
+
+
+@pytest.mark.slow
+def test_bench_online_adam_rows_on_a_tiny_budget(tmp_path):
+    """``--only``: the Adam rows at both widths and the Adam roofline, their targets, JSON."""
+    out = tmp_path / "bench.json"
+    args = [ROOT / "scripts" / "bench_online.py", "--quick", "--only", "bp-adam"]
+    proc = _run([*args, "--repeats", "1", "--seconds", "0.05", "--json", out], ROOT)
+    assert "adam roofline (width 2000, bp-adam, R=1) [block]" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [(r["width"], r["R"]) for r in result["rows"]] == [(100, 1), (100, 32), (2000, 1)]
+    assert set(result["targets"]) == {
+        "bp-adam_w100_R32_vs_naive >= 20",
+        "bp-adam_w2000_R1_roofline_fraction >= 0.6",
+    }
 
 
 def test_ff_plasticity_on_a_tiny_budget(tmp_path):
