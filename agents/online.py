@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from contlearn.agents import online_probes
-from contlearn.agents.network_options import CONCAT_ACTIVATIONS, options_problem
-from contlearn.agents.networks import ACTIVATIONS, INITS, BatchedMLP
+from contlearn.agents.conv_networks import network_for
+from contlearn.agents.networks import BatchedMLP
 from contlearn.agents.online_probes import ProbeSnapshot
+from contlearn.agents.online_spec import OnlineAgentSpec, spec_problem
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
@@ -39,11 +39,11 @@ from contlearn.credit.rules import FeedbackRule, rule_gradients
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
+from contlearn.learners.adam_form import adam_plan
 from contlearn.learners.fused import fused_plan
-from contlearn.learners.optim import OptimizerOptions
 from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import torch_generator
-from contlearn.spec import param, parse_int_list
+from contlearn.spec import parse_int_list
 from contlearn.state import load_tree, tree_leaves
 
 #: below this many parameters (all replicas) a step is dominated by per-op overhead, which
@@ -51,29 +51,6 @@ from contlearn.state import load_tree, tree_leaves
 SINGLE_THREAD_PARAMS = 4_000_000
 #: the largest parameter set (bytes, all replicas) :meth:`OnlineAgent.probe_snapshot` copies
 SNAPSHOT_MAX_BYTES = 256 << 20
-
-
-@dataclass(frozen=True)
-class OnlineAgentSpec(OptimizerOptions):
-    """Options of the online supervised agent (network; the base optimizer's are inherited)."""
-
-    hidden: str = param("100,100,100", "hidden widths, comma-separated (paper: 2000,2000,2000)")
-    activation: str = param(
-        "relu",
-        "hidden nonlinearity (crelu, fourier: two features per unit, the next fan-in 2×)",
-        choices=(*ACTIVATIONS, *CONCAT_ACTIVATIONS),
-    )
-    init: str = param("kaiming_uniform", "weight init distribution", choices=INITS)
-    layer_norm: bool = param(False, "layer norm before each hidden activation (gain, offset)")
-    fast: bool = param(
-        True,
-        "hand-written backward and fused updates (false: the autograd "
-        "reference path; same results to float rounding)",
-    )
-
-    def validate(self) -> None:
-        """Check the hidden widths parse."""
-        parse_int_list(self.hidden, "hidden")
 
 
 class OnlineAgent:
@@ -99,7 +76,7 @@ class OnlineAgent:
     @staticmethod
     def options_problem(spec: OnlineAgentSpec, learner: Learner) -> str | None:
         """Why ``spec``'s network options cannot run with ``learner`` (None: they can)."""
-        return options_problem(spec.activation, spec.layer_norm, learner.name, learner.credit.name)
+        return spec_problem(spec, learner)
 
     def __init__(
         self, info: StreamInfo, seeds: Sequence[int], spec: OnlineAgentSpec, learner: Learner
@@ -121,6 +98,8 @@ class OnlineAgent:
         self.credit: FeedbackRule = build_credit(learner.credit, self.net, self.seeds, spec.lr)
         #: the learner chain's declared fused form (None: it has none)
         self.plan = fused_plan(self.learner)
+        #: its declared Adam form (Adam between affine maps; None: it has none)
+        self.adam_plan = adam_plan(self.learner) if self.plan is None else None
         if self.plan is None and sum(p.numel() for p in self.net.params.values()) >= 1 << 20:
             kernels.retain_freed_memory()  # unfused learners allocate weight-sized temporaries
         self.device = torch.device("cpu")
@@ -132,14 +111,20 @@ class OnlineAgent:
         self._task_started = False
 
     def _initial_network(self) -> BatchedMLP:
-        """The network as drawn at the start, from the seeds alone (the same every call)."""
+        """The network as drawn at the start, from the seeds alone (the same every call). A
+        conv network (docs/conv_networks.md) has the surface the reference step and the
+        probes use (``params``, ``layers``, ``forward``, ``forward_train``, ``sample_init``);
+        the backends that use the MLP's hand-written backward refuse it (``network``)."""
+        gens = [torch_generator(s, "agent") for s in self.seeds]
+        if self.spec.network != "mlp":
+            return cast(BatchedMLP, network_for(self.spec, self.info, gens))
         return BatchedMLP(
             self._in_dim,
             parse_int_list(self.spec.hidden, "hidden"),
             self.info.num_outputs,
             self.spec.activation,
             self.spec.init,
-            [torch_generator(s, "agent") for s in self.seeds],
+            gens,
             layer_norm=self.spec.layer_norm,
         )
 
@@ -155,7 +140,7 @@ class OnlineAgent:
         """What the backends decide on: this agent's resolved configuration."""
         first = next(iter(self.views.values()))
         return StepConfig(
-            network="mlp",
+            network=self.spec.network,
             activation=self.spec.activation,
             depth=len(self.net.hidden_layers),
             task=self.info.kind,
@@ -168,6 +153,7 @@ class OnlineAgent:
             device=first.device.type,
             dtype=str(first.dtype).removeprefix("torch."),
             fused=self.plan,
+            adam=self.adam_plan,
             kernels=kernels.library() is not None,
             network_options=frozenset({"layer_norm"} if self.spec.layer_norm else ()),
         )
@@ -223,6 +209,9 @@ class OnlineAgent:
         params = self.net.params
         for k, p in params.items():
             params[k] = p.detach().to(self.device)
+        buffers = getattr(self.net, "buffers", {})  # (batch norm's statistics)
+        for k, b in buffers.items():
+            buffers[k] = b.to(self.device)
         if self.grad_l1 is not None:
             self.grad_l1 = self.grad_l1.to(self.device)
         self.credit.to(self.device)
@@ -442,8 +431,10 @@ class OnlineAgent:
         """The network as it stands, copied: what probes read (``features``, ``parameters()``,
         ``activation``), safe to use on another thread while this agent learns on; None
         above :data:`SNAPSHOT_MAX_BYTES` of parameters (all replicas), where a copy would cost
-        more memory than probing in line costs time."""
-        if sum(v.numel() * v.element_size() for v in self.views.values()) > SNAPSHOT_MAX_BYTES:
+        more memory than probing in line costs time, and for a network with running statistics
+        (ResNet-18's batch norm), which the learning thread would change under the probe."""
+        size = sum(v.numel() * v.element_size() for v in self.views.values())
+        if size > SNAPSHOT_MAX_BYTES or getattr(self.net, "buffers", None):
             return None
         self.sync()
         params = {k: v.clone() for k, v in self.views.items()}
@@ -492,6 +483,8 @@ class OnlineAgent:
         }
         if not self.credit.is_backprop:
             state["credit"] = self.credit.state_dict()
+        if buffers := getattr(self.net, "buffers", None):  # batch norm's running statistics
+            state["buffers"] = {k: v.clone() for k, v in buffers.items()}
         if self.grad_l1 is not None:
             state["grad_l1"] = self.grad_l1.clone()
             state["grad_steps"] = self.grad_steps
@@ -503,6 +496,8 @@ class OnlineAgent:
         for k, v in self.views.items():
             v.copy_(state["params"][k])
         load_tree(self.learner_state, state["learner"])
+        for k, v in getattr(self.net, "buffers", {}).items():
+            v.copy_(state["buffers"][k])
         if not self.credit.is_backprop:
             if "credit" not in state:
                 raise ValueError(

@@ -32,8 +32,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,7 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_timing import Timed, copy_bandwidth, machine, time_calls  # scripts/ is on sys.path
+from bench_timing import (  # scripts/ is on sys.path
+    Timed,
+    copy_bandwidth,
+    machine,
+    peak_rss,
+    time_calls,
+)
 from naive_credit import NaiveRuleLearner
 from naive_online import NaiveLearner
 
@@ -77,7 +81,10 @@ REFERENCE_RULES = (
 #: the backward (and the update must then read W itself), Kolen–Pollack also writes B; sign
 #: symmetry reads W (as backprop), dfa's D is outputs × units (not counted)
 RULE_EXTRA_BYTES = {"fa": 4, "dfa": 0, "sign-symmetry": 0, "kolen-pollack": 8}
-QUICK = {100: ["bp", "l2", "snp", "cbp", "bp-adam", "cbp-adam"], 2000: ["bp", "cbp"]}
+QUICK = {
+    100: ["bp", "l2", "snp", "cbp", "bp-adam", "l2-adam", "cbp-adam"],
+    2000: ["bp", "cbp", "bp-adam"],
+}
 QUICK_R = {100: [1, 32], 2000: [1]}
 FULL_R = {100: [1, 8, 32], 2000: [1, 8, 32]}
 #: Adam at width 2000 keeps 4 × 1.2 GB of state at R = 32, plus weight-sized temporaries: more
@@ -99,6 +106,9 @@ class Args:
     """wall time of one timed repeat of one configuration"""
     scaling: bool = False
     """also measure how contlearn scales with width, depth and R (docs/performance.md)"""
+    only: str = ""
+    """comma-separated learner rows (e.g. bp-adam,cbp-adam): just those rows and the
+    rooflines of bp / bp-adam among them (no credit rules, overheads or memory)"""
 
 
 # --- contlearn, through its real code path ----------------------------------------------------
@@ -236,6 +246,43 @@ def roofline(args: Args, tmp: Path) -> dict:
         f"steps/s = {out['fraction']:.0%} of the roofline ({out['strict_fraction']:.0%} of "
         f"the strict one, {8 * weights / 1e6:.0f} MB/step); cbp {cbp.median:.0f} steps/s = "
         f"{out['cbp_over_bp']:.2f} x bp (interleaved)",
+        flush=True,
+    )
+    return out
+
+
+#: bytes per weight of an Adam step at batch 1: the weights as SGD's roofline counts them (12:
+#: forward read, backward read, update write) and Adam's state, each read and written once
+#: (m, v and the per-element counts: 24)
+ADAM_BYTES = 12 + 24
+
+
+def adam_roofline(args: Args, tmp: Path) -> dict:
+    """Width-2000 Adam steps per second (bp-adam, R = 1) against the copy-bandwidth roofline
+    of :data:`ADAM_BYTES` per weight (Adam's moments and counts counted)."""
+    loop, threads = contlearn_loop(run_config("bp-adam", 2000, 1), tmp)
+    timed = Timed(loop_runner(loop), 1, threads, 6)
+    weights = sum(p[0].numel() for p in loop.agent.net.params.values())
+    fractions, bandwidths = [], []
+    for _ in range(args.repeats):
+        bandwidths.append(copy_bandwidth(threads))
+        timed.repeat(args.seconds)
+        fractions.append(timed.rates[-1] * ADAM_BYTES * weights / bandwidths[-1])
+    bw = statistics.median(bandwidths)
+    out = {
+        "backend": loop.agent.backend,
+        "bytes_per_step": ADAM_BYTES * weights,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "roofline_steps_per_s": bw / (ADAM_BYTES * weights),
+        "steps_per_s": timed.median,
+        "fraction": statistics.median(fractions),
+        "fractions": fractions,
+        "threads": threads,
+    }
+    print(
+        f"adam roofline (width 2000, bp-adam, R=1) [{out['backend']}]: copy {bw / 1e9:.1f} GB/s,"
+        f" {ADAM_BYTES * weights / 1e6:.0f} MB/step -> {out['roofline_steps_per_s']:.0f} "
+        f"steps/s; achieved {timed.median:.0f} steps/s = {out['fraction']:.0%} of the roofline",
         flush=True,
     )
     return out
@@ -392,25 +439,6 @@ def overheads(args: Args, tmp: Path, run: str = "demo") -> dict:
     return out
 
 
-def peak_rss(tasks: int, tmp: Path) -> dict:
-    """Peak RSS of a demo-sized run (scripts/demo.py's defaults: cbp, 3 seeds, width 100,
-    10,000 examples per task, probes at every task start on 500 inputs) in a fresh process."""
-    code = (
-        "import resource, sys, contlearn\n"
-        f"contlearn.run('permuted-mnist', learner='cbp', seeds=3, tasks={tasks}, config="
-        "{'probe_size': 500}, out=sys.argv[1], progress=False)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-    )
-    # (run first: Linux carries the parent's peak RSS over fork + exec into ru_maxrss)
-    out = Path(tempfile.mkdtemp(dir=tmp)) / "run"
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True
-    )
-    kb = int(proc.stdout.strip().splitlines()[-1])
-    return {"tasks": tasks, "peak_rss_MB": kb / 1024, "seconds": time.perf_counter() - start}
-
-
 def scaling(args: Args, tmp: Path) -> list[dict]:
     """contlearn's learner-steps per second (bp and cbp) as width, depth and R vary."""
     grid = [("width", w, 3, 1) for w in (100, 250, 500, 1000, 2000)]
@@ -446,22 +474,34 @@ def scaling(args: Args, tmp: Path) -> list[dict]:
 
 
 def targets(
-    rows: list[dict], roof: dict, over: dict, mem: dict, credit: list[dict] | None = None
+    rows: list[dict],
+    roof: dict,
+    over: dict,
+    mem: dict,
+    credit: list[dict] | None = None,
+    adam_roof: dict | None = None,
 ) -> dict:
-    """The performance targets of docs/performance.md, each with its measured value."""
+    """The performance targets of docs/performance.md, each with its measured value (those
+    whose measurement was not made, with ``--only``, are left out)."""
 
-    def row(name: str, width: int, R: int) -> dict:
-        return next(r for r in rows if (r["learner"], r["width"], r["R"]) == (name, width, R))
+    def ratio(name: str, width: int, R: int) -> float | None:
+        found = [r for r in rows if (r["learner"], r["width"], r["R"]) == (name, width, R)]
+        return found[0]["ratio"] if found else None
 
-    checks = {
-        "cbp_w100_R32_vs_naive >= 20": row("cbp", 100, 32)["ratio"],
-        "bp_w100_R32_vs_naive >= 20": row("bp", 100, 32)["ratio"],
-        "bp_w2000_R1_roofline_fraction >= 0.6": roof["fraction"],
-        "cbp_w2000_over_bp >= 0.85": roof["cbp_over_bp"],
-        "probes_overhead < 0.05": over["probes_ab"],
-        "store_overhead < 0.02": over["store_inside"],
-        "peak_rss_MB < 1536": mem["peak_rss_MB"],
+    measured = {
+        "cbp_w100_R32_vs_naive >= 20": ratio("cbp", 100, 32),
+        "bp_w100_R32_vs_naive >= 20": ratio("bp", 100, 32),
+        "bp-adam_w100_R32_vs_naive >= 20": ratio("bp-adam", 100, 32),
+        "l2-adam_w100_R32_vs_naive >= 20": ratio("l2-adam", 100, 32),
+        "cbp-adam_w100_R32_vs_naive >= 20": ratio("cbp-adam", 100, 32),
+        "bp_w2000_R1_roofline_fraction >= 0.6": roof.get("fraction"),
+        "bp-adam_w2000_R1_roofline_fraction >= 0.6": (adam_roof or {}).get("fraction"),
+        "cbp_w2000_over_bp >= 0.85": roof.get("cbp_over_bp"),
+        "probes_overhead < 0.05": over.get("probes_ab"),
+        "store_overhead < 0.02": over.get("store_inside"),
+        "peak_rss_MB < 1536": mem.get("peak_rss_MB"),
     }
+    checks = {k: v for k, v in measured.items() if v is not None}
     for r in credit or []:
         if "ratio" in r and r["width"] == 100:
             checks[f"{r['rule']}_w100_R32_vs_naive >= 20"] = r["ratio"]
@@ -490,6 +530,8 @@ def main() -> None:
     result: dict = {"args": dataclasses.asdict(args), "machine": machine(), "rows": []}
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
+        if args.only:
+            return only(args, result, tmp)
         result["memory"] = peak_rss(6 if args.quick else 30, tmp)
         print(
             f"peak RSS, demo-sized run ({result['memory']['tasks']} tasks): "
@@ -507,14 +549,40 @@ def main() -> None:
                     Rs = FULL_R_ADAM_2000
                 result["rows"] += bench_row(name, width, Rs, args, tmp)
         result["roofline"] = roofline(args, tmp)
+        result["adam_roofline"] = adam_roofline(args, tmp)
         result["credit"] = credit_rows(args, tmp)
         result["overheads"] = overheads(args, tmp)
         result["overheads_default_run"] = overheads(args, tmp, "default")
         if args.scaling:
             result["scaling"] = scaling(args, tmp)
     result["targets"] = targets(
-        result["rows"], result["roofline"], result["overheads"], result["memory"], result["credit"]
+        result["rows"],
+        result["roofline"],
+        result["overheads"],
+        result["memory"],
+        result["credit"],
+        result["adam_roofline"],
     )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def only(args: Args, result: dict, tmp: Path) -> None:
+    """``--only``: the named learner rows (at the widths the mode has them) and the rooflines
+    among them, the targets they decide, and the JSON file."""
+    names = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(names) - set(LEARNERS))
+    if unknown:
+        raise SystemExit(f"--only: unknown learner rows {unknown}; known: {sorted(LEARNERS)}")
+    plan = QUICK if args.quick else {w: list(LEARNERS) for w in FULL_R}
+    for width, listed in plan.items():
+        for name in (n for n in listed if n in names):
+            Rs = (QUICK_R if args.quick else FULL_R)[width]
+            result["rows"] += bench_row(name, width, Rs, args, tmp)
+    roof = roofline(args, tmp) if "bp" in names else {}
+    adam = adam_roofline(args, tmp) if "bp-adam" in names else {}
+    result.update(roofline=roof, adam_roofline=adam)
+    result["targets"] = targets(result["rows"], roof, {}, {}, None, adam)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,3 +82,22 @@ def machine() -> dict[str, Any]:
         "load_average": os.getloadavg(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def peak_rss(tasks: int, tmp: Path) -> dict:
+    """Peak RSS of a demo-sized run (scripts/demo.py's defaults: cbp, 3 seeds, width 100,
+    10,000 examples per task, probes at every task start on 500 inputs) in a fresh process."""
+    code = (
+        "import resource, sys, contlearn\n"
+        f"contlearn.run('permuted-mnist', learner='cbp', seeds=3, tasks={tasks}, config="
+        "{'probe_size': 500}, out=sys.argv[1], progress=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    # (run first: Linux carries the parent's peak RSS over fork + exec into ru_maxrss)
+    out = Path(tempfile.mkdtemp(dir=tmp)) / "run"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True
+    )
+    kb = int(proc.stdout.strip().splitlines()[-1])
+    return {"tasks": tasks, "peak_rss_MB": kb / 1024, "seconds": time.perf_counter() - start}

@@ -1,10 +1,11 @@
-"""Learning in blocks of steps (``OnlineAgent.learn_block``, ``kernels.online_block_``) gives
+"""Learning in blocks of steps (``OnlineAgent.learn_block``, ``block_kernel.online_block_``) gives
 the results of the autograd reference step by step, and the same bits however the steps are
 split into blocks or replicas into threads (docs/performance.md)."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import random
 
 import pytest
@@ -65,6 +66,18 @@ CASES = [
     ("label-shuffled-mnist", "bp", {"init": "torch_default"}),
     ("bit-flipping", "bp", {"lr": 1e-3}),
     ("bit-flipping", "cbp", {**CBP, "lr": 1e-3, "activation": "tanh"}),
+    # Adam on the block path (issue 21): moments and per-element counts in the kernel's pass
+    ("permuted-mnist", "adam", {"lr": 1e-3}),
+    ("permuted-mnist", "proper-adam", {"lr": 1e-3, "activation": "tanh"}),
+    ("permuted-mnist", "l2", {"optimizer": "adam", "lr": 1e-3, "learner.l2": 1e-2}),
+    (
+        "permuted-mnist",
+        "l2",
+        {"optimizer": "adam", "lr": 1e-3, "learner.l2": 1e-3, "learner.decoupled": 1e-3},
+    ),
+    ("permuted-mnist", "cbp", {**CBP, "optimizer": "adam", "lr": 1e-3}),
+    ("bit-flipping", "cbp", {**CBP, "optimizer": "adam", "lr": 1e-3, "learner.l2": 1e-3}),
+    ("bit-flipping", "proper-adam", {"lr": 1e-3, "activation": "sigmoid"}),
 ]
 
 
@@ -95,6 +108,33 @@ def test_blocks_match_the_autograd_reference_step_by_step(stream, learner, optio
     if learner == "cbp":
         replaced = fast.diagnostics()["hidden1"]["replacements"]
         assert int(replaced.sum()) > 0, "the test should exercise replacements"
+    if "adam" in learner or options.get("optimizer") == "adam":
+        assert fast.backend == "block" and fast.step_config.adam is not None
+
+
+@pytest.mark.parametrize(
+    "learner, options",
+    [("adam", {"lr": 1e-3}), ("cbp", {**CBP, "optimizer": "adam", "lr": 1e-3})],
+)
+def test_adam_in_blocks_resumes_from_a_checkpoint_exactly(learner, options):
+    """A checkpoint taken between blocks (Adam's moments and counts as the kernel left them)
+    loads with weights_only=True into a fresh agent, which then goes on bit for bit."""
+    (s1, s2), (a, b) = _setup("permuted-mnist", learner, options, fast=(True, True))
+    for n in (45, 3, 80):
+        x = s1.next_block(n)
+        a.learn_block(x.obs, x.target)
+        s2.next_block(n)  # (b learns nothing until it loads a's checkpoint)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    for n in (17, 60):
+        x, y = s1.next_block(n), s2.next_block(n)
+        pa, la = a.learn_block(x.obs, x.target)
+        pb, lb = b.learn_block(y.obs, y.target)
+        assert torch.equal(pa, pb) and torch.equal(la["loss"], lb["loss"])
+    _compare_states(a, b, exact=True)
+    assert a.backend == b.backend == "block"
 
 
 def test_splitting_into_blocks_or_threads_changes_no_bit():
@@ -190,9 +230,10 @@ def test_without_the_compiled_kernel_agents_step_one_by_one(monkeypatch):
     "options",
     [
         {"learner": "snp"},
-        {"optimizer": "adam"},
+        {"optimizer": "adam", "credit": "fa"},  # (Adam: backprop only)
+        {"optimizer": "adam", "momentum": 0.9, "learner": "snp"},
         {"learner": "cbp", "learner.rounding": "stochastic"},
-        {"learner": "cbp", "optimizer": "adam"},
+        {"learner": "cbp", "optimizer": "adam", "learner.rounding": "stochastic"},
         {"activation": "elu"},
         {"batch_size": 2},
     ],

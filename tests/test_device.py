@@ -148,3 +148,24 @@ def test_a_run_on_the_device_resumes_exactly(learner, tmp_path: Path):
         for p in (whole, part)
     )
     assert len(a) > 0 and a.reset_index(drop=True).equals(b.reset_index(drop=True))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("network, shape", [("convnet", (3, 32, 32)), ("resnet18", (3, 16, 16))])
+def test_conv_networks_on_the_device(network, shape, optimizer):
+    """A conv network's steps on the device equal the CPU's (docs/conv_networks.md)."""
+    from contlearn.agents.online import OnlineAgent
+    from contlearn.backends.check import synthetic_batches
+
+    values = {"stream": "permuted-mnist", "network": network, "optimizer": optimizer}
+    cfg = resolve({**values, "learner": "l2", "lr": 1e-3})
+    info = StreamInfo("conv", "classification", shape, 3, True, 2, "accuracy", 4)
+    cpu = OnlineAgent(info, SEEDS, cfg.agent_spec, cfg.learner)
+    dev = OnlineAgent(info, SEEDS, cfg.agent_spec, cfg.learner).to(DEVICE)
+    for obs, target in synthetic_batches(info, 3, seed=7):
+        for agent in (cpu, dev):
+            agent.observe(obs, agent.act(obs), target)
+    for k, v in cpu.parameters().items():
+        torch.testing.assert_close(dev.parameters()[k].cpu(), v, rtol=RTOL, atol=ATOL)
+    for k, v in getattr(cpu.net, "buffers", {}).items():
+        torch.testing.assert_close(dev.net.buffers[k].cpu(), v, rtol=RTOL, atol=ATOL)

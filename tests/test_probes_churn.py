@@ -3,6 +3,8 @@ fixed inputs and memory, zero churn without learning, exact resume, and where it
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -11,6 +13,8 @@ import contlearn
 from contlearn.errors import ConfigError
 from contlearn.probes.churn import CHURN_INPUTS
 from contlearn.probes.measures import run_probes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Linear:
@@ -89,14 +93,24 @@ def test_resume_measures_churn_as_an_uninterrupted_run(tmp_path) -> None:
 
 
 def test_churn_is_refused_by_name_on_agents_without_outputs(tmp_path) -> None:
+    agent = f"{ROOT / 'scripts' / 'my_agent.py'}:LinearAgent"  # (act and observe only)
     with pytest.raises(ConfigError, match="outputs"):
         contlearn.run(
             "permuted-mnist",
-            agent="ff",
+            agent=agent,
             tasks=1,
-            config={"examples_per_task": 10, "hidden": "8", "probes": "churn"},
+            config={"examples_per_task": 10, "probes": "churn"},
             out=tmp_path / "r",
         )
+    assert not (tmp_path / "r").exists()
+
+
+def test_churn_on_the_forward_forward_agent(tmp_path) -> None:
+    # (its outputs are act's scores: goodness per label)
+    config = {"examples_per_task": 20, "hidden": "8", "probes": "churn", "probe_every": 10}
+    contlearn.run("permuted-mnist", agent="ff", tasks=2, config=config, out=tmp_path / "r")
+    churn = _churn(tmp_path / "r")
+    assert len(churn) > 0 and (churn.value >= 0).all()
 
 
 @pytest.mark.mujoco

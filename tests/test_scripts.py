@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,21 @@ def test_bench_online_helpers_on_a_tiny_budget(monkeypatch):
     assert naive.t > 30 and timed.median > 0
 
 
+@pytest.mark.slow
+def test_bench_online_adam_rows_on_a_tiny_budget(tmp_path):
+    """``--only``: the Adam rows at both widths and the Adam roofline, their targets, JSON."""
+    out = tmp_path / "bench.json"
+    args = [ROOT / "scripts" / "bench_online.py", "--quick", "--only", "bp-adam"]
+    proc = _run([*args, "--repeats", "1", "--seconds", "0.05", "--json", out], ROOT)
+    assert "adam roofline (width 2000, bp-adam, R=1) [block]" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [(r["width"], r["R"]) for r in result["rows"]] == [(100, 1), (100, 32), (2000, 1)]
+    assert set(result["targets"]) == {
+        "bp-adam_w100_R32_vs_naive >= 20",
+        "bp-adam_w2000_R1_roofline_fraction >= 0.6",
+    }
+
+
 def test_ff_plasticity_on_a_tiny_budget(tmp_path):
     out = tmp_path / "ff"
     args = [ROOT / "scripts" / "ff_plasticity.py", "--out", out, "--tasks", "2"]
@@ -189,3 +205,9 @@ def test_bench_cuda_rows_on_the_cpu_and_the_gpu_check_parses(tmp_path):
     assert all(r["learner_steps_per_s"] > 0 and r["device"] == "cpu" for r in rows)
     for script in ("gpu_check.sh", "gpu_wheels.sh"):
         subprocess.run(["bash", "-n", ROOT / "scripts" / script], check=True)
+
+
+def test_bench_conv_on_a_tiny_budget():
+    args = ["--steps", "1", "--seeds", "1,2", "--batch", "2", "--side", "24", "--resnet-steps", "1"]
+    proc = _run([ROOT / "scripts" / "bench_conv.py", *args], ROOT)
+    assert '"convnet R=2"' in proc.stdout and '"resnet18 R=2"' in proc.stdout

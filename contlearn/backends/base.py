@@ -48,6 +48,8 @@ class StepConfig:
         dtype: the parameters' dtype name (``float32``).
         fused: the learner chain's declared fused form
             (:func:`contlearn.learners.fused.fused_plan`; None: it has none).
+        adam: the learner chain's declared Adam form, Adam between affine maps
+            (:func:`contlearn.learners.adam_form.adam_plan`; None: it has none).
         kernels: whether the compiled kernels are available (:mod:`contlearn.backends.kernels`).
         options: other agent options a backend may need to see (PPO: ``clip_grad``, ...).
         network_options: the network's structural options (``layer_norm``); a backend
@@ -67,6 +69,7 @@ class StepConfig:
     device: str = "cpu"
     dtype: str = "float32"
     fused: Any = None
+    adam: Any = None
     kernels: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     network_options: frozenset[str] = frozenset()

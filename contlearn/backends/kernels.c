@@ -3,6 +3,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 /* Row k of a weight matrix: w = scale * w + alpha * Σ_b d[b, k] h[b, :] (the same arithmetic
    wherever an update is applied, so deferring it does not change a bit). */
@@ -357,7 +360,9 @@ void cl_layer_update(float* w, const float* d, const float* h, float* below, flo
    run disjoint ranges on several threads (no OpenMP here: its idle threads spin-wait, which
    on a machine with few cores takes the CPU the other threads need). If gsum is not NULL,
    every step adds sum |dL/dW_l| + sum |dL/db_l| to gsum[r, l] (the loss gradient, before the
-   update's scaling). */
+   update's scaling). With adam (backprop only) every update is Adam's instead (adam_span: the
+   moments and counts of BlockArgs' amw ... anb; where ucount[r, l, j] >= 0 that tensor's
+   counts all equal it, and the count is kept there, not per element). */
 static float act_fwd(int act, float z) {
   switch (act) {
     case 0: return z > 0.0f ? z : 0.0f;
@@ -376,15 +381,198 @@ static float act_bwd(int act, float g, float h) {
   }
 }
 
-void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void** wp,
-                     void** bp, const float* x, const int64_t* ycls, const float* yreg,
-                     float* out, float* loss, float alpha, float scale, int act, int cbp,
-                     void** agep, void** fp, void** up, void** uhp, void** carryp,
-                     void** eligp, float decay_w, int64_t maturity, double rate,
-                     const float* table, int64_t tsize, int nonneg, int64_t* start,
-                     int64_t* events, float* pend_d, int64_t* pend_t, char* skip,
-                     double* gsum, int cr, void** fbp, float keep, int sunit, int64_t r0,
-                     int64_t r1) {
+/* Adam over the whole-step kernel's gradients (cl_online_block with adam set): per element
+   g' = pre_a g + pre_b w (the affine parts before Adam: coupled L2), then cl_adam's arithmetic
+   (c += 1; m += w1 (g' - m); v = b2 v + w2 g' g'; d = (m / bc1[c]) / (sqrt(v) / sbc2[c] + eps)),
+   then w += lr d + post_b w (the affine parts after: the step size, decoupled decay). */
+typedef struct {
+  float pre_a, pre_b, w1, b2, w2, eps, lr, post_b;
+  const float* bc1;
+  int64_t n1;
+  const float* sbc2;
+  int64_t n2;
+} AdamOpt;
+
+/* Every argument of cl_online_block (kernels.py's BlockArgs mirrors it field by field and
+   checks its size against cl_block_args_size at load). */
+typedef struct {
+  int64_t R, T, L;
+  const int64_t* width;
+  void** wp;
+  void** bp;
+  const float* x;
+  const int64_t* ycls;
+  const float* yreg;
+  float* out;
+  float* loss;
+  float alpha, scale;
+  int32_t act, cbp;
+  void** agep;
+  void** fp;
+  void** up;
+  void** uhp;
+  void** carryp;
+  void** eligp;
+  float decay_w;
+  int64_t maturity;
+  double rate;
+  const float* table;
+  int64_t tsize;
+  int32_t nonneg;
+  int64_t* start;
+  int64_t* events;
+  float* pend_d;
+  int64_t* pend_t;
+  char* skip;
+  double* gsum;
+  int32_t cr;
+  void** fbp;
+  float keep;
+  int32_t sunit;
+  int32_t adam;
+  void** amw;  /* per layer: Adam's m, v, counts of the weights (R, K, H), of the biases (R, K) */
+  void** avw;
+  void** anw;
+  void** amb;
+  void** avb;
+  void** anb;
+  float* ucount;  /* (R, L, 2) or NULL: see cl_online_block */
+  AdamOpt ao;
+} BlockArgs;
+
+int64_t cl_block_args_size(void) { return (int64_t)sizeof(BlockArgs); }
+
+/* Adam's update of n weights whose counts all equal c0 (no reset touched them): the bias
+   corrections are one table entry each, applied as products with their reciprocals (lr / b1c,
+   1 / s2c: one division and one square root per weight instead of three and one; the result
+   differs from the per-element form by float rounding), and the loop vectorises. AFF: the
+   affine parts (pre_a, pre_b, post_b) are not the identity; PB, PC: accumulate pb, pc. */
+#define ADAM_SAME(NAME, AFF, PB, PC, CNT)                                                      \
+  static void NAME(float* restrict x, float* restrict m, float* restrict v, float* restrict c, \
+                   const float* restrict h, float dk, int64_t n, float* restrict pb,          \
+                   float* restrict pc, const AdamOpt* o, float cn, float b1c, float s2c) {    \
+    const float r1 = o->lr / b1c, r2 = 1.0f / s2c;                                           \
+    const float pa = o->pre_a, pr = o->pre_b, w1 = o->w1, b2 = o->b2, w2 = o->w2;            \
+    const float eps = o->eps, post = o->post_b;                                                \
+    (void)pa; (void)pr; (void)post; (void)pb; (void)pc; (void)c;                               \
+    _Pragma("GCC ivdep")                                                                       \
+    for (int64_t i = 0; i < n; ++i) {                                                          \
+      const float xi = x[i], g = dk * h[i];                                                    \
+      const float gp = AFF ? pa * g + pr * xi : g;                                             \
+      const float mi = m[i] + w1 * (gp - m[i]), vi = v[i] * b2 + w2 * (gp * gp);               \
+      const float u = (mi * r1) / (sqrtf(vi) * r2 + eps);                                      \
+      const float y = AFF ? xi + (u + post * xi) : xi + u;                                     \
+      if (CNT) c[i] = cn;                                                                      \
+      m[i] = mi; v[i] = vi; x[i] = y;                                                          \
+      if (PB) pb[i] += dk * xi;                                                                \
+      if (PC) pc[i] += fabsf(y);                                                               \
+    }                                                                                          \
+  }
+ADAM_SAME(adam_same, 0, 0, 0, 1)
+ADAM_SAME(adam_same_b, 0, 1, 0, 1)
+ADAM_SAME(adam_same_bc, 0, 1, 1, 1)
+ADAM_SAME(adam_same_a, 1, 0, 0, 1)
+ADAM_SAME(adam_same_ab, 1, 1, 0, 1)
+ADAM_SAME(adam_same_abc, 1, 1, 1, 1)
+/* the same where the caller keeps the counts (one value for the whole tensor: CNT = 0) */
+ADAM_SAME(adam_uni, 0, 0, 0, 0)
+ADAM_SAME(adam_uni_b, 0, 1, 0, 0)
+ADAM_SAME(adam_uni_bc, 0, 1, 1, 0)
+ADAM_SAME(adam_uni_a, 1, 0, 0, 0)
+ADAM_SAME(adam_uni_ab, 1, 1, 0, 0)
+ADAM_SAME(adam_uni_abc, 1, 1, 1, 0)
+
+/* Adam's update of n weights x with gradients g[i] = dk * h[i] (m, v, counts c beside them):
+   g' = pre_a g + pre_b x, cl_adam's arithmetic, x += lr d + post_b x (with the identity's
+   parts skipped, as the reference's chain has no such step); pb += dk * x (before the update)
+   and pc += |x| (after) where not NULL (pc only with pb). ucn > 0: every count of the tensor
+   is ucn after this update and the caller keeps it (c is neither read nor written). */
+static void adam_span(float* x, float* m, float* v, float* c, const float* h, float dk,
+                      int64_t n, float* pb, float* pc, const AdamOpt* o, float ucn) {
+  if (n <= 0) return;
+  const int aff = o->pre_a != 1.0f || o->pre_b != 0.0f || o->post_b != 0.0f;
+  if (ucn > 0.0f) {
+    const float b1c = entry(o->bc1, o->n1, ucn), s2c = entry(o->sbc2, o->n2, ucn);
+    (aff ? (pb ? (pc ? adam_uni_abc : adam_uni_ab) : adam_uni_a)
+         : (pb ? (pc ? adam_uni_bc : adam_uni_b) : adam_uni))(
+        x, m, v, c, h, dk, n, pb, pc, o, ucn, b1c, s2c);
+    return;
+  }
+  const float c0 = c[0];
+  int same = 1;
+  for (int64_t i = 0; i < n; ++i) same &= c[i] == c0;
+  if (same) {
+    const float cn = c0 + 1.0f;
+    const float b1c = entry(o->bc1, o->n1, cn), s2c = entry(o->sbc2, o->n2, cn);
+    (aff ? (pb ? (pc ? adam_same_abc : adam_same_ab) : adam_same_a)
+         : (pb ? (pc ? adam_same_bc : adam_same_b) : adam_same))(
+        x, m, v, c, h, dk, n, pb, pc, o, cn, b1c, s2c);
+    return;
+  }
+  /* counts differ (a reset cleared some): per element, the table entries gathered for a chunk
+     first so that the arithmetic still vectorises */
+  const float pa = o->pre_a, pr = o->pre_b, w1 = o->w1, b2 = o->b2, w2 = o->w2;
+  const float eps = o->eps, lr = o->lr, post = o->post_b;
+  float e1[256], e2[256], junk[256];  /* junk: where pb, pc are NULL (no branch in the loop) */
+  for (int64_t s0 = 0; s0 < n; s0 += 256) {
+    const int64_t len = n - s0 < 256 ? n - s0 : 256;
+    float *xs = x + s0, *ms = m + s0, *vs = v + s0, *cs = c + s0;
+    const float* hs = h + s0;
+    for (int64_t i = 0; i < len; ++i) {
+      const float ci = cs[i] + 1.0f;
+      e1[i] = entry(o->bc1, o->n1, ci);
+      e2[i] = entry(o->sbc2, o->n2, ci);
+      cs[i] = ci;
+    }
+    if (!pb || !pc) memset(junk, 0, sizeof junk);
+    float* pbs = pb ? pb + s0 : junk;
+    float* pcs = pc ? pc + s0 : junk;
+#define MIXED_LOOP(AFF)                                                                        \
+    _Pragma("GCC ivdep")                                                                       \
+    for (int64_t i = 0; i < len; ++i) {                                                        \
+      const float xi = xs[i], g = dk * hs[i];                                                  \
+      const float gp = AFF ? pa * g + pr * xi : g;                                             \
+      const float mi = ms[i] + w1 * (gp - ms[i]), vi = vs[i] * b2 + w2 * (gp * gp);            \
+      const float u = lr * ((mi / e1[i]) / (sqrtf(vi) / e2[i] + eps));                         \
+      const float y = AFF ? xi + (u + post * xi) : xi + u;                                     \
+      ms[i] = mi; vs[i] = vi; xs[i] = y;                                                       \
+      pbs[i] += dk * xi;                                                                       \
+      pcs[i] += fabsf(y);                                                                      \
+    }
+    if (aff) {
+      MIXED_LOOP(1)
+    } else {
+      MIXED_LOOP(0)
+    }
+#undef MIXED_LOOP
+  }
+}
+
+void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
+  const int64_t R = A->R, T = A->T, L = A->L;
+  const int64_t* width = A->width;
+  void **wp = A->wp, **bp = A->bp, **agep = A->agep, **fp = A->fp, **up = A->up;
+  void **uhp = A->uhp, **carryp = A->carryp, **eligp = A->eligp, **fbp = A->fbp;
+  const float *x = A->x, *yreg = A->yreg, *table = A->table;
+  const int64_t* ycls = A->ycls;
+  float *out = A->out, *loss = A->loss, *pend_d = A->pend_d;
+  const float alpha = A->alpha, scale = A->scale, decay_w = A->decay_w, keep = A->keep;
+  const int act = A->act, cbp = A->cbp, nonneg = A->nonneg, cr = A->cr, sunit = A->sunit;
+  const int adam = A->adam;
+  const int64_t maturity = A->maturity, tsize = A->tsize;
+  const double rate = A->rate;
+  int64_t *start = A->start, *events = A->events, *pend_t = A->pend_t;
+  char* skip = A->skip;
+  double* gsum = A->gsum;
+  const AdamOpt* ao = &A->ao;
+#if defined(__SSE__)
+  /* Adam's moments of weights whose inputs stay 0 (most MNIST pixels) decay geometrically into
+     subnormal floats, whose arithmetic costs ~2x here: on this thread, for this call only,
+     subnormal results and inputs count as 0 (FTZ, DAZ). A moment below 1.2e-38 moves no
+     float32 weight (its step is < 1e-30); the reference keeps it (docs/performance.md). */
+  const unsigned csr = _mm_getcsr();
+  if (adam) _mm_setcsr(csr | 0x8040u);
+#endif
   const int64_t D = width[0], C = width[L], H1 = width[1];
   /* kolen-pollack's decay of the input layer's weights, folded into its (deferred) update */
   const float alpha0 = cr == CR_KP ? keep * alpha : alpha;
@@ -415,17 +603,30 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
     float* Bv[65];
     float* Fb[65];  /* layer l's feedback: B_l (fa, kp), D of layer l - 1 (dfa), W_l (sign) */
     double sabs[65];  /* sign symmetry: Σ |W_l| of the forward pass's weights */
+    float *Mw[65], *Vw[65], *Nw[65], *Mb[65], *Vb[65], *Nb[65];  /* Adam's state (adam) */
     int64_t off = 0;
     for (int64_t l = 0; l < L; ++l) {
       W[l] = (float*)wp[l] + r * width[l + 1] * width[l];
+      if (adam) {
+        const int64_t nw = r * width[l + 1] * width[l], nb = r * width[l + 1];
+        Mw[l] = (float*)A->amw[l] + nw; Vw[l] = (float*)A->avw[l] + nw;
+        Nw[l] = (float*)A->anw[l] + nw; Mb[l] = (float*)A->amb[l] + nb;
+        Vb[l] = (float*)A->avb[l] + nb; Nb[l] = (float*)A->anb[l] + nb;
+      }
       Bv[l] = (float*)bp[l] + r * width[l + 1];
       Fb[l] = W[l];
       if (l > 0 && (cr == CR_FA || cr == CR_KP)) Fb[l] = (float*)fbp[l] + r * width[l + 1] * width[l];
       if (l > 0 && cr == CR_DFA) Fb[l] = (float*)fbp[l] + r * C * width[l];
       if (l < L - 1) { h[l] = hs + off; off += width[l + 1]; }
     }
+    /* uniform counts (Python checked): uc[2 l], uc[2 l + 1] the counts of layer l's weights
+       and biases, kept here instead of per element (< 0: per element) */
+    float* uc = adam && A->ucount ? A->ucount + r * L * 2 : 0;
+#define UCN(j) (uc && uc[j] >= 0.0f ? uc[j] + 1.0f : 0.0f)
+#define UCSET(j, value) do { if ((value) > 0.0f) uc[j] = (value); } while (0)
     while (t < T) {
       const float* xt = x + (t * R + r) * D;
+      const float ucn0 = pend ? UCN(0) : 0.0f;  /* the pending input-layer update's count */
       for (int64_t l = 0; l < L; ++l) {
         const int64_t K = width[l + 1], H = width[l];
         const float* in = l == 0 ? xt : h[l - 1];
@@ -434,7 +635,13 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
         double acc = 0.0;
         for (int64_t k = 0; k < K; ++k) {
           float* row = W[l] + k * H;
-          if (l == 0 && pend && !sk[k]) update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
+          if (l == 0 && pend && !sk[k]) {
+            if (adam)
+              adam_span(row, Mw[0] + k * H, Vw[0] + k * H, Nw[0] + k * H, xprev, d0[k], H, 0, 0,
+                        ao, ucn0);
+            else
+              update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
+          }
           const float v = Bv[l][k] + dot(row, in, H);
           o[k] = l == L - 1 ? v : act_fwd(act, v);
           if (mean_abs) acc += l1(row, H);
@@ -442,6 +649,7 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
         sabs[l] = mean_abs ? acc / (double)(K * H) : 1.0;
       }
       if (pend) memset(sk, 0, (size_t)H1);
+      UCSET(0, ucn0);
       pend = 0;
       float* zo = out + (t * R + r) * C;
       float lv = 0.0f;
@@ -479,7 +687,13 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
           float* col = cols + (h[l - 1] - hs);
           memset(below, 0, sizeof(float) * (size_t)H);
           if (cbp) memset(col, 0, sizeof(float) * (size_t)H);
-          if (cr == CR_BP || cr == CR_DFA)
+          if (adam) {  /* (backprop only: kernels.py checks) */
+            const float ucw = UCN(2 * l);
+            for (int64_t k = 0; k < K; ++k)
+              adam_span(W[l] + k * H, Mw[l] + k * H, Vw[l] + k * H, Nw[l] + k * H, h[l - 1], d[k],
+                        H, below, cbp ? col : 0, ao, ucw);
+            UCSET(2 * l, ucw);
+          } else if (cr == CR_BP || cr == CR_DFA)
             rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, cr == CR_BP, cbp);
           else
             rows_rule(cr, W[l], Fb[l], d, h[l - 1], below, col, H, K, alpha, scale, keep, cbp);
@@ -493,7 +707,12 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
               for (int64_t i = 0; i < H; ++i) below[i] = fmaf(ec, Dc[i], below[i]);
             }
         }
-        for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
+        if (adam) {
+          const float ucb = UCN(2 * l + 1);
+          adam_span(Bv[l], Mb[l], Vb[l], Nb[l], d, 1.0f, K, 0, 0, ao, ucb);
+          UCSET(2 * l + 1, ucb);
+        } else
+          for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
         if (l > 0) {
           const float* hl = h[l - 1];
           for (int64_t i = 0; i < H; ++i) d2[i] = act_bwd(act, below[i], hl[i]);
@@ -516,15 +735,28 @@ void cl_online_block(int64_t R, int64_t T, int64_t L, const int64_t* width, void
       }
     }
     if (pend && !stopped) {
-      for (int64_t k = 0; k < H1; ++k)
-        if (!sk[k]) update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
+      const float ucn0 = UCN(0);
+      for (int64_t k = 0; k < H1; ++k) {
+        if (sk[k]) continue;
+        if (adam)
+          adam_span(W[0] + k * D, Mw[0] + k * D, Vw[0] + k * D, Nw[0] + k * D, xprev, d0[k], D, 0,
+                    0, ao, ucn0);
+        else
+          update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
+      }
       memset(sk, 0, (size_t)H1);
       pend = 0;
+      UCSET(0, ucn0);
     }
+#undef UCN
+#undef UCSET
     pend_t[r] = pend ? pt : -1;
     start[r] = t;
     free(buf);
   }
+#if defined(__SSE__)
+  if (adam) _mm_setcsr(csr);
+#endif
 }
 
 /* Continual backprop's steps 6-7 after cl_online_block stopped replicas (counts (R, L - 1)):

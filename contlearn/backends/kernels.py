@@ -16,11 +16,12 @@ arithmetic. The loops (C source in ``kernels.c`` next to this module):
   written once per step instead of three times);
 - ``cl_cbp_stats``: continual backprop's steps 1–5 for one layer in one call;
 - ``cl_adam``: Adam's moments, per-element counts and direction in one pass per tensor;
-- ``cl_online_block``: whole batch-1 online steps of an MLP (forward, loss, backward with the
-  fused update under backprop or a credit rule of :data:`BLOCK_RULES`, continual backprop's
-  steps 1–5), replica by replica, for a block of steps (:func:`online_block_`, used by
-  ``OnlineAgent.learn_block``);
-- ``cl_cbp_replace``: continual backprop's steps 6–7 after such a block stopped for them.
+- ``cl_online_block`` and ``cl_cbp_replace``: whole batch-1 online steps of an MLP for a block
+  of steps, and continual backprop's steps 6–7 after it (their binding:
+  :mod:`contlearn.backends.block_kernel`).
+
+Every wrapper checks each tensor's dtype, device, layout and shape against the others before a
+pointer reaches C (:mod:`contlearn.backends.binding`): a mismatch raises, naming the argument.
 
 They are compiled on first use with the system C compiler (well under a second) and cached in
 ``<contlearn cache>/kernels``; without a compiler, on other devices or dtypes, or with
@@ -30,8 +31,9 @@ no other contraction: ``-ffp-contract=off``), an update gives the same bits whic
 applies it, and sums run in fixed chunks and a fixed order, so results depend neither on the
 number of threads nor on the number of replicas.
 
-(Over 400 lines: the one binding to ``kernels.c``; each wrapper sits with the others so that the
-argument orders can be checked against the C source in one place.)
+One OpenMP runtime: the library is linked against the GNU OpenMP runtime torch itself loaded
+(found in ``/proc/self/maps``), so the process never holds two; where torch loaded another
+runtime or none, the kernels are built without OpenMP (their loops then run on one thread).
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import torch
+
+from contlearn.backends import binding
 
 #: the C source (a package file next to this module)
 _SOURCE_PATH = Path(__file__).with_name("kernels.c")
@@ -56,20 +59,74 @@ CHUNK = 256
 #: the kernel loops over the batch per weight; larger batches go to torch's GEMMs.
 MAX_BATCH = 4
 _lib: ctypes.CDLL | Literal[False] | None = None  # None: not tried yet; False: unavailable
+_F32, _I64, _F64 = torch.float32, torch.int64, torch.float64
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_CType = type  # (ctypes' _SimpleCData types; a list display of several is inferred as object)
+#: the kernels' C functions and their argument types
+_N: list[_CType] = []
+_SIGNATURES: dict[str, tuple[_CType | None, list[_CType]]] = {
+    "cl_layer_update": (None, _N + [_P] * 6 + [_I] * 4 + [_F, _F, _I, ctypes.c_int]),
+    "cl_input_layer": (None, _N + [_P] * 3 + [_I, _F, _F] + [_P] * 3 + [_I] * 4 + [ctypes.c_int]),
+    "cl_adam": (None, _N + [_P] * 5 + [_I] + [_F] * 4 + [_P, _I] * 2 + [ctypes.c_int]),
+    "cl_cbp_stats": (
+        _I,
+        _N + [_P] * 5 + [_I] + [_P] * 4 + [_I] * 2
+        + [_F, _I, ctypes.c_double, _P, _I, ctypes.c_int],
+    ),
+    "cl_online_block": (None, _N + [_P, _I, _I]),
+    "cl_cbp_replace": (None, _N + [_I] * 2 + [_P] * 10 + [_I, _P, _I, ctypes.c_int, _P]),
+}
+
+_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtimes mapped into this process (distinct files, from ``/proc/self/maps``;
+    empty where there is no such file)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    found = set()
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and os.path.basename(parts[5]).startswith(_RUNTIMES):
+            found.add(os.path.realpath(parts[5].strip()))
+    return sorted(found)
+
+
+def _openmp_link() -> list[str] | None:
+    """How to link the kernels to torch's OpenMP runtime: ``[the runtime's path, rpath]`` for a
+    GNU runtime torch loaded, ``[]`` to build without OpenMP (another runtime, or none)."""
+    torch.zeros(1).add_(1)  # (torch loads its runtime with its CPU library, before this)
+    loaded = openmp_runtimes()
+    gnu = [p for p in loaded if os.path.basename(p).startswith("libgomp")]
+    if len(loaded) == 1 and gnu:
+        return [gnu[0], f"-Wl,-rpath,{os.path.dirname(gnu[0])}"]
+    return []
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+    flags = ["-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-Wno-unknown-pragmas"]
     if platform.machine().lower() in ("x86_64", "amd64") and \
             torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
 
 
-def _c(*types: type[ctypes._SimpleCData[Any]]) -> list[type[ctypes._SimpleCData[Any]]]:
-    """``list(types)``, typed as argument types (a list display of several ctypes types is
-    inferred as a list of constructors returning ``object``)."""
-    return list(types)
+def _compile(compiler: str, src: Path, out: Path, link: list[str]) -> None:
+    """Compile ``src`` to an object (with ``-fopenmp`` if ``link`` names a runtime), then link
+    a shared library against that runtime only (no ``-fopenmp`` at link: it would add the
+    compiler's own ``libgomp``)."""
+    obj = out.with_suffix(".o")
+    omp = ["-fopenmp"] if link else []
+    subprocess.run([compiler, *_flags(), *omp, "-c", str(src), "-o", str(obj)], check=True,
+                   capture_output=True, timeout=120)
+    try:
+        subprocess.run([compiler, "-shared", str(obj), *link, "-lm", "-o", str(out)],
+                       check=True, capture_output=True, timeout=120)
+    finally:
+        obj.unlink(missing_ok=True)
 
 
 def _build() -> ctypes.CDLL | None:
@@ -80,8 +137,10 @@ def _build() -> ctypes.CDLL | None:
         source = _SOURCE_PATH.read_text()
     except OSError:  # a broken install: torch ops then
         return None
-    flags = _flags()
-    digest = hashlib.sha256((source + " ".join(flags) + compiler).encode()).hexdigest()[:16]
+    link = _openmp_link() or []
+    key = source + " ".join(_flags() + link) + compiler
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    from contlearn.backends.block_kernel import check_layout
     from contlearn.data.datasets import default_cache_dir
 
     for folder in (default_cache_dir() / "kernels", Path(tempfile.gettempdir())):
@@ -92,14 +151,17 @@ def _build() -> ctypes.CDLL | None:
                 src = folder / f".{digest}.{os.getpid()}.c"
                 src.write_text(source)
                 tmp = lib.with_name(f".{lib.name}.{os.getpid()}")
-                subprocess.run([compiler, *flags, str(src), "-o", str(tmp)], check=True,
-                               capture_output=True, timeout=120)
-                src.unlink()
+                try:
+                    _compile(compiler, src, tmp, link)
+                finally:
+                    src.unlink(missing_ok=True)
                 os.replace(tmp, lib)
             found = ctypes.CDLL(str(lib))
-            for name in ("cl_layer_update", "cl_input_layer", "cl_adam", "cl_cbp_stats",
-                         "cl_online_block", "cl_cbp_replace"):
-                getattr(found, name)  # a stale or foreign file: AttributeError
+            for name, (restype, argtypes) in _SIGNATURES.items():
+                fn = getattr(found, name)  # a stale or foreign file: AttributeError
+                fn.restype, fn.argtypes = restype, argtypes
+            if not check_layout(found):  # BlockArgs differs from the C struct: never call it
+                continue
             return found
         except (OSError, subprocess.SubprocessError, AttributeError):
             continue
@@ -111,35 +173,14 @@ def library() -> ctypes.CDLL | None:
     global _lib
     if _lib is None:
         _lib = (os.environ.get("CONTLEARN_KERNELS", "1") != "0" and _build()) or False
-        if _lib:
-            _lib.cl_layer_update.restype = None
-            _lib.cl_layer_update.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [
-                ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_int]
-            _lib.cl_adam.restype = None
-            _lib.cl_adam.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [
-                ctypes.c_float] * 4 + [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_int]
-            _lib.cl_cbp_stats.restype = ctypes.c_int64
-            _lib.cl_cbp_stats.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [
-                ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int64,
-                                                                ctypes.c_double,
-                                                                ctypes.c_void_p,
-                                                                ctypes.c_int64, ctypes.c_int]
-            _lib.cl_online_block.restype = None
-            _lib.cl_online_block.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 8 + _c(
-                ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int) + [
-                ctypes.c_void_p] * 6 + _c(ctypes.c_float, ctypes.c_int64, ctypes.c_double,
-                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                          ctypes.c_void_p, ctypes.c_void_p) + [
-                ctypes.c_void_p] * 4 + _c(ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
-                                          ctypes.c_int) + [ctypes.c_int64] * 2
-            _lib.cl_cbp_replace.restype = None
-            _lib.cl_cbp_replace.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 10 + [
-                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
-            _lib.cl_input_layer.restype = None
-            _lib.cl_input_layer.argtypes = [ctypes.c_void_p] * 3 + _c(
-                ctypes.c_int64, ctypes.c_float, ctypes.c_float) + [ctypes.c_void_p] * 3 + [
-                ctypes.c_int64] * 4 + [ctypes.c_int]
     return _lib or None
+
+
+def _need() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
+    return lib
 
 
 def applies(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor) -> bool:
@@ -153,13 +194,16 @@ def layer_update_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, alph
                   beta: float, need_below: bool, want_col: bool
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The kernel of the module docstring for ``w (R, K, H)``, ``delta (R, B, K)``,
-    ``h_in (R, B, H)``; returns ``(below (R, B, H) or None, col (R, H) or None)``.
-    Call only if :func:`applies`."""
-    lib = library()
-    assert lib is not None
+    ``h_in (R, B, H)`` (float32 on the CPU; ``w`` contiguous, updated in place); returns
+    ``(below (R, B, H) or None, col (R, H) or None)``. Use it where :func:`applies`; other
+    tensors raise (:mod:`contlearn.backends.binding`)."""
+    lib = _need()
+    binding.check("w", w, _F32, (None, None, None))
     R, K, H = w.shape
-    B = delta.shape[1]
-    d, h = delta.contiguous(), h_in.contiguous()
+    d, h = binding.contiguous("delta", delta), binding.contiguous("h_in", h_in)
+    binding.check("delta", d, _F32, (R, None, K))
+    B = d.shape[1]
+    binding.check("h_in", h, _F32, (R, B, H))
     below = w.new_empty(R, B, H) if need_below else None
     col = w.new_empty(R, H) if want_col else None
     chunks = (K + CHUNK - 1) // CHUNK
@@ -179,20 +223,25 @@ def input_layer_(w: torch.Tensor, pending: Pending | None, x: torch.Tensor | Non
                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """Apply ``pending`` (``W ← (1 + β) W + α δᵀ h``) to ``w (R, K, H)`` in place and, given
     new inputs ``x (R, B, H)``, return ``bias + x Wᵀ`` ``(R, B, K)`` from the same pass over
-    the weights. Call only if :func:`applies` (with ``x`` as the batch)."""
-    lib = library()
-    assert lib is not None
+    the weights. Use it where :func:`applies` (with ``x`` as the batch); other tensors raise."""
+    lib = _need()
+    binding.check("w", w, _F32, (None, None, None))
     R, K, H = w.shape
     pd = ph = None
     alpha = beta = 0.0
     if pending is not None:
-        pd, ph = pending[0].contiguous(), pending[1].contiguous()
+        pd = binding.contiguous("pending delta", pending[0])
+        ph = binding.contiguous("pending input", pending[1])
+        binding.check("pending delta", pd, _F32, (R, None, K))
+        binding.check("pending input", ph, _F32, (R, pd.shape[1], H))
         alpha, beta = pending[2], pending[3]
     z = None
     xp = bp = zp = None  # the new inputs' pointers (None: no forward pass)
     nb = 0
     if x is not None and bias is not None:
-        x, bias = x.contiguous(), bias.contiguous()
+        x, bias = binding.contiguous("x", x), binding.contiguous("bias", bias)
+        binding.check("x", x, _F32, (R, None, H))
+        binding.check("bias", bias, _F32, (R, K))
         z = w.new_empty(R, x.shape[1], K)
         xp, bp, zp, nb = x.data_ptr(), bias.data_ptr(), z.data_ptr(), x.shape[1]
     lib.cl_input_layer(w.data_ptr(), pd.data_ptr() if pd is not None else None,
@@ -216,6 +265,14 @@ def _table(decay: float, sqrt: bool) -> torch.Tensor:
 _TABLES: dict[tuple[float, bool], torch.Tensor] = {}
 
 
+def adam_tables(b1: float, b2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's bias corrections by count: ``1 − β1ᵗ`` and ``√(1 − β2ᵗ)`` (cached)."""
+    for key in ((b1, False), (b2, True)):
+        if key not in _TABLES:
+            _TABLES[key] = _table(*key)
+    return _TABLES[(b1, False)], _TABLES[(b2, True)]
+
+
 def adam_applies(*tensors: torch.Tensor) -> bool:
     """Whether :func:`adam_direction_` can take these tensors (CPU, float32, contiguous)."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
@@ -226,13 +283,12 @@ def adam_direction_(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, count: to
                     b1: float, b2: float, eps: float) -> torch.Tensor:
     """Adam's step on one tensor in one pass: updates ``count``, ``m``, ``v`` in place and
     returns ``(m / (1 − β1ⁿ)) / (√v / √(1 − β2ⁿ) + ε)`` (see ``cl_adam``). Call only if
-    :func:`adam_applies`."""
-    lib = library()
-    assert lib is not None
-    for key in ((b1, False), (b2, True)):
-        if key not in _TABLES:
-            _TABLES[key] = _table(*key)
-    t1, t2 = _TABLES[(b1, False)], _TABLES[(b2, True)]
+    :func:`adam_applies` (other tensors raise)."""
+    lib = _need()
+    shape = tuple(binding.check("g", g, _F32).shape)
+    for name, t in (("m", m), ("v", v), ("count", count)):
+        binding.check(name, t, _F32, shape)
+    t1, t2 = adam_tables(b1, b2)
     u = torch.empty_like(g)
     lib.cl_adam(g.data_ptr(), m.data_ptr(), v.data_ptr(), count.data_ptr(), u.data_ptr(),
                 g.numel(), 1.0 - b1, b2, 1.0 - b2, eps, t1.data_ptr(), len(t1), t2.data_ptr(),
@@ -277,186 +333,22 @@ def cbp_stats_(age: torch.Tensor, f: torch.Tensor, u: torch.Tensor, u_hat: torch
     """Continual backprop's steps 1–5 for one layer in one call (see ``cl_cbp_stats``): ages
     ``(R, H)`` int64, running means ``f``, utilities ``u``, ``u_hat`` ``(R, H)``, activations
     ``h (R, B, H)``, outgoing magnitudes ``out (R, H)``, ``carry (R,)`` float64, ``eligible
-    (R,)`` int64, all updated in place. Returns (units to replace per replica, their sum)."""
-    lib = library()
-    assert lib is not None
+    (R,)`` int64, all updated in place. Returns (units to replace per replica, their sum).
+    Tensors of other dtypes, shapes or layouts raise (:mod:`contlearn.backends.binding`)."""
+    lib = _need()
+    h, out = binding.contiguous("h", h), binding.contiguous("out", out)
+    binding.check("h", h, _F32, (None, None, None))
     R, B, H = h.shape
-    h, out = h.contiguous(), out.contiguous()
+    for name, t, dtype in (("age", age, _I64), ("f", f, _F32), ("u", u, _F32),
+                           ("u_hat", u_hat, _F32), ("out", out, _F32)):
+        binding.check(name, t, dtype, (R, H))
+    binding.check("carry", carry, _F64, (R,))
+    binding.check("eligible", eligible, _I64, (R,))
+    if binding.check("table", table, _F32, (None,)).numel() < 1:
+        raise ValueError("kernel argument table: empty, expected 1 − decay^a for a = 0, 1, ...")
     k = torch.empty(R, dtype=torch.int64)
     total = lib.cl_cbp_stats(age.data_ptr(), f.data_ptr(), u.data_ptr(), u_hat.data_ptr(),
                              h.data_ptr(), B, out.data_ptr(), carry.data_ptr(),
                              eligible.data_ptr(), k.data_ptr(), R, H, 1.0 - decay, maturity,
                              rate, table.data_ptr(), len(table), int(nonnegative))
     return k, total
-
-
-#: activations the whole-step kernel computes (codes of ``act_fwd`` in the C source).
-BLOCK_ACTIVATIONS = {"relu": 0, "tanh": 1, "sigmoid": 2, "leaky_relu": 3}
-#: the kernel's fixed-size per-layer arrays (hidden layers + output layer).
-MAX_BLOCK_LAYERS = 64
-#: credit rules the whole-step kernel computes (codes of ``cr`` in the C source)
-BLOCK_RULES = {"bp": 0, "fa": 1, "kolen-pollack": 2, "sign-symmetry": 3, "dfa": 4}
-
-
-class BlockCredit(NamedTuple):
-    """A credit rule as the whole-step kernel takes it (docs/credit.md).
-
-    Attributes:
-        rule: a key of :data:`BLOCK_RULES`.
-        feedback: per layer ``(R, K, H)`` (None where the rule has none): ``B_l`` for fa and
-            kolen-pollack (updated in place by the latter), for dfa ``D (R, C, H)`` of the
-            hidden layer below layer l.
-        keep: kolen-pollack's ``1 − λ`` (every weight matrix and B shrink by it each step).
-        unit: sign symmetry's ``scale=unit`` (else s = mean |W_l|).
-    """
-
-    rule: str = "bp"
-    feedback: tuple[torch.Tensor | None, ...] = ()
-    keep: float = 1.0
-    unit: bool = False
-
-
-class CBPKernelState(NamedTuple):
-    """Continual backprop's per-layer state as the whole-step kernel reads and writes it: one
-    tensor per hidden layer (ages ``(R, H)`` int64; running mean, utility, bias-corrected
-    utility ``(R, H)`` float32; carry ``(R,)`` float64; eligible ``(R,)`` int64) and the
-    options."""
-
-    age: list[torch.Tensor]
-    mean_act: list[torch.Tensor]
-    utility: list[torch.Tensor]
-    utility_hat: list[torch.Tensor]
-    carry: list[torch.Tensor]
-    eligible: list[torch.Tensor]
-    decay: float
-    maturity: int
-    rate: float
-    table: torch.Tensor
-    nonnegative: bool
-
-
-def _widths(weights: list[torch.Tensor]) -> torch.Tensor:
-    """The MLP's widths (input, then each layer's units) from its weights ``(R, K, H)``."""
-    return torch.tensor([weights[0].shape[2]] + [w.shape[1] for w in weights], dtype=torch.int64)
-
-
-def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
-
-
-class Pending1(NamedTuple):
-    """The input layer's update left pending while the whole-step kernel stopped replicas for
-    continual backprop's replacements: ``d (R, H1)`` float32, ``step (R,)`` int64 (the step
-    of the block whose input it needs, −1: none), ``skip (R, H1)`` uint8 (rows replaced since,
-    which it must leave alone)."""
-
-    d: torch.Tensor
-    step: torch.Tensor
-    skip: torch.Tensor
-
-    @classmethod
-    def empty(cls, R: int, H1: int) -> Pending1:
-        return cls(torch.zeros(R, H1), torch.full((R,), -1, dtype=torch.int64),
-                   torch.zeros(R, H1, dtype=torch.uint8))
-
-
-def online_block_(weights: list[torch.Tensor], biases: list[torch.Tensor], x: torch.Tensor,
-                  target: torch.Tensor, classification: bool, alpha: float, beta: float,
-                  activation: str, out: torch.Tensor, loss: torch.Tensor, start: torch.Tensor,
-                  events: torch.Tensor, cbp: CBPKernelState | None, pending: Pending1,
-                  workers: int, grad_l1: torch.Tensor | None = None,
-                  credit: BlockCredit | None = None) -> None:
-    """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
-
-    Args:
-        weights, biases: per layer ``(R, K, H)`` and ``(R, K)``, updated in place.
-        x: inputs ``(T, R, D)``.
-        target: class indices ``(T, R)`` int64, or regression targets ``(T, R, C)``.
-        classification: cross-entropy (else squared error summed over outputs).
-        alpha, beta: the fused update ``θ ← (1 + β) θ + α g``.
-        activation: a key of :data:`BLOCK_ACTIVATIONS`.
-        out, loss: filled with the outputs ``(T, R, C)`` (before each step's update) and the
-            losses ``(T, R)``.
-        start: ``(R,)`` int64, each replica's first step; on return, where it stopped (T: done).
-        events: ``(R, L − 1)`` int64, set to the units each hidden layer must replace at the
-            step a replica stopped at (continual backprop's steps 6–7 are the caller's).
-        cbp: continual backprop's state, or None.
-        pending: the input layer's pending update: kept when a replica stops for an event
-            (the next call, after :func:`cbp_replace_`, applies it), else applied before the
-            call returns.
-        workers: replicas run in this many contiguous groups, each on a thread of its own
-            (one replica's steps always run on one thread: results do not depend on this).
-        grad_l1: ``(R, L)`` float64 or None: each step adds the L1 norm of every layer's loss
-            gradient (weights and bias) to it.
-        credit: the credit rule (None: backprop).
-    """
-    lib = library()
-    assert lib is not None
-    credit = credit or BlockCredit()
-    L = len(weights)
-    feedback = (ctypes.c_void_p * L)(*[None if f is None else f.data_ptr()
-                                       for f in list(credit.feedback) + [None] * L][:L])
-    widths = _widths(weights)
-    T, R = x.shape[:2]
-    cls = target if classification else None
-    reg = None if classification else target
-    c = cbp
-    lists = ([], [], [], [], [], []) if c is None else (
-        c.age, c.mean_act, c.utility, c.utility_hat, c.carry, c.eligible)
-    args = (
-        R, T, L, widths.data_ptr(), _pointers(weights), _pointers(biases), x.data_ptr(),
-        cls.data_ptr() if cls is not None else None, reg.data_ptr() if reg is not None else None,
-        out.data_ptr(), loss.data_ptr(), alpha, 1.0 + beta, BLOCK_ACTIVATIONS[activation],
-        int(c is not None), *[_pointers(t) for t in lists],
-        1.0 - (c.decay if c else 0.0), c.maturity if c else 0, c.rate if c else 0.0,
-        c.table.data_ptr() if c else None, len(c.table) if c else 0,
-        int(c.nonnegative) if c else 0, start.data_ptr(), events.data_ptr(),
-        pending.d.data_ptr(), pending.step.data_ptr(), pending.skip.data_ptr(),
-        grad_l1.data_ptr() if grad_l1 is not None else None, BLOCK_RULES[credit.rule],
-        feedback, credit.keep, int(credit.unit))
-    todo = [r for r in range(R) if int(start[r]) < T or int(pending.step[r]) >= 0]
-    groups = min(max(workers, 1), len(todo))
-    if groups <= 1:
-        lib.cl_online_block(*args, 0, R)
-        return
-    # contiguous ranges holding equal numbers of the replicas with work left; ctypes releases
-    # the GIL for the call, so the ranges run in parallel
-    cuts = [todo[len(todo) * g // groups] for g in range(groups)] + [R]
-    pool = _pool()
-    futures = [pool.submit(lib.cl_online_block, *args, cuts[g], cuts[g + 1])
-               for g in range(1, groups)]
-    lib.cl_online_block(*args, cuts[0], cuts[1])
-    for f in futures:
-        f.result()
-
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """Worker threads for :func:`online_block_` (made anew in a forked child: a parent's
-    threads do not exist there). Idle workers block on a queue; they never spin."""
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():
-        _POOL = (os.getpid(), ThreadPoolExecutor(max(1, (os.cpu_count() or 1) - 1),
-                                                 thread_name_prefix="contlearn-block"))
-    return _POOL[1]
-
-
-def cbp_replace_(weights: list[torch.Tensor], biases: list[torch.Tensor], counts: torch.Tensor,
-                 fresh: list[torch.Tensor], cbp: CBPKernelState,
-                 replacements: list[torch.Tensor], fold: bool, skip: torch.Tensor) -> None:
-    """Continual backprop's steps 6–7 (``cl_cbp_replace``) for ``counts (R, L − 1)`` units per
-    replica and hidden layer, with ``fresh[l]`` the new incoming rows ``(N_l, fan_in)`` drawn
-    in replica order; ``replacements[l] (R,)`` int64 counts up; replaced input-layer units are
-    marked in ``skip`` (``Pending1.skip``)."""
-    lib = library()
-    assert lib is not None
-    widths = _widths(weights)
-    counts = counts.contiguous()
-    fresh = [t.contiguous() for t in fresh]
-    lib.cl_cbp_replace(len(counts), len(weights), widths.data_ptr(), _pointers(weights),
-                       _pointers(biases), counts.data_ptr(), _pointers(fresh),
-                       _pointers(cbp.age), _pointers(cbp.mean_act), _pointers(cbp.utility),
-                       _pointers(cbp.utility_hat), _pointers(replacements), cbp.maturity,
-                       cbp.table.data_ptr(), len(cbp.table), int(fold), skip.data_ptr())

@@ -5,16 +5,17 @@ each replica's mean loss, hands them to ``learner.update`` and adds the updates.
 in the order the agent asks them (:data:`BACKENDS`):
 
 - :class:`BlockLoop` (``block``): whole batch-1 steps in one compiled loop per replica
-  (:func:`contlearn.backends.kernels.online_block_`: forward, loss, backward with the fused
+  (:func:`contlearn.backends.block_kernel.online_block_`: forward, loss, backward with the fused
   update, continual backprop's steps 1–5), for learners whose fused form needs nothing per
-  step but continual backprop's unit bookkeeping;
+  step but continual backprop's unit bookkeeping, and under backprop for Adam between affine
+  maps (:mod:`contlearn.learners.adam_form`, its moments and counts in the same pass);
 - :class:`FusedBackward` (``fused``): the network's hand-written backward applying the
   learner's declared affine update ``θ ← (1 + β) θ + α g`` in place while it back-propagates
   (no gradient or update tensor), then the learner's post-update edit;
 - :class:`HandBackward` (``backward``): the hand-written backward's gradients through
   ``learner.update``, for any learner.
 
-Each takes the credit rules it declares (:data:`RULES`, ``kernels.BLOCK_RULES``;
+Each takes the credit rules it declares (:data:`RULES`, ``block_kernel.BLOCK_RULES``;
 docs/credit.md, Backends): the error sent down is the rule's (``δ B``, ``e D``,
 ``δ s·sign W``), and Kolen–Pollack's ``B`` learns in the same pass as ``W``.
 
@@ -39,13 +40,16 @@ import torch
 
 from contlearn.agents.network_options import CONCAT_ACTIVATIONS
 from contlearn.agents.networks import ACTIVATIONS
-from contlearn.backends import kernels
+from contlearn.backends import block_kernel, kernels
 from contlearn.backends.base import StepConfig, declares
 from contlearn.credit.learned import KolenPollack
 from contlearn.credit.rules import DirectFeedback, FixedFeedback, SignSymmetry
+from contlearn.learners.base import find_states
+from contlearn.learners.optim import ScaleByAdamState
 
 if TYPE_CHECKING:
     from contlearn.agents.online import OnlineAgent
+    from contlearn.learners.adam_form import AdamPlan
     from contlearn.learners.fused import FusedPlan
 
 #: the stream kinds whose loss the hand-written backward knows (cross-entropy, squared error)
@@ -291,8 +295,11 @@ class FusedBackward(HandBackward):
 class BlockLoop(FusedBackward):
     """``block``: whole batch-1 steps in one compiled loop per replica while its weights stay
     in cache (:meth:`learn_block`); a replica stops at a step where continual backprop must
-    replace units, whose fresh rows Python draws from the replica's generator. Single steps
-    (``act``/``observe``) take the fused path."""
+    replace units, whose fresh rows Python draws from the replica's generator. The update is
+    the learner's fused affine form or its Adam form (Adam between affine maps,
+    :mod:`contlearn.learners.adam_form`: moments and per-element counts in the same pass).
+    Single steps (``act``/``observe``) take the fused path (Adam: the hand-written backward
+    through ``learner.update``)."""
 
     name = "block"
     description = "whole batch-1 steps in one compiled C loop per replica (cores in parallel)"
@@ -301,19 +308,53 @@ class BlockLoop(FusedBackward):
     def supports(cfg: StepConfig) -> bool:
         """Batch 1 on CPU float32 with the compiled kernels, an activation the loop knows, and
         a fused learner with no post-update edit but continual backprop's (in the form the
-        loop takes: :class:`contlearn.learners.fused.UnitReplacer`)."""
+        loop takes: :class:`contlearn.learners.fused.UnitReplacer`), or under backprop a
+        learner with an Adam form (``adam``, ``proper-adam``, L2 over Adam, CBP over Adam)."""
         plan = cfg.fused
-        return (
-            FusedBackward.supports(cfg)
-            and cfg.batch_size == 1
+        loop = (
+            cfg.batch_size == 1
             and cfg.kernels
             and cfg.device == "cpu"
             and cfg.dtype == "float32"
-            and (plan.post is None or plan.replacer is not None)
-            and cfg.credit in kernels.BLOCK_RULES
-            and cfg.activation in kernels.BLOCK_ACTIVATIONS
-            and cfg.depth + 1 <= kernels.MAX_BLOCK_LAYERS
+            and cfg.credit in block_kernel.BLOCK_RULES
+            and cfg.activation in block_kernel.BLOCK_ACTIVATIONS
+            and cfg.depth + 1 <= block_kernel.MAX_BLOCK_LAYERS
         )
+        if plan is None:  # Adam's form: the kernel applies it under backprop only
+            return (
+                loop
+                and cfg.adam is not None
+                and cfg.credit == "bp"
+                and HandBackward.supports(cfg)
+                and declares(cfg)
+            )
+        return (
+            loop
+            and FusedBackward.supports(cfg)
+            and (plan.post is None or plan.replacer is not None)
+        )
+
+    def __init__(self, agent: OnlineAgent) -> None:
+        self._adam: AdamPlan | None = agent.adam_plan if agent.plan is None else None
+        if self._adam is None:
+            super().__init__(agent)
+        else:  # single steps: the hand-written backward through learner.update
+            HandBackward.__init__(self, agent)
+            self._pending = None
+
+    def act(self, flat: torch.Tensor) -> torch.Tensor:
+        """The fused path's forward pass (Adam: the hand-written backward's)."""
+        if self._adam is not None:
+            return HandBackward.act(self, flat)
+        return super().act(flat)
+
+    @torch.no_grad()
+    def observe(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:
+        """The fused path's step (Adam: the hand-written backward's, then
+        ``learner.update``); returns the loss ``(R,)``."""
+        if self._adam is not None:
+            return HandBackward.observe(self, target, task_start)
+        return super().observe(target, task_start)
 
     @torch.no_grad()
     def learn_block(
@@ -328,7 +369,7 @@ class BlockLoop(FusedBackward):
         Returns:
             ``(predictions (T, R, 1, C) made before each step's update, {"loss": (T, R)})``.
         """
-        agent, plan = self.agent, self.plan
+        agent, adam = self.agent, self._adam
         T, R = obs.shape[:2]
         x = obs.reshape(T, R, -1).to(torch.float32).contiguous()
         C = agent.info.num_outputs
@@ -347,7 +388,11 @@ class BlockLoop(FusedBackward):
         loss = torch.empty(T, R)
         start = torch.zeros(R, dtype=torch.int64)
         events = torch.zeros(R, max(len(layers) - 1, 1), dtype=torch.int64)
-        replacer = plan.replacer
+        if adam is None:
+            alpha, beta, replacer = self.plan.grad_scale, self.plan.param_scale, self.plan.replacer
+        else:
+            alpha, beta, replacer = 0.0, 0.0, adam.replacer
+        block_adam = None if adam is None else _block_adam(agent, adam)
         cbp = None
         if replacer is not None:
             cbp = replacer.kernel_state(agent.learner_state)
@@ -356,18 +401,18 @@ class BlockLoop(FusedBackward):
                     "the block backend was chosen but continual backprop's "
                     "state is not in the kernel's form"
                 )
-        pending = kernels.Pending1.empty(R, weights[0].shape[1])
+        pending = block_kernel.Pending1.empty(R, weights[0].shape[1])
         workers = agent.block_workers()
         credit = _block_credit(agent)
         while True:
-            kernels.online_block_(
+            block_kernel.online_block_(
                 weights,
                 biases,
                 x,
                 y,
                 classification,
-                plan.grad_scale,
-                plan.param_scale,
+                alpha,
+                beta,
                 agent.spec.activation,
                 out,
                 loss,
@@ -378,6 +423,7 @@ class BlockLoop(FusedBackward):
                 workers,
                 agent.grad_l1,
                 credit,
+                block_adam,
             )
             if cbp is not None and bool(events.any()):
                 assert replacer is not None
@@ -392,7 +438,7 @@ class BlockLoop(FusedBackward):
         return out.unsqueeze(2), {"loss": loss}
 
 
-def _block_credit(agent: OnlineAgent) -> kernels.BlockCredit:
+def _block_credit(agent: OnlineAgent) -> block_kernel.BlockCredit:
     """The agent's credit rule as the whole-step kernel takes it (its feedback tensors, which
     kolen-pollack's steps update in place)."""
     rule, layers = agent.credit, agent.net.layers
@@ -405,7 +451,24 @@ def _block_credit(agent: OnlineAgent) -> kernels.BlockCredit:
         raise RuntimeError("the block backend was chosen but the feedback is not in its form")
     keep = 1.0 - rule.decay if isinstance(rule, KolenPollack) else 1.0
     unit = isinstance(rule, SignSymmetry) and rule.scale == "unit"
-    return kernels.BlockCredit(rule.name, feedback, keep, unit)
+    return block_kernel.BlockCredit(rule.name, feedback, keep, unit)
+
+
+def _block_adam(agent: OnlineAgent, plan: AdamPlan) -> block_kernel.BlockAdam:
+    """The learner's Adam state (its one :class:`ScaleByAdamState`, updated in place by the
+    kernel) and the plan's options as the whole-step kernel takes them."""
+    found = find_states(agent.learner_state, ScaleByAdamState)
+    if len(found) != 1:  # supports() promised one Adam: a bug, never a silent other path
+        raise RuntimeError(f"the block backend was chosen but the learner has {len(found)} Adams")
+    s = found[0]
+    ws = [f"{layer.name}.weight" for layer in agent.net.layers]
+    bs = [f"{layer.name}.bias" for layer in agent.net.layers]
+    o = plan.adam
+    return block_kernel.BlockAdam(
+        [s.mu[n] for n in ws], [s.nu[n] for n in ws], [s.count[n] for n in ws],
+        [s.mu[n] for n in bs], [s.nu[n] for n in bs], [s.count[n] for n in bs],
+        plan.pre_a, plan.pre_b, o.b1, o.b2, o.eps, plan.lr, plan.post_b,
+    )  # fmt: skip
 
 
 def _features(agent: OnlineAgent, hs: list[torch.Tensor]) -> dict[str, torch.Tensor]:

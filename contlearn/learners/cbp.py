@@ -42,9 +42,10 @@ from typing import Any, NamedTuple, cast
 
 import torch
 
-from contlearn.backends import kernels
+from contlearn.backends import block_kernel, kernels
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
+from contlearn.learners.cbp_adam import adam_form
 from contlearn.learners.fused import FusedPlan, UnitReplacer, fused_plan
 from contlearn.learners.resets import FeedbackReset, UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import draw, replica_rng_states
@@ -135,7 +136,7 @@ def continual_backprop(
         rounding,
         rng_stream,
     )
-    return GradientTransformation(cbp.init, cbp.update, cbp.fused())
+    return GradientTransformation(cbp.init, cbp.update, cbp.fused() or adam_form(cbp))
 
 
 def _need_features(features: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -174,6 +175,7 @@ class _ContinualBackprop:
         self.names = [n for n, _ in self.layers]
         self.nonnegative = getattr(network, "activation", None) == "relu"
         self._tables: dict[tuple, torch.Tensor] = {}
+        self.adam_inner = False  # the block kernel runs the inner Adam (cbp_adam.adam_form)
 
     def init(self, params: Params) -> CBPState:
         """Zero statistics, the inner chain's state and the replicas' generators. When every
@@ -259,13 +261,13 @@ class _ContinualBackprop:
             replacer = UnitReplacer(self._kernel_state, self._replace_counts)
         return FusedPlan(inner.grad_scale, inner.param_scale, post, col, replacer)
 
-    def _kernel_state(self, state: CBPState) -> kernels.CBPKernelState | None:
+    def _kernel_state(self, state: CBPState) -> block_kernel.CBPKernelState | None:
         """The per-layer tensors of ``state`` for the whole-step kernel, or None if they are
         not CPU float32 (int64 ages, float64 carries) and contiguous, or the inner chain keeps
-        state (optimizer moments, anchors: the kernel's resets would not clear them)."""
-        n = self.names[0]
-        f = state.mean_act[n]
-        if f.device.type != "cpu" or f.dtype != torch.float32 or tree_leaves(state.inner):
+        state the kernel's resets would not clear (Adam's: :mod:`~contlearn.learners.cbp_adam`)."""
+        f = state.mean_act[self.names[0]]
+        inner = tree_leaves(state.inner) and not self.adam_inner
+        if f.device.type != "cpu" or f.dtype != torch.float32 or inner:
             return None
         table = self._correction_table(f.dtype, f.device)
         s = state.stats
@@ -291,7 +293,7 @@ class _ContinualBackprop:
             for t in ts
         ):
             return None
-        return kernels.CBPKernelState(
+        return block_kernel.CBPKernelState(
             *lists, self.decay, self.maturity, self.rate, table, self.nonnegative
         )
 
@@ -300,7 +302,7 @@ class _ContinualBackprop:
     ) -> None:
         """Steps 6–7 on ``params`` as the whole-step kernel left them, for ``counts`` (one
         ``(R,)`` per layer): the fresh rows drawn here, the rest in one compiled call, which
-        marks replaced input-layer units in ``skip`` (see ``kernels.Pending1``)."""
+        marks replaced input-layer units in ``skip`` (see ``block_kernel.Pending1``)."""
         kernel_state = self._kernel_state(state)
         assert kernel_state is not None
         layers = self.network.layers
@@ -312,7 +314,7 @@ class _ContinualBackprop:
                 if n
             ]
             fresh.append(torch.cat(rows) if rows else torch.empty(0))
-        kernels.cbp_replace_(
+        block_kernel.cbp_replace_(
             [params[f"{layer.name}.weight"] for layer in layers],
             [params[f"{layer.name}.bias"] for layer in layers],
             torch.stack(counts, 1),

@@ -33,12 +33,12 @@ PostFn = Callable[..., Any]
 
 class UnitReplacer(NamedTuple):
     """A post that is continual backprop's steps 1–7 and can run inside the agent's whole-step
-    kernel (:func:`contlearn.backends.kernels.online_block_`): the kernel does steps 1–5 and stops a
-    replica at a step where units must be replaced; ``replace`` does steps 6–7.
+    kernel (:func:`contlearn.backends.block_kernel.online_block_`): the kernel does steps 1–5
+    and stops a replica at a step where units must be replaced; ``replace`` does steps 6–7.
 
     Attributes:
         kernel_state: ``kernel_state(state)``, the per-layer tensors the kernel updates in
-            place (:class:`contlearn.backends.kernels.CBPKernelState`), or None if it cannot
+            place (:class:`contlearn.backends.block_kernel.CBPKernelState`), or None if it cannot
             take them.
         replace: ``replace(state, params, counts, skip)`` with ``counts`` one ``(R,)`` int64
             tensor per hidden layer (units to replace, 0 for replicas without an event) and
@@ -73,8 +73,8 @@ class FusedPlan(NamedTuple):
 def fused_plan(transform: GradientTransformation) -> FusedPlan | None:
     """The fused form of ``transform``: its declared one, or for a chain the composition of
     its parts' (None if it, or any part of it, has none)."""
-    if not transform.parts:
-        return transform.fused
+    if not transform.parts:  # (another kind of declaration, e.g. Adam's: not affine)
+        return transform.fused if isinstance(transform.fused, FusedPlan) else None
     plans = [fused_plan(t) for t in transform.parts]
     if any(p is None for p in plans):
         return None

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from contlearn.backends import kernels
+from contlearn.learners.adam_form import AdamForm
 from contlearn.learners.base import GradientTransformation, Params, chain, stateless
 from contlearn.learners.fused import FusedPlan
 from contlearn.spec import param
@@ -147,7 +148,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
             out.append(mi.div(bc1).div_(di))
         return dict(zip(keys, out, strict=True)), state
 
-    return GradientTransformation(init, update)
+    # declared for the block backend, which runs Adam in its C loop (learners/adam_form.py)
+    return GradientTransformation(init, update, AdamForm(b1, b2, eps))
 
 
 def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> GradientTransformation:

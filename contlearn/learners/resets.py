@@ -17,8 +17,10 @@ their update, so every final value is exact (no float round trip).
 - the inner optimizer state of ``W_l[i, :]``, ``b_l[i]`` and ``W_{l+1}[:, i]`` cleared: every
   per-parameter state tensor (Adam moments and per-element step counts, momentum buffers;
   found by :func:`~contlearn.learners.base.per_param_state`) is zeroed there;
-- with layer norm (``<layer>.ln_weight``/``.ln_bias`` among the parameters), the units' gain
-  and offset set back to their init, 1 and 0, and their optimizer state cleared too;
+- with layer norm or batch norm (``<layer>.ln_weight``/``.ln_bias``, ``.bn_weight``/
+  ``.bn_bias`` among the parameters), the units' gain and offset set back to their init, 1
+  and 0, and their optimizer state cleared too; a network with running statistics (batch
+  norm) resets the units' own (``network.reset_unit_stats``: mean 0, variance 1);
 - anchors (θ₀ of L2-Init / shrink-toward-init) of those weights set to their new values;
 - a *learned* feedback matrix (a credit rule's ``B``, docs/credit.md), if the agent passes them
   (:class:`FeedbackReset`, the extra ``feedback=``), treated like the forward weights of the
@@ -36,6 +38,7 @@ from typing import Any, NamedTuple, overload
 import torch
 
 from contlearn.agents.network_options import CONCAT_ACTIVATIONS, LN_BIAS, LN_WEIGHT
+from contlearn.agents.resnet import BN_BIAS, BN_WEIGHT
 from contlearn.errors import ConfigError
 from contlearn.learners.base import (
     AnchorState,
@@ -169,7 +172,8 @@ def reset_units(
         )
     w, b = f"{layer}.weight", f"{layer}.bias"
     wn, bn = f"{nxt}.weight", f"{nxt}.bias"
-    ln = [n for n in (f"{layer}.{LN_WEIGHT}", f"{layer}.{LN_BIAS}") if n in params]
+    norms = (LN_WEIGHT, LN_BIAS, BN_WEIGHT, BN_BIAS)
+    ln = [n for n in (f"{layer}.{s}" for s in norms) if n in params]
     if updates is not None:
         names = [w, b, *ln] + ([wn, bn] if nxt is not None else [])
         if feedback is not None:  # feedback the learner updates is reset as θ + u too
@@ -180,9 +184,11 @@ def reset_units(
     params[w][r, i] = new_w.to(params[w])  # rows W_l[i, :]
     params[b][r, i] = new_b.to(params[b])
     rows: dict[str, tuple[torch.Tensor | slice, ...]] = {w: (r, i), b: (r, i)}
-    for n in ln:  # layer norm's gain 1 and offset 0, as initialised
-        params[n][r, i] = 1.0 if n.endswith(LN_WEIGHT) else 0.0
+    for n in ln:  # a norm's gain 1 and offset 0, as initialised
+        params[n][r, i] = 1.0 if n.endswith((LN_WEIGHT, BN_WEIGHT)) else 0.0
         rows[n] = (r, i)
+    if (reset_stats := getattr(network, "reset_unit_stats", None)) is not None:
+        reset_stats(layer, r, i)
     if nxt is not None:
         cols = (r, slice(None), i)  # columns W_{l+1}[:, i] as (N, K)
         if fold is not None:

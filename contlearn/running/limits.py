@@ -56,8 +56,16 @@ def _widths(agent_spec: Any) -> list[int]:
         return []
 
 
+#: parameters of one replica of the online agent's conv networks, a lower bound over input
+#: shapes (agents/conv_networks.py: convnet at 1 × 28 × 28 has the fewest; resnet18 ~11.2 M)
+CONV_PARAMS = {"convnet": 120_000, "resnet18": 11_000_000}
+
+
 def bytes_per_seed(cfg: RunConfig) -> int:
     """A lower bound of the memory one replica needs (see the module docstring)."""
+    network = getattr(cfg.agent_spec, "network", "mlp")
+    if network in CONV_PARAMS:  # (weights, gradients, two moments; activations not counted)
+        return 4 * 4 * CONV_PARAMS[network] + STREAM_BYTES_PER_SEED
     widths = _widths(cfg.agent_spec)
     params = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False)) + sum(widths)
     probe = cfg.run.probe_size * sum(widths) if cfg.run.probes != "none" else 0
