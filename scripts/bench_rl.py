@@ -78,20 +78,23 @@ def parse_args() -> Args:
     return parse_flags(Args, __doc__.splitlines()[0])
 
 
-def raw_rate(env: gym.Env, steps: int) -> float:
-    """Env steps/s of random-action stepping."""
-    start = time.perf_counter()
+def raw_rate(env: gym.Env, steps: int) -> tuple[float, float]:
+    """Env steps/s of random-action stepping: per wall-clock second and per CPU second of
+    this thread."""
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
         _, _, terminated, truncated, _ = env.step(env.action_space.sample())
         if terminated or truncated:
             env.reset()
-    return steps / (time.perf_counter() - start)
+    return steps / (time.perf_counter() - start), steps / (time.thread_time() - cpu)
 
 
-def ppo_rate(stream, agent, steps: int) -> tuple[float, dict[str, float]]:
-    """Env steps/s of the PPO loop and the share of time in each phase."""
+def ppo_rate(stream, agent, steps: int) -> tuple[float, float, dict[str, float]]:
+    """Env steps/s of the PPO loop (per wall-clock second and per CPU second of this thread,
+    which leaves out worker processes and the time spent waiting for them) and the share of
+    wall-clock time in each phase."""
     phases = {"act": 0.0, "env": 0.0, "learn": 0.0}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
         t0 = time.perf_counter()
         obs = stream.obs
@@ -104,9 +107,9 @@ def ppo_rate(stream, agent, steps: int) -> tuple[float, dict[str, float]]:
         phases["act"] += t1 - t0
         phases["env"] += t2 - t1
         phases["learn"] += t3 - t2
-    total = time.perf_counter() - start
+    total, cpu = time.perf_counter() - start, time.thread_time() - cpu
     env_steps = steps * stream.num_envs * stream.num_replicas
-    return env_steps / total, {k: v / total for k, v in phases.items()}
+    return env_steps / total, env_steps / cpu, {k: v / total for k, v in phases.items()}
 
 
 def build(args: Args, name: str) -> tuple[object, object]:
@@ -155,26 +158,32 @@ def main() -> None:
             ppo_rate(stream, agent, 64)  # warm up (allocations, first forward passes)
         raw_rate(env, 200)
         raws: list[float] = []
+        raw_cpus: list[float] = []
         rates: dict[str, list[float]] = {name: [] for name in names}
+        cpus: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.rounds):
-            raws.append(raw_rate(env, args.raw_steps))
+            raw, raw_cpu = raw_rate(env, args.raw_steps)
+            raws.append(raw)
+            raw_cpus.append(raw_cpu)
             line = [f"round {r}: raw Ant-v5 {raws[-1]:6.0f}/s"]
             order = names if r % 2 == 0 else names[::-1]  # (no setting always runs first)
             for name in order:
                 stream, agent = runs[name]
                 copies = stream.num_envs * stream.num_replicas
-                rate, phases = ppo_rate(stream, agent, max(1, args.steps // copies))
+                rate, cpu, phases = ppo_rate(stream, agent, max(1, args.steps // copies))
                 rates[name].append(rate)
+                cpus[name].append(cpu / raw_cpu)
                 split = "/".join(f"{v:.0%}" for v in phases.values())
                 line.append(f"{name} {rate:6.0f}/s {rate / raws[-1]:4.0%} (act/env/learn {split})")
             print(" | ".join(line) + f" | load {os.getloadavg()[0]:.2f}")
         raw = float(np.median(raws))
-        for name in names:
+        for name in names:  # (the CPU-time ratio leaves out workers and waits: not a headline)
             ppo = float(np.median(rates[name]))
             per_round = ", ".join(f"{p / q:.0%}" for p, q in zip(rates[name], raws, strict=True))
             print(
                 f"median {name}: {ppo:.0f} env-steps/s = {ppo / raw:.0%} of raw {raw:.0f}/s "
-                f"(rounds {per_round}; load average {os.getloadavg()[0]:.2f})"
+                f"(rounds {per_round}; load average {os.getloadavg()[0]:.2f}); per CPU second "
+                f"of this process's thread {float(np.median(cpus[name])):.0%} of raw's"
             )
     finally:
         for stream, agent in runs.values():
