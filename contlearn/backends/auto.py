@@ -20,6 +20,8 @@ both off. ``true``/``false`` (``split``/``sync``/``async``) are honoured as give
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from typing import Any
 
 #: the values of a tri-state speed option
 AUTO_CHOICES = ("auto", "true", "false")
@@ -56,3 +58,19 @@ def auto_vector(value: str, num_envs: int, threads: int, cores: int | None = Non
     if value != "auto":
         return value
     return "split" if num_envs > 1 and second_core_free(threads, cores) else "sync"
+
+
+def resolve_auto(
+    agent_cls: type, agent_spec: Any, stream_spec: Any, learner: Any, run: Any
+) -> tuple[Any, Any]:
+    """A run's agent and stream options with those left at ``auto`` chosen (called when the
+    run's config is resolved, so ``config.json`` records the choice): the agent's by its
+    ``resolve_auto(spec, learner, threads=, device=)`` if it has one, a stream's ``vector``
+    by :func:`auto_vector`."""
+    chooser = getattr(agent_cls, "resolve_auto", None)
+    if callable(chooser) and not isinstance(agent_spec, dict):
+        agent_spec = chooser(agent_spec, learner, threads=run.threads, device=run.device)
+    if getattr(stream_spec, "vector", None) == "auto":
+        vector = auto_vector("auto", stream_spec.num_envs, run.threads)
+        stream_spec = replace(stream_spec, vector=vector)
+    return agent_spec, stream_spec

@@ -14,9 +14,8 @@ options, the agent's ``learner_defaults`` (``ff`` sets CBP's local utility) < co
 ``--set``. An agent class may declare ``stream_kinds`` (the stream kinds it learns on),
 ``unsupported_learners``, ``learner_problem(learner) -> reason | None`` and
 ``options_problem(agent_spec, learner) -> reason | None`` (combinations of its options with
-the learner) and ``resolve_auto(agent_spec, learner, threads=, device=)`` (its speed options
-left at ``auto``, chosen here so that ``config.json`` records the choice:
-:mod:`contlearn.backends.auto`; an RL stream's ``vector=auto`` likewise). Unknown keys,
+the learner) and ``resolve_auto`` (speed options left at ``auto``, chosen here so that
+``config.json`` records the choice: :mod:`contlearn.backends.auto`). Unknown keys,
 bad values and such refusals are :class:`ConfigError`.
 """
 
@@ -26,11 +25,11 @@ import difflib
 import json
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from contlearn.backends.auto import auto_vector
+from contlearn.backends.auto import resolve_auto
 from contlearn.errors import ConfigError
 from contlearn.spec import FieldInfo, build_spec, param, parse_value, spec_fields
 
@@ -349,13 +348,7 @@ def resolve(values: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(f"agent {agent}: {why}")
     run_spec = build_spec(RunSpec, groups["run"])
     stream_spec = build_spec(stream_cls.Spec, groups["stream"])
-    # speed options left at auto, chosen here so that config.json records the choice
-    auto = getattr(agent_cls, "resolve_auto", None)
-    if callable(auto) and spec_cls is not None:
-        agent_spec = auto(agent_spec, chosen, threads=run_spec.threads, device=run_spec.device)
-    if getattr(stream_spec, "vector", None) == "auto":
-        vector = auto_vector("auto", stream_spec.num_envs, run_spec.threads)
-        stream_spec = replace(stream_spec, vector=vector)
+    agent_spec, stream_spec = resolve_auto(agent_cls, agent_spec, stream_spec, chosen, run_spec)
     config = RunConfig(
         stream=stream,
         agent=agent,
