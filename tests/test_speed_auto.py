@@ -161,3 +161,26 @@ def test_an_agent_dropped_without_close_ends_its_worker(cores) -> None:
     gc.collect()
     proc.join(timeout=10)
     assert not proc.is_alive()
+
+
+def test_a_sweep_workers_share_of_the_cores() -> None:
+    assert auto.cores_allowed(2, None) == 2
+    assert auto.cores_allowed(2, 1) == 1  # workers=2 on 2 cores: no second process per run
+    assert auto.cores_allowed(16, 8) == 8 and auto.cores_allowed(4, 0) == 1
+    try:
+        auto.limit_cores(1)
+        assert auto._share == 1
+    finally:
+        auto.limit_cores(None)
+
+
+def test_a_local_sweep_worker_limits_its_cores(monkeypatch) -> None:
+    import contlearn.sweeps.local as local
+
+    seen = []
+    monkeypatch.setattr(auto, "limit_cores", seen.append)
+    monkeypatch.setattr(local.os, "setpgid", lambda *a: None)
+    monkeypatch.setattr(local.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    local._init_worker(1, None)
+    assert seen == [1]

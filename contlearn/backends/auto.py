@@ -2,8 +2,8 @@
 
 Speed options change how fast a run goes, never its numbers (each is a backend or a process
 layout tested bit for bit against the plain setting). Left at ``auto`` (the default), each is
-chosen when the run is resolved, and the choice is written to the run's ``config.json`` (so a
-resumed or repeated run makes the same one) and, as the backend, to ``meta.json``:
+chosen when the run is resolved, and the choice is written to the run's ``config.json`` (a
+run repeated from that file makes the same one) and, as the backend, to ``meta.json``:
 
 - ``value_worker=auto`` (PPO) is ``true`` when the value worker computes this run's step (its
   :meth:`~contlearn.backends.ppo_worker.ValueWorkerBackend.refusal` is None: credit ``bp``,
@@ -13,8 +13,9 @@ resumed or repeated run makes the same one) and, as the backend, to ``meta.json`
 - ``vector=auto`` (RL streams) is ``split`` when ``num_envs > 1``, at least 2 cores are usable
   and ``threads`` is not 1; otherwise ``sync``.
 
-``threads=1`` is how a run (or a sweep giving each run one core) says "one core": it turns
-both off. ``true``/``false`` (``split``/``sync``/``async``) are honoured as given.
+``threads=1`` is how a run says "one core": it turns both off; a local sweep's worker counts
+only its share of the cores (``cpu_count // workers``, :func:`limit_cores`).
+``true``/``false`` (``split``/``sync``/``async``) are honoured as given.
 """
 
 from __future__ import annotations
@@ -27,13 +28,31 @@ from typing import Any
 AUTO_CHOICES = ("auto", "true", "false")
 
 
+#: this process's share of the cores (a sweep worker's ``cpu_count // workers``; None: all)
+_share: int | None = None
+
+
+def limit_cores(share: int | None) -> None:
+    """Count at most ``share`` cores as usable in this process (None: no limit). A local
+    sweep's worker processes call it with their share, so that ``workers=2`` on 2 cores does
+    not give each run a second process."""
+    global _share
+    _share = share
+
+
+def cores_allowed(affinity: int, share: int | None) -> int:
+    """``affinity`` cores, at most ``share`` of them (``None``: no limit), at least 1."""
+    return max(1, affinity if share is None else min(affinity, share))
+
+
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; the CPU count where there is
-    none)."""
+    """CPU cores this process may run on: its affinity mask (the CPU count where there is
+    none), within its share (:func:`limit_cores`)."""
     try:
-        return len(os.sched_getaffinity(0))
+        affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # (no affinity masks, e.g. macOS)
-        return os.cpu_count() or 1
+        affinity = os.cpu_count() or 1
+    return cores_allowed(affinity, _share)
 
 
 def second_core_free(threads: int, cores: int | None = None) -> bool:

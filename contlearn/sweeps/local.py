@@ -225,6 +225,9 @@ def _init_worker(threads: int, stop: Any) -> None:
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent only; it forwards it once
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle workers ignore it; runs catch it
     torch.set_num_threads(threads)
+    from contlearn.backends.auto import limit_cores
+
+    limit_cores(threads)  # (speed options left at auto see this worker's share of the cores)
 
 
 def _serial(plan: Plan, todo: list[SweepRun], bar: SweepProgress) -> list[Outcome]:
