@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from contlearn.agents.networks import ACTIVATIONS, Layer, sample_layer_init
+from contlearn.agents.networks import ACTIVATIONS, Layer, draw_initial_params, sample_layer_init
 from contlearn.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -176,12 +176,7 @@ class BatchedConvNet:
         for layer in self.layers:
             self.params[f"{layer.name}.weight"] = torch.empty(R, *self.shapes[layer.name])
             self.params[f"{layer.name}.bias"] = torch.empty(R, layer.fan_out)
-        # replica by replica, layer by layer: replica r's numbers depend on its seed only
-        for i, gen in enumerate(generators):
-            for layer in self.layers:
-                wt, bs = self.sample_init(layer.name, layer.fan_out, gen)
-                self.params[f"{layer.name}.weight"][i] = wt
-                self.params[f"{layer.name}.bias"][i] = bs
+        draw_initial_params(self.params, self.layers, generators, self.sample_init)
 
     @property
     def hidden_layers(self) -> list[Layer]:

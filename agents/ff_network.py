@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from contlearn.agents.networks import ACTIVATIONS, Layer, sample_layer_init
+from contlearn.agents.networks import ACTIVATIONS, Layer, draw_initial_params, sample_layer_init
 from contlearn.errors import ConfigError
 
 NORMS = ("rms", "length")
@@ -141,12 +141,7 @@ class FFNetwork:
                 self.num_replicas, layer.fan_out, layer.fan_in
             )
             self.params[f"{layer.name}.bias"] = torch.empty(self.num_replicas, layer.fan_out)
-        # replica by replica, layer by layer: replica r's numbers depend on its seed only
-        for r, gen in enumerate(generators):
-            for layer in self.layers:
-                w, b = self.sample_init(layer.name, layer.fan_out, gen)
-                self.params[f"{layer.name}.weight"][r] = w
-                self.params[f"{layer.name}.bias"][r] = b
+        draw_initial_params(self.params, self.layers, generators, self.sample_init)
 
     @property
     def hidden_layers(self) -> list[Layer]:

@@ -131,6 +131,22 @@ def init_bounds(init: str, layer: Layer) -> tuple[float, float]:
     raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
 
 
+def draw_initial_params(
+    params: dict[str, torch.Tensor],
+    layers: Sequence[Layer],
+    generators: Sequence[torch.Generator],
+    sample_init: Callable[[str, int, torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Fill each layer's ``<name>.weight`` and ``<name>.bias`` of ``params`` (leading replica
+    dim) with ``sample_init(name, fan_out, generator)``, replica by replica and layer by layer
+    in that order, so that replica r's numbers depend on its own generator (its seed) only."""
+    for r, gen in enumerate(generators):
+        for layer in layers:
+            w, b = sample_init(layer.name, layer.fan_out, gen)
+            params[f"{layer.name}.weight"][r] = w
+            params[f"{layer.name}.bias"][r] = b
+
+
 def sample_layer_init(
     init: str, layer: Layer, rows: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,12 +224,7 @@ class BatchedMLP:
             if layer_norm and layer.next is not None:
                 self.params[f"{layer.name}.{LN_WEIGHT}"] = torch.ones(self.num_replicas, b.shape[1])
                 self.params[f"{layer.name}.{LN_BIAS}"] = torch.zeros(self.num_replicas, b.shape[1])
-        # Draw replica by replica, layer by layer, so replica r's numbers depend on its seed only.
-        for r, gen in enumerate(generators):
-            for layer in self.layers:
-                w, b = self.sample_init(layer.name, layer.fan_out, gen)
-                self.params[f"{layer.name}.weight"][r] = w
-                self.params[f"{layer.name}.bias"][r] = b
+        draw_initial_params(self.params, self.layers, generators, self.sample_init)
 
     @property
     def hidden_layers(self) -> list[Layer]:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from contlearn.agents.conv_networks import image_shape
-from contlearn.agents.networks import ACTIVATIONS, Layer, sample_layer_init
+from contlearn.agents.networks import ACTIVATIONS, Layer, draw_initial_params, sample_layer_init
 from contlearn.errors import ConfigError
 
 #: suffixes of a conv's batch-norm gain and offset parameters
@@ -153,11 +153,7 @@ class BatchedResNet18:
                 self.params[f"{layer.name}.{BN_BIAS}"] = torch.zeros(R, layer.fan_out)
                 self.buffers[f"{layer.name}.running_mean"] = torch.zeros(R, layer.fan_out)
                 self.buffers[f"{layer.name}.running_var"] = torch.ones(R, layer.fan_out)
-        for i, gen in enumerate(generators):  # replica by replica: its seed only
-            for layer in self.layers:
-                wt, bs = self.sample_init(layer.name, layer.fan_out, gen)
-                self.params[f"{layer.name}.weight"][i] = wt
-                self.params[f"{layer.name}.bias"][i] = bs
+        draw_initial_params(self.params, self.layers, generators, self.sample_init)
 
     @property
     def hidden_layers(self) -> list[Layer]:
