@@ -286,4 +286,33 @@ def test_the_comparison_specs_hold_every_learner_and_resolve(spec, capsys, tmp_p
     text = spec.read_text()
     assert all(f'learner = "{name}"' in text for name in learners.names())
     assert main(["sweep", str(spec), "--out", str(tmp_path / "cmp"), "--dry-run"]) == 0
-    assert f"{len(learners.names())} runs" in capsys.readouterr().out
+    variants = text.count("[[variant]]")  # (every learner, some at a second step size)
+    assert variants >= len(learners.names())
+    assert f"{variants} runs" in capsys.readouterr().out
+
+
+def _drop_key(run: Path, key: str) -> None:
+    """Make ``run`` look written before option ``key`` existed."""
+    config = json.loads((run / "config.json").read_text())
+    assert key in config
+    del config[key]
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def test_runs_written_before_an_option_existed_count_as_its_default(tmp_path):
+    spec = _write(tmp_path, TINY + "seeds = 1\n[grid]\nlearner = ['bp', 'cbp']\n")
+    root = tmp_path / "root"
+    run_sweep(plan_sweep(spec, root), backend="local", workers=1)
+    first, second = (root / r.name for r in plan_sweep(spec, root).runs)
+    _drop_key(first, "network")  # (as if the run had finished before the option existed)
+    (second / "done.json").unlink()
+    plan = plan_sweep(spec, root)
+    assert [plan.status[r.name] for r in plan.runs] == ["done", "partial"]
+    # a run started before the option existed resumes, with the option at its default
+    config = {"stream": "permuted-mnist", "examples_per_task": 100, "hidden": "8", "probes": "none"}
+    whole = contlearn.run(config={**config, "tasks": 2}, out=tmp_path / "whole")
+    contlearn.run(config={**config, "tasks": 1}, out=tmp_path / "part")
+    _drop_key(tmp_path / "part", "network")
+    contlearn.run(config={**config, "tasks": 2}, out=tmp_path / "part", resume=True)
+    a, b = (load_runs(p).drop(columns=["run"]) for p in (whole.path, tmp_path / "part"))
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))

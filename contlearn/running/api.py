@@ -12,7 +12,7 @@ from typing import Any
 
 from contlearn.agents.protocol import BuiltinAgentClass
 from contlearn.envs.protocol import Stream
-from contlearn.errors import ConfigError, RunDirError
+from contlearn.errors import ConfigError, ContlearnError, RunDirError
 from contlearn.loop.progress import want_progress
 from contlearn.registry import absolute_ref
 from contlearn.results.store import (
@@ -229,7 +229,10 @@ def changed_keys(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
     """Config keys whose values differ, other than those a continued run may change.
 
     A plug-in's ``file.py:Class`` is the same as its absolute form (older runs recorded the
-    path as given, relative to the directory they were started in)."""
+    path as given, relative to the directory they were started in). A key the stored config
+    lacks (an option added to contlearn after the run was written) counts as its default
+    today: that run ran as the default does."""
+    stored = with_new_defaults(stored, new)
 
     def value(config: Mapping[str, Any], k: str) -> Any:
         v = config.get(k)
@@ -240,6 +243,18 @@ def changed_keys(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
         for k in set(stored) | set(new)
         if k not in RESUMABLE_KEYS and value(stored, k) != value(new, k)
     )
+
+
+def with_new_defaults(stored: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``stored`` with the keys of ``new`` it lacks filled in as the stored config resolves
+    today (their defaults); unchanged where it lacks none or no longer resolves."""
+    if not set(new) - set(stored):
+        return dict(stored)
+    try:
+        filled = stored_config(resolve(dict(stored)))
+    except ContlearnError:
+        return dict(stored)
+    return {**{k: filled[k] for k in set(new) - set(stored) if k in filled}, **stored}
 
 
 def _continue(path: Path, flat: dict[str, Any], progress: bool | None) -> RunResult:

@@ -96,7 +96,7 @@ def run_status(path: Path, expected: dict[str, Any]) -> str:
         RunDirError: the folder holds a run of another config (not only of another length).
     """
     from contlearn.results.store import is_run_dir, read_config
-    from contlearn.running.api import changed_keys
+    from contlearn.running.api import changed_keys, with_new_defaults
 
     if not is_run_dir(path):
         return "new"
@@ -112,7 +112,10 @@ def run_status(path: Path, expected: dict[str, Any]) -> str:
         done = json.loads((path / DONE_FILE).read_text())
     except (OSError, ValueError):
         return "partial"
-    return "done" if done.get("config_sha256") == digest(expected) else "partial"
+    # (a run finished before an option was added to contlearn recorded its config without it)
+    if digest(with_new_defaults(stored, expected)) != digest(expected):
+        return "partial"
+    return "done" if done.get("config_sha256") in (digest(expected), digest(stored)) else "partial"
 
 
 def plan_sweep(
