@@ -442,45 +442,97 @@ typedef struct {
 
 int64_t cl_block_args_size(void) { return (int64_t)sizeof(BlockArgs); }
 
+/* The affine parts around Adam, as adam_span's loops specialise them (MODE): 0 the identity
+   (g' = g; x += u), 1 any (g' = pre_a g + pre_b x; x += u + post_b x), 2 coupled L2 only
+   (pre_a = 1, post_b = 0: g' = g + pre_b x; x += u), 3 decoupled decay only (pre_a = 1,
+   pre_b = 0: g' = g; x += u + post_b x). Modes 2 and 3 drop a product by 1 and a term 0 x:
+   the same floats (1 g = g; u + 0 x and g + 0 x differ from u, g at most in the sign of a zero,
+   which neither the moments nor x + u carry on), two to three operations fewer per weight. */
+static int adam_mode(const AdamOpt* o) {
+  const int pa = o->pre_a != 1.0f, pr = o->pre_b != 0.0f, po = o->post_b != 0.0f;
+  if (!pa && !pr && !po) return 0;
+  if (!pa && pr && !po) return 2;
+  if (!pa && !pr && po) return 3;
+  return 1;
+}
+#define ADAM_GP(MODE, g, xi) ((MODE) == 1 ? pa * (g) + pr * (xi) : (MODE) == 2 ? (g) + pr * (xi) : (g))
+#define ADAM_Y(MODE, xi, u) ((MODE) == 1 || (MODE) == 3 ? (xi) + ((u) + post * (xi)) : (xi) + (u))
+
 /* Adam's update of n weights whose counts all equal c0 (no reset touched them): the bias
    corrections are one table entry each, applied as products with their reciprocals (lr / b1c,
    1 / s2c: one division and one square root per weight instead of three and one; the result
-   differs from the per-element form by float rounding), and the loop vectorises. AFF: the
-   affine parts (pre_a, pre_b, post_b) are not the identity; PB, PC: accumulate pb, pc. */
-#define ADAM_SAME(NAME, AFF, PB, PC, CNT)                                                      \
+   differs from the per-element form by float rounding), and the loop vectorises. MODE: the
+   affine parts (adam_mode); PB, PC: accumulate pb, pc; CNT: write the counts c. */
+typedef void (*adam_fn)(float* restrict, float* restrict, float* restrict, float* restrict,
+                        const float* restrict, float, int64_t, float* restrict, float* restrict,
+                        const AdamOpt*, float, float, float);
+#define ADAM_SAME(NAME, MODE, PB, PC, CNT)                                                     \
   static void NAME(float* restrict x, float* restrict m, float* restrict v, float* restrict c, \
                    const float* restrict h, float dk, int64_t n, float* restrict pb,          \
                    float* restrict pc, const AdamOpt* o, float cn, float b1c, float s2c) {    \
     const float r1 = o->lr / b1c, r2 = 1.0f / s2c;                                           \
     const float pa = o->pre_a, pr = o->pre_b, w1 = o->w1, b2 = o->b2, w2 = o->w2;            \
     const float eps = o->eps, post = o->post_b;                                                \
-    (void)pa; (void)pr; (void)post; (void)pb; (void)pc; (void)c;                               \
+    (void)pa; (void)pr; (void)post; (void)pb; (void)pc; (void)c; (void)cn;                     \
     _Pragma("GCC ivdep")                                                                       \
     for (int64_t i = 0; i < n; ++i) {                                                          \
       const float xi = x[i], g = dk * h[i];                                                    \
-      const float gp = AFF ? pa * g + pr * xi : g;                                             \
+      const float gp = ADAM_GP(MODE, g, xi);                                                   \
       const float mi = m[i] + w1 * (gp - m[i]), vi = v[i] * b2 + w2 * (gp * gp);               \
       const float u = (mi * r1) / (sqrtf(vi) * r2 + eps);                                      \
-      const float y = AFF ? xi + (u + post * xi) : xi + u;                                     \
+      const float y = ADAM_Y(MODE, xi, u);                                                     \
       if (CNT) c[i] = cn;                                                                      \
       m[i] = mi; v[i] = vi; x[i] = y;                                                          \
       if (PB) pb[i] += dk * xi;                                                                \
       if (PC) pc[i] += fabsf(y);                                                               \
     }                                                                                          \
   }
-ADAM_SAME(adam_same, 0, 0, 0, 1)
-ADAM_SAME(adam_same_b, 0, 1, 0, 1)
-ADAM_SAME(adam_same_bc, 0, 1, 1, 1)
-ADAM_SAME(adam_same_a, 1, 0, 0, 1)
-ADAM_SAME(adam_same_ab, 1, 1, 0, 1)
-ADAM_SAME(adam_same_abc, 1, 1, 1, 1)
-/* the same where the caller keeps the counts (one value for the whole tensor: CNT = 0) */
-ADAM_SAME(adam_uni, 0, 0, 0, 0)
-ADAM_SAME(adam_uni_b, 0, 1, 0, 0)
-ADAM_SAME(adam_uni_bc, 0, 1, 1, 0)
-ADAM_SAME(adam_uni_a, 1, 0, 0, 0)
-ADAM_SAME(adam_uni_ab, 1, 1, 0, 0)
-ADAM_SAME(adam_uni_abc, 1, 1, 1, 0)
+/* per mode: none, pb, pb and pc; CNT = 1 (adam_same*) and 0 (adam_uni*: the caller keeps the
+   counts, one value for the whole tensor) */
+#define ADAM_MODE(MODE)                                 \
+  ADAM_SAME(adam_same##MODE, MODE, 0, 0, 1)             \
+  ADAM_SAME(adam_same##MODE##_b, MODE, 1, 0, 1)         \
+  ADAM_SAME(adam_same##MODE##_bc, MODE, 1, 1, 1)        \
+  ADAM_SAME(adam_uni##MODE, MODE, 0, 0, 0)              \
+  ADAM_SAME(adam_uni##MODE##_b, MODE, 1, 0, 0)          \
+  ADAM_SAME(adam_uni##MODE##_bc, MODE, 1, 1, 0)
+ADAM_MODE(0)
+ADAM_MODE(1)
+ADAM_MODE(2)
+ADAM_MODE(3)
+#define ADAM_ROW(M) {{adam_uni##M, adam_uni##M##_b, adam_uni##M##_bc}, \
+                     {adam_same##M, adam_same##M##_b, adam_same##M##_bc}}
+static const adam_fn ADAM_FNS[4][2][3] = {ADAM_ROW(0), ADAM_ROW(1), ADAM_ROW(2), ADAM_ROW(3)};
+#undef ADAM_ROW
+
+/* The bias-correction entries of a chunk of len <= 256 elements whose counts (before this
+   step's += 1) are cs: e1[i] = bc1[cs[i] + 1], e2[i] = sbc2[cs[i] + 1] (entry()'s clamp).
+   8-element groups whose counts all equal c0 take c0's entries (the same floats, broadcast);
+   the others look each up (a reset's cleared column is a few elements of a row). */
+static void adam_entries(const float* restrict cs, int64_t len, float c0, const AdamOpt* o,
+                         float* restrict e1, float* restrict e2) {
+  const float cn = c0 + 1.0f;
+  const float f1 = entry(o->bc1, o->n1, cn), f2 = entry(o->sbc2, o->n2, cn);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    int same = 1;
+    for (int j = 0; j < 8; ++j) same &= cs[i + j] == c0;
+    if (same) {
+      for (int j = 0; j < 8; ++j) { e1[i + j] = f1; e2[i + j] = f2; }
+      continue;
+    }
+    for (int j = 0; j < 8; ++j) {
+      const float ci = cs[i + j] + 1.0f;
+      e1[i + j] = entry(o->bc1, o->n1, ci);
+      e2[i + j] = entry(o->sbc2, o->n2, ci);
+    }
+  }
+  for (; i < len; ++i) {
+    const float ci = cs[i] + 1.0f;
+    e1[i] = entry(o->bc1, o->n1, ci);
+    e2[i] = entry(o->sbc2, o->n2, ci);
+  }
+}
 
 /* Adam's update of n weights x with gradients g[i] = dk * h[i] (m, v, counts c beside them):
    g' = pre_a g + pre_b x, cl_adam's arithmetic, x += lr d + post_b x (with the identity's
@@ -490,12 +542,10 @@ ADAM_SAME(adam_uni_abc, 1, 1, 1, 0)
 static void adam_span(float* x, float* m, float* v, float* c, const float* h, float dk,
                       int64_t n, float* pb, float* pc, const AdamOpt* o, float ucn) {
   if (n <= 0) return;
-  const int aff = o->pre_a != 1.0f || o->pre_b != 0.0f || o->post_b != 0.0f;
+  const int mode = adam_mode(o), acc = pb ? (pc ? 2 : 1) : 0;
   if (ucn > 0.0f) {
     const float b1c = entry(o->bc1, o->n1, ucn), s2c = entry(o->sbc2, o->n2, ucn);
-    (aff ? (pb ? (pc ? adam_uni_abc : adam_uni_ab) : adam_uni_a)
-         : (pb ? (pc ? adam_uni_bc : adam_uni_b) : adam_uni))(
-        x, m, v, c, h, dk, n, pb, pc, o, ucn, b1c, s2c);
+    ADAM_FNS[mode][0][acc](x, m, v, c, h, dk, n, pb, pc, o, ucn, b1c, s2c);
     return;
   }
   const float c0 = c[0];
@@ -504,49 +554,47 @@ static void adam_span(float* x, float* m, float* v, float* c, const float* h, fl
   if (same) {
     const float cn = c0 + 1.0f;
     const float b1c = entry(o->bc1, o->n1, cn), s2c = entry(o->sbc2, o->n2, cn);
-    (aff ? (pb ? (pc ? adam_same_abc : adam_same_ab) : adam_same_a)
-         : (pb ? (pc ? adam_same_bc : adam_same_b) : adam_same))(
-        x, m, v, c, h, dk, n, pb, pc, o, cn, b1c, s2c);
+    ADAM_FNS[mode][1][acc](x, m, v, c, h, dk, n, pb, pc, o, cn, b1c, s2c);
     return;
   }
   /* counts differ (a reset cleared some): per element, the table entries gathered for a chunk
      first so that the arithmetic still vectorises */
   const float pa = o->pre_a, pr = o->pre_b, w1 = o->w1, b2 = o->b2, w2 = o->w2;
   const float eps = o->eps, lr = o->lr, post = o->post_b;
+  (void)pa; (void)pr; (void)post;
   float e1[256], e2[256], junk[256];  /* junk: where pb, pc are NULL (no branch in the loop) */
   for (int64_t s0 = 0; s0 < n; s0 += 256) {
     const int64_t len = n - s0 < 256 ? n - s0 : 256;
     float *xs = x + s0, *ms = m + s0, *vs = v + s0, *cs = c + s0;
     const float* hs = h + s0;
-    for (int64_t i = 0; i < len; ++i) {
-      const float ci = cs[i] + 1.0f;
-      e1[i] = entry(o->bc1, o->n1, ci);
-      e2[i] = entry(o->sbc2, o->n2, ci);
-      cs[i] = ci;
-    }
+    adam_entries(cs, len, c0, o, e1, e2);
     if (!pb || !pc) memset(junk, 0, sizeof junk);
     float* pbs = pb ? pb + s0 : junk;
     float* pcs = pc ? pc + s0 : junk;
-#define MIXED_LOOP(AFF)                                                                        \
+#define MIXED_LOOP(MODE)                                                                       \
     _Pragma("GCC ivdep")                                                                       \
     for (int64_t i = 0; i < len; ++i) {                                                        \
       const float xi = xs[i], g = dk * hs[i];                                                  \
-      const float gp = AFF ? pa * g + pr * xi : g;                                             \
+      const float gp = ADAM_GP(MODE, g, xi);                                                   \
       const float mi = ms[i] + w1 * (gp - ms[i]), vi = vs[i] * b2 + w2 * (gp * gp);            \
       const float u = lr * ((mi / e1[i]) / (sqrtf(vi) / e2[i] + eps));                         \
-      const float y = AFF ? xi + (u + post * xi) : xi + u;                                     \
+      const float y = ADAM_Y(MODE, xi, u);                                                     \
+      cs[i] += 1.0f;                                                                           \
       ms[i] = mi; vs[i] = vi; xs[i] = y;                                                       \
       pbs[i] += dk * xi;                                                                       \
       pcs[i] += fabsf(y);                                                                      \
     }
-    if (aff) {
-      MIXED_LOOP(1)
-    } else {
-      MIXED_LOOP(0)
+    switch (mode) {
+      case 0: MIXED_LOOP(0) break;
+      case 1: MIXED_LOOP(1) break;
+      case 2: MIXED_LOOP(2) break;
+      default: MIXED_LOOP(3) break;
     }
 #undef MIXED_LOOP
   }
 }
+#undef ADAM_GP
+#undef ADAM_Y
 
 void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
   const int64_t R = A->R, T = A->T, L = A->L;
