@@ -75,6 +75,12 @@ CASES = [
         "l2",
         {"optimizer": "adam", "lr": 1e-3, "learner.l2": 1e-3, "learner.decoupled": 1e-3},
     ),
+    # decoupled decay alone over Adam (the kernel's loop without the coupled term)
+    (
+        "permuted-mnist",
+        "l2",
+        {"optimizer": "adam", "lr": 1e-3, "learner.l2": 0.0, "learner.decoupled": 1e-3},
+    ),
     ("permuted-mnist", "cbp", {**CBP, "optimizer": "adam", "lr": 1e-3}),
     ("bit-flipping", "cbp", {**CBP, "optimizer": "adam", "lr": 1e-3, "learner.l2": 1e-3}),
     ("bit-flipping", "proper-adam", {"lr": 1e-3, "activation": "sigmoid"}),

@@ -272,10 +272,14 @@ def _uniform_counts(adam: BlockAdam) -> torch.Tensor:
 
 def _store_counts(adam: BlockAdam, ucount: torch.Tensor) -> None:
     """Write the counts the kernel kept (``ucount ≥ 0``) into every element of theirs."""
+    kept = ucount >= 0  # (R, L, 2)
+    if not bool(kept.any()):
+        return
     for j, ts in enumerate((adam.count_w, adam.count_b)):
         for i, t in enumerate(ts):
-            value = ucount[:, i, j].view(-1, *[1] * (t.dim() - 1))  # (R, 1, ...)
-            t.copy_(torch.where(value >= 0, value, t))
+            rows = kept[:, i, j].nonzero().flatten()  # (N,): only these replicas' counts
+            if len(rows):
+                t[rows] = ucount[rows, i, j].view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
 
 
 def online_block_(

@@ -596,6 +596,41 @@ static void adam_span(float* x, float* m, float* v, float* c, const float* h, fl
 #undef ADAM_GP
 #undef ADAM_Y
 
+/* adam_span over one row whose counts are all *rck (>= 0, checked when the replica's block
+   began: a row only a reset touched, e.g. continual backprop's fresh input-layer rows, whose
+   tensor as a whole has mixed counts): the row's count is kept in *rck and written back when
+   the replica stops (adam_rows_store), instead of each element's being compared, read and
+   written every step; the same arithmetic as adam_span's equal-counts loop. rck NULL or < 0,
+   or ucn > 0 (the whole tensor's count kept by the caller): adam_span as is. */
+static void adam_row(float* x, float* m, float* v, float* c, const float* h, float dk,
+                     int64_t n, float* pb, float* pc, const AdamOpt* o, float ucn, float* rck) {
+  if (ucn <= 0.0f && rck && *rck >= 0.0f) {
+    const float cn = *rck + 1.0f;
+    adam_span(x, m, v, c, h, dk, n, pb, pc, o, cn);
+    *rck = cn;
+    return;
+  }
+  adam_span(x, m, v, c, h, dk, n, pb, pc, o, ucn);
+}
+
+/* rc[k] = the count of row k of the (K, H) counts c where all its elements agree, else -1 */
+static void adam_rows_load(const float* c, int64_t K, int64_t H, float* rc) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* row = c + k * H;
+    const float c0 = row[0];
+    int same = 1;
+    for (int64_t i = 0; i < H; ++i) same &= row[i] == c0;
+    rc[k] = same ? c0 : -1.0f;
+  }
+}
+
+/* every element of row k of c set to rc[k] where rc[k] >= 0 (adam_rows_load's rows) */
+static void adam_rows_store(float* c, int64_t K, int64_t H, const float* rc) {
+  for (int64_t k = 0; k < K; ++k)
+    if (rc[k] >= 0.0f)
+      for (int64_t i = 0; i < H; ++i) c[k * H + i] = rc[k];
+}
+
 void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
   const int64_t R = A->R, T = A->T, L = A->L;
   const int64_t* width = A->width;
@@ -638,7 +673,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
     char* sk = skip + r * H1;
     const float* xprev = pend ? x + (pt * R + r) * D : 0;
     /* hidden activations, then z, d, d2, below, input-layer d, then one col per layer >= 1 */
-    float* buf = (float*)malloc(sizeof(float) * (size_t)(2 * hsum + 2 * C + 4 * maxw + 64));
+    float* buf = (float*)malloc(sizeof(float) * (size_t)(3 * hsum + 3 * C + 4 * maxw + 64));
     float* hs = buf;
     float* z = hs + hsum;
     float* d = z + C;
@@ -646,6 +681,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
     float* below = d2 + maxw;
     float* cols = below + maxw;  /* hsum: layer l >= 1's column norms at offset of h[l - 1] */
     float* eo = cols + hsum;  /* the output error e (dfa) */
+    float* rcb = eo + C;  /* hsum + C: per layer, its rows' counts (adam_row) */
     float* h[64];
     float* W[65];
     float* Bv[65];
@@ -671,6 +707,17 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
        and biases, kept here instead of per element (< 0: per element) */
     float* uc = adam && A->ucount ? A->ucount + r * L * 2 : 0;
 #define UCN(j) (uc && uc[j] >= 0.0f ? uc[j] + 1.0f : 0.0f)
+    /* layers whose weights' counts differ (a reset touched them): each row's count, where its
+       elements agree, kept in rc[l] for this block (adam_row) */
+    float* rc[65];
+    for (int64_t l = 0, o = 0; l < L; o += width[l + 1], ++l) {
+      rc[l] = 0;
+      if (adam && !(uc && uc[2 * l] >= 0.0f)) {
+        rc[l] = rcb + o;
+        adam_rows_load(Nw[l], width[l + 1], width[l], rc[l]);
+      }
+    }
+#define RCK(l, k) (rc[l] ? rc[l] + (k) : 0)
 #define UCSET(j, value) do { if ((value) > 0.0f) uc[j] = (value); } while (0)
     while (t < T) {
       const float* xt = x + (t * R + r) * D;
@@ -685,8 +732,8 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
           float* row = W[l] + k * H;
           if (l == 0 && pend && !sk[k]) {
             if (adam)
-              adam_span(row, Mw[0] + k * H, Vw[0] + k * H, Nw[0] + k * H, xprev, d0[k], H, 0, 0,
-                        ao, ucn0);
+              adam_row(row, Mw[0] + k * H, Vw[0] + k * H, Nw[0] + k * H, xprev, d0[k], H, 0, 0,
+                       ao, ucn0, RCK(0, k));
             else
               update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
           }
@@ -738,8 +785,8 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
           if (adam) {  /* (backprop only: kernels.py checks) */
             const float ucw = UCN(2 * l);
             for (int64_t k = 0; k < K; ++k)
-              adam_span(W[l] + k * H, Mw[l] + k * H, Vw[l] + k * H, Nw[l] + k * H, h[l - 1], d[k],
-                        H, below, cbp ? col : 0, ao, ucw);
+              adam_row(W[l] + k * H, Mw[l] + k * H, Vw[l] + k * H, Nw[l] + k * H, h[l - 1], d[k],
+                       H, below, cbp ? col : 0, ao, ucw, RCK(l, k));
             UCSET(2 * l, ucw);
           } else if (cr == CR_BP || cr == CR_DFA)
             rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, cr == CR_BP, cbp);
@@ -787,8 +834,8 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
       for (int64_t k = 0; k < H1; ++k) {
         if (sk[k]) continue;
         if (adam)
-          adam_span(W[0] + k * D, Mw[0] + k * D, Vw[0] + k * D, Nw[0] + k * D, xprev, d0[k], D, 0,
-                    0, ao, ucn0);
+          adam_row(W[0] + k * D, Mw[0] + k * D, Vw[0] + k * D, Nw[0] + k * D, xprev, d0[k], D, 0,
+                   0, ao, ucn0, RCK(0, k));
         else
           update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
       }
@@ -797,6 +844,9 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
       UCSET(0, ucn0);
     }
 #undef UCN
+#undef RCK
+    for (int64_t l = 0; l < L; ++l)
+      if (rc[l]) adam_rows_store(Nw[l], width[l + 1], width[l], rc[l]);
 #undef UCSET
     pend_t[r] = pend ? pt : -1;
     start[r] = t;
