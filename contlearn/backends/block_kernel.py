@@ -74,6 +74,11 @@ class BlockArgs(ctypes.Structure):
         ("adam", ctypes.c_int32),
         *[(n, _P) for n in ("amw", "avw", "anw", "amb", "avb", "anb", "ucount")],
         ("ao", _AdamOpt),
+        ("snp", ctypes.c_int32),
+        ("snp_sigma", ctypes.c_float),
+        ("snp_key", _P),
+        ("snp_count", ctypes.c_int64),
+        ("snp_pidx", _P),
     ]
 
 
@@ -147,6 +152,24 @@ class BlockAdam(NamedTuple):
     eps: float
     lr: float
     post_b: float
+
+
+class BlockNoise(NamedTuple):
+    """Shrink-and-perturb's noise as the whole-step kernel adds it: after each update of a
+    weight or bias, ``θ ← θ + σ ε[r, count + t, p, e]`` (block step t; the definition:
+    :mod:`contlearn.learners.philox`, docs/design.md §4b).
+
+    Attributes:
+        sigma: σ.
+        keys: ``(R, 2)`` int64, each replica's Philox key (two words in [0, 2³²)).
+        count: the learner's update count before the block's first step.
+        index: per layer the parameter order's indices of its weight and bias.
+    """
+
+    sigma: float
+    keys: torch.Tensor
+    count: int
+    index: list[tuple[int, int]]
 
 
 class Pending1(NamedTuple):
@@ -258,6 +281,22 @@ def _fill_adam(a: BlockArgs, adam: BlockAdam | None, R: int, widths: list[int], 
     return [*keep, t1, t2, ucount]
 
 
+def _fill_noise(a: BlockArgs, noise: BlockNoise | None, R: int, L: int) -> list:
+    if noise is None:
+        return []
+    if len(noise.index) != L:
+        raise ValueError(f"kernel argument noise.index: {len(noise.index)} layers, expected {L}")
+    keys = binding.tensor("noise.keys", noise.keys, _I64, (R, 2))
+    if noise.keys.numel() and (int(noise.keys.min()) < 0 or int(noise.keys.max()) >> 32):
+        raise ValueError("kernel argument noise.keys: expected words in [0, 2**32)")
+    if noise.count < 0 or any(i < 0 or i >> 32 for pair in noise.index for i in pair):
+        raise ValueError("kernel argument noise: negative count or index out of range")
+    index = torch.tensor(noise.index, dtype=torch.int64).reshape(L, 2)
+    a.snp, a.snp_sigma, a.snp_key = 1, noise.sigma, keys
+    a.snp_count, a.snp_pidx = noise.count, index.data_ptr()
+    return [noise.keys, index]
+
+
 def _uniform_counts(adam: BlockAdam) -> torch.Tensor:
     """``(R, L, 2)``: per replica and layer the one count of all the weights' (biases')
     elements, or −1 where they differ. Where they agree the kernel keeps the count itself
@@ -297,6 +336,7 @@ def online_block_(
     grad_l1: torch.Tensor | None = None,
     credit: BlockCredit | None = None,
     adam: BlockAdam | None = None,
+    noise: BlockNoise | None = None,
 ) -> None:
     """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
 
@@ -322,6 +362,7 @@ def online_block_(
             gradient (weights and bias) to it.
         credit: the credit rule (None: backprop).
         adam: Adam's state and options (:class:`BlockAdam`), or None: the fused update.
+        noise: shrink-and-perturb's noise (:class:`BlockNoise`), or None.
 
     Raises:
         TypeError, ValueError: a tensor of the wrong dtype, shape, layout or device, or an
@@ -365,11 +406,13 @@ def online_block_(
     a.gsum = binding.optional("grad_l1", grad_l1, _F64, (R, L))
     keep += _fill_credit(a, credit, R, widths)
     keep += _fill_adam(a, adam, R, widths, credit.rule)
+    adam_keep = keep[-1] if adam is not None else None
+    keep += _fill_noise(a, noise, R, L)
     try:
         _run(lib, a, R, T, start, pending, workers)
     finally:
         if adam is not None:  # (the counts the kernel kept, before anyone reads them)
-            _store_counts(adam, keep[-1])
+            _store_counts(adam, adam_keep)
 
 
 def _run(

@@ -381,6 +381,146 @@ static float act_bwd(int act, float g, float h) {
   }
 }
 
+/* Shrink-and-perturb's noise (docs/design.md §4b; contlearn/learners/philox.py is the
+   reference, bit for bit): eps[r, t, p, e] is normal e % 4 of Philox4x32-10 at counter
+   (e / 4, p, t mod 2^32, t / 2^32) under replica r's key (k0, k1). Four words give four
+   normals by Box-Muller, in double with +, -, *, /, sqrt only (the logarithm and sin/cos as
+   fixed polynomials; -ffp-contract=off keeps every operation rounded as written), rounded to
+   float once. Chunks of SNP_CHUNK counters, so that the rounds vectorise. */
+#define SNP_CHUNK 64
+static const double SNP_LOG[8] = {2.0, 0.6666666666666666, 0.4, 0.2857142857142857,
+                                  0.2222222222222222, 0.18181818181818182,
+                                  0.15384615384615385, 0.13333333333333333};
+static const double SNP_SIN[8] = {1.0, -0.16666666666666666, 0.008333333333333333,
+                                  -0.0001984126984126984, 2.7557319223985893e-06,
+                                  -2.505210838544172e-08, 1.6059043836821613e-10,
+                                  -7.647163731819816e-13};
+static const double SNP_COS[9] = {1.0, -0.5, 0.041666666666666664, -0.001388888888888889,
+                                  2.48015873015873e-05, -2.755731922398589e-07,
+                                  2.08767569878681e-09, -1.1470745597729725e-11,
+                                  4.779477332387385e-14};
+
+/* (double) w for a uint32 w, exactly, by the int32 conversion AVX2 has */
+#define SNP_U32D(w) ((double)(int32_t)((w) ^ 0x80000000u) + 2147483648.0)
+/* C[7] z^7 + ... + C[0] by Horner, in this order */
+static inline double snp_h8(double z, const double* C) {
+  double acc = C[7];
+  acc = acc * z + C[6]; acc = acc * z + C[5]; acc = acc * z + C[4]; acc = acc * z + C[3];
+  acc = acc * z + C[2]; acc = acc * z + C[1]; acc = acc * z + C[0];
+  return acc;
+}
+#define SNP_H8(z, C) snp_h8(z, C)
+
+/* ln u, u = (w + 1/2) 2^-32: v = 2w + 1 = m 2^k, m in [1, 2) (m > sqrt 2: m / 2, k + 1);
+   (k - 33) ln 2 + 2 atanh(s), s = (m - 1) / (m + 1), the series to s^15 by Horner in s^2.
+   Integer compares and bit selects only (a float compare would keep the loop from
+   vectorising); m / 2 and k + 1 are exact either way. */
+static inline double snp_log(double wd) {
+  const double v = 2.0 * wd + 1.0;
+  uint64_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  uint64_t mb = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
+  const uint64_t big = mb > 0x3FF6A09E667F3BCDull;  /* m > sqrt 2 (the double nearest) */
+  mb -= big << 52;  /* m / 2 */
+  /* the exponent as a double: 2^52 + (bits >> 52) + big, less 2^52 + 1023 + 33, exact */
+  const uint64_t eb = ((bits >> 52) + big) | 0x4330000000000000ull;
+  double m, k;
+  memcpy(&m, &mb, sizeof m);
+  memcpy(&k, &eb, sizeof k);
+  k = k - 4503599627371552.0;
+  const double s = (m - 1.0) / (m + 1.0), z = s * s;
+  return k * 0.6931471805599453 + s * SNP_H8(z, SNP_LOG);
+}
+
+/* sin and cos of 2 pi u, u = (w + 1/2) 2^-32: q = floor(4u + 1/2) = (w + 2^29) >> 30,
+   phi = 2 pi (u - q/4), Taylor in phi^2, turned by q quarter turns */
+static inline void snp_sincos(uint32_t w, double* sn, double* cs) {
+  const double u = (SNP_U32D(w) + 0.5) * 0x1p-32;
+  const uint64_t q = ((uint64_t)w + 0x20000000u) >> 30;
+  const double phi = 6.283185307179586 * (u - (double)(int32_t)q * 0.25), z = phi * phi;
+  const double s = SNP_H8(z, SNP_SIN) * phi;
+  const double c = SNP_H8(z, (SNP_COS + 1)) * z + SNP_COS[0];
+  const uint64_t odd = q & 1u, neg_sin = (q >> 1) & 1u, neg_cos = (q ^ (q >> 1)) & 1u;
+  const double a = odd ? c : s, b = odd ? s : c;
+  *sn = neg_sin ? -a : a;
+  *cs = neg_cos ? -b : b;
+}
+
+/* out[4 i + j] = normal j of counter (b0 + i, p, t lo, t hi), i < n <= SNP_CHUNK. Compiled
+   twice, for AVX-512 and for the build's target, chosen at load time (1.6x on this machine's
+   EPYC): the same IEEE operations, so the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "default")))
+#endif
+static void snp_blocks(uint32_t k0, uint32_t k1, uint64_t b0, int64_t n, uint32_t p,
+                       uint64_t t, float* out) {
+  uint32_t c0[SNP_CHUNK], c1[SNP_CHUNK], c2[SNP_CHUNK], c3[SNP_CHUNK];
+  for (int64_t i = 0; i < n; ++i) {
+    c0[i] = (uint32_t)(b0 + (uint64_t)i); c1[i] = p;
+    c2[i] = (uint32_t)t; c3[i] = (uint32_t)(t >> 32);
+  }
+  uint32_t ka = k0, kb = k1;
+  for (int rnd = 0; rnd < 10; ++rnd) {
+    if (rnd) { ka += 0x9E3779B9u; kb += 0xBB67AE85u; }
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t p0 = (uint64_t)0xD2511F53u * c0[i], p1 = (uint64_t)0xCD9E8D57u * c2[i];
+      const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[i] ^ ka;
+      const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3[i] ^ kb;
+      c1[i] = (uint32_t)p1; c3[i] = (uint32_t)p0; c0[i] = n0; c2[i] = n2;
+    }
+  }
+  double rho[2 * SNP_CHUNK], sn[2 * SNP_CHUNK], cs[2 * SNP_CHUNK];
+  _Pragma("GCC ivdep")
+  for (int64_t i = 0; i < n; ++i) {
+    rho[i] = sqrt(-2.0 * snp_log(SNP_U32D(c0[i])));
+    rho[SNP_CHUNK + i] = sqrt(-2.0 * snp_log(SNP_U32D(c2[i])));
+  }
+  _Pragma("GCC ivdep")
+  for (int64_t i = 0; i < n; ++i) {
+    snp_sincos(c1[i], sn + i, cs + i);
+    snp_sincos(c3[i], sn + SNP_CHUNK + i, cs + SNP_CHUNK + i);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    out[4 * i] = (float)(rho[i] * cs[i]);
+    out[4 * i + 1] = (float)(rho[i] * sn[i]);
+    out[4 * i + 2] = (float)(rho[SNP_CHUNK + i] * cs[SNP_CHUNK + i]);
+    out[4 * i + 3] = (float)(rho[SNP_CHUNK + i] * sn[SNP_CHUNK + i]);
+  }
+}
+
+/* x[i] += sigma eps[t, p, e0 + i] for i < n under key (k0, k1); eps0 (not NULL): store the
+   normals there instead (x unread) */
+static void snp_add(float* x, float* eps0, int64_t e0, int64_t n, uint32_t k0, uint32_t k1,
+                    uint32_t p, uint64_t t, float sigma) {
+  float eps[4 * SNP_CHUNK];
+  const int64_t end = e0 + n;
+  int64_t e = e0;
+  while (e < end) {
+    const uint64_t b0 = (uint64_t)e / 4u;
+    const int64_t left = (end - 4 * (int64_t)b0 + 3) / 4;
+    const int64_t nb = left < SNP_CHUNK ? left : SNP_CHUNK;
+    snp_blocks(k0, k1, b0, nb, p, t, eps);
+    const int64_t lim = end < 4 * ((int64_t)b0 + nb) ? end : 4 * ((int64_t)b0 + nb);
+    const float* src = eps + (e - 4 * (int64_t)b0);
+    if (eps0)
+      memcpy(eps0 + (e - e0), src, sizeof(float) * (size_t)(lim - e));
+    else {
+      float* dst = x + (e - e0);
+      for (int64_t i = 0; i < lim - e; ++i) dst[i] = dst[i] + sigma * src[i];
+    }
+    e = lim;
+  }
+}
+
+/* eps[r, t, p, e] for r < R, e < numel into out (R, numel); keys (R, 2) */
+void cl_snp_normals(const int64_t* keys, int64_t R, int64_t t, int64_t p, int64_t numel,
+                    float* out, int threads) {
+  #pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < R; ++r)
+    snp_add(0, out + r * numel, 0, numel, (uint32_t)keys[2 * r], (uint32_t)keys[2 * r + 1],
+            (uint32_t)p, (uint64_t)t, 0.0f);
+}
+
 /* Adam over the whole-step kernel's gradients (cl_online_block with adam set): per element
    g' = pre_a g + pre_b w (the affine parts before Adam: coupled L2), then cl_adam's arithmetic
    (c += 1; m += w1 (g' - m); v = b2 v + w2 g' g'; d = (m / bc1[c]) / (sqrt(v) / sbc2[c] + eps)),
@@ -438,6 +578,14 @@ typedef struct {
   void** anb;
   float* ucount;  /* (R, L, 2) or NULL: see cl_online_block */
   AdamOpt ao;
+  /* shrink-and-perturb's noise (snp): after each update of a weight or bias, + sigma eps with
+     eps[r, count + t, p, e] (snp_add); keys (R, 2); pidx (L, 2) the parameter order's index
+     of layer l's weight and bias; count the learner's update count at block step 0 */
+  int32_t snp;
+  float snp_sigma;
+  const int64_t* snp_key;
+  int64_t snp_count;
+  const int64_t* snp_pidx;
 } BlockArgs;
 
 int64_t cl_block_args_size(void) { return (int64_t)sizeof(BlockArgs); }
@@ -565,6 +713,8 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
   char* skip = A->skip;
   double* gsum = A->gsum;
   const AdamOpt* ao = &A->ao;
+  const int snp = A->snp;
+  const float snp_sigma = A->snp_sigma;
 #if defined(__SSE__)
   /* Adam's moments of weights whose inputs stay 0 (most MNIST pixels) decay geometrically into
      subnormal floats, whose arithmetic costs ~2x here: on this thread, for this call only,
@@ -622,6 +772,16 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
     /* uniform counts (Python checked): uc[2 l], uc[2 l + 1] the counts of layer l's weights
        and biases, kept here instead of per element (< 0: per element) */
     float* uc = adam && A->ucount ? A->ucount + r * L * 2 : 0;
+    /* shrink-and-perturb: sigma eps of update count + step after layer l's weight (j = 0) or
+       bias (j = 1) is updated */
+    const uint32_t nk0 = snp ? (uint32_t)A->snp_key[2 * r] : 0u;
+    const uint32_t nk1 = snp ? (uint32_t)A->snp_key[2 * r + 1] : 0u;
+#define SNP_ADD(ptr, e0, n, l, j, step)                                                       \
+  do {                                                                                      \
+    if (snp)                                                                                \
+      snp_add(ptr, 0, e0, n, nk0, nk1, (uint32_t)A->snp_pidx[2 * (l) + (j)],                \
+              (uint64_t)(A->snp_count + (step)), snp_sigma);                                \
+  } while (0)
 #define UCN(j) (uc && uc[j] >= 0.0f ? uc[j] + 1.0f : 0.0f)
 #define UCSET(j, value) do { if ((value) > 0.0f) uc[j] = (value); } while (0)
     while (t < T) {
@@ -641,6 +801,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
                         ao, ucn0);
             else
               update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
+            SNP_ADD(row, k * H, H, 0, 0, pt);
           }
           const float v = Bv[l][k] + dot(row, in, H);
           o[k] = l == L - 1 ? v : act_fwd(act, v);
@@ -697,6 +858,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
             rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, cr == CR_BP, cbp);
           else
             rows_rule(cr, W[l], Fb[l], d, h[l - 1], below, col, H, K, alpha, scale, keep, cbp);
+          SNP_ADD(W[l], 0, K * H, l, 0, t);
           if (cr == CR_SIGN && !sunit) {
             const float sc = (float)sabs[l];
             for (int64_t i = 0; i < H; ++i) below[i] *= sc;
@@ -713,6 +875,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
           UCSET(2 * l + 1, ucb);
         } else
           for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
+        SNP_ADD(Bv[l], 0, K, l, 1, t);
         if (l > 0) {
           const float* hl = h[l - 1];
           for (int64_t i = 0; i < H; ++i) d2[i] = act_bwd(act, below[i], hl[i]);
@@ -743,6 +906,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
                     0, ao, ucn0);
         else
           update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
+        SNP_ADD(W[0] + k * D, k * D, D, 0, 0, pt);
       }
       memset(sk, 0, (size_t)H1);
       pend = 0;
@@ -750,6 +914,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
     }
 #undef UCN
 #undef UCSET
+#undef SNP_ADD
     pend_t[r] = pend ? pt : -1;
     start[r] = t;
     free(buf);

@@ -308,7 +308,9 @@ class BlockLoop(FusedBackward):
     def supports(cfg: StepConfig) -> bool:
         """Batch 1 on CPU float32 with the compiled kernels, an activation the loop knows, and
         a fused learner with no post-update edit but continual backprop's (in the form the
-        loop takes: :class:`contlearn.learners.fused.UnitReplacer`), or under backprop a
+        loop takes: :class:`contlearn.learners.fused.UnitReplacer`) or, under backprop,
+        shrink-and-perturb's noise (:class:`contlearn.learners.fused.NoiseForm`, drawn in the
+        kernel by the same counter-based definition), or under backprop a
         learner with an Adam form (``adam``, ``proper-adam``, L2 over Adam, CBP over Adam)."""
         plan = cfg.fused
         loop = (
@@ -331,7 +333,11 @@ class BlockLoop(FusedBackward):
         return (
             loop
             and FusedBackward.supports(cfg)
-            and (plan.post is None or plan.replacer is not None)
+            and (
+                plan.post is None
+                or plan.replacer is not None
+                or (plan.noise is not None and cfg.credit == "bp")  # (shrink-and-perturb)
+            )
         )
 
     def __init__(self, agent: OnlineAgent) -> None:
@@ -404,6 +410,7 @@ class BlockLoop(FusedBackward):
         pending = block_kernel.Pending1.empty(R, weights[0].shape[1])
         workers = agent.block_workers()
         credit = _block_credit(agent)
+        noise = None if adam is not None else _block_noise(agent, self.plan)
         while True:
             block_kernel.online_block_(
                 weights,
@@ -424,6 +431,7 @@ class BlockLoop(FusedBackward):
                 agent.grad_l1,
                 credit,
                 block_adam,
+                noise,
             )
             if cbp is not None and bool(events.any()):
                 assert replacer is not None
@@ -435,7 +443,22 @@ class BlockLoop(FusedBackward):
             if bool((start >= T).all()):
                 break
         agent.grad_steps += T
+        if adam is None and self.plan.noise is not None:  # (the noise of T updates drawn)
+            self.plan.noise.state(agent.learner_state).count.add_(T)
         return out.unsqueeze(2), {"loss": loss}
+
+
+def _block_noise(agent: OnlineAgent, plan: FusedPlan) -> block_kernel.BlockNoise | None:
+    """Shrink-and-perturb's noise for the kernel: keys, update count, each layer's weight and
+    bias index in the parameter order (the order of ``agent.views``, which the post reads)."""
+    if plan.noise is None or not plan.noise.sigma:
+        return None
+    state = plan.noise.state(agent.learner_state)
+    order = {k: i for i, k in enumerate(agent.views)}
+    index = [(order[f"{la.name}.weight"], order[f"{la.name}.bias"]) for la in agent.net.layers]
+    if len(order) != 2 * len(index):  # (supports() promised an MLP's weights and biases only)
+        raise RuntimeError("the block backend was chosen for a network with other parameters")
+    return block_kernel.BlockNoise(plan.noise.sigma, state.key, int(state.count), index)
 
 
 def _block_credit(agent: OnlineAgent) -> block_kernel.BlockCredit:

@@ -59,3 +59,33 @@ def draw(states: torch.Tensor, replica: int, fn: Callable[[torch.Generator], T])
     out = fn(gen)
     states[replica].copy_(gen.get_state())
     return out
+
+
+def replica_randn(states: torch.Tensor, like: dict[str, torch.Tensor], keys: list[str]):
+    """Fresh N(0, 1) noise shaped like ``like[k]`` for every key, replica by replica: one
+    ``randn`` of all of replica r's tensors (in ``keys`` order) from its generator, drawn on
+    the CPU (so every device sees the same numbers) and moved to the tensors' device (UPGD's
+    noise; shrink-and-perturb's is counter-based: :mod:`contlearn.learners.philox`).
+
+    Args:
+        states: the ``(R, S)`` generator states (updated in place).
+        like: tensors ``(R, ...)`` by name.
+        keys: the names to draw for, in draw order.
+
+    Returns:
+        One tensor per key, of ``like[k]``'s shape, dtype and device.
+    """
+    sizes = [like[k][0].numel() for k in keys]
+    R = states.shape[0]
+    flat = torch.empty(R, sum(sizes))  # (R, total), float32 as randn's default
+    for r in range(R):
+
+        def fill(g: torch.Generator, row: torch.Tensor = flat[r]) -> torch.Tensor:
+            return torch.randn(row.shape, generator=g, out=row)
+
+        draw(states, r, fill)
+    first = like[keys[0]]
+    flat = flat.to(device=first.device, dtype=first.dtype)
+    return [
+        c.reshape(like[k].shape) for c, k in zip(torch.split(flat, sizes, dim=1), keys, strict=True)
+    ]

@@ -43,9 +43,9 @@ from contlearn.learners.base import (
     per_param_state,
     stateless,
 )
-from contlearn.learners.regularizers import _noise
+
 from contlearn.learners.resets import materialize
-from contlearn.learners.rng import draw, replica_rng_states
+from contlearn.learners.rng import draw, replica_randn, replica_rng_states
 
 
 def clip_bounds(network: Any, kappa: float) -> dict[str, float]:
@@ -118,7 +118,7 @@ def upgd(
             0
         )  # (R,), the max over the replica's parameters
         correction = 1.0 - beta ** int(state.count)
-        noise = _noise(state.rng, params, keys) if sigma else None
+        noise = replica_randn(state.rng, params, keys) if sigma else None
         out = {}
         for i, k in enumerate(keys):
             shape = (R,) + (1,) * (params[k].dim() - 1)
