@@ -157,7 +157,10 @@ def test_fused_post_adds_the_same_noise_as_the_update() -> None:
     t = shrink_perturb(0.0, 0.3, [1, 2, 3])
     plan = t.fused
     assert plan is not None and plan.post is not None and plan.noise is not None
-    ref, fused = {k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in params.items()}
+    ref, fused = (
+        {k: v.clone() for k, v in params.items()},
+        {k: v.clone() for k, v in params.items()},
+    )
     s_ref, s_fused = t.init(ref), t.init(fused)
     for _ in range(2):
         s_ref = _step(t, s_ref, ref, {k: torch.zeros_like(v) for k, v in ref.items()})

@@ -1,4 +1,4 @@
-"""Shrink-and-perturb's counter-based noise (contlearn/learners/philox.py, docs/design.md §4b):
+"""Shrink-and-perturb's counter-based noise (contlearn/learners/philox.py, docs/design.md §4d):
 Philox4x32-10 against Random123's published known-answer vectors and a scalar implementation
 written from the paper, the Box–Muller polynomials against libm, the normals' distribution
 and independence, and the C kernel against the numpy definition bit for bit.

@@ -157,7 +157,7 @@ class BlockAdam(NamedTuple):
 class BlockNoise(NamedTuple):
     """Shrink-and-perturb's noise as the whole-step kernel adds it: after each update of a
     weight or bias, ``θ ← θ + σ ε[r, count + t, p, e]`` (block step t; the definition:
-    :mod:`contlearn.learners.philox`, docs/design.md §4b).
+    :mod:`contlearn.learners.philox`, docs/design.md §4d).
 
     Attributes:
         sigma: σ.

@@ -381,7 +381,7 @@ static float act_bwd(int act, float g, float h) {
   }
 }
 
-/* Shrink-and-perturb's noise (docs/design.md §4b; contlearn/learners/philox.py is the
+/* Shrink-and-perturb's noise (docs/design.md §4d; contlearn/learners/philox.py is the
    reference, bit for bit): eps[r, t, p, e] is normal e % 4 of Philox4x32-10 at counter
    (e / 4, p, t mod 2^32, t / 2^32) under replica r's key (k0, k1). Four words give four
    normals by Box-Muller, in double with +, -, *, /, sqrt only (the logarithm and sin/cos as

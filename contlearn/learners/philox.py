@@ -1,6 +1,6 @@
 """Counter-based normal noise: Philox4x32-10 and an exactly specified Box–Muller.
 
-Shrink-and-perturb's noise (docs/design.md §4b) is a pure function of (key, update, parameter,
+Shrink-and-perturb's noise (docs/design.md §4d) is a pure function of (key, update, parameter,
 element): nothing is drawn from a generator's state, so the numbers do not depend on how the
 steps are split into blocks, which thread runs a replica, or whether the run was resumed. The
 C kernel (``cl_snp_normals`` in ``contlearn/backends/kernels.c``) computes the same function;
@@ -19,6 +19,7 @@ sides round alike and agree bit for bit).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,8 +38,8 @@ SQRT2 = 1.4142135623730951
 #: odd-power coefficients of 2·atanh(s) = ln((1 + s)/(1 − s)): 2/(2j + 1), j = 0..7
 LOG_COEF = tuple(2.0 / (2 * j + 1) for j in range(8))
 #: sin φ = φ Σ_j SIN_COEF[j] φ^{2j}, cos φ = Σ_j COS_COEF[j] φ^{2j} (Taylor, |φ| ≤ π/4)
-SIN_COEF = tuple((-1.0) ** j / float(np.prod(np.arange(1, 2 * j + 2, dtype=np.float64))) for j in range(8))  # fmt: skip
-COS_COEF = tuple((-1.0) ** j / float(np.prod(np.arange(1, 2 * j + 1, dtype=np.float64))) for j in range(9))  # fmt: skip
+SIN_COEF = tuple((-1.0) ** j / math.factorial(2 * j + 1) for j in range(8))
+COS_COEF = tuple((-1.0) ** j / math.factorial(2 * j) for j in range(9))
 
 
 def philox4x32(counter: np.ndarray, key: np.ndarray | tuple[int, int]) -> np.ndarray:

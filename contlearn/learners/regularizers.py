@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from contlearn.learners.base import AnchorState, GradientTransformation, Params, stateless
 from contlearn.learners import philox
+from contlearn.learners.base import AnchorState, GradientTransformation, Params, stateless
 from contlearn.learners.fused import FusedPlan, NoiseForm
 
 
@@ -135,7 +135,7 @@ def shrink_perturb(
     every weight and bias each step.
 
     Put it after the optimizer; it returns ``u' = u − λθ' + σε``. The noise is counter-based
-    (docs/design.md §4b, :mod:`contlearn.learners.philox`): element e of parameter p (its
+    (docs/design.md §4d, :mod:`contlearn.learners.philox`): element e of parameter p (its
     index in the parameter order) of replica r at update t is ε[r, t, p, e], Philox4x32-10
     keyed by stream ``rng_stream`` of replica r's seed, so it depends on nothing but
     (seed, t, p, e): not on blocks, threads, devices or resumes.
@@ -170,7 +170,7 @@ def shrink_perturb(
         parameter's noise for all replicas would be large)."""
         if sigma:
             t = int(state.count)
-            for p, (name, theta) in enumerate(params.items()):
+            for p, theta in enumerate(params.values()):
                 R = theta.shape[0]
                 if R == 1 or theta.numel() * 4 <= _NOISE_BYTES:
                     theta.add_(_fast_noise(state.key, t, p, theta), alpha=sigma)

@@ -43,7 +43,6 @@ from contlearn.learners.base import (
     per_param_state,
     stateless,
 )
-
 from contlearn.learners.resets import materialize
 from contlearn.learners.rng import draw, replica_randn, replica_rng_states
 
