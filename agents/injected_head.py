@@ -15,8 +15,9 @@ the injection the network computes the plain MLP's outputs to the bit. The learn
 injection; at it, it draws one fresh head from the layers' init into both copies and from then
 on freezes θ and θ′₂ and trains θ′₁ (the trunk learns throughout, through all three heads).
 
-The head's hidden units of θ are the ones the probes and ``features`` report (the network's
-``layers`` are the plain MLP's); the copies' units are parameters of the head only. No fast
+``features`` (what the probes read) reports the hidden units that learn: the head's units
+of θ until the injection, the trained copy θ′₁'s after it (θ's are frozen then), under the
+plain MLP's layer names (the network's ``layers`` are the plain MLP's). No fast
 backend computes this network (its structural option ``injection_head`` is declared by none),
 so it runs the autograd reference.
 """
@@ -106,10 +107,17 @@ class InjectedHeadMLP(BatchedMLP):
             h = self.act_fn(torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)))
             features[layer.name] = h
         out, hs = self._head(h, p, "")
-        features.update(zip(self.head, hs, strict=False))
-        trained, _ = self._head(h, p, TRAINED)
+        trained, trained_hs = self._head(h, p, TRAINED)
         frozen, _ = self._head(h, p, FROZEN)
+        live = trained_hs if self.injected(p) else hs
+        features.update(zip(self.head, live, strict=False))
         return out + (trained - frozen), features
+
+    def injected(self, params: dict[str, torch.Tensor] | None = None) -> bool:
+        """Whether the head has been injected: the frozen copy holds a fresh draw (it is 0
+        until the injection and never changes after it)."""
+        p = self.params if params is None else params
+        return bool(p[f"{FROZEN}output.weight"].detach().any())
 
     def forward_train(
         self,

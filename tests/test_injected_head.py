@@ -210,3 +210,23 @@ def test_refusals_name_the_problem_and_the_fix(agent, extra, match, tmp_path) ->
             out=tmp_path / "r",
         )
     assert not (tmp_path / "r").exists()
+
+
+def test_features_are_the_units_that_learn_theta_before_the_injection_the_copy_after() -> None:
+    net, plain = _nets(2, 2, "tanh")
+    x = torch.randn(2, 5, IN)
+    assert not net.injected()
+    t = head_injection(sgd(0.0), net, [0, 1], at=1)  # lr 0: only the injection moves θ
+    params = {k: v.clone() for k, v in net.params.items()}
+    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    updates, _ = t.update(grads, t.init(params), params)
+    params = {k: params[k] + updates[k] for k in params}
+    assert net.injected(params)
+    out, feats = net.forward(x, params)
+    _, plain_feats = plain.forward(x)
+    assert torch.equal(out, plain.forward(x)[0])  # the output unchanged
+    assert torch.equal(feats["hidden2"], plain_feats["hidden2"])  # the trunk: θ's own units
+    w, b = params[f"{TRAINED}hidden3.weight"], params[f"{TRAINED}hidden3.bias"]
+    want = torch.tanh(plain_feats["hidden2"] @ w.transpose(1, 2) + b.unsqueeze(1))
+    torch.testing.assert_close(feats["hidden3"], want)  # the head: the trained copy's units
+    assert not torch.allclose(feats["hidden3"], plain_feats["hidden3"])
