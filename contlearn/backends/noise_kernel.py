@@ -1,4 +1,4 @@
-"""Shrink-and-perturb's counter-based normals in C (``cl_snp_normals`` in ``kernels.c``): the
+"""Shrink-and-perturb's counter-based normals in C (``cl_snp_normals`` in ``snp_noise.c``): the
 function :func:`contlearn.learners.philox.snp_normals` defines, bit for bit, computed at the
 speed of the kernels (the numpy reference takes ~0.2 µs a number). The fused backends' noise
 uses it where the kernels are built; the reference path never does."""

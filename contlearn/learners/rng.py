@@ -1,15 +1,17 @@
 """Per-replica random streams for learners, kept *in* the learner state.
 
-A transform that draws random numbers (fresh weights of reset units, shrink-and-perturb noise,
-stochastic rounding) draws replica r's numbers from replica r's own generator only, so that
+A transform that draws random numbers (fresh weights of reset units, UPGD's noise, stochastic
+rounding) draws replica r's numbers from replica r's own generator only, so that
 replica r of a batch behaves exactly as its seed run alone (docs/design.md §2). The generators'
 states live in the transform's state as a ``(R, S)`` uint8 tensor, so checkpoints restore them
 and a resumed run draws the same numbers as an uninterrupted one.
 
 Stream 0 of seed s is :func:`contlearn.seeding.torch_generator` ``(s, "learner")``; stream
 k > 0 is the k-th independent child of the same seed sequence. Transforms composed into one
-learner should draw from different streams (``rng_stream`` arguments), so that, say, the
-noise of shrink-and-perturb is not correlated with the weights CBP draws.
+learner should draw from different streams (``rng_stream`` arguments), so that, say, UPGD's
+noise is not correlated with the weights CBP draws. Shrink-and-perturb's noise is counter-based
+instead (:mod:`contlearn.learners.philox`): its state is a key per replica, taken from the same
+streams (default 1), and an update count.
 """
 
 from __future__ import annotations
