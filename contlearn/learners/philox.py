@@ -3,10 +3,10 @@
 Shrink-and-perturb's noise (docs/design.md §4d) is a pure function of (key, update, parameter,
 element): nothing is drawn from a generator's state, so the numbers do not depend on how the
 steps are split into blocks, which thread runs a replica, or whether the run was resumed. The
-C kernel (``cl_snp_normals``, ``snp_add`` in ``contlearn/backends/snp_noise.c``) computes the same function;
-this module is the reference, in numpy (uint64 arithmetic holds the 32 × 32-bit products
-exactly; every floating-point step is one IEEE double operation, +, −, ×, ÷ or √, so both
-sides round alike and agree bit for bit).
+C kernel (``cl_snp_normals``, ``snp_add`` in ``contlearn/backends/snp_noise.c``) computes the
+same function; this module is the reference, in numpy (uint64 arithmetic holds the 32 × 32-bit
+products exactly; every floating-point step is one IEEE double operation, +, −, ×, ÷ or √, so
+both sides round alike and agree bit for bit).
 
 - :func:`philox4x32` — Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy
   as 1, 2, 3"; Random123's ``philox4x32``).
