@@ -156,20 +156,20 @@ class BlockAdam(NamedTuple):
 
 class BlockNoise(NamedTuple):
     """Shrink-and-perturb's noise as the whole-step kernel adds it: after each update of a
-    weight or bias, ``θ ← θ + σ ε[r, count + t, p, e]`` (block step t; the definition:
+    weight or bias, ``θ ← θ + σ ε[r, first + t, p, e]`` (block step t; the definition:
     :mod:`contlearn.learners.philox`, docs/design.md §4d).
 
     Attributes:
         sigma: σ.
         keys: ``(R, 2)`` int64, each replica's Philox key (two words in [0, 2³²)).
-        count: the learner's update count before the block's first step.
-        index: per layer the parameter order's indices of its weight and bias.
+        first: the learner's update count before the block's first step.
+        param_index: per layer the parameter order's indices of its weight and bias.
     """
 
     sigma: float
     keys: torch.Tensor
-    count: int
-    index: list[tuple[int, int]]
+    first: int
+    param_index: list[tuple[int, int]]
 
 
 class Pending1(NamedTuple):
@@ -284,16 +284,18 @@ def _fill_adam(a: BlockArgs, adam: BlockAdam | None, R: int, widths: list[int], 
 def _fill_noise(a: BlockArgs, noise: BlockNoise | None, R: int, L: int) -> list:
     if noise is None:
         return []
-    if len(noise.index) != L:
-        raise ValueError(f"kernel argument noise.index: {len(noise.index)} layers, expected {L}")
+    if len(noise.param_index) != L:
+        raise ValueError(
+            f"kernel argument noise.param_index: {len(noise.param_index)} layers, expected {L}"
+        )
     keys = binding.tensor("noise.keys", noise.keys, _I64, (R, 2))
     if noise.keys.numel() and (int(noise.keys.min()) < 0 or int(noise.keys.max()) >> 32):
         raise ValueError("kernel argument noise.keys: expected words in [0, 2**32)")
-    if noise.count < 0 or any(i < 0 or i >> 32 for pair in noise.index for i in pair):
-        raise ValueError("kernel argument noise: negative count or index out of range")
-    index = torch.tensor(noise.index, dtype=torch.int64).reshape(L, 2)
+    if noise.first < 0 or any(i < 0 or i >> 32 for pair in noise.param_index for i in pair):
+        raise ValueError("kernel argument noise: a negative update count or index out of range")
+    index = torch.tensor(noise.param_index, dtype=torch.int64).reshape(L, 2)
     a.snp, a.snp_sigma, a.snp_key = 1, noise.sigma, keys
-    a.snp_count, a.snp_pidx = noise.count, index.data_ptr()
+    a.snp_count, a.snp_pidx = noise.first, index.data_ptr()
     return [noise.keys, index]
 
 
@@ -406,13 +408,13 @@ def online_block_(
     a.gsum = binding.optional("grad_l1", grad_l1, _F64, (R, L))
     keep += _fill_credit(a, credit, R, widths)
     keep += _fill_adam(a, adam, R, widths, credit.rule)
-    adam_keep = keep[-1] if adam is not None else None
+    ucount: torch.Tensor | None = keep[-1] if adam is not None else None
     keep += _fill_noise(a, noise, R, L)
     try:
         _run(lib, a, R, T, start, pending, workers)
     finally:
-        if adam is not None:  # (the counts the kernel kept, before anyone reads them)
-            _store_counts(adam, adam_keep)
+        if adam is not None and ucount is not None:  # (the counts the kernel kept, first)
+            _store_counts(adam, ucount)
 
 
 def _run(
