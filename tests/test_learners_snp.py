@@ -181,3 +181,21 @@ def test_a_checkpoint_of_the_old_generator_state_layout_fails_in_one_clear_line(
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="older contlearn"):  # same count, other layout
         load_tree(state, [torch.zeros(2, 2, dtype=torch.uint8), torch.zeros((), dtype=torch.int64)])
+
+
+def test_the_noise_form_composes_as_a_chains_only_post() -> None:
+    """L2 and SGD before S&P keep its kernel form (the block loop takes it); CBP over it, a
+    second post, does not (that runs the fused path's posts in Python)."""
+    from contlearn.learners import add_l2
+    from contlearn.learners.fused import fused_plan
+
+    params = _params(2)
+    t = chain(add_l2(1e-3), sgd(0.1), shrink_perturb(0.01, 0.2, [0, 1]))
+    plan = fused_plan(t)
+    assert plan is not None and plan.noise is not None and plan.noise.sigma == 0.2
+    state = t.init(params)
+    assert plan.noise.state(state) is state.inner[2]
+    assert plan.grad_scale == pytest.approx(-0.1 * 0.99)
+    two_posts = chain(sgd(0.1), shrink_perturb(0.01, 0.2, [0, 1]), shrink_perturb(0, 0.1, [0, 1]))
+    plan2 = fused_plan(two_posts)
+    assert plan2 is not None and plan2.post is not None and plan2.noise is None
