@@ -26,21 +26,20 @@ def snp_normals(keys: torch.Tensor, update: int, param: int, numel: int) -> torc
 
     Raises:
         RuntimeError: the kernels are unavailable (check :func:`available` first).
-        ValueError: a negative or out-of-range update, parameter index or key word.
+        ValueError: a negative or out-of-range update or parameter index.
     """
     lib = library()
     if lib is None:
         raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
     keys = binding.contiguous("keys", keys)
     R = int(keys.shape[0]) if keys.dim() == 2 else -1
-    binding.check("keys", keys, torch.int64, (R, 2))
+    binding.check("keys", keys, torch.int64, (R, 2))  # (words taken mod 2**32, as in numpy)
     if update < 0 or update >> 63 or param < 0 or param >> 32 or numel < 0:
         raise ValueError(f"snp noise: update {update}, param {param} or numel {numel} out of range")
-    if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >> 32):
-        raise ValueError("kernel argument keys: expected words in [0, 2**32)")
     out = torch.empty(R, numel)
     fn = lib.cl_snp_normals
-    fn.restype = None
-    fn.argtypes = [_P, _I, _I, _I, _I, _P, ctypes.c_int]
+    if fn.argtypes is None:
+        fn.restype = None
+        fn.argtypes = [_P, _I, _I, _I, _I, _P, ctypes.c_int]
     fn(keys.data_ptr(), R, update, param, numel, out.data_ptr(), torch.get_num_threads())
     return out
