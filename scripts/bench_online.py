@@ -8,8 +8,9 @@ a run store in a temporary folder, probes off, threads chosen as ``contlearn.run
 The naive baseline (``NaiveLearner``, scripts/naive_online.py) is what a researcher writes
 without contlearn: one seed at a time, ``torch.nn.Sequential`` + ``torch.optim``, a per-unit
 continual backprop, L2-Init's term added to the gradients, ReDo's window sums and resets; its
-learner-steps per second do not depend on R (seeds run one after another). Naive and contlearn repeats are interleaved so that load from other processes hits
-both alike. Timing tools: scripts/bench_timing.py.
+learner-steps per second do not depend on R (seeds run one after another). Naive and
+contlearn repeats are interleaved so that load from other processes hits both alike. Timing
+tools: scripts/bench_timing.py.
 
 Table columns: ``th`` torch's intra-op threads, ``bw`` the threads learning in blocks runs
 replicas on (``OnlineAgent.block_workers``; 1 where the agent steps one by one).
