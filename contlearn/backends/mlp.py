@@ -8,7 +8,8 @@ in the order the agent asks them (:data:`BACKENDS`):
   (:func:`contlearn.backends.block_kernel.online_block_`: forward, loss, backward with the fused
   update, continual backprop's steps 1–5), for learners whose fused form needs nothing per
   step but continual backprop's unit bookkeeping, and under backprop for Adam between affine
-  maps (:mod:`contlearn.learners.adam_form`, its moments and counts in the same pass);
+  maps (:mod:`contlearn.learners.adam_form`, its moments and counts in the same pass), for
+  L2-Init and for ReDo / ReGraMa (:mod:`contlearn.learners.block_forms`);
 - :class:`FusedBackward` (``fused``): the network's hand-written backward applying the
   learner's declared affine update ``θ ← (1 + β) θ + α g`` in place while it back-propagates
   (no gradient or update tensor), then the learner's post-update edit;
@@ -299,7 +300,9 @@ class BlockLoop(FusedBackward):
     in cache (:meth:`learn_block`); a replica stops at a step where continual backprop must
     replace units, whose fresh rows Python draws from the replica's generator. The update is
     the learner's fused affine form or its Adam form (Adam between affine maps,
-    :mod:`contlearn.learners.adam_form`: moments and per-element counts in the same pass).
+    :mod:`contlearn.learners.adam_form`: moments and per-element counts in the same pass), or
+    L2-Init's anchored form; under ReDo the block runs in pieces that end where its window
+    opens and where it checks (the kernel adds to the window sums, ReDo's code resets).
     Single steps (``act``/``observe``) take the fused path (Adam: the hand-written backward
     through ``learner.update``)."""
 
@@ -311,7 +314,9 @@ class BlockLoop(FusedBackward):
         """Batch 1 on CPU float32 with the compiled kernels, an activation the loop knows, and
         a fused learner with no post-update edit but continual backprop's (in the form the
         loop takes: :class:`contlearn.learners.fused.UnitReplacer`), or under backprop a
-        learner with an Adam form (``adam``, ``proper-adam``, L2 over Adam, CBP over Adam)."""
+        learner with an Adam form (``adam``, ``proper-adam``, L2 over Adam, CBP over Adam) or
+        a block-only form (:mod:`contlearn.learners.block_forms`: L2-Init over SGD's family,
+        ReDo and ReGraMa over SGD's family)."""
         plan = cfg.fused
         loop = (
             cfg.batch_size == 1
@@ -403,8 +408,10 @@ class BlockLoop(FusedBackward):
         loss = torch.empty(T, R)
         start = torch.zeros(R, dtype=torch.int64)
         events = torch.zeros(R, max(len(layers) - 1, 1), dtype=torch.int64)
-        redo = self._form if isinstance(self._form, ReDoForm) else None
-        affine = redo.inner if redo is not None else self._form  # (L2-Init, ReDo: no replacer)
+        form = self._form
+        redo = form if isinstance(form, ReDoForm) else None
+        # (L2-Init, ReDo: no replacer)
+        affine: FusedPlan | AnchorPlan | None = form.inner if isinstance(form, ReDoForm) else form
         if adam is None and affine is None:
             alpha, beta, replacer = self.plan.grad_scale, self.plan.param_scale, self.plan.replacer
         elif adam is None:

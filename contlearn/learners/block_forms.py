@@ -6,7 +6,8 @@ Two learners are not affine in (g, θ) alone, so they have no
 - **L2-Init** over SGD's family (``add_l2_init`` declares :class:`L2InitForm`): with
   ``g' = g + λ(θ − θ₀)`` before an affine chain, the update is affine in (g, θ, θ₀),
   ``θ ← (1 + β) θ + α g + γ θ₀`` (:class:`AnchorPlan`), and the kernel reads the anchors θ₀.
-- **ReDo** (and ReGraMa) over such a chain (``redo`` declares :class:`ReDoForm`): the kernel
+- **ReDo** (and ReGraMa) over SGD's family, an affine chain without a post-update edit
+  (``redo`` declares :class:`ReDoForm`): the kernel
   adds each step's per-unit ``|h|`` (ReGraMa: the mean ``|g|`` of the unit's incoming weights)
   to the state's window sums while it steps; the block loop stops at the updates where ReDo
   checks, and ReDo's own code scores and resets the units there.
@@ -50,8 +51,7 @@ class ReDoForm(NamedTuple):
     """ReDo as the block loop runs it.
 
     Attributes:
-        inner: the wrapped chain's form (:class:`FusedPlan` without a post, or
-            :class:`AnchorPlan`).
+        inner: the wrapped chain's form (a :class:`FusedPlan` without a post).
         period, window: F and the scored window (:func:`contlearn.learners.redo.redo`).
         score: ``activation`` (ReDo) or ``gradient`` (ReGraMa).
         recycle: ``recycle(state, params)``: ReDo's check on the post-update parameters (its
@@ -59,7 +59,7 @@ class ReDoForm(NamedTuple):
             ``update`` runs.
     """
 
-    inner: FusedPlan | AnchorPlan
+    inner: FusedPlan
     period: int
     window: int
     score: str
@@ -85,7 +85,11 @@ def anchor_plan(transform: GradientTransformation) -> AnchorPlan | None:
         if isinstance(form, L2InitForm) and not anchored:
             b, c, anchored = b + form.weight_decay, c - form.weight_decay, True
         elif isinstance(form, FusedPlan) and form.post is None:
-            a, b, c = form.grad_scale * a, form.grad_scale * b + form.param_scale, form.grad_scale * c
+            a, b, c = (
+                form.grad_scale * a,
+                form.grad_scale * b + form.param_scale,
+                form.grad_scale * c,
+            )
         else:  # momentum, Adam, noise, a reset, a second anchor: not this form
             return None
     return AnchorPlan(a, b, c) if anchored else None
@@ -99,7 +103,9 @@ def block_form(transform: GradientTransformation) -> AnchorPlan | ReDoForm | Non
     return anchor_plan(transform)
 
 
-def redo_segments(count: int, steps: int, period: int, window: int) -> list[tuple[int, int, bool, bool]]:
+def redo_segments(
+    count: int, steps: int, period: int, window: int
+) -> list[tuple[int, int, bool, bool]]:
     """The next ``steps`` updates after ``count`` split where ReDo's bookkeeping changes:
     ``(first, end, in_window, check)`` per piece of the block, ``check`` when ReDo checks
     after the piece's last update. Update n (1-based) is in the window when

@@ -30,8 +30,8 @@ import torch
 
 from contlearn.errors import ConfigError
 from contlearn.learners.base import GradientTransformation, Params
-from contlearn.learners.block_forms import ReDoForm, anchor_plan
-from contlearn.learners.fused import FusedPlan, fused_plan
+from contlearn.learners.block_forms import ReDoForm
+from contlearn.learners.fused import fused_plan
 from contlearn.learners.resets import UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import replica_rng_states
 
@@ -181,10 +181,9 @@ class _ReDo:
 
     def block_form(self) -> ReDoForm | None:
         """ReDo's form for the block loop (:mod:`contlearn.learners.block_forms`) over an inner
-        chain that is affine, with or without an L2-Init term; None otherwise."""
-        inner = fused_plan(self.inner)
-        plan = anchor_plan(self.inner) if inner is None else inner
-        if plan is None or (isinstance(plan, FusedPlan) and plan.post is not None):
+        chain that is affine (SGD's family, no post-update edit); None otherwise."""
+        plan = fused_plan(self.inner)
+        if plan is None or plan.post is not None:
             return None
 
         def recycle(state: ReDoState, params: Params) -> None:
