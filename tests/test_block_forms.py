@@ -151,3 +151,33 @@ def test_redo_segments_mark_every_update_as_redo_counts_it(count):
             n = count + j + 1
             assert in_window == ((n - 1) % period >= period - window)
             assert (n % period == 0) == (check and j == end - 1)
+
+
+@pytest.mark.parametrize("learner", ["l2-init", "redo"])
+def test_runs_learning_in_blocks_match_runs_stepping(tmp_path, monkeypatch, learner):
+    """Whole runs (the engine's own blocks, probes, ReDo's checks every 40 updates) against
+    the same runs stepping one by one on the hand-written backward."""
+    import contlearn
+    from contlearn.agents.online import OnlineAgent
+
+    config = {"hidden": "16,16", "examples_per_task": 100, "probe_size": 50}
+    if learner == "redo":
+        config.update({"learner.period": 40, "learner.window": 25, "learner.threshold": 0.5})
+
+    def run(out: str):
+        return contlearn.run(
+            "permuted-mnist", learner=learner, seeds=2, tasks=3, config=config, out=tmp_path / out
+        ).metrics()
+
+    blocks = run("blocks")
+    monkeypatch.setattr(OnlineAgent, "block_ready", lambda self, batch_size: False)
+    steps = run("steps")
+    a, b = (
+        df.sort_values(["seed", "step", "metric", "layer"]).reset_index(drop=True)
+        for df in (blocks, steps)
+    )
+    assert list(a.metric) == list(b.metric) and list(a.step) == list(b.step)
+    _close(torch.tensor(a.value.values), torch.tensor(b.value.values))
+    if learner == "redo":
+        replaced = a[a.metric == "replacements"]
+        assert len(replaced) and float(replaced.value.max()) > 0
