@@ -28,9 +28,15 @@ import torch.nn.functional as F
 
 from contlearn.agents import online_probes
 from contlearn.agents.conv_networks import network_for
+from contlearn.agents.injected_head import InjectedHeadMLP
 from contlearn.agents.networks import BatchedMLP
 from contlearn.agents.online_probes import ProbeSnapshot
-from contlearn.agents.online_spec import OnlineAgentSpec, spec_problem
+from contlearn.agents.online_spec import (
+    OnlineAgentSpec,
+    injected_head_layers,
+    network_options,
+    spec_problem,
+)
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
@@ -91,9 +97,9 @@ class OnlineAgent:
         for d in info.input_shape:
             in_dim *= d
         self._in_dim = in_dim
+        self.learner_spec = learner
         self.net = self._initial_network()
         self._initial: dict[str, torch.Tensor] | None = None
-        self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         #: the credit-assignment rule (its feedback matrices; backprop: none)
         self.credit: FeedbackRule = build_credit(learner.credit, self.net, self.seeds, spec.lr)
@@ -123,6 +129,17 @@ class OnlineAgent:
         gens = [torch_generator(s, "agent") for s in self.seeds]
         if self.spec.network != "mlp":
             return cast(BatchedMLP, network_for(self.spec, self.info, gens))
+        if (head := injected_head_layers(self.learner_spec)) > 1:
+            hidden = parse_int_list(self.spec.hidden, "hidden")
+            return InjectedHeadMLP(
+                self._in_dim,
+                hidden,
+                self.info.num_outputs,
+                self.spec.activation,
+                self.spec.init,
+                gens,
+                head,
+            )
         return BatchedMLP(
             self._in_dim,
             parse_int_list(self.spec.hidden, "hidden"),
@@ -161,7 +178,7 @@ class OnlineAgent:
             adam=self.adam_plan,
             block_form=self.block_form,
             kernels=kernels.library() is not None,
-            network_options=frozenset({"layer_norm"} if self.spec.layer_norm else ()),
+            network_options=network_options(self.spec, self.learner_spec),
         )
 
     def _setup(self) -> None:

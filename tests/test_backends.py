@@ -36,6 +36,7 @@ EXERCISE = {
     "regrama": {"learner.period": 4, "learner.window": 3, "learner.threshold": 0.9},
     "snp": {"learner.sigma": 1e-3, "learner.shrink": 1e-3},
     "snp-init": {"learner.lam": 0.9},
+    "weight-clipping": {"learner.kappa": 0.3},  # (most weights start outside the range)
 }
 #: rule options that make their effect show within a few steps
 CREDIT_EXERCISE = {"kolen-pollack": {"credit.decay": 0.02}}
@@ -206,6 +207,12 @@ def test_the_backends_chosen_are_the_expected_ones():
     assert _agent("redo", optimizer="adam").backend == HandBackward.name
     assert _agent("l2-init", optimizer="adam").backend == HandBackward.name
     assert _agent("redo", credit="fa").backend == HandBackward.name
+    # weight clipping declares its clamp as a post-update edit: the fused backward runs it
+    assert _agent("weight-clipping").backend == FusedBackward.name
+    assert _agent("weight-clipping", optimizer="adam").backend == HandBackward.name
+    # the injected multi-layer head is a network no fast backend declares
+    head = {"learner.head_layers": 2}
+    assert _agent("plasticity-injection", **head).backend == REFERENCE
     assert _agent("bp", fast=False).backend == REFERENCE
     assert all(isinstance(b, Backend) for b in BACKENDS)
 

@@ -43,6 +43,7 @@ from contlearn.learners.base import (
     per_param_state,
     stateless,
 )
+from contlearn.learners.fused import FusedPlan
 from contlearn.learners.regularizers import _noise
 from contlearn.learners.resets import materialize
 from contlearn.learners.rng import draw, replica_rng_states
@@ -77,7 +78,14 @@ def clip_weights(network: Any, kappa: float) -> GradientTransformation:
                 out[k] = (params[k] + u).clamp_(-c, c).sub_(params[k])
         return out
 
-    return stateless(fn)
+    def clip_(state: Any, params: Params, **extra: Any) -> Any:
+        """Fused form: the agent applied θ + u in place; clamp θ (``θ + u'`` up to rounding)."""
+        for k, c in bounds.items():
+            if k in params:
+                params[k].clamp_(-c, c)
+        return state
+
+    return stateless(fn, FusedPlan(1.0, 0.0, clip_))
 
 
 class UPGDState(NamedTuple):
