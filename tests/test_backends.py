@@ -199,12 +199,12 @@ def test_the_backends_chosen_are_the_expected_ones():
     assert _agent("cbp", optimizer="adam", **{"learner.rounding": "stochastic"}).backend == (
         HandBackward.name
     )
-    # L2-Init and ReDo over SGD's family run in the block loop too (issue 21); over Adam, or
-    # under a rule other than backprop, the hand-written backward
+    # L2-Init over SGD's family and ReDo over SGD's family or Adam run in the block loop too
+    # (issue 21); L2-Init over Adam, or a rule other than backprop: the hand-written backward
     assert _agent("l2-init").backend == adam
     assert _agent("redo").backend == adam
     assert _agent("regrama", **{"learner.l2": 1e-3}).backend == adam
-    assert _agent("redo", optimizer="adam").backend == HandBackward.name
+    assert _agent("redo", optimizer="adam").backend == adam
     assert _agent("l2-init", optimizer="adam").backend == HandBackward.name
     assert _agent("redo", credit="fa").backend == HandBackward.name
     # weight clipping declares its clamp as a post-update edit: the fused backward runs it

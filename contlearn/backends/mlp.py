@@ -45,6 +45,7 @@ from contlearn.backends import block_kernel, kernels
 from contlearn.backends.base import StepConfig, declares
 from contlearn.credit.learned import KolenPollack
 from contlearn.credit.rules import DirectFeedback, FixedFeedback, SignSymmetry
+from contlearn.learners.adam_form import AdamPlan
 from contlearn.learners.base import AnchorState, find_states
 from contlearn.learners.block_forms import AnchorPlan, ReDoForm, redo_segments
 from contlearn.learners.optim import ScaleByAdamState
@@ -52,7 +53,6 @@ from contlearn.learners.redo import ReDoState
 
 if TYPE_CHECKING:
     from contlearn.agents.online import OnlineAgent
-    from contlearn.learners.adam_form import AdamPlan
     from contlearn.learners.fused import FusedPlan
 
 #: the stream kinds whose loss the hand-written backward knows (cross-entropy, squared error)
@@ -316,7 +316,7 @@ class BlockLoop(FusedBackward):
         loop takes: :class:`contlearn.learners.fused.UnitReplacer`), or under backprop a
         learner with an Adam form (``adam``, ``proper-adam``, L2 over Adam, CBP over Adam) or
         a block-only form (:mod:`contlearn.learners.block_forms`: L2-Init over SGD's family,
-        ReDo and ReGraMa over SGD's family)."""
+        ReDo and ReGraMa over SGD's family or over Adam between affine maps)."""
         plan = cfg.fused
         loop = (
             cfg.batch_size == 1
@@ -411,7 +411,12 @@ class BlockLoop(FusedBackward):
         form = self._form
         redo = form if isinstance(form, ReDoForm) else None
         # (L2-Init, ReDo: no replacer)
-        affine: FusedPlan | AnchorPlan | None = form.inner if isinstance(form, ReDoForm) else form
+        inner = form.inner if isinstance(form, ReDoForm) else form
+        affine: FusedPlan | AnchorPlan | None = None
+        if isinstance(inner, AdamPlan):  # ReDo over Adam
+            adam = inner
+        else:
+            affine = inner
         if adam is None and affine is None:
             alpha, beta, replacer = self.plan.grad_scale, self.plan.param_scale, self.plan.replacer
         elif adam is None:

@@ -6,8 +6,8 @@ Two learners are not affine in (g, θ) alone, so they have no
 - **L2-Init** over SGD's family (``add_l2_init`` declares :class:`L2InitForm`): with
   ``g' = g + λ(θ − θ₀)`` before an affine chain, the update is affine in (g, θ, θ₀),
   ``θ ← (1 + β) θ + α g + γ θ₀`` (:class:`AnchorPlan`), and the kernel reads the anchors θ₀.
-- **ReDo** (and ReGraMa) over SGD's family, an affine chain without a post-update edit
-  (``redo`` declares :class:`ReDoForm`): the kernel
+- **ReDo** (and ReGraMa) over SGD's family, an affine chain without a post-update edit, or
+  over Adam between affine maps (``redo`` declares :class:`ReDoForm`): the kernel
   adds each step's per-unit ``|h|`` (ReGraMa: the mean ``|g|`` of the unit's incoming weights)
   to the state's window sums while it steps; the block loop stops at the updates where ReDo
   checks, and ReDo's own code scores and resets the units there.
@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from contlearn.learners.adam_form import AdamPlan
 from contlearn.learners.base import GradientTransformation
 from contlearn.learners.fused import FusedPlan
 
@@ -51,7 +52,8 @@ class ReDoForm(NamedTuple):
     """ReDo as the block loop runs it.
 
     Attributes:
-        inner: the wrapped chain's form (a :class:`FusedPlan` without a post).
+        inner: the wrapped chain's form: a :class:`FusedPlan` without a post, or an
+            :class:`~contlearn.learners.adam_form.AdamPlan` without a replacer.
         period, window: F and the scored window (:func:`contlearn.learners.redo.redo`).
         score: ``activation`` (ReDo) or ``gradient`` (ReGraMa).
         recycle: ``recycle(state, params)``: ReDo's check on the post-update parameters (its
@@ -59,7 +61,7 @@ class ReDoForm(NamedTuple):
             ``update`` runs.
     """
 
-    inner: FusedPlan
+    inner: FusedPlan | AdamPlan
     period: int
     window: int
     score: str

@@ -29,9 +29,10 @@ from typing import Any, NamedTuple
 import torch
 
 from contlearn.errors import ConfigError
+from contlearn.learners.adam_form import AdamPlan, adam_plan
 from contlearn.learners.base import GradientTransformation, Params
 from contlearn.learners.block_forms import ReDoForm
-from contlearn.learners.fused import fused_plan
+from contlearn.learners.fused import FusedPlan, fused_plan
 from contlearn.learners.resets import UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import replica_rng_states
 
@@ -181,9 +182,14 @@ class _ReDo:
 
     def block_form(self) -> ReDoForm | None:
         """ReDo's form for the block loop (:mod:`contlearn.learners.block_forms`) over an inner
-        chain that is affine (SGD's family, no post-update edit); None otherwise."""
-        plan = fused_plan(self.inner)
-        if plan is None or plan.post is not None:
+        chain that is affine (SGD's family, no post-update edit) or Adam between affine maps
+        (without a replacer); None otherwise."""
+        plan: FusedPlan | AdamPlan | None = fused_plan(self.inner)
+        if plan is None:
+            plan = adam_plan(self.inner)
+            if plan is None or plan.replacer is not None:
+                return None
+        elif plan.post is not None:
             return None
 
         def recycle(state: ReDoState, params: Params) -> None:
