@@ -184,12 +184,11 @@ class _ReDo:
         """ReDo's form for the block loop (:mod:`contlearn.learners.block_forms`) over an inner
         chain that is affine (SGD's family, no post-update edit) or Adam between affine maps
         (without a replacer); None otherwise."""
-        plan: FusedPlan | AdamPlan | None = fused_plan(self.inner)
-        if plan is None:
+        fused = fused_plan(self.inner)
+        plan: FusedPlan | AdamPlan | None = fused if fused is None or fused.post is None else None
+        if fused is None:
             plan = adam_plan(self.inner)
-            if plan is None or plan.replacer is not None:
-                return None
-        elif plan.post is not None:
+        if plan is None or (isinstance(plan, AdamPlan) and plan.replacer is not None):
             return None
 
         def recycle(state: ReDoState, params: Params) -> None:
