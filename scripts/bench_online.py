@@ -70,6 +70,7 @@ LEARNERS = {
     "cbp-adam": ("cbp", "adam"),
     "l2-init": ("l2-init", "sgd"),
     "redo": ("redo", "sgd"),
+    "redo-adam": ("redo", "adam"),
 }
 #: credit rules with a fast path, each against its naive loop (bp learner, SGD)
 FAST_RULES = ("fa", "dfa", "sign-symmetry", "kolen-pollack")
@@ -85,7 +86,18 @@ REFERENCE_RULES = (
 #: symmetry reads W (as backprop), dfa's D is outputs × units (not counted)
 RULE_EXTRA_BYTES = {"fa": 4, "dfa": 0, "sign-symmetry": 0, "kolen-pollack": 8}
 QUICK = {
-    100: ["bp", "l2", "snp", "cbp", "bp-adam", "l2-adam", "cbp-adam", "l2-init", "redo"],
+    100: [
+        "bp",
+        "l2",
+        "snp",
+        "cbp",
+        "bp-adam",
+        "l2-adam",
+        "cbp-adam",
+        "l2-init",
+        "redo",
+        "redo-adam",
+    ],
     2000: ["bp", "cbp", "bp-adam"],
 }
 QUICK_R = {100: [1, 32], 2000: [1]}
