@@ -46,6 +46,7 @@ from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.adam_form import adam_plan
+from contlearn.learners.block_forms import block_form
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import torch_generator
@@ -106,6 +107,10 @@ class OnlineAgent:
         self.plan = fused_plan(self.learner)
         #: its declared Adam form (Adam between affine maps; None: it has none)
         self.adam_plan = adam_plan(self.learner) if self.plan is None else None
+        #: its form for the block loop only (L2-Init's anchored update, ReDo; None: none)
+        self.block_form = (
+            block_form(self.learner) if self.plan is None and self.adam_plan is None else None
+        )
         if self.plan is None and sum(p.numel() for p in self.net.params.values()) >= 1 << 20:
             kernels.retain_freed_memory()  # unfused learners allocate weight-sized temporaries
         self.device = torch.device("cpu")
@@ -171,6 +176,7 @@ class OnlineAgent:
             dtype=str(first.dtype).removeprefix("torch."),
             fused=self.plan,
             adam=self.adam_plan,
+            block_form=self.block_form,
             kernels=kernels.library() is not None,
             network_options=network_options(self.spec, self.learner_spec),
         )

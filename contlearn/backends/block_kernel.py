@@ -79,6 +79,9 @@ class BlockArgs(ctypes.Structure):
         ("snp_key", _P),
         ("snp_count", ctypes.c_int64),
         ("snp_pidx", _P),
+        ("gamma", ctypes.c_float),
+        *[(n, _P) for n in ("ancw", "ancb", "redo_sum")],
+        ("redo_score", ctypes.c_int32),
     ]
 
 
@@ -170,6 +173,33 @@ class BlockNoise(NamedTuple):
     keys: torch.Tensor
     first: int
     param_index: list[tuple[int, int]]
+
+
+class BlockAnchor(NamedTuple):
+    """L2-Init's anchors as the whole-step kernel reads them: the update becomes
+    ``θ ← (1 + β) θ + α g + γ θ₀`` (:class:`contlearn.learners.block_forms.AnchorPlan`).
+
+    Attributes:
+        weights, biases: per layer θ₀ ``(R, K, H)`` and ``(R, K)`` float32 (read only).
+        gamma: γ.
+    """
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    gamma: float
+
+
+class BlockReDo(NamedTuple):
+    """ReDo's window sums as the whole-step kernel adds to them, each step, per hidden layer
+    ``(R, H)`` float32 (in place): ``|h|`` (``score="activation"``) or the mean ``|g|`` of each
+    unit's incoming weights (``"gradient"``, ReGraMa)."""
+
+    sums: list[torch.Tensor]
+    score: str = "activation"
+
+
+#: ReDo's scores the whole-step kernel accumulates (codes of ``redo_score`` in the C source)
+REDO_SCORES = {"activation": 0, "gradient": 1}
 
 
 class Pending1(NamedTuple):
@@ -299,6 +329,37 @@ def _fill_noise(a: BlockArgs, noise: BlockNoise | None, R: int, L: int) -> list:
     return [noise.keys, index]
 
 
+def _fill_anchor(
+    a: BlockArgs, anchor: BlockAnchor | None, R: int, widths: list[int], rule: str, other: bool
+) -> list:
+    if anchor is None:
+        return []
+    if rule != "bp" or other:
+        raise ValueError(
+            "kernel argument anchor: the kernel applies L2-Init under bp with the fused update "
+            f"only (rule {rule}, with Adam or continual backprop: {other})"
+        )
+    ws, bs = _shapes(R, widths)
+    keep = [
+        binding.tensors("anchor.weights", anchor.weights, _F32, ws),
+        binding.tensors("anchor.biases", anchor.biases, _F32, bs),
+    ]
+    a.ancw, a.ancb = (ctypes.addressof(k) for k in keep)
+    a.gamma = anchor.gamma
+    return keep
+
+
+def _fill_redo(a: BlockArgs, redo: BlockReDo | None, R: int, widths: list[int]) -> list:
+    if redo is None:
+        return []
+    L = len(widths) - 1
+    hidden = [(R, widths[i + 1]) for i in range(L - 1)]
+    keep = [binding.tensors("redo.sums", redo.sums, _F32, hidden)]
+    a.redo_sum = ctypes.addressof(keep[0])
+    a.redo_score = binding.choice("redo.score", redo.score, REDO_SCORES)
+    return keep
+
+
 def _uniform_counts(adam: BlockAdam) -> torch.Tensor:
     """``(R, L, 2)``: per replica and layer the one count of all the weights' (biases')
     elements, or −1 where they differ. Where they agree the kernel keeps the count itself
@@ -339,6 +400,8 @@ def online_block_(
     credit: BlockCredit | None = None,
     adam: BlockAdam | None = None,
     noise: BlockNoise | None = None,
+    anchor: BlockAnchor | None = None,
+    redo: BlockReDo | None = None,
 ) -> None:
     """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
 
@@ -365,6 +428,8 @@ def online_block_(
         credit: the credit rule (None: backprop).
         adam: Adam's state and options (:class:`BlockAdam`), or None: the fused update.
         noise: shrink-and-perturb's noise (:class:`BlockNoise`), or None.
+        anchor: L2-Init's anchors (:class:`BlockAnchor`; backprop's fused update only), or None.
+        redo: ReDo's window sums to add this block's steps to (:class:`BlockReDo`), or None.
 
     Raises:
         TypeError, ValueError: a tensor of the wrong dtype, shape, layout or device, or an
@@ -407,6 +472,8 @@ def online_block_(
     a.skip = binding.tensor("pending.skip", pending.skip, torch.uint8, (R, H1))
     a.gsum = binding.optional("grad_l1", grad_l1, _F64, (R, L))
     keep += _fill_credit(a, credit, R, widths)
+    keep += _fill_anchor(a, anchor, R, widths, credit.rule, adam is not None or cbp is not None)
+    keep += _fill_redo(a, redo, R, widths)
     keep += _fill_adam(a, adam, R, widths, credit.rule)
     ucount: torch.Tensor | None = keep[-1] if adam is not None else None
     keep += _fill_noise(a, noise, R, L)

@@ -26,6 +26,7 @@ import torch
 
 from contlearn.learners import philox
 from contlearn.learners.base import AnchorState, GradientTransformation, Params, stateless
+from contlearn.learners.block_forms import L2InitForm
 from contlearn.learners.fused import FusedPlan, NoiseForm
 
 
@@ -93,7 +94,8 @@ def add_l2_init(weight_decay: float) -> GradientTransformation:
         out = torch._foreach_add([grads[k] for k in keys], diff, alpha=weight_decay)
         return dict(zip(keys, out, strict=True)), state
 
-    return GradientTransformation(_anchor, update)
+    # (declared for the block loop only: contlearn/learners/block_forms.py)
+    return GradientTransformation(_anchor, update, L2InitForm(weight_decay))
 
 
 #: above this many bytes of one parameter's noise for all replicas, the fused form draws it
