@@ -28,9 +28,15 @@ import torch.nn.functional as F
 
 from contlearn.agents import online_probes
 from contlearn.agents.conv_networks import network_for
+from contlearn.agents.injected_head import InjectedHeadMLP
 from contlearn.agents.networks import BatchedMLP
 from contlearn.agents.online_probes import ProbeSnapshot
-from contlearn.agents.online_spec import OnlineAgentSpec, spec_problem
+from contlearn.agents.online_spec import (
+    OnlineAgentSpec,
+    injected_head_layers,
+    network_options,
+    spec_problem,
+)
 from contlearn.backends import kernels
 from contlearn.backends.base import REFERENCE, StepConfig, choose
 from contlearn.backends.mlp import BACKENDS, HandBackward
@@ -40,6 +46,7 @@ from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.adam_form import adam_plan
+from contlearn.learners.block_forms import block_form
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.resets import FEEDBACK, FeedbackReset
 from contlearn.seeding import torch_generator
@@ -90,9 +97,9 @@ class OnlineAgent:
         for d in info.input_shape:
             in_dim *= d
         self._in_dim = in_dim
+        self.learner_spec = learner
         self.net = self._initial_network()
         self._initial: dict[str, torch.Tensor] | None = None
-        self.learner_spec = learner
         self.learner = build_learner(learner, spec.base_optimizer(), self.net, self.seeds)
         #: the credit-assignment rule (its feedback matrices; backprop: none)
         self.credit: FeedbackRule = build_credit(learner.credit, self.net, self.seeds, spec.lr)
@@ -100,6 +107,10 @@ class OnlineAgent:
         self.plan = fused_plan(self.learner)
         #: its declared Adam form (Adam between affine maps; None: it has none)
         self.adam_plan = adam_plan(self.learner) if self.plan is None else None
+        #: its form for the block loop only (L2-Init's anchored update, ReDo; None: none)
+        self.block_form = (
+            block_form(self.learner) if self.plan is None and self.adam_plan is None else None
+        )
         if self.plan is None and sum(p.numel() for p in self.net.params.values()) >= 1 << 20:
             kernels.retain_freed_memory()  # unfused learners allocate weight-sized temporaries
         self.device = torch.device("cpu")
@@ -118,6 +129,17 @@ class OnlineAgent:
         gens = [torch_generator(s, "agent") for s in self.seeds]
         if self.spec.network != "mlp":
             return cast(BatchedMLP, network_for(self.spec, self.info, gens))
+        if (head := injected_head_layers(self.learner_spec)) > 1:
+            hidden = parse_int_list(self.spec.hidden, "hidden")
+            return InjectedHeadMLP(
+                self._in_dim,
+                hidden,
+                self.info.num_outputs,
+                self.spec.activation,
+                self.spec.init,
+                gens,
+                head,
+            )
         return BatchedMLP(
             self._in_dim,
             parse_int_list(self.spec.hidden, "hidden"),
@@ -154,8 +176,9 @@ class OnlineAgent:
             dtype=str(first.dtype).removeprefix("torch."),
             fused=self.plan,
             adam=self.adam_plan,
+            block_form=self.block_form,
             kernels=kernels.library() is not None,
-            network_options=frozenset({"layer_norm"} if self.spec.layer_norm else ()),
+            network_options=network_options(self.spec, self.learner_spec),
         )
 
     def _setup(self) -> None:

@@ -18,6 +18,8 @@ CONV_UNSUPPORTED: dict[str, str] = {
     "normalize-and-project": "it projects the gains of layer norms, which the conv networks "
     "lack; use network=mlp with layer_norm=true",
 }
+#: the learner whose ``head_layers`` > 1 needs an MLP that carries the head's copies
+INJECTION = "plasticity-injection"
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,51 @@ class OnlineAgentSpec(OptimizerOptions):
         parse_int_list(self.hidden, "hidden")
 
 
+def injected_head_layers(learner: Any) -> int:
+    """The layers of the head ``learner`` injects (plasticity injection's ``head_layers``;
+    1 for every other learner): above 1 the MLP carries the head's copies
+    (:class:`~contlearn.agents.injected_head.InjectedHeadMLP`)."""
+    return int(getattr(learner.spec, "head_layers", 1)) if learner.name == INJECTION else 1
+
+
+def network_options(spec: OnlineAgentSpec, learner: Any) -> frozenset[str]:
+    """The network's structural options, as the backends see them (``StepConfig``)."""
+    opts = {"layer_norm"} if spec.layer_norm else set()
+    if injected_head_layers(learner) > 1:
+        opts.add("injection_head")
+    return frozenset(opts)
+
+
+def _injection_problem(spec: OnlineAgentSpec, learner: Any) -> str | None:
+    """Why a multi-layer injected head cannot run here (None: it can)."""
+    k = injected_head_layers(learner)
+    if k == 1:
+        return None
+    layers = len(parse_int_list(spec.hidden, "hidden")) + 1
+    if spec.network != "mlp":
+        return (
+            f"plasticity-injection with head_layers={k} needs network=mlp (the conv networks "
+            "carry no head copies); use network=mlp or head_layers=1"
+        )
+    if k > layers:
+        return (
+            f"learner.head_layers={k} exceeds the network's {layers} layers (hidden="
+            f"{spec.hidden} and the output layer); choose 1 to {layers}"
+        )
+    if spec.layer_norm:
+        return f"plasticity-injection with head_layers={k} has no layer_norm; drop layer_norm"
+    if learner.credit.name != "bp":
+        return (
+            f"plasticity-injection with head_layers={k} learns by backprop only (credit="
+            f"{learner.credit.name}'s error path has no injected head); use credit=bp"
+        )
+    return None
+
+
 def spec_problem(spec: OnlineAgentSpec, learner: Any) -> str | None:
     """Why ``spec``'s network options cannot run with ``learner`` (None: they can)."""
+    if why := _injection_problem(spec, learner):
+        return why
     if spec.network == "mlp":
         return options_problem(spec.activation, spec.layer_norm, learner.name, learner.credit.name)
     if learner.name in CONV_UNSUPPORTED:

@@ -7,9 +7,10 @@ runs through its real code path: ``OnlineAgent`` + stream + ``SupervisedLoop`` w
 a run store in a temporary folder, probes off, threads chosen as ``contlearn.run`` chooses them.
 The naive baseline (``NaiveLearner``, scripts/naive_online.py) is what a researcher writes
 without contlearn: one seed at a time, ``torch.nn.Sequential`` + ``torch.optim``, a per-unit
-continual backprop; its learner-steps per second do not depend on R (seeds run one after
-another). Naive and contlearn repeats are interleaved so that load from other processes hits
-both alike. Timing tools: scripts/bench_timing.py.
+continual backprop, L2-Init's term added to the gradients, ReDo's window sums and resets; its
+learner-steps per second do not depend on R (seeds run one after another). Naive and
+contlearn repeats are interleaved so that load from other processes hits both alike. Timing
+tools: scripts/bench_timing.py.
 
 Table columns: ``th`` torch's intra-op threads, ``bw`` the threads learning in blocks runs
 replicas on (``OnlineAgent.block_workers``; 1 where the agent steps one by one).
@@ -67,6 +68,9 @@ LEARNERS = {
     "l2-adam": ("l2", "adam"),
     "snp-adam": ("snp", "adam"),
     "cbp-adam": ("cbp", "adam"),
+    "l2-init": ("l2-init", "sgd"),
+    "redo": ("redo", "sgd"),
+    "redo-adam": ("redo", "adam"),
 }
 #: credit rules with a fast path, each against its naive loop (bp learner, SGD)
 FAST_RULES = ("fa", "dfa", "sign-symmetry", "kolen-pollack")
@@ -82,7 +86,18 @@ REFERENCE_RULES = (
 #: symmetry reads W (as backprop), dfa's D is outputs × units (not counted)
 RULE_EXTRA_BYTES = {"fa": 4, "dfa": 0, "sign-symmetry": 0, "kolen-pollack": 8}
 QUICK = {
-    100: ["bp", "l2", "snp", "cbp", "bp-adam", "l2-adam", "cbp-adam"],
+    100: [
+        "bp",
+        "l2",
+        "snp",
+        "cbp",
+        "bp-adam",
+        "l2-adam",
+        "cbp-adam",
+        "l2-init",
+        "redo",
+        "redo-adam",
+    ],
     2000: ["bp", "cbp", "bp-adam"],
 }
 QUICK_R = {100: [1, 32], 2000: [1]}

@@ -48,17 +48,48 @@ class NaiveCBP:
         correction = 1 - self.spec.decay ** self.age[layer]
         f_hat = self.mean[layer] / correction
         worst = torch.topk(-(self.util[layer] / correction)[eligible], k).indices
-        bound = GAINS["relu"] * math.sqrt(3 / lin.in_features)
         for i in eligible[worst].tolist():
-            lin.weight[i].uniform_(-bound, bound)
-            lin.bias[i] = 0
             nxt.bias += nxt.weight[:, i] * f_hat[i]
-            nxt.weight[:, i] = 0
-            for p, idx in ((lin.weight, i), (lin.bias, i), (nxt.weight, (slice(None), i))):
-                for s in self.opt.state.get(p, {}).values():  # optimizer-aware: zero moments
-                    if isinstance(s, torch.Tensor) and s.shape == p.shape:
-                        s[idx] = 0
+            reset_unit(lin, nxt, self.opt, i)
             self.util[layer][i] = self.mean[layer][i] = self.age[layer][i] = 0
+
+
+def reset_unit(lin: nn.Linear, nxt: nn.Linear, opt: torch.optim.Optimizer, i: int) -> None:
+    """Unit i of ``lin``: fresh incoming weights, zero bias and outgoing weights, and the
+    optimizer state of those weights zeroed (continual backprop's and ReDo's reset)."""
+    bound = GAINS["relu"] * math.sqrt(3 / lin.in_features)
+    lin.weight[i].uniform_(-bound, bound)
+    lin.bias[i] = 0
+    nxt.weight[:, i] = 0
+    for p, idx in ((lin.weight, i), (lin.bias, i), (nxt.weight, (slice(None), i))):
+        for s in opt.state.get(p, {}).values():  # optimizer-aware: zero moments
+            if isinstance(s, torch.Tensor) and s.shape == p.shape:
+                s[idx] = 0
+
+
+class NaiveReDo:
+    """ReDo written plainly (Sokar et al. 2023): sum |h| over the last ``window`` steps of each
+    period; every ``period`` steps reset the units whose score E|h_i| / mean_j E|h_j| <= τ."""
+
+    def __init__(self, net: nn.Sequential, opt: torch.optim.Optimizer, spec) -> None:
+        self.lin = [m for m in net if isinstance(m, nn.Linear)]
+        self.opt, self.spec, self.t = opt, spec, 0
+        self.sums = [torch.zeros(m.out_features) for m in self.lin[:-1]]
+
+    def step(self, feats: list[torch.Tensor]) -> None:
+        period, window = self.spec.period, self.spec.window
+        self.t += 1
+        if (self.t - 1) % period >= period - window:
+            for s, h in zip(self.sums, feats, strict=True):
+                s += h.abs().mean(0)
+        if self.t % period:
+            return
+        for layer, s in enumerate(self.sums):
+            mean = s / window
+            score = mean / mean.mean() if mean.mean() > 0 else torch.zeros_like(mean)
+            for i in torch.nonzero(score <= self.spec.threshold).flatten().tolist():
+                reset_unit(self.lin[layer], self.lin[layer + 1], self.opt, i)
+            s.zero_()
 
 
 class NaiveLearner:
@@ -86,8 +117,16 @@ class NaiveLearner:
             self.opt = torch.optim.SGD(
                 self.net.parameters(), spec.lr, spec.momentum, weight_decay=wd
             )
+        self.spec_l2_init = getattr(lspec, "l2_init", 0.0)
         self.snp = (lspec.shrink, lspec.sigma) if cfg.learner.name == "snp" else None
         self.cbp = NaiveCBP(self.net, self.opt, lspec) if cfg.learner.name == "cbp" else None
+        self.redo = NaiveReDo(self.net, self.opt, lspec) if cfg.learner.name == "redo" else None
+        #: L2-Init (Kumar et al. 2023): g += λ (θ − θ₀) before the optimizer
+        self.anchor = (
+            [p.detach().clone() for p in self.net.parameters()]
+            if cfg.learner.name == "l2-init"
+            else None
+        )
         images, labels = load_mnist("test")
         self.images = torch.from_numpy(images.reshape(-1, 784)).float() / 255
         self.labels = torch.from_numpy(labels).long()
@@ -111,6 +150,10 @@ class NaiveLearner:
         loss = F.cross_entropy(h, y)
         self.opt.zero_grad()
         loss.backward()
+        if self.anchor is not None:
+            with torch.no_grad():
+                for p, p0 in zip(self.net.parameters(), self.anchor, strict=True):
+                    p.grad.add_(p - p0, alpha=self.spec_l2_init)
         self.opt.step()
         self.correct += (h.argmax(1) == y).sum()
         with torch.no_grad():
@@ -119,3 +162,5 @@ class NaiveLearner:
                     p.mul_(1 - self.snp[0]).add_(torch.randn_like(p), alpha=self.snp[1])
             if self.cbp is not None:
                 self.cbp.step([f.detach() for f in feats])
+            if self.redo is not None:
+                self.redo.step([f.detach() for f in feats])

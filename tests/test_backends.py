@@ -33,8 +33,10 @@ SEEDS = [0, 1]
 EXERCISE = {
     "cbp": {"learner.maturity": 2, "learner.replacement_rate": 0.3, "learner.decay": 0.9},
     "redo": {"learner.period": 4, "learner.window": 4, "learner.threshold": 0.9},
+    "regrama": {"learner.period": 4, "learner.window": 3, "learner.threshold": 0.9},
     "snp": {"learner.sigma": 1e-3, "learner.shrink": 1e-3},
     "snp-init": {"learner.lam": 0.9},
+    "weight-clipping": {"learner.kappa": 0.3},  # (most weights start outside the range)
 }
 #: rule options that make their effect show within a few steps
 CREDIT_EXERCISE = {"kolen-pollack": {"credit.decay": 0.02}}
@@ -187,7 +189,7 @@ def test_the_backends_chosen_are_the_expected_ones():
     assert _agent("bp", "regression").backend == block
     assert _agent("bp", batch=3).backend == FusedBackward.name
     assert _agent("bp", activation="elu").backend == FusedBackward.name
-    assert _agent("snp").backend == FusedBackward.name
+    assert _agent("snp").backend == block  # (its noise drawn in the kernel: issue 21)
     assert _agent("cbp", **{"learner.rounding": "stochastic"}).backend == FusedBackward.name
     # Adam's form runs in the block loop (issue 21); at batch 3 the hand-written backward
     adam = BlockLoop.name if kernels.library() is not None else HandBackward.name
@@ -197,7 +199,20 @@ def test_the_backends_chosen_are_the_expected_ones():
     assert _agent("cbp", optimizer="adam", **{"learner.rounding": "stochastic"}).backend == (
         HandBackward.name
     )
-    assert _agent("redo").backend == HandBackward.name
+    # L2-Init over SGD's family and ReDo over SGD's family or Adam run in the block loop too
+    # (issue 21); L2-Init over Adam, or a rule other than backprop: the hand-written backward
+    assert _agent("l2-init").backend == adam
+    assert _agent("redo").backend == adam
+    assert _agent("regrama", **{"learner.l2": 1e-3}).backend == adam
+    assert _agent("redo", optimizer="adam").backend == adam
+    assert _agent("l2-init", optimizer="adam").backend == HandBackward.name
+    assert _agent("redo", credit="fa").backend == HandBackward.name
+    # weight clipping declares its clamp as a post-update edit: the fused backward runs it
+    assert _agent("weight-clipping").backend == FusedBackward.name
+    assert _agent("weight-clipping", optimizer="adam").backend == HandBackward.name
+    # the injected multi-layer head is a network no fast backend declares
+    head = {"learner.head_layers": 2}
+    assert _agent("plasticity-injection", **head).backend == REFERENCE
     assert _agent("bp", fast=False).backend == REFERENCE
     assert all(isinstance(b, Backend) for b in BACKENDS)
 

@@ -131,3 +131,71 @@ def test_shrink_toward_init_period(period: int) -> None:
 def test_shrink_toward_init_rejects_bad_period() -> None:
     with pytest.raises(ValueError, match="period"):
         shrink_toward_init(0.5, 0)
+
+
+def test_update_adds_the_definitions_noise_and_counts_updates() -> None:
+    """θ ← (1 − λ)θ' + σ ε[r, t, p, e], ε from the counter-based definition (philox.py)."""
+    from contlearn.learners import philox
+
+    lam, sigma, seeds = 0.1, 0.5, [3, 4]
+    params = _params(2)
+    t = shrink_perturb(lam, sigma, seeds)
+    state = t.init(params)
+    keys = philox.replica_keys(seeds, 1)
+    assert torch.equal(state.key, torch.from_numpy(keys)) and int(state.count) == 0
+    for step in range(3):
+        before = {k: v.clone() for k, v in params.items()}
+        state = _step(t, state, params, {k: torch.zeros_like(v) for k, v in params.items()})
+        for p, (k, v) in enumerate(before.items()):
+            eps = torch.from_numpy(philox.snp_normals(keys, step, p, v[0].numel()))
+            torch.testing.assert_close(params[k], (1 - lam) * v + sigma * eps.reshape(v.shape))
+    assert int(state.count) == 3
+
+
+def test_fused_post_adds_the_same_noise_as_the_update() -> None:
+    params = _params(3)
+    t = shrink_perturb(0.0, 0.3, [1, 2, 3])
+    plan = t.fused
+    assert plan is not None and plan.post is not None and plan.noise is not None
+    ref, fused = (
+        {k: v.clone() for k, v in params.items()},
+        {k: v.clone() for k, v in params.items()},
+    )
+    s_ref, s_fused = t.init(ref), t.init(fused)
+    for _ in range(2):
+        s_ref = _step(t, s_ref, ref, {k: torch.zeros_like(v) for k, v in ref.items()})
+        s_fused = plan.post(s_fused, fused)
+    for k in params:
+        torch.testing.assert_close(fused[k], ref[k])  # (θ + (u − λθ' + σε) vs θ + σε)
+    assert int(s_ref.count) == int(s_fused.count) == 2
+
+
+def test_a_checkpoint_of_the_old_generator_state_layout_fails_in_one_clear_line() -> None:
+    from contlearn.state import load_tree
+
+    t = chain(sgd(0.1), shrink_perturb(0.01, 0.1, [0, 1]))
+    state = t.init(_params(2))
+    old = [torch.zeros(2, 5056, dtype=torch.uint8)]  # (R, S) torch generator states
+    with pytest.raises(ValueError, match="older contlearn") as err:
+        load_tree(state, old)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="older contlearn"):  # same count, other layout
+        load_tree(state, [torch.zeros(2, 2, dtype=torch.uint8), torch.zeros((), dtype=torch.int64)])
+
+
+def test_the_noise_form_composes_as_a_chains_only_post() -> None:
+    """L2 and SGD before S&P keep its kernel form (the block loop takes it); CBP over it, a
+    second post, does not (that runs the fused path's posts in Python)."""
+    from contlearn.learners import add_l2
+    from contlearn.learners.fused import fused_plan
+
+    params = _params(2)
+    t = chain(add_l2(1e-3), sgd(0.1), shrink_perturb(0.01, 0.2, [0, 1]))
+    plan = fused_plan(t)
+    assert plan is not None and plan.noise is not None and plan.noise.sigma == 0.2
+    state = t.init(params)
+    assert plan.noise.state(state) is state.inner[2]
+    assert plan.grad_scale == pytest.approx(-0.1 * 0.99)
+    two_posts = chain(sgd(0.1), shrink_perturb(0.01, 0.2, [0, 1]), shrink_perturb(0, 0.1, [0, 1]))
+    plan2 = fused_plan(two_posts)
+    assert plan2 is not None and plan2.post is not None and plan2.noise is None

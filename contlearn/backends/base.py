@@ -54,6 +54,9 @@ class StepConfig:
         options: other agent options a backend may need to see (PPO: ``clip_grad``, ...).
         network_options: the network's structural options (``layer_norm``); a backend
             supports a configuration only if it declares every one of them (:func:`declares`).
+        block_form: the learner's form only the block loop takes, where it has no fused nor
+            Adam form (:func:`contlearn.learners.block_forms.block_form`: L2-Init's anchored
+            affine update, ReDo over an affine chain; None: none).
     """
 
     network: str
@@ -73,6 +76,7 @@ class StepConfig:
     kernels: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     network_options: frozenset[str] = frozenset()
+    block_form: Any = None
 
 
 def declares(cfg: StepConfig, known: frozenset[str] = frozenset()) -> bool:

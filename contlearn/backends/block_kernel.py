@@ -74,6 +74,14 @@ class BlockArgs(ctypes.Structure):
         ("adam", ctypes.c_int32),
         *[(n, _P) for n in ("amw", "avw", "anw", "amb", "avb", "anb", "ucount")],
         ("ao", _AdamOpt),
+        ("snp", ctypes.c_int32),
+        ("snp_sigma", ctypes.c_float),
+        ("snp_key", _P),
+        ("snp_count", ctypes.c_int64),
+        ("snp_pidx", _P),
+        ("gamma", ctypes.c_float),
+        *[(n, _P) for n in ("ancw", "ancb", "redo_sum")],
+        ("redo_score", ctypes.c_int32),
     ]
 
 
@@ -147,6 +155,51 @@ class BlockAdam(NamedTuple):
     eps: float
     lr: float
     post_b: float
+
+
+class BlockNoise(NamedTuple):
+    """Shrink-and-perturb's noise as the whole-step kernel adds it: after each update of a
+    weight or bias, ``θ ← θ + σ ε[r, first + t, p, e]`` (block step t; the definition:
+    :mod:`contlearn.learners.philox`, docs/design.md §4d).
+
+    Attributes:
+        sigma: σ.
+        keys: ``(R, 2)`` int64, each replica's Philox key (two words in [0, 2³²)).
+        first: the learner's update count before the block's first step.
+        param_index: per layer the parameter order's indices of its weight and bias.
+    """
+
+    sigma: float
+    keys: torch.Tensor
+    first: int
+    param_index: list[tuple[int, int]]
+
+
+class BlockAnchor(NamedTuple):
+    """L2-Init's anchors as the whole-step kernel reads them: the update becomes
+    ``θ ← (1 + β) θ + α g + γ θ₀`` (:class:`contlearn.learners.block_forms.AnchorPlan`).
+
+    Attributes:
+        weights, biases: per layer θ₀ ``(R, K, H)`` and ``(R, K)`` float32 (read only).
+        gamma: γ.
+    """
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    gamma: float
+
+
+class BlockReDo(NamedTuple):
+    """ReDo's window sums as the whole-step kernel adds to them, each step, per hidden layer
+    ``(R, H)`` float32 (in place): ``|h|`` (``score="activation"``) or the mean ``|g|`` of each
+    unit's incoming weights (``"gradient"``, ReGraMa)."""
+
+    sums: list[torch.Tensor]
+    score: str = "activation"
+
+
+#: ReDo's scores the whole-step kernel accumulates (codes of ``redo_score`` in the C source)
+REDO_SCORES = {"activation": 0, "gradient": 1}
 
 
 class Pending1(NamedTuple):
@@ -258,6 +311,55 @@ def _fill_adam(a: BlockArgs, adam: BlockAdam | None, R: int, widths: list[int], 
     return [*keep, t1, t2, ucount]
 
 
+def _fill_noise(a: BlockArgs, noise: BlockNoise | None, R: int, L: int) -> list:
+    if noise is None:
+        return []
+    if len(noise.param_index) != L:
+        raise ValueError(
+            f"kernel argument noise.param_index: {len(noise.param_index)} layers, expected {L}"
+        )
+    keys = binding.tensor("noise.keys", noise.keys, _I64, (R, 2))
+    if noise.keys.numel() and (int(noise.keys.min()) < 0 or int(noise.keys.max()) >> 32):
+        raise ValueError("kernel argument noise.keys: expected words in [0, 2**32)")
+    if noise.first < 0 or any(i < 0 or i >> 32 for pair in noise.param_index for i in pair):
+        raise ValueError("kernel argument noise: a negative update count or index out of range")
+    index = torch.tensor(noise.param_index, dtype=torch.int64).reshape(L, 2)
+    a.snp, a.snp_sigma, a.snp_key = 1, noise.sigma, keys
+    a.snp_count, a.snp_pidx = noise.first, index.data_ptr()
+    return [noise.keys, index]
+
+
+def _fill_anchor(
+    a: BlockArgs, anchor: BlockAnchor | None, R: int, widths: list[int], rule: str, other: bool
+) -> list:
+    if anchor is None:
+        return []
+    if rule != "bp" or other:
+        raise ValueError(
+            "kernel argument anchor: the kernel applies L2-Init under bp with the fused update "
+            f"only (rule {rule}, with Adam or continual backprop: {other})"
+        )
+    ws, bs = _shapes(R, widths)
+    keep = [
+        binding.tensors("anchor.weights", anchor.weights, _F32, ws),
+        binding.tensors("anchor.biases", anchor.biases, _F32, bs),
+    ]
+    a.ancw, a.ancb = (ctypes.addressof(k) for k in keep)
+    a.gamma = anchor.gamma
+    return keep
+
+
+def _fill_redo(a: BlockArgs, redo: BlockReDo | None, R: int, widths: list[int]) -> list:
+    if redo is None:
+        return []
+    L = len(widths) - 1
+    hidden = [(R, widths[i + 1]) for i in range(L - 1)]
+    keep = [binding.tensors("redo.sums", redo.sums, _F32, hidden)]
+    a.redo_sum = ctypes.addressof(keep[0])
+    a.redo_score = binding.choice("redo.score", redo.score, REDO_SCORES)
+    return keep
+
+
 def _uniform_counts(adam: BlockAdam) -> torch.Tensor:
     """``(R, L, 2)``: per replica and layer the one count of all the weights' (biases')
     elements, or −1 where they differ. Where they agree the kernel keeps the count itself
@@ -301,6 +403,9 @@ def online_block_(
     grad_l1: torch.Tensor | None = None,
     credit: BlockCredit | None = None,
     adam: BlockAdam | None = None,
+    noise: BlockNoise | None = None,
+    anchor: BlockAnchor | None = None,
+    redo: BlockReDo | None = None,
 ) -> None:
     """Run whole batch-1 online steps ``start[r] … T − 1`` of every replica (``cl_online_block``).
 
@@ -326,6 +431,9 @@ def online_block_(
             gradient (weights and bias) to it.
         credit: the credit rule (None: backprop).
         adam: Adam's state and options (:class:`BlockAdam`), or None: the fused update.
+        noise: shrink-and-perturb's noise (:class:`BlockNoise`), or None.
+        anchor: L2-Init's anchors (:class:`BlockAnchor`; backprop's fused update only), or None.
+        redo: ReDo's window sums to add this block's steps to (:class:`BlockReDo`), or None.
 
     Raises:
         TypeError, ValueError: a tensor of the wrong dtype, shape, layout or device, or an
@@ -368,12 +476,16 @@ def online_block_(
     a.skip = binding.tensor("pending.skip", pending.skip, torch.uint8, (R, H1))
     a.gsum = binding.optional("grad_l1", grad_l1, _F64, (R, L))
     keep += _fill_credit(a, credit, R, widths)
+    keep += _fill_anchor(a, anchor, R, widths, credit.rule, adam is not None or cbp is not None)
+    keep += _fill_redo(a, redo, R, widths)
     keep += _fill_adam(a, adam, R, widths, credit.rule)
+    ucount: torch.Tensor | None = keep[-1] if adam is not None else None
+    keep += _fill_noise(a, noise, R, L)
     try:
         _run(lib, a, R, T, start, pending, workers)
     finally:
-        if adam is not None:  # (the counts the kernel kept, before anyone reads them)
-            _store_counts(adam, keep[-1])
+        if adam is not None and ucount is not None:  # (the counts the kernel kept, first)
+            _store_counts(adam, ucount)
 
 
 def _run(

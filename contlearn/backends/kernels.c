@@ -1,4 +1,5 @@
-/* contlearn's compiled kernels (see contlearn/kernels.py, which builds and loads them). */
+/* contlearn's compiled kernels (see contlearn/kernels.py, which builds and loads them; it
+   compiles snp_noise.c, shrink-and-perturb's noise, and this file as one unit, in that order). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -438,6 +439,24 @@ typedef struct {
   void** anb;
   float* ucount;  /* (R, L, 2) or NULL: see cl_online_block */
   AdamOpt ao;
+  /* shrink-and-perturb's noise (snp): after each update of a weight or bias, + sigma eps with
+     eps[r, count + t, p, e] (snp_add); keys (R, 2); pidx (L, 2) the parameter order's index
+     of layer l's weight and bias; count the learner's update count at block step 0 */
+  int32_t snp;
+  float snp_sigma;
+  const int64_t* snp_key;
+  int64_t snp_count;
+  const int64_t* snp_pidx;
+  /* L2-Init (backprop, fused update only): w = scale * w + alpha * g + gamma * w0 with the
+     anchors w0 per layer (ancw: weights (R, K, H), ancb: biases (R, K)); ancw NULL: none */
+  float gamma;
+  void** ancw;
+  void** ancb;
+  /* ReDo: per hidden layer (R, H) float32 window sums, each step adding |h| (redo_score 0) or
+     ReGraMa's mean |g| of the unit's incoming weights (1); NULL: this block is outside the
+     window */
+  void** redo_sum;
+  int32_t redo_score;
 } BlockArgs;
 
 int64_t cl_block_args_size(void) { return (int64_t)sizeof(BlockArgs); }
@@ -631,6 +650,45 @@ static void adam_rows_store(float* c, int64_t K, int64_t H, const float* rc) {
       for (int64_t i = 0; i < H; ++i) c[k * H + i] = rc[k];
 }
 
+/* L2-Init's update of one row (batch 1): w = scale * w + alpha * d_k h + gamma * w0. */
+static void update_row_anchor(float* row, const float* a, float dk, const float* h, int64_t H,
+                              float alpha, float scale, float gamma) {
+  const float ad = alpha * dk;
+  for (int64_t i = 0; i < H; ++i) row[i] = fmaf(gamma, a[i], fmaf(ad, h[i], scale * row[i]));
+}
+
+/* Rows 0..K of a layer above the input one under L2-Init (batch 1, backprop): pb += d W (before
+   the update), then the anchored update; four rows per sweep as ROWS1. */
+static void rows_anchor(float* w, const float* a, const float* d, const float* h, float* pb,
+                        int64_t H, int64_t K, float alpha, float scale, float gamma) {
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    float *r0 = w + k * H, *r1 = r0 + H, *r2 = r1 + H, *r3 = r2 + H;
+    const float *q0 = a + k * H, *q1 = q0 + H, *q2 = q1 + H, *q3 = q2 + H;
+    const float d0 = d[k], d1 = d[k + 1], d2 = d[k + 2], d3 = d[k + 3];
+    const float a0 = alpha * d0, a1 = alpha * d1, a2 = alpha * d2, a3 = alpha * d3;
+    _Pragma("GCC ivdep")
+    for (int64_t i = 0; i < H; ++i) {
+      const float x0 = r0[i], x1 = r1[i], x2 = r2[i], x3 = r3[i], hi = h[i];
+      pb[i] += ((d0 * x0 + d1 * x1) + d2 * x2) + d3 * x3;
+      r0[i] = fmaf(gamma, q0[i], fmaf(a0, hi, scale * x0));
+      r1[i] = fmaf(gamma, q1[i], fmaf(a1, hi, scale * x1));
+      r2[i] = fmaf(gamma, q2[i], fmaf(a2, hi, scale * x2));
+      r3[i] = fmaf(gamma, q3[i], fmaf(a3, hi, scale * x3));
+    }
+  }
+  for (; k < K; ++k) {
+    float* row = w + k * H;
+    const float* q = a + k * H;
+    const float dk = d[k], ak = alpha * dk;
+    for (int64_t i = 0; i < H; ++i) {
+      const float x = row[i];
+      pb[i] += dk * x;
+      row[i] = fmaf(gamma, q[i], fmaf(ak, h[i], scale * x));
+    }
+  }
+}
+
 void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
   const int64_t R = A->R, T = A->T, L = A->L;
   const int64_t* width = A->width;
@@ -648,6 +706,11 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
   char* skip = A->skip;
   double* gsum = A->gsum;
   const AdamOpt* ao = &A->ao;
+  const int snp = A->snp;
+  const float snp_sigma = A->snp_sigma;
+  const float gamma = A->gamma;  /* L2-Init: the anchors' share of each update (ancw) */
+  void **ancw = A->ancw, **ancb = A->ancb, **rsum = A->redo_sum;
+  const int rgrad = A->redo_score == 1;
 #if defined(__SSE__)
   /* Adam's moments of weights whose inputs stay 0 (most MNIST pixels) decay geometrically into
      subnormal floats, whose arithmetic costs ~2x here: on this thread, for this call only,
@@ -688,6 +751,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
     float* Fb[65];  /* layer l's feedback: B_l (fa, kp), D of layer l - 1 (dfa), W_l (sign) */
     double sabs[65];  /* sign symmetry: Σ |W_l| of the forward pass's weights */
     float *Mw[65], *Vw[65], *Nw[65], *Mb[65], *Vb[65], *Nb[65];  /* Adam's state (adam) */
+    float *Aw[65], *Ab[65], *Rs[65];  /* L2-Init's anchors (ancw), ReDo's window sums (rsum) */
     int64_t off = 0;
     for (int64_t l = 0; l < L; ++l) {
       W[l] = (float*)wp[l] + r * width[l + 1] * width[l];
@@ -698,6 +762,11 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
         Vb[l] = (float*)A->avb[l] + nb; Nb[l] = (float*)A->anb[l] + nb;
       }
       Bv[l] = (float*)bp[l] + r * width[l + 1];
+      if (ancw) {
+        Aw[l] = (float*)ancw[l] + r * width[l + 1] * width[l];
+        Ab[l] = (float*)ancb[l] + r * width[l + 1];
+      }
+      if (rsum && l < L - 1) Rs[l] = (float*)rsum[l] + r * width[l + 1];
       Fb[l] = W[l];
       if (l > 0 && (cr == CR_FA || cr == CR_KP)) Fb[l] = (float*)fbp[l] + r * width[l + 1] * width[l];
       if (l > 0 && cr == CR_DFA) Fb[l] = (float*)fbp[l] + r * C * width[l];
@@ -706,6 +775,16 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
     /* uniform counts (Python checked): uc[2 l], uc[2 l + 1] the counts of layer l's weights
        and biases, kept here instead of per element (< 0: per element) */
     float* uc = adam && A->ucount ? A->ucount + r * L * 2 : 0;
+    /* shrink-and-perturb: sigma eps of update count + step after layer l's weight (j = 0) or
+       bias (j = 1) is updated */
+    const uint32_t nk0 = snp ? (uint32_t)A->snp_key[2 * r] : 0u;
+    const uint32_t nk1 = snp ? (uint32_t)A->snp_key[2 * r + 1] : 0u;
+#define SNP_ADD(ptr, e0, n, l, j, step)                                                       \
+  do {                                                                                      \
+    if (snp)                                                                                \
+      snp_add(ptr, 0, e0, n, nk0, nk1, (uint32_t)A->snp_pidx[2 * (l) + (j)],                \
+              (uint64_t)(A->snp_count + (step)), snp_sigma);                                \
+  } while (0)
 #define UCN(j) (uc && uc[j] >= 0.0f ? uc[j] + 1.0f : 0.0f)
     /* layers whose weights' counts differ (a reset touched them): each row's count, where its
        elements agree, kept in rc[l] for this block (adam_row) */
@@ -734,8 +813,11 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
             if (adam)
               adam_row(row, Mw[0] + k * H, Vw[0] + k * H, Nw[0] + k * H, xprev, d0[k], H, 0, 0,
                        ao, ucn0, RCK(0, k));
+            else if (ancw)
+              update_row_anchor(row, Aw[0] + k * H, d0[k], xprev, H, alpha, scale, gamma);
             else
               update_row(row, d0, xprev, 1, K, H, k, alpha0, scale0);
+            SNP_ADD(row, k * H, H, 0, 0, pt);
           }
           const float v = Bv[l][k] + dot(row, in, H);
           o[k] = l == L - 1 ? v : act_fwd(act, v);
@@ -743,6 +825,9 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
         }
         sabs[l] = mean_abs ? acc / (double)(K * H) : 1.0;
       }
+      if (rsum && !rgrad)  /* ReDo: the window's sum of |h| (batch 1: the mean is h) */
+        for (int64_t l = 0; l < L - 1; ++l)
+          for (int64_t i = 0; i < width[l + 1]; ++i) Rs[l][i] += fabsf(h[l][i]);
       if (pend) memset(sk, 0, (size_t)H1);
       UCSET(0, ucn0);
       pend = 0;
@@ -773,6 +858,10 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
         if (gsum) {  /* sum |g| of W (d times the input, an outer product) and b (d) */
           gsum[r * L + l] += l1(d, K) * (l1(l == 0 ? xt : h[l - 1], H) + 1.0);
         }
+        if (rsum && rgrad && l < L - 1) {  /* ReGraMa: mean_j |d_k x_j| = |d_k| mean_j |x_j| */
+          const float mx = (float)(l1(l == 0 ? xt : h[l - 1], H) / (double)H);
+          for (int64_t k = 0; k < K; ++k) Rs[l][k] += fabsf(d[k]) * mx;
+        }
         if (l == 0) {
           memcpy(d0, d, sizeof(float) * (size_t)K);
           xprev = xt;
@@ -788,10 +877,13 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
               adam_row(W[l] + k * H, Mw[l] + k * H, Vw[l] + k * H, Nw[l] + k * H, h[l - 1], d[k],
                        H, below, cbp ? col : 0, ao, ucw, RCK(l, k));
             UCSET(2 * l, ucw);
-          } else if (cr == CR_BP || cr == CR_DFA)
+          } else if (ancw)  /* (backprop only, no cbp: block_kernel.py checks) */
+            rows_anchor(W[l], Aw[l], d, h[l - 1], below, H, K, alpha, scale, gamma);
+          else if (cr == CR_BP || cr == CR_DFA)
             rows1(W[l], d, h[l - 1], below, col, H, 0, K, alpha, scale, cr == CR_BP, cbp);
           else
             rows_rule(cr, W[l], Fb[l], d, h[l - 1], below, col, H, K, alpha, scale, keep, cbp);
+          SNP_ADD(W[l], 0, K * H, l, 0, t);
           if (cr == CR_SIGN && !sunit) {
             const float sc = (float)sabs[l];
             for (int64_t i = 0; i < H; ++i) below[i] *= sc;
@@ -806,8 +898,12 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
           const float ucb = UCN(2 * l + 1);
           adam_span(Bv[l], Mb[l], Vb[l], Nb[l], d, 1.0f, K, 0, 0, ao, ucb);
           UCSET(2 * l + 1, ucb);
-        } else
+        } else if (ancw)
+          for (int64_t k = 0; k < K; ++k)
+            Bv[l][k] = fmaf(gamma, Ab[l][k], fmaf(alpha, d[k], scale * Bv[l][k]));
+        else
           for (int64_t k = 0; k < K; ++k) Bv[l][k] = fmaf(alpha, d[k], scale * Bv[l][k]);
+        SNP_ADD(Bv[l], 0, K, l, 1, t);
         if (l > 0) {
           const float* hl = h[l - 1];
           for (int64_t i = 0; i < H; ++i) d2[i] = act_bwd(act, below[i], hl[i]);
@@ -836,8 +932,11 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
         if (adam)
           adam_row(W[0] + k * D, Mw[0] + k * D, Vw[0] + k * D, Nw[0] + k * D, xprev, d0[k], D, 0,
                    0, ao, ucn0, RCK(0, k));
+        else if (ancw)
+          update_row_anchor(W[0] + k * D, Aw[0] + k * D, d0[k], xprev, D, alpha, scale, gamma);
         else
           update_row(W[0] + k * D, d0, xprev, 1, H1, D, k, alpha0, scale0);
+        SNP_ADD(W[0] + k * D, k * D, D, 0, 0, pt);
       }
       memset(sk, 0, (size_t)H1);
       pend = 0;
@@ -848,6 +947,7 @@ void cl_online_block(const BlockArgs* A, int64_t r0, int64_t r1) {
     for (int64_t l = 0; l < L; ++l)
       if (rc[l]) adam_rows_store(Nw[l], width[l + 1], width[l], rc[l]);
 #undef UCSET
+#undef SNP_ADD
     pend_t[r] = pend ? pt : -1;
     start[r] = t;
     free(buf);

@@ -19,6 +19,8 @@ arithmetic. The loops (C source in ``kernels.c`` next to this module):
 - ``cl_online_block`` and ``cl_cbp_replace``: whole batch-1 online steps of an MLP for a block
   of steps, and continual backprop's steps 6–7 after it (their binding:
   :mod:`contlearn.backends.block_kernel`).
+- ``cl_snp_normals`` and ``snp_add`` (in ``snp_noise.c``, compiled with ``kernels.c`` as one
+  unit): shrink-and-perturb's counter-based noise (binding: :mod:`contlearn.backends.noise_kernel`).
 
 Every wrapper checks each tensor's dtype, device, layout and shape against the others before a
 pointer reaches C (:mod:`contlearn.backends.binding`): a mismatch raises, naming the argument.
@@ -54,6 +56,8 @@ from contlearn.backends import binding
 
 #: the C source (a package file next to this module)
 _SOURCE_PATH = Path(__file__).with_name("kernels.c")
+#: compiled with it, before it, as one unit: shrink-and-perturb's noise (``snp_add``)
+_NOISE_SOURCE_PATH = Path(__file__).with_name("snp_noise.c")
 #: rows per chunk (each chunk has its own partial sums); fixed, so results are reproducible.
 CHUNK = 256
 #: the kernel loops over the batch per weight; larger batches go to torch's GEMMs.
@@ -134,7 +138,7 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        source = _SOURCE_PATH.read_text()
+        source = _NOISE_SOURCE_PATH.read_text() + _SOURCE_PATH.read_text()
     except OSError:  # a broken install: torch ops then
         return None
     link = _openmp_link() or []

@@ -8,7 +8,8 @@ in the order the agent asks them (:data:`BACKENDS`):
   (:func:`contlearn.backends.block_kernel.online_block_`: forward, loss, backward with the fused
   update, continual backprop's steps 1–5), for learners whose fused form needs nothing per
   step but continual backprop's unit bookkeeping, and under backprop for Adam between affine
-  maps (:mod:`contlearn.learners.adam_form`, its moments and counts in the same pass);
+  maps (:mod:`contlearn.learners.adam_form`, its moments and counts in the same pass), for
+  L2-Init and for ReDo / ReGraMa (:mod:`contlearn.learners.block_forms`);
 - :class:`FusedBackward` (``fused``): the network's hand-written backward applying the
   learner's declared affine update ``θ ← (1 + β) θ + α g`` in place while it back-propagates
   (no gradient or update tensor), then the learner's post-update edit;
@@ -44,12 +45,14 @@ from contlearn.backends import block_kernel, kernels
 from contlearn.backends.base import StepConfig, declares
 from contlearn.credit.learned import KolenPollack
 from contlearn.credit.rules import DirectFeedback, FixedFeedback, SignSymmetry
-from contlearn.learners.base import find_states
+from contlearn.learners.adam_form import AdamPlan
+from contlearn.learners.base import AnchorState, find_states
+from contlearn.learners.block_forms import AnchorPlan, ReDoForm, redo_segments
 from contlearn.learners.optim import ScaleByAdamState
+from contlearn.learners.redo import ReDoState
 
 if TYPE_CHECKING:
     from contlearn.agents.online import OnlineAgent
-    from contlearn.learners.adam_form import AdamPlan
     from contlearn.learners.fused import FusedPlan
 
 #: the stream kinds whose loss the hand-written backward knows (cross-entropy, squared error)
@@ -297,7 +300,9 @@ class BlockLoop(FusedBackward):
     in cache (:meth:`learn_block`); a replica stops at a step where continual backprop must
     replace units, whose fresh rows Python draws from the replica's generator. The update is
     the learner's fused affine form or its Adam form (Adam between affine maps,
-    :mod:`contlearn.learners.adam_form`: moments and per-element counts in the same pass).
+    :mod:`contlearn.learners.adam_form`: moments and per-element counts in the same pass), or
+    L2-Init's anchored form; under ReDo the block runs in pieces that end where its window
+    opens and where it checks (the kernel adds to the window sums, ReDo's code resets).
     Single steps (``act``/``observe``) take the fused path (Adam: the hand-written backward
     through ``learner.update``)."""
 
@@ -308,8 +313,12 @@ class BlockLoop(FusedBackward):
     def supports(cfg: StepConfig) -> bool:
         """Batch 1 on CPU float32 with the compiled kernels, an activation the loop knows, and
         a fused learner with no post-update edit but continual backprop's (in the form the
-        loop takes: :class:`contlearn.learners.fused.UnitReplacer`), or under backprop a
-        learner with an Adam form (``adam``, ``proper-adam``, L2 over Adam, CBP over Adam)."""
+        loop takes: :class:`contlearn.learners.fused.UnitReplacer`) or, under backprop,
+        shrink-and-perturb's noise (:class:`contlearn.learners.fused.NoiseForm`, drawn in the
+        kernel by the same counter-based definition), or under backprop a
+        learner with an Adam form (``adam``, ``proper-adam``, L2 over Adam, CBP over Adam) or
+        a block-only form (:mod:`contlearn.learners.block_forms`: L2-Init over SGD's family,
+        ReDo and ReGraMa over SGD's family or over Adam between affine maps)."""
         plan = cfg.fused
         loop = (
             cfg.batch_size == 1
@@ -320,6 +329,14 @@ class BlockLoop(FusedBackward):
             and cfg.activation in block_kernel.BLOCK_ACTIVATIONS
             and cfg.depth + 1 <= block_kernel.MAX_BLOCK_LAYERS
         )
+        if plan is None and cfg.adam is None:  # L2-Init's anchored form, ReDo: backprop only
+            return (
+                loop
+                and isinstance(cfg.block_form, (AnchorPlan, ReDoForm))
+                and cfg.credit == "bp"
+                and HandBackward.supports(cfg)
+                and declares(cfg)
+            )
         if plan is None:  # Adam's form: the kernel applies it under backprop only
             return (
                 loop
@@ -331,28 +348,37 @@ class BlockLoop(FusedBackward):
         return (
             loop
             and FusedBackward.supports(cfg)
-            and (plan.post is None or plan.replacer is not None)
+            and (
+                plan.post is None
+                or plan.replacer is not None
+                or (plan.noise is not None and cfg.credit == "bp")  # (shrink-and-perturb)
+            )
         )
 
     def __init__(self, agent: OnlineAgent) -> None:
         self._adam: AdamPlan | None = agent.adam_plan if agent.plan is None else None
-        if self._adam is None:
+        #: L2-Init's anchored form or ReDo's (contlearn/learners/block_forms.py), else None
+        self._form: AnchorPlan | ReDoForm | None = (
+            agent.block_form if agent.plan is None and self._adam is None else None
+        )
+        self._hand = self._adam is not None or self._form is not None
+        if not self._hand:
             super().__init__(agent)
         else:  # single steps: the hand-written backward through learner.update
             HandBackward.__init__(self, agent)
             self._pending = None
 
     def act(self, flat: torch.Tensor) -> torch.Tensor:
-        """The fused path's forward pass (Adam: the hand-written backward's)."""
-        if self._adam is not None:
+        """The fused path's forward pass (Adam, L2-Init, ReDo: the hand-written backward's)."""
+        if self._hand:
             return HandBackward.act(self, flat)
         return super().act(flat)
 
     @torch.no_grad()
     def observe(self, target: torch.Tensor, task_start: bool) -> torch.Tensor:
-        """The fused path's step (Adam: the hand-written backward's, then
+        """The fused path's step (Adam, L2-Init, ReDo: the hand-written backward's, then
         ``learner.update``); returns the loss ``(R,)``."""
-        if self._adam is not None:
+        if self._hand:
             return HandBackward.observe(self, target, task_start)
         return super().observe(target, task_start)
 
@@ -388,11 +414,24 @@ class BlockLoop(FusedBackward):
         loss = torch.empty(T, R)
         start = torch.zeros(R, dtype=torch.int64)
         events = torch.zeros(R, max(len(layers) - 1, 1), dtype=torch.int64)
-        if adam is None:
+        form = self._form
+        redo = form if isinstance(form, ReDoForm) else None
+        # (L2-Init, ReDo: no replacer)
+        inner = form.inner if isinstance(form, ReDoForm) else form
+        affine: FusedPlan | AnchorPlan | None = None
+        if isinstance(inner, AdamPlan):  # ReDo over Adam
+            adam = inner
+        else:
+            affine = inner
+        if adam is None and affine is None:
             alpha, beta, replacer = self.plan.grad_scale, self.plan.param_scale, self.plan.replacer
+        elif adam is None:
+            assert affine is not None
+            alpha, beta, replacer = affine.grad_scale, affine.param_scale, None
         else:
             alpha, beta, replacer = 0.0, 0.0, adam.replacer
         block_adam = None if adam is None else _block_adam(agent, adam)
+        anchor = _block_anchor(agent, affine) if isinstance(affine, AnchorPlan) else None
         cbp = None
         if replacer is not None:
             cbp = replacer.kernel_state(agent.learner_state)
@@ -404,38 +443,75 @@ class BlockLoop(FusedBackward):
         pending = block_kernel.Pending1.empty(R, weights[0].shape[1])
         workers = agent.block_workers()
         credit = _block_credit(agent)
-        while True:
-            block_kernel.online_block_(
-                weights,
-                biases,
-                x,
-                y,
-                classification,
-                alpha,
-                beta,
-                agent.spec.activation,
-                out,
-                loss,
-                start,
-                events,
-                cbp,
-                pending,
-                workers,
-                agent.grad_l1,
-                credit,
-                block_adam,
-            )
-            if cbp is not None and bool(events.any()):
-                assert replacer is not None
-                replacer.replace(
-                    agent.learner_state, agent.views, list(events.T.contiguous()), pending.skip
+        plan = agent.plan if adam is None and self._form is None else None  # (S&P: its noise)
+        noise = None if plan is None else _block_noise(agent, plan)
+        # ReDo: the block in pieces, ending where its window starts and where it checks
+        state = _redo_state(agent) if redo is not None else None
+        pieces = [(0, T, False, False)]
+        if redo is not None and state is not None:
+            pieces = redo_segments(int(state.count), T, redo.period, redo.window)
+        for first, end, in_window, check in pieces:
+            start.fill_(first)
+            sums = None
+            if in_window and redo is not None and state is not None:
+                names = [layer.name for layer in agent.net.hidden_layers]
+                sums = block_kernel.BlockReDo([state.act_sum[n] for n in names], redo.score)
+            while True:
+                block_kernel.online_block_(
+                    weights,
+                    biases,
+                    x[:end],
+                    y[:end],
+                    classification,
+                    alpha,
+                    beta,
+                    agent.spec.activation,
+                    out[:end],
+                    loss[:end],
+                    start,
+                    events,
+                    cbp,
+                    pending,
+                    workers,
+                    agent.grad_l1,
+                    credit,
+                    block_adam,
+                    noise=noise,
+                    anchor=anchor,
+                    redo=sums,
                 )
-                events.zero_()
-                continue  # (the next call also applies what is pending)
-            if bool((start >= T).all()):
-                break
+                if cbp is not None and bool(events.any()):
+                    assert replacer is not None
+                    replacer.replace(
+                        agent.learner_state, agent.views, list(events.T.contiguous()), pending.skip
+                    )
+                    events.zero_()
+                    continue  # (the next call also applies what is pending)
+                if bool((start >= end).all()):
+                    break
+            if redo is not None and state is not None:  # (every update of the piece applied)
+                state.count.add_(end - first)
+                for age in state.stats.age.values():
+                    age.add_(end - first)
+                if check:
+                    redo.recycle(state, agent.views)
         agent.grad_steps += T
+        if plan is not None and plan.noise is not None:  # (the noise of T updates drawn)
+            plan.noise.state(agent.learner_state).count.add_(T)
         return out.unsqueeze(2), {"loss": loss}
+
+
+def _block_noise(agent: OnlineAgent, plan: FusedPlan) -> block_kernel.BlockNoise | None:
+    """Shrink-and-perturb's noise for the kernel: keys, update count, each layer's weight and
+    bias index in the parameter order (the order of ``agent.views``, which the post reads)."""
+    if plan.noise is None or not plan.noise.sigma:
+        return None
+    state = plan.noise.state(agent.learner_state)
+    order = {k: i for i, k in enumerate(agent.views)}
+    index = [(order[f"{la.name}.weight"], order[f"{la.name}.bias"]) for la in agent.net.layers]
+    if len(order) != 2 * len(index):  # (supports() promised an MLP's weights and biases only)
+        raise RuntimeError("the block backend was chosen for a network with other parameters")
+    return block_kernel.BlockNoise(plan.noise.sigma, state.key, int(state.count), index)
 
 
 def _block_credit(agent: OnlineAgent) -> block_kernel.BlockCredit:
@@ -469,6 +545,27 @@ def _block_adam(agent: OnlineAgent, plan: AdamPlan) -> block_kernel.BlockAdam:
         [s.mu[n] for n in bs], [s.nu[n] for n in bs], [s.count[n] for n in bs],
         plan.pre_a, plan.pre_b, o.b1, o.b2, o.eps, plan.lr, plan.post_b,
     )  # fmt: skip
+
+
+def _block_anchor(agent: OnlineAgent, plan: AnchorPlan) -> block_kernel.BlockAnchor:
+    """L2-Init's anchors (the learner's one :class:`AnchorState`) and γ, for the kernel."""
+    found = find_states(agent.learner_state, AnchorState)
+    if len(found) != 1:  # supports() promised one L2-Init: a bug, never a silent other path
+        raise RuntimeError(f"the block backend was chosen but the learner has {len(found)} anchors")
+    anchor, layers = found[0].anchor, agent.net.layers
+    return block_kernel.BlockAnchor(
+        [anchor[f"{layer.name}.weight"] for layer in layers],
+        [anchor[f"{layer.name}.bias"] for layer in layers],
+        plan.anchor_scale,
+    )
+
+
+def _redo_state(agent: OnlineAgent) -> ReDoState:
+    """ReDo's state: the whole learner's (ReDo declares its form only as the outermost)."""
+    state = agent.learner_state
+    if not isinstance(state, ReDoState):
+        raise RuntimeError("the block backend was chosen for ReDo but its state is not ReDo's")
+    return state
 
 
 def _features(agent: OnlineAgent, hs: list[torch.Tensor]) -> dict[str, torch.Tensor]:

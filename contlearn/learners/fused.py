@@ -49,6 +49,22 @@ class UnitReplacer(NamedTuple):
     replace: Callable[[Any, dict, list, Any], None]
 
 
+class NoiseForm(NamedTuple):
+    """A post that is shrink-and-perturb's noise alone (``θ ← θ + σ ε[r, t, p, e]``, the
+    counter-based definition of :mod:`contlearn.learners.philox`), which the whole-step kernel
+    can draw itself.
+
+    Attributes:
+        sigma: σ.
+        state: ``state(transform_state)``, the :class:`~contlearn.learners.regularizers.
+            ShrinkPerturbState` (keys and update count) in it; whoever adds the noise of
+            ``n`` updates adds ``n`` to its count.
+    """
+
+    sigma: float
+    state: Callable[[Any], Any]
+
+
 class FusedPlan(NamedTuple):
     """How to apply a transform in place.
 
@@ -61,6 +77,7 @@ class FusedPlan(NamedTuple):
             ``col_l1`` extra (it must also work without them).
         replacer: set when ``post`` is continual backprop's steps alone
             (:class:`UnitReplacer`).
+        noise: set when ``post`` is shrink-and-perturb's noise alone (:class:`NoiseForm`).
     """
 
     grad_scale: float
@@ -68,6 +85,7 @@ class FusedPlan(NamedTuple):
     post: PostFn | None = None
     col_l1: tuple[str, ...] = ()
     replacer: UnitReplacer | None = None
+    noise: NoiseForm | None = None
 
 
 def fused_plan(transform: GradientTransformation) -> FusedPlan | None:
@@ -118,4 +136,13 @@ def _compose(plans: list[FusedPlan]) -> FusedPlan | None:
             inner.replace(state.inner[first], params, counts, skip)
 
         replacer = UnitReplacer(kernel_state, replace)
-    return FusedPlan(alpha, beta, post, plans[first].col_l1, replacer)
+    return FusedPlan(alpha, beta, post, plans[first].col_l1, replacer, _noise(posts, plans))
+
+
+def _noise(posts: list[tuple[int, PostFn]], plans: list[FusedPlan]) -> NoiseForm | None:
+    """A chain's noise form: its one post's, reached through the chain's state."""
+    first = posts[0][0]
+    inner = plans[first].noise
+    if len(posts) != 1 or inner is None:
+        return None
+    return NoiseForm(inner.sigma, lambda state: inner.state(state.inner[first]))

@@ -29,7 +29,10 @@ from typing import Any, NamedTuple
 import torch
 
 from contlearn.errors import ConfigError
+from contlearn.learners.adam_form import AdamPlan, adam_plan
 from contlearn.learners.base import GradientTransformation, Params
+from contlearn.learners.block_forms import ReDoForm
+from contlearn.learners.fused import FusedPlan, fused_plan
 from contlearn.learners.resets import UnitStats, reset_units, unit_stats
 from contlearn.learners.rng import replica_rng_states
 
@@ -92,7 +95,7 @@ def redo(
     if score not in ("activation", "gradient"):
         raise ConfigError(f"score={score!r} must be activation or gradient")
     impl = _ReDo(inner, network, list(seeds), threshold, period, window, rng_stream, score)
-    return GradientTransformation(impl.init, impl.update)
+    return GradientTransformation(impl.init, impl.update, impl.block_form())
 
 
 class _ReDo:
@@ -154,21 +157,44 @@ class _ReDo:
             elif in_window:
                 state.act_sum[name].add_(features[name].abs().mean(1))  # (R, H)
         if t % self.period == 0:
-            masks = [self._score(state, name) <= self.threshold for name in self.layers]
-            for name, mask in zip(self.layers, masks, strict=True):
-                updates = reset_units(
-                    params,
-                    updates,
-                    inner_state,
-                    self.network,
-                    name,
-                    mask,
-                    state.rng,
-                    feedback=extra.get("feedback"),
-                )
-                state.stats.age[name].masked_fill_(mask, 0)
-                state.stats.replacements[name].add_(mask.sum(1))
+            updates = self._recycle(state, params, updates, inner_state, extra.get("feedback"))
         return updates, state._replace(inner=inner_state)
+
+    def _recycle(
+        self,
+        state: ReDoState,
+        params: Params,
+        updates: Params | None,
+        inner_state: Any,
+        feedback: Any = None,
+    ) -> Any:
+        """The check: score every layer's units, reset those with s ≤ τ (``updates`` None:
+        ``params`` hold the post-update values already, as on the block loop)."""
+        masks = [self._score(state, name) <= self.threshold for name in self.layers]
+        for name, mask in zip(self.layers, masks, strict=True):
+            updates = reset_units(
+                params, updates, inner_state, self.network, name, mask, state.rng,
+                feedback=feedback,
+            )  # fmt: skip
+            state.stats.age[name].masked_fill_(mask, 0)
+            state.stats.replacements[name].add_(mask.sum(1))
+        return updates
+
+    def block_form(self) -> ReDoForm | None:
+        """ReDo's form for the block loop (:mod:`contlearn.learners.block_forms`) over an inner
+        chain that is affine (SGD's family, no post-update edit) or Adam between affine maps
+        (without a replacer); None otherwise."""
+        fused = fused_plan(self.inner)
+        plan: FusedPlan | AdamPlan | None = fused if fused is None or fused.post is None else None
+        if fused is None:
+            plan = adam_plan(self.inner)
+        if plan is None or (isinstance(plan, AdamPlan) and plan.replacer is not None):
+            return None
+
+        def recycle(state: ReDoState, params: Params) -> None:
+            self._recycle(state, params, None, state.inner)
+
+        return ReDoForm(plan, self.period, self.window, self.score, recycle)
 
     def _score(self, state: ReDoState, name: str) -> torch.Tensor:
         """s ``(R, H)`` from the window's mean |h|; records it and clears the window's sum."""

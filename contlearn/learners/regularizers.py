@@ -24,9 +24,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from contlearn.learners import philox
 from contlearn.learners.base import AnchorState, GradientTransformation, Params, stateless
-from contlearn.learners.fused import FusedPlan
-from contlearn.learners.rng import draw, replica_rng_states
+from contlearn.learners.block_forms import L2InitForm
+from contlearn.learners.fused import FusedPlan, NoiseForm
 
 
 def add_l2(weight_decay: float) -> GradientTransformation:
@@ -93,38 +94,43 @@ def add_l2_init(weight_decay: float) -> GradientTransformation:
         out = torch._foreach_add([grads[k] for k in keys], diff, alpha=weight_decay)
         return dict(zip(keys, out, strict=True)), state
 
-    return GradientTransformation(_anchor, update)
+    # (declared for the block loop only: contlearn/learners/block_forms.py)
+    return GradientTransformation(_anchor, update, L2InitForm(weight_decay))
 
 
-#: above this many bytes of noise for all replicas, the fused form draws replica by replica.
+#: above this many bytes of one parameter's noise for all replicas, the fused form draws it
+#: replica by replica.
 _NOISE_BYTES = 64 << 20
 
 
 class ShrinkPerturbState(NamedTuple):
-    """Each replica's generator state ``(R, S)`` (see :mod:`contlearn.learners.rng`)."""
+    """What the counter-based noise needs: each replica's Philox key ``(R, 2)`` int64 (two
+    words in [0, 2³²), :func:`contlearn.learners.philox.replica_keys`) and the number of
+    updates so far (a 0-d int64 tensor, t of ε[r, t, p, e])."""
 
-    rng: torch.Tensor
+    key: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # optax's name; shadows tuple.count
 
 
-def _noise(rng: torch.Tensor, params: Params, keys: list[str]) -> list[torch.Tensor]:
-    """Fresh N(0, 1) noise shaped like ``params[k]`` for every key, replica by replica: one
-    ``randn`` of all of replica r's parameters (in ``keys`` order) from its generator, drawn
-    on the CPU (so every device sees the same numbers) and moved to the parameters' device."""
-    sizes = [params[k][0].numel() for k in keys]
-    R = rng.shape[0]
-    flat = torch.empty(R, sum(sizes))  # (R, total), float32 as randn's default
-    for r in range(R):
+def _reference_noise(key: torch.Tensor, t: int, p: int, like: torch.Tensor) -> torch.Tensor:
+    """ε[:, t, p, :] shaped like ``like`` ``(R, ...)``, from the numpy definition (CPU, then
+    moved to ``like``'s device and dtype): ~0.2 µs a number."""
+    flat = philox.snp_normals(key.cpu().numpy(), t, p, like[0].numel())
+    return torch.from_numpy(flat).reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
-        def fill(g: torch.Generator, row: torch.Tensor = flat[r]) -> torch.Tensor:
-            return torch.randn(row.shape, generator=g, out=row)
 
-        draw(rng, r, fill)
-    first = params[keys[0]]
-    flat = flat.to(device=first.device, dtype=first.dtype)
-    return [
-        c.reshape(params[k].shape)
-        for c, k in zip(torch.split(flat, sizes, dim=1), keys, strict=True)
-    ]
+def _fast_noise(key: torch.Tensor, t: int, p: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`_reference_noise`'s numbers, bit for bit (``tests/test_philox.py``), from the
+    compiled kernel where it is built (~3 ns a number), else from numpy. Both the update and
+    the fused post draw through it: with numpy alone, S&P over Adam, PPO or a conv net would
+    spend ~20 ms a step per 100k weights on noise. Tests that check a fast path against the
+    reference make the reference draw from numpy (``tests/test_block_kernel.py``)."""
+    from contlearn.backends import noise_kernel  # (backends import learners: import late)
+
+    if not noise_kernel.available():
+        return _reference_noise(key, t, p, like)
+    flat = noise_kernel.snp_normals(key.cpu(), t, p, like[0].numel())
+    return flat.reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
 
 def shrink_perturb(
@@ -134,58 +140,57 @@ def shrink_perturb(
     ``θ ← (1 − λ)θ' + σε``, ``θ' = θ + u`` the optimizer's result, ``ε ~ N(0, 1)`` fresh on
     every weight and bias each step.
 
-    Put it after the optimizer; it returns ``u' = u − λθ' + σε``. Replica r's noise comes from
-    its own generator (stream ``rng_stream`` of its seed), one ``randn`` of all its parameters
-    in parameter order per step.
+    Put it after the optimizer; it returns ``u' = u − λθ' + σε``. The noise is counter-based
+    (docs/design.md §4d, :mod:`contlearn.learners.philox`): element e of parameter p (its
+    index in the parameter order) of replica r at update t is ε[r, t, p, e], Philox4x32-10
+    keyed by stream ``rng_stream`` of replica r's seed, so it depends on nothing but
+    (seed, t, p, e): not on blocks, threads, devices or resumes.
 
     Args:
         shrink: λ, the per-step shrink (≥ 0).
         sigma: σ, the noise standard deviation (≥ 0).
         seeds: the replicas' root seeds.
-        rng_stream: which independent learner stream to draw from.
+        rng_stream: which independent learner stream keys the noise.
     """
 
     def init(params: Params) -> ShrinkPerturbState:
-        return ShrinkPerturbState(replica_rng_states(seeds, rng_stream))
+        key = torch.from_numpy(philox.replica_keys(seeds, rng_stream))
+        return ShrinkPerturbState(key, torch.zeros((), dtype=torch.int64))
 
     def update(grads: Params, state: ShrinkPerturbState, params: Params, **extra: Any):
         keys = list(grads)
+        order = {k: i for i, k in enumerate(params)}
         u = [grads[k] for k in keys]
         post = torch._foreach_add([params[k] for k in keys], u)  # θ'
         out = torch._foreach_add(u, post, alpha=-shrink)
         if sigma:
-            torch._foreach_add_(out, _noise(state.rng, params, keys), alpha=sigma)
+            t = int(state.count)
+            noise = [_fast_noise(state.key, t, order[k], params[k]) for k in keys]
+            torch._foreach_add_(out, noise, alpha=sigma)
+        state.count.add_(1)
         return dict(zip(keys, out, strict=True)), state
 
     def perturb(state: ShrinkPerturbState, params: Params, **extra: Any) -> ShrinkPerturbState:
-        """Fused form: the agent applied the shrink; add ``σε`` to θ in place (the same draws
-        as :func:`_noise`; replica by replica through one reused buffer when all replicas'
-        noise would be large)."""
-        if not sigma:
-            return state
-        keys = list(params)
-        sizes = [params[k][0].numel() for k in keys]
-        R = state.rng.shape[0]
-        if R == 1 or R * sum(sizes) * 4 <= _NOISE_BYTES:
-            torch._foreach_add_(
-                [params[k] for k in keys], _noise(state.rng, params, keys), alpha=sigma
-            )
-            return state
-        buf = torch.empty(sum(sizes))
-        for r in range(R):
-            draw(state.rng, r, lambda g: torch.randn(buf.shape, generator=g, out=buf))
-            noise = buf.to(device=params[keys[0]].device, dtype=params[keys[0]].dtype)
-            torch._foreach_add_(
-                [params[k][r] for k in keys],
-                [
-                    c.view(params[k].shape[1:])
-                    for c, k in zip(torch.split(noise, sizes), keys, strict=True)
-                ],
-                alpha=sigma,
-            )
+        """Fused form: the agent applied the shrink; add ``σε`` to θ in place (the same
+        numbers as the reference's, parameter by parameter; replica by replica where one
+        parameter's noise for all replicas would be large)."""
+        if sigma:
+            t = int(state.count)
+            for p, theta in enumerate(params.values()):
+                R = theta.shape[0]
+                if R == 1 or theta.numel() * 4 <= _NOISE_BYTES:
+                    theta.add_(_fast_noise(state.key, t, p, theta), alpha=sigma)
+                    continue
+                for r in range(R):
+                    row = theta[r : r + 1]
+                    row.add_(_fast_noise(state.key[r : r + 1], t, p, row), alpha=sigma)
+        state.count.add_(1)
         return state
 
-    return GradientTransformation(init, update, FusedPlan(1.0 - shrink, -shrink, perturb))
+    noise = NoiseForm(sigma, lambda state: state)
+    return GradientTransformation(
+        init, update, FusedPlan(1.0 - shrink, -shrink, perturb, noise=noise)
+    )
 
 
 class ShrinkTowardInitState(NamedTuple):

@@ -43,9 +43,9 @@ from contlearn.learners.base import (
     per_param_state,
     stateless,
 )
-from contlearn.learners.regularizers import _noise
+from contlearn.learners.fused import FusedPlan
 from contlearn.learners.resets import materialize
-from contlearn.learners.rng import draw, replica_rng_states
+from contlearn.learners.rng import draw, replica_randn, replica_rng_states
 
 
 def clip_bounds(network: Any, kappa: float) -> dict[str, float]:
@@ -77,7 +77,14 @@ def clip_weights(network: Any, kappa: float) -> GradientTransformation:
                 out[k] = (params[k] + u).clamp_(-c, c).sub_(params[k])
         return out
 
-    return stateless(fn)
+    def clip_(state: Any, params: Params, **extra: Any) -> Any:
+        """Fused form: the agent applied θ + u in place; clamp θ (``θ + u'`` up to rounding)."""
+        for k, c in bounds.items():
+            if k in params:
+                params[k].clamp_(-c, c)
+        return state
+
+    return stateless(fn, FusedPlan(1.0, 0.0, clip_))
 
 
 class UPGDState(NamedTuple):
@@ -118,7 +125,7 @@ def upgd(
             0
         )  # (R,), the max over the replica's parameters
         correction = 1.0 - beta ** int(state.count)
-        noise = _noise(state.rng, params, keys) if sigma else None
+        noise = replica_randn(state.rng, params, keys) if sigma else None
         out = {}
         for i, k in enumerate(keys):
             shape = (R,) + (1,) * (params[k].dim() - 1)

@@ -13,6 +13,7 @@ from typing import Any
 from contlearn.errors import ConfigError
 from contlearn.learners import LearnerDef
 from contlearn.learners.base import GradientTransformation, chain
+from contlearn.learners.head_injection import head_injection
 from contlearn.learners.presets import ReDoSpec, _build_redo, _with_l2
 from contlearn.learners.resets import reset_diagnostics
 from contlearn.learners.toolkit import (
@@ -270,17 +271,36 @@ HARE_TORTOISE = LearnerDef(
 
 @dataclass(frozen=True)
 class InjectionSpec:
-    """Options of ``plasticity-injection`` (Nikishin et al. 2023, on the output layer)."""
+    """Options of ``plasticity-injection`` (Nikishin et al. 2023): a fresh head injected."""
 
-    at: int = param(10_000, "the update after which a fresh output layer is injected", low=1)
-    every: int = param(0, "updates between later injections (0: inject once)", low=0)
+    at: int = param(10_000, "the update after which a fresh head is injected", low=1)
+    every: int = param(
+        0, "updates between later injections (0: inject once; head_layers=1 only)", low=0
+    )
     l2: float = param(0.0, "λ of coupled L2 added before the optimizer", low=0.0)
+    head_layers: int = param(
+        1,
+        "layers of the injected head: 1 the output layer; 2 (the paper's) the last hidden "
+        "layer and the output layer, and so on (> 1: the online agent's MLP only)",
+        low=1,
+    )
+
+    def validate(self) -> None:
+        """A multi-layer head is injected once."""
+        if self.head_layers > 1 and self.every:
+            raise ConfigError(
+                f"plasticity-injection injects a {self.head_layers}-layer head once (every=0); "
+                "a second injection would need a third head. Drop every or use head_layers=1"
+            )
 
 
 def _build_injection(
     spec: InjectionSpec, base: GradientTransformation, network: Any, seeds: list[int]
 ) -> GradientTransformation:
-    return plasticity_injection(_with_l2(base, spec.l2), network, seeds, spec.at, spec.every)
+    inner = _with_l2(base, spec.l2)
+    if spec.head_layers > 1:
+        return head_injection(inner, network, seeds, spec.at)
+    return plasticity_injection(inner, network, seeds, spec.at, spec.every)
 
 
 PLASTICITY_INJECTION = LearnerDef(
