@@ -1,6 +1,6 @@
 """The whole-step kernel's binding: ``cl_online_block`` (whole batch-1 online steps of an MLP
 for a block of steps, replica by replica) and ``cl_cbp_replace`` (continual backprop's steps
-6–7 after the block stopped for them), C source in ``kernels.c``.
+6–7 after the block stopped for them), C source in ``block_loop.c`` and ``block_step.c``.
 
 ``cl_online_block`` takes one argument struct (:class:`BlockArgs`, the C ``BlockArgs`` field
 by field; its size is checked against the compiled library's when it loads), filled by

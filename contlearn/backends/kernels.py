@@ -2,7 +2,8 @@
 the weights what torch ops do in several.
 
 Online learning at batch size 1 is bound by memory traffic and per-call overhead, not
-arithmetic. The loops (C source in ``kernels.c`` next to this module):
+arithmetic. The loops (C sources next to this module, :data:`C_SOURCES`; the layer-level ones
+in ``kernels.c``):
 
 - ``cl_layer_update``: one layer's backward pass, SGD-form update and column norms in one read
   and one write of each weight (torch: a pass each, two more for ``Σ_k |W[k, i]|``)::
@@ -16,11 +17,11 @@ arithmetic. The loops (C source in ``kernels.c`` next to this module):
   written once per step instead of three times);
 - ``cl_cbp_stats``: continual backprop's steps 1–5 for one layer in one call;
 - ``cl_adam``: Adam's moments, per-element counts and direction in one pass per tensor;
-- ``cl_online_block`` and ``cl_cbp_replace``: whole batch-1 online steps of an MLP for a block
-  of steps, and continual backprop's steps 6–7 after it (their binding:
-  :mod:`contlearn.backends.block_kernel`).
-- ``cl_snp_normals`` and ``snp_add`` (in ``snp_noise.c``, compiled with ``kernels.c`` as one
-  unit): shrink-and-perturb's counter-based noise (binding: :mod:`contlearn.backends.noise_kernel`).
+- ``cl_online_block`` and ``cl_cbp_replace`` (``block_loop.c``, its parts in ``block_step.c``):
+  whole batch-1 online steps of an MLP for a block of steps, and continual backprop's steps 6–7
+  after it (their binding: :mod:`contlearn.backends.block_kernel`).
+- ``cl_snp_normals`` and ``snp_add`` (``snp_noise.c``): shrink-and-perturb's counter-based
+  noise (binding: :mod:`contlearn.backends.noise_kernel`).
 
 Every wrapper checks each tensor's dtype, device, layout and shape against the others before a
 pointer reaches C (:mod:`contlearn.backends.binding`): a mismatch raises, naming the argument.
@@ -54,10 +55,10 @@ import torch
 
 from contlearn.backends import binding
 
-#: the C source (a package file next to this module)
-_SOURCE_PATH = Path(__file__).with_name("kernels.c")
-#: compiled with it, before it, as one unit: shrink-and-perturb's noise (``snp_add``)
-_NOISE_SOURCE_PATH = Path(__file__).with_name("snp_noise.c")
+#: the C sources (package files next to this module), compiled as one unit in this order:
+#: shrink-and-perturb's noise (``snp_add``), the layer-level loops, the whole-step kernel's
+#: parts and the whole-step kernel itself (each file uses what the ones before it define)
+C_SOURCES = ("snp_noise.c", "kernels.c", "block_step.c", "block_loop.c")
 #: rows per chunk (each chunk has its own partial sums); fixed, so results are reproducible.
 CHUNK = 256
 #: the kernel loops over the batch per weight; larger batches go to torch's GEMMs.
@@ -138,7 +139,7 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        source = _NOISE_SOURCE_PATH.read_text() + _SOURCE_PATH.read_text()
+        source = "".join(Path(__file__).with_name(name).read_text() for name in C_SOURCES)
     except OSError:  # a broken install: torch ops then
         return None
     link = _openmp_link() or []
