@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_online import contlearn_loop, run_config  # scripts/ is on sys.path
+from bench_loops import contlearn_loop, run_config  # scripts/ is on sys.path
 from bench_timing import Timed, machine
 
 from contlearn.scripting import parse_flags
 
-#: (learner row of bench_online.LEARNERS, width, replicas)
+#: (learner row of bench_loops.LEARNERS, width, replicas)
 ROWS = [
     (name, width, R)
     for width, Rs in ((100, (32, 256)), (2000, (1, 8)))

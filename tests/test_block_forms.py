@@ -4,15 +4,13 @@ edges, and resume exactly from a checkpoint taken between blocks (docs/performan
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
 from contlearn.backends import kernels, mlp
 from contlearn.learners.block_forms import AnchorPlan, anchor_plan, redo_segments
 from contlearn.learners.redo import ReDoState
-from tests.test_block_kernel import _close, _compare_states, _setup
+from tests.test_block_kernel import _close, _compare_states, _resume_between_blocks, _setup
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="needs a C compiler")
 
@@ -102,22 +100,7 @@ def test_a_wrong_window_or_a_dropped_anchor_term_fails_the_comparison(monkeypatc
 def test_a_checkpoint_between_blocks_resumes_bit_for_bit(learner, options):
     """Taken mid-window (after 45 updates), loaded with weights_only=True into a fresh agent,
     which then goes on bit for bit through two more checks."""
-    (s1, s2), (a, b) = _setup("permuted-mnist", learner, options, fast=(True, True))
-    for n in (1, 29, 15):
-        x = s1.next_block(n)
-        a.learn_block(x.obs, x.target)
-        s2.next_block(n)
-    buf = io.BytesIO()
-    torch.save(a.state_dict(), buf)
-    buf.seek(0)
-    b.load_state_dict(torch.load(buf, weights_only=True))
-    for n in (17, 28, 40):
-        x, y = s1.next_block(n), s2.next_block(n)
-        pa, la = a.learn_block(x.obs, x.target)
-        pb, lb = b.learn_block(y.obs, y.target)
-        assert torch.equal(pa, pb) and torch.equal(la["loss"], lb["loss"])
-    _compare_states(a, b, exact=True)
-    assert a.backend == b.backend == "block"
+    _resume_between_blocks(learner, options, before=(1, 29, 15), after=(17, 28, 40))
 
 
 @pytest.mark.parametrize(

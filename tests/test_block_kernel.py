@@ -143,8 +143,18 @@ def test_adam_in_blocks_resumes_from_a_checkpoint_exactly(learner, options):
     """A checkpoint taken between blocks (Adam's moments and counts as the kernel left them;
     shrink-and-perturb's keys and update count) loads with weights_only=True into a fresh
     agent, which then goes on bit for bit with the uninterrupted one."""
+    _resume_between_blocks(learner, options, before=(45, 3, 80), after=(17, 60))
+
+
+def _resume_between_blocks(
+    learner: str, options: dict, before: tuple[int, ...], after: tuple[int, ...]
+) -> None:
+    """Agent a learns blocks of the sizes ``before``; its checkpoint loads with
+    weights_only=True into a fresh agent b (whose stream skipped the same examples); both then
+    learn blocks of the sizes ``after`` and must agree bit for bit (predictions, losses,
+    parameters, learner state), on the block backend."""
     (s1, s2), (a, b) = _setup("permuted-mnist", learner, options, fast=(True, True))
-    for n in (45, 3, 80):
+    for n in before:
         x = s1.next_block(n)
         a.learn_block(x.obs, x.target)
         s2.next_block(n)  # (b learns nothing until it loads a's checkpoint)
@@ -152,7 +162,7 @@ def test_adam_in_blocks_resumes_from_a_checkpoint_exactly(learner, options):
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     b.load_state_dict(torch.load(buf, weights_only=True))
-    for n in (17, 60):
+    for n in after:
         x, y = s1.next_block(n), s2.next_block(n)
         pa, la = a.learn_block(x.obs, x.target)
         pb, lb = b.learn_block(y.obs, y.target)
