@@ -25,6 +25,7 @@ class, as the Agent protocol lists it.)
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -42,6 +43,7 @@ from contlearn.agents.ff_step import (
     reference_step,
 )
 from contlearn.agents.networks import ACTIVATIONS, INITS, gradient_l1
+from contlearn.backends import ff_block
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -135,6 +137,8 @@ class FFAgent:
     """
 
     supports_replicas = True
+    #: threads :meth:`learn_block` may run replicas on (0: one per core; the runner sets it)
+    replica_workers: int = 0
     Spec = FFAgentSpec
     #: the stream kinds it learns on (checked when a run's config is resolved)
     stream_kinds = ("classification",)
@@ -191,8 +195,20 @@ class FFAgent:
         #: the learner chain's declared affine form (None: it has none); fast steps with one
         #: apply ``θ ← (1 + β) θ + α g`` in place from each layer's δ, then its post
         self.plan = fused_plan(self.learner) if spec.fast else None
+        #: why whole steps do not run in the compiled block loop (None: they do, when the
+        #: stream feeds blocks; contlearn/backends/ff_block.py)
+        self.block_problem = ff_block.unsupported(
+            fast=spec.fast, predict=spec.predict, peer=spec.peer_norm,
+            activation=spec.activation, plan=self.plan, batch=info.batch_size, device="cpu",
+        )  # fmt: skip
         self.backend = (
-            "ff-fused" if self.plan is not None else "ff-hand" if spec.fast else "ff-reference"
+            "ff-block"
+            if self.block_problem is None
+            else "ff-fused"
+            if self.plan is not None
+            else "ff-hand"
+            if spec.fast
+            else "ff-reference"
         )
         self.views = {k: p for k, p in self.net.params.items()}
         self.learner_state = self.learner.init(self.views)
@@ -389,6 +405,56 @@ class FFAgent:
                 self.learner_state, self.views, features=step.features, task_start=flag
             )
 
+    def block_workers(self) -> int:
+        """Threads :meth:`learn_block` runs replicas on: ``replica_workers`` if set, else one
+        per core (at most one per replica)."""
+        return max(1, min(len(self.seeds), self.replica_workers or os.cpu_count() or 1))
+
+    def block_ready(self, batch_size: int) -> bool:
+        """Whether :meth:`learn_block` takes steps of ``batch_size`` examples (the block loop
+        computes this configuration: :attr:`block_problem` is None, and batch size 1)."""
+        return self.block_problem is None and batch_size == 1
+
+    @torch.no_grad()
+    def learn_block(
+        self, obs: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """T online steps at once, the same as T calls of :meth:`act` and :meth:`observe` (to
+        float rounding; :mod:`contlearn.backends.ff_block`). Call only if :meth:`block_ready`.
+
+        Args:
+            obs: ``(T, R, 1, *input_shape)``.
+            target: ``(T, R, 1)`` labels.
+
+        Returns:
+            ``(scores (T, R, 1, C) before each step's update, {"loss": (T, R)})``.
+        """
+        if self.block_problem is not None:
+            raise RuntimeError(f"agent ff does not learn in blocks here: {self.block_problem}")
+        T, R = obs.shape[:2]
+        labels = target.to(torch.int64).reshape(T, R)
+        k = torch.stack(
+            [torch.randint(self.classes - 1, (T,), generator=g) for g in self.negatives]
+        )
+        neg = (labels + 1 + k.T) % self.classes  # (T, R): each replica's draws in step order
+        assert self.plan is not None
+        weights = [self.views[f"{layer.name}.weight"] for layer in self.net.hidden_layers]
+        biases = [self.views[f"{layer.name}.bias"] for layer in self.net.hidden_layers]
+        scores, loss = ff_block.ff_block_(
+            weights, biases, obs.reshape(T, R, -1).to(torch.float32).contiguous(),
+            labels.contiguous(), neg.contiguous(), self.options.thresholds,
+            classes=self.classes, alpha=self.plan.grad_scale, scale=1.0 + self.plan.param_scale,
+            activation=self.spec.activation, append=self.spec.embed == "append",
+            length=self.spec.norm == "length", mean=self.spec.goodness == "mean",
+            first=self.first - 1, gsum=self.grad_l1, workers=self.block_workers(),
+        )  # fmt: skip
+        if self.grad_l1 is not None:
+            self.grad_steps += T
+        self._acted, self._task_started = None, False
+        if T:
+            self._last = (obs[-1], neg[-1].unsqueeze(-1))
+        return scores.unsqueeze(2), {"loss": loss}
+
     # -- probing ----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -431,7 +497,7 @@ class FFAgent:
         probe's L_after), else the probe negatives."""
         labels = target.to(torch.int64)
         last = self._last
-        neg = last[1] if last is not None and last[0] is obs else self.probe_negatives(labels)
+        neg = last[1] if last is not None and _same(last[0], obs) else self.probe_negatives(labels)
         B = labels.shape[1]
         gs = self._layer_goodness(obs, labels, neg)
         return sum(ff_loss(g, B, t) for g, t in zip(gs, self.options.thresholds, strict=True))  # type: ignore[return-value]
@@ -505,3 +571,11 @@ class FFAgent:
         if "grad_l1" in state:
             self.grad_l1 = state["grad_l1"].to(torch.float64, copy=True)
             self.grad_steps = int(state["grad_steps"])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` is ``a`` or a view of the same memory as ``a`` (a block's last step's
+    batch, which the engine passes again as ``batch.obs[-1]``)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    )

@@ -58,7 +58,7 @@ from contlearn.backends import binding
 #: the C sources (package files next to this module), compiled as one unit in this order:
 #: shrink-and-perturb's noise (``snp_add``), the layer-level loops, the whole-step kernel's
 #: parts and the whole-step kernel itself (each file uses what the ones before it define)
-C_SOURCES = ("snp_noise.c", "kernels.c", "block_step.c", "block_loop.c")
+C_SOURCES = ("snp_noise.c", "kernels.c", "block_step.c", "block_loop.c", "ff_block.c")
 #: rows per chunk (each chunk has its own partial sums); fixed, so results are reproducible.
 CHUNK = 256
 #: the kernel loops over the batch per weight; larger batches go to torch's GEMMs.
@@ -80,6 +80,7 @@ _SIGNATURES: dict[str, tuple[_CType | None, list[_CType]]] = {
     ),
     "cl_online_block": (None, _N + [_P, _I, _I]),
     "cl_cbp_replace": (None, _N + [_I] * 2 + [_P] * 10 + [_I, _P, _I, ctypes.c_int, _P]),
+    "cl_ff_block": (_I, _N + [_P, _I, _I]),
 }
 
 _RUNTIMES = ("libgomp", "libiomp", "libomp")
@@ -146,6 +147,7 @@ def _build() -> ctypes.CDLL | None:
     key = source + " ".join(_flags() + link) + compiler
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     from contlearn.backends.block_kernel import check_layout
+    from contlearn.backends.ff_block import check_layout as check_ff_layout
     from contlearn.data.datasets import default_cache_dir
 
     for folder in (default_cache_dir() / "kernels", Path(tempfile.gettempdir())):
@@ -165,7 +167,8 @@ def _build() -> ctypes.CDLL | None:
             for name, (restype, argtypes) in _SIGNATURES.items():
                 fn = getattr(found, name)  # a stale or foreign file: AttributeError
                 fn.restype, fn.argtypes = restype, argtypes
-            if not check_layout(found):  # BlockArgs differs from the C struct: never call it
+            if not (check_layout(found) and check_ff_layout(found)):  # (a struct differs from
+                # the C one: never call it)
                 continue
             return found
         except (OSError, subprocess.SubprocessError, AttributeError):

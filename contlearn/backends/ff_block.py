@@ -1,0 +1,187 @@
+"""The Forward-Forward agent's block backend (``ff-block``): whole batch-1 online steps in one
+compiled loop per replica (``cl_ff_block``, C source in ``ff_block.c``).
+
+Step by step, the agent's fused path (``ff-fused``) runs a handful of small batched torch
+operations per layer and reads the first layer's weights of all R replicas (R × H × D floats,
+more than the core's cache) twice per step and writes them once. A block runs each replica's T
+steps in a row while its weights stay in the core's cache, the same arithmetic as the fused path
+(label pass, goodness prediction, local losses, the learner's affine update; see the C source's
+comment), in one call. It is chosen (:func:`supports`) for what it computes exactly, float
+rounding aside:
+
+- the hand-written step (``fast=true``) and ``predict=goodness`` (no head), peer
+  normalisation off, an activation of :data:`ACTIVATIONS`, every embedding, norm and goodness;
+- a learner chain with a declared affine form and no post-update edit (SGD, L2, decoupled
+  decay; not Adam, S&P, CBP, ReDo: those keep the per-step path);
+- batch size 1, CPU, the compiled kernels available.
+
+Like the MLP's block loop it is used when the stream feeds blocks (every stream does); the agent's
+``act``/``observe`` keep the per-step path. ``tests/test_ff_block.py`` checks blocks against the
+per-step path, the negatives against per-step draws, and splits of a block against the whole.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from contlearn.backends import binding
+from contlearn.backends.block_kernel import BLOCK_ACTIVATIONS, _pool
+from contlearn.backends.kernels import library
+
+#: activations the kernel computes (``act_fwd``'s codes, as the MLP's block loop)
+ACTIVATIONS = BLOCK_ACTIVATIONS
+_P = ctypes.c_void_p
+
+
+class FFBlockArgs(ctypes.Structure):
+    """``cl_ff_block``'s arguments (the C ``FFBlockArgs``, same fields in the same order)."""
+
+    _fields_ = [
+        *[(n, ctypes.c_int64) for n in ("R", "T", "L", "D", "C")],
+        *[(n, _P) for n in ("width", "wp", "bp", "x", "y", "neg", "theta", "scores", "loss")],
+        ("gsum", _P),
+        ("alpha", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        *[(n, ctypes.c_int32) for n in ("act", "append", "length", "mean", "first")],
+    ]
+
+
+def check_layout(lib: ctypes.CDLL) -> bool:
+    """Whether the compiled library's ``FFBlockArgs`` has :class:`FFBlockArgs`'s size."""
+    lib.cl_ff_block_args_size.restype = ctypes.c_int64
+    lib.cl_ff_block_args_size.argtypes = []
+    return int(lib.cl_ff_block_args_size()) == ctypes.sizeof(FFBlockArgs)
+
+
+def unsupported(
+    *,
+    fast: bool,
+    predict: str,
+    peer: float,
+    activation: str,
+    plan: object,
+    batch: int,
+    device: str,
+) -> str | None:
+    """Why the block loop does not compute this configuration exactly (None: it does); the
+    module docstring's list, in one place."""
+    post = getattr(plan, "post", None)
+    problems = [
+        (not fast, "the autograd reference runs (fast=false)"),
+        (predict != "goodness", "predict=head (the kernel has no readout head)"),
+        (peer != 0.0, "peer normalisation"),
+        (activation not in ACTIVATIONS, f"activation {activation}"),
+        (plan is None, "a learner chain without an affine form (Adam, ReDo, ...)"),
+        (plan is not None and post is not None, "a learner with a post-update edit"),
+        (batch != 1, f"batch size {batch} (the kernel steps on one example)"),
+        (device != "cpu", f"device {device}"),
+        (library() is None, "no compiled kernels"),
+    ]
+    return next((why for bad, why in problems if bad), None)
+
+
+def ff_block_(
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    negatives: torch.Tensor,
+    thresholds: tuple[float, ...],
+    *,
+    classes: int,
+    alpha: float,
+    scale: float,
+    activation: str,
+    append: bool,
+    length: bool,
+    mean: bool,
+    first: int,
+    gsum: torch.Tensor | None = None,
+    workers: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T online steps of every replica, in place on ``weights`` and ``biases``.
+
+    Args:
+        weights: per hidden layer ``(R, H_l, I_l)``, ``I_1`` the embedded input's length.
+        biases: per hidden layer ``(R, H_l)``.
+        x: ``(T, R, D)`` inputs without a label.
+        labels: ``(T, R)`` int64 true labels.
+        negatives: ``(T, R)`` int64 wrong labels.
+        thresholds: θ_l per layer.
+        classes: C.
+        alpha: the affine update's gradient scale α.
+        scale: its parameter scale ``1 + β``.
+        activation: a key of :data:`ACTIVATIONS`.
+        append: the one-hot is appended (else it replaces the first C inputs).
+        length: length normalisation (else RMS).
+        mean: mean-of-squares goodness (else the sum).
+        first: the 0-based first layer whose goodness the prediction sums.
+        gsum: ``(R, L)`` float64 to add each step's gradient L1 norms to, or None.
+        workers: threads, each running a contiguous range of replicas.
+
+    Returns:
+        ``(scores (T, R, C), loss (T, R))``: the prediction's goodness per label before each
+        step's update, and each step's FF loss summed over layers.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong dtype, shape, device or layout, or a
+            label out of range (:mod:`contlearn.backends.binding`), before any pointer
+            reaches C.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
+    f32, i64 = torch.float32, torch.int64
+    L = len(weights)
+    if L == 0 or len(biases) != L or len(thresholds) != L:
+        raise ValueError(
+            f"kernel arguments: {L} weights, {len(biases)} biases, {len(thresholds)} "
+            "thresholds; pass one of each per hidden layer"
+        )
+    x = binding.check("x", x, f32, (None, None, None))
+    T, R, D = x.shape
+    din = D + classes if append else D
+    if classes < 1 or (not append and classes > D):
+        raise ValueError(f"kernel argument classes={classes} does not fit inputs of {D} values")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"kernel argument activation={activation!r}: one of {list(ACTIVATIONS)}")
+    if not 0 <= first < L:
+        raise ValueError(f"kernel argument first={first}: a layer index in 0..{L - 1}")
+    width = [din]
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        binding.check(f"weights[{i}]", w, f32, (R, None, width[-1]))
+        width.append(w.shape[1])
+        binding.check(f"biases[{i}]", b, f32, (R, width[-1]))
+    for name, lab in (("labels", labels), ("negatives", negatives)):
+        binding.check(name, lab, i64, (T, R))
+        if lab.numel() and not (int(lab.min()) >= 0 and int(lab.max()) < classes):
+            raise ValueError(f"kernel argument {name}: a label outside 0..{classes - 1}")
+    if gsum is not None:
+        binding.check("gsum", gsum, torch.float64, (R, L))
+    widths = torch.tensor(width, dtype=i64)
+    theta = torch.tensor(thresholds, dtype=f32)
+    scores = torch.empty(T, R, classes)
+    loss = torch.empty(T, R)
+    wp = (_P * L)(*[w.data_ptr() for w in weights])
+    bp = (_P * L)(*[b.data_ptr() for b in biases])
+    a = FFBlockArgs(
+        R, T, L, D, classes, widths.data_ptr(), ctypes.cast(wp, _P), ctypes.cast(bp, _P),
+        x.data_ptr(), labels.data_ptr(), negatives.data_ptr(), theta.data_ptr(),
+        scores.data_ptr(), loss.data_ptr(), binding.optional("gsum", gsum, torch.float64),
+        alpha, scale, ACTIVATIONS[activation], int(append), int(length), int(mean), first,
+    )  # fmt: skip
+    ref = ctypes.byref(a)
+    groups = min(max(workers, 1), R)
+    if groups <= 1 or T == 0:
+        status = [lib.cl_ff_block(ref, 0, R)]
+    else:  # contiguous replica ranges; ctypes releases the GIL for each call
+        cuts = [R * g // groups for g in range(groups + 1)]
+        futures = [
+            _pool().submit(lib.cl_ff_block, ref, cuts[g], cuts[g + 1]) for g in range(1, groups)
+        ]
+        status = [lib.cl_ff_block(ref, cuts[0], cuts[1])] + [f.result() for f in futures]
+    if any(status):
+        raise MemoryError("cl_ff_block could not allocate its scratch memory")
+    return scores, loss

@@ -1,0 +1,236 @@
+"""The Forward-Forward agent's block loop (``ff-block``, contlearn/backends/ff_block.py)
+against the autograd reference and the per-step path: predictions, losses, weights and
+gradient sums over every embedding, norm, goodness and kernel activation; splits of a block,
+threads and replicas run alone give the same bits; negatives are the per-step draws; exact
+resume; the backend choice; the checked binding."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from contlearn.agents.forward_forward import FFAgent, FFAgentSpec
+from contlearn.backends import ff_block
+from contlearn.envs.base import StreamInfo
+from contlearn.learners import Learner, learner_def
+from contlearn.spec import build_spec
+
+IN, C = 12, 4
+
+pytestmark = pytest.mark.skipif(ff_block.library() is None, reason="no compiled kernels")
+
+
+def make_agent(seeds=(0, 1, 2), learner: str = "bp", batch: int = 1, **options) -> FFAgent:
+    info = StreamInfo("test", "classification", (IN,), C, False, len(seeds), "accuracy", batch)
+    values = {"hidden": "6,5,4", "optimizer": "sgd", "lr": 0.02, **options}
+    lspec = build_spec(learner_def(learner).Spec, {}, "learner.")
+    return FFAgent(info, list(seeds), build_spec(FFAgentSpec, values), Learner(learner, lspec))
+
+
+def data(R: int, T: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(T, R, 1, IN, generator=g), torch.randint(C, (T, R, 1), generator=g)
+
+
+def stepwise(agent: FFAgent, obs: torch.Tensor, target: torch.Tensor):
+    preds, losses = [], []
+    for t in range(obs.shape[0]):
+        p = agent.act(obs[t])
+        losses.append(agent.observe(obs[t], p, target[t])["loss"])
+        preds.append(p)
+    return torch.stack(preds), torch.stack(losses)
+
+
+def blockwise(agent: FFAgent, obs: torch.Tensor, target: torch.Tensor, sizes=(1, 2, 5)):
+    preds, losses, t = [], [], 0
+    for size in [*sizes, obs.shape[0]]:
+        if t >= obs.shape[0]:
+            break
+        p, m = agent.learn_block(obs[t : t + size], target[t : t + size])
+        preds.append(p)
+        losses.append(m["loss"])
+        t += size
+    return torch.cat(preds), torch.cat(losses)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"embed": "append", "norm": "length"},
+        {"goodness": "mean", "activation": "tanh"},
+        {"activation": "sigmoid", "from_layer": 1, "embed": "append"},
+        {"activation": "leaky_relu", "norm": "length", "goodness": "mean", "from_layer": 3},
+    ],
+)
+@pytest.mark.parametrize("learner", ["bp", "l2"])
+def test_block_equals_reference_and_step_path(options, learner):
+    obs, target = data(3, 12)
+    block = make_agent(learner=learner, **options)
+    assert block.backend == "ff-block" and block.block_ready(1)
+    ref = make_agent(learner=learner, fast=False, **options)
+    for agent in (block, ref):
+        agent.watch_gradients()
+    p_block, l_block = blockwise(block, obs, target)
+    p_ref, l_ref = stepwise(ref, obs, target)
+    assert p_block.shape == p_ref.shape == (12, 3, 1, C)
+    torch.testing.assert_close(p_block, p_ref, rtol=2e-4, atol=1e-4)
+    torch.testing.assert_close(l_block, l_ref, rtol=2e-4, atol=1e-5)
+    for k in ref.views:
+        torch.testing.assert_close(block.views[k], ref.views[k], rtol=1e-4, atol=5e-5)
+    a, b = block.update_stats()["grad_magnitude"], ref.update_stats()["grad_magnitude"]
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-8)
+    # the negatives are the per-step path's draws: the generators end in the same state
+    for g, h in zip(block.negatives, ref.negatives, strict=True):
+        assert torch.equal(g.get_state(), h.get_state())
+
+
+def test_hand_computed_step():
+    """One step of a one-layer network by hand: z_c = W x_c / s + b, G_c = |relu z_c|²."""
+    agent = make_agent(seeds=(3,), hidden="3", lr=0.1)
+    w, b = agent.views["hidden1.weight"].clone()[0], agent.views["hidden1.bias"].clone()[0]
+    obs, target = data(1, 1)
+    x, y = obs[0, 0, 0], int(target[0, 0, 0])
+    gen = torch.Generator()
+    gen.set_state(agent.negatives[0].get_state())
+    n = (y + 1 + int(torch.randint(C - 1, (1,), generator=gen))) % C
+    theta = 3.0
+    rows = []
+    for c in range(C):
+        e = torch.cat([torch.nn.functional.one_hot(torch.tensor(c), C).float(), x[C:]])
+        rows.append(e / (e.pow(2).mean().sqrt() + 1e-8))
+    h = [torch.relu(w @ e + b) for e in rows]
+    g = [float(v.pow(2).sum()) for v in h]
+    sp = torch.nn.functional.softplus
+    loss = 0.5 * (sp(torch.tensor(theta - g[y])) + sp(torch.tensor(g[n] - theta)))
+    dp = -torch.sigmoid(torch.tensor(theta - g[y])) * h[y] * (h[y] > 0)
+    dn = torch.sigmoid(torch.tensor(g[n] - theta)) * h[n] * (h[n] > 0)
+    scores, metrics = agent.learn_block(obs, target)
+    torch.testing.assert_close(scores[0, 0, 0], torch.tensor(g), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["loss"][0, 0], loss, rtol=1e-5, atol=1e-6)
+    want = w - 0.1 * (torch.outer(dp, rows[y]) + torch.outer(dn, rows[n]))
+    torch.testing.assert_close(agent.views["hidden1.weight"][0], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(agent.views["hidden1.bias"][0], b - 0.1 * (dp + dn))
+
+
+def test_splits_threads_and_replicas_alone_give_the_same_bits():
+    obs, target = data(3, 10)
+    whole = make_agent()
+    whole.replica_workers = 1
+    p_whole, l_whole = whole.learn_block(obs, target)
+    split = make_agent()
+    split.replica_workers = 3
+    p_split, l_split = blockwise(split, obs, target, sizes=(3, 1, 4))
+    assert torch.equal(p_whole, p_split) and torch.equal(l_whole["loss"], l_split)
+    for k in whole.views:
+        assert torch.equal(whole.views[k], split.views[k])
+    for r, s in enumerate((0, 1, 2)):
+        alone = make_agent(seeds=(s,))
+        p, _ = alone.learn_block(obs[:, r : r + 1], target[:, r : r + 1])
+        assert torch.equal(p, p_whole[:, r : r + 1])
+        for k in alone.views:
+            assert torch.equal(alone.views[k], whole.views[k][r : r + 1])
+
+
+def test_exact_resume_between_blocks():
+    obs, target = data(2, 9)
+    whole = make_agent(seeds=(4, 7))
+    whole.watch_gradients()
+    whole.learn_block(obs, target)
+    first = make_agent(seeds=(4, 7))
+    first.watch_gradients()
+    first.learn_block(obs[:4], target[:4])
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    second = make_agent(seeds=(4, 7))
+    second.load_state_dict(torch.load(buf, weights_only=True))
+    second.learn_block(obs[4:], target[4:])
+    for k in whole.views:
+        assert torch.equal(whole.views[k], second.views[k])
+    a, b = whole.update_stats()["grad_magnitude"], second.update_stats()["grad_magnitude"]
+    assert torch.equal(a[""], b[""])
+
+
+def test_plasticity_probe_reads_the_last_steps_negatives():
+    """probe_loss on a block's last batch (passed again as a view, as the engine does) uses
+    that step's negatives, as after a per-step observe."""
+    obs, target = data(3, 4)
+    block, steps = make_agent(), make_agent(fast=False)
+    block.learn_block(obs, target)
+    stepwise(steps, obs, target)
+    view = obs[3]  # (a new view object of the same memory)
+    torch.testing.assert_close(
+        block.probe_loss(view, target[3]), steps.probe_loss(obs[3], target[3]), rtol=1e-4,
+        atol=1e-5,
+    )  # fmt: skip
+    assert torch.equal(block._last[1], steps._last[1])
+
+
+@pytest.mark.parametrize(
+    ("options", "learner", "backend"),
+    [
+        ({"optimizer": "adam", "lr": 1e-3}, "bp", "ff-hand"),
+        ({}, "snp", "ff-fused"),
+        ({"predict": "head"}, "bp", "ff-fused"),
+        ({"peer_norm": 0.03}, "bp", "ff-fused"),
+        ({"activation": "elu"}, "bp", "ff-fused"),
+        ({"batch": 2}, "bp", "ff-fused"),
+    ],
+)
+def test_configurations_the_kernel_does_not_compute_keep_the_step_path(options, learner, backend):
+    batch = options.pop("batch", 1)
+    agent = make_agent(learner=learner, batch=batch, **options)
+    assert agent.backend == backend and agent.block_problem
+    assert not agent.block_ready(batch)
+    obs, target = data(3, 2)
+    with pytest.raises(RuntimeError, match="does not learn in blocks"):
+        agent.learn_block(obs, target)
+
+
+def test_no_kernels_no_block(monkeypatch):
+    monkeypatch.setattr(ff_block, "library", lambda: None)
+    agent = make_agent()
+    assert agent.backend == "ff-fused" and agent.block_problem == "no compiled kernels"
+
+
+def _args(R=2, T=3, D=IN, widths=(5, 4)):
+    ws, bs, fan = [], [], D
+    for h in widths:
+        ws.append(torch.zeros(R, h, fan))
+        bs.append(torch.zeros(R, h))
+        fan = h
+    x = torch.rand(T, R, D)
+    y = torch.zeros(T, R, dtype=torch.int64)
+    return ws, bs, x, y, torch.ones(T, R, dtype=torch.int64), (5.0, 4.0)
+
+
+_OPTS = {"classes": C, "alpha": -0.1, "scale": 1.0, "activation": "relu", "append": False,
+         "length": False, "mean": False, "first": 0}  # fmt: skip
+
+
+def test_binding_runs_and_rejects_bad_arguments():
+    ws, bs, x, y, n, th = _args()
+    strided = ws[0].transpose(1, 2).contiguous().transpose(1, 2)
+    scores, loss = ff_block.ff_block_(ws, bs, x, y, n, th, **_OPTS)
+    assert scores.shape == (3, 2, C) and loss.shape == (3, 2)
+    bad = [
+        (TypeError, "x", dict(x=x.double())),
+        (ValueError, r"weights\[1\]", dict(ws=[ws[0], torch.zeros(2, 4, 6)])),
+        (ValueError, "not contiguous", dict(ws=[strided, ws[1]])),
+        (ValueError, "biases", dict(bs=[bs[0], torch.zeros(3, 4)])),
+        (ValueError, "outside", dict(y=torch.full((3, 2), C, dtype=torch.int64))),
+        (TypeError, "negatives", dict(n=n.int())),
+        (ValueError, "shape", dict(n=n[:2])),
+        (ValueError, "first", dict(first=2)),
+        (ValueError, "thresholds", dict(th=(1.0,))),
+    ]  # fmt: skip
+    for error, needle, change in bad:
+        args = {"ws": ws, "bs": bs, "x": x, "y": y, "n": n, "th": th, **change}
+        opts = {k: change.get(k, v) for k, v in _OPTS.items()}
+        with pytest.raises(error, match=needle):
+            ff_block.ff_block_(args["ws"], args["bs"], args["x"], args["y"], args["n"],
+                               args["th"], **opts)  # fmt: skip
