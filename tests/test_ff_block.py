@@ -234,3 +234,29 @@ def test_binding_runs_and_rejects_bad_arguments():
         with pytest.raises(error, match=needle):
             ff_block.ff_block_(args["ws"], args["bs"], args["x"], args["y"], args["n"],
                                args["th"], **opts)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_runs_take_the_block_and_record_what_the_step_path_records(tmp_path):
+    import json
+
+    from contlearn.cli import main
+    from contlearn.results.store import load_runs
+
+    common = ["permuted-mnist", "--agent", "ff", "--seeds", "2", "--tasks", "2",
+              *["--set", "examples_per_task=40", "--set", "probe_size=30", "--set",
+                "optimizer=sgd", "--set", "lr=0.003", "--set", "hidden=32,32"]]  # fmt: skip
+    block, ref = tmp_path / "block", tmp_path / "ref"
+    assert main(["run", *common, "--out", str(block)]) == 0
+    assert main(["run", *common, "--set", "fast=false", "--out", str(ref)]) == 0
+    assert json.loads((block / "meta.json").read_text())["backend"] == "ff-block"
+    assert json.loads((ref / "meta.json").read_text())["backend"] == "ff-reference"
+    keys = ["metric", "layer", "step", "seed"]
+    a = load_runs([block]).sort_values(keys).reset_index(drop=True)
+    b = load_runs([ref]).sort_values(keys).reset_index(drop=True)
+    assert {"accuracy", "goodness_gap", "plasticity", "grad_magnitude"} <= set(a.metric)
+    assert list(a.metric) == list(b.metric) and list(a.layer) == list(b.layer)
+    # (a near-tie of two labels' goodness may flip one prediction of 40 under float rounding)
+    acc = (a.metric == "accuracy").to_numpy()
+    assert a.value[acc].to_numpy() == pytest.approx(b.value[acc].to_numpy(), abs=2 / 40 + 1e-9)
+    assert a.value[~acc].to_numpy() == pytest.approx(b.value[~acc].to_numpy(), rel=1e-3, abs=1e-4)
