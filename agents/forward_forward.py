@@ -47,6 +47,7 @@ from contlearn.backends import ff_block
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
+from contlearn.learners.adam_form import adam_plan
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import OptimizerOptions
 from contlearn.seeding import torch_generator
@@ -195,11 +196,14 @@ class FFAgent:
         #: the learner chain's declared affine form (None: it has none); fast steps with one
         #: apply ``θ ← (1 + β) θ + α g`` in place from each layer's δ, then its post
         self.plan = fused_plan(self.learner) if spec.fast else None
+        #: its Adam form (Adam between affine maps), which only the block loop takes
+        self.adam_plan = adam_plan(self.learner) if spec.fast and self.plan is None else None
         #: why whole steps do not run in the compiled block loop (None: they do, when the
         #: stream feeds blocks; contlearn/backends/ff_block.py)
         self.block_problem = ff_block.unsupported(
             fast=spec.fast, predict=spec.predict, peer=spec.peer_norm,
-            activation=spec.activation, plan=self.plan, batch=info.batch_size, device="cpu",
+            activation=spec.activation, plan=self.plan, adam=self.adam_plan,
+            batch=info.batch_size, device="cpu",
         )  # fmt: skip
         self.backend = (
             "ff-block"
@@ -437,13 +441,16 @@ class FFAgent:
             [torch.randint(self.classes - 1, (T,), generator=g) for g in self.negatives]
         )
         neg = (labels + 1 + k.T) % self.classes  # (T, R): each replica's draws in step order
-        assert self.plan is not None
-        weights = [self.views[f"{layer.name}.weight"] for layer in self.net.hidden_layers]
-        biases = [self.views[f"{layer.name}.bias"] for layer in self.net.hidden_layers]
+        names = [layer.name for layer in self.net.hidden_layers]
+        weights = [self.views[f"{n}.weight"] for n in names]
+        biases = [self.views[f"{n}.bias"] for n in names]
+        plan = self.plan
+        adam = ff_block.block_adam(self.learner_state, self.adam_plan, names)
         scores, loss = ff_block.ff_block_(
             weights, biases, obs.reshape(T, R, -1).to(torch.float32).contiguous(),
             labels.contiguous(), neg.contiguous(), self.options.thresholds,
-            classes=self.classes, alpha=self.plan.grad_scale, scale=1.0 + self.plan.param_scale,
+            classes=self.classes, alpha=plan.grad_scale if plan else 1.0,
+            scale=1.0 + plan.param_scale if plan else 1.0, adam=adam,
             activation=self.spec.activation, append=self.spec.embed == "append",
             length=self.spec.norm == "length", mean=self.spec.goodness == "mean",
             first=self.first - 1, gsum=self.grad_l1, workers=self.block_workers(),

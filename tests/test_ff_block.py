@@ -16,16 +16,19 @@ from contlearn.backends import ff_block
 from contlearn.envs.base import StreamInfo
 from contlearn.learners import Learner, learner_def
 from contlearn.spec import build_spec
+from contlearn.state import tree_leaves
 
 IN, C = 12, 4
 
 pytestmark = pytest.mark.skipif(ff_block.library() is None, reason="no compiled kernels")
 
 
-def make_agent(seeds=(0, 1, 2), learner: str = "bp", batch: int = 1, **options) -> FFAgent:
+def make_agent(
+    seeds=(0, 1, 2), learner: str = "bp", batch: int = 1, lopts=None, **options
+) -> FFAgent:
     info = StreamInfo("test", "classification", (IN,), C, False, len(seeds), "accuracy", batch)
     values = {"hidden": "6,5,4", "optimizer": "sgd", "lr": 0.02, **options}
-    lspec = build_spec(learner_def(learner).Spec, {}, "learner.")
+    lspec = build_spec(learner_def(learner).Spec, lopts or {}, "learner.")
     return FFAgent(info, list(seeds), build_spec(FFAgentSpec, values), Learner(learner, lspec))
 
 
@@ -86,6 +89,34 @@ def test_block_equals_reference_and_step_path(options, learner):
     # the negatives are the per-step path's draws: the generators end in the same state
     for g, h in zip(block.negatives, ref.negatives, strict=True):
         assert torch.equal(g.get_state(), h.get_state())
+
+
+@pytest.mark.parametrize(
+    ("options", "learner", "lopts"),
+    [
+        ({}, "bp", None),
+        ({"beta1": 0.99, "beta2": 0.99, "embed": "append", "goodness": "mean"}, "bp", None),
+        ({"activation": "tanh", "norm": "length"}, "l2", {"l2": 0.01, "decoupled": 0.001}),
+    ],
+)
+def test_adam_in_the_block_equals_reference(options, learner, lopts):
+    """Adam between affine maps (the FF default optimizer): the moments and counts of the
+    learner's state too."""
+    obs, target = data(3, 12)
+    opts = {"optimizer": "adam", "lr": 3e-3, **options}
+    block = make_agent(learner=learner, lopts=lopts, **opts)
+    ref = make_agent(learner=learner, lopts=lopts, fast=False, **opts)
+    assert block.backend == "ff-block"
+    p_block, l_block = blockwise(block, obs, target)
+    p_ref, l_ref = stepwise(ref, obs, target)
+    torch.testing.assert_close(p_block, p_ref, rtol=2e-4, atol=1e-4)
+    torch.testing.assert_close(l_block, l_ref, rtol=2e-4, atol=1e-5)
+    for k in ref.views:
+        torch.testing.assert_close(block.views[k], ref.views[k], rtol=1e-4, atol=5e-5)
+    ours, theirs = tree_leaves(block.learner_state), tree_leaves(ref.learner_state)
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_hand_computed_step():
@@ -173,7 +204,8 @@ def test_plasticity_probe_reads_the_last_steps_negatives():
 @pytest.mark.parametrize(
     ("options", "learner", "backend"),
     [
-        ({"optimizer": "adam", "lr": 1e-3}, "bp", "ff-hand"),
+        ({"optimizer": "adam", "lr": 1e-3}, "redo", "ff-hand"),
+        ({"optimizer": "adam", "lr": 1e-3}, "snp", "ff-hand"),
         ({}, "snp", "ff-fused"),
         ({"predict": "head"}, "bp", "ff-fused"),
         ({"peer_norm": 0.03}, "bp", "ff-fused"),
@@ -260,3 +292,20 @@ def test_runs_take_the_block_and_record_what_the_step_path_records(tmp_path):
     acc = (a.metric == "accuracy").to_numpy()
     assert a.value[acc].to_numpy() == pytest.approx(b.value[acc].to_numpy(), abs=2 / 40 + 1e-9)
     assert a.value[~acc].to_numpy() == pytest.approx(b.value[~acc].to_numpy(), rel=1e-3, abs=1e-4)
+
+
+def test_binding_refuses_adam_counts_that_differ_within_a_tensor():
+    ws, bs, x, y, n, th = _args()
+
+    def fresh(ts):
+        return [torch.zeros_like(t) for t in ts]
+
+    counts_w = fresh(ws)
+    counts_w[1][0, 0, 0] = 3.0  # (a reset's trace: one element's count differs)
+    adam = ff_block.BlockAdam(fresh(ws), fresh(ws), counts_w, fresh(bs), fresh(bs), fresh(bs),
+                              1.0, 0.0, 0.9, 0.999, 1e-8, -1e-3, 0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="count"):
+        ff_block.ff_block_(ws, bs, x, y, n, th, adam=adam, **_OPTS)
+    counts_w[1].zero_()
+    ff_block.ff_block_(ws, bs, x, y, n, th, adam=adam, **_OPTS)
+    assert all(bool((c == 3).all()) for c in counts_w)  # (T = 3 steps counted)

@@ -18,6 +18,10 @@
      delta = dL/dh * act'(z), and every layer's update from the weights the forward pass read:
      W = scale W + alpha (delta+ i+^T + delta- i-^T), b = scale b + alpha (delta+ + delta-),
      i the layer's (normalised) input on each row;
+   - with adam, Adam's update instead (AdamOpt, block_step.c): g' = pre_a g + pre_b theta, the
+     moments of amw ... avb updated, theta += lr d + post_b theta, the bias corrections of
+     count ucount[r, l, j] + 1 + t (every element of a tensor has the same count: the caller
+     checks it and adds T to the counts afterwards);
    - if gsum is not NULL: gsum[r, l] += sum |dL/dW_l| + sum |dL/db_l|.
    No OpenMP: the caller runs disjoint replica ranges on threads of its own. */
 
@@ -37,7 +41,21 @@ typedef struct {
   double* gsum;         /* (R, L) or NULL */
   float alpha, scale;
   int32_t act, append, length, mean, first;
+  int32_t adam;
+  void** amw; /* per layer: Adam's first and second moments of the weights, of the biases */
+  void** avw;
+  void** amb;
+  void** avb;
+  const float* ucount; /* (R, L, 2): each tensor's count before the block */
+  AdamOpt ao;
 } FFBlockArgs;
+
+/* Adam's update of n values x with gradients g (moments m, v), count cn after this step */
+static void ff_adam(float* x, float* m, float* v, const float* g, int64_t n, const AdamOpt* o,
+                    float cn) {
+  const float b1c = entry(o->bc1, o->n1, cn), s2c = entry(o->sbc2, o->n2, cn);
+  ADAM_FNS[adam_mode(o)][0][0](x, m, v, 0, g, 1.0f, n, 0, 0, o, cn, b1c, s2c);
+}
 
 int64_t cl_ff_block_args_size(void) { return (int64_t)sizeof(FFBlockArgs); }
 
@@ -95,11 +113,15 @@ int64_t cl_ff_block(const FFBlockArgs* A, int64_t r0, int64_t r1) {
   }
   /* scratch: z, h and the normalised h of every layer for every label (C * hsum each), each
      layer's goodness per label (L * C), the input rows of layer 1 (2 * Din), the deltas */
+  int64_t imax = Din;
+  for (int64_t l = 1; l < L; ++l) imax = width[l] > imax ? width[l] : imax;
+  /* (+ Adam's gradient row and the biases' gradients) */
   float* buf = (float*)malloc(sizeof(float) * (size_t)(3 * C * hsum + L * C + 2 * Din +
-                                                       2 * hmax + hmax));
+                                                       4 * hmax + imax));
   if (!buf) return -1;
   float *Z = buf, *Hh = Z + C * hsum, *Hn = Hh + C * hsum, *G = Hn + C * hsum;
   float *ip = G + L * C, *in = ip + Din, *dp = in + Din, *dn = dp + hmax, *base = dn + hmax;
+  float *gb = base + hmax, *grow = gb + hmax;
   const float alpha = A->alpha, scale = A->scale;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t t = 0; t < T; ++t) {
@@ -180,12 +202,25 @@ int64_t cl_ff_block(const FFBlockArgs* A, int64_t r0, int64_t r1) {
         float* W = (float*)A->wp[l] + r * H * I;
         float* b = (float*)A->bp[l] + r * H;
         double g1 = 0.0;
-        for (int64_t j = 0; j < H; ++j) {
-          g1 += ff_row_update(W + j * I, dp[j], vp, dn[j], vn, I, alpha, scale, A->gsum != 0);
-          const float gb = dp[j] + dn[j];
-          b[j] = scale * b[j] + alpha * gb;
-          g1 += fabsf(gb);
-        }
+        if (A->adam) {
+          const float* uc = A->ucount + (r * L + l) * 2;
+          float *mw = (float*)A->amw[l] + r * H * I, *vw = (float*)A->avw[l] + r * H * I;
+          for (int64_t j = 0; j < H; ++j) {
+            for (int64_t k = 0; k < I; ++k) grow[k] = dp[j] * vp[k] + dn[j] * vn[k];
+            if (A->gsum) g1 += l1(grow, I);
+            ff_adam(W + j * I, mw + j * I, vw + j * I, grow, I, &A->ao, uc[0] + 1.0f + t);
+            gb[j] = dp[j] + dn[j];
+          }
+          if (A->gsum) g1 += l1(gb, H);
+          ff_adam(b, (float*)A->amb[l] + r * H, (float*)A->avb[l] + r * H, gb, H, &A->ao,
+                  uc[1] + 1.0f + t);
+        } else
+          for (int64_t j = 0; j < H; ++j) {
+            g1 += ff_row_update(W + j * I, dp[j], vp, dn[j], vn, I, alpha, scale, A->gsum != 0);
+            const float g = dp[j] + dn[j];
+            b[j] = scale * b[j] + alpha * g;
+            g1 += fabsf(g);
+          }
         if (A->gsum) A->gsum[r * L + l] += g1;
       }
       A->loss[t * R + r] = total;

@@ -12,7 +12,10 @@ rounding aside:
 - the hand-written step (``fast=true``) and ``predict=goodness`` (no head), peer
   normalisation off, an activation of :data:`ACTIVATIONS`, every embedding, norm and goodness;
 - a learner chain with a declared affine form and no post-update edit (SGD, L2, decoupled
-  decay; not Adam, S&P, CBP, ReDo: those keep the per-step path);
+  decay), or Adam between affine maps (``adam``, ``proper-adam``, the base optimizer ``adam``
+  under ``bp``, L2 over Adam: :mod:`contlearn.learners.adam_form`; its moments updated in the
+  same pass, its counts, equal over each tensor, advanced by T after the block); not S&P, CBP,
+  ReDo, L2-Init (those keep the per-step path);
 - batch size 1, CPU, the compiled kernels available.
 
 Like the MLP's block loop it is used when the stream feeds blocks (every stream does); the agent's
@@ -27,8 +30,17 @@ import ctypes
 import torch
 
 from contlearn.backends import binding
-from contlearn.backends.block_kernel import BLOCK_ACTIVATIONS, _pool
-from contlearn.backends.kernels import library
+from contlearn.backends.block_kernel import (
+    BLOCK_ACTIVATIONS,
+    BlockAdam,
+    _AdamOpt,
+    _pool,
+    _uniform_counts,
+)
+from contlearn.backends.kernels import adam_tables, library
+from contlearn.learners.adam_form import AdamPlan
+from contlearn.learners.base import find_states
+from contlearn.learners.optim import ScaleByAdamState
 
 #: activations the kernel computes (``act_fwd``'s codes, as the MLP's block loop)
 ACTIVATIONS = BLOCK_ACTIVATIONS
@@ -44,7 +56,9 @@ class FFBlockArgs(ctypes.Structure):
         ("gsum", _P),
         ("alpha", ctypes.c_float),
         ("scale", ctypes.c_float),
-        *[(n, ctypes.c_int32) for n in ("act", "append", "length", "mean", "first")],
+        *[(n, ctypes.c_int32) for n in ("act", "append", "length", "mean", "first", "adam")],
+        *[(n, _P) for n in ("amw", "avw", "amb", "avb", "ucount")],
+        ("ao", _AdamOpt),
     ]
 
 
@@ -62,24 +76,45 @@ def unsupported(
     peer: float,
     activation: str,
     plan: object,
+    adam: object,
     batch: int,
     device: str,
 ) -> str | None:
     """Why the block loop does not compute this configuration exactly (None: it does); the
-    module docstring's list, in one place."""
+    module docstring's list, in one place. ``plan``: the learner's affine form
+    (:func:`~contlearn.learners.fused.fused_plan`), ``adam``: its Adam form
+    (:func:`~contlearn.learners.adam_form.adam_plan`), either None where it has none."""
     post = getattr(plan, "post", None)
     problems = [
         (not fast, "the autograd reference runs (fast=false)"),
         (predict != "goodness", "predict=head (the kernel has no readout head)"),
         (peer != 0.0, "peer normalisation"),
         (activation not in ACTIVATIONS, f"activation {activation}"),
-        (plan is None, "a learner chain without an affine form (Adam, ReDo, ...)"),
+        (plan is None and adam is None, "a learner with neither an affine nor an Adam form"),
         (plan is not None and post is not None, "a learner with a post-update edit"),
+        (getattr(adam, "replacer", None) is not None, "continual backprop over Adam"),
         (batch != 1, f"batch size {batch} (the kernel steps on one example)"),
         (device != "cpu", f"device {device}"),
         (library() is None, "no compiled kernels"),
     ]
     return next((why for bad, why in problems if bad), None)
+
+
+def block_adam(state: object, plan: AdamPlan | None, names: list[str]) -> BlockAdam | None:
+    """The learner's Adam state (its one :class:`ScaleByAdamState` in ``state``, which the
+    kernel updates in place) for layers ``names`` and ``plan``'s options; None without a plan."""
+    if plan is None:
+        return None
+    found = find_states(state, ScaleByAdamState)
+    if len(found) != 1:  # (adam_plan promised one Adam: a bug, never a silent other path)
+        raise RuntimeError(f"the FF block expected one Adam state, the learner has {len(found)}")
+    s, ws, bs = found[0], [f"{n}.weight" for n in names], [f"{n}.bias" for n in names]
+    o = plan.adam
+    return BlockAdam(
+        [s.mu[k] for k in ws], [s.nu[k] for k in ws], [s.count[k] for k in ws],
+        [s.mu[k] for k in bs], [s.nu[k] for k in bs], [s.count[k] for k in bs],
+        plan.pre_a, plan.pre_b, o.b1, o.b2, o.eps, plan.lr, plan.post_b,
+    )  # fmt: skip
 
 
 def ff_block_(
@@ -99,6 +134,7 @@ def ff_block_(
     mean: bool,
     first: int,
     gsum: torch.Tensor | None = None,
+    adam: BlockAdam | None = None,
     workers: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """T online steps of every replica, in place on ``weights`` and ``biases``.
@@ -119,6 +155,8 @@ def ff_block_(
         mean: mean-of-squares goodness (else the sum).
         first: the 0-based first layer whose goodness the prediction sums.
         gsum: ``(R, L)`` float64 to add each step's gradient L1 norms to, or None.
+        adam: Adam's state and options (the update is Adam's, ``alpha`` and ``scale`` unused),
+            or None; every count tensor's elements must be equal (each replica's).
         workers: threads, each running a contiguous range of replicas.
 
     Returns:
@@ -172,6 +210,7 @@ def ff_block_(
         scores.data_ptr(), loss.data_ptr(), binding.optional("gsum", gsum, torch.float64),
         alpha, scale, ACTIVATIONS[activation], int(append), int(length), int(mean), first,
     )  # fmt: skip
+    keep = _fill_adam(a, adam, R, width)
     ref = ctypes.byref(a)
     groups = min(max(workers, 1), R)
     if groups <= 1 or T == 0:
@@ -184,4 +223,41 @@ def ff_block_(
         status = [lib.cl_ff_block(ref, cuts[0], cuts[1])] + [f.result() for f in futures]
     if any(status):
         raise MemoryError("cl_ff_block could not allocate its scratch memory")
+    if adam is not None and T:
+        for count in (*adam.count_w, *adam.count_b):
+            count.add_(T)
+    del keep
     return scores, loss
+
+
+def _fill_adam(a: FFBlockArgs, adam: BlockAdam | None, R: int, width: list[int]) -> list:
+    """Adam's fields of ``a`` after the checks (what must stay alive during the call)."""
+    if adam is None:
+        return []
+    L = len(width) - 1
+    ws = [(R, width[i + 1], width[i]) for i in range(L)]
+    bs = [(R, width[i + 1]) for i in range(L)]
+    f32 = torch.float32
+    arrays = [
+        binding.tensors("adam.mu_w", adam.mu_w, f32, ws),
+        binding.tensors("adam.nu_w", adam.nu_w, f32, ws),
+        binding.tensors("adam.mu_b", adam.mu_b, f32, bs),
+        binding.tensors("adam.nu_b", adam.nu_b, f32, bs),
+    ]
+    binding.tensors("adam.count_w", adam.count_w, f32, ws)
+    binding.tensors("adam.count_b", adam.count_b, f32, bs)
+    ucount = _uniform_counts(adam)
+    if bool((ucount < 0).any()):
+        raise ValueError(
+            "kernel argument adam: a count tensor whose elements differ (a reset cleared some); "
+            "the FF block takes Adam with one count per tensor"
+        )
+    a.adam = 1
+    a.amw, a.avw, a.amb, a.avb = (ctypes.cast(p, _P) for p in arrays)
+    a.ucount = ucount.data_ptr()
+    t1, t2 = adam_tables(adam.b1, adam.b2)
+    a.ao = _AdamOpt(
+        adam.pre_a, adam.pre_b, 1.0 - adam.b1, adam.b2, 1.0 - adam.b2, adam.eps, adam.lr,
+        adam.post_b, t1.data_ptr(), len(t1), t2.data_ptr(), len(t2),
+    )  # fmt: skip
+    return [*arrays, ucount, t1, t2]
