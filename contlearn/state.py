@@ -33,8 +33,8 @@ def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
 _LAYOUT_HINT = (
     "the checkpoint was written by another learner or by an older contlearn whose learner "
     "state had another layout (shrink-and-perturb's changed from generator states to "
-    "counter-based keys and an update count); resume it with the version that wrote it, or "
-    "start the run afresh"
+    "counter-based keys and an update count, then gained its noise definition's version); "
+    "resume it with the version that wrote it, or start the run afresh"
 )
 
 

@@ -171,7 +171,7 @@ def test_fused_post_adds_the_same_noise_as_the_update() -> None:
 
 
 def test_a_checkpoint_of_the_old_generator_state_layout_fails_in_one_clear_line() -> None:
-    from contlearn.state import load_tree
+    from contlearn.state import load_tree, tree_leaves
 
     t = chain(sgd(0.1), shrink_perturb(0.01, 0.1, [0, 1]))
     state = t.init(_params(2))
@@ -179,8 +179,14 @@ def test_a_checkpoint_of_the_old_generator_state_layout_fails_in_one_clear_line(
     with pytest.raises(ValueError, match="older contlearn") as err:
         load_tree(state, old)
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="older contlearn"):  # same count, other layout
+    with pytest.raises(ValueError, match="older contlearn"):  # other layout
         load_tree(state, [torch.zeros(2, 2, dtype=torch.uint8), torch.zeros((), dtype=torch.int64)])
+    # the first counter-based noise (Philox words and a double Box–Muller): key and count only,
+    # no version; its noise is not this one's, so it must not resume
+    first = [torch.zeros(2, 2, dtype=torch.int64), torch.zeros((), dtype=torch.int64)]
+    with pytest.raises(ValueError, match="noise definition's version"):
+        load_tree(state, first)
+    load_tree(state, [t.clone() for t in tree_leaves(state)])  # (its own layout loads)
 
 
 def test_the_noise_form_composes_as_a_chains_only_post() -> None:

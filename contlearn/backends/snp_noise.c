@@ -5,126 +5,122 @@
 #include <string.h>
 
 /* Shrink-and-perturb's noise (docs/design.md §4d; contlearn/learners/philox.py is the
-   reference, bit for bit): eps[r, t, p, e] is normal e % 4 of Philox4x32-10 at counter
-   (e / 4, p, t mod 2^32, t / 2^32) under replica r's key (k0, k1). Four words give four
-   normals by Box-Muller, in double with +, -, *, /, sqrt only (the logarithm and sin/cos as
-   fixed polynomials; -ffp-contract=off keeps every operation rounded as written), rounded to
-   float once. Chunks of SNP_CHUNK counters, so that the rounds vectorise. */
-#define SNP_CHUNK 64
-static const double SNP_LOG[8] = {2.0, 0.6666666666666666, 0.4, 0.2857142857142857,
-                                  0.2222222222222222, 0.18181818181818182,
-                                  0.15384615384615385, 0.13333333333333333};
-static const double SNP_SIN[8] = {1.0, -0.16666666666666666, 0.008333333333333333,
-                                  -0.0001984126984126984, 2.7557319223985893e-06,
-                                  -2.505210838544172e-08, 1.6059043836821613e-10,
-                                  -7.647163731819816e-13};
-static const double SNP_COS[9] = {1.0, -0.5, 0.041666666666666664, -0.001388888888888889,
-                                  2.48015873015873e-05, -2.755731922398589e-07,
-                                  2.08767569878681e-09, -1.1470745597729725e-11,
-                                  4.779477332387385e-14};
+   reference, bit for bit): eps[r, t, p, e] for e in chunk c = e / 1024, i = e % 1024, is
+   normal (i / 16) % 2 of pair (i / 16) / 2 of lane i % 16: the lane's xoshiro128++ state is
+   Philox4x32-10 at counter (16 c + lane, p, t mod 2^32, t / 2^32) under replica r's key
+   (k0, k1) (s3 = 1 if all four words are 0); each pair takes the lane's next two outputs a, b
+   and gives a float32 Box-Muller pair (rho cos 2 pi v, rho sin 2 pi v), rho = sqrt(-2 ln u),
+   u, v = ((a, b) >> 9 + 1/2) 2^-23, the logarithm and sin/cos as fixed float polynomials
+   (-ffp-contract=off keeps every operation rounded as written). The 16 lanes vectorise. */
+#define SNP_LANES 16
+#define SNP_PAIRS 32
+#define SNP_CHUNK (2 * SNP_LANES * SNP_PAIRS)
+/* 2 / (2 j + 1); (-1)^j / (2 j + 1)!; (-1)^j / (2 j)!, j = 0..4, as the nearest floats */
+static const float SNP_LOG[5] = {0x1p+1f, 0x1.555556p-1f, 0x1.99999ap-2f, 0x1.24924ap-2f,
+                                 0x1.c71c72p-3f};
+static const float SNP_SIN[5] = {0x1p+0f, -0x1.555556p-3f, 0x1.111112p-7f, -0x1.a01a02p-13f,
+                                 0x1.71de3ap-19f};
+static const float SNP_COS[5] = {0x1p+0f, -0x1p-1f, 0x1.555556p-5f, -0x1.6c16c2p-10f,
+                                 0x1.a01a02p-16f};
+#define SNP_LN2 0x1.62e43p-1f
+#define SNP_TWO_PI 0x1.921fb6p+2f
 
-/* (double) w for a uint32 w, exactly, by the int32 conversion AVX2 has */
-#define SNP_U32D(w) ((double)(int32_t)((w) ^ 0x80000000u) + 2147483648.0)
-/* C[7] z^7 + ... + C[0] by Horner, in this order */
-static inline double snp_h8(double z, const double* C) {
-  double acc = C[7];
-  acc = acc * z + C[6]; acc = acc * z + C[5]; acc = acc * z + C[4]; acc = acc * z + C[3];
-  acc = acc * z + C[2]; acc = acc * z + C[1]; acc = acc * z + C[0];
-  return acc;
+/* c4 z^4 + ... + c0 by Horner, in this order */
+static inline float snp_h5(float z, const float* c) {
+  return (((c[4] * z + c[3]) * z + c[2]) * z + c[1]) * z + c[0];
 }
-#define SNP_H8(z, C) snp_h8(z, C)
+static inline uint32_t snp_rotl(uint32_t x, int k) { return (x << k) | (x >> (32 - k)); }
 
-/* ln u, u = (w + 1/2) 2^-32: v = 2w + 1 = m 2^k, m in [1, 2) (m > sqrt 2: m / 2, k + 1);
-   (k - 33) ln 2 + 2 atanh(s), s = (m - 1) / (m + 1), the series to s^15 by Horner in s^2.
-   Integer compares and bit selects only (a float compare would keep the loop from
-   vectorising); m / 2 and k + 1 are exact either way. */
-static inline double snp_log(double wd) {
-  const double v = 2.0 * wd + 1.0;
-  uint64_t bits;
-  memcpy(&bits, &v, sizeof bits);
-  uint64_t mb = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
-  const uint64_t big = mb > 0x3FF6A09E667F3BCDull;  /* m > sqrt 2 (the double nearest) */
-  mb -= big << 52;  /* m / 2 */
-  /* the exponent as a double: 2^52 + (bits >> 52) + big, less 2^52 + 1023 + 33, exact */
-  const uint64_t eb = ((bits >> 52) + big) | 0x4330000000000000ull;
-  double m, k;
-  memcpy(&m, &mb, sizeof m);
-  memcpy(&k, &eb, sizeof k);
-  k = k - 4503599627371552.0;
-  const double s = (m - 1.0) / (m + 1.0), z = s * s;
-  return k * 0.6931471805599453 + s * SNP_H8(z, SNP_LOG);
-}
-
-/* sin and cos of 2 pi u, u = (w + 1/2) 2^-32: q = floor(4u + 1/2) = (w + 2^29) >> 30,
-   phi = 2 pi (u - q/4), Taylor in phi^2, turned by q quarter turns */
-static inline void snp_sincos(uint32_t w, double* sn, double* cs) {
-  const double u = (SNP_U32D(w) + 0.5) * 0x1p-32;
-  const uint64_t q = ((uint64_t)w + 0x20000000u) >> 30;
-  const double phi = 6.283185307179586 * (u - (double)(int32_t)q * 0.25), z = phi * phi;
-  const double s = SNP_H8(z, SNP_SIN) * phi;
-  const double c = SNP_H8(z, (SNP_COS + 1)) * z + SNP_COS[0];
-  const uint64_t odd = q & 1u, neg_sin = (q >> 1) & 1u, neg_cos = (q ^ (q >> 1)) & 1u;
-  const double a = odd ? c : s, b = odd ? s : c;
-  *sn = neg_sin ? -a : a;
-  *cs = neg_cos ? -b : b;
-}
-
-/* out[4 i + j] = normal j of counter (b0 + i, p, t lo, t hi), i < n <= SNP_CHUNK. Compiled
-   twice, for AVX-512 and for the build's target, chosen at load time (1.6x on this machine's
-   EPYC): the same IEEE operations, so the same bits. */
+/* the 1024 normals of chunk c into out. Compiled twice, for AVX-512 and for the build's
+   target, chosen at load time: the same IEEE operations, so the same bits. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx512f", "default")))
 #endif
-static void snp_blocks(uint32_t k0, uint32_t k1, uint64_t b0, int64_t n, uint32_t p,
-                       uint64_t t, float* out) {
-  uint32_t c0[SNP_CHUNK], c1[SNP_CHUNK], c2[SNP_CHUNK], c3[SNP_CHUNK];
-  for (int64_t i = 0; i < n; ++i) {
-    c0[i] = (uint32_t)(b0 + (uint64_t)i); c1[i] = p;
-    c2[i] = (uint32_t)t; c3[i] = (uint32_t)(t >> 32);
+static void snp_chunk(uint32_t k0, uint32_t k1, uint64_t c, uint32_t p, uint64_t t,
+                      float* out) {
+  uint32_t s0[SNP_LANES], s1[SNP_LANES], s2[SNP_LANES], s3[SNP_LANES];
+  for (int j = 0; j < SNP_LANES; ++j) {
+    s0[j] = (uint32_t)(c * SNP_LANES + (uint64_t)j); s1[j] = p;
+    s2[j] = (uint32_t)t; s3[j] = (uint32_t)(t >> 32);
   }
   uint32_t ka = k0, kb = k1;
   for (int rnd = 0; rnd < 10; ++rnd) {
     if (rnd) { ka += 0x9E3779B9u; kb += 0xBB67AE85u; }
-    for (int64_t i = 0; i < n; ++i) {
-      const uint64_t p0 = (uint64_t)0xD2511F53u * c0[i], p1 = (uint64_t)0xCD9E8D57u * c2[i];
-      const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1[i] ^ ka;
-      const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3[i] ^ kb;
-      c1[i] = (uint32_t)p1; c3[i] = (uint32_t)p0; c0[i] = n0; c2[i] = n2;
+    for (int j = 0; j < SNP_LANES; ++j) {
+      const uint64_t p0 = (uint64_t)0xD2511F53u * s0[j], p1 = (uint64_t)0xCD9E8D57u * s2[j];
+      const uint32_t n0 = (uint32_t)(p1 >> 32) ^ s1[j] ^ ka;
+      const uint32_t n2 = (uint32_t)(p0 >> 32) ^ s3[j] ^ kb;
+      s1[j] = (uint32_t)p1; s3[j] = (uint32_t)p0; s0[j] = n0; s2[j] = n2;
     }
   }
-  double rho[2 * SNP_CHUNK], sn[2 * SNP_CHUNK], cs[2 * SNP_CHUNK];
-  _Pragma("GCC ivdep")
-  for (int64_t i = 0; i < n; ++i) {
-    rho[i] = sqrt(-2.0 * snp_log(SNP_U32D(c0[i])));
-    rho[SNP_CHUNK + i] = sqrt(-2.0 * snp_log(SNP_U32D(c2[i])));
+  for (int j = 0; j < SNP_LANES; ++j) s3[j] |= (s0[j] | s1[j] | s2[j] | s3[j]) == 0u;
+  for (int n = 0; n < SNP_PAIRS; ++n) {
+    float* cs = out + 2 * n * SNP_LANES;
+    float* sn = cs + SNP_LANES;
+    for (int j = 0; j < SNP_LANES; ++j) {
+      uint32_t w[2];
+      for (int o = 0; o < 2; ++o) { /* xoshiro128++ */
+        w[o] = snp_rotl(s0[j] + s3[j], 7) + s0[j];
+        const uint32_t sh = s1[j] << 9;
+        s2[j] ^= s0[j]; s3[j] ^= s1[j]; s1[j] ^= s2[j]; s0[j] ^= s3[j];
+        s2[j] ^= sh; s3[j] = snp_rotl(s3[j], 11);
+      }
+      /* ln u = k ln 2 + s P(s^2), u = m 2^k (m > sqrt 2: m / 2, k + 1), s = (m - 1)/(m + 1) */
+      const float u = ((float)(int32_t)(w[0] >> 9) + 0.5f) * 0x1p-23f;
+      uint32_t ub;
+      memcpy(&ub, &u, sizeof ub);
+      uint32_t mb = (ub & 0x007FFFFFu) | 0x3F800000u;
+      const uint32_t big = mb > 0x3FB504F3u;
+      mb -= big << 23;
+      float m;
+      memcpy(&m, &mb, sizeof m);
+      const float k = (float)((int32_t)(ub >> 23) - 127 + (int32_t)big);
+      const float s = (m - 1.0f) / (m + 1.0f), z = s * s;
+      const float rho = sqrtf(-2.0f * (k * SNP_LN2 + s * snp_h5(z, SNP_LOG)));
+      /* sin and cos of 2 pi v: q = floor(4 v + 1/2), phi = 2 pi (v - q / 4), Taylor in phi^2,
+         turned by q quarter turns */
+      const uint32_t hv = w[1] >> 9, q = (hv + 0x100000u) >> 21;
+      const float v = ((float)(int32_t)hv + 0.5f) * 0x1p-23f;
+      const float phi = SNP_TWO_PI * (v - (float)(int32_t)q * 0.25f), y = phi * phi;
+      const float S = snp_h5(y, SNP_SIN) * phi, C = snp_h5(y, SNP_COS);
+      const uint32_t odd = q & 1u, neg_sin = (q >> 1) & 1u, neg_cos = (q ^ (q >> 1)) & 1u;
+      const float a = odd ? C : S, b = odd ? S : C;
+      cs[j] = rho * (neg_cos ? -b : b);
+      sn[j] = rho * (neg_sin ? -a : a);
+    }
   }
-  _Pragma("GCC ivdep")
-  for (int64_t i = 0; i < n; ++i) {
-    snp_sincos(c1[i], sn + i, cs + i);
-    snp_sincos(c3[i], sn + SNP_CHUNK + i, cs + SNP_CHUNK + i);
+}
+
+/* the last chunk this thread drew (rows of one parameter ask for the same chunk in turn) */
+static __thread struct {
+  int valid;
+  uint32_t k0, k1, p;
+  uint64_t t, c;
+  float eps[SNP_CHUNK];
+} snp_last;
+
+/* chunk c's normals, drawn or taken from this thread's last chunk */
+static const float* snp_chunk_of(uint32_t k0, uint32_t k1, uint64_t c, uint32_t p,
+                                 uint64_t t) {
+  if (!(snp_last.valid && snp_last.k0 == k0 && snp_last.k1 == k1 && snp_last.p == p &&
+        snp_last.t == t && snp_last.c == c)) {
+    snp_chunk(k0, k1, c, p, t, snp_last.eps);
+    snp_last.valid = 1;
+    snp_last.k0 = k0; snp_last.k1 = k1; snp_last.p = p; snp_last.t = t; snp_last.c = c;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    out[4 * i] = (float)(rho[i] * cs[i]);
-    out[4 * i + 1] = (float)(rho[i] * sn[i]);
-    out[4 * i + 2] = (float)(rho[SNP_CHUNK + i] * cs[SNP_CHUNK + i]);
-    out[4 * i + 3] = (float)(rho[SNP_CHUNK + i] * sn[SNP_CHUNK + i]);
-  }
+  return snp_last.eps;
 }
 
 /* x[i] += sigma eps[t, p, e0 + i] for i < n under key (k0, k1); eps0 (not NULL): store the
    normals there instead (x unread) */
 static void snp_add(float* x, float* eps0, int64_t e0, int64_t n, uint32_t k0, uint32_t k1,
                     uint32_t p, uint64_t t, float sigma) {
-  float eps[4 * SNP_CHUNK];
   const int64_t end = e0 + n;
   int64_t e = e0;
   while (e < end) {
-    const uint64_t b0 = (uint64_t)e / 4u;
-    const int64_t left = (end - 4 * (int64_t)b0 + 3) / 4;
-    const int64_t nb = left < SNP_CHUNK ? left : SNP_CHUNK;
-    snp_blocks(k0, k1, b0, nb, p, t, eps);
-    const int64_t lim = end < 4 * ((int64_t)b0 + nb) ? end : 4 * ((int64_t)b0 + nb);
-    const float* src = eps + (e - 4 * (int64_t)b0);
+    const uint64_t c = (uint64_t)e / SNP_CHUNK;
+    const int64_t lim = end < (int64_t)(c + 1) * SNP_CHUNK ? end : (int64_t)(c + 1) * SNP_CHUNK;
+    const float* src = snp_chunk_of(k0, k1, c, p, t) + (e - (int64_t)c * SNP_CHUNK);
     if (eps0)
       memcpy(eps0 + (e - e0), src, sizeof(float) * (size_t)(lim - e));
     else {

@@ -1,16 +1,19 @@
-"""Counter-based normal noise: Philox4x32-10 and an exactly specified Box–Muller.
+"""Counter-based normal noise: Philox4x32-10 keys, xoshiro128++ lanes and an exactly specified
+float32 Box–Muller.
 
 Shrink-and-perturb's noise (docs/design.md §4d) is a pure function of (key, update, parameter,
 element): nothing is drawn from a generator's state, so the numbers do not depend on how the
 steps are split into blocks, which thread runs a replica, or whether the run was resumed. The
 C kernel (``cl_snp_normals``, ``snp_add`` in ``contlearn/backends/snp_noise.c``) computes the
-same function; this module is the reference, in numpy (uint64 arithmetic holds the 32 × 32-bit
-products exactly; every floating-point step is one IEEE double operation, +, −, ×, ÷ or √, so
-both sides round alike and agree bit for bit).
+same function; this module is the reference, in numpy (uint64 arithmetic holds Philox's 32 ×
+32-bit products exactly, uint32 arrays wrap as xoshiro's words do; every floating-point step is
+one IEEE float32 operation, +, −, ×, ÷ or √, so both sides round alike and agree bit for bit).
 
 - :func:`philox4x32` — Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy
-  as 1, 2, 3"; Random123's ``philox4x32``).
-- :func:`normals_from_words` — four uint32 words → four normals (Box–Muller, with the
+  as 1, 2, 3"; Random123's ``philox4x32``): each chunk's lane states.
+- :func:`xoshiro128pp` — one output of xoshiro128++ (Blackman & Vigna 2021, "Scrambled linear
+  pseudorandom number generators") and the next state.
+- :func:`normals_from_words` — two uint32 words → two normals (Box–Muller in float32, with the
   logarithm and the sine/cosine written out as fixed polynomials).
 - :func:`snp_normals` — ε[t, p, e] for one key: element ``e`` of parameter ``p`` at update
   ``t``.
@@ -31,15 +34,20 @@ _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK = np.uint64(0xFFFFFFFF)
 _32 = np.uint64(32)
 
-#: ln 2, 2π and √2 as the nearest doubles (the C kernel uses the same literals).
-LN2 = 0.6931471805599453
-TWO_PI = 6.283185307179586
-SQRT2 = 1.4142135623730951
-#: odd-power coefficients of 2·atanh(s) = ln((1 + s)/(1 − s)): 2/(2j + 1), j = 0..7
-LOG_COEF = tuple(2.0 / (2 * j + 1) for j in range(8))
-#: sin φ = φ Σ_j SIN_COEF[j] φ^{2j}, cos φ = Σ_j COS_COEF[j] φ^{2j} (Taylor, |φ| ≤ π/4)
-SIN_COEF = tuple((-1.0) ** j / math.factorial(2 * j + 1) for j in range(8))
-COS_COEF = tuple((-1.0) ** j / math.factorial(2 * j) for j in range(9))
+#: the noise definition's version, kept in shrink-and-perturb's state (a checkpoint of another
+#: definition does not resume: its noise would change mid-run)
+VERSION = 2
+#: lanes per chunk, Box–Muller pairs per lane, normals per chunk
+LANES, PAIRS = 16, 32
+CHUNK = 2 * LANES * PAIRS
+_F = np.float32
+#: ln 2, 2π as the nearest floats; √2's float as bits (the C kernel uses the same values)
+LN2, TWO_PI, SQRT2_BITS = _F(math.log(2.0)), _F(2.0 * math.pi), 0x3FB504F3
+#: 2·atanh(s) = s·Σ_j LOG_COEF[j] s^{2j}; sin φ = φ Σ_j SIN_COEF[j] φ^{2j};
+#: cos φ = Σ_j COS_COEF[j] φ^{2j} (Taylor, |φ| ≤ π/4), j = 0..4, the nearest floats
+LOG_COEF = tuple(_F(2.0 / (2 * j + 1)) for j in range(5))
+SIN_COEF = tuple(_F((-1.0) ** j / math.factorial(2 * j + 1)) for j in range(5))
+COS_COEF = tuple(_F((-1.0) ** j / math.factorial(2 * j)) for j in range(5))
 
 
 def philox4x32(counter: np.ndarray, key: np.ndarray | tuple[int, int]) -> np.ndarray:
@@ -71,69 +79,77 @@ def philox4x32(counter: np.ndarray, key: np.ndarray | tuple[int, int]) -> np.nda
     return np.stack(np.broadcast_arrays(c0, c1, c2, c3), axis=-1)
 
 
-def _log_unit(w: np.ndarray) -> np.ndarray:
-    """ln u for u = (w + ½)·2⁻³² (w uint32 as uint64): v = 2w + 1 = m·2^k (m in [1, 2), via
-    the double's bits), m halved (k + 1) when m > √2; ln u = (k − 33)·ln 2 + 2·atanh(s),
-    s = (m − 1)/(m + 1), the series to s¹⁵ by Horner in s²."""
-    v = (w * np.uint64(2) + np.uint64(1)).astype(np.float64)  # exact: v < 2**33
-    bits = v.view(np.uint64)
-    k = (bits >> np.uint64(52)).astype(np.int64) - 1023
-    m = ((bits & np.uint64(0x000F_FFFF_FFFF_FFFF)) | np.uint64(0x3FF0_0000_0000_0000)).view(
-        np.float64
-    )
-    big = m > SQRT2
-    m = np.where(big, m * 0.5, m)
-    k = k + big
-    s = (m - 1.0) / (m + 1.0)
-    z = s * s
-    acc = np.full_like(s, LOG_COEF[-1])
-    for c in LOG_COEF[-2::-1]:
+def xoshiro128pp(state: list[np.ndarray]) -> np.ndarray:
+    """One xoshiro128++ output from ``state = [s0, s1, s2, s3]`` (uint32 arrays), which it
+    advances in place: ``out = rotl(s0 + s3, 7) + s0``; ``t = s1 << 9``; ``s2 ^= s0``;
+    ``s3 ^= s1``; ``s1 ^= s2``; ``s0 ^= s3``; ``s2 ^= t``; ``s3 = rotl(s3, 11)`` (mod 2³²)."""
+    s0, s1, s2, s3 = state
+    out = _rotl(s0 + s3, 7) + s0
+    t = s1 << np.uint32(9)
+    s2 = s2 ^ s0
+    s3 = s3 ^ s1
+    s1 = s1 ^ s2
+    s0 = s0 ^ s3
+    s2 = s2 ^ t
+    state[:] = [s0, s1, s2, _rotl(s3, 11)]
+    return out
+
+
+def _rotl(x: np.ndarray, k: int) -> np.ndarray:
+    return (x << np.uint32(k)) | (x >> np.uint32(32 - k))
+
+
+def _horner(z: np.ndarray, coef: tuple[np.float32, ...]) -> np.ndarray:
+    acc = np.full_like(z, coef[-1])
+    for c in coef[-2::-1]:
         acc = acc * z + c
-    return (k - 33).astype(np.float64) * LN2 + s * acc
+    return acc
+
+
+def _unit(w: np.ndarray) -> np.ndarray:
+    """u(w) = ((w >> 9) + ½)·2⁻²³ in float32 (exact): in [2⁻²⁴, 1 − 2⁻²⁴]."""
+    return ((w >> np.uint32(9)).astype(_F) + _F(0.5)) * _F(2.0**-23)
+
+
+def _log_unit(w: np.ndarray) -> np.ndarray:
+    """ln u(w) in float32: u = m·2^k (m in [1, 2) from the float's bits), m halved (k + 1)
+    when m > √2; ln u = k·ln 2 + s·P(s²), s = (m − 1)/(m + 1), P by Horner."""
+    bits = _unit(w).view(np.uint32)
+    mb = (bits & np.uint32(0x007FFFFF)) | np.uint32(0x3F800000)
+    big = (mb > np.uint32(SQRT2_BITS)).astype(np.uint32)
+    m = (mb - (big << np.uint32(23))).view(_F)
+    k = ((bits >> np.uint32(23)).astype(np.int32) - 127 + big.astype(np.int32)).astype(_F)
+    s = (m - _F(1.0)) / (m + _F(1.0))
+    return k * LN2 + s * _horner(s * s, LOG_COEF)
 
 
 def _sincos_unit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sin 2πu, cos 2πu) for u = (w + ½)·2⁻³²: q = ⌊4u + ½⌋, y = u − q/4 in [−⅛, ⅛] (exact),
-    φ = 2π·y, Taylor polynomials in φ² by Horner, then rotated by q quarter turns."""
-    u = (w.astype(np.float64) + 0.5) * 2.0**-32
-    q = np.floor(u * 4.0 + 0.5)
-    y = u - q * 0.25
-    phi = TWO_PI * y
+    """(sin 2πv, cos 2πv) for v = u(w) in float32: q = ⌊4v + ½⌋ = ((w >> 9) + 2²⁰) >> 21,
+    y = v − q/4 in [−⅛, ⅛] (exact), φ = 2π·y, Taylor polynomials in φ² by Horner, then
+    rotated by q quarter turns."""
+    h = w >> np.uint32(9)
+    q = (h + np.uint32(1 << 20)) >> np.uint32(21)
+    phi = TWO_PI * (_unit(w) - q.astype(_F) * _F(0.25))
     z = phi * phi
-    s = np.full_like(z, SIN_COEF[-1])
-    for c in SIN_COEF[-2::-1]:
-        s = s * z + c
-    s = s * phi
-    co = np.full_like(z, COS_COEF[-1])
-    for c in COS_COEF[-2::-1]:
-        co = co * z + c
-    quarter = q.astype(np.int64) & 3
-    sin = np.choose(quarter, [s, co, -s, -co])
-    cos = np.choose(quarter, [co, -s, -co, s])
-    return sin, cos
+    s, c = _horner(z, SIN_COEF) * phi, _horner(z, COS_COEF)
+    quarter = (q & np.uint32(3)).astype(np.int64)
+    return np.choose(quarter, [s, c, -s, -c]), np.choose(quarter, [c, -s, -c, s])
 
 
-def normals_from_words(words: np.ndarray) -> np.ndarray:
-    """Four uint32 words ``(w0, w1, w2, w3)`` → four normals (float32): with
-    ``ρ_a = √(−2 ln u(w_a))``, ``(ρ0 cos 2πu(w1), ρ0 sin 2πu(w1), ρ2 cos 2πu(w3),
-    ρ2 sin 2πu(w3))``, computed in double and rounded to float32 once.
-
-    Args:
-        words: ``(..., 4)`` uint64 (uint32 values), e.g. :func:`philox4x32`'s output.
-    """
-    w = np.asarray(words, dtype=np.uint64)
-    out = np.empty(w.shape, dtype=np.float64)
-    for a in (0, 2):
-        rho = np.sqrt(-2.0 * _log_unit(w[..., a]))
-        sin, cos = _sincos_unit(w[..., a + 1])
-        out[..., a] = rho * cos
-        out[..., a + 1] = rho * sin
-    return out.astype(np.float32)
+def normals_from_words(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint32 words → two normals (float32): ``ρ cos 2πv, ρ sin 2πv`` with
+    ``ρ = √(−2 ln u(a))``, ``v = u(b)``, every step one float32 operation."""
+    rho = np.sqrt(_F(-2.0) * _log_unit(a))
+    sin, cos = _sincos_unit(b)
+    return rho * cos, rho * sin
 
 
 def snp_normals(keys: np.ndarray, update: int, param: int, numel: int) -> np.ndarray:
-    """ε[r, t, p, e] for every replica r and e = 0 … numel − 1: normal ``e % 4`` of
-    Philox4x32-10 at counter ``(e // 4, p, t mod 2³², t // 2³²)`` under replica r's key.
+    """ε[r, t, p, e] for every replica r and e = 0 … numel − 1 (docs/design.md §4d): in chunk
+    c = e // 1024, with i = e % 1024, normal ``(i // 16) % 2`` of Box–Muller pair
+    ``(i // 16) // 2`` of lane ``i % 16``, whose xoshiro128++ state is Philox4x32-10 at counter
+    ``(16c + lane, p, t mod 2³², t // 2³²)`` under replica r's key (s3 = 1 if all four words
+    are 0); pair n takes the lane's outputs 2n and 2n + 1.
 
     Args:
         keys: ``(R, 2)``, the replicas' keys (:func:`replica_keys`).
@@ -146,17 +162,24 @@ def snp_normals(keys: np.ndarray, update: int, param: int, numel: int) -> np.nda
     """
     if update < 0 or param < 0 or numel < 0:
         raise ValueError(f"update, param and numel must be >= 0, got {update}, {param}, {numel}")
-    if numel > 4 << 32 or param >> 32 or update >> 64:
-        raise ValueError("snp noise: a parameter over 2**34 elements, or p, t past 32/64 bits")
-    blocks = (numel + 3) // 4
-    counter = np.zeros((blocks, 4), dtype=np.uint64)
-    counter[:, 0] = np.arange(blocks, dtype=np.uint64)
-    counter[:, 1] = param
-    counter[:, 2] = update & 0xFFFFFFFF
-    counter[:, 3] = update >> 32
-    keys = np.asarray(keys).reshape(-1, 1, 2)  # (R, 1, 2)
-    words = philox4x32(counter[None], keys)  # (R, blocks, 4)
-    return normals_from_words(words).reshape(len(keys), -1)[:, :numel]
+    if numel > 1 << 38 or param >> 32 or update >> 64:
+        raise ValueError("snp noise: a parameter over 2**38 elements, or p, t past 32/64 bits")
+    chunks = (numel + CHUNK - 1) // CHUNK
+    counter = np.zeros((chunks, LANES, 4), dtype=np.uint64)
+    counter[..., 0] = np.arange(chunks * LANES, dtype=np.uint64).reshape(chunks, LANES)
+    counter[..., 1] = param
+    counter[..., 2] = update & 0xFFFFFFFF
+    counter[..., 3] = update >> 32
+    keys = np.asarray(keys).reshape(-1, 1, 1, 2)  # (R, 1, 1, 2)
+    words = philox4x32(counter[None], keys).astype(np.uint32)  # (R, chunks, LANES, 4)
+    state = [words[..., i] for i in range(4)]
+    state[3] = state[3] | (words == 0).all(-1).astype(np.uint32)
+    out = np.empty((len(keys), chunks, PAIRS, 2, LANES), dtype=_F)
+    for n in range(PAIRS):
+        a = xoshiro128pp(state)
+        b = xoshiro128pp(state)
+        out[:, :, n, 0], out[:, :, n, 1] = normals_from_words(a, b)
+    return out.reshape(len(keys), -1)[:, :numel]
 
 
 def replica_keys(seeds: Sequence[int], stream: int) -> np.ndarray:

@@ -105,11 +105,14 @@ _NOISE_BYTES = 64 << 20
 
 class ShrinkPerturbState(NamedTuple):
     """What the counter-based noise needs: each replica's Philox key ``(R, 2)`` int64 (two
-    words in [0, 2³²), :func:`contlearn.learners.philox.replica_keys`) and the number of
-    updates so far (a 0-d int64 tensor, t of ε[r, t, p, e])."""
+    words in [0, 2³²), :func:`contlearn.learners.philox.replica_keys`), the number of
+    updates so far (a 0-d int64 tensor, t of ε[r, t, p, e]) and the noise definition's
+    version (a 0-d int64, :data:`contlearn.learners.philox.VERSION`: a checkpoint written
+    under another definition has another layout, and refuses to resume)."""
 
     key: torch.Tensor
     count: torch.Tensor  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    version: torch.Tensor
 
 
 def _reference_noise(key: torch.Tensor, t: int, p: int, like: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,7 @@ def _reference_noise(key: torch.Tensor, t: int, p: int, like: torch.Tensor) -> t
 
 def _fast_noise(key: torch.Tensor, t: int, p: int, like: torch.Tensor) -> torch.Tensor:
     """:func:`_reference_noise`'s numbers, bit for bit (``tests/test_philox.py``), from the
-    compiled kernel where it is built (~3 ns a number), else from numpy. Both the update and
+    compiled kernel where it is built (~1 ns a number), else from numpy. Both the update and
     the fused post draw through it: with numpy alone, S&P over Adam, PPO or a conv net would
     spend ~20 ms a step per 100k weights on noise. Tests that check a fast path against the
     reference make the reference draw from numpy (``tests/test_block_kernel.py``)."""
@@ -142,9 +145,9 @@ def shrink_perturb(
 
     Put it after the optimizer; it returns ``u' = u − λθ' + σε``. The noise is counter-based
     (docs/design.md §4d, :mod:`contlearn.learners.philox`): element e of parameter p (its
-    index in the parameter order) of replica r at update t is ε[r, t, p, e], Philox4x32-10
-    keyed by stream ``rng_stream`` of replica r's seed, so it depends on nothing but
-    (seed, t, p, e): not on blocks, threads, devices or resumes.
+    index in the parameter order) of replica r at update t is ε[r, t, p, e], xoshiro128++
+    lanes seeded by Philox4x32-10 keyed by stream ``rng_stream`` of replica r's seed, so it
+    depends on nothing but (seed, t, p, e): not on blocks, threads, devices or resumes.
 
     Args:
         shrink: λ, the per-step shrink (≥ 0).
@@ -155,7 +158,8 @@ def shrink_perturb(
 
     def init(params: Params) -> ShrinkPerturbState:
         key = torch.from_numpy(philox.replica_keys(seeds, rng_stream))
-        return ShrinkPerturbState(key, torch.zeros((), dtype=torch.int64))
+        version = torch.tensor(philox.VERSION, dtype=torch.int64)
+        return ShrinkPerturbState(key, torch.zeros((), dtype=torch.int64), version)
 
     def update(grads: Params, state: ShrinkPerturbState, params: Params, **extra: Any):
         keys = list(grads)
