@@ -48,6 +48,7 @@ from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
 from contlearn.learners.adam_form import adam_plan
+from contlearn.learners.block_forms import anchor_plan
 from contlearn.learners.fused import fused_plan
 from contlearn.learners.optim import OptimizerOptions
 from contlearn.seeding import torch_generator
@@ -198,12 +199,14 @@ class FFAgent:
         self.plan = fused_plan(self.learner) if spec.fast else None
         #: its Adam form (Adam between affine maps), which only the block loop takes
         self.adam_plan = adam_plan(self.learner) if spec.fast and self.plan is None else None
+        #: its L2-Init form (an affine chain with one L2-Init term), likewise
+        self.anchor_plan = anchor_plan(self.learner) if spec.fast and self.plan is None else None
         #: why whole steps do not run in the compiled block loop (None: they do, when the
         #: stream feeds blocks; contlearn/backends/ff_block.py)
         self.block_problem = ff_block.unsupported(
             fast=spec.fast, predict=spec.predict, peer=spec.peer_norm,
             activation=spec.activation, plan=self.plan, adam=self.adam_plan,
-            batch=info.batch_size, device="cpu",
+            anchor=self.anchor_plan, batch=info.batch_size, device="cpu",
         )  # fmt: skip
         self.backend = (
             "ff-block"
@@ -444,19 +447,24 @@ class FFAgent:
         names = [layer.name for layer in self.net.hidden_layers]
         weights = [self.views[f"{n}.weight"] for n in names]
         biases = [self.views[f"{n}.bias"] for n in names]
-        plan = self.plan
-        adam = ff_block.block_adam(self.learner_state, self.adam_plan, names)
+        plan = self.plan or self.anchor_plan
+        state = self.learner_state
+        adam = ff_block.block_adam(state, self.adam_plan, names)
+        anchor = ff_block.block_anchor(state, self.anchor_plan, names)
+        noise = ff_block.block_noise(state, self.plan, list(self.views), names)
         scores, loss = ff_block.ff_block_(
             weights, biases, obs.reshape(T, R, -1).to(torch.float32).contiguous(),
             labels.contiguous(), neg.contiguous(), self.options.thresholds,
             classes=self.classes, alpha=plan.grad_scale if plan else 1.0,
-            scale=1.0 + plan.param_scale if plan else 1.0, adam=adam,
+            scale=1.0 + plan.param_scale if plan else 1.0, adam=adam, anchor=anchor, noise=noise,
             activation=self.spec.activation, append=self.spec.embed == "append",
             length=self.spec.norm == "length", mean=self.spec.goodness == "mean",
             first=self.first - 1, gsum=self.grad_l1, workers=self.block_workers(),
         )  # fmt: skip
         if self.grad_l1 is not None:
             self.grad_steps += T
+        if self.plan is not None and self.plan.noise is not None:  # (T updates' noise drawn)
+            self.plan.noise.state(state).count.add_(T)
         self._acted, self._task_started = None, False
         if T:
             self._last = (obs[-1], neg[-1].unsqueeze(-1))

@@ -28,7 +28,8 @@ def make_agent(
 ) -> FFAgent:
     info = StreamInfo("test", "classification", (IN,), C, False, len(seeds), "accuracy", batch)
     values = {"hidden": "6,5,4", "optimizer": "sgd", "lr": 0.02, **options}
-    lspec = build_spec(learner_def(learner).Spec, lopts or {}, "learner.")
+    lopts = {**FFAgent.learner_defaults.get(learner, {}), **(lopts or {})}
+    lspec = build_spec(learner_def(learner).Spec, lopts, "learner.")
     return FFAgent(info, list(seeds), build_spec(FFAgentSpec, values), Learner(learner, lspec))
 
 
@@ -119,6 +120,45 @@ def test_adam_in_the_block_equals_reference(options, learner, lopts):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("options", "learner", "lopts"),
+    [
+        ({}, "snp", {"shrink": 0.01, "sigma": 0.01}),
+        ({"embed": "append", "activation": "tanh"}, "snp", {"shrink": 0.0, "sigma": 0.0}),
+        ({}, "l2-init", {"l2_init": 0.05}),
+        ({"goodness": "mean", "norm": "length"}, "l2-init", {"l2_init": 0.01}),
+    ],
+)
+def test_shrink_perturb_and_l2_init_in_the_block_equal_reference(
+    options, learner, lopts, monkeypatch
+):
+    """S&P's counter-based noise drawn in the kernel (the same ε[r, t, p, e] as the
+    reference's, which draws it from the numpy definition here) and L2-Init's anchored update;
+    the learner state (keys, update count, anchors) too."""
+    from contlearn.learners import regularizers
+
+    monkeypatch.setattr(regularizers, "_fast_noise", regularizers._reference_noise)
+    obs, target = data(3, 10)
+    block = make_agent(learner=learner, lopts=lopts, **options)
+    ref = make_agent(learner=learner, lopts=lopts, fast=False, **options)
+    assert block.backend == "ff-block", block.block_problem
+    block.watch_gradients()
+    ref.watch_gradients()
+    p_block, l_block = blockwise(block, obs, target)
+    p_ref, l_ref = stepwise(ref, obs, target)
+    torch.testing.assert_close(p_block, p_ref, rtol=2e-4, atol=1e-4)
+    torch.testing.assert_close(l_block, l_ref, rtol=2e-4, atol=1e-5)
+    for k in ref.views:
+        torch.testing.assert_close(block.views[k], ref.views[k], rtol=1e-4, atol=5e-5)
+    ours, theirs = tree_leaves(block.learner_state), tree_leaves(ref.learner_state)
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    a, b = block.update_stats()["grad_magnitude"], ref.update_stats()["grad_magnitude"]
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-8)
+
+
 def test_hand_computed_step():
     """One step of a one-layer network by hand: z_c = W x_c / s + b, G_c = |relu z_c|²."""
     agent = make_agent(seeds=(3,), hidden="3", lr=0.1)
@@ -206,7 +246,7 @@ def test_plasticity_probe_reads_the_last_steps_negatives():
     [
         ({"optimizer": "adam", "lr": 1e-3}, "redo", "ff-hand"),
         ({"optimizer": "adam", "lr": 1e-3}, "snp", "ff-hand"),
-        ({}, "snp", "ff-fused"),
+        ({}, "cbp", "ff-fused"),
         ({"predict": "head"}, "bp", "ff-fused"),
         ({"peer_norm": 0.03}, "bp", "ff-fused"),
         ({"activation": "elu"}, "bp", "ff-fused"),

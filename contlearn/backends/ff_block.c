@@ -22,6 +22,10 @@
      moments of amw ... avb updated, theta += lr d + post_b theta, the bias corrections of
      count ucount[r, l, j] + 1 + t (every element of a tensor has the same count: the caller
      checks it and adds T to the counts afterwards);
+   - with L2-Init's anchors (ancw not NULL): W = scale W + alpha g + gamma W0 (b likewise);
+   - with shrink-and-perturb's noise (snp): after layer l's update, W += snp_sigma eps and
+     b += snp_sigma eps (snp_noise.c's eps[r, snp_count + t, p, e], p = 2 l for W, 2 l + 1
+     for b: the parameter order hidden1.weight, hidden1.bias, ...);
    - if gsum is not NULL: gsum[r, l] += sum |dL/dW_l| + sum |dL/db_l|.
    No OpenMP: the caller runs disjoint replica ranges on threads of its own. */
 
@@ -48,6 +52,13 @@ typedef struct {
   void** avb;
   const float* ucount; /* (R, L, 2): each tensor's count before the block */
   AdamOpt ao;
+  float gamma;          /* L2-Init: the anchors' share (ancw NULL: none) */
+  void** ancw;          /* per layer: the anchors of the weights (R, H, I), of the biases */
+  void** ancb;
+  int32_t snp;          /* shrink-and-perturb's noise after each layer's update */
+  float snp_sigma;
+  const int64_t* snp_key; /* (R, 2) */
+  int64_t snp_count;    /* the learner's update count before the block's first step */
 } FFBlockArgs;
 
 /* Adam's update of n values x with gradients g (moments m, v), count cn after this step */
@@ -78,7 +89,17 @@ static float ff_inv(double sq, int64_t n, int length) {
 /* row[k] = scale row[k] + alpha (dp ip[k] + dn in[k]) for k < n; returns sum |dp ip[k] +
    dn in[k]| when asked (l1 != 0), else 0 */
 static double ff_row_update(float* row, float dp, const float* ip, float dn, const float* in,
-                            int64_t n, float alpha, float scale, int l1) {
+                            int64_t n, float alpha, float scale, int l1, const float* anc,
+                            float gamma) {
+  if (anc) { /* L2-Init: + gamma row0 */
+    double s = 0.0;
+    for (int64_t k = 0; k < n; ++k) {
+      const float g = dp * ip[k] + dn * in[k];
+      row[k] = scale * row[k] + alpha * g + gamma * anc[k];
+      if (l1) s += fabsf(g);
+    }
+    return s;
+  }
   if (!l1) {
     for (int64_t k = 0; k < n; ++k) row[k] = scale * row[k] + alpha * (dp * ip[k] + dn * in[k]);
     return 0.0;
@@ -214,14 +235,24 @@ int64_t cl_ff_block(const FFBlockArgs* A, int64_t r0, int64_t r1) {
           if (A->gsum) g1 += l1(gb, H);
           ff_adam(b, (float*)A->amb[l] + r * H, (float*)A->avb[l] + r * H, gb, H, &A->ao,
                   uc[1] + 1.0f + t);
-        } else
+        } else {
+          const float* aw = A->ancw ? (const float*)A->ancw[l] + r * H * I : 0;
+          const float* ab = A->ancw ? (const float*)A->ancb[l] + r * H : 0;
           for (int64_t j = 0; j < H; ++j) {
-            g1 += ff_row_update(W + j * I, dp[j], vp, dn[j], vn, I, alpha, scale, A->gsum != 0);
+            g1 += ff_row_update(W + j * I, dp[j], vp, dn[j], vn, I, alpha, scale, A->gsum != 0,
+                                aw ? aw + j * I : 0, A->gamma);
             const float g = dp[j] + dn[j];
-            b[j] = scale * b[j] + alpha * g;
+            b[j] = ab ? scale * b[j] + alpha * g + A->gamma * ab[j] : scale * b[j] + alpha * g;
             g1 += fabsf(g);
           }
+        }
         if (A->gsum) A->gsum[r * L + l] += g1;
+        if (A->snp) {
+          const uint32_t k0 = (uint32_t)A->snp_key[2 * r], k1 = (uint32_t)A->snp_key[2 * r + 1];
+          const uint64_t at = (uint64_t)(A->snp_count + t);
+          snp_add(W, 0, 0, H * I, k0, k1, (uint32_t)(2 * l), at, A->snp_sigma);
+          snp_add(b, 0, 0, H, k0, k1, (uint32_t)(2 * l + 1), at, A->snp_sigma);
+        }
       }
       A->loss[t * R + r] = total;
     }

@@ -11,11 +11,14 @@ rounding aside:
 
 - the hand-written step (``fast=true``) and ``predict=goodness`` (no head), peer
   normalisation off, an activation of :data:`ACTIVATIONS`, every embedding, norm and goodness;
-- a learner chain with a declared affine form and no post-update edit (SGD, L2, decoupled
-  decay), or Adam between affine maps (``adam``, ``proper-adam``, the base optimizer ``adam``
+- a learner chain with a declared affine form and no post-update edit but shrink-and-perturb's
+  noise (SGD, L2, decoupled decay, ``snp``: its counter-based noise drawn in the kernel after
+  each layer's update, docs/design.md §4d), or an affine chain with one L2-Init term
+  (``l2-init``: ``θ ← (1 + β) θ + α g + γ θ₀``, :mod:`contlearn.learners.block_forms`), or Adam
+  between affine maps (``adam``, ``proper-adam``, the base optimizer ``adam``
   under ``bp``, L2 over Adam: :mod:`contlearn.learners.adam_form`; its moments updated in the
-  same pass, its counts, equal over each tensor, advanced by T after the block); not S&P, CBP,
-  ReDo, L2-Init (those keep the per-step path);
+  same pass, its counts, equal over each tensor, advanced by T after the block); not CBP,
+  ReDo, S&P over Adam, L2-Init over Adam (those keep the per-step path);
 - batch size 1, CPU, the compiled kernels available.
 
 Like the MLP's block loop it is used when the stream feeds blocks (every stream does); the agent's
@@ -33,13 +36,16 @@ from contlearn.backends import binding
 from contlearn.backends.block_kernel import (
     BLOCK_ACTIVATIONS,
     BlockAdam,
+    BlockAnchor,
+    BlockNoise,
     _AdamOpt,
     _pool,
     _uniform_counts,
 )
 from contlearn.backends.kernels import adam_tables, library
 from contlearn.learners.adam_form import AdamPlan
-from contlearn.learners.base import find_states
+from contlearn.learners.base import AnchorState, find_states
+from contlearn.learners.block_forms import AnchorPlan
 from contlearn.learners.optim import ScaleByAdamState
 
 #: activations the kernel computes (``act_fwd``'s codes, as the MLP's block loop)
@@ -59,6 +65,12 @@ class FFBlockArgs(ctypes.Structure):
         *[(n, ctypes.c_int32) for n in ("act", "append", "length", "mean", "first", "adam")],
         *[(n, _P) for n in ("amw", "avw", "amb", "avb", "ucount")],
         ("ao", _AdamOpt),
+        ("gamma", ctypes.c_float),
+        *[(n, _P) for n in ("ancw", "ancb")],
+        ("snp", ctypes.c_int32),
+        ("snp_sigma", ctypes.c_float),
+        ("snp_key", _P),
+        ("snp_count", ctypes.c_int64),
     ]
 
 
@@ -77,21 +89,27 @@ def unsupported(
     activation: str,
     plan: object,
     adam: object,
+    anchor: object,
     batch: int,
     device: str,
 ) -> str | None:
     """Why the block loop does not compute this configuration exactly (None: it does); the
     module docstring's list, in one place. ``plan``: the learner's affine form
     (:func:`~contlearn.learners.fused.fused_plan`), ``adam``: its Adam form
-    (:func:`~contlearn.learners.adam_form.adam_plan`), either None where it has none."""
+    (:func:`~contlearn.learners.adam_form.adam_plan`), ``anchor``: its L2-Init form
+    (:func:`~contlearn.learners.block_forms.anchor_plan`), each None where it has none."""
     post = getattr(plan, "post", None)
+    noise_only = getattr(plan, "noise", None) is not None  # (the post is S&P's noise alone)
     problems = [
         (not fast, "the autograd reference runs (fast=false)"),
         (predict != "goodness", "predict=head (the kernel has no readout head)"),
         (peer != 0.0, "peer normalisation"),
         (activation not in ACTIVATIONS, f"activation {activation}"),
-        (plan is None and adam is None, "a learner with neither an affine nor an Adam form"),
-        (plan is not None and post is not None, "a learner with a post-update edit"),
+        (
+            plan is None and adam is None and anchor is None,
+            "a learner with no affine, Adam or L2-Init form",
+        ),
+        (post is not None and not noise_only, "a learner with a post-update edit"),
         (getattr(adam, "replacer", None) is not None, "continual backprop over Adam"),
         (batch != 1, f"batch size {batch} (the kernel steps on one example)"),
         (device != "cpu", f"device {device}"),
@@ -117,6 +135,35 @@ def block_adam(state: object, plan: AdamPlan | None, names: list[str]) -> BlockA
     )  # fmt: skip
 
 
+def block_anchor(state: object, plan: AnchorPlan | None, names: list[str]) -> BlockAnchor | None:
+    """L2-Init's anchors (the learner's one :class:`AnchorState` in ``state``) for layers
+    ``names`` and ``plan``'s γ; None without a plan."""
+    if plan is None:
+        return None
+    found = find_states(state, AnchorState)
+    if len(found) != 1:  # (anchor_plan promised one L2-Init: a bug, never a silent other path)
+        raise RuntimeError(f"the FF block expected one L2-Init state, the learner has {len(found)}")
+    anchor = found[0].anchor
+    return BlockAnchor(
+        [anchor[f"{n}.weight"] for n in names], [anchor[f"{n}.bias"] for n in names],
+        plan.anchor_scale,
+    )  # fmt: skip
+
+
+def block_noise(
+    state: object, plan: object, order: list[str], names: list[str]
+) -> BlockNoise | None:
+    """Shrink-and-perturb's noise (the plan's :class:`~contlearn.learners.fused.NoiseForm`)
+    for layers ``names``, their weights' and biases' indices in the parameter order ``order``;
+    None without noise (or σ = 0)."""
+    form = getattr(plan, "noise", None)
+    if form is None or not form.sigma:
+        return None
+    s, index = form.state(state), {k: i for i, k in enumerate(order)}
+    pairs = [(index[f"{n}.weight"], index[f"{n}.bias"]) for n in names]
+    return BlockNoise(form.sigma, s.key, int(s.count), pairs)
+
+
 def ff_block_(
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
@@ -135,6 +182,8 @@ def ff_block_(
     first: int,
     gsum: torch.Tensor | None = None,
     adam: BlockAdam | None = None,
+    anchor: BlockAnchor | None = None,
+    noise: BlockNoise | None = None,
     workers: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """T online steps of every replica, in place on ``weights`` and ``biases``.
@@ -157,6 +206,10 @@ def ff_block_(
         gsum: ``(R, L)`` float64 to add each step's gradient L1 norms to, or None.
         adam: Adam's state and options (the update is Adam's, ``alpha`` and ``scale`` unused),
             or None; every count tensor's elements must be equal (each replica's).
+        anchor: L2-Init's anchors and γ (``θ ← scale θ + α g + γ θ₀``), or None.
+        noise: shrink-and-perturb's σ, keys and update count before the block (the layers'
+            weight and bias are parameters 2l and 2l + 1), or None; its count is not advanced
+            here.
         workers: threads, each running a contiguous range of replicas.
 
     Returns:
@@ -210,7 +263,7 @@ def ff_block_(
         scores.data_ptr(), loss.data_ptr(), binding.optional("gsum", gsum, torch.float64),
         alpha, scale, ACTIVATIONS[activation], int(append), int(length), int(mean), first,
     )  # fmt: skip
-    keep = _fill_adam(a, adam, R, width)
+    keep = _fill_adam(a, adam, R, width) + _fill_extras(a, anchor, noise, R, width)
     ref = ctypes.byref(a)
     groups = min(max(workers, 1), R)
     if groups <= 1 or T == 0:
@@ -228,6 +281,37 @@ def ff_block_(
             count.add_(T)
     del keep
     return scores, loss
+
+
+def _fill_extras(
+    a: FFBlockArgs, anchor: BlockAnchor | None, noise: BlockNoise | None, R: int, width: list[int]
+) -> list:
+    """L2-Init's and shrink-and-perturb's fields of ``a`` after the checks."""
+    keep: list = []
+    L = len(width) - 1
+    if anchor is not None:
+        ws = [(R, width[i + 1], width[i]) for i in range(L)]
+        bs = [(R, width[i + 1]) for i in range(L)]
+        arrays = [
+            binding.tensors("anchor.weights", anchor.weights, torch.float32, ws),
+            binding.tensors("anchor.biases", anchor.biases, torch.float32, bs),
+        ]
+        a.ancw, a.ancb = (ctypes.cast(p, _P) for p in arrays)
+        a.gamma = anchor.gamma
+        keep += arrays
+    if noise is not None:
+        if [tuple(i) for i in noise.param_index] != [(2 * i, 2 * i + 1) for i in range(L)]:
+            raise ValueError(
+                f"kernel argument noise.param_index={noise.param_index}: the FF kernel draws "
+                "layer l's weight and bias as parameters 2l and 2l + 1"
+            )
+        if noise.first < 0:
+            raise ValueError(f"kernel argument noise.first={noise.first}: an update count >= 0")
+        a.snp, a.snp_sigma = 1, noise.sigma
+        a.snp_key = binding.tensor("noise.keys", noise.keys, torch.int64, (R, 2))
+        a.snp_count = noise.first
+        keep.append(noise.keys)
+    return keep
 
 
 def _fill_adam(a: FFBlockArgs, adam: BlockAdam | None, R: int, width: list[int]) -> list:
