@@ -146,6 +146,8 @@ def test_single_replica_adapter_forwards_only_what_the_agent_has() -> None:
                 "SupportsDiagnostics",
                 "SupportsPreferredThreads",
                 "SupportsBackend",
+                "SupportsBlocks",
+                "SupportsReplicaWorkers",
             },
         ),
         pytest.param(
