@@ -6,8 +6,8 @@ operations per layer and reads the first layer's weights of all R replicas (R ×
 more than the core's cache) twice per step and writes them once. A block runs each replica's T
 steps in a row while its weights stay in the core's cache, the same arithmetic as the fused path
 (label pass, goodness prediction, local losses, the learner's affine update; see the C source's
-comment), in one call. It is chosen (:func:`supports`) for what it computes exactly, float
-rounding aside:
+comment), in one call. It is chosen for what it computes exactly, float rounding aside
+(:func:`unsupported` names the first reason it does not apply, None where it does):
 
 - the hand-written step (``fast=true``) and ``predict=goodness`` (no head), peer
   normalisation off, an activation of :data:`ACTIVATIONS`, every embedding, norm and goodness;
