@@ -59,7 +59,7 @@ from contlearn.agents.ppo_spec import PPOSpec
 from contlearn.agents.ppo_stats import count_change, probe_means, zero_stats
 from contlearn.backends.base import StepConfig, choose
 from contlearn.backends.ppo_gradients import PPO_GRADIENTS
-from contlearn.backends.ppo_worker import VALUE_WORKER, ValueWorker
+from contlearn.backends.ppo_worker import VALUE_WORKER, ValueMode, ValueWorker
 from contlearn.envs.base import StreamInfo
 from contlearn.errors import ConfigError
 from contlearn.learners import Learner, build_learner, learner_diagnostics
@@ -158,6 +158,7 @@ class PPOAgent:
             ThreadPoolExecutor(1, thread_name_prefix="ppo-value") if spec.parallel_nets else None
         )
         self._worker: ValueWorker | None = None
+        self._value_mode: ValueMode | None = None  # (which process runs the value half)
         self._choose(strict=True)
 
     def step_config(self) -> StepConfig:

@@ -93,3 +93,48 @@ def test_value_worker_resumes_from_a_checkpoint() -> None:
 def test_value_worker_refuses_coupled_updates(learner: str, options: dict) -> None:
     with pytest.raises(ConfigError, match="value_worker"):
         agent(learner, value_worker=True, **options)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_switching_between_the_worker_and_this_process_changes_no_number(
+    monkeypatch, kernels_on: bool
+) -> None:
+    """The value half alternates between the worker and the agent's process (as a lagging
+    worker makes it): the numbers are the one-process update's. Without the compiled Adam the
+    optimizer caches its uniform counts per process: the other process's writes must mark the
+    cache stale."""
+    from contlearn.backends import kernels, ppo_worker
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "adam_applies", lambda *ts: False)
+    plan = iter(["worker", "local", "local", "worker", "worker", "local", "worker", "local"])
+    monkeypatch.setattr(ppo_worker.ValueMode, "choose", lambda self: next(plan))
+    ref, split = agent("proper-adam"), agent("proper-adam", value_worker=True)
+    try:
+        m_ref, m_split = play(ref, 8 * 16, 0), play(split, 8 * 16, 0)
+        assert len(m_ref) == len(m_split) == 8
+        for x, y in zip(m_ref, m_split, strict=True):
+            assert all(torch.equal(x[k], y[k]) for k in x)
+        assert_identical(ref, split)
+        s_ref, s_split = ref.update_stats(), split.update_stats()
+        assert all(torch.equal(s_ref[m][k], s_split[m][k]) for m in s_ref for k in s_ref[m])
+    finally:
+        split.close()
+
+
+def test_value_mode_keeps_the_faster_mode_and_retries_the_other() -> None:
+    from contlearn.backends.ppo_worker import RETRY_EVERY, ValueMode
+
+    vm = ValueMode()
+    assert vm.choose() == "worker"
+    vm.record("worker", 1.0, waited=0.1, own=0.9)  # the worker keeps up: stay with it
+    assert vm.choose() == "worker"
+    vm.record("worker", 1.6, waited=0.8, own=0.6)  # it lags (waited longer than own half)
+    assert vm.choose() == "local" and vm.local_stale
+    vm.record("local", 1.2)
+    assert vm.worker_stale
+    modes = [vm.choose() for _ in range(2 * RETRY_EVERY)]  # local faster (1.2 < 1.3)
+    assert modes.count("worker") == 2 and modes[RETRY_EVERY - 1] == "worker"
+    for _ in range(4):  # the load eases: the worker's updates get faster, it wins again
+        vm.record("worker", 0.5)
+    assert vm.choose() == "worker"

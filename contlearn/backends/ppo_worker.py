@@ -25,6 +25,15 @@ state); it blocks between updates. The agent waits for the value half by
 :func:`~contlearn.envs.split_vector.wait_ready`: a brief spin, then asleep, so a busy machine
 never loses a core to the waiting side. ``value_worker=auto`` (the default) chooses it where it
 applies and a second core is usable (:mod:`contlearn.backends.auto`).
+
+**When the worker lags** (a busy machine gives it less than the agent's share of a core), an
+update through it can take longer than the one-process update: the agent waits for the value
+half longer than running it itself would take. :class:`ValueMode` then runs the value half in
+the agent's own process (the same :func:`value_updates` on the same tensors, so the same
+numbers) and retries the worker every :data:`RETRY_EVERY` updates, keeping whichever mode's
+updates took less wall time. A process's Python-side bookkeeping of tensors the other one
+wrote is marked stale by bumping their version counters before it next updates them (Adam's
+cached uniform counts, :class:`contlearn.learners.optim._UniformCounts`, re-check then).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import time
 import traceback
 import weakref
 from collections.abc import Mapping
@@ -47,6 +57,48 @@ from contlearn.envs.split_vector import wait_reply
 
 #: learners whose update acts on each parameter alone (the base optimizer only)
 SEPARABLE_LEARNERS = ("bp", "adam", "proper-adam")
+#: updates between tries of the mode not in use (:class:`ValueMode`)
+RETRY_EVERY = 16
+
+
+class ValueMode:
+    """Which process runs the value net's half of the next update: ``worker`` or ``local``
+    (the agent's; the module docstring). Each mode's wall time per update is kept as a running
+    average (halfway to each new one); the faster one runs, the other every
+    :data:`RETRY_EVERY` updates. Until ``local`` has run, the worker is kept while the agent
+    waits for it less long than its own (policy) half took, an estimate of what the value half
+    takes here. ``worker_stale``/``local_stale``: the other process updated the value net's
+    state since this one last did."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float | None] = {"worker": None, "local": None}
+        self.lagging = False
+        self.since = 0
+        self.worker_stale = False
+        self.local_stale = False
+
+    def choose(self) -> str:
+        """The mode of the next update."""
+        worker, local = self.seconds["worker"], self.seconds["local"]
+        if worker is None or local is None:
+            return "local" if worker is not None and self.lagging else "worker"
+        best, other = ("worker", "local") if worker <= local else ("local", "worker")
+        self.since += 1
+        if self.since >= RETRY_EVERY:
+            self.since = 0
+            return other
+        return best
+
+    def record(self, mode: str, seconds: float, waited: float = 0.0, own: float = 0.0) -> None:
+        """An update of ``mode`` took ``seconds``; with the worker, the agent ``waited`` for it
+        after its own half took ``own``."""
+        old = self.seconds[mode]
+        self.seconds[mode] = seconds if old is None else 0.5 * (old + seconds)
+        if mode == "worker":
+            self.lagging = waited > own
+            self.local_stale = True
+        else:
+            self.worker_stale = True
 
 
 class ValueWorkerBackend:
@@ -98,10 +150,21 @@ class ValueWorkerBackend:
     def update(
         self, agent: Any, data: dict[str, torch.Tensor], orders: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """The policy's minibatch steps here, the value net's in the agent's worker."""
-        if agent._worker is None:
-            agent._worker = ValueWorker(agent)
-        agent._worker.start(data["obs"], data["ret"], orders, agent._stopped)
+        """The policy's minibatch steps here, the value net's in the agent's worker (or here,
+        after them, where the worker lags: :class:`ValueMode`)."""
+        if agent._value_mode is None:
+            agent._value_mode = ValueMode()
+        vm: ValueMode = agent._value_mode
+        mode, started = vm.choose(), time.perf_counter()
+        if mode == "worker":
+            if agent._worker is None:
+                agent._worker = ValueWorker(agent)
+                vm.worker_stale = False  # (forked from this process's bookkeeping)
+            agent._worker.start(data["obs"], data["ret"], orders, agent._stopped, vm.worker_stale)
+            vm.worker_stale = False
+        elif vm.local_stale:
+            torch.autograd.graph.increment_version(value_state(agent))
+            vm.local_stale = False
         s = agent.spec
         policy = []
         with torch.no_grad():
@@ -111,7 +174,14 @@ class ValueWorkerBackend:
                 stats, grads, features = policy_part(agent.net, mb, s.clip, s.ent_coef)
                 agent.learn(grads, features, record=first)
                 policy.append(stats)
-        value_losses, grad_sums = agent._worker.result()
+        own = time.perf_counter() - started
+        if mode == "worker":
+            value_losses, grad_sums = agent._worker.result()
+            done = time.perf_counter() - started
+            vm.record(mode, done, waited=done - own, own=own)
+        else:
+            value_losses, grad_sums = value_updates(agent, data["obs"], data["ret"], orders)
+            vm.record(mode, time.perf_counter() - started)
         for k, per_epoch in grad_sums.items():
             for total in per_epoch:
                 agent.stats["grad_sum"][k] += total
@@ -129,6 +199,12 @@ VALUE_WORKER = ValueWorkerBackend()
 def value_keys(agent: Any) -> list[str]:
     """The value net's parameter names, in the agent's order."""
     return [k for k in agent._keys if k.startswith("value.")]
+
+
+def value_state(agent: Any) -> list[torch.Tensor]:
+    """The value net's parameters and learner-state tensors (what the worker writes)."""
+    keys = value_keys(agent)
+    return [agent._views[k] for k in keys] + _state_tensors(agent.learner_state, keys)
 
 
 def value_updates(
@@ -172,7 +248,9 @@ def _serve(conn: Any, agent: Any, inputs: dict[str, torch.Tensor]) -> None:
             message = conn.recv()
             if message is None:
                 break
-            agent._stopped = message[0]  # (this process's copy of the agent)
+            agent._stopped, stale = message  # (this process's copy of the agent)
+            if stale:  # (the agent updated the value net itself since this process last did)
+                torch.autograd.graph.increment_version(value_state(agent))
             conn.send(("ok", value_updates(agent, inputs["obs"], inputs["ret"], inputs["orders"])))
     except Exception:  # noqa: BLE001 (handed to the agent, which raises)
         conn.send(("error", traceback.format_exc()))
@@ -190,10 +268,8 @@ class ValueWorker:
     def __init__(self, agent: Any) -> None:
         b, s = agent.buf, agent.spec
         R, T, E, D = b["obs"].shape
-        for k in value_keys(agent):  # in place: the agent keeps the same tensors
-            agent._views[k].share_memory_()
-        for leaf in _state_tensors(agent.learner_state, value_keys(agent)):
-            leaf.share_memory_()
+        for t in value_state(agent):  # in place: the agent keeps the same tensors
+            t.share_memory_()
         self.inputs = {
             "obs": torch.zeros(R, T * E, D).share_memory_(),
             "ret": torch.zeros(R, T * E).share_memory_(),
@@ -213,12 +289,14 @@ class ValueWorker:
         ret: torch.Tensor,
         orders: torch.Tensor,
         stopped: torch.Tensor | None,
+        stale: bool = False,
     ) -> None:
-        """Hand the worker one update's inputs; it starts at once."""
+        """Hand the worker one update's inputs; it starts at once (``stale``: the agent
+        updated the value net itself since the worker last did)."""
         self.inputs["obs"].copy_(obs)
         self.inputs["ret"].copy_(ret)
         self.inputs["orders"].copy_(orders)
-        self._conn.send((stopped,))
+        self._conn.send((stopped, stale))
 
     def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Wait (a brief spin, then asleep) for the update started last; what
