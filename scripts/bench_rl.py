@@ -9,6 +9,7 @@ of 16 minibatches of 128, Adam) as a run gets it, with the speed options left at
     python scripts/bench_rl.py                                   # paper-auto vs paper-plain
     python scripts/bench_rl.py --settings paper-auto,split16     # and 16 copies, split, worker
     python scripts/bench_rl.py --settings custom --num-envs 8 --vector split --update-threads 2
+    python scripts/bench_rl.py --busy 3                          # beside 3 spinning processes
 
 *raw*: ``gymnasium.make("Ant-v5")``, random actions, reset at episode ends: the ceiling.
 *PPO*: the library's stream and agent (policy and value 256-256, rollout 2048, 10 epochs of 16
@@ -20,6 +21,7 @@ names the backend and vector env the setting resolved to. Every line gives the l
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass
@@ -71,6 +73,8 @@ class Args:
     """custom: true, false or auto"""
     fast: int = 1
     """custom: 1: hand-written minibatch backward; 0: the autograd reference"""
+    busy: int = 0
+    """processes spinning beside the benchmark (a busy machine, on purpose)"""
 
 
 def parse_args() -> Args:
@@ -139,9 +143,25 @@ def build(args: Args, name: str) -> tuple[object, object]:
     return stream, agent
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
 def main() -> None:
     """Alternate raw and each setting in rounds; print each round and the medians."""
     args = parse_args()
+    busy = [mp.get_context("fork").Process(target=_spin, daemon=True) for _ in range(args.busy)]
+    for p in busy:
+        p.start()
+    try:
+        _bench(args)
+    finally:
+        for p in busy:
+            p.terminate()
+
+
+def _bench(args: Args) -> None:
     torch.set_num_threads(args.threads)
     env = gym.make("Ant-v5")
     env.reset(seed=0)
