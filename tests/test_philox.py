@@ -179,3 +179,19 @@ def test_the_c_kernel_draws_the_definitions_bits(update, param, numel):
     want = philox.snp_normals(keys, update, param, numel)
     got = noise_kernel.snp_normals(torch.from_numpy(keys), update, param, numel).numpy()
     assert np.array_equal(want.view(np.int32), got.view(np.int32))
+
+
+@pytest.mark.skipif(not noise_kernel.available(), reason="needs the compiled kernels")
+def test_the_c_kernel_draws_the_same_bits_on_two_threads_and_in_any_order():
+    """Each thread keeps its last chunk: replicas split over threads, parameters and updates
+    interleaved, must still read the definition's numbers."""
+    keys = philox.replica_keys([0, 1, 2, 3, 4], 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for t, p, n in [(3, 0, 5000), (3, 1, 700), (4, 0, 5000), (3, 0, 1500)]:
+            want = philox.snp_normals(keys, t, p, n)
+            got = noise_kernel.snp_normals(torch.from_numpy(keys), t, p, n).numpy()
+            assert np.array_equal(want.view(np.int32), got.view(np.int32)), (t, p, n)
+    finally:
+        torch.set_num_threads(threads)
