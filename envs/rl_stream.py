@@ -289,6 +289,7 @@ class MujocoRLStream:
         self.ep_length = np.zeros((R, E), np.int64)
         # the last probe_window environment steps: ceil(probe_window / E) loop steps
         self.window = torch.zeros(-(-spec.probe_window // E), R, E, obs_dim)  # (W, R, E, D)
+        self._window_np = self.window.numpy()  # (the same memory; load_state_dict copies in)
 
     def _start(self, reset_seeds: list[int | None]) -> tuple[np.ndarray, dict[str, Any]]:
         """Check the action space and reset every copy."""
@@ -345,15 +346,17 @@ class MujocoRLStream:
             The feedback for the action and the episodes that ended on this step.
         """
         R, E = self.num_replicas, self.num_envs
-        act = action.detach().reshape(R * E, -1).to(torch.float64).numpy()
-        if not np.isfinite(act).all():  # a diverged replica: keep NaN away from MuJoCo
-            act = np.nan_to_num(act)
+        # (in numpy: the same widening to float64 and clipping as torch's ops, without a torch
+        # op's dispatch per step; np.array copies, so the caller's tensor is not clipped)
+        act = np.array(action.detach().numpy(), dtype=np.float64).reshape(R * E, -1)
+        if not np.isfinite(act.sum()):  # a diverged replica: keep NaN away from MuJoCo (a sum
+            act = np.nan_to_num(act)  # is not finite if any term is not; nan_to_num keeps finite)
         ticks = self.step // E  # (loop steps so far)
         # what the agent acted on (through numpy views: a plain copy, no torch dispatch)
-        self.window.numpy()[ticks % len(self.window)] = self.obs.numpy()
-        obs, reward, terminated, truncated, info = self.vec.step(
-            np.clip(act, self._low, self._high, out=act)
-        )
+        self._window_np[ticks % len(self._window_np)] = self.obs.numpy()
+        np.maximum(act, self._low, out=act)  # (np.clip's min(max(a, low), high), two ufuncs)
+        np.minimum(act, self._high, out=act)
+        obs, reward, terminated, truncated, info = self.vec.step(act)
         self.step += E  # (environment steps of each seed)
         self.obs = self._tensor(obs)  # (R, E, obs_dim), reset observations where done
         next_obs = self.obs

@@ -211,3 +211,18 @@ def test_the_stream_steps_as_a_naive_loop_over_its_env_copies() -> None:
         assert torch.equal(s.probe_batch(), want)
     finally:
         s.close()
+
+
+def test_non_finite_actions_are_zeroed_and_bounded_and_the_callers_tensor_is_kept() -> None:
+    """A diverged replica's NaN / ±inf actions reach MuJoCo as nan_to_num's finite values,
+    clipped to the bounds, like any other action; the agent's tensor is not written."""
+    a, b = stream([3]), stream([3])
+    act = torch.tensor([[[float("nan"), float("inf"), -float("inf"), 0.5, 2.0, -3.0, 0.0, 0.1]]])
+    kept = act.clone()
+    fb_a, _ = a.advance(act)
+    assert torch.equal(act.isnan(), kept.isnan()) and torch.equal(
+        act.nan_to_num(), kept.nan_to_num()
+    )
+    # nan → 0, ±inf → ±(largest double) → the bounds
+    fb_b, _ = b.advance(torch.tensor([[[0.0, 1.0, -1.0, 0.5, 1.0, -1.0, 0.0, 0.1]]]))
+    assert torch.equal(fb_a.next_obs, fb_b.next_obs) and torch.equal(fb_a.reward, fb_b.reward)
