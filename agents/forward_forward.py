@@ -206,7 +206,7 @@ class FFAgent:
         self.block_problem = ff_block.unsupported(
             fast=spec.fast, predict=spec.predict, peer=spec.peer_norm,
             activation=spec.activation, plan=self.plan, adam=self.adam_plan,
-            anchor=self.anchor_plan, batch=info.batch_size, device="cpu",
+            anchor=self.anchor_plan, batch=info.batch_size,
         )  # fmt: skip
         self.backend = (
             "ff-block"
@@ -440,10 +440,7 @@ class FFAgent:
             raise RuntimeError(f"agent ff does not learn in blocks here: {self.block_problem}")
         T, R = obs.shape[:2]
         labels = target.to(torch.int64).reshape(T, R)
-        k = torch.stack(
-            [torch.randint(self.classes - 1, (T,), generator=g) for g in self.negatives]
-        )
-        neg = (labels + 1 + k.T) % self.classes  # (T, R): each replica's draws in step order
+        neg = self.draw_negatives(labels.T).T  # (T, R): each replica's draws in step order
         names = [layer.name for layer in self.net.hidden_layers]
         weights = [self.views[f"{n}.weight"] for n in names]
         biases = [self.views[f"{n}.bias"] for n in names]

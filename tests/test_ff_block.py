@@ -283,7 +283,7 @@ def test_binding_runs_and_rejects_bad_arguments():
         (ValueError, r"weights\[1\]", dict(ws=[ws[0], torch.zeros(2, 4, 6)])),
         (ValueError, "not contiguous", dict(ws=[strided, ws[1]])),
         (ValueError, "biases", dict(bs=[bs[0], torch.zeros(3, 4)])),
-        (ValueError, "outside", dict(y=torch.full((3, 2), C, dtype=torch.int64))),
+        (ValueError, "class indices", dict(y=torch.full((3, 2), C, dtype=torch.int64))),
         (TypeError, "negatives", dict(n=n.int())),
         (ValueError, "shape", dict(n=n[:2])),
         (ValueError, "first", dict(first=2)),

@@ -19,7 +19,7 @@ comment), in one call. It is chosen for what it computes exactly, float rounding
   under ``bp``, L2 over Adam: :mod:`contlearn.learners.adam_form`; its moments updated in the
   same pass, its counts, equal over each tensor, advanced by T after the block); not CBP,
   ReDo, S&P over Adam, L2-Init over Adam (those keep the per-step path);
-- batch size 1, CPU, the compiled kernels available.
+- batch size 1, the compiled kernels available (the agent runs on the CPU only).
 
 Like the MLP's block loop it is used when the stream feeds blocks (every stream does); the agent's
 ``act``/``observe`` keep the per-step path. ``tests/test_ff_block.py`` checks blocks against the
@@ -91,7 +91,6 @@ def unsupported(
     adam: object,
     anchor: object,
     batch: int,
-    device: str,
 ) -> str | None:
     """Why the block loop does not compute this configuration exactly (None: it does); the
     module docstring's list, in one place. ``plan``: the learner's affine form
@@ -112,7 +111,6 @@ def unsupported(
         (post is not None and not noise_only, "a learner with a post-update edit"),
         (getattr(adam, "replacer", None) is not None, "continual backprop over Adam"),
         (batch != 1, f"batch size {batch} (the kernel steps on one example)"),
-        (device != "cpu", f"device {device}"),
         (library() is None, "no compiled kernels"),
     ]
     return next((why for bad, why in problems if bad), None)
@@ -236,8 +234,6 @@ def ff_block_(
     din = D + classes if append else D
     if classes < 1 or (not append and classes > D):
         raise ValueError(f"kernel argument classes={classes} does not fit inputs of {D} values")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"kernel argument activation={activation!r}: one of {list(ACTIVATIONS)}")
     if not 0 <= first < L:
         raise ValueError(f"kernel argument first={first}: a layer index in 0..{L - 1}")
     width = [din]
@@ -247,8 +243,7 @@ def ff_block_(
         binding.check(f"biases[{i}]", b, f32, (R, width[-1]))
     for name, lab in (("labels", labels), ("negatives", negatives)):
         binding.check(name, lab, i64, (T, R))
-        if lab.numel() and not (int(lab.min()) >= 0 and int(lab.max()) < classes):
-            raise ValueError(f"kernel argument {name}: a label outside 0..{classes - 1}")
+        binding.indices(name, lab, classes)
     if gsum is not None:
         binding.check("gsum", gsum, torch.float64, (R, L))
     widths = torch.tensor(width, dtype=i64)
@@ -261,9 +256,12 @@ def ff_block_(
         R, T, L, D, classes, widths.data_ptr(), ctypes.cast(wp, _P), ctypes.cast(bp, _P),
         x.data_ptr(), labels.data_ptr(), negatives.data_ptr(), theta.data_ptr(),
         scores.data_ptr(), loss.data_ptr(), binding.optional("gsum", gsum, torch.float64),
-        alpha, scale, ACTIVATIONS[activation], int(append), int(length), int(mean), first,
+        alpha, scale, binding.choice("activation", activation, ACTIVATIONS), int(append),
+        int(length), int(mean), first,
     )  # fmt: skip
-    keep = _fill_adam(a, adam, R, width) + _fill_extras(a, anchor, noise, R, width)
+    ws = [(R, width[i + 1], width[i]) for i in range(L)]  # (each layer's weight and bias shapes)
+    bs = [(R, width[i + 1]) for i in range(L)]
+    keep = _fill_adam(a, adam, ws, bs) + _fill_extras(a, anchor, noise, ws, bs)
     ref = ctypes.byref(a)
     groups = min(max(workers, 1), R)
     if groups <= 1 or T == 0:
@@ -284,14 +282,17 @@ def ff_block_(
 
 
 def _fill_extras(
-    a: FFBlockArgs, anchor: BlockAnchor | None, noise: BlockNoise | None, R: int, width: list[int]
+    a: FFBlockArgs,
+    anchor: BlockAnchor | None,
+    noise: BlockNoise | None,
+    ws: list[tuple[int, int, int]],
+    bs: list[tuple[int, int]],
 ) -> list:
-    """L2-Init's and shrink-and-perturb's fields of ``a`` after the checks."""
+    """L2-Init's and shrink-and-perturb's fields of ``a`` after the checks (``ws``, ``bs``: each
+    layer's weight and bias shapes)."""
     keep: list = []
-    L = len(width) - 1
+    L, R = len(ws), ws[0][0]
     if anchor is not None:
-        ws = [(R, width[i + 1], width[i]) for i in range(L)]
-        bs = [(R, width[i + 1]) for i in range(L)]
         arrays = [
             binding.tensors("anchor.weights", anchor.weights, torch.float32, ws),
             binding.tensors("anchor.biases", anchor.biases, torch.float32, bs),
@@ -314,13 +315,15 @@ def _fill_extras(
     return keep
 
 
-def _fill_adam(a: FFBlockArgs, adam: BlockAdam | None, R: int, width: list[int]) -> list:
+def _fill_adam(
+    a: FFBlockArgs,
+    adam: BlockAdam | None,
+    ws: list[tuple[int, int, int]],
+    bs: list[tuple[int, int]],
+) -> list:
     """Adam's fields of ``a`` after the checks (what must stay alive during the call)."""
     if adam is None:
         return []
-    L = len(width) - 1
-    ws = [(R, width[i + 1], width[i]) for i in range(L)]
-    bs = [(R, width[i + 1]) for i in range(L)]
     f32 = torch.float32
     arrays = [
         binding.tensors("adam.mu_w", adam.mu_w, f32, ws),
