@@ -58,6 +58,7 @@ from contlearn.agents.ppo_loss import (
 from contlearn.agents.ppo_spec import PPOSpec
 from contlearn.agents.ppo_stats import count_change, probe_means, zero_stats
 from contlearn.backends.base import StepConfig, choose
+from contlearn.backends.ppo_acting import COMPILED_ACTING, MAX_ROWS, CompiledPolicy
 from contlearn.backends.ppo_gradients import PPO_GRADIENTS
 from contlearn.backends.ppo_worker import VALUE_WORKER, ValueMode, ValueWorker
 from contlearn.envs.base import StreamInfo
@@ -149,7 +150,8 @@ class PPOAgent:
         self.stats = self._zero_stats()
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         #: σ and the rollout's noise log-probabilities (:meth:`_noise_terms`; None: to compute)
-        self._rollout_consts: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: and the rollout's acting kernel where it applies (None: torch's ops)
+        self._rollout_consts: tuple[torch.Tensor, torch.Tensor, CompiledPolicy | None] | None = None
         self._views_of: dict[str, torch.Tensor] | None = None  # (the buffer _np_buf views)
         self._np_buf: dict[str, Any] = {}
         self._stopped: torch.Tensor | None = None
@@ -179,7 +181,10 @@ class PPOAgent:
         chosen = choose(self.backends, cfg) if self.spec.fast else None
         reference = REFERENCE_STEP if self.credit is None else CreditStep(self.credit)
         self._step: PPOBackend = chosen or reference
-        self.backend = self._step.name
+        #: acting through the compiled kernel (:mod:`contlearn.backends.ppo_acting`), with a
+        #: chosen backend (where every backend refuses, the reference runs, acting included)
+        self._compiled_acting = chosen is not None and COMPILED_ACTING.supports(cfg)
+        self.backend = self._step.name + ("+compiled-acting" if self._compiled_acting else "")
         reason = VALUE_WORKER.refusal(cfg)
         if strict and self.spec.value_worker == "true" and chosen is not VALUE_WORKER and reason:
             raise ConfigError(reason)
@@ -270,25 +275,30 @@ class PPOAgent:
             self._allocate(obs.shape[1])
         if self._rollout_consts is None:
             self._rollout_consts = self._noise_terms()
-        std, logps = self._rollout_consts
-        with torch.no_grad():
-            mean, _ = self.net.policy.forward(self._dev(obs))  # (R, E, A)
-            action = torch.addcmul(mean, self.buf["noise"][:, self.t], std)
-        action = self._host(action)
+        std, logps, compiled = self._rollout_consts
+        if compiled is not None:
+            action = compiled.act(obs, self.t)
+        else:
+            with torch.no_grad():
+                mean, _ = self.net.policy.forward(self._dev(obs))  # (R, E, A)
+                action = self._host(torch.addcmul(mean, self.buf["noise"][:, self.t], std))
         self._last = (obs, action, logps[:, self.t])
         return action
 
-    def _noise_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _noise_terms(self) -> tuple[torch.Tensor, torch.Tensor, CompiledPolicy | None]:
         """σ ``(R, 1, A)`` and the log-probability of every step's noise ``(R, T, E)``, for the
         rest of the rollout: σ changes only in an update, and the noise is drawn for the whole
         rollout, so acting computes neither per step (the same elementwise ops and sums as a
-        per-step ``standard_log_prob``, bit for bit: ``tests/test_ppo.py``)."""
+        per-step ``standard_log_prob``, bit for bit: ``tests/test_ppo.py``); and the acting
+        kernel bound to them and the weights, where it applies (at most ``MAX_ROWS`` copies)."""
         log_std = self._views["policy.log_std"]  # (R, A)
         noise = self.buf["noise"]  # (R, T, E, A)
         R, T, E, A = noise.shape
         with torch.no_grad():
             logps = standard_log_prob(noise.view(R, T * E, A), log_std).view(R, T, E)
-            return log_std.exp().unsqueeze(1), logps
+            std = log_std.exp().unsqueeze(1)
+        compiled = self._compiled_acting and E <= MAX_ROWS and self.device.type == "cpu"
+        return std, logps, CompiledPolicy(self.net.policy, std, noise) if compiled else None
 
     def observe(
         self, obs: torch.Tensor, action: torch.Tensor, feedback: Sequence[torch.Tensor]

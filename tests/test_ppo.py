@@ -233,13 +233,25 @@ def test_head_reset_is_refused_before_the_run_dir_is_made(tmp_path) -> None:
     assert not (tmp_path / "r").exists()
 
 
+def _mean64(policy, obs: torch.Tensor) -> torch.Tensor:
+    """The policy's mean in float64 (an independent evaluation of the forward pass)."""
+    params = {k: v.detach().double() for k, v in policy.params.items()}
+    return policy.forward(obs.double(), params)[0]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "compiled"])
 @pytest.mark.parametrize("seeds, copies", [([0], 1), ([3, 4], 2)])
-def test_act_is_the_per_step_sample_bit_for_bit(seeds: list[int], copies: int) -> None:
+def test_act_is_the_per_step_sample(seeds: list[int], copies: int, compiled: bool) -> None:
     """Acting with σ and the noise log-probabilities computed once per rollout gives, at every
     step and across updates and a resume, what the per-step formulas give: a = μ(s) + σ z
-    (``addcmul``) and log N(a; μ, σ²) = −Σ (z²/2 + log σ + log(2π)/2); and the latter equals
-    ``gaussian_log_prob`` of the action to float rounding."""
-    stream, agent, _, _ = build(seeds, num_envs=copies, vector="sync", value_worker=False)
+    (``addcmul``; bit for bit on torch's path, to float rounding in the acting kernel, checked
+    against a float64 evaluation) and log N(a; μ, σ²) = −Σ (z²/2 + log σ + log(2π)/2); and the
+    latter equals ``gaussian_log_prob`` of the action to float rounding."""
+    options = {} if compiled else {"activation": "tanh"}  # (the kernel has relu only)
+    stream, agent, _, _ = build(
+        seeds, num_envs=copies, vector="sync", value_worker=False, **options
+    )
+    assert agent.backend.endswith("+compiled-acting") == compiled
     updates = 0
     try:
         for step in range(3 * 64 // copies):
@@ -249,12 +261,18 @@ def test_act_is_the_per_step_sample_bit_for_bit(seeds: list[int], copies: int) -
             log_std = agent._views["policy.log_std"].clone()
             with torch.no_grad():
                 mean = agent.net.policy.forward(obs)[0]
+                mean64 = _mean64(agent.net.policy, obs)
             z = agent.buf["noise"][:, agent.t] if agent.buf else None
             action = agent.act(obs)
             z = agent.buf["noise"][:, agent.t] if z is None else z
             want = torch.addcmul(mean, z, log_std.exp().unsqueeze(1))
             want_logp = -(0.5 * z.pow(2) + log_std.unsqueeze(1) + 0.5 * math.log(2 * math.pi))
-            assert torch.equal(action, want)
+            if compiled:
+                want64 = mean64 + z.double() * log_std.double().exp().unsqueeze(1)
+                torch.testing.assert_close(action.double(), want64, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(action, want, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(action, want)
             assert torch.equal(agent._last[2], want_logp.sum(-1))
             torch.testing.assert_close(agent._last[2], gaussian_log_prob(action, mean, log_std))
             feedback, _ = stream.advance(action)

@@ -18,6 +18,7 @@ from contlearn.agents.networks import ACTIVATIONS
 from contlearn.agents.ppo import PPOAgent
 from contlearn.agents.ppo_loss import REFERENCE_STEP, StepResult
 from contlearn.backends.base import REFERENCE, Backend, StepConfig
+from contlearn.backends.ppo_acting import ACTIVATIONS as ACTING_ACTIVATIONS
 from contlearn.backends.ppo_gradients import HAND_WRITTEN_ACTIVATIONS, PPO_GRADIENTS
 from contlearn.backends.ppo_worker import SEPARABLE_LEARNERS, VALUE_WORKER
 from contlearn.envs.base import StreamInfo
@@ -107,7 +108,9 @@ def test_chosen_backend_computes_the_reference(
     name = check_against_reference(
         learner, activation=activation, optimizer=optimizer, value_worker=False
     )
-    assert name == (PPO_GRADIENTS.name if activation in HAND_WRITTEN_ACTIVATIONS else REFERENCE)
+    hand = activation in HAND_WRITTEN_ACTIVATIONS
+    acting = "+compiled-acting" if hand and activation in ACTING_ACTIVATIONS else ""
+    assert name == (PPO_GRADIENTS.name + acting if hand else REFERENCE)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +124,8 @@ def test_chosen_backend_computes_the_reference(
 )
 @pytest.mark.parametrize("learner", ["bp", "cbp", "redo"])
 def test_backend_options_compute_the_reference(learner: str, options: dict) -> None:
-    assert check_against_reference(learner, value_worker=False, **options) == PPO_GRADIENTS.name
+    name = check_against_reference(learner, value_worker=False, **options)
+    assert name == PPO_GRADIENTS.name + "+compiled-acting"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -182,6 +186,6 @@ def test_the_check_catches_a_backend_that_declares_what_it_does_not_compute(monk
     fake = _ForgetsTheValueNet()
     assert isinstance(fake, Backend)
     monkeypatch.setattr(PPOAgent, "backends", (fake,))
-    assert make("bp").backend == "fake"
+    assert make("bp").backend == "fake+compiled-acting"  # (acting: its own backend)
     with pytest.raises(AssertionError):
         check_against_reference("bp")

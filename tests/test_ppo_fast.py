@@ -40,7 +40,7 @@ def minibatch(seed: int, R: int = 2, M: int = 64) -> dict[str, torch.Tensor]:
 def test_hand_written_update_equals_autograd(learner: str, options: dict) -> None:
     fast = agent(learner, value_worker=False, **options)  # (auto may choose the worker)
     ref = agent(learner, fast=False, **options)
-    assert fast.backend == "ppo-gradients" and ref.backend == "reference"
+    assert fast.backend == "ppo-gradients+compiled-acting" and ref.backend == "reference"
     for i in range(6):
         mb = minibatch(i)
         out_f, out_r = fast.minibatch(mb, record=True), ref.minibatch(mb, record=True)

@@ -92,7 +92,8 @@ def test_auto_gives_the_numbers_of_the_plain_setting(cores) -> None:
         made.append(cfg.agent_cls(INFO, [0, 1], cfg.agent_spec, cfg.learner))
     fast, plain = made
     try:
-        assert fast.backend == "ppo-gradients+value-worker" and plain.backend == "ppo-gradients"
+        assert fast.backend == "ppo-gradients+value-worker+compiled-acting"
+        assert plain.backend == "ppo-gradients+compiled-acting"
         for x, y in zip(_play(fast, 48), _play(plain, 48), strict=True):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
         for k in plain._keys:

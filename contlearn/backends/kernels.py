@@ -20,6 +20,10 @@ in ``kernels.c``):
 - ``cl_online_block`` and ``cl_cbp_replace`` (``block_loop.c``, its parts in ``block_step.c``):
   whole batch-1 online steps of an MLP for a block of steps, and continual backprop's steps 6–7
   after it (their binding: :mod:`contlearn.backends.block_kernel`).
+- ``cl_ff_block`` (``ff_block.c``): the Forward-Forward agent's batch-1 steps for a block
+  (binding: :mod:`contlearn.backends.ff_block`);
+- ``cl_policy_act`` (``policy_act.c``): PPO's acting forward, the policy's mean and the action
+  of one loop step (binding: :mod:`contlearn.backends.ppo_acting`);
 - ``cl_snp_normals`` and ``snp_add`` (``snp_noise.c``): shrink-and-perturb's counter-based
   noise (binding: :mod:`contlearn.backends.noise_kernel`).
 
@@ -57,8 +61,11 @@ from contlearn.backends import binding
 
 #: the C sources (package files next to this module), compiled as one unit in this order:
 #: shrink-and-perturb's noise (``snp_add``), the layer-level loops, the whole-step kernel's
-#: parts and the whole-step kernel itself (each file uses what the ones before it define)
-C_SOURCES = ("snp_noise.c", "kernels.c", "block_step.c", "block_loop.c", "ff_block.c")
+#: parts, the whole-step kernel itself, Forward-Forward's block and PPO's acting step (each file
+#: uses what the ones before it define)
+C_SOURCES = (
+    "snp_noise.c", "kernels.c", "block_step.c", "block_loop.c", "ff_block.c", "policy_act.c"
+)
 #: rows per chunk (each chunk has its own partial sums); fixed, so results are reproducible.
 CHUNK = 256
 #: the kernel loops over the batch per weight; larger batches go to torch's GEMMs.
@@ -81,6 +88,7 @@ _SIGNATURES: dict[str, tuple[_CType | None, list[_CType]]] = {
     "cl_online_block": (None, _N + [_P, _I, _I]),
     "cl_cbp_replace": (None, _N + [_I] * 2 + [_P] * 10 + [_I, _P, _I, ctypes.c_int, _P]),
     "cl_ff_block": (_I, _N + [_P, _I, _I]),
+    "cl_policy_act": (None, _N + [_P, _P, _I, _P]),
 }
 
 _RUNTIMES = ("libgomp", "libiomp", "libomp")
@@ -148,6 +156,7 @@ def _build() -> ctypes.CDLL | None:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     from contlearn.backends.block_kernel import check_layout
     from contlearn.backends.ff_block import check_layout as check_ff_layout
+    from contlearn.backends.ppo_acting import check_layout as check_act_layout
     from contlearn.data.datasets import default_cache_dir
 
     for folder in (default_cache_dir() / "kernels", Path(tempfile.gettempdir())):
@@ -167,8 +176,8 @@ def _build() -> ctypes.CDLL | None:
             for name, (restype, argtypes) in _SIGNATURES.items():
                 fn = getattr(found, name)  # a stale or foreign file: AttributeError
                 fn.restype, fn.argtypes = restype, argtypes
-            if not (check_layout(found) and check_ff_layout(found)):  # (a struct differs from
-                # the C one: never call it)
+            if not all(ok(found) for ok in (check_layout, check_ff_layout, check_act_layout)):
+                # (a struct differs from the C one: never call it)
                 continue
             return found
         except (OSError, subprocess.SubprocessError, AttributeError):
