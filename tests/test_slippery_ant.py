@@ -253,3 +253,53 @@ def test_import_does_not_import_mujoco() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {
+            "include_cfrc_ext_in_observation": False,
+            "exclude_current_positions_from_observation": False,
+            "main_body": "torso",
+        },
+        {
+            "terminate_when_unhealthy": False,
+            "healthy_z_range": (0.3, 0.9),
+            "contact_force_range": (-0.5, 2.0),
+            "ctrl_cost_weight": 0.1,
+            "contact_cost_weight": 1e-3,
+            "forward_reward_weight": 2.0,
+            "healthy_reward": 0.5,
+            "frame_skip": 3,
+        },
+    ],
+)
+def test_one_pass_step_is_ant_v5_bit_for_bit(kwargs: dict) -> None:
+    """OnePassAntEnv.step (each term once) gives gymnasium's AntEnv.step exactly: observation,
+    reward, termination and info, values and types, through terminations and resets."""
+    from gymnasium.envs.mujoco.ant_v5 import AntEnv
+
+    from contlearn.envs.slippery_ant import OnePassAntEnv
+
+    ours, theirs = OnePassAntEnv(**kwargs), AntEnv(**kwargs)
+    rng = np.random.default_rng(0)
+    ends = 0
+    for seed in (3, 4):
+        for a, b in zip(ours.reset(seed=seed), theirs.reset(seed=seed), strict=True):
+            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+        for _ in range(1500):
+            action = rng.uniform(-1, 1, 8) * 3  # (beyond the action space: tumbles, ends)
+            got, want = ours.step(action), theirs.step(action)
+            assert got[0].dtype == want[0].dtype and np.array_equal(got[0], want[0])
+            for x, y in zip(got[1:4], want[1:4], strict=True):
+                assert type(x) is type(y) and x == y
+            assert list(got[4]) == list(want[4])
+            for k, v in want[4].items():
+                assert type(got[4][k]) is type(v) and got[4][k] == v, k
+            if want[2]:
+                ends += 1
+                ours.reset()
+                theirs.reset()
+    assert ends > 0 or not kwargs.get("terminate_when_unhealthy", True)
