@@ -57,7 +57,9 @@ from contlearn.agents.ppo_loss import (
 )
 from contlearn.agents.ppo_spec import PPOSpec
 from contlearn.agents.ppo_stats import count_change, probe_means, zero_stats
+from contlearn.backends.adam_apply import AdamApply, adam_apply_form
 from contlearn.backends.base import StepConfig, choose
+from contlearn.backends.kernels import library
 from contlearn.backends.ppo_acting import COMPILED_ACTING, MAX_ROWS, CompiledPolicy
 from contlearn.backends.ppo_gradients import PPO_GRADIENTS
 from contlearn.backends.ppo_worker import VALUE_WORKER, ValueMode, ValueWorker
@@ -185,6 +187,11 @@ class PPOAgent:
         #: chosen backend (where every backend refuses, the reference runs, acting included)
         self._compiled_acting = chosen is not None and COMPILED_ACTING.supports(cfg)
         self.backend = self._step.name + ("+compiled-acting" if self._compiled_acting else "")
+        #: plain Adam applied in place in one call (the same bits; None: the learner's update)
+        fused = chosen is not None and self.credit is None and cfg.device == "cpu"
+        fused = fused and cfg.dtype == "float32" and library() is not None
+        applies = fused and adam_apply_form(self.learner) is not None
+        self._adam_apply = AdamApply(self.learner, self.learner_state) if applies else None
         reason = VALUE_WORKER.refusal(cfg)
         if strict and self.spec.value_worker == "true" and chosen is not VALUE_WORKER and reason:
             raise ConfigError(reason)
@@ -463,6 +470,9 @@ class PPOAgent:
                 else None
             )
             params = self._learner_params({k: self._views[k] for k in keys})
+            fused = self._adam_apply is not None and self._stopped is None
+            if fused and self._adam_apply.apply_(grads, params):  # (learner.update, the add)
+                return sums, {}  # (the update itself: read only under a credit rule)
             grads = {**grads, **{k: torch.zeros_like(params[k]) for k in params if k not in grads}}
             extras = {} if self.credit is None else self.credit.update_extras()
             updates, self.learner_state = self.learner.update(

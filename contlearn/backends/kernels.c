@@ -238,31 +238,53 @@ static float entry(const float* table, int64_t size, float count) {
   return table[t < size ? t : size - 1];
 }
 
+/* Adam over elements [s, e) of one tensor (cl_adam's arithmetic); with p, p += d * lr
+   (mul, then add: what scaling d and adding it to p computes) instead of u = d. */
+static void adam_range(const float* g, float* m, float* v, float* c, float* u, float* p,
+                       float lr, int64_t s, int64_t e, float w1, float b2, float w2, float eps,
+                       const float* bc1, int64_t n1, const float* sbc2, int64_t n2) {
+  const float c0 = c[s];
+  int same = 1;
+  for (int64_t i = s; i < e; ++i) same &= c[i] == c0;
+  if (same) {
+    const float b1c = entry(bc1, n1, c0 + 1.0f), s2c = entry(sbc2, n2, c0 + 1.0f);
+    for (int64_t i = s; i < e; ++i) {
+      const float gi = g[i], mi = m[i] + w1 * (gi - m[i]), vi = v[i] * b2 + w2 * (gi * gi);
+      const float d = (mi / b1c) / (sqrtf(vi) / s2c + eps);
+      c[i] = c0 + 1.0f; m[i] = mi; v[i] = vi;
+      if (p) p[i] = p[i] + d * lr; else u[i] = d;
+    }
+    return;
+  }
+  for (int64_t i = s; i < e; ++i) {
+    const float ci = c[i] + 1.0f, gi = g[i];
+    const float mi = m[i] + w1 * (gi - m[i]), vi = v[i] * b2 + w2 * (gi * gi);
+    const float d = (mi / entry(bc1, n1, ci)) / (sqrtf(vi) / entry(sbc2, n2, ci) + eps);
+    c[i] = ci; m[i] = mi; v[i] = vi;
+    if (p) p[i] = p[i] + d * lr; else u[i] = d;
+  }
+}
+
 void cl_adam(const float* g, float* m, float* v, float* c, float* u, int64_t n, float w1,
              float b2, float w2, float eps, const float* bc1, int64_t n1, const float* sbc2,
              int64_t n2, int threads) {  /* w1 = 1 - b1, w2 = 1 - b2, rounded from double */
   #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t s = 0; s < n; s += 256) {
-    const int64_t e = s + 256 < n ? s + 256 : n;
-    const float c0 = c[s];
-    int same = 1;
-    for (int64_t i = s; i < e; ++i) same &= c[i] == c0;
-    if (same) {
-      const float b1c = entry(bc1, n1, c0 + 1.0f), s2c = entry(sbc2, n2, c0 + 1.0f);
-      for (int64_t i = s; i < e; ++i) {
-        const float gi = g[i], mi = m[i] + w1 * (gi - m[i]), vi = v[i] * b2 + w2 * (gi * gi);
-        c[i] = c0 + 1.0f; m[i] = mi; v[i] = vi;
-        u[i] = (mi / b1c) / (sqrtf(vi) / s2c + eps);
-      }
-      continue;
-    }
-    for (int64_t i = s; i < e; ++i) {
-      const float ci = c[i] + 1.0f, gi = g[i];
-      const float mi = m[i] + w1 * (gi - m[i]), vi = v[i] * b2 + w2 * (gi * gi);
-      c[i] = ci; m[i] = mi; v[i] = vi;
-      u[i] = (mi / entry(bc1, n1, ci)) / (sqrtf(vi) / entry(sbc2, n2, ci) + eps);
-    }
-  }
+  for (int64_t s = 0; s < n; s += 256)
+    adam_range(g, m, v, c, u, NULL, 0.0f, s, s + 256 < n ? s + 256 : n, w1, b2, w2, eps, bc1,
+               n1, sbc2, n2);
+}
+
+/* Adam applied in place to `count` tensors: tensor j (sizes[j] elements) gets cl_adam's step
+   and p[j] += d * lr, in 256-element chunks as cl_adam (the same bits as cl_adam, then
+   scaling by lr and adding to p). */
+void cl_adam_apply(int64_t count, const int64_t* sizes, const float* const* g, float* const* m,
+                   float* const* v, float* const* c, float* const* p, float lr, float w1,
+                   float b2, float w2, float eps, const float* bc1, int64_t n1,
+                   const float* sbc2, int64_t n2) {
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t s = 0; s < sizes[j]; s += 256)
+      adam_range(g[j], m[j], v[j], c[j], NULL, p[j], lr, s, s + 256 < sizes[j] ? s + 256 : sizes[j],
+                 w1, b2, w2, eps, bc1, n1, sbc2, n2);
 }
 
 /* Continual backprop's steps 1-5 for one hidden layer, R replicas of H units, batch B:

@@ -17,6 +17,8 @@ in ``kernels.c``):
   written once per step instead of three times);
 - ``cl_cbp_stats``: continual backprop's steps 1–5 for one layer in one call;
 - ``cl_adam``: Adam's moments, per-element counts and direction in one pass per tensor;
+  ``cl_adam_apply``: the same steps applied to the weights in place, every tensor of an update
+  in one call (binding: :mod:`contlearn.backends.adam_apply`);
 - ``cl_online_block`` and ``cl_cbp_replace`` (``block_loop.c``, its parts in ``block_step.c``):
   whole batch-1 online steps of an MLP for a block of steps, and continual backprop's steps 6–7
   after it (their binding: :mod:`contlearn.backends.block_kernel`).
@@ -89,6 +91,7 @@ _SIGNATURES: dict[str, tuple[_CType | None, list[_CType]]] = {
     "cl_cbp_replace": (None, _N + [_I] * 2 + [_P] * 10 + [_I, _P, _I, ctypes.c_int, _P]),
     "cl_ff_block": (_I, _N + [_P, _I, _I]),
     "cl_policy_act": (None, _N + [_P, _P, _I, _P]),
+    "cl_adam_apply": (None, _N + [_I] + [_P] * 6 + [_F] * 5 + [_P, _I] * 2),
 }
 
 _RUNTIMES = ("libgomp", "libiomp", "libomp")
