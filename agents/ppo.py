@@ -444,7 +444,7 @@ class PPOAgent:
     ) -> dict[str, torch.Tensor]:
         """:meth:`apply_update`, adding the gradient magnitudes to the probe statistics if
         ``record`` (a sample of the minibatches: reading every gradient costs ~10%); returns
-        the update applied."""
+        the update applied (empty where plain Adam was applied in place)."""
         sums, updates = self.apply_update(grads, features, record)
         if sums is not None:
             for k, total in sums.items():
@@ -459,7 +459,9 @@ class PPOAgent:
         name with ``features`` (hidden activations), add it to the weights (not those of
         stopped replicas). Returns Σ|g| per parameter ``(R,)`` float64 if ``record`` (else
         None), and the update applied (with learned feedback: where a reset wrote ``θ + u``
-        itself, the update it replaced)."""
+        itself, the update it replaced; empty where plain Adam was applied in place by
+        :class:`~contlearn.backends.adam_apply.AdamApply`, without a credit rule, whose
+        learning is all that reads it)."""
         with torch.no_grad():
             if self.spec.max_grad_norm > 0:
                 grads = clip_by_global_norm(grads, self.spec.max_grad_norm)
