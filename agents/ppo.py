@@ -472,8 +472,8 @@ class PPOAgent:
                 else None
             )
             params = self._learner_params({k: self._views[k] for k in keys})
-            fused = self._adam_apply is not None and self._stopped is None
-            if fused and self._adam_apply.apply_(grads, params):  # (learner.update, the add)
+            fused = self._adam_apply if self._stopped is None else None
+            if fused is not None and fused.apply_(grads, params):  # (learner.update, the add)
                 return sums, {}  # (the update itself: read only under a credit rule)
             grads = {**grads, **{k: torch.zeros_like(params[k]) for k in params if k not in grads}}
             extras = {} if self.credit is None else self.credit.update_extras()
