@@ -14,8 +14,8 @@ from contlearn.backends.adam_apply import AdamApply, adam_apply_form
 from contlearn.learners import learners
 from contlearn.learners.base import find_states
 from contlearn.learners.optim import ScaleByAdamState, adam, sgd
-from contlearn.running.config import resolve
 from contlearn.state import tree_leaves
+from tests.test_ppo_backends import make, play
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no compiled kernels")
 
@@ -82,29 +82,8 @@ def test_errors_name_the_tensor_and_moved_tensors_are_bound_again() -> None:
 
 
 def _agent(learner: str, **options: Any):
-    from contlearn.envs.base import StreamInfo
-
-    info = StreamInfo("tiny", "rl", (5,), 2, False, 2, "episode_return")
-    tiny = {"hidden": "6,5", "rollout": 8, "minibatch_size": 4, "epochs": 2, "lr": 0.01}
-    cfg = resolve({"stream": "slippery-ant", "learner": learner, **tiny, **options})
-    return cfg.agent_cls(info, [0, 1], cfg.agent_spec, cfg.learner)
-
-
-def _play(agent, updates: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    while len(out) < updates:
-        obs = torch.randn(2, 2, 5, generator=g)
-        action = agent.act(obs)
-        fb = (
-            torch.randn(2, 2, generator=g),
-            torch.randn(2, 2, 5, generator=g),
-            torch.rand(2, 2, generator=g) < 0.2,
-            torch.zeros(2, 2, dtype=torch.bool),
-        )
-        if m := agent.observe(obs, action, fb):
-            out.append(m)
-    return out
+    """test_ppo_backends' tiny PPO (2 replicas, 2 env copies)."""
+    return make(learner, **options)
 
 
 LEARNERS = [n for n in learners.names() if n in ("bp", "adam", "proper-adam")]
@@ -118,7 +97,7 @@ def test_ppo_updates_are_the_same_bits_with_and_without_it(learner: str, value_w
     plain._adam_apply = None  # (the learner's update and the add)
     try:
         assert fast._adam_apply is not None
-        for a, b in zip(_play(fast, 3), _play(plain, 3), strict=True):
+        for a, b in zip(play(fast, 3), play(plain, 3), strict=True):
             assert all(torch.equal(a[k], b[k]) for k in a)
         assert all(torch.equal(fast._views[k], plain._views[k]) for k in fast._keys)
         leaves = zip(tree_leaves(fast.learner_state), tree_leaves(plain.learner_state), strict=True)
@@ -137,5 +116,5 @@ def test_ppo_uses_it_only_for_plain_adam_on_the_cpu() -> None:
     stopped = _agent("bp", optimizer="adam")
     stopped.stop_replicas(torch.tensor([True, False]))  # (the learner's update: zeroes a row)
     before = {k: v.clone() for k, v in stopped._views.items()}
-    _play(stopped, 1)
+    play(stopped, 1)
     assert all(torch.equal(stopped._views[k][0], before[k][0]) for k in before)
