@@ -9,11 +9,13 @@ sets, for its binding's errors and for where the agent uses it.
 from __future__ import annotations
 
 import ctypes
+import json
 import platform
 import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -220,3 +222,29 @@ def test_the_agent_acts_in_the_kernel_up_to_max_rows(copies: int) -> None:
         torch.testing.assert_close(action, want)
     finally:
         agent.close()
+
+
+def test_a_run_records_it_and_resumes_exactly(tmp_path) -> None:
+    """A Slippery Ant run acts in the kernel (``meta.json`` names it), and one stopped at a
+    checkpoint mid-rollout and resumed gives the numbers of the run that went straight on."""
+    import contlearn
+
+    config = {
+        "rollout": 64,
+        "minibatch_size": 16,
+        "epochs": 2,
+        "hidden": "16,16",
+        "checkpoint_every": 100,
+        "change_every": 200,
+    }
+    out = tmp_path / "resumed"
+    contlearn.run("slippery-ant", steps=150, config=config, out=out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["backend"].endswith("+compiled-acting")
+    contlearn.run("slippery-ant", steps=300, config=config, out=out, resume=True)
+    full = contlearn.run("slippery-ant", steps=300, config=config, out=tmp_path / "full")
+    cols = ["seed", "step", "metric", "layer"]
+    a = contlearn.load_runs([out]).drop(columns=["run"]).sort_values(cols)
+    b = contlearn.load_runs([full.path]).drop(columns=["run"]).sort_values(cols)
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    assert a["step"].max() == 300
