@@ -9,7 +9,9 @@ applies (:func:`refusal` names the first reason it does not, None where it does)
 
 - PPO's actor-critic with ``fast=true``, ReLU hidden layers (at most
   :data:`MAX_LAYERS` affine layers), float32 on the CPU, no network option, the compiled
-  kernels available; any learner and credit rule (acting reads the weights only);
+  kernels available, any learner; the agent uses it beside a chosen update backend only
+  (where every backend refuses, e.g. under a credit rule other than backprop, the reference
+  runs, acting included);
 - at most :data:`MAX_ROWS` env copies per replica (more rows go to torch's products, which
   read each weight once for all of them).
 
