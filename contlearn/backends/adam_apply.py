@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from contlearn.backends import binding
-from contlearn.backends.kernels import adam_tables, library
+from contlearn.backends.kernels import adam_tables, need
 from contlearn.learners.adam_form import AdamForm, adam_plan
 from contlearn.learners.base import find_states
 from contlearn.learners.optim import ScaleByAdamState
@@ -111,9 +111,7 @@ class AdamApply:
             binding.check(f"{k} (gradient)", grads[k], _F32, tensors[4 * j].shape)
             for j, k in enumerate(keys)
         ]
-        lib = library()
-        if lib is None:
-            raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
+        lib = need()
         t1, t2 = self.tables
         lib.cl_adam_apply(
             len(keys),

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from contlearn.backends import binding
-from contlearn.backends.kernels import adam_tables, library
+from contlearn.backends.kernels import adam_tables, need
 
 #: activations the whole-step kernel computes (codes of ``act_fwd`` in the C source).
 BLOCK_ACTIVATIONS = {"relu": 0, "tanh": 1, "sigmoid": 2, "leaky_relu": 3}
@@ -439,9 +439,7 @@ def online_block_(
         TypeError, ValueError: a tensor of the wrong dtype, shape, layout or device, or an
             index out of range (:mod:`contlearn.backends.binding`); nothing was run.
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
+    lib = need()
     credit = credit or BlockCredit()
     widths = _widths(weights)
     L, D, C = len(weights), widths[0], widths[-1]
@@ -545,9 +543,7 @@ def cbp_replace_(
     Raises:
         TypeError, ValueError: as :func:`online_block_`.
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
+    lib = need()
     widths = _widths(weights)
     L = len(weights)
     R = int(weights[0].shape[0])
@@ -556,9 +552,9 @@ def cbp_replace_(
     binding.check("counts", counts, _I64, (R, L - 1))
     if counts.numel() and int(counts.min()) < 0:
         raise ValueError("kernel argument counts: negative counts of units to replace")
-    need = counts.sum(0).tolist() if counts.numel() else [0] * (L - 1)
+    wanted = counts.sum(0).tolist() if counts.numel() else [0] * (L - 1)
     fresh = [binding.contiguous(f"fresh[{i}]", t) for i, t in enumerate(fresh)]
-    for i, (t, n) in enumerate(zip(fresh, need, strict=True)):
+    for i, (t, n) in enumerate(zip(fresh, wanted, strict=True)):
         if n and (t.dim() != 2 or t.shape[0] < n or t.shape[1] != widths[i]):
             raise ValueError(
                 f"kernel argument fresh[{i}]: shape {tuple(t.shape)}, expected at least "

@@ -42,7 +42,7 @@ from contlearn.backends.block_kernel import (
     _pool,
     _uniform_counts,
 )
-from contlearn.backends.kernels import adam_tables, library
+from contlearn.backends.kernels import adam_tables, library, need
 from contlearn.learners.adam_form import AdamPlan
 from contlearn.learners.base import AnchorState, find_states
 from contlearn.learners.block_forms import AnchorPlan
@@ -219,9 +219,7 @@ def ff_block_(
             label out of range (:mod:`contlearn.backends.binding`), before any pointer
             reaches C.
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
+    lib = need()
     f32, i64 = torch.float32, torch.int64
     L = len(weights)
     if L == 0 or len(biases) != L or len(thresholds) != L:

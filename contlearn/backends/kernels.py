@@ -196,7 +196,9 @@ def library() -> ctypes.CDLL | None:
     return _lib or None
 
 
-def _need() -> ctypes.CDLL:
+def need() -> ctypes.CDLL:
+    """The compiled kernel (:func:`library`), or a RuntimeError saying it is unavailable (for
+    wrappers, which are called only where their ``applies`` check held)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
@@ -217,7 +219,7 @@ def layer_update_(w: torch.Tensor, delta: torch.Tensor, h_in: torch.Tensor, alph
     ``h_in (R, B, H)`` (float32 on the CPU; ``w`` contiguous, updated in place); returns
     ``(below (R, B, H) or None, col (R, H) or None)``. Use it where :func:`applies`; other
     tensors raise (:mod:`contlearn.backends.binding`)."""
-    lib = _need()
+    lib = need()
     binding.check("w", w, _F32, (None, None, None))
     R, K, H = w.shape
     d, h = binding.contiguous("delta", delta), binding.contiguous("h_in", h_in)
@@ -244,7 +246,7 @@ def input_layer_(w: torch.Tensor, pending: Pending | None, x: torch.Tensor | Non
     """Apply ``pending`` (``W ← (1 + β) W + α δᵀ h``) to ``w (R, K, H)`` in place and, given
     new inputs ``x (R, B, H)``, return ``bias + x Wᵀ`` ``(R, B, K)`` from the same pass over
     the weights. Use it where :func:`applies` (with ``x`` as the batch); other tensors raise."""
-    lib = _need()
+    lib = need()
     binding.check("w", w, _F32, (None, None, None))
     R, K, H = w.shape
     pd = ph = None
@@ -304,7 +306,7 @@ def adam_direction_(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, count: to
     """Adam's step on one tensor in one pass: updates ``count``, ``m``, ``v`` in place and
     returns ``(m / (1 − β1ⁿ)) / (√v / √(1 − β2ⁿ) + ε)`` (see ``cl_adam``). Call only if
     :func:`adam_applies` (other tensors raise)."""
-    lib = _need()
+    lib = need()
     shape = tuple(binding.check("g", g, _F32).shape)
     for name, t in (("m", m), ("v", v), ("count", count)):
         binding.check(name, t, _F32, shape)
@@ -355,7 +357,7 @@ def cbp_stats_(age: torch.Tensor, f: torch.Tensor, u: torch.Tensor, u_hat: torch
     ``h (R, B, H)``, outgoing magnitudes ``out (R, H)``, ``carry (R,)`` float64, ``eligible
     (R,)`` int64, all updated in place. Returns (units to replace per replica, their sum).
     Tensors of other dtypes, shapes or layouts raise (:mod:`contlearn.backends.binding`)."""
-    lib = _need()
+    lib = need()
     h, out = binding.contiguous("h", h), binding.contiguous("out", out)
     binding.check("h", h, _F32, (None, None, None))
     R, B, H = h.shape

@@ -10,7 +10,7 @@ import ctypes
 import torch
 
 from contlearn.backends import binding
-from contlearn.backends.kernels import library
+from contlearn.backends.kernels import library, need
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -28,9 +28,7 @@ def snp_normals(keys: torch.Tensor, update: int, param: int, numel: int) -> torc
         RuntimeError: the kernels are unavailable (check :func:`available` first).
         ValueError: a negative or out-of-range update or parameter index.
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
+    lib = need()
     keys = binding.contiguous("keys", keys)
     R = int(keys.shape[0]) if keys.dim() == 2 else -1
     binding.check("keys", keys, torch.int64, (R, 2))  # (words taken mod 2**32, as in numpy)

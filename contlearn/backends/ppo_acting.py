@@ -35,7 +35,7 @@ import torch
 
 from contlearn.backends import binding
 from contlearn.backends.base import StepConfig, declares
-from contlearn.backends.kernels import library
+from contlearn.backends.kernels import library, need
 
 #: affine layers the argument struct holds (``CL_POLICY_MAX_LAYERS``)
 MAX_LAYERS = 8
@@ -154,10 +154,7 @@ class CompiledPolicy:
         self.dims = dims
         self._args = args
         self._kept = kept  # (the tensors the struct points into live as long as it does)
-        lib = library()
-        if lib is None:
-            raise RuntimeError("the compiled kernels are unavailable (no C compiler?)")
-        self._fn = lib.cl_policy_act
+        self._fn = need().cl_policy_act
         self._ref = ctypes.byref(args)
 
     def act(self, obs: torch.Tensor, t: int) -> torch.Tensor:
