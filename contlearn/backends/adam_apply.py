@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -62,24 +62,27 @@ class AdamApply:
         self.state: ScaleByAdamState = found[0]
         self.lr = lr
         self.tables = adam_tables(self.b1, self.b2)
-        self._bound: dict[tuple[str, ...], tuple[list[torch.Tensor], list[int], Any]] = {}
+        self._bound: dict[tuple[str, ...], _Bound] = {}
 
-    def _bind(self, keys: tuple[str, ...], params: Mapping[str, torch.Tensor]) -> Any:
-        """Check and bind the weights, moments and counts of ``keys``."""
+    def _tensors(
+        self, keys: tuple[str, ...], params: Mapping[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Weight, count, m and v of each of ``keys``, in that order."""
         s = self.state
-        tensors: list[torch.Tensor] = []
-        for k in keys:
-            shape = tuple(binding.check(f"{k} (weight)", params[k], _F32).shape)
-            for name, t in (("count", s.count[k]), ("m", s.mu[k]), ("v", s.nu[k])):
+        return [t for k in keys for t in (params[k], s.count[k], s.mu[k], s.nu[k])]
+
+    def _bind(self, keys: tuple[str, ...], params: Mapping[str, torch.Tensor]) -> _Bound:
+        """Check and bind the weights, moments and counts of ``keys``."""
+        tensors = self._tensors(keys, params)
+        for j, k in enumerate(keys):
+            shape = tuple(binding.check(f"{k} (weight)", tensors[4 * j], _F32).shape)
+            for name, t in zip(("count", "m", "v"), tensors[4 * j + 1 : 4 * j + 4], strict=True):
                 binding.check(f"{k} (Adam {name})", t, _F32, shape)
-            tensors += [params[k], s.count[k], s.mu[k], s.nu[k]]
         n = len(keys)
-        arrays = {
-            name: (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors[i::4]])
-            for i, name in enumerate(("p", "c", "m", "v"))
-        }
-        sizes = (ctypes.c_int64 * n)(*[params[k].numel() for k in keys])
-        bound = (tensors, [t.data_ptr() for t in tensors], (arrays, sizes))
+        pointers = [t.data_ptr() for t in tensors]
+        arrays = [(ctypes.c_void_p * n)(*pointers[i::4]) for i in range(4)]  # (p, c, m, v)
+        sizes = (ctypes.c_int64 * n)(*[t.numel() for t in tensors[::4]])
+        bound = _Bound(tensors, pointers, arrays, sizes)
         self._bound[keys] = bound
         return bound
 
@@ -90,37 +93,27 @@ class AdamApply:
         if not all(g.is_contiguous() for g in grads.values()):
             return False
         keys = tuple(grads)
-        s = self.state
         bound = self._bound.get(keys)
-        if bound is not None:
-            tensors = bound[0]
-            for j, k in enumerate(keys):  # (the same tensors, in the same memory)
-                now = (params[k], s.count[k], s.mu[k], s.nu[k])
-                for i, t in enumerate(now):
-                    old = tensors[4 * j + i]
-                    if t is not old or t.data_ptr() != bound[1][4 * j + i]:
-                        bound = None
-                        break
-                if bound is None:
-                    break
-        if bound is None:
+        now = self._tensors(keys, params)
+        if bound is None or not all(  # (still the same tensors, in the same memory)
+            t is old and t.data_ptr() == ptr
+            for t, old, ptr in zip(now, bound.tensors, bound.pointers, strict=True)
+        ):
             bound = self._bind(keys, params)
-        arrays, sizes = bound[2]
-        tensors = bound[0]
         g = [
-            binding.check(f"{k} (gradient)", grads[k], _F32, tensors[4 * j].shape)
+            binding.check(f"{k} (gradient)", grads[k], _F32, bound.tensors[4 * j].shape)
             for j, k in enumerate(keys)
         ]
-        lib = need()
+        p, c, m, v = bound.arrays
         t1, t2 = self.tables
-        lib.cl_adam_apply(
+        need().cl_adam_apply(
             len(keys),
-            sizes,
+            bound.sizes,
             (ctypes.c_void_p * len(g))(*[x.data_ptr() for x in g]),
-            arrays["m"],
-            arrays["v"],
-            arrays["c"],
-            arrays["p"],
+            m,
+            v,
+            c,
+            p,
             self.lr,
             1.0 - self.b1,
             self.b2,
@@ -132,3 +125,13 @@ class AdamApply:
             len(t2),
         )
         return True
+
+
+class _Bound(NamedTuple):
+    """The tensors bound for one set of keys (weight, count, m, v each), their data pointers
+    then, the pointer arrays (weights, counts, m, v) and the sizes handed to C."""
+
+    tensors: list[torch.Tensor]
+    pointers: list[int]
+    arrays: list[Any]
+    sizes: Any
